@@ -1,0 +1,17 @@
+//! kiln: a self-hosted CI/CD runner autoscaler. One small coordinator takes jobs from CI servers
+//! and starts one ephemeral pod (or local process) per build.
+//!
+//! The binary (`src/main.rs`) only parses arguments; everything it runs lives here, laid out as
+//! the data flow: `sources` → `coordinator` → `executor`, with `agent` running inside each build.
+
+pub mod agent;
+pub mod config;
+pub mod coordinator;
+pub mod executor;
+pub mod http;
+pub mod job;
+pub mod sources;
+pub mod telemetry;
+
+/// kiln's version, as reported to CI servers and in `--version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,282 @@
+//! The job JSON GitLab returns from `POST jobs/request` (only the fields kiln uses).
+//!
+//! Every field has a default and unknown keys are ignored: GitLab adds fields often, and a job
+//! kiln cannot parse is a job that would be lost.
+
+use serde::{Deserialize, Serialize};
+
+/// One job as GitLab hands it to a runner.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JobPayload {
+    /// GitLab's job id.
+    pub id: u64,
+    /// The job token: authenticates trace, update and artifact calls, and the git clone.
+    pub token: String,
+    /// Whether a fetch into an existing checkout is allowed.
+    pub allow_git_fetch: bool,
+    /// Names and pipeline context.
+    pub job_info: JobInfo,
+    /// What to clone.
+    pub git_info: GitInfo,
+    /// Runner-side limits.
+    pub runner_info: RunnerInfo,
+    /// CI/CD variables, in precedence order.
+    pub variables: Vec<Variable>,
+    /// The steps to run (`script`, `after_script`, …).
+    pub steps: Vec<Step>,
+    /// The job's image.
+    pub image: Option<Image>,
+    /// Service containers.
+    pub services: Vec<Image>,
+    /// Artifacts to upload at the end.
+    pub artifacts: Vec<Artifact>,
+    /// Artifacts of earlier jobs to download first.
+    pub dependencies: Vec<Dependency>,
+    /// What the GitLab server supports for this job.
+    pub features: JobFeatures,
+}
+
+/// `job_info`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JobInfo {
+    /// The job name (`build`, `test 1/3`, …).
+    pub name: String,
+    /// The stage name.
+    pub stage: String,
+    /// The pipeline id.
+    pub pipeline_id: Option<u64>,
+    /// The project id.
+    pub project_id: Option<u64>,
+    /// The project name.
+    pub project_name: String,
+    /// `group/subgroup/project`.
+    pub project_full_path: Option<String>,
+    /// How long the job waited in GitLab's queue.
+    pub time_in_queue_seconds: Option<f64>,
+}
+
+/// `git_info`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GitInfo {
+    /// Clone URL; carries `gitlab-ci-token:<job token>@` for authentication.
+    pub repo_url: String,
+    /// Branch or tag name.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    /// The commit to check out.
+    pub sha: String,
+    /// The previous commit of the push.
+    pub before_sha: String,
+    /// `branch` or `tag`.
+    pub ref_type: String,
+    /// Refspecs to fetch.
+    pub refspecs: Vec<String>,
+    /// Shallow clone depth; 0 means full history.
+    pub depth: u32,
+}
+
+/// `runner_info`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunnerInfo {
+    /// The job timeout in seconds.
+    pub timeout: Option<u64>,
+}
+
+/// One CI/CD variable.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Variable {
+    /// The name.
+    pub key: String,
+    /// The value.
+    pub value: String,
+    /// Whether the value may be shown.
+    pub public: bool,
+    /// A file variable: the value goes into a file and the variable holds its path.
+    pub file: bool,
+    /// Mask the value in the trace.
+    pub masked: bool,
+    /// Do not expand `$VAR` references in the value.
+    pub raw: bool,
+}
+
+/// When a step runs, relative to the outcome of the steps before it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum When {
+    /// Only if everything so far succeeded.
+    #[default]
+    OnSuccess,
+    /// Only if something failed.
+    OnFailure,
+    /// Always.
+    Always,
+    /// Any value kiln does not know; treated like `on_success`.
+    #[serde(other)]
+    Unknown,
+}
+
+impl When {
+    /// Whether something with this `when` runs after a job that has `failed` so far.
+    pub fn applies(self, failed: bool) -> bool {
+        match self {
+            Self::Always => true,
+            Self::OnFailure => failed,
+            Self::OnSuccess | Self::Unknown => !failed,
+        }
+    }
+}
+
+/// One step of a job.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Step {
+    /// `script`, `after_script`, `release`, …
+    pub name: String,
+    /// Shell lines; `before_script` is already merged into `script` by GitLab.
+    pub script: Vec<String>,
+    /// Step timeout in seconds.
+    pub timeout: Option<u64>,
+    /// When it runs.
+    pub when: When,
+    /// A failure of this step does not fail the job.
+    pub allow_failure: bool,
+}
+
+/// An image or a service.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Image {
+    /// Image reference.
+    pub name: String,
+    /// Network alias (services).
+    pub alias: Option<String>,
+    /// Command override.
+    pub command: Vec<String>,
+    /// Entrypoint override.
+    pub entrypoint: Vec<String>,
+}
+
+/// One artifact to upload.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Artifact {
+    /// Archive name (without extension).
+    pub name: Option<String>,
+    /// Include files git does not track.
+    pub untracked: bool,
+    /// Glob patterns relative to the project directory.
+    pub paths: Vec<String>,
+    /// Glob patterns to leave out.
+    pub exclude: Vec<String>,
+    /// When to upload.
+    pub when: Option<When>,
+    /// `archive`, `junit`, `dotenv`, …
+    pub artifact_type: Option<String>,
+    /// `zip`, `gzip` or `raw`.
+    pub artifact_format: Option<String>,
+    /// How long GitLab keeps it (`1 week`).
+    pub expire_in: Option<String>,
+}
+
+/// An earlier job whose artifacts this job needs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Dependency {
+    /// That job's id.
+    pub id: u64,
+    /// That job's token, which authenticates the download.
+    pub token: String,
+    /// That job's name.
+    pub name: String,
+    /// Present when it has an artifacts archive.
+    pub artifacts_file: Option<ArtifactsFile>,
+}
+
+/// The archive of a dependency.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ArtifactsFile {
+    /// File name.
+    pub filename: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// `features` of the job: what GitLab accepts back.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JobFeatures {
+    /// Whether collapsible sections are rendered.
+    pub trace_sections: bool,
+    /// Token prefixes (`glpat-`) whose tokens must be masked.
+    pub token_mask_prefixes: Vec<String>,
+    /// The failure reasons GitLab accepts for this job.
+    pub failure_reasons: Vec<String>,
+}
+
+impl JobPayload {
+    /// The job timeout, defaulting to GitLab's one hour.
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.runner_info.timeout.unwrap_or(3600).max(1))
+    }
+
+    /// The value of variable `key`, the last definition winning as in GitLab.
+    pub fn variable(&self, key: &str) -> Option<&str> {
+        self.variables
+            .iter()
+            .rev()
+            .find(|v| v.key == key)
+            .map(|v| v.value.as_str())
+    }
+
+    /// Picks the failure reason GitLab will accept for this job.
+    ///
+    /// GitLab rejects reasons the job does not list in `features.failure_reasons`, so an
+    /// unlisted reason falls back to `runner_system_failure` (infrastructure) or
+    /// `script_failure`. An empty list (older GitLab) accepts the classic reasons only.
+    pub fn accepted_reason(&self, reason: crate::job::FailureReason) -> &'static str {
+        let listed = |name: &str| self.features.failure_reasons.iter().any(|r| r == name);
+        if listed(reason.as_str()) {
+            return reason.as_str();
+        }
+        if reason.is_infrastructure() {
+            if listed("runner_system_failure") || self.features.failure_reasons.is_empty() {
+                return "runner_system_failure";
+            }
+            return "unknown_failure";
+        }
+        "script_failure"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::FailureReason;
+
+    #[test]
+    fn unknown_keys_and_nulls_are_tolerated() {
+        let json = r#"{"id": 7, "token": "t", "brand_new_field": {"x": 1},
+            "image": null, "steps": [{"name": "script", "script": ["true"], "when": "someday"}],
+            "variables": [{"key": "A", "value": "1", "public": true}]}"#;
+        let job: JobPayload = serde_json::from_str(json).unwrap();
+        assert_eq!(job.id, 7);
+        assert_eq!(job.steps[0].when, When::Unknown);
+        assert_eq!(job.variable("A"), Some("1"));
+    }
+
+    #[test]
+    fn unlisted_reason_falls_back_by_blame() {
+        let mut job = JobPayload::default();
+        job.features.failure_reasons = vec!["script_failure".into(), "runner_system_failure".into()];
+        assert_eq!(job.accepted_reason(FailureReason::ImagePullFailure), "runner_system_failure");
+        assert_eq!(job.accepted_reason(FailureReason::JobExecutionTimeout), "script_failure");
+        job.features.failure_reasons.push("job_execution_timeout".into());
+        assert_eq!(job.accepted_reason(FailureReason::JobExecutionTimeout), "job_execution_timeout");
+    }
+}
