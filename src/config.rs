@@ -1,1 +1,775 @@
-//! x
+//! Typed configuration: one TOML file, every field overridable by `KILN_…` environment variables,
+//! and validation that reports every problem with its path.
+//!
+//! Environment overrides name the field's path with `__` between segments and array indices as
+//! segments: `KILN_CONCURRENT=8`, `KILN_HTTP__LISTEN=0.0.0.0:9252`,
+//! `KILN_SOURCES__GITLAB__0__TOKEN=glrt-…`. A value is read as a TOML literal when it is one
+//! (`8`, `true`, `["a","b"]`) and as a plain string otherwise; quote it (`'"123"'`) to force a
+//! string that looks like a number.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The environment variable that names the config file (the one name `KILN_` reserves).
+pub const CONFIG_ENV: &str = "KILN_CONFIG";
+const ENV_PREFIX: &str = "KILN_";
+
+/// The whole coordinator configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Jobs run at once across all sources.
+    #[serde(default = "default_concurrent")]
+    pub concurrent: usize,
+    /// How long SIGTERM waits for running jobs before cancelling them.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Where builds run.
+    #[serde(default)]
+    pub executor: ExecutorKind,
+    /// The HTTP server (health, readiness, metrics).
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The local (child-process) executor.
+    #[serde(default)]
+    pub local: LocalConfig,
+    /// What the agent does inside each build.
+    #[serde(default)]
+    pub agent: AgentConfig,
+    /// The CI servers to take jobs from.
+    #[serde(default)]
+    pub sources: Sources,
+}
+
+fn default_concurrent() -> usize {
+    4
+}
+
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            concurrent: default_concurrent(),
+            shutdown_timeout: default_shutdown_timeout(),
+            executor: ExecutorKind::default(),
+            http: HttpConfig::default(),
+            log: LogConfig::default(),
+            local: LocalConfig::default(),
+            agent: AgentConfig::default(),
+            sources: Sources::default(),
+        }
+    }
+}
+
+/// Where builds run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    /// A child process per job on this machine.
+    #[default]
+    Local,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Listen address of `/healthz`, `/readyz` and `/metrics`.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9252)),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `auto` (pretty on a terminal, JSON otherwise), `json` or `pretty`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `kiln=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Pretty on a terminal, JSON otherwise.
+    #[default]
+    Auto,
+    /// One JSON object per line.
+    Json,
+    /// Human-readable.
+    Pretty,
+}
+
+/// `[local]`: the child-process executor.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    /// Parent directory of per-job work directories (default: the system temp dir).
+    pub work_dir: Option<PathBuf>,
+    /// Keep each job's work directory after it ends (for debugging).
+    pub keep_work_dirs: bool,
+    /// Extra environment variables passed from the coordinator's environment to the agent.
+    pub pass_env: Vec<String>,
+}
+
+/// `[agent]`: behaviour of `kiln agent` inside a build.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Maximum trace size in KiB; output past it is dropped with a notice (GitLab's 4096).
+    pub output_limit: u64,
+    /// Trace update interval used until GitLab sends its own.
+    #[serde(with = "humantime_serde")]
+    pub trace_interval: Duration,
+    /// How often to tell GitLab the job is alive when it produces no output.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// Time limit for `after_script`.
+    #[serde(with = "humantime_serde")]
+    pub after_script_timeout: Duration,
+    /// The shell that runs scripts (`bash` when present, else `sh`).
+    pub shell: Option<String>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            output_limit: 4096,
+            trace_interval: Duration::from_secs(3),
+            keepalive_interval: Duration::from_secs(30),
+            after_script_timeout: Duration::from_secs(300),
+            shell: None,
+        }
+    }
+}
+
+/// `[sources]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sources {
+    /// GitLab runners (`[[sources.gitlab]]`), each with its own token.
+    pub gitlab: Vec<GitLabRunnerConfig>,
+}
+
+/// One GitLab runner kiln acts as.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitLabRunnerConfig {
+    /// A name for logs and metrics (default: the URL's host and the index).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// GitLab's base URL, e.g. `https://gitlab.example.com`.
+    pub url: String,
+    /// The runner authentication token (`glrt-…`).
+    pub token: String,
+    /// This manager's stable system id (`s_`/`r_` + 12 chars); written by `kiln register`.
+    #[serde(default)]
+    pub system_id: Option<String>,
+    /// Jobs this runner runs at once (0: only `concurrent` limits it).
+    #[serde(default)]
+    pub limit: usize,
+    /// Parallel `jobs/request` long polls (useful only with capacity for several jobs).
+    #[serde(default = "one")]
+    pub request_concurrency: usize,
+    /// Client-side timeout of one long poll; above GitLab Workhorse's 50 s hold.
+    #[serde(default = "default_poll_timeout", with = "humantime_serde")]
+    pub poll_timeout: Duration,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_poll_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl GitLabRunnerConfig {
+    /// A new entry with defaults for everything but the server and token.
+    pub fn new(url: &str, token: &str) -> Self {
+        Self {
+            name: None,
+            url: url.into(),
+            token: token.into(),
+            system_id: None,
+            limit: 0,
+            request_concurrency: 1,
+            poll_timeout: default_poll_timeout(),
+        }
+    }
+
+    /// The name used in logs and metrics.
+    pub fn display_name(&self, index: usize) -> String {
+        if let Some(name) = &self.name {
+            return name.clone();
+        }
+        let host = url::Url::parse(&self.url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .unwrap_or_else(|| "gitlab".into());
+        format!("{host}-{index}")
+    }
+}
+
+/// One thing wrong with a configuration, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The field's path, e.g. `sources.gitlab[0].url`.
+    pub path: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// The configuration parsed but has problems (every one is listed).
+    #[error("{origin} has {} problem(s):\n{}", problems.len(), list(problems))]
+    Invalid {
+        /// The file (or `environment`).
+        origin: String,
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
+    /// The file could not be written back (`kiln register`).
+    #[error("cannot write config file {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Reads `path` (if given), applies `KILN_…` overrides from the process environment and
+    /// validates the result.
+    ///
+    /// # Errors
+    /// Unreadable file, TOML syntax errors (with line and column), unknown or mistyped fields
+    /// (with their path, or the environment variable that set them), and every validation
+    /// problem at once.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// [`Config::load`] with an explicit environment (for tests).
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (mut table, origin) = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                let table = text
+                    .parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Syntax {
+                        path: path.to_owned(),
+                        message: e.to_string().trim_end().to_owned(),
+                    })?;
+                (table, path.display().to_string())
+            }
+            None => (toml::Table::new(), "the configuration".to_owned()),
+        };
+        let mut problems = Vec::new();
+        let overrides: BTreeMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != CONFIG_ENV)
+            .collect();
+        for (name, value) in &overrides {
+            if let Err(message) = apply_override(&mut table, &name[ENV_PREFIX.len()..], value) {
+                problems.push(Problem {
+                    path: name.clone(),
+                    message,
+                });
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid { origin, problems });
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let path = e.path().to_string();
+                let message = e.into_inner().to_string();
+                ConfigError::Invalid {
+                    origin: origin.clone(),
+                    problems: vec![Problem {
+                        path: env_hint(&path, &overrides),
+                        message,
+                    }],
+                }
+            })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid { origin, problems })
+        }
+    }
+
+    /// Every validation problem of an already-parsed configuration.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut problem = |path: String, message: &str| {
+            problems.push(Problem {
+                path,
+                message: message.to_owned(),
+            })
+        };
+        if self.concurrent == 0 {
+            problem("concurrent".into(), "must be at least 1");
+        }
+        if self.agent.output_limit == 0 {
+            problem("agent.output_limit".into(), "must be at least 1 (KiB)");
+        }
+        if self.agent.trace_interval.is_zero() {
+            problem("agent.trace_interval".into(), "must be longer than 0s");
+        }
+        let mut names = BTreeMap::new();
+        for (i, runner) in self.sources.gitlab.iter().enumerate() {
+            let at = |field: &str| format!("sources.gitlab[{i}].{field}");
+            match url::Url::parse(&runner.url) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+                Ok(url) => problem(
+                    at("url"),
+                    &format!("scheme `{}` is not http or https", url.scheme()),
+                ),
+                Err(e) => problem(at("url"), &format!("not a URL ({e})")),
+            }
+            if runner.token.trim().is_empty() {
+                problem(
+                    at("token"),
+                    "is empty; run `kiln register` or set KILN_SOURCES__GITLAB__N__TOKEN",
+                );
+            }
+            if let Some(id) = &runner.system_id {
+                if !is_system_id(id) {
+                    problem(
+                        at("system_id"),
+                        "must be `s_` or `r_` followed by 12 letters or digits",
+                    );
+                }
+            }
+            if runner.request_concurrency == 0 {
+                problem(at("request_concurrency"), "must be at least 1");
+            }
+            if runner.poll_timeout < Duration::from_secs(5) {
+                problem(
+                    at("poll_timeout"),
+                    "must be at least 5s (GitLab holds long polls for up to 50s)",
+                );
+            }
+            if let Some(previous) = names.insert(runner.display_name(i), i) {
+                problem(
+                    at("name"),
+                    &format!("same name as sources.gitlab[{previous}]; names must be unique"),
+                );
+            }
+        }
+        problems
+    }
+}
+
+/// Whether `id` looks like a GitLab runner system id.
+pub fn is_system_id(id: &str) -> bool {
+    let (prefix, rest) = id.split_at(id.len().min(2));
+    matches!(prefix, "s_" | "r_")
+        && rest.len() == 12
+        && rest.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+/// Names the environment variable behind a failing path, when one set it.
+fn env_hint(path: &str, overrides: &BTreeMap<String, String>) -> String {
+    let env_name = format!(
+        "{ENV_PREFIX}{}",
+        path.replace(['[', '.'], "__")
+            .replace(']', "")
+            .to_uppercase()
+    );
+    if overrides.contains_key(&env_name) {
+        format!("{path} (set by {env_name})")
+    } else {
+        path.to_owned()
+    }
+}
+
+/// Sets the field named by an environment variable (without prefix) in the raw TOML table.
+fn apply_override(table: &mut toml::Table, name: &str, raw: &str) -> Result<(), String> {
+    let segments: Vec<String> = name.split("__").map(str::to_lowercase).collect();
+    if segments.iter().any(String::is_empty) {
+        return Err("malformed name; separate path segments with `__`".into());
+    }
+    let value = parse_env_value(raw);
+    let mut slot = Slot::Table(table);
+    for (i, segment) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        let next_is_index = segments
+            .get(i + 1)
+            .is_some_and(|s| s.parse::<usize>().is_ok());
+        let fresh = || {
+            if next_is_index {
+                toml::Value::Array(Vec::new())
+            } else {
+                toml::Value::Table(toml::Table::new())
+            }
+        };
+        slot = match slot {
+            Slot::Table(t) => {
+                if last {
+                    t.insert(segment.clone(), value);
+                    return Ok(());
+                }
+                Slot::Value(t.entry(segment.clone()).or_insert_with(fresh))
+            }
+            Slot::Value(v) => match v {
+                toml::Value::Table(t) => {
+                    if last {
+                        t.insert(segment.clone(), value);
+                        return Ok(());
+                    }
+                    Slot::Value(t.entry(segment.clone()).or_insert_with(fresh))
+                }
+                toml::Value::Array(items) => {
+                    let index: usize = segment
+                        .parse()
+                        .map_err(|_| format!("`{segment}` is not an array index"))?;
+                    if index > items.len() {
+                        return Err(format!(
+                            "index {index} skips entries; the list has {} so far",
+                            items.len()
+                        ));
+                    }
+                    if index == items.len() {
+                        items.push(fresh());
+                    }
+                    if last {
+                        items[index] = value;
+                        return Ok(());
+                    }
+                    Slot::Value(&mut items[index])
+                }
+                _ => return Err(format!("`{segment}` is inside a value that is not a table")),
+            },
+        };
+    }
+    Ok(())
+}
+
+enum Slot<'a> {
+    Table(&'a mut toml::Table),
+    Value(&'a mut toml::Value),
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+/// Adds or updates a `[[sources.gitlab]]` entry in the config file, keeping comments and
+/// layout. An entry with the same URL and name (or the same URL and token) is updated.
+///
+/// # Errors
+/// Unreadable or unparsable file, or a failed write.
+pub fn upsert_gitlab_runner(path: &Path, runner: &GitLabRunnerConfig) -> Result<(), ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let mut doc = text
+        .parse::<toml_edit::DocumentMut>()
+        .map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+    let sources = doc.entry("sources").or_insert_with(|| {
+        let mut t = toml_edit::Table::new();
+        t.set_implicit(true);
+        toml_edit::Item::Table(t)
+    });
+    let invalid = |message: &str| ConfigError::Invalid {
+        origin: path.display().to_string(),
+        problems: vec![Problem {
+            path: "sources.gitlab".into(),
+            message: message.into(),
+        }],
+    };
+    let sources = sources
+        .as_table_like_mut()
+        .ok_or_else(|| invalid("`sources` is not a table"))?;
+    let gitlab = sources
+        .entry("gitlab")
+        .or_insert(toml_edit::Item::ArrayOfTables(
+            toml_edit::ArrayOfTables::new(),
+        ))
+        .as_array_of_tables_mut()
+        .ok_or_else(|| invalid("must be an array of tables ([[sources.gitlab]])"))?;
+    let same = |t: &toml_edit::Table| {
+        let get = |k: &str| t.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        get("url").as_deref() == Some(runner.url.as_str())
+            && (get("name") == runner.name || get("token").as_deref() == Some(&runner.token))
+    };
+    let index = gitlab.iter().position(same);
+    let table = match index {
+        Some(i) => gitlab.get_mut(i).ok_or_else(|| invalid("entry vanished"))?,
+        None => {
+            gitlab.push(toml_edit::Table::new());
+            let last = gitlab.len() - 1;
+            gitlab
+                .get_mut(last)
+                .ok_or_else(|| invalid("entry vanished"))?
+        }
+    };
+    if let Some(name) = &runner.name {
+        table["name"] = toml_edit::value(name.as_str());
+    }
+    table["url"] = toml_edit::value(runner.url.as_str());
+    table["token"] = toml_edit::value(runner.token.as_str());
+    if let Some(id) = &runner.system_id {
+        table["system_id"] = toml_edit::value(id.as_str());
+    }
+    write_private(path, doc.to_string().as_bytes()).map_err(|source| ConfigError::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Removes the `[[sources.gitlab]]` entry with this URL and token.
+///
+/// # Errors
+/// Unreadable or unparsable file, or a failed write.
+pub fn remove_gitlab_runner(path: &Path, url: &str, token: &str) -> Result<bool, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut doc = text
+        .parse::<toml_edit::DocumentMut>()
+        .map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+    let Some(gitlab) = doc
+        .get_mut("sources")
+        .and_then(|s| s.get_mut("gitlab"))
+        .and_then(|g| g.as_array_of_tables_mut())
+    else {
+        return Ok(false);
+    };
+    let before = gitlab.len();
+    gitlab.retain(|t| {
+        !(t.get("url").and_then(|v| v.as_str()) == Some(url)
+            && t.get("token").and_then(|v| v.as_str()) == Some(token))
+    });
+    let removed = gitlab.len() != before;
+    if removed {
+        write_private(path, doc.to_string().as_bytes()).map_err(|source| ConfigError::Write {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    Ok(removed)
+}
+
+/// Writes a file readable only by its owner: it holds runner tokens.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let mut tmp = tempfile::NamedTempFile::new_in(dir.unwrap_or(Path::new(".")))?;
+    // NamedTempFile is created 0600 already; persist() renames it over the old file atomically.
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(&path, toml).unwrap();
+        Config::load_with_env(
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let err = load(
+            r#"
+concurrent = 0
+[[sources.gitlab]]
+url = "gitlab.example.com"
+token = ""
+system_id = "x"
+"#,
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("concurrent: must be at least 1"), "{err}");
+        assert!(err.contains("sources.gitlab[0].url: not a URL"), "{err}");
+        assert!(err.contains("sources.gitlab[0].token: is empty"), "{err}");
+        assert!(err.contains("sources.gitlab[0].system_id"), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_is_an_error_naming_it() {
+        let err = load("[http]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("http: unknown field `lisen`"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_fields_and_list_entries() {
+        let config = load(
+            "[[sources.gitlab]]\nurl = \"https://gitlab.example.com\"\ntoken = \"from-file\"\n",
+            &[
+                ("KILN_CONCURRENT", "9"),
+                ("KILN_SOURCES__GITLAB__0__TOKEN", "glrt-from-env"),
+                ("KILN_SOURCES__GITLAB__0__LIMIT", "2"),
+                ("KILN_SHUTDOWN_TIMEOUT", "30s"),
+                ("KILN_CONFIG", "ignored.toml"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.concurrent, 9);
+        assert_eq!(config.sources.gitlab[0].token, "glrt-from-env");
+        assert_eq!(config.sources.gitlab[0].limit, 2);
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn environment_can_add_a_runner_and_typos_name_the_variable() {
+        let config = load(
+            "",
+            &[
+                ("KILN_SOURCES__GITLAB__0__URL", "https://gitlab.example.com"),
+                ("KILN_SOURCES__GITLAB__0__TOKEN", "glrt-abc"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.sources.gitlab.len(), 1);
+        let err = load("", &[("KILN_CONCURENT", "3")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `concurent`"), "{err}");
+        let err = load("", &[("KILN_CONCURRENT", "many")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("concurrent (set by KILN_CONCURRENT)"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_names_file_and_line() {
+        let err = load("concurrent = = 3", &[]).unwrap_err().to_string();
+        assert!(err.contains("kiln.toml"), "{err}");
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn register_upserts_and_keeps_comments() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(&path, "# my runners\nconcurrent = 2\n").unwrap();
+        let mut runner = GitLabRunnerConfig::new("https://gitlab.example.com", "glrt-one");
+        runner.system_id = Some("s_0123456789ab".into());
+        upsert_gitlab_runner(&path, &runner).unwrap();
+        upsert_gitlab_runner(&path, &runner).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# my runners"), "{text}");
+        let config = Config::load_with_env(Some(&path), []).unwrap();
+        assert_eq!(config.sources.gitlab.len(), 1);
+        assert_eq!(config.concurrent, 2);
+        assert!(remove_gitlab_runner(&path, &runner.url, &runner.token).unwrap());
+        let config = Config::load_with_env(Some(&path), []).unwrap();
+        assert!(config.sources.gitlab.is_empty());
+    }
+
+    #[test]
+    fn system_id_shape() {
+        assert!(is_system_id("s_0123456789ab"));
+        assert!(is_system_id("r_AbCdEf123456"));
+        assert!(!is_system_id("s_0123"));
+        assert!(!is_system_id("x_0123456789ab"));
+    }
+}

@@ -1,6 +1,15 @@
 //! The `kiln` command line: parses arguments and calls into the library.
 
-use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use kiln::config::{self, Config, GitLabRunnerConfig};
+use kiln::sources::gitlab::register::{self, LegacyOptions, PatOptions, RunnerScope};
 
 /// Self-hosted CI/CD runner autoscaler: one ephemeral pod (or process) per build.
 #[derive(Debug, Parser)]
@@ -13,12 +22,361 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the coordinator: take jobs from the configured CI servers and run each one.
-    Run,
+    Run(RunArgs),
+    /// Run one job inside its build (started by an executor, not by hand).
+    Agent(AgentArgs),
+    /// Register kiln as a GitLab runner and store its token in the config file.
+    Register(RegisterArgs),
+    /// Remove this runner manager (or the whole runner) from GitLab and the config file.
+    Unregister(UnregisterArgs),
+    /// Check that every configured runner token is accepted by its GitLab.
+    Verify(ConfigArg),
+    /// Validate a config file and print every problem with its path.
+    CheckConfig(CheckConfigArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Debug, Args)]
+struct ConfigArg {
+    /// The config file (TOML). Every field can also be set with KILN_… variables.
+    #[arg(long, short, env = config::CONFIG_ENV)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// The job file the executor wrote.
+    #[arg(long)]
+    job: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct CheckConfigArgs {
+    /// The config file to check (default: $KILN_CONFIG).
+    #[arg(env = config::CONFIG_ENV)]
+    file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("credential").required(true).args(["token", "registration_token", "pat"]))]
+struct RegisterArgs {
+    /// The config file to add the runner to (created if missing).
+    #[arg(long, short, env = config::CONFIG_ENV, default_value = "kiln.toml")]
+    config: PathBuf,
+    /// GitLab's URL, e.g. https://gitlab.example.com.
+    #[arg(long)]
+    url: String,
+    /// A runner authentication token (glrt-…) created in GitLab's UI.
+    #[arg(long, env = "KILN_REGISTER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A legacy registration token (deprecated by GitLab; tags and flags below apply).
+    #[arg(long, env = "KILN_REGISTRATION_TOKEN", hide_env_values = true)]
+    registration_token: Option<String>,
+    /// A personal access token with `create_runner` scope: create the runner, then verify it.
+    #[arg(long, env = "KILN_REGISTER_PAT", hide_env_values = true)]
+    pat: Option<String>,
+    /// With --pat: `instance`, `group` or `project`.
+    #[arg(long, default_value = "instance", requires = "pat")]
+    runner_type: String,
+    /// With --pat and --runner-type group: the group id.
+    #[arg(long)]
+    group_id: Option<u64>,
+    /// With --pat and --runner-type project: the project id.
+    #[arg(long)]
+    project_id: Option<u64>,
+    /// The runner's name in the config (and its description in GitLab).
+    #[arg(long)]
+    name: Option<String>,
+    /// Job tags, comma-separated (legacy and --pat registration only).
+    #[arg(long, value_delimiter = ',')]
+    tag_list: Vec<String>,
+    /// Take untagged jobs too (legacy and --pat registration only).
+    #[arg(long)]
+    run_untagged: bool,
+    /// Lock the runner to the project it was registered in (legacy only).
+    #[arg(long)]
+    locked: bool,
+    /// Only run jobs on protected refs (legacy only).
+    #[arg(long)]
+    protected: bool,
+    /// The longest job timeout this runner accepts, in seconds (legacy only).
+    #[arg(long)]
+    maximum_timeout: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct UnregisterArgs {
+    /// The config file holding the runner.
+    #[arg(long, short, env = config::CONFIG_ENV, default_value = "kiln.toml")]
+    config: PathBuf,
+    /// The runner's name in the config (default: the only runner).
+    #[arg(long)]
+    name: Option<String>,
+    /// Delete the whole runner from GitLab, not just this manager.
+    #[arg(long)]
+    all: bool,
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Run => Ok(()),
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run(args) => run(args).await,
+        Command::Agent(args) => agent(args).await,
+        Command::Register(args) => register(args).await,
+        Command::Unregister(args) => unregister(args).await,
+        Command::Verify(args) => verify(args).await,
+        Command::CheckConfig(args) => check_config(args),
+    }
+}
+
+/// Cancelled on the first SIGTERM or SIGINT.
+fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        trigger.cancel();
+    });
+    Ok(token)
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(args.config.config.as_deref())?;
+    kiln::telemetry::init_logging(config.log.format, &config.log.level);
+    if config.sources.gitlab.is_empty() {
+        bail!(
+            "no job sources configured: add a [[sources.gitlab]] runner (see `kiln register --help`)"
+        );
+    }
+    let metrics = kiln::telemetry::Metrics::new();
+    let agent = std::env::current_exe().context("cannot find the kiln binary for the agent")?;
+    let executor = Arc::new(kiln::executor::local::LocalExecutor::new(
+        agent,
+        &config.local,
+    ));
+    let listen = config.http.listen;
+    let coordinator = kiln::coordinator::Coordinator::new(config, Arc::clone(&metrics), executor)?;
+    let app = kiln::http::router(kiln::http::AppState {
+        metrics,
+        status: coordinator.status(),
+    });
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
+    tracing::info!(address = %listener.local_addr().unwrap_or(listen), "HTTP server listening");
+    let shutdown = shutdown_on_signal()?;
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(server_shutdown.cancelled_owned())
+            .await
+    });
+    coordinator.run(shutdown.clone()).await;
+    shutdown.cancel();
+    server.await.context("HTTP server task failed")??;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    kiln::telemetry::init_logging(kiln::config::LogFormat::Auto, "info");
+    let abort = shutdown_on_signal()?;
+    let result = kiln::agent::run(&args.job, abort).await?;
+    Ok(if result.reported {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}
+
+async fn register(args: RegisterArgs) -> anyhow::Result<ExitCode> {
+    let description = args.name.clone().unwrap_or_else(|| "kiln".into());
+    let token = if let Some(token) = &args.token {
+        token.clone()
+    } else if let Some(registration_token) = &args.registration_token {
+        let options = LegacyOptions {
+            description: description.clone(),
+            tags: args.tag_list.clone(),
+            run_untagged: args.run_untagged,
+            locked: args.locked,
+            protected_only: args.protected,
+            maximum_timeout: args.maximum_timeout,
+            paused: false,
+        };
+        let created = register::register_legacy(&args.url, registration_token, &options).await?;
+        println!("Registered runner {} with a registration token", created.id);
+        created.token
+    } else if let Some(pat) = &args.pat {
+        let scope = match (args.runner_type.as_str(), args.group_id, args.project_id) {
+            ("instance", _, _) => RunnerScope::Instance,
+            ("group", Some(id), _) => RunnerScope::Group(id),
+            ("project", _, Some(id)) => RunnerScope::Project(id),
+            ("group", None, _) => bail!("--runner-type group needs --group-id"),
+            ("project", _, None) => bail!("--runner-type project needs --project-id"),
+            (other, _, _) => bail!("--runner-type `{other}` is not instance, group or project"),
+        };
+        let options = PatOptions {
+            scope,
+            description: description.clone(),
+            tags: args.tag_list.clone(),
+            run_untagged: args.run_untagged,
+        };
+        let created = register::create_with_pat(&args.url, pat, &options).await?;
+        println!(
+            "Created runner {} with the personal access token",
+            created.id
+        );
+        created.token
+    } else {
+        bail!("give one of --token, --registration-token or --pat");
+    };
+    let existing = existing_system_id(&args.config, &args.url, args.name.as_deref());
+    let system_id = existing.unwrap_or_else(register::new_system_id);
+    let verified = register::verify(&args.url, &token, &system_id).await?;
+    let mut entry = GitLabRunnerConfig::new(&args.url, &verified.token);
+    entry.name = args.name.clone();
+    entry.system_id = Some(system_id.clone());
+    config::upsert_gitlab_runner(&args.config, &entry)?;
+    println!(
+        "Runner {} verified (system_id {system_id}); saved to {}",
+        verified.id,
+        args.config.display()
+    );
+    if let Some(expires) = verified.token_expires_at.filter(|e| !e.is_empty()) {
+        println!("The token expires at {expires}.");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The system id already stored for this runner, so re-registering keeps the same manager.
+fn existing_system_id(path: &Path, url: &str, name: Option<&str>) -> Option<String> {
+    let config = Config::load_with_env(Some(path), std::iter::empty()).ok()?;
+    config
+        .sources
+        .gitlab
+        .into_iter()
+        .find(|r| r.url == url && (name.is_none() || r.name.as_deref() == name))
+        .and_then(|r| r.system_id)
+}
+
+async fn unregister(args: UnregisterArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(Some(&args.config))?;
+    let runners = &config.sources.gitlab;
+    let runner = match &args.name {
+        Some(name) => runners
+            .iter()
+            .enumerate()
+            .find(|(i, r)| r.display_name(*i) == *name)
+            .map(|(_, r)| r)
+            .with_context(|| format!("no runner named `{name}` in {}", args.config.display()))?,
+        None if runners.len() == 1 => &runners[0],
+        None => bail!(
+            "{} has {} runners; say which with --name",
+            args.config.display(),
+            runners.len()
+        ),
+    };
+    let system_id = runner
+        .system_id
+        .clone()
+        .context("the runner has no system_id in the config; use --all to delete the whole runner")
+        .or_else(|e| if args.all { Ok(String::new()) } else { Err(e) })?;
+    register::unregister(&runner.url, &runner.token, &system_id, args.all).await?;
+    config::remove_gitlab_runner(&args.config, &runner.url, &runner.token)?;
+    println!(
+        "{} removed from {} and from {}",
+        if args.all { "Runner" } else { "Runner manager" },
+        runner.url,
+        args.config.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify(args: ConfigArg) -> anyhow::Result<ExitCode> {
+    let config = Config::load(args.config.as_deref())?;
+    if config.sources.gitlab.is_empty() {
+        bail!("no GitLab runners configured");
+    }
+    let mut failed = false;
+    for (i, runner) in config.sources.gitlab.iter().enumerate() {
+        let name = runner.display_name(i);
+        let Some(system_id) = runner.system_id.clone() else {
+            println!(
+                "{name}: no system_id stored (run `kiln register`); verifying with a generated one"
+            );
+            failed |= verify_one(&name, runner, &register::new_system_id()).await;
+            continue;
+        };
+        failed |= verify_one(&name, runner, &system_id).await;
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Prints the outcome; true on failure.
+async fn verify_one(name: &str, runner: &GitLabRunnerConfig, system_id: &str) -> bool {
+    match register::verify(&runner.url, &runner.token, system_id).await {
+        Ok(token) => {
+            println!("{name}: ok (runner {} at {})", token.id, runner.url);
+            false
+        }
+        Err(e) => {
+            println!("{name}: FAILED: {e}");
+            true
+        }
+    }
+}
+
+fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
+    match Config::load(args.file.as_deref()) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} GitLab runner(s), concurrent = {})",
+                args.file
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "environment".into()),
+                config.sources.gitlab.len(),
+                config.concurrent
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Ok(ExitCode::FAILURE)
+        }
     }
 }

@@ -1,1 +1,155 @@
-//! x
+//! Logging (tracing subscriber) and the Prometheus metrics registry.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the global tracing subscriber: JSON when not on a terminal (production), pretty
+/// otherwise, unless `format` says which. Logs go to stderr so stdout stays for command output.
+///
+/// `RUST_LOG`, when set, wins over `level`.
+pub fn init_logging(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Pretty => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests, `kiln exec` inside `kiln run`) is harmless: keep the first.
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
+    };
+}
+
+/// Labels naming a runner (one `[[sources.gitlab]]` entry).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunnerLabels {
+    /// The runner's name.
+    pub runner: String,
+}
+
+/// Labels of a `jobs/request` call's result.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The runner's name.
+    pub runner: String,
+    /// `job`, `no_job`, `rate_limited`, `forbidden` or `error`.
+    pub result: String,
+}
+
+/// Labels of a finished job.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FinishedLabels {
+    /// The runner's name.
+    pub runner: String,
+    /// `success` or `failed`.
+    pub state: String,
+    /// The failure reason, empty on success.
+    pub reason: String,
+}
+
+/// Every metric the coordinator exports.
+#[derive(Debug)]
+pub struct Metrics {
+    /// The registry `/metrics` encodes.
+    pub registry: Registry,
+    /// `jobs/request` calls by result.
+    pub job_requests: Family<RequestLabels, Counter>,
+    /// Jobs taken and handed to the executor.
+    pub jobs_started: Family<RunnerLabels, Counter>,
+    /// Jobs finished, by state and reason.
+    pub jobs_finished: Family<FinishedLabels, Counter>,
+    /// Jobs running now.
+    pub jobs_running: Gauge,
+    /// Duration of `jobs/request` calls (long polls included).
+    pub poll_duration: Family<RunnerLabels, Histogram>,
+    /// Time jobs waited in GitLab's queue (`time_in_queue_seconds`).
+    pub queue_time: Family<RunnerLabels, Histogram>,
+    /// 1 while a runner is paused because GitLab rejected its token.
+    pub runner_paused: Family<RunnerLabels, Gauge>,
+}
+
+impl Metrics {
+    /// Creates and registers every metric under the `kiln_` prefix.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("kiln");
+        let job_requests = Family::<RequestLabels, Counter>::default();
+        let jobs_started = Family::<RunnerLabels, Counter>::default();
+        let jobs_finished = Family::<FinishedLabels, Counter>::default();
+        let jobs_running = Gauge::default();
+        let poll_duration = Family::<RunnerLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.01, 2.0, 14))) as fn() -> Histogram,
+        );
+        let queue_time = Family::<RunnerLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.5, 2.0, 14))) as fn() -> Histogram,
+        );
+        let runner_paused = Family::<RunnerLabels, Gauge>::default();
+        registry.register(
+            "gitlab_job_requests",
+            "jobs/request calls to GitLab by result",
+            job_requests.clone(),
+        );
+        registry.register(
+            "jobs_started",
+            "Jobs taken and started",
+            jobs_started.clone(),
+        );
+        registry.register(
+            "jobs_finished",
+            "Jobs finished, by state and failure reason",
+            jobs_finished.clone(),
+        );
+        registry.register("jobs_running", "Jobs running now", jobs_running.clone());
+        registry.register(
+            "gitlab_poll_duration_seconds",
+            "Duration of jobs/request calls, long polls included",
+            poll_duration.clone(),
+        );
+        registry.register(
+            "job_queue_time_seconds",
+            "Time jobs waited in the CI server's queue before kiln took them",
+            queue_time.clone(),
+        );
+        registry.register(
+            "runner_paused",
+            "1 while a runner is paused because its token was rejected",
+            runner_paused.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            job_requests,
+            jobs_started,
+            jobs_finished,
+            jobs_running,
+            poll_duration,
+            queue_time,
+            runner_paused,
+        })
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

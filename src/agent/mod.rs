@@ -1,1 +1,990 @@
-//! placeholder
+//! `kiln agent`: runs one GitLab job inside its build (a pod, or a work directory of the local
+//! executor): fetches sources and dependency artifacts, runs the steps, streams the masked
+//! trace, uploads artifacts and reports the final state straight to GitLab.
+//!
+//! The coordinator is not in this path. It hands the agent a job file and, when the agent
+//! exits, reads the result file the agent leaves next to it: no result file means the agent
+//! could not report the job, and the coordinator fails it.
+
+mod artifacts;
+mod git;
+mod mask;
+mod process;
+mod trace;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::job::FailureReason;
+use crate::sources::gitlab::api::{
+    ApiError, ArtifactUpload, JobUpdate, RunnerApi, TraceOutput, UpdateAck, UploadAck,
+};
+use crate::sources::gitlab::payload::{Artifact, JobPayload, Step, When};
+use process::{Exit, Interrupts};
+use trace::{Remote, Trace, Uplink};
+
+/// Name of the result file the agent writes next to the job file.
+pub const RESULT_FILE: &str = "result.json";
+/// Name of the file holding the running step's process group id.
+pub const PGID_FILE: &str = "script.pgid";
+
+/// What the executor hands the agent (written as JSON to the job file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentJob {
+    /// GitLab's base URL.
+    pub gitlab_url: String,
+    /// The job JSON exactly as GitLab sent it.
+    pub job: serde_json::Value,
+    /// Agent behaviour from the coordinator's config.
+    #[serde(default)]
+    pub settings: AgentConfig,
+    /// The executor's name, shown in the trace (`local`, `kubernetes`).
+    #[serde(default = "local")]
+    pub executor: String,
+    /// The runner's name, shown in the trace.
+    #[serde(default)]
+    pub runner: String,
+}
+
+fn local() -> String {
+    "local".into()
+}
+
+/// What the agent leaves for the executor in [`RESULT_FILE`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentResult {
+    /// `success` or `failed`.
+    pub state: String,
+    /// The failure reason sent to GitLab.
+    pub failure_reason: Option<String>,
+    /// The script's exit code.
+    pub exit_code: Option<i32>,
+    /// Whether GitLab took the final update (or no longer needed one: canceled).
+    pub reported: bool,
+    /// Whether GitLab canceled the job.
+    pub canceled: bool,
+}
+
+/// Problems that keep the agent from running a job at all.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The job file could not be read.
+    #[error("cannot read job file {}", path.display())]
+    ReadJob {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The job file is not a job.
+    #[error("job file {} is not valid: {message}", path.display())]
+    ParseJob {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The GitLab URL is unusable.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The work directory could not be prepared.
+    #[error("cannot prepare {}", path.display())]
+    WorkDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the job ended, before it is reported.
+#[derive(Debug, Clone)]
+struct JobEnd {
+    failure: Option<(FailureReason, String)>,
+    exit_code: Option<i32>,
+    canceled: bool,
+}
+
+impl JobEnd {
+    fn success() -> Self {
+        Self {
+            failure: None,
+            exit_code: Some(0),
+            canceled: false,
+        }
+    }
+
+    fn failed(reason: FailureReason, message: impl Into<String>) -> Self {
+        Self {
+            failure: Some((reason, message.into())),
+            exit_code: None,
+            canceled: false,
+        }
+    }
+}
+
+/// Everything a running job needs.
+struct Context {
+    job: JobPayload,
+    settings: AgentConfig,
+    executor: String,
+    runner: String,
+    trace: Arc<Trace>,
+    api: RunnerApi,
+    project_dir: PathBuf,
+    tmp_dir: PathBuf,
+    pgid_file: PathBuf,
+    env: BTreeMap<String, String>,
+    shell: String,
+    interrupts: Interrupts,
+    deadline: Instant,
+}
+
+/// Runs the job described by `job_file`, reports it to GitLab and writes [`RESULT_FILE`] next
+/// to the job file. `abort` stops the job (coordinator shutdown): it is reported as a
+/// `runner_system_failure`.
+///
+/// # Errors
+/// Only when the job cannot be started at all (unreadable job file, bad URL); once the job is
+/// known, every failure is reported to GitLab and in the result.
+pub async fn run(job_file: &Path, abort: CancellationToken) -> Result<AgentResult, AgentError> {
+    let text = std::fs::read_to_string(job_file).map_err(|source| AgentError::ReadJob {
+        path: job_file.to_owned(),
+        source,
+    })?;
+    let spec: AgentJob = serde_json::from_str(&text).map_err(|e| AgentError::ParseJob {
+        path: job_file.to_owned(),
+        message: e.to_string(),
+    })?;
+    let job: JobPayload =
+        serde_json::from_value(spec.job.clone()).map_err(|e| AgentError::ParseJob {
+            path: job_file.to_owned(),
+            message: format!("job: {e}"),
+        })?;
+    let work = job_file
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let result_path = work.join(RESULT_FILE);
+    let result = run_job(spec, job, &work, abort).await?;
+    let json = serde_json::to_vec_pretty(&result).unwrap_or_default();
+    if let Err(e) = std::fs::write(&result_path, json) {
+        tracing::warn!(path = %result_path.display(), error = %e, "cannot write the result file");
+    }
+    Ok(result)
+}
+
+async fn run_job(
+    spec: AgentJob,
+    job: JobPayload,
+    work: &Path,
+    abort: CancellationToken,
+) -> Result<AgentResult, AgentError> {
+    let project = job
+        .job_info
+        .project_full_path
+        .clone()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| sanitize(&job.job_info.project_name));
+    let project_dir = work.join("builds").join(project);
+    let tmp_dir = work.join("tmp");
+    for dir in [&project_dir, &tmp_dir] {
+        std::fs::create_dir_all(dir).map_err(|source| AgentError::WorkDir {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    let secrets = std::iter::once(job.token.clone()).chain(
+        job.variables
+            .iter()
+            .filter(|v| v.masked)
+            .map(|v| v.value.clone()),
+    );
+    let masker = mask::Masker::new(secrets, job.features.token_mask_prefixes.clone());
+    let limit =
+        usize::try_from(spec.settings.output_limit.saturating_mul(1024)).unwrap_or(usize::MAX);
+    let trace = Arc::new(Trace::new(masker, limit, false));
+    let api = RunnerApi::new(&spec.gitlab_url)?;
+    let (remote_tx, remote_rx) = watch::channel(Remote::Running);
+    let uplink = Uplink::new(
+        api.clone(),
+        job.id,
+        job.token.clone(),
+        Arc::clone(&trace),
+        spec.settings.trace_interval,
+        spec.settings.keepalive_interval,
+        remote_tx,
+    );
+    let stop_uplink = CancellationToken::new();
+    let uplink_task = tokio::spawn(uplink.run(stop_uplink.clone()));
+
+    let env = base_env(&job, &project_dir, work, &tmp_dir);
+    let shell = spec
+        .settings
+        .shell
+        .clone()
+        .unwrap_or_else(|| process::default_shell(env.get("PATH").map(String::as_str)));
+    let deadline = Instant::now() + job.timeout();
+    let mut ctx = Context {
+        settings: spec.settings.clone(),
+        executor: spec.executor.clone(),
+        runner: spec.runner.clone(),
+        trace: Arc::clone(&trace),
+        api,
+        project_dir,
+        pgid_file: work.join(PGID_FILE),
+        tmp_dir,
+        env,
+        shell,
+        interrupts: Interrupts {
+            remote: remote_rx,
+            abort,
+            stop_on_canceling: true,
+        },
+        deadline,
+        job,
+    };
+    let end = execute(&mut ctx).await;
+    announce(&ctx, &end);
+    trace.release_held();
+    stop_uplink.cancel();
+    let uplink = match uplink_task.await {
+        Ok(uplink) => uplink,
+        Err(e) => {
+            tracing::error!(error = %e, "trace uplink task failed");
+            return Ok(result_of(&end, false));
+        }
+    };
+    let reported = report(&ctx, uplink, &end).await;
+    Ok(result_of(&end, reported))
+}
+
+fn result_of(end: &JobEnd, reported: bool) -> AgentResult {
+    AgentResult {
+        state: if end.failure.is_some() {
+            "failed"
+        } else {
+            "success"
+        }
+        .into(),
+        failure_reason: end.failure.as_ref().map(|(r, _)| r.as_str().to_owned()),
+        exit_code: end.exit_code,
+        reported,
+        canceled: end.canceled,
+    }
+}
+
+fn sanitize(name: &str) -> String {
+    let cleaned: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if cleaned.is_empty() || cleaned.starts_with('.') {
+        "project".into()
+    } else {
+        cleaned
+    }
+}
+
+/// The environment every process of the job sees: the agent's own (already scrubbed by the
+/// executor) plus the runner-defined `CI_*` variables. Job variables are added by
+/// [`export_variables`].
+fn base_env(
+    job: &JobPayload,
+    project_dir: &Path,
+    work: &Path,
+    tmp_dir: &Path,
+) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| !k.starts_with("KILN_"))
+        .collect();
+    let mut set = |k: &str, v: String| {
+        env.insert(k.to_owned(), v);
+    };
+    set("CI_PROJECT_DIR", project_dir.to_string_lossy().into_owned());
+    set(
+        "CI_BUILDS_DIR",
+        work.join("builds").to_string_lossy().into_owned(),
+    );
+    set("CI_SERVER", "yes".into());
+    set("CI_RUNNER_VERSION", crate::VERSION.into());
+    set(
+        "CI_RUNNER_EXECUTABLE_ARCH",
+        format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
+    );
+    set("CI_JOB_TIMEOUT", job.timeout().as_secs().to_string());
+    set("TMPDIR", tmp_dir.to_string_lossy().into_owned());
+    set("GIT_TERMINAL_PROMPT", "0".into());
+    env
+}
+
+/// Adds the job's variables in order: values expanded against what is defined so far (unless
+/// `raw`), file variables written to files whose path becomes the value.
+fn export_variables(ctx: &mut Context) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for var in &ctx.job.variables {
+        if var.key.is_empty() || var.key.contains('=') {
+            continue;
+        }
+        let value = if var.raw {
+            var.value.clone()
+        } else {
+            expand(&var.value, &ctx.env)
+        };
+        if var.file {
+            let path = ctx.tmp_dir.join(format!("{}.var", sanitize(&var.key)));
+            std::fs::write(&path, &value)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            ctx.env
+                .insert(var.key.clone(), path.to_string_lossy().into_owned());
+        } else {
+            ctx.env.insert(var.key.clone(), value);
+        }
+    }
+    Ok(())
+}
+
+/// Expands `$NAME` and `${NAME}` (unknown names expand to nothing, `$$` is a literal `$`).
+fn expand(value: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        match chars.peek().map(|&(_, c)| c) {
+            Some('$') => {
+                chars.next();
+                out.push('$');
+            }
+            Some('{') => {
+                let rest = &value[i + 2..];
+                if let Some(end) = rest.find('}') {
+                    out.push_str(env.get(&rest[..end]).map(String::as_str).unwrap_or(""));
+                    for _ in 0..end + 2 {
+                        chars.next();
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            Some(n) if n == '_' || n.is_ascii_alphabetic() => {
+                let rest = &value[i + 1..];
+                let len = rest
+                    .find(|c: char| !(c == '_' || c.is_ascii_alphanumeric()))
+                    .unwrap_or(rest.len());
+                out.push_str(env.get(&rest[..len]).map(String::as_str).unwrap_or(""));
+                for _ in 0..len {
+                    chars.next();
+                }
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+async fn execute(ctx: &mut Context) -> JobEnd {
+    let trace = Arc::clone(&ctx.trace);
+    trace.section_start("prepare_executor", "Preparing the \"kiln\" executor");
+    trace.line(&format!(
+        "Running with kiln {} on {} ({} executor){}",
+        crate::VERSION,
+        hostname(),
+        ctx.executor,
+        if ctx.runner.is_empty() {
+            String::new()
+        } else {
+            format!(", runner {}", ctx.runner)
+        }
+    ));
+    if ctx.executor == "local" {
+        if let Some(image) = ctx.job.image.as_ref().filter(|i| !i.name.is_empty()) {
+            trace.warn(&format!(
+                "the local executor runs on the host: image `{}` is ignored",
+                image.name
+            ));
+        }
+        for service in &ctx.job.services {
+            trace.warn(&format!(
+                "the local executor does not start services: `{}` is ignored",
+                service.name
+            ));
+        }
+    }
+    trace.section_end("prepare_executor");
+
+    if let Err(e) = export_variables(ctx) {
+        return JobEnd::failed(
+            FailureReason::RunnerSystemFailure,
+            format!("cannot write file variables: {e}"),
+        );
+    }
+    if let Some(end) = get_sources(ctx).await {
+        return end;
+    }
+    if let Some(end) = download_dependencies(ctx).await {
+        return end;
+    }
+
+    let steps: Vec<Step> = ctx.job.steps.clone();
+    let mut end = JobEnd::success();
+    for step in steps.iter().filter(|s| s.name != "after_script") {
+        let failed = end.failure.is_some();
+        if !step.when.applies(failed) {
+            continue;
+        }
+        let step_end = run_step(ctx, step, false).await;
+        match step_end {
+            StepEnd::Exited(0) => {}
+            StepEnd::Exited(code) if step.allow_failure => {
+                trace.warn(&format!(
+                    "step `{}` failed with exit code {code} (allowed to fail)",
+                    step.name
+                ));
+            }
+            StepEnd::Exited(code) => {
+                end = JobEnd {
+                    failure: Some((FailureReason::ScriptFailure, format!("exit code {code}"))),
+                    exit_code: Some(code),
+                    canceled: false,
+                };
+            }
+            StepEnd::Other(other) => {
+                end = other;
+                break;
+            }
+        }
+    }
+    let interrupted = end.canceled
+        || matches!(
+            end.failure,
+            Some((
+                FailureReason::JobExecutionTimeout | FailureReason::RunnerSystemFailure,
+                _
+            ))
+        );
+    let canceled_now = *ctx.interrupts.remote.borrow() == Remote::Canceled;
+    if !canceled_now && !ctx.interrupts.abort.is_cancelled() {
+        if let Some(after) = steps.iter().find(|s| s.name == "after_script") {
+            if after.when.applies(end.failure.is_some()) || end.canceled {
+                let status = if end.canceled {
+                    "canceled"
+                } else if end.failure.is_some() {
+                    "failed"
+                } else {
+                    "success"
+                };
+                ctx.env.insert("CI_JOB_STATUS".into(), status.into());
+                ctx.interrupts.stop_on_canceling = false;
+                if let StepEnd::Exited(code) = run_step(ctx, after, true).await {
+                    if code != 0 {
+                        trace.warn(&format!("after_script failed with exit code {code}; the job state does not change"));
+                    }
+                }
+            }
+        }
+    }
+    if !interrupted && !end.canceled {
+        if let Some(failure) = upload_artifacts(ctx, end.failure.is_some()).await {
+            if end.failure.is_none() {
+                end = failure;
+            }
+        }
+    }
+    end
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+enum StepEnd {
+    Exited(i32),
+    Other(JobEnd),
+}
+
+async fn run_step(ctx: &mut Context, step: &Step, is_after: bool) -> StepEnd {
+    let trace = Arc::clone(&ctx.trace);
+    let section = format!("step_{}", step.name);
+    let header = if is_after {
+        "Running after_script".to_owned()
+    } else {
+        format!("Executing \"step_{}\" stage of the job script", step.name)
+    };
+    trace.section_start(&section, &header);
+    let step_timeout = step.timeout.map(Duration::from_secs);
+    let deadline = if is_after {
+        let limit = step_timeout
+            .unwrap_or(ctx.settings.after_script_timeout)
+            .min(ctx.settings.after_script_timeout);
+        Instant::now() + limit
+    } else {
+        step_timeout
+            .map(|t| (Instant::now() + t).min(ctx.deadline))
+            .unwrap_or(ctx.deadline)
+    };
+    let script = match process::write_script(
+        &ctx.tmp_dir,
+        &step.name,
+        &ctx.shell,
+        &ctx.project_dir,
+        &step.script,
+    ) {
+        Ok(path) => path,
+        Err(e) => {
+            trace.section_end(&section);
+            return StepEnd::Other(JobEnd::failed(
+                FailureReason::RunnerSystemFailure,
+                format!("cannot write the script: {e}"),
+            ));
+        }
+    };
+    let mut command = tokio::process::Command::new(&ctx.shell);
+    command
+        .arg(&script)
+        .current_dir(&ctx.project_dir)
+        .env_clear()
+        .envs(&ctx.env);
+    let exit = process::run(
+        command,
+        &trace,
+        deadline,
+        &mut ctx.interrupts,
+        &ctx.pgid_file,
+    )
+    .await;
+    trace.section_end(&section);
+    match exit {
+        Ok(Exit::Code(code)) => StepEnd::Exited(code),
+        Ok(Exit::TimedOut) if is_after => {
+            trace.warn("after_script timed out");
+            StepEnd::Exited(1)
+        }
+        Ok(Exit::TimedOut) => {
+            let timeout = if Instant::now() >= ctx.deadline {
+                ctx.job.timeout()
+            } else {
+                step_timeout.unwrap_or_else(|| ctx.job.timeout())
+            };
+            StepEnd::Other(JobEnd::failed(
+                FailureReason::JobExecutionTimeout,
+                format!(
+                    "execution took longer than {}",
+                    humantime::format_duration(timeout)
+                ),
+            ))
+        }
+        Ok(Exit::Canceling | Exit::Canceled) => StepEnd::Other(JobEnd {
+            failure: Some((FailureReason::ScriptFailure, "the job was canceled".into())),
+            exit_code: None,
+            canceled: true,
+        }),
+        Ok(Exit::Aborted) => StepEnd::Other(JobEnd::failed(
+            FailureReason::RunnerSystemFailure,
+            "the runner is shutting down; the job was stopped (retry it)",
+        )),
+        Err(e) => StepEnd::Other(JobEnd::failed(
+            FailureReason::RunnerSystemFailure,
+            format!("cannot start `{}`: {e}", ctx.shell),
+        )),
+    }
+}
+
+async fn get_sources(ctx: &mut Context) -> Option<JobEnd> {
+    let trace = Arc::clone(&ctx.trace);
+    let strategy = git::Strategy::from_variable(ctx.env.get("GIT_STRATEGY").map(String::as_str));
+    trace.section_start("get_sources", "Getting source from Git repository");
+    if strategy == git::Strategy::None || ctx.job.git_info.repo_url.is_empty() {
+        trace.line("Skipping Git repository setup");
+        trace.section_end("get_sources");
+        return None;
+    }
+    let depth = ctx
+        .env
+        .get("GIT_DEPTH")
+        .and_then(|d| d.trim().parse::<u32>().ok());
+    trace.line(&format!(
+        "Fetching changes{} for {} at {}",
+        match depth.unwrap_or(ctx.job.git_info.depth) {
+            0 => String::new(),
+            d => format!(" with git depth set to {d}"),
+        },
+        ctx.job.git_info.git_ref,
+        short(&ctx.job.git_info.sha),
+    ));
+    for line in git::commands(&ctx.job.git_info, &ctx.project_dir, strategy, depth) {
+        let mut command = tokio::process::Command::new(&line[0]);
+        command
+            .args(&line[1..])
+            .current_dir(&ctx.tmp_dir)
+            .env_clear()
+            .envs(&ctx.env);
+        let end = process::run(
+            command,
+            &trace,
+            ctx.deadline,
+            &mut ctx.interrupts,
+            &ctx.pgid_file,
+        )
+        .await;
+        let failure = match end {
+            Ok(Exit::Code(0)) => continue,
+            Ok(Exit::Code(code)) => JobEnd::failed(
+                FailureReason::RunnerSystemFailure,
+                format!(
+                    "fetching the sources failed: `git {}` exited with {code}",
+                    line.get(5).map(String::as_str).unwrap_or(&line[1])
+                ),
+            ),
+            Ok(Exit::TimedOut) => JobEnd::failed(
+                FailureReason::JobExecutionTimeout,
+                "execution took longer than the job timeout while fetching sources",
+            ),
+            Ok(Exit::Canceling | Exit::Canceled) => JobEnd {
+                failure: Some((FailureReason::ScriptFailure, "the job was canceled".into())),
+                exit_code: None,
+                canceled: true,
+            },
+            Ok(Exit::Aborted) => JobEnd::failed(
+                FailureReason::RunnerSystemFailure,
+                "the runner is shutting down; the job was stopped (retry it)",
+            ),
+            Err(e) => JobEnd::failed(
+                FailureReason::RunnerSystemFailure,
+                format!("cannot run git (is it installed?): {e}"),
+            ),
+        };
+        trace.section_end("get_sources");
+        return Some(failure);
+    }
+    trace.line(&format!("Checked out {}", short(&ctx.job.git_info.sha)));
+    trace.section_end("get_sources");
+    None
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(8)]
+}
+
+async fn download_dependencies(ctx: &mut Context) -> Option<JobEnd> {
+    let deps: Vec<_> = ctx
+        .job
+        .dependencies
+        .iter()
+        .filter(|d| d.artifacts_file.is_some())
+        .cloned()
+        .collect();
+    if deps.is_empty() {
+        return None;
+    }
+    let trace = Arc::clone(&ctx.trace);
+    trace.section_start("download_artifacts", "Downloading artifacts");
+    for dep in deps {
+        trace.line(&format!(
+            "Downloading artifacts for {} ({})...",
+            dep.name, dep.id
+        ));
+        let mut attempt = 0;
+        let data = loop {
+            attempt += 1;
+            match ctx.api.download_artifacts(dep.id, &dep.token).await {
+                Ok(data) => break Ok(data),
+                Err(e) if e.is_transient() && attempt < 3 => {
+                    trace.warn(&format!(
+                        "downloading artifacts of {} failed ({e}); retrying",
+                        dep.name
+                    ));
+                    tokio::time::sleep(Duration::from_secs(attempt)).await;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let result = data.map_err(|e| e.to_string()).and_then(|data| {
+            artifacts::unzip(&dep.name, &data, &ctx.project_dir).map_err(|e| e.to_string())
+        });
+        match result {
+            Ok(count) => trace.line(&format!(
+                "Downloaded {count} file(s) from {} ({})",
+                dep.name, dep.id
+            )),
+            Err(e) => {
+                trace.section_end("download_artifacts");
+                return Some(JobEnd::failed(
+                    FailureReason::RunnerExternalDependencyFailure,
+                    format!("cannot get the artifacts of {} ({}): {e}", dep.name, dep.id),
+                ));
+            }
+        }
+    }
+    trace.section_end("download_artifacts");
+    None
+}
+
+/// Uploads the artifacts whose `when` applies; a failure to upload fails the job.
+async fn upload_artifacts(ctx: &mut Context, failed: bool) -> Option<JobEnd> {
+    let wanted: Vec<Artifact> = ctx
+        .job
+        .artifacts
+        .iter()
+        .filter(|a| a.when.unwrap_or(When::OnSuccess).applies(failed))
+        .cloned()
+        .collect();
+    if wanted.is_empty() {
+        return None;
+    }
+    let trace = Arc::clone(&ctx.trace);
+    let section = if failed {
+        "upload_artifacts_on_failure"
+    } else {
+        "upload_artifacts_on_success"
+    };
+    trace.section_start(section, "Uploading artifacts for the job");
+    let mut failure = None;
+    for artifact in wanted {
+        if let Err(end) = upload_one(ctx, &artifact).await {
+            failure = Some(end);
+            break;
+        }
+    }
+    trace.section_end(section);
+    failure
+}
+
+async fn upload_one(ctx: &Context, artifact: &Artifact) -> Result<(), JobEnd> {
+    let trace = &ctx.trace;
+    let artifact_type = artifact
+        .artifact_type
+        .clone()
+        .unwrap_or_else(|| "archive".into());
+    let format = artifact
+        .artifact_format
+        .clone()
+        .unwrap_or_else(|| "zip".into());
+    let untracked = if artifact.untracked {
+        untracked_files(&ctx.project_dir).await
+    } else {
+        Vec::new()
+    };
+    let (files, unmatched) = artifacts::collect(
+        &ctx.project_dir,
+        &artifact.paths,
+        &artifact.exclude,
+        &untracked,
+    )
+    .map_err(|e| JobEnd::failed(FailureReason::ScriptFailure, e.to_string()))?;
+    for pattern in &unmatched {
+        trace.warn(&format!("{pattern}: no matching files. Ensure that the artifact path is relative to the working directory ({})", ctx.project_dir.display()));
+    }
+    if files.is_empty() {
+        trace.error(&format!("No files to upload for {artifact_type} artifact"));
+        return Ok(());
+    }
+    let built = match format.as_str() {
+        "zip" => artifacts::zip(&ctx.project_dir, &files).map(|d| (d, "artifacts.zip".to_owned())),
+        "gzip" | "raw" => {
+            if files.len() > 1 {
+                trace.warn(&format!(
+                    "{artifact_type} artifact in {format} format takes one file; using {}",
+                    files[0].display()
+                ));
+            }
+            let path = ctx.project_dir.join(&files[0]);
+            let name = files[0]
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if format == "gzip" {
+                artifacts::gzip(&path).map(|d| (d, format!("{name}.gz")))
+            } else {
+                std::fs::read(&path).map(|d| (d, name)).map_err(|source| {
+                    artifacts::ArtifactError::Io {
+                        action: "read",
+                        path,
+                        source,
+                    }
+                })
+            }
+        }
+        other => {
+            trace.warn(&format!(
+                "artifact format `{other}` is not supported; {artifact_type} artifact skipped"
+            ));
+            return Ok(());
+        }
+    };
+    let (data, filename) =
+        built.map_err(|e| JobEnd::failed(FailureReason::ScriptFailure, e.to_string()))?;
+    trace.line(&format!(
+        "Uploading {artifact_type} artifact ({} file(s), {} bytes)...",
+        files.len(),
+        data.len()
+    ));
+    let upload = ArtifactUpload {
+        filename,
+        format,
+        artifact_type: artifact_type.clone(),
+        expire_in: artifact.expire_in.clone(),
+        data,
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match ctx
+            .api
+            .upload_artifact(ctx.job.id, &ctx.job.token, &upload)
+            .await
+        {
+            Ok(UploadAck::Created) => {
+                trace.line(&format!("Uploaded {artifact_type} artifact"));
+                return Ok(());
+            }
+            Ok(UploadAck::TooLarge) => {
+                return Err(JobEnd::failed(
+                    FailureReason::ScriptFailure,
+                    format!(
+                        "{artifact_type} artifact is too large for this GitLab (HTTP 413); reduce `artifacts:paths` or raise the instance limit"
+                    ),
+                ));
+            }
+            Err(e) if e.is_transient() && attempt < 3 => {
+                trace.warn(&format!("uploading artifacts failed ({e}); retrying"));
+                tokio::time::sleep(Duration::from_secs(attempt)).await;
+            }
+            Err(e) => {
+                return Err(JobEnd::failed(
+                    FailureReason::RunnerSystemFailure,
+                    format!("uploading {artifact_type} artifact failed: {e}"),
+                ));
+            }
+        }
+    }
+}
+
+async fn untracked_files(project_dir: &Path) -> Vec<PathBuf> {
+    let output = tokio::process::Command::new("git")
+        .args(["ls-files", "--others", "-z"])
+        .current_dir(project_dir)
+        .output()
+        .await;
+    match output {
+        Ok(out) if out.status.success() => out
+            .stdout
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| PathBuf::from(String::from_utf8_lossy(s).into_owned()))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The last lines of the trace, as gitlab-runner writes them.
+fn announce(ctx: &Context, end: &JobEnd) {
+    match &end.failure {
+        None => ctx.trace.line("\x1b[32;1mJob succeeded\x1b[0;m"),
+        Some(_) if end.canceled => ctx.trace.error("Job was canceled"),
+        Some((reason, message)) => ctx
+            .trace
+            .error(&format!("Job failed ({reason}): {message}")),
+    }
+}
+
+/// Sends the rest of the trace and the final state: 202 → wait and repeat, 412 → resend the
+/// trace from 0. Returns whether GitLab took it (or no longer needs it).
+async fn report(ctx: &Context, mut uplink: Uplink, end: &JobEnd) -> bool {
+    let state = if end.failure.is_some() {
+        "failed"
+    } else {
+        "success"
+    };
+    let reason = end
+        .failure
+        .as_ref()
+        .map(|(r, _)| ctx.job.accepted_reason(*r));
+    let give_up = Instant::now() + Duration::from_secs(600);
+    let mut backoff = Duration::from_millis(500);
+    let mut resets = 0;
+    while Instant::now() < give_up {
+        if let Err(e) = uplink.flush().await {
+            tracing::warn!(job = ctx.job.id, error = %e, "sending the trace failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(15));
+            continue;
+        }
+        let (checksum, bytesize) = ctx.trace.checksum();
+        let update = JobUpdate {
+            token: uplink.token(),
+            state,
+            failure_reason: reason,
+            exit_code: end.exit_code,
+            output: Some(TraceOutput { checksum, bytesize }),
+        };
+        match uplink.api().update_job(ctx.job.id, &update).await {
+            Ok(UpdateAck::Accepted(_)) => return true,
+            Ok(UpdateAck::Gone(control)) => {
+                tracing::info!(job = ctx.job.id, status = ?control.job_status, "GitLab no longer takes updates for this job");
+                return true;
+            }
+            Ok(UpdateAck::Pending(control)) => {
+                tokio::time::sleep(control.update_interval.unwrap_or(uplink.interval())).await;
+            }
+            Ok(UpdateAck::ChecksumMismatch) => {
+                resets += 1;
+                if resets > 3 {
+                    tracing::error!(
+                        job = ctx.job.id,
+                        "GitLab keeps rejecting the trace checksum"
+                    );
+                    return false;
+                }
+                tracing::info!(
+                    job = ctx.job.id,
+                    "GitLab asked for the whole trace again (412)"
+                );
+                uplink.reset();
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(job = ctx.job.id, error = %e, "final update failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(15));
+            }
+            Err(e) => {
+                tracing::error!(job = ctx.job.id, error = %e, "final update rejected");
+                return false;
+            }
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expansion_follows_gitlab() {
+        let env: BTreeMap<String, String> =
+            [("A".into(), "1".into()), ("B_2".into(), "two".into())].into();
+        assert_eq!(expand("x$A-${B_2}-$MISSING-$$A-$", &env), "x1-two--$A-$");
+    }
+}

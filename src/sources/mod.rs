@@ -1,1 +1,4 @@
+//! Job sources: each knows only its CI server — how to discover work, claim it, and report a
+//! failure the build could not report itself.
+
 pub mod gitlab;

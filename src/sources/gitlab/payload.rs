@@ -273,10 +273,22 @@ mod tests {
     #[test]
     fn unlisted_reason_falls_back_by_blame() {
         let mut job = JobPayload::default();
-        job.features.failure_reasons = vec!["script_failure".into(), "runner_system_failure".into()];
-        assert_eq!(job.accepted_reason(FailureReason::ImagePullFailure), "runner_system_failure");
-        assert_eq!(job.accepted_reason(FailureReason::JobExecutionTimeout), "script_failure");
-        job.features.failure_reasons.push("job_execution_timeout".into());
-        assert_eq!(job.accepted_reason(FailureReason::JobExecutionTimeout), "job_execution_timeout");
+        job.features.failure_reasons =
+            vec!["script_failure".into(), "runner_system_failure".into()];
+        assert_eq!(
+            job.accepted_reason(FailureReason::ImagePullFailure),
+            "runner_system_failure"
+        );
+        assert_eq!(
+            job.accepted_reason(FailureReason::JobExecutionTimeout),
+            "script_failure"
+        );
+        job.features
+            .failure_reasons
+            .push("job_execution_timeout".into());
+        assert_eq!(
+            job.accepted_reason(FailureReason::JobExecutionTimeout),
+            "job_execution_timeout"
+        );
     }
 }

@@ -1,0 +1,191 @@
+//! Streaming secret masking: replaces masked values and prefixed tokens (`glpat-…`) with
+//! `[MASKED]`, even when a secret arrives split across several writes.
+//!
+//! Bytes that could be the start of a secret are held back until the next write (or
+//! [`Masker::finish`]) decides, so nothing that leaves the masker can be half a secret.
+
+const MASK: &[u8] = b"[MASKED]";
+/// A prefixed token longer than this is cut and masked anyway, so a runaway "token" cannot
+/// make the masker hold output back forever.
+const MAX_TOKEN_LEN: usize = 512;
+
+/// A streaming masker for one trace.
+#[derive(Debug, Default)]
+pub(crate) struct Masker {
+    secrets: Vec<Vec<u8>>,
+    prefixes: Vec<Vec<u8>>,
+    pending: Vec<u8>,
+}
+
+enum Match {
+    /// A secret of this length starts here.
+    Secret(usize),
+    /// A prefixed token: keep the prefix, mask the token; total length.
+    Token { prefix: usize, total: usize },
+    /// The rest of the input may be the start of a secret: wait for more.
+    Undecided,
+    /// Nothing here.
+    None,
+}
+
+impl Masker {
+    /// A masker for these values and token prefixes. Empty values are ignored; longer values
+    /// are tried first so that a secret containing another is masked whole.
+    pub(crate) fn new(
+        secrets: impl IntoIterator<Item = String>,
+        prefixes: impl IntoIterator<Item = String>,
+    ) -> Self {
+        let mut secrets: Vec<Vec<u8>> = secrets
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .map(String::into_bytes)
+            .collect();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        let prefixes = prefixes
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .map(String::into_bytes)
+            .collect();
+        Self {
+            secrets,
+            prefixes,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Masks `input`, returning what can be released now.
+    pub(crate) fn push(&mut self, input: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(input);
+        self.drain(false)
+    }
+
+    /// Releases everything still held back, masking what matches.
+    pub(crate) fn finish(&mut self) -> Vec<u8> {
+        self.drain(true)
+    }
+
+    fn drain(&mut self, at_end: bool) -> Vec<u8> {
+        let data = std::mem::take(&mut self.pending);
+        let mut out = Vec::with_capacity(data.len());
+        let mut i = 0;
+        while i < data.len() {
+            match self.match_at(&data[i..], at_end) {
+                Match::Secret(len) => {
+                    out.extend_from_slice(MASK);
+                    i += len;
+                }
+                Match::Token { prefix, total } => {
+                    out.extend_from_slice(&data[i..i + prefix]);
+                    out.extend_from_slice(MASK);
+                    i += total;
+                }
+                Match::Undecided => {
+                    self.pending = data[i..].to_vec();
+                    return out;
+                }
+                Match::None => {
+                    out.push(data[i]);
+                    i += 1;
+                }
+            }
+        }
+        out
+    }
+
+    fn match_at(&self, rest: &[u8], at_end: bool) -> Match {
+        let mut undecided = false;
+        for secret in &self.secrets {
+            if rest.starts_with(secret) {
+                return Match::Secret(secret.len());
+            }
+            if !at_end && rest.len() < secret.len() && secret.starts_with(rest) {
+                undecided = true;
+            }
+        }
+        for prefix in &self.prefixes {
+            if rest.starts_with(prefix) {
+                let token = rest[prefix.len()..]
+                    .iter()
+                    .take(MAX_TOKEN_LEN)
+                    .take_while(|b| is_token_byte(**b))
+                    .count();
+                let runs_to_end = prefix.len() + token == rest.len();
+                if runs_to_end && !at_end && token < MAX_TOKEN_LEN {
+                    undecided = true;
+                    continue;
+                }
+                if token > 0 {
+                    return Match::Token {
+                        prefix: prefix.len(),
+                        total: prefix.len() + token,
+                    };
+                }
+            } else if !at_end && rest.len() < prefix.len() && prefix.starts_with(rest) {
+                undecided = true;
+            }
+        }
+        if undecided {
+            Match::Undecided
+        } else {
+            Match::None
+        }
+    }
+}
+
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masker() -> Masker {
+        Masker::new(
+            ["s3cr3t-value".to_string(), "abc".to_string()],
+            ["glpat-".to_string()],
+        )
+    }
+
+    fn run(m: &mut Masker, chunks: &[&str]) -> String {
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend(m.push(c.as_bytes()));
+        }
+        out.extend(m.finish());
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn masks_whole_and_split_secrets() {
+        assert_eq!(run(&mut masker(), &["x s3cr3t-value y"]), "x [MASKED] y");
+        assert_eq!(
+            run(&mut masker(), &["x s3cr", "3t-va", "lue y"]),
+            "x [MASKED] y"
+        );
+        assert_eq!(run(&mut masker(), &["ab", "c"]), "[MASKED]");
+    }
+
+    #[test]
+    fn holds_back_only_a_possible_prefix() {
+        let mut m = masker();
+        assert_eq!(m.push(b"hello s3c"), b"hello ");
+        assert_eq!(m.push(b"ond"), b"s3cond");
+    }
+
+    #[test]
+    fn masks_prefixed_tokens_split_anywhere() {
+        assert_eq!(
+            run(&mut masker(), &["token gl", "pat-AbC_12", "3 end"]),
+            "token glpat-[MASKED] end"
+        );
+        assert_eq!(run(&mut masker(), &["glpat-xyz"]), "glpat-[MASKED]");
+        assert_eq!(run(&mut masker(), &["glpat- alone"]), "glpat- alone");
+    }
+
+    #[test]
+    fn a_partial_secret_at_the_end_is_released_unmasked() {
+        assert_eq!(run(&mut masker(), &["s3cr"]), "s3cr");
+    }
+}

@@ -1,0 +1,232 @@
+//! Runs one build process (a step's shell, git) with its output merged into the trace, a
+//! deadline, and interruption by cancel or shutdown; the whole process group is killed when the
+//! step ends so no background process outlives it.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::trace::{Remote, Trace};
+
+/// How long a process gets between SIGTERM and SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(5);
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exit {
+    /// It exited with this code (128 + n for a signal).
+    Code(i32),
+    /// It ran past its deadline and was killed.
+    TimedOut,
+    /// GitLab said `canceling`: it was stopped; after_script still runs.
+    Canceling,
+    /// GitLab said `canceled` (or the job is gone): it was stopped.
+    Canceled,
+    /// The agent was told to stop (SIGTERM: coordinator shutdown).
+    Aborted,
+}
+
+/// What may interrupt a running process.
+#[derive(Debug, Clone)]
+pub(crate) struct Interrupts {
+    /// What GitLab says about the job.
+    pub(crate) remote: watch::Receiver<Remote>,
+    /// Cancelled when the agent must stop (SIGTERM).
+    pub(crate) abort: CancellationToken,
+    /// Whether `canceling` interrupts (not during after_script, which canceling runs).
+    pub(crate) stop_on_canceling: bool,
+}
+
+impl Interrupts {
+    fn pending(&self) -> Option<Exit> {
+        if self.abort.is_cancelled() {
+            return Some(Exit::Aborted);
+        }
+        match *self.remote.borrow() {
+            Remote::Canceled => Some(Exit::Canceled),
+            Remote::Canceling if self.stop_on_canceling => Some(Exit::Canceling),
+            _ => None,
+        }
+    }
+
+    async fn wait(&mut self) -> Exit {
+        loop {
+            if let Some(exit) = self.pending() {
+                return exit;
+            }
+            tokio::select! {
+                () = self.abort.cancelled() => return Exit::Aborted,
+                changed = self.remote.changed() => {
+                    if changed.is_err() {
+                        // The uplink is gone; only abort can interrupt now.
+                        self.abort.cancelled().await;
+                        return Exit::Aborted;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs `command` until it exits, `deadline` passes or an interrupt arrives. Its stdout and
+/// stderr go to `trace`; its process group id is written to `pgid_file` meanwhile so the
+/// executor can kill it should the agent die.
+///
+/// # Errors
+/// The process could not be started.
+pub(crate) async fn run(
+    mut command: tokio::process::Command,
+    trace: &Arc<Trace>,
+    deadline: Instant,
+    interrupts: &mut Interrupts,
+    pgid_file: &Path,
+) -> std::io::Result<Exit> {
+    if let Some(exit) = interrupts.pending() {
+        return Ok(exit);
+    }
+    let (mut reader, writer) = std::io::pipe()?;
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(writer.try_clone()?)
+        .stderr(writer)
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = command.spawn()?;
+    // The Command holds our copies of the pipe's write end; drop them so the reader sees EOF.
+    drop(command);
+    let pid = child.id().map(|id| Pid::from_raw(id as i32));
+    if let Some(pid) = pid {
+        let _ = std::fs::write(pgid_file, pid.to_string());
+    }
+    let sink = Arc::clone(trace);
+    let reader_task = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => sink.write(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+    });
+
+    let exit = tokio::select! {
+        status = child.wait() => Some(status?),
+        () = tokio::time::sleep_until(deadline) => None,
+        interrupted = interrupts.wait() => {
+            stop(&mut child, pid).await;
+            let _ = std::fs::remove_file(pgid_file);
+            finish_reader(reader_task).await;
+            return Ok(interrupted);
+        }
+    };
+    let exit = match exit {
+        Some(status) => {
+            // Background processes the step left behind die with it.
+            if let Some(pid) = pid {
+                let _ = killpg(pid, Signal::SIGKILL);
+            }
+            Exit::Code(code_of(status))
+        }
+        None => {
+            stop(&mut child, pid).await;
+            Exit::TimedOut
+        }
+    };
+    let _ = std::fs::remove_file(pgid_file);
+    finish_reader(reader_task).await;
+    Ok(exit)
+}
+
+async fn finish_reader(task: tokio::task::JoinHandle<()>) {
+    // A process that escaped the group may still hold the pipe; don't wait for it forever.
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+}
+
+/// SIGTERM to the group, then SIGKILL after the grace period.
+async fn stop(child: &mut tokio::process::Child, pid: Option<Pid>) {
+    let Some(pid) = pid else { return };
+    let _ = killpg(pid, Signal::SIGTERM);
+    if tokio::time::timeout(TERM_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        let _ = killpg(pid, Signal::SIGKILL);
+        let _ = child.wait().await;
+    } else {
+        let _ = killpg(pid, Signal::SIGKILL);
+    }
+}
+
+fn code_of(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
+}
+
+/// The shell scripts run in: `bash` when it is on PATH, else `sh`.
+pub(crate) fn default_shell(path_var: Option<&str>) -> String {
+    let found = path_var
+        .unwrap_or("/usr/local/bin:/usr/bin:/bin")
+        .split(':')
+        .any(|dir| Path::new(dir).join("bash").is_file());
+    if found { "bash".into() } else { "sh".into() }
+}
+
+/// Writes a step's script: each command echoed (green, like GitLab's runner) then run, in one
+/// shell so `cd` and variables carry over, stopping at the first failure.
+pub(crate) fn write_script(
+    dir: &Path,
+    step: &str,
+    shell: &str,
+    project_dir: &Path,
+    lines: &[String],
+) -> std::io::Result<PathBuf> {
+    let mut text = String::new();
+    if shell.ends_with("bash") {
+        text.push_str("set -eo pipefail\nset +o noclobber\n");
+    } else {
+        text.push_str("set -e\n");
+    }
+    text.push_str(&format!("cd {}\n", quote(&project_dir.to_string_lossy())));
+    for line in lines {
+        let mut shown = line.lines().next().unwrap_or("").to_owned();
+        if line.trim_end().contains('\n') {
+            shown.push_str(" # collapsed multi-line command");
+        }
+        text.push_str(&format!(
+            "printf '\\033[32;1m$ %s\\033[0;m\\n' {}\n",
+            quote(&shown)
+        ));
+        text.push_str(line);
+        text.push('\n');
+    }
+    let path = dir.join(format!("script_{step}.sh"));
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// Single-quotes `s` for a POSIX shell.
+pub(crate) fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_single_quotes() {
+        assert_eq!(quote("it's"), r"'it'\''s'");
+    }
+}

@@ -1,0 +1,381 @@
+//! The request loop of one GitLab runner: long-polls `jobs/request` only while there is capacity,
+//! acknowledges each job (two-phase commit), backs off on errors, honours `Retry-After`, and
+//! pauses the runner loudly when GitLab rejects its token.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+use super::api::{JobRequest, JobUpdate, RunnerApi, RunnerInfo, UpdateAck};
+use super::payload::JobPayload;
+use super::register::{self, RegisterError};
+use crate::config::GitLabRunnerConfig;
+use crate::coordinator::limiter::{Limiter, Permit};
+use crate::job::{FailureReason, JobKey, SourceKind};
+use crate::telemetry::{Metrics, RequestLabels, RunnerLabels};
+
+/// How often a paused runner checks whether its token works again.
+const PAUSED_RECHECK: Duration = Duration::from_secs(60);
+/// The longest wait between retries after errors.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// One configured GitLab runner and its live state.
+#[derive(Debug)]
+pub struct Runner {
+    /// Its name in logs and metrics.
+    pub name: String,
+    config: GitLabRunnerConfig,
+    system_id: String,
+    api: RunnerApi,
+    info: RunnerInfo,
+    last_update: std::sync::Mutex<Option<String>>,
+    verified: AtomicBool,
+    paused: AtomicBool,
+    verify_gate: tokio::sync::Mutex<()>,
+    metrics: Arc<Metrics>,
+}
+
+/// A job GitLab assigned to this coordinator, holding its capacity until dropped.
+#[derive(Debug)]
+pub struct ClaimedJob {
+    /// Identifies it.
+    pub key: JobKey,
+    /// The runner that took it.
+    pub runner: Arc<Runner>,
+    /// The typed job.
+    pub job: Box<JobPayload>,
+    /// The job JSON as GitLab sent it.
+    pub raw: serde_json::Value,
+    /// The capacity it occupies.
+    pub permit: Permit,
+}
+
+impl Runner {
+    /// A runner from its config entry (`index` names it when it has no name).
+    ///
+    /// # Errors
+    /// An unusable URL.
+    pub fn new(
+        config: &GitLabRunnerConfig,
+        index: usize,
+        executor: &str,
+        images: bool,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, super::api::ApiError> {
+        let system_id = config.system_id.clone().unwrap_or_else(|| {
+            let id = register::new_system_id();
+            tracing::warn!(runner = %config.display_name(index), system_id = %id, "no system_id in the config; using a generated one (run `kiln register` to store a stable one)");
+            id
+        });
+        Ok(Arc::new(Self {
+            name: config.display_name(index),
+            api: RunnerApi::new(&config.url)?,
+            config: config.clone(),
+            system_id,
+            info: RunnerInfo::new(executor, images),
+            last_update: std::sync::Mutex::new(None),
+            verified: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            verify_gate: tokio::sync::Mutex::new(()),
+            metrics,
+        }))
+    }
+
+    /// GitLab's base URL.
+    pub fn url(&self) -> &str {
+        &self.config.url
+    }
+
+    /// The per-runner job limit (0: none).
+    pub fn limit(&self) -> usize {
+        self.config.limit
+    }
+
+    /// Whether GitLab accepted the token (and the runner is not paused).
+    pub fn is_ready(&self) -> bool {
+        self.verified.load(Ordering::Relaxed) && !self.paused.load(Ordering::Relaxed)
+    }
+
+    /// Whether the runner is paused because its token was rejected.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    fn labels(&self) -> RunnerLabels {
+        RunnerLabels {
+            runner: self.name.clone(),
+        }
+    }
+
+    fn set_paused(&self, paused: bool) {
+        let was = self.paused.swap(paused, Ordering::Relaxed);
+        self.metrics
+            .runner_paused
+            .get_or_create(&self.labels())
+            .set(i64::from(paused));
+        if paused && !was {
+            tracing::error!(
+                runner = %self.name,
+                url = %self.config.url,
+                "GitLab rejected this runner's token (403): the runner is PAUSED and takes no jobs. \
+                 The runner was probably deleted or its token reset; register it again \
+                 (`kiln register`) and update the config. Rechecking every {}s.",
+                PAUSED_RECHECK.as_secs()
+            );
+        } else if !paused && was {
+            tracing::info!(runner = %self.name, "token accepted again; runner resumed");
+        }
+    }
+
+    /// Verifies the token (`runners/verify`) until it works or `shutdown`; pollers of the
+    /// same runner share one verification.
+    async fn ensure_verified(&self, shutdown: &CancellationToken) -> bool {
+        let _gate = tokio::select! {
+            gate = self.verify_gate.lock() => gate,
+            () = shutdown.cancelled() => return false,
+        };
+        let mut backoff = Duration::from_secs(1);
+        while !self.is_ready() {
+            match register::verify(&self.config.url, &self.config.token, &self.system_id).await {
+                Ok(_) => {
+                    self.verified.store(true, Ordering::Relaxed);
+                    self.set_paused(false);
+                    tracing::info!(runner = %self.name, url = %self.config.url, system_id = %self.system_id, "runner token verified");
+                    return true;
+                }
+                Err(RegisterError::Failed { status: 404, .. }) => {
+                    // No verify endpoint on this path (an old GitLab, or a proxy that only
+                    // routes the job API): the first jobs/request answer decides instead.
+                    tracing::warn!(runner = %self.name, url = %self.config.url, "runners/verify answered 404; relying on jobs/request to check the token");
+                    return true;
+                }
+                Err(RegisterError::Rejected { .. }) => {
+                    self.set_paused(true);
+                    if sleep_or_shutdown(PAUSED_RECHECK, shutdown).await {
+                        return false;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(runner = %self.name, error = %e, "cannot verify the runner token; retrying in {}s", backoff.as_secs());
+                    if sleep_or_shutdown(jitter(backoff), shutdown).await {
+                        return false;
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        true
+    }
+
+    /// Two-phase commit: tells GitLab the runner really started the job. Returns false when
+    /// GitLab says the job is no longer ours (then it must not run).
+    async fn acknowledge(&self, job: &JobPayload) -> bool {
+        let update = JobUpdate {
+            token: &job.token,
+            state: "running",
+            failure_reason: None,
+            exit_code: None,
+            output: None,
+        };
+        for attempt in 1..=3u32 {
+            match self.api.update_job(job.id, &update).await {
+                Ok(UpdateAck::Gone(_)) => return false,
+                Ok(_) => return true,
+                Err(e) if e.is_transient() && attempt < 3 => {
+                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                }
+                Err(e) => {
+                    // The job is ours; running it is better than leaving it assigned and idle.
+                    tracing::warn!(runner = %self.name, job = job.id, error = %e, "could not acknowledge the job; running it anyway");
+                    return true;
+                }
+            }
+        }
+        true
+    }
+
+    /// Fails a job the build could not report itself: appends `message` to its trace and sends
+    /// the final state with a reason GitLab accepts for it.
+    ///
+    /// # Errors
+    /// GitLab unreachable or answering unexpectedly after a few tries.
+    pub async fn fail_job(
+        &self,
+        job: &JobPayload,
+        reason: FailureReason,
+        message: &str,
+    ) -> Result<(), super::api::ApiError> {
+        let text = format!("\n\x1b[31;1mERROR: Job failed ({reason}): {message}\x1b[0;m\n");
+        if let Err(e) = self.api.append_trace(job.id, &job.token, &text).await {
+            tracing::warn!(runner = %self.name, job = job.id, error = %e, "could not append the failure to the trace");
+        }
+        let update = JobUpdate {
+            token: &job.token,
+            state: "failed",
+            failure_reason: Some(job.accepted_reason(reason)),
+            exit_code: None,
+            output: None,
+        };
+        let mut backoff = Duration::from_secs(1);
+        for attempt in 1..=8u32 {
+            match self.api.update_job(job.id, &update).await {
+                Ok(UpdateAck::Pending(control)) => {
+                    tokio::time::sleep(control.update_interval.unwrap_or(backoff)).await;
+                }
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_transient() && attempt < 8 => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Polls `jobs/request` for `runner` until `shutdown`, handing each job to `dispatch`.
+///
+/// Capacity comes first: no request is sent without a free slot, because GitLab assigns the
+/// job the moment it answers.
+pub async fn poll(
+    runner: Arc<Runner>,
+    limiter: Limiter,
+    dispatch: impl Fn(ClaimedJob) + Send + Sync,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        if !runner.is_ready() && !runner.ensure_verified(&shutdown).await {
+            return;
+        }
+        let permit = tokio::select! {
+            permit = limiter.acquire(&runner.name, runner.limit()) => permit,
+            () = shutdown.cancelled() => return,
+        };
+        let last_update = runner
+            .last_update
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let started = Instant::now();
+        let answer = tokio::select! {
+            answer = runner.api.request_job(
+                &runner.config.token,
+                &runner.system_id,
+                last_update.as_deref(),
+                &runner.info,
+                runner.config.poll_timeout,
+            ) => answer,
+            () = shutdown.cancelled() => return,
+        };
+        runner
+            .metrics
+            .poll_duration
+            .get_or_create(&runner.labels())
+            .observe(started.elapsed().as_secs_f64());
+        let result = match &answer {
+            Ok(JobRequest::Job { .. }) => "job",
+            Ok(JobRequest::NoJob { .. }) => "no_job",
+            Ok(JobRequest::Forbidden) => "forbidden",
+            Ok(JobRequest::RateLimited { .. }) => "rate_limited",
+            Err(_) => "error",
+        };
+        runner
+            .metrics
+            .job_requests
+            .get_or_create(&RequestLabels {
+                runner: runner.name.clone(),
+                result: result.into(),
+            })
+            .inc();
+        if matches!(
+            answer,
+            Ok(JobRequest::Job { .. } | JobRequest::NoJob { .. })
+        ) {
+            runner.verified.store(true, Ordering::Relaxed);
+        }
+        match answer {
+            Ok(JobRequest::Job { job, raw }) => {
+                backoff = Duration::from_secs(1);
+                let key = JobKey {
+                    source: SourceKind::GitLab,
+                    runner: runner.name.clone(),
+                    id: job.id,
+                };
+                if let Some(queued) = job.job_info.time_in_queue_seconds {
+                    runner
+                        .metrics
+                        .queue_time
+                        .get_or_create(&runner.labels())
+                        .observe(queued);
+                }
+                tracing::info!(job = %key, name = %job.job_info.name, project = %job.job_info.project_name, "received job");
+                if !runner.acknowledge(&job).await {
+                    tracing::warn!(job = %key, "GitLab withdrew the job before it started");
+                    continue;
+                }
+                dispatch(ClaimedJob {
+                    key,
+                    runner: Arc::clone(&runner),
+                    job,
+                    raw,
+                    permit,
+                });
+            }
+            Ok(JobRequest::NoJob { last_update }) => {
+                backoff = Duration::from_secs(1);
+                if last_update.is_some() {
+                    *runner.last_update.lock().unwrap_or_else(|e| e.into_inner()) = last_update;
+                } else if started.elapsed() < Duration::from_secs(1) {
+                    // No long polling on this server: don't hammer it.
+                    drop(permit);
+                    if sleep_or_shutdown(Duration::from_secs(3), &shutdown).await {
+                        return;
+                    }
+                }
+            }
+            Ok(JobRequest::Forbidden) => {
+                drop(permit);
+                runner.verified.store(false, Ordering::Relaxed);
+                runner.set_paused(true);
+                if sleep_or_shutdown(PAUSED_RECHECK, &shutdown).await {
+                    return;
+                }
+            }
+            Ok(JobRequest::RateLimited { retry_after }) => {
+                drop(permit);
+                let wait = retry_after.unwrap_or(backoff).max(Duration::from_secs(1));
+                tracing::warn!(runner = %runner.name, "GitLab rate-limits this runner (429); waiting {}s", wait.as_secs());
+                if sleep_or_shutdown(wait, &shutdown).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(e) => {
+                drop(permit);
+                tracing::warn!(runner = %runner.name, error = %e, "requesting a job failed; retrying in {}s", backoff.as_secs());
+                if sleep_or_shutdown(jitter(backoff), &shutdown).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Sleeps; true when `shutdown` came first.
+async fn sleep_or_shutdown(duration: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(duration) => false,
+        () = shutdown.cancelled() => true,
+    }
+}
+
+/// ±20 % so many coordinators do not retry in lockstep.
+fn jitter(base: Duration) -> Duration {
+    base.mul_f64(rand::rng().random_range(0.8..1.2))
+}

@@ -1,0 +1,206 @@
+//! Runs the real `kiln` binary as a child process for end-to-end tests.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `kiln run` process with its config in a temporary directory.
+pub struct KilnProcess {
+    child: Option<Child>,
+    /// Holds the config file and the work directories.
+    pub dir: tempfile::TempDir,
+    /// The HTTP address it listens on.
+    pub http: String,
+    log: PathBuf,
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The path of the built `kiln` binary.
+pub fn kiln_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_kiln")
+}
+
+/// A config for one GitLab runner at `url` with `token`; `extra` is appended at the top level.
+pub fn config(url: &str, token: &str, extra: &str) -> String {
+    format!(
+        r#"{extra}
+
+[agent]
+trace_interval = "1s"
+keepalive_interval = "2s"
+
+[[sources.gitlab]]
+name = "test"
+url = "{url}"
+token = "{token}"
+system_id = "s_0123456789ab"
+poll_timeout = "10s"
+"#
+    )
+}
+
+impl KilnProcess {
+    /// Starts `kiln run` with `config` (an `[http]` listen address and a work dir are added).
+    pub fn start(config: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let http = format!("127.0.0.1:{port}");
+        let work = dir.path().join("work");
+        let text = format!(
+            "[http]\nlisten = \"{http}\"\n[local]\nwork_dir = \"{}\"\n{config}",
+            work.display()
+        );
+        // [http] and [local] must come before the top-level keys of `config`: TOML tables run
+        // to the next header, so put the given text's top-level keys first.
+        let (top, tables) = split_top_level(&text, config);
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(&path, format!("{top}\n{tables}")).unwrap();
+        let log = dir.path().join("kiln.log");
+        let child = Command::new(kiln_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "kiln=debug,info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("kiln.err")).unwrap())
+            .spawn()
+            .unwrap();
+        let process = Self {
+            child: Some(child),
+            dir,
+            http,
+            log,
+        };
+        process.wait_http();
+        process
+    }
+
+    fn wait_http(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(&self.http).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("kiln did not start listening; log:\n{}", self.logs());
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Everything kiln logged so far.
+    pub fn logs(&self) -> String {
+        let mut text = String::new();
+        for name in ["kiln.log", "kiln.err"] {
+            if let Ok(mut f) = std::fs::File::open(self.dir.path().join(name)) {
+                let _ = f.read_to_string(&mut text);
+            }
+        }
+        let _ = &self.log;
+        text
+    }
+
+    /// GET a path of its HTTP server: (status, body).
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = reqwest::get(format!("http://{}{path}", self.http))
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
+    /// SIGTERM, then wait up to `within` for it to exit; returns whether it exited.
+    pub fn terminate(&mut self, within: Duration) -> bool {
+        let child = self.child.as_mut().unwrap();
+        unsafe_free_kill(child.id(), "TERM");
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// The work directory root.
+    pub fn work_dir(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+}
+
+impl Drop for KilnProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sends a signal with the `kill` command (tests keep `unsafe` out too).
+pub fn unsafe_free_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Pids of running `kiln agent` processes whose job file lies under `dir`.
+pub fn agent_pids(dir: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect();
+        if args.get(1).map(String::as_str) == Some("agent")
+            && args.iter().any(|a| a.starts_with(&*dir.to_string_lossy()))
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Splits `text` so the top-level keys of `config` come before any table header.
+fn split_top_level(text: &str, config: &str) -> (String, String) {
+    let mut top = String::new();
+    let mut rest = String::new();
+    let mut in_table = false;
+    for line in config.lines() {
+        if line.trim_start().starts_with('[') {
+            in_table = true;
+        }
+        if in_table {
+            rest.push_str(line);
+            rest.push('\n');
+        } else {
+            top.push_str(line);
+            top.push('\n');
+        }
+    }
+    let prefix = text.strip_suffix(config).unwrap_or(text);
+    (top, format!("{prefix}\n{rest}"))
+}

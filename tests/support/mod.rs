@@ -1,0 +1,4 @@
+//! Test servers and helpers shared by the end-to-end tests.
+#![allow(dead_code, unreachable_pub)]
+
+pub mod kiln;
