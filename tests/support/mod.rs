@@ -1,4 +1,5 @@
 //! Test servers and helpers shared by the end-to-end tests.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod gitlab;
 pub mod kiln;
