@@ -20,7 +20,7 @@ pub const CONFIG_ENV: &str = "KILN_CONFIG";
 const ENV_PREFIX: &str = "KILN_";
 
 /// The whole coordinator configuration.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Jobs run at once across all sources.
@@ -47,6 +47,9 @@ pub struct Config {
     /// The CI servers to take jobs from.
     #[serde(default)]
     pub sources: Sources,
+    /// Defaults for `kiln deploy` (region, OSS bucket, …), read by that command.
+    #[serde(default)]
+    pub deploy: crate::deploy::DeployConfig,
 }
 
 fn default_concurrent() -> usize {
@@ -68,6 +71,7 @@ impl Default for Config {
             local: LocalConfig::default(),
             agent: AgentConfig::default(),
             sources: Sources::default(),
+            deploy: crate::deploy::DeployConfig::default(),
         }
     }
 }
@@ -357,7 +361,14 @@ impl Config {
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let path = e.path().to_string();
-                let message = e.into_inner().to_string();
+                // toml appends "in `table`", which the path already says.
+                let message = e
+                    .into_inner()
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
                 ConfigError::Invalid {
                     origin: origin.clone(),
                     problems: vec![Problem {
@@ -409,13 +420,13 @@ impl Config {
                     "is empty; run `kiln register` or set KILN_SOURCES__GITLAB__N__TOKEN",
                 );
             }
-            if let Some(id) = &runner.system_id {
-                if !is_system_id(id) {
-                    problem(
-                        at("system_id"),
-                        "must be `s_` or `r_` followed by 12 letters or digits",
-                    );
-                }
+            if let Some(id) = &runner.system_id
+                && !is_system_id(id)
+            {
+                problem(
+                    at("system_id"),
+                    "must be `s_` or `r_` followed by 12 letters or digits",
+                );
             }
             if runner.request_concurrency == 0 {
                 problem(at("request_concurrency"), "must be at least 1");
@@ -696,7 +707,10 @@ system_id = "x"
         let err = load("[http]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n", &[])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("http: unknown field `lisen`"), "{err}");
+        assert!(
+            err.contains("http.lisen: unknown field `lisen`, expected `listen`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -7,9 +7,11 @@
 pub mod agent;
 pub mod config;
 pub mod coordinator;
+pub mod deploy;
 pub mod executor;
 pub mod http;
 pub mod job;
+pub mod pipeline;
 pub mod sources;
 pub mod telemetry;
 

@@ -33,6 +33,8 @@ enum Command {
     Verify(ConfigArg),
     /// Validate a config file and print every problem with its path.
     CheckConfig(CheckConfigArgs),
+    /// Deploy a jar, war or image to Alibaba SAE or Knative and wait for the rollout.
+    Deploy(kiln::deploy::DeployCommand),
 }
 
 #[derive(Debug, Args)]
@@ -151,6 +153,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Unregister(args) => unregister(args).await,
         Command::Verify(args) => verify(args).await,
         Command::CheckConfig(args) => check_config(args),
+        Command::Deploy(command) => deploy(command).await,
     }
 }
 
@@ -356,6 +359,19 @@ async fn verify_one(name: &str, runner: &GitLabRunnerConfig, system_id: &str) ->
         Err(e) => {
             println!("{name}: FAILED: {e}");
             true
+        }
+    }
+}
+
+async fn deploy(command: kiln::deploy::DeployCommand) -> anyhow::Result<ExitCode> {
+    kiln::telemetry::init_logging(kiln::config::LogFormat::Pretty, "warn");
+    match kiln::deploy::run(command).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            // The exit code tells a pipeline why: rollout failed, timed out, app busy, ….
+            let code = u8::try_from(e.exit_code()).unwrap_or(1);
+            eprintln!("error: {:#}", anyhow::Error::new(e));
+            Ok(ExitCode::from(code))
         }
     }
 }

@@ -118,10 +118,10 @@ pub(crate) fn collect(
                         path: entry.path().to_owned(),
                         source: e.into(),
                     })?;
-                    if !inner.file_type().is_dir() {
-                        if let Ok(rel) = inner.path().strip_prefix(root) {
-                            files.insert(rel.to_owned());
-                        }
+                    if !inner.file_type().is_dir()
+                        && let Ok(rel) = inner.path().strip_prefix(root)
+                    {
+                        files.insert(rel.to_owned());
                     }
                 }
                 walker.skip_current_dir();

@@ -483,32 +483,34 @@ async fn execute(ctx: &mut Context) -> JobEnd {
             ))
         );
     let canceled_now = *ctx.interrupts.remote.borrow() == Remote::Canceled;
-    if !canceled_now && !ctx.interrupts.abort.is_cancelled() {
-        if let Some(after) = steps.iter().find(|s| s.name == "after_script") {
-            if after.when.applies(end.failure.is_some()) || end.canceled {
-                let status = if end.canceled {
-                    "canceled"
-                } else if end.failure.is_some() {
-                    "failed"
-                } else {
-                    "success"
-                };
-                ctx.env.insert("CI_JOB_STATUS".into(), status.into());
-                ctx.interrupts.stop_on_canceling = false;
-                if let StepEnd::Exited(code) = run_step(ctx, after, true).await {
-                    if code != 0 {
-                        trace.warn(&format!("after_script failed with exit code {code}; the job state does not change"));
-                    }
-                }
-            }
+    if !canceled_now
+        && !ctx.interrupts.abort.is_cancelled()
+        && let Some(after) = steps.iter().find(|s| s.name == "after_script")
+        && (after.when.applies(end.failure.is_some()) || end.canceled)
+    {
+        let status = if end.canceled {
+            "canceled"
+        } else if end.failure.is_some() {
+            "failed"
+        } else {
+            "success"
+        };
+        ctx.env.insert("CI_JOB_STATUS".into(), status.into());
+        ctx.interrupts.stop_on_canceling = false;
+        if let StepEnd::Exited(code) = run_step(ctx, after, true).await
+            && code != 0
+        {
+            trace.warn(&format!(
+                "after_script failed with exit code {code}; the job state does not change"
+            ));
         }
     }
-    if !interrupted && !end.canceled {
-        if let Some(failure) = upload_artifacts(ctx, end.failure.is_some()).await {
-            if end.failure.is_none() {
-                end = failure;
-            }
-        }
+    if !interrupted
+        && !end.canceled
+        && let Some(failure) = upload_artifacts(ctx, end.failure.is_some()).await
+        && end.failure.is_none()
+    {
+        end = failure;
     }
     end
 }

@@ -3,3 +3,5 @@
 
 pub mod gitlab;
 pub mod kiln;
+pub mod knative;
+pub mod sae;

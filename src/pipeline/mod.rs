@@ -1,0 +1,449 @@
+//! The `.gitlab-ci.yml` reader behind `kiln exec`: a pipeline file in, GitLab's job list out.
+//!
+//! Reading follows GitLab's order of work: YAML (anchors, `<<`), `include: local`, `extends`,
+//! `!reference`, then per job `default:` and global variables, `parallel` expansion and `rules`.
+//! Nothing is executed here. Keywords kiln does not act on are reported as [`Warning`]s rather
+//! than dropped silently.
+
+mod build;
+mod duration;
+mod expr;
+mod extends;
+mod include;
+mod job;
+mod parallel;
+mod reference;
+mod rules;
+mod yaml;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use self::build::Builder;
+use self::rules::{RepoFiles, Scope};
+
+/// A pipeline as GitLab would create it from the file and the given variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pipeline {
+    /// All stages in order, `.pre` first and `.post` last.
+    pub stages: Vec<String>,
+    /// The jobs, by stage order and then file order (includes first, as merged).
+    pub jobs: Vec<PipelineJob>,
+    /// What kiln will not do that the file asks for (unsupported keywords, includes, …).
+    pub warnings: Vec<Warning>,
+}
+
+impl Pipeline {
+    /// The job named `name` (`test 1/3`, `build: [linux, amd64]`, …).
+    pub fn job(&self, name: &str) -> Option<&PipelineJob> {
+        self.jobs.iter().find(|job| job.name == name)
+    }
+}
+
+/// One job of the pipeline, with `extends`, `default:`, variables, `parallel` and `rules` applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineJob {
+    /// GitLab's name, expanded for parallel jobs: `test 1/3`, `build: [linux, amd64]`.
+    pub name: String,
+    /// The stage.
+    pub stage: String,
+    /// The image, from the job or `default:`.
+    pub image: Option<ImageSpec>,
+    /// Service containers, from the job or `default:`.
+    pub services: Vec<ImageSpec>,
+    /// The file's variables for this job: global (as `inherit:variables` allows), then the
+    /// job's, the matrix combination's and the matching rule's, a later definition replacing
+    /// an earlier one in place. Predefined `CI_*` and `--var` variables are not included.
+    pub variables: Vec<(String, String)>,
+    /// `before_script`, from the job or `default:`.
+    pub before_script: Vec<String>,
+    /// `script`, nested lists flattened.
+    pub script: Vec<String>,
+    /// `after_script`, from the job or `default:`.
+    pub after_script: Vec<String>,
+    /// `None`: the job waits for the earlier stages. `Some(vec![])`: it starts at once.
+    /// Otherwise the jobs it waits for, parallel base names expanded to every instance.
+    pub needs: Option<Vec<Need>>,
+    /// `None`: artifacts of all jobs of earlier stages (or of all `needs`). Otherwise only
+    /// these jobs' artifacts.
+    pub dependencies: Option<Vec<String>>,
+    /// What the job uploads.
+    pub artifacts: Option<ArtifactsSpec>,
+    /// A failure does not fail the pipeline.
+    pub allow_failure: bool,
+    /// When the job runs.
+    pub when: JobWhen,
+    /// The job's own timeout, from the job or `default:`.
+    pub timeout: Option<Duration>,
+    /// `(CI_NODE_INDEX, CI_NODE_TOTAL)` for instances of a `parallel` job.
+    pub parallel_index: Option<(u32, u32)>,
+}
+
+/// A job another job waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Need {
+    /// The job's (expanded) name.
+    pub job: String,
+    /// Whether its artifacts are downloaded (`needs: [{job: x, artifacts: false}]` says no).
+    pub artifacts: bool,
+}
+
+/// An `image` or one of `services`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ImageSpec {
+    /// The image reference.
+    pub name: String,
+    /// Entrypoint override; empty keeps the image's.
+    pub entrypoint: Vec<String>,
+    /// Command override (services); empty keeps the image's.
+    pub command: Vec<String>,
+    /// Network alias (services).
+    pub alias: Option<String>,
+    /// `pull_policy` values in order of preference; empty leaves it to the executor.
+    pub pull_policy: Vec<String>,
+    /// Service variables.
+    pub variables: Vec<(String, String)>,
+}
+
+/// `artifacts:` of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ArtifactsSpec {
+    /// Glob patterns relative to the project directory.
+    pub paths: Vec<String>,
+    /// Patterns left out.
+    pub exclude: Vec<String>,
+    /// Include files git does not track.
+    pub untracked: bool,
+    /// When to upload.
+    pub when: ArtifactsWhen,
+    /// How long GitLab would keep them (`1 week`), as written.
+    pub expire_in: Option<String>,
+    /// Archive name, as written (may hold `$VARIABLES`).
+    pub name: Option<String>,
+}
+
+/// `artifacts:when`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ArtifactsWhen {
+    /// Only when the job succeeds.
+    #[default]
+    OnSuccess,
+    /// Only when it fails.
+    OnFailure,
+    /// Either way.
+    Always,
+}
+
+/// When a job runs, after `rules`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JobWhen {
+    /// When all jobs it waits for succeeded (or were allowed to fail).
+    #[default]
+    OnSuccess,
+    /// When a job it waits for failed.
+    OnFailure,
+    /// Whatever happened before.
+    Always,
+    /// Only when started by hand (`kiln exec --job NAME`).
+    Manual,
+    /// A rule said `when: never`: GitLab leaves the job out of the pipeline. It is listed so
+    /// `kiln exec` can say why it does not run; nothing may need it.
+    Never,
+}
+
+/// Something in the file that kiln exec does not do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    /// The job it concerns, or `None` for a global keyword.
+    pub job: Option<String>,
+    /// The keyword, with its parents for nested ones (`artifacts:reports`, `include:remote`).
+    pub key: String,
+    /// What happens instead.
+    pub message: String,
+}
+
+impl Warning {
+    pub(crate) fn global(key: &str, message: impl Into<String>) -> Self {
+        Self {
+            job: None,
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.job {
+            Some(job) => write!(f, "job `{job}`: `{}`: {}", self.key, self.message),
+            None => write!(f, "`{}`: {}", self.key, self.message),
+        }
+    }
+}
+
+/// Why a pipeline file cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// The pipeline file cannot be read.
+    #[error("cannot read pipeline file {}; check the path", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML.
+    #[error("{file}:{line}:{column}: invalid YAML: {message}")]
+    Yaml {
+        /// The file (the main file or an included one).
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// The parser's description.
+        message: String,
+    },
+    /// A global keyword (or the file's shape) is wrong.
+    #[error("`{key}`: {message}")]
+    Config {
+        /// The keyword, or the file when the whole file is wrong.
+        key: String,
+        /// What is wrong and what to write instead.
+        message: String,
+    },
+    /// An `include` cannot be read.
+    #[error("{file}: include `{include}`: {message}")]
+    Include {
+        /// The including file.
+        file: String,
+        /// The include as written.
+        include: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The file defines no job that could run.
+    #[error(
+        "{file} defines no jobs; add a job with a `script` (names starting with `.` are hidden templates)"
+    )]
+    NoJobs {
+        /// The pipeline file.
+        file: String,
+    },
+    /// A job keyword has a value kiln cannot read.
+    #[error("job `{job}`: `{key}`: {message}")]
+    Job {
+        /// The job.
+        job: String,
+        /// The keyword.
+        key: String,
+        /// What is wrong and what to write instead.
+        message: String,
+    },
+    /// A job has neither `script` nor `trigger`.
+    #[error("job `{job}` has no `script`; add one (or `extends:` a template that has one)")]
+    NoScript {
+        /// The job.
+        job: String,
+    },
+    /// A job's stage is not in `stages`.
+    #[error(
+        "job `{job}` uses stage `{stage}`, which is not defined; add it to `stages` (defined: {available})"
+    )]
+    UnknownStage {
+        /// The job.
+        job: String,
+        /// The stage it names.
+        stage: String,
+        /// The defined stages, comma-separated.
+        available: String,
+    },
+    /// `extends` names a job or template that does not exist.
+    #[error(
+        "job `{job}` extends `{target}`, which is not defined; check the name (templates start with `.`)"
+    )]
+    UnknownExtends {
+        /// The extending job.
+        job: String,
+        /// The missing parent.
+        target: String,
+    },
+    /// `extends` loops.
+    #[error("`extends` forms a cycle: {chain}; remove one of these `extends`")]
+    ExtendsCycle {
+        /// The jobs in the cycle, joined by arrows.
+        chain: String,
+    },
+    /// An `extends` chain is longer than GitLab allows.
+    #[error(
+        "job `{job}` inherits through more than {limit} levels of `extends`; flatten the chain"
+    )]
+    ExtendsTooDeep {
+        /// The job.
+        job: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// A `!reference` points to nothing.
+    #[error(
+        "job `{job}`: `!reference [{reference}]` points to nothing; check the job and key names"
+    )]
+    UnknownReference {
+        /// The job (or global keyword) holding the reference.
+        job: String,
+        /// The reference's path.
+        reference: String,
+    },
+    /// `!reference`s loop.
+    #[error("job `{job}`: `!reference [{reference}]` is part of a cycle of references")]
+    ReferenceCycle {
+        /// The job (or global keyword) holding the reference.
+        job: String,
+        /// The reference that closes the cycle.
+        reference: String,
+    },
+    /// `!reference`s nest deeper than GitLab allows.
+    #[error("job `{job}`: `!reference [{reference}]` nests more than {limit} references deep")]
+    ReferenceTooDeep {
+        /// The job (or global keyword) holding the reference.
+        job: String,
+        /// The innermost reference.
+        reference: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// `needs` names a job that does not exist.
+    #[error("job `{job}` needs `{target}`, which is not defined; check the name")]
+    UnknownNeed {
+        /// The job.
+        job: String,
+        /// The missing job.
+        target: String,
+    },
+    /// `needs` names a job of a later stage.
+    #[error(
+        "job `{job}` needs `{target}` of the later stage `{stage}`; a job can only need jobs of its own or earlier stages"
+    )]
+    NeedInLaterStage {
+        /// The job.
+        job: String,
+        /// The needed job.
+        target: String,
+        /// The needed job's stage.
+        stage: String,
+    },
+    /// `needs` names a job that `rules` leave out of this pipeline.
+    #[error(
+        "job `{job}` needs `{target}`, which its rules leave out of this pipeline; mark the need `optional: true` or change the rules"
+    )]
+    NeedNotInPipeline {
+        /// The job.
+        job: String,
+        /// The absent job.
+        target: String,
+    },
+    /// `needs` loop.
+    #[error("`needs` form a cycle: {chain}; remove one of these needs")]
+    NeedsCycle {
+        /// The jobs in the cycle, joined by arrows.
+        chain: String,
+    },
+    /// `dependencies` names a job that does not exist.
+    #[error(
+        "job `{job}` lists `{target}` in `dependencies`, but it is not defined; check the name"
+    )]
+    UnknownDependency {
+        /// The job.
+        job: String,
+        /// The missing job.
+        target: String,
+    },
+    /// `dependencies` names a job that does not run before this one.
+    #[error(
+        "job `{job}` lists `{target}` in `dependencies`, but it is not in an earlier stage{hint}"
+    )]
+    DependencyNotEarlier {
+        /// The job.
+        job: String,
+        /// The named job.
+        target: String,
+        /// What to do instead.
+        hint: &'static str,
+    },
+    /// A `rules:if` expression does not parse.
+    #[error("job `{job}`: rules:if `{expression}` is not a valid expression: {reason}")]
+    BadRule {
+        /// The job.
+        job: String,
+        /// The expression as written.
+        expression: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Reads the pipeline in the file at `path`, evaluating `rules` against `vars`.
+///
+/// Local includes and `rules:exists` are resolved relative to the file's directory; use
+/// [`parse_str`] to name another repository root.
+///
+/// # Errors
+/// The file cannot be read, or see [`parse_str`].
+pub fn load(path: &Path, vars: &[(String, String)]) -> Result<Pipeline, PipelineError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let base_dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    parse_str(&text, &path.display().to_string(), base_dir, vars)
+}
+
+/// Reads the pipeline in `yaml` (named `file_name` in messages). Local includes and
+/// `rules:exists` are resolved under `base_dir`, the repository root.
+///
+/// `vars` are the variables `rules:if` sees besides the file's own: the predefined `CI_*`
+/// variables and `--var` overrides. They take precedence over the file's variables, as
+/// pipeline variables do in GitLab. `include` paths may use them too.
+///
+/// # Errors
+/// Invalid YAML (naming file, line and column); an unknown `extends`, `needs` or
+/// `dependencies` target, a cycle, a job without `script`, a job in an undefined stage or an
+/// invalid `rules:if` (each naming the job); an unreadable include.
+///
+/// # Caveats
+/// Only `include: local` is read; `only`/`except` are not evaluated (the job runs);
+/// `rules:changes` counts as changed. Each of these yields a [`Warning`].
+pub fn parse_str(
+    yaml: &str,
+    file_name: &str,
+    base_dir: &Path,
+    vars: &[(String, String)],
+) -> Result<Pipeline, PipelineError> {
+    let mut warnings = Vec::new();
+    let mut repo = RepoFiles::new(base_dir);
+    let mut caller = Scope::default();
+    for (key, value) in vars {
+        caller.set(key, value, false);
+    }
+    let root = yaml::load(yaml, file_name, &mut warnings)?;
+    let mut config =
+        include::Includes::new(&mut repo, &caller, &mut warnings).resolve(root, file_name, 0)?;
+    extends::resolve(&mut config)?;
+    reference::resolve(&mut config, &mut warnings)?;
+    Builder {
+        file: file_name,
+        vars,
+        repo,
+        warnings,
+    }
+    .build(&config)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,306 @@
+//! YAML plumbing for the pipeline reader: loading a file, `<<` merge keys and GitLab's deep merge.
+
+use serde::Deserialize;
+use serde_yaml_ng::{Mapping, Value};
+
+use super::{PipelineError, Warning};
+
+/// Parses one pipeline file into its top-level mapping, with aliases expanded and `<<` merge
+/// keys applied. An empty file is an empty mapping.
+///
+/// A file may start with a `spec:` header document (CI/CD inputs) followed by `---`; kiln does
+/// not interpolate inputs, so the header only earns a warning.
+pub(crate) fn load(
+    text: &str,
+    file: &str,
+    warnings: &mut Vec<Warning>,
+) -> Result<Mapping, PipelineError> {
+    let mut documents = Vec::new();
+    for document in serde_yaml_ng::Deserializer::from_str(text) {
+        documents.push(Value::deserialize(document).map_err(|e| syntax_error(file, &e))?);
+    }
+    let body = match documents.len() {
+        0 => Value::Null,
+        1 => documents.remove(0),
+        2 if is_header(&documents[0]) => {
+            warnings.push(Warning::global(
+                "spec",
+                format!(
+                    "{file}: `spec:inputs` are not supported by kiln exec; `$[[ inputs.… ]]` stays as written"
+                ),
+            ));
+            documents.remove(1)
+        }
+        n => {
+            return Err(PipelineError::Config {
+                key: file.to_string(),
+                message: format!(
+                    "the file holds {n} YAML documents; GitLab reads one (optionally after a `spec:` header)"
+                ),
+            });
+        }
+    };
+    let mut body = match body {
+        Value::Null => return Ok(Mapping::new()),
+        Value::Mapping(map) => Value::Mapping(map),
+        other => {
+            return Err(PipelineError::Config {
+                key: file.to_string(),
+                message: format!(
+                    "the file must be a mapping of keywords and jobs, not {}",
+                    describe(&other)
+                ),
+            });
+        }
+    };
+    apply_merge_keys(&mut body).map_err(|message| PipelineError::Config {
+        key: file.to_string(),
+        message,
+    })?;
+    match body {
+        Value::Mapping(map) => Ok(map),
+        _ => Ok(Mapping::new()),
+    }
+}
+
+fn is_header(document: &Value) -> bool {
+    document
+        .as_mapping()
+        .is_some_and(|m| m.contains_key("spec"))
+}
+
+/// Turns a parser error into one naming the file, line and column (errors without a position,
+/// such as the alias-expansion limit, name the file only).
+fn syntax_error(file: &str, error: &serde_yaml_ng::Error) -> PipelineError {
+    let mut message = error.to_string();
+    let Some(location) = error.location() else {
+        return PipelineError::Config {
+            key: file.to_string(),
+            message: format!("invalid YAML: {message}"),
+        };
+    };
+    let (line, column) = (location.line(), location.column());
+    // The library appends the position; it is in our own prefix already.
+    let suffix = format!(" at line {line} column {column}");
+    if let Some(at) = message.find(&suffix) {
+        message.replace_range(at..at + suffix.len(), "");
+    }
+    PipelineError::Yaml {
+        file: file.to_string(),
+        line,
+        column,
+        message,
+    }
+}
+
+/// Applies `<<` merge keys everywhere, bottom-up so that merged mappings may merge others.
+///
+/// The order follows Ruby's Psych, which GitLab uses: entries are read in order and a `<<`
+/// overwrites keys written before it (later keys overwrite it in turn); in a list of mappings
+/// the earlier mapping wins.
+pub(crate) fn apply_merge_keys(value: &mut Value) -> Result<(), String> {
+    match value {
+        Value::Sequence(items) => items.iter_mut().try_for_each(apply_merge_keys),
+        Value::Tagged(tagged) => apply_merge_keys(&mut tagged.value),
+        Value::Mapping(map) => {
+            if !map.contains_key("<<") {
+                return map.values_mut().try_for_each(apply_merge_keys);
+            }
+            let entries = std::mem::take(map);
+            for (key, mut entry) in entries {
+                apply_merge_keys(&mut entry)?;
+                if key.as_str() != Some("<<") {
+                    map.insert(key, entry);
+                    continue;
+                }
+                match entry {
+                    Value::Mapping(merged) => map.extend(merged),
+                    Value::Sequence(list) => {
+                        let mut merged = Mapping::new();
+                        for item in list.into_iter().rev() {
+                            match item {
+                                Value::Mapping(m) => merged.extend(m),
+                                other => {
+                                    return Err(format!(
+                                        "`<<` merges mappings, but its list holds {}",
+                                        describe(&other)
+                                    ));
+                                }
+                            }
+                        }
+                        map.extend(merged);
+                    }
+                    other => {
+                        return Err(format!("`<<` merges a mapping, not {}", describe(&other)));
+                    }
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// GitLab's deep merge (ActiveSupport `deep_merge`): mappings merge recursively, anything else
+/// in `over` replaces what `base` had. Keys keep their position in `base`; new keys go last.
+pub(crate) fn deep_merge(base: &mut Mapping, over: Mapping) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(Value::Mapping(inner)), Value::Mapping(value)) => deep_merge(inner, value),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// A mapping key as GitLab sees it (Psych keys are strings, numbers or booleans).
+pub(crate) fn key_string(key: &Value) -> Option<String> {
+    match key {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// A scalar as the string GitLab would make of it (`1` → "1", `true` → "true").
+pub(crate) fn scalar_string(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// "a list", "a mapping", … for error messages.
+pub(crate) fn describe(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Mapping {
+        load(text, "t.yml", &mut Vec::new()).unwrap()
+    }
+
+    fn yaml(text: &str) -> Value {
+        serde_yaml_ng::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn syntax_errors_name_file_line_and_column() {
+        let err = load(
+            "job:\n  script: [a\n  stage: b\n",
+            "ci.yml",
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        let PipelineError::Yaml {
+            file,
+            line,
+            column,
+            message,
+        } = &err
+        else {
+            panic!("expected a YAML error, got {err:?}");
+        };
+        assert_eq!(file, "ci.yml");
+        assert_eq!((*line, *column), (3, 8));
+        assert!(
+            !message.contains("line 3 column 8"),
+            "position appears once: {message}"
+        );
+        assert!(
+            message.contains("flow sequence at line 2 column 11"),
+            "context kept: {message}"
+        );
+        assert!(
+            err.to_string().starts_with("ci.yml:3:8: invalid YAML: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn merge_keys_follow_psych_order_and_nest() {
+        let map = parse(
+            "
+.base: &base {image: a, script: [base]}
+.more: &more
+  <<: *base
+  variables: {X: '1'}
+job:
+  script: [own]
+  <<: *more
+  stage: test
+multi:
+  <<: [{a: first}, {a: second, b: second}]
+",
+        );
+        let job = map["job"].as_mapping().unwrap();
+        assert_eq!(job["image"], yaml("a"));
+        // Psych: a `<<` overwrites keys written before it.
+        assert_eq!(job["script"], yaml("[base]"));
+        assert_eq!(job["variables"], yaml("{X: '1'}"));
+        assert!(!job.contains_key("<<"), "nested merge keys are applied too");
+        let multi = map["multi"].as_mapping().unwrap();
+        assert_eq!(multi["a"], yaml("first"));
+        assert_eq!(multi["b"], yaml("second"));
+    }
+
+    #[test]
+    fn deep_merge_merges_maps_and_replaces_the_rest() {
+        let Value::Mapping(mut base) = yaml("{vars: {A: 1, B: 2}, script: [x, y], image: i}")
+        else {
+            unreachable!()
+        };
+        let Value::Mapping(over) = yaml("{vars: {B: 3, C: 4}, script: [z], stage: s}") else {
+            unreachable!()
+        };
+        deep_merge(&mut base, over);
+        assert_eq!(
+            Value::Mapping(base),
+            yaml("{vars: {A: 1, B: 3, C: 4}, script: [z], image: i, stage: s}")
+        );
+    }
+
+    #[test]
+    fn alias_bombs_are_refused() {
+        let mut text = String::from("a: &a [x, x, x, x, x, x, x, x, x]\n");
+        for (name, prev) in ["b", "c", "d", "e", "f", "g"]
+            .iter()
+            .zip(["a", "b", "c", "d", "e", "f"])
+        {
+            let refs = vec![format!("*{prev}"); 9].join(", ");
+            text.push_str(&format!("{name}: &{name} [{refs}]\n"));
+        }
+        let err = load(&text, "bomb.yml", &mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bomb.yml") && err.contains("limit"), "{err}");
+    }
+
+    #[test]
+    fn spec_header_is_skipped_with_a_warning() {
+        let mut warnings = Vec::new();
+        let map = load(
+            "spec:\n  inputs: {}\n---\njob: {script: x}\n",
+            "t.yml",
+            &mut warnings,
+        )
+        .unwrap();
+        assert!(map.contains_key("job"));
+        assert_eq!(warnings[0].key, "spec");
+    }
+}

@@ -1,0 +1,302 @@
+//! The command line as an operator uses it: help, check-config, and runner registration
+//! against the GitLab test server.
+
+mod support;
+
+use std::process::Output;
+
+use support::gitlab::GitLabServer;
+use support::kiln::kiln_bin;
+
+fn kiln(args: &[&str]) -> Output {
+    std::process::Command::new(kiln_bin())
+        .args(args)
+        .env_remove("KILN_CONFIG")
+        .output()
+        .unwrap()
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn help_explains_every_command_in_one_line() {
+    let out = kiln(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out);
+    for command in [
+        "run",
+        "agent",
+        "register",
+        "unregister",
+        "verify",
+        "check-config",
+    ] {
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{command} ")))
+            .unwrap_or_else(|| panic!("`{command}` missing from --help:\n{help}"));
+        assert!(
+            line.split_whitespace().count() > 3,
+            "`{command}` has no description: {line}"
+        );
+    }
+}
+
+#[test]
+fn check_config_lists_every_problem_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.toml");
+    std::fs::write(
+        &path,
+        "concurrent = 0\n[[sources.gitlab]]\nurl = \"not a url\"\ntoken = \"\"\n",
+    )
+    .unwrap();
+    let out = kiln(&["check-config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let report = text(&out);
+    assert!(
+        report.contains("concurrent: must be at least 1"),
+        "{report}"
+    );
+    assert!(
+        report.contains("sources.gitlab[0].url: not a URL"),
+        "{report}"
+    );
+    assert!(
+        report.contains("sources.gitlab[0].token: is empty"),
+        "{report}"
+    );
+
+    std::fs::write(
+        &path,
+        "[[sources.gitlab]]\nurl = \"https://gitlab.example.com\"\ntoken = \"glrt-x\"\n",
+    )
+    .unwrap();
+    let out = kiln(&["check-config", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn register_verify_and_unregister_a_glrt_token() {
+    let gitlab = GitLabServer::start().await;
+    gitlab.add_runner_token("glrt-from-the-ui");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kiln.toml");
+    let config = config.to_str().unwrap();
+    let url = gitlab.url();
+    let out = tokio::task::spawn_blocking({
+        let (url, config) = (url.clone(), config.to_owned());
+        move || {
+            kiln(&[
+                "register",
+                "--config",
+                &config,
+                "--url",
+                &url,
+                "--token",
+                "glrt-from-the-ui",
+                "--name",
+                "ci",
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !text(&out).contains("glrt-from-the-ui"),
+        "the token was printed"
+    );
+    let saved = std::fs::read_to_string(config).unwrap();
+    assert!(saved.contains("token = \"glrt-from-the-ui\""), "{saved}");
+    let system_id = gitlab.runner("glrt-from-the-ui").unwrap().system_ids[0].clone();
+    assert!(saved.contains(&system_id), "{saved}");
+
+    // Registering again keeps the same system id (one runner manager, not two).
+    let out = tokio::task::spawn_blocking({
+        let (url, config) = (url.clone(), config.to_owned());
+        move || {
+            kiln(&[
+                "register",
+                "--config",
+                &config,
+                "--url",
+                &url,
+                "--token",
+                "glrt-from-the-ui",
+                "--name",
+                "ci",
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let runner = gitlab.runner("glrt-from-the-ui").unwrap();
+    assert!(
+        runner.system_ids.iter().all(|id| *id == system_id),
+        "{:?}",
+        runner.system_ids
+    );
+
+    let out = tokio::task::spawn_blocking({
+        let config = config.to_owned();
+        move || kiln(&["verify", "--config", &config])
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("ci: ok"), "{}", text(&out));
+
+    let out = tokio::task::spawn_blocking({
+        let config = config.to_owned();
+        move || kiln(&["unregister", "--config", &config])
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        gitlab.runner("glrt-from-the-ui").unwrap().deleted_managers,
+        [system_id]
+    );
+    assert!(
+        !std::fs::read_to_string(config)
+            .unwrap()
+            .contains("glrt-from-the-ui")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn legacy_registration_sends_tags_and_explains_410_and_403() {
+    let gitlab = GitLabServer::start().await;
+    gitlab.set_registration_token("GR1348941legacy");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kiln.toml").to_str().unwrap().to_owned();
+    let url = gitlab.url();
+    let run = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            kiln(&args)
+        })
+        .await
+        .unwrap()
+    };
+    let base = |token: &str| {
+        vec![
+            "register".to_owned(),
+            "--config".into(),
+            config.clone(),
+            "--url".into(),
+            url.clone(),
+            "--registration-token".into(),
+            token.into(),
+            "--tag-list".into(),
+            "docker,linux".into(),
+            "--run-untagged".into(),
+            "--locked".into(),
+        ]
+    };
+    let out = run(base("GR1348941legacy")).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let registration = gitlab
+        .registrations()
+        .into_iter()
+        .find(|r| r.path == "runners")
+        .unwrap();
+    assert_eq!(
+        registration.param("tag_list").as_deref(),
+        Some("docker,linux")
+    );
+    assert_eq!(registration.param("run_untagged").as_deref(), Some("true"));
+    assert_eq!(registration.param("locked").as_deref(), Some("true"));
+    assert!(std::fs::read_to_string(&config).unwrap().contains("glrt-"));
+
+    let out = run(base("wrong-token")).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("rejected the registration token (HTTP 403)"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !text(&out).contains("wrong-token"),
+        "the token was printed: {}",
+        text(&out)
+    );
+
+    gitlab.disable_registration();
+    let out = run(base("GR1348941legacy")).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("registration tokens disabled (HTTP 410)"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pat_creates_then_verifies_the_runner() {
+    let gitlab = GitLabServer::start().await;
+    gitlab.set_pat("glpat-operator");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kiln.toml").to_str().unwrap().to_owned();
+    let url = gitlab.url();
+    let out = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || {
+            kiln(&[
+                "register",
+                "--config",
+                &config,
+                "--url",
+                &url,
+                "--pat",
+                "glpat-operator",
+                "--runner-type",
+                "group",
+                "--group-id",
+                "7",
+                "--tag-list",
+                "k8s",
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let saved = std::fs::read_to_string(&config).unwrap();
+    let runner = gitlab
+        .runners()
+        .into_iter()
+        .find(|r| saved.contains(&r.token))
+        .expect("token saved");
+    assert!(!runner.system_ids.is_empty(), "the new runner was verified");
+}
+
+#[test]
+fn unreachable_gitlab_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kiln.toml");
+    let port = support::kiln::free_port();
+    let out = kiln(&[
+        "register",
+        "--config",
+        config.to_str().unwrap(),
+        "--url",
+        &format!("http://127.0.0.1:{port}"),
+        "--token",
+        "glrt-x",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("cannot reach GitLab at http://127.0.0.1"),
+        "{}",
+        text(&out)
+    );
+}
