@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::gitlab::{GitLabServer, job_json};
-use support::kiln::{KilnProcess, agent_pids, config, unsafe_free_kill};
+use support::kiln::{KilnProcess, agent_pids, config, send_signal};
 
 const TOKEN: &str = "glrt-test-runner-token";
 
@@ -266,7 +266,7 @@ async fn killed_agent_fails_the_job_as_runner_system_failure() {
     wait_trace(&gitlab, id, "started", &kiln).await;
     let pids = agent_pids(&kiln.work_dir());
     assert_eq!(pids.len(), 1, "{pids:?}");
-    unsafe_free_kill(pids[0], "KILL");
+    send_signal(pids[0], "KILL");
     let job = gitlab
         .wait_for_state(id, &["success", "failed"], Duration::from_secs(30))
         .await;

@@ -124,7 +124,7 @@ impl KilnProcess {
     /// SIGTERM, then wait up to `within` for it to exit; returns whether it exited.
     pub fn terminate(&mut self, within: Duration) -> bool {
         let child = self.child.as_mut().unwrap();
-        unsafe_free_kill(child.id(), "TERM");
+        send_signal(child.id(), "TERM");
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if child.try_wait().unwrap().is_some() {
@@ -150,12 +150,14 @@ impl Drop for KilnProcess {
     }
 }
 
-/// Sends a signal with the `kill` command (tests keep `unsafe` out too).
-pub fn unsafe_free_kill(pid: u32, signal: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status();
+/// Sends `signal` (`"TERM"`, `"KILL"`) to process `pid`.
+pub fn send_signal(pid: u32, signal: &str) {
+    let signal = match signal {
+        "TERM" => nix::sys::signal::Signal::SIGTERM,
+        "KILL" => nix::sys::signal::Signal::SIGKILL,
+        other => panic!("unsupported signal {other}"),
+    };
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
 }
 
 /// Pids of running `kiln agent` processes whose job file lies under `dir`.
