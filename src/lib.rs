@@ -8,6 +8,7 @@ pub mod agent;
 pub mod config;
 pub mod coordinator;
 pub mod deploy;
+pub mod exec;
 pub mod executor;
 pub mod http;
 pub mod job;

@@ -33,8 +33,50 @@ enum Command {
     Verify(ConfigArg),
     /// Validate a config file and print every problem with its path.
     CheckConfig(CheckConfigArgs),
+    /// Run the jobs of a .gitlab-ci.yml locally through the same agent, no GitLab needed.
+    Exec(ExecArgs),
     /// Deploy a jar, war or image to Alibaba SAE or Knative and wait for the rollout.
     Deploy(kiln::deploy::DeployCommand),
+}
+
+#[derive(Debug, Args)]
+struct ExecArgs {
+    /// The pipeline file; its directory is the project the jobs run in.
+    #[arg(default_value = ".gitlab-ci.yml")]
+    file: PathBuf,
+    /// Run only this job (repeatable); manual jobs run only when named here.
+    #[arg(long = "job", value_name = "NAME")]
+    jobs: Vec<String>,
+    /// Run only the jobs of this stage.
+    #[arg(long, value_name = "S")]
+    stage: Option<String>,
+    /// Set a variable, as a pipeline variable in GitLab (repeatable); `rules:if` sees it too.
+    #[arg(long = "var", value_name = "K=V", value_parser = parse_var)]
+    vars: Vec<(String, String)>,
+    /// Where the jobs run.
+    #[arg(long, value_enum, default_value = "local")]
+    executor: ExecExecutor,
+    /// How many jobs run at once (default: the number of CPUs).
+    #[arg(long, value_name = "N")]
+    concurrency: Option<usize>,
+    /// Keep each job's work directory (printed at the end) for inspection.
+    #[arg(long)]
+    keep_work_dirs: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExecExecutor {
+    /// Child processes on this machine.
+    Local,
+    /// Pods in a Kubernetes cluster.
+    Kubernetes,
+}
+
+fn parse_var(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("`{text}` is not KEY=VALUE")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -153,6 +195,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Unregister(args) => unregister(args).await,
         Command::Verify(args) => verify(args).await,
         Command::CheckConfig(args) => check_config(args),
+        Command::Exec(args) => exec(args).await,
         Command::Deploy(command) => deploy(command).await,
     }
 }
@@ -219,6 +262,37 @@ async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(3)
+    })
+}
+
+async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    if args.executor == ExecExecutor::Kubernetes {
+        bail!(
+            "the Kubernetes executor is not available in this build of kiln; run with `--executor local`"
+        );
+    }
+    kiln::telemetry::init_logging(kiln::config::LogFormat::Pretty, "warn");
+    let agent = std::env::current_exe().context("cannot find the kiln binary for the agent")?;
+    let concurrency = args.concurrency.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(1)
+    });
+    let options = kiln::exec::ExecOptions {
+        file: args.file,
+        jobs: args.jobs,
+        stage: args.stage,
+        vars: args.vars,
+        concurrency,
+        keep_work_dirs: args.keep_work_dirs,
+        agent,
+    };
+    let cancel = shutdown_on_signal()?;
+    let outcome = kiln::exec::run(options, cancel).await?;
+    Ok(if outcome.success {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }
 

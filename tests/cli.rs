@@ -16,6 +16,17 @@ fn kiln(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `kiln` on a blocking thread, so the test server keeps answering meanwhile.
+async fn kiln_async(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        kiln(&args)
+    })
+    .await
+    .unwrap()
+}
+
 fn text(output: &Output) -> String {
     format!(
         "{}{}",
@@ -145,21 +156,11 @@ async fn register_verify_and_unregister_a_glrt_token() {
         runner.system_ids
     );
 
-    let out = tokio::task::spawn_blocking({
-        let config = config.to_owned();
-        move || kiln(&["verify", "--config", &config])
-    })
-    .await
-    .unwrap();
+    let out = kiln_async(&["verify", "--config", config]).await;
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("ci: ok"), "{}", text(&out));
 
-    let out = tokio::task::spawn_blocking({
-        let config = config.to_owned();
-        move || kiln(&["unregister", "--config", &config])
-    })
-    .await
-    .unwrap();
+    let out = kiln_async(&["unregister", "--config", config]).await;
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
         gitlab.runner("glrt-from-the-ui").unwrap().deleted_managers,

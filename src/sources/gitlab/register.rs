@@ -257,6 +257,15 @@ fn gitlab_error(
     }
 }
 
+/// An endpoint that could not be built from the given options.
+fn invalid_call(url: &str, what: &'static str, e: impl std::fmt::Display) -> RegisterError {
+    RegisterError::Other {
+        url: url.to_owned(),
+        what,
+        message: e.to_string(),
+    }
+}
+
 fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -279,11 +288,7 @@ pub async fn verify(url: &str, token: &str, system_id: &str) -> Result<RunnerTok
         .token(token)
         .system_id(system_id)
         .build()
-        .map_err(|e| RegisterError::Other {
-            url: url.to_owned(),
-            what: "runners/verify",
-            message: e.to_string(),
-        })?;
+        .map_err(|e| invalid_call(url, "runners/verify", e))?;
     let mut verified: RunnerToken = endpoint
         .query_async(&client)
         .await
@@ -310,11 +315,7 @@ pub async fn register_legacy(
         .platform(std::env::consts::OS)
         .architecture(std::env::consts::ARCH)
         .build()
-        .map_err(|e| RegisterError::Other {
-            url: url.to_owned(),
-            what: "runners",
-            message: e.to_string(),
-        })?;
+        .map_err(|e| invalid_call(url, "runners", e))?;
     let mut builder = api::runners::CreateRunner::builder();
     builder
         .token(registration_token)
@@ -332,11 +333,9 @@ pub async fn register_legacy(
     if let Some(timeout) = options.maximum_timeout {
         builder.maximum_timeout(timeout);
     }
-    let endpoint = builder.build().map_err(|e| RegisterError::Other {
-        url: url.to_owned(),
-        what: "runners",
-        message: e.to_string(),
-    })?;
+    let endpoint = builder
+        .build()
+        .map_err(|e| invalid_call(url, "runners", e))?;
     endpoint
         .query_async(&client)
         .await
@@ -364,11 +363,9 @@ pub async fn create_with_pat(
         .description(options.description.as_str())
         .run_untagged(options.run_untagged)
         .tags(options.tags.iter().map(String::as_str));
-    let endpoint = builder.build().map_err(|e| RegisterError::Other {
-        url: url.to_owned(),
-        what: "user/runners",
-        message: e.to_string(),
-    })?;
+    let endpoint = builder
+        .build()
+        .map_err(|e| invalid_call(url, "user/runners", e))?;
     endpoint
         .query_async(&client)
         .await
@@ -391,11 +388,7 @@ pub async fn unregister(
         let endpoint = api::runners::DeleteRunnerByToken::builder()
             .token(token)
             .build()
-            .map_err(|e| RegisterError::Other {
-                url: url.to_owned(),
-                what: "DELETE runners",
-                message: e.to_string(),
-            })?;
+            .map_err(|e| invalid_call(url, "DELETE runners", e))?;
         return api::ignore(endpoint)
             .query_async(&client)
             .await
