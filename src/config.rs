@@ -345,7 +345,7 @@ impl Config {
         let mut problems = Vec::new();
         let overrides: BTreeMap<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != CONFIG_ENV)
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !is_command_variable(k))
             .collect();
         for (name, value) in &overrides {
             if let Err(message) = apply_override(&mut table, &name[ENV_PREFIX.len()..], value) {
@@ -446,6 +446,17 @@ impl Config {
         }
         problems
     }
+}
+
+/// `KILN_` names that are command-line flag fallbacks, not config fields: `KILN_CONFIG`, and
+/// the single-underscore families of `kiln deploy` (`KILN_DEPLOY_REGION`) and `kiln register`
+/// (`KILN_REGISTER_TOKEN`, `KILN_REGISTRATION_TOKEN`). Config overrides of the `[deploy]`
+/// table use `__` (`KILN_DEPLOY__REGION`) and stay overrides.
+fn is_command_variable(name: &str) -> bool {
+    name == CONFIG_ENV
+        || (name.starts_with("KILN_DEPLOY_") && !name.starts_with("KILN_DEPLOY__"))
+        || name.starts_with("KILN_REGISTER_")
+        || name.starts_with("KILN_REGISTRATION_")
 }
 
 /// Whether `id` looks like a GitLab runner system id.
@@ -723,6 +734,8 @@ system_id = "x"
                 ("KILN_SOURCES__GITLAB__0__LIMIT", "2"),
                 ("KILN_SHUTDOWN_TIMEOUT", "30s"),
                 ("KILN_CONFIG", "ignored.toml"),
+                ("KILN_DEPLOY_REGION", "cn-hangzhou"),
+                ("KILN_REGISTER_TOKEN", "glrt-flag-fallback"),
             ],
         )
         .unwrap();
