@@ -9,7 +9,7 @@ use serde_json::json;
 use support::gitlab::{GitLabServer, job_json};
 use support::kiln::{KilnProcess, agent_pids, config, send_signal};
 
-const TOKEN: &str = "glrt-test-runner-token";
+const TOKEN: &str = "glrt-fake-token";
 
 async fn server() -> GitLabServer {
     let server = GitLabServer::start().await;

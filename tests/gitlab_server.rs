@@ -9,7 +9,7 @@ use reqwest::{Client, Response, StatusCode};
 use serde_json::{Value, json};
 use support::gitlab::{GitLabServer, RUNNER_FAILURE_REASONS, job_json};
 
-const RUNNER: &str = "glrt-test-runner-token";
+const RUNNER: &str = "glrt-fake-token";
 
 fn api(server: &GitLabServer, path: &str) -> String {
     format!("{}api/v4/{path}", server.url())
