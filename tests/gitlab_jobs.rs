@@ -19,6 +19,13 @@ async fn server() -> GitLabServer {
     server
 }
 
+/// Waits up to `secs` for job `id` to succeed or fail.
+async fn finished(gitlab: &GitLabServer, id: u64, secs: u64) -> support::gitlab::JobRecord {
+    gitlab
+        .wait_for_state(id, &["success", "failed"], Duration::from_secs(secs))
+        .await
+}
+
 fn kiln(server: &GitLabServer, extra: &str) -> KilnProcess {
     KilnProcess::start(&config(&server.url(), TOKEN, extra))
 }
@@ -47,9 +54,7 @@ async fn failing_script_runs_after_script_and_reports_script_failure() {
     ]);
     let id = gitlab.enqueue(job);
     let kiln = kiln(&gitlab, "");
-    let job = gitlab
-        .wait_for_state(id, &["success", "failed"], Duration::from_secs(60))
-        .await;
+    let job = finished(&gitlab, id, 60).await;
     assert_eq!(job.state, "failed", "{}", kiln.logs());
     assert_eq!(job.failure_reason.as_deref(), Some("script_failure"));
     assert_eq!(job.exit_code, Some(3));
@@ -74,9 +79,7 @@ async fn allowed_step_failure_does_not_fail_the_job() {
     ]);
     let id = gitlab.enqueue(job);
     let _kiln = kiln(&gitlab, "");
-    let job = gitlab
-        .wait_for_state(id, &["success", "failed"], Duration::from_secs(60))
-        .await;
+    let job = finished(&gitlab, id, 60).await;
     assert_eq!(job.state, "success", "{}", job.trace);
     assert!(job.trace.contains("allowed to fail"), "{}", job.trace);
     assert!(job.trace.contains("release ran"), "{}", job.trace);
@@ -90,9 +93,7 @@ async fn job_timeout_kills_the_script_and_reports_job_execution_timeout() {
     let id = gitlab.enqueue(job);
     let kiln = kiln(&gitlab, "");
     let started = Instant::now();
-    let job = gitlab
-        .wait_for_state(id, &["success", "failed"], Duration::from_secs(40))
-        .await;
+    let job = finished(&gitlab, id, 40).await;
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(job.state, "failed");
     assert_eq!(
@@ -168,9 +169,7 @@ async fn trace_resumes_from_gitlabs_offset_after_416() {
     let kiln = kiln(&gitlab, "");
     wait_trace(&gitlab, id, "line-2", &kiln).await;
     gitlab.inject_trace_416(id);
-    let job = gitlab
-        .wait_for_state(id, &["success", "failed"], Duration::from_secs(60))
-        .await;
+    let job = finished(&gitlab, id, 60).await;
     assert_eq!(job.state, "success", "{}", job.trace);
     assert!(
         job.patches.iter().any(|p| p.status == 416),
@@ -204,9 +203,7 @@ async fn masked_secret_split_across_patches_never_reaches_the_trace() {
     job["features"]["token_mask_prefixes"] = json!(["glpat-"]);
     let id = gitlab.enqueue(job);
     let _kiln = kiln(&gitlab, "");
-    let job = gitlab
-        .wait_for_state(id, &["success", "failed"], Duration::from_secs(60))
-        .await;
+    let job = finished(&gitlab, id, 60).await;
     assert_eq!(job.state, "success", "{}", job.trace);
     assert!(
         job.patches.len() >= 3,
@@ -232,9 +229,7 @@ async fn final_update_waits_out_202_and_resends_the_trace_after_412() {
     gitlab.inject_update_202(id, 2);
     gitlab.inject_update_412_once(id);
     let _kiln = kiln(&gitlab, "");
-    let job = gitlab
-        .wait_for_state(id, &["success", "failed"], Duration::from_secs(60))
-        .await;
+    let job = finished(&gitlab, id, 60).await;
     assert_eq!(job.state, "success", "{}", job.trace);
     assert!(
         job.final_updates.len() >= 4,
@@ -267,9 +262,7 @@ async fn killed_agent_fails_the_job_as_runner_system_failure() {
     let pids = agent_pids(&kiln.work_dir());
     assert_eq!(pids.len(), 1, "{pids:?}");
     send_signal(pids[0], "KILL");
-    let job = gitlab
-        .wait_for_state(id, &["success", "failed"], Duration::from_secs(30))
-        .await;
+    let job = finished(&gitlab, id, 30).await;
     assert_eq!(
         job.failure_reason.as_deref(),
         Some("runner_system_failure"),
@@ -297,9 +290,7 @@ async fn never_more_running_than_concurrent() {
         .collect();
     let _kiln = kiln(&gitlab, "concurrent = 2");
     for id in ids {
-        let job = gitlab
-            .wait_for_state(id, &["success", "failed"], Duration::from_secs(90))
-            .await;
+        let job = finished(&gitlab, id, 90).await;
         assert_eq!(job.state, "success", "{}", job.trace);
     }
     assert_eq!(gitlab.max_running_observed(), 2);
@@ -369,9 +360,7 @@ async fn rate_limited_request_waits_for_retry_after() {
     gitlab.inject_request_status(429, 1, Some(3));
     let id = gitlab.enqueue(job_json("after-429", &["echo ok"]));
     let _kiln = kiln(&gitlab, "");
-    let job = gitlab
-        .wait_for_state(id, &["success", "failed"], Duration::from_secs(30))
-        .await;
+    let job = finished(&gitlab, id, 30).await;
     assert_eq!(job.state, "success");
     let polls = gitlab.polls();
     assert_eq!(polls[0].status, Some(429));
@@ -395,9 +384,7 @@ async fn dependency_artifacts_are_downloaded_without_leaking_the_token_to_storag
     job["dependencies"] = json!([dependency]);
     let id = gitlab.enqueue(job);
     let _kiln = kiln(&gitlab, "");
-    let job = gitlab
-        .wait_for_state(id, &["success", "failed"], Duration::from_secs(30))
-        .await;
+    let job = finished(&gitlab, id, 30).await;
     assert_eq!(job.state, "success", "{}", job.trace);
     assert!(job.trace.contains("from the build job"), "{}", job.trace);
     let storage = gitlab.storage_requests();
@@ -456,9 +443,7 @@ async fn artifacts_respect_when_exclude_and_expire_in() {
     ]);
     let id = gitlab.enqueue(job);
     let _kiln = kiln(&gitlab, "");
-    let job = gitlab
-        .wait_for_state(id, &["success", "failed"], Duration::from_secs(30))
-        .await;
+    let job = finished(&gitlab, id, 30).await;
     assert_eq!(job.state, "failed");
     assert_eq!(
         job.artifacts.len(),
@@ -525,9 +510,7 @@ async fn clones_the_repository_at_the_jobs_commit() {
     job["git_info"]["depth"] = json!(1);
     let id = gitlab.enqueue(job);
     let _kiln = kiln(&gitlab, "");
-    let job = gitlab
-        .wait_for_state(id, &["success", "failed"], Duration::from_secs(30))
-        .await;
+    let job = finished(&gitlab, id, 30).await;
     assert_eq!(job.state, "success", "{}", job.trace);
     assert!(job.trace.contains("v2"), "{}", job.trace);
     assert!(

@@ -145,14 +145,7 @@ fn parent_names(value: &Value) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn config(yaml: &str) -> Mapping {
-        serde_yaml_ng::from_str(yaml).unwrap()
-    }
-
-    fn yaml(text: &str) -> Value {
-        serde_yaml_ng::from_str(text).unwrap()
-    }
+    use crate::pipeline::yaml::test_support::{config, yaml};
 
     #[test]
     fn chains_and_multiple_parents_merge_like_gitlab() {

@@ -136,14 +136,7 @@ fn lookup<'a>(root: &'a Mapping, path: &[String]) -> Option<&'a Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn config(yaml: &str) -> Mapping {
-        serde_yaml_ng::from_str(yaml).unwrap()
-    }
-
-    fn yaml(text: &str) -> Value {
-        serde_yaml_ng::from_str(text).unwrap()
-    }
+    use crate::pipeline::yaml::test_support::{config, yaml};
 
     #[test]
     fn references_resolve_into_lists_and_nested_keys() {

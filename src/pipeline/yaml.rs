@@ -190,13 +190,10 @@ pub(crate) fn describe(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use test_support::yaml;
 
     fn parse(text: &str) -> Mapping {
         load(text, "t.yml", &mut Vec::new()).unwrap()
-    }
-
-    fn yaml(text: &str) -> Value {
-        serde_yaml_ng::from_str(text).unwrap()
     }
 
     #[test]
@@ -302,5 +299,21 @@ multi:
         .unwrap();
         assert!(map.contains_key("job"));
         assert_eq!(warnings[0].key, "spec");
+    }
+}
+
+/// YAML parsing shorthands shared by the reader's unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use serde_yaml_ng::{Mapping, Value};
+
+    /// A top-level mapping, as a `.gitlab-ci.yml` is.
+    pub(crate) fn config(yaml: &str) -> Mapping {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    /// Any YAML value.
+    pub(crate) fn yaml(text: &str) -> Value {
+        serde_yaml_ng::from_str(text).unwrap()
     }
 }
