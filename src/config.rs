@@ -41,6 +41,9 @@ pub struct Config {
     /// The local (child-process) executor.
     #[serde(default)]
     pub local: LocalConfig,
+    /// The Kubernetes executor.
+    #[serde(default)]
+    pub kubernetes: crate::executor::kubernetes::KubernetesConfig,
     /// What the agent does inside each build.
     #[serde(default)]
     pub agent: AgentConfig,
@@ -69,6 +72,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             log: LogConfig::default(),
             local: LocalConfig::default(),
+            kubernetes: crate::executor::kubernetes::KubernetesConfig::default(),
             agent: AgentConfig::default(),
             sources: Sources::default(),
             deploy: crate::deploy::DeployConfig::default(),
@@ -83,6 +87,8 @@ pub enum ExecutorKind {
     /// A child process per job on this machine.
     #[default]
     Local,
+    /// A pod per job in a Kubernetes cluster.
+    Kubernetes,
 }
 
 /// `[http]`.
@@ -162,6 +168,10 @@ pub struct AgentConfig {
     pub after_script_timeout: Duration,
     /// The shell that runs scripts (`bash` when present, else `sh`).
     pub shell: Option<String>,
+    /// How long a build waits for each service's `HEALTHCHECK_TCP_PORT` to accept connections
+    /// (Kubernetes executor) before it goes on with a warning.
+    #[serde(with = "humantime_serde")]
+    pub service_wait: Duration,
 }
 
 impl Default for AgentConfig {
@@ -172,6 +182,7 @@ impl Default for AgentConfig {
             keepalive_interval: Duration::from_secs(30),
             after_script_timeout: Duration::from_secs(300),
             shell: None,
+            service_wait: Duration::from_secs(30),
         }
     }
 }
@@ -207,6 +218,10 @@ pub struct GitLabRunnerConfig {
     /// Client-side timeout of one long poll; above GitLab Workhorse's 50 s hold.
     #[serde(default = "default_poll_timeout", with = "humantime_serde")]
     pub poll_timeout: Duration,
+    /// The Kubernetes resource class of this runner's jobs (GitLab does not send a job's tags,
+    /// so register one runner per tag set and give each its class).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_class: Option<String>,
 }
 
 fn one() -> usize {
@@ -228,6 +243,7 @@ impl GitLabRunnerConfig {
             limit: 0,
             request_concurrency: 1,
             poll_timeout: default_poll_timeout(),
+            resource_class: None,
         }
     }
 
@@ -443,6 +459,21 @@ impl Config {
                     &format!("same name as sources.gitlab[{previous}]; names must be unique"),
                 );
             }
+        }
+        {
+            let runner_classes: Vec<(String, Option<String>)> = self
+                .sources
+                .gitlab
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    (
+                        format!("sources.gitlab[{i}].resource_class"),
+                        r.resource_class.clone(),
+                    )
+                })
+                .collect();
+            problems.extend(self.kubernetes.problems(&runner_classes));
         }
         problems
     }

@@ -89,6 +89,13 @@ impl SourceKind {
             Self::GitLab => "gl",
         }
     }
+
+    /// The full name, as in the `kiln.dev/source` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::GitLab => "gitlab",
+        }
+    }
 }
 
 /// Identifies a job a coordinator took, across sources.

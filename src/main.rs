@@ -93,10 +93,45 @@ struct RunArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 struct AgentArgs {
+    #[command(subcommand)]
+    command: Option<AgentCommand>,
     /// The job file the executor wrote.
+    #[arg(long, required = true)]
+    job: Option<PathBuf>,
+    /// Scratch directory (temporary files, step state); default: the job file's directory.
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    /// Where projects are checked out; default: <work dir>/builds.
+    #[arg(long, value_name = "DIR")]
+    builds_dir: Option<PathBuf>,
+    /// Where to write the result JSON; default: <work dir>/result.json.
+    #[arg(long, value_name = "FILE")]
+    result: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// Init-container step of a build pod: install this binary for the build container and
+    /// fetch the job's sources.
+    Prepare(PrepareArgs),
+}
+
+#[derive(Debug, Args)]
+struct PrepareArgs {
+    /// The job file (mounted from the job's Secret).
     #[arg(long)]
     job: PathBuf,
+    /// Scratch directory shared with the build container.
+    #[arg(long, value_name = "DIR")]
+    work_dir: PathBuf,
+    /// Where projects are checked out; default: <work dir>/builds.
+    #[arg(long, value_name = "DIR")]
+    builds_dir: Option<PathBuf>,
+    /// Where to install the kiln binary for the build container.
+    #[arg(long, value_name = "DIR")]
+    bin_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -226,11 +261,35 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let metrics = kiln::telemetry::Metrics::new();
-    let agent = std::env::current_exe().context("cannot find the kiln binary for the agent")?;
-    let executor = Arc::new(kiln::executor::local::LocalExecutor::new(
-        agent,
-        &config.local,
-    ));
+    let shutdown = shutdown_on_signal()?;
+    let executor: Arc<dyn kiln::executor::Executor> = match config.executor {
+        kiln::config::ExecutorKind::Local => {
+            let agent =
+                std::env::current_exe().context("cannot find the kiln binary for the agent")?;
+            Arc::new(kiln::executor::local::LocalExecutor::new(
+                agent,
+                &config.local,
+            ))
+        }
+        kiln::config::ExecutorKind::Kubernetes => {
+            let classes = config
+                .sources
+                .gitlab
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| Some((r.display_name(i), r.resource_class.clone()?)))
+                .collect();
+            Arc::new(
+                kiln::executor::kubernetes::KubernetesExecutor::connect(
+                    &config.kubernetes,
+                    classes,
+                    shutdown.clone(),
+                )
+                .await
+                .context("cannot start the Kubernetes executor")?,
+            )
+        }
+    };
     let listen = config.http.listen;
     let coordinator = kiln::coordinator::Coordinator::new(config, Arc::clone(&metrics), executor)?;
     let app = kiln::http::router(kiln::http::AppState {
@@ -241,7 +300,6 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
     tracing::info!(address = %listener.local_addr().unwrap_or(listen), "HTTP server listening");
-    let shutdown = shutdown_on_signal()?;
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -256,8 +314,27 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     kiln::telemetry::init_logging(kiln::config::LogFormat::Auto, "info");
+    if let Some(AgentCommand::Prepare(prepare)) = args.command {
+        let paths = kiln::agent::AgentPaths {
+            job_file: prepare.job,
+            work_dir: Some(prepare.work_dir),
+            builds_dir: prepare.builds_dir,
+            result_file: None,
+        };
+        kiln::agent::prepare(&paths, &prepare.bin_dir).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(job) = args.job else {
+        bail!("`kiln agent` needs --job FILE");
+    };
+    let paths = kiln::agent::AgentPaths {
+        job_file: job,
+        work_dir: args.work_dir,
+        builds_dir: args.builds_dir,
+        result_file: args.result,
+    };
     let abort = shutdown_on_signal()?;
-    let result = kiln::agent::run(&args.job, abort).await?;
+    let result = kiln::agent::run(&paths, abort).await?;
     Ok(if result.reported {
         ExitCode::SUCCESS
     } else {
@@ -268,7 +345,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
 async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     if args.executor == ExecExecutor::Kubernetes {
         bail!(
-            "the Kubernetes executor is not available in this build of kiln; run with `--executor local`"
+            "`kiln exec` cannot use the Kubernetes executor: build pods cannot reach the job server it runs on this machine; use `--executor local`, or run jobs as pods with `kiln run` and executor = \"kubernetes\""
         );
     }
     kiln::telemetry::init_logging(kiln::config::LogFormat::Pretty, "warn");

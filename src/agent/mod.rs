@@ -145,20 +145,68 @@ struct Context {
     project_dir: PathBuf,
     tmp_dir: PathBuf,
     pgid_file: PathBuf,
+    sources_file: PathBuf,
     env: BTreeMap<String, String>,
     shell: String,
     interrupts: Interrupts,
     deadline: Instant,
 }
 
-/// Runs the job described by `job_file`, reports it to GitLab and writes [`RESULT_FILE`] next
-/// to the job file. `abort` stops the job (coordinator shutdown): it is reported as a
-/// `runner_system_failure`.
-///
-/// # Errors
-/// Only when the job cannot be started at all (unreadable job file, bad URL); once the job is
-/// known, every failure is reported to GitLab and in the result.
-pub async fn run(job_file: &Path, abort: CancellationToken) -> Result<AgentResult, AgentError> {
+/// Where the agent finds its job and does its work.
+#[derive(Debug, Clone)]
+pub struct AgentPaths {
+    /// The job file the executor wrote.
+    pub job_file: PathBuf,
+    /// Scratch space: temporary files, the step's process group, the sources marker (default:
+    /// the job file's directory).
+    pub work_dir: Option<PathBuf>,
+    /// Where projects are checked out (default: `<work dir>/builds`).
+    pub builds_dir: Option<PathBuf>,
+    /// Where the result goes (default: `<work dir>/result.json`); a pod's termination-message
+    /// file, so the coordinator reads it from the pod status.
+    pub result_file: Option<PathBuf>,
+}
+
+impl AgentPaths {
+    /// The paths of a job file with everything next to it.
+    pub fn beside(job_file: &Path) -> Self {
+        Self {
+            job_file: job_file.to_owned(),
+            work_dir: None,
+            builds_dir: None,
+            result_file: None,
+        }
+    }
+
+    fn work(&self) -> PathBuf {
+        self.work_dir.clone().unwrap_or_else(|| {
+            self.job_file
+                .parent()
+                .map(Path::to_owned)
+                .unwrap_or_else(|| PathBuf::from("."))
+        })
+    }
+
+    fn builds(&self) -> PathBuf {
+        self.builds_dir
+            .clone()
+            .unwrap_or_else(|| self.work().join("builds"))
+    }
+}
+
+/// The sources the init container fetched, for the build container's agent.
+const SOURCES_FILE: &str = "sources.json";
+
+/// What `kiln agent prepare` leaves for the build: its trace and how fetching went.
+#[derive(Debug, Serialize, Deserialize)]
+struct PreparedSources {
+    /// The (masked) trace of the fetch.
+    log: String,
+    /// Why fetching failed, if it did.
+    failure: Option<(FailureReason, String)>,
+}
+
+fn load(job_file: &Path) -> Result<(AgentJob, JobPayload), AgentError> {
     let text = std::fs::read_to_string(job_file).map_err(|source| AgentError::ReadJob {
         path: job_file.to_owned(),
         source,
@@ -172,32 +220,103 @@ pub async fn run(job_file: &Path, abort: CancellationToken) -> Result<AgentResul
             path: job_file.to_owned(),
             message: format!("job: {e}"),
         })?;
-    let work = job_file
-        .parent()
-        .map(Path::to_owned)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let result_path = work.join(RESULT_FILE);
-    let result = run_job(spec, job, &work, abort).await?;
-    let json = serde_json::to_vec_pretty(&result).unwrap_or_default();
+    Ok((spec, job))
+}
+
+/// Runs the job, reports it to GitLab and writes the result file. `abort` stops the job
+/// (coordinator shutdown, pod deletion): it is reported as a `runner_system_failure`.
+///
+/// # Errors
+/// Only when the job cannot be started at all (unreadable job file, bad URL); once the job is
+/// known, every failure is reported to GitLab and in the result.
+pub async fn run(paths: &AgentPaths, abort: CancellationToken) -> Result<AgentResult, AgentError> {
+    let (spec, job) = load(&paths.job_file)?;
+    let work = paths.work();
+    let result_path = paths
+        .result_file
+        .clone()
+        .unwrap_or_else(|| work.join(RESULT_FILE));
+    let result = run_job(spec, job, paths, abort).await?;
+    let json = serde_json::to_vec(&result).unwrap_or_default();
     if let Err(e) = std::fs::write(&result_path, json) {
         tracing::warn!(path = %result_path.display(), error = %e, "cannot write the result file");
     }
     Ok(result)
 }
 
-async fn run_job(
-    spec: AgentJob,
+/// The init container's part (`kiln agent prepare`): installs this binary into `bin_dir` for
+/// the build container and fetches the sources into the builds directory, so the job's image
+/// needs neither kiln nor git. The fetch's trace and outcome are left in the work directory;
+/// the build's agent puts them in the job trace and reports a failed fetch.
+///
+/// # Errors
+/// The binary cannot be installed or the job file read; then the pod fails and the
+/// coordinator reports the job.
+pub async fn prepare(paths: &AgentPaths, bin_dir: &Path) -> Result<(), AgentError> {
+    let (spec, job) = load(&paths.job_file)?;
+    install_self(bin_dir)?;
+    let work = paths.work();
+    let (mut ctx, _remote) = context(&spec, job, paths, CancellationToken::new())?;
+    ctx.trace
+        .section_start("prepare_sources", "Preparing the build pod");
+    ctx.trace.line(&format!(
+        "kiln {} installed the agent and fetches the sources on {}",
+        crate::VERSION,
+        hostname()
+    ));
+    ctx.trace.section_end("prepare_sources");
+    let failure = match export_variables(&mut ctx) {
+        Err(e) => Some((
+            FailureReason::RunnerSystemFailure,
+            format!("cannot write file variables: {e}"),
+        )),
+        Ok(()) => get_sources(&mut ctx).await.and_then(|end| end.failure),
+    };
+    ctx.trace.release_held();
+    let prepared = PreparedSources {
+        log: String::from_utf8_lossy(&ctx.trace.contents()).into_owned(),
+        failure,
+    };
+    let path = work.join(SOURCES_FILE);
+    let json = serde_json::to_vec(&prepared).unwrap_or_default();
+    std::fs::write(&path, json).map_err(|source| AgentError::WorkDir { path, source })?;
+    Ok(())
+}
+
+/// Copies the running binary to `bin_dir/kiln` (a hard link when on the same file system).
+fn install_self(bin_dir: &Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |source| AgentError::WorkDir {
+        path: bin_dir.to_owned(),
+        source,
+    };
+    let me = std::env::current_exe().map_err(fail)?;
+    std::fs::create_dir_all(bin_dir).map_err(fail)?;
+    let target = bin_dir.join("kiln");
+    let _ = std::fs::remove_file(&target);
+    if std::fs::hard_link(&me, &target).is_err() {
+        std::fs::copy(&me, &target).map_err(fail)?;
+    }
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).map_err(fail)?;
+    Ok(())
+}
+
+/// The context of a job and the sender GitLab's answers about it go to.
+fn context(
+    spec: &AgentJob,
     job: JobPayload,
-    work: &Path,
+    paths: &AgentPaths,
     abort: CancellationToken,
-) -> Result<AgentResult, AgentError> {
+) -> Result<(Context, watch::Sender<Remote>), AgentError> {
+    let work = paths.work();
     let project = job
         .job_info
         .project_full_path
         .clone()
         .filter(|p| !p.is_empty())
         .unwrap_or_else(|| sanitize(&job.job_info.project_name));
-    let project_dir = work.join("builds").join(project);
+    let builds = paths.builds();
+    let project_dir = builds.join(project);
     let tmp_dir = work.join("tmp");
     for dir in [&project_dir, &tmp_dir] {
         std::fs::create_dir_all(dir).map_err(|source| AgentError::WorkDir {
@@ -217,33 +336,22 @@ async fn run_job(
     let trace = Arc::new(Trace::new(masker, limit, false));
     let api = RunnerApi::new(&spec.gitlab_url)?;
     let (remote_tx, remote_rx) = watch::channel(Remote::Running);
-    let uplink = Uplink::new(
-        api.clone(),
-        job.id,
-        job.token.clone(),
-        Arc::clone(&trace),
-        spec.settings.trace_interval,
-        spec.settings.keepalive_interval,
-        remote_tx,
-    );
-    let stop_uplink = CancellationToken::new();
-    let uplink_task = tokio::spawn(uplink.run(stop_uplink.clone()));
-
-    let env = base_env(&job, &project_dir, work, &tmp_dir);
+    let env = base_env(&job, &project_dir, &builds, &tmp_dir);
     let shell = spec
         .settings
         .shell
         .clone()
         .unwrap_or_else(|| process::default_shell(env.get("PATH").map(String::as_str)));
     let deadline = Instant::now() + job.timeout();
-    let mut ctx = Context {
+    let ctx = Context {
         settings: spec.settings.clone(),
         executor: spec.executor.clone(),
         runner: spec.runner.clone(),
-        trace: Arc::clone(&trace),
+        trace,
         api,
         project_dir,
         pgid_file: work.join(PGID_FILE),
+        sources_file: work.join(SOURCES_FILE),
         tmp_dir,
         env,
         shell,
@@ -255,6 +363,28 @@ async fn run_job(
         deadline,
         job,
     };
+    Ok((ctx, remote_tx))
+}
+
+async fn run_job(
+    spec: AgentJob,
+    job: JobPayload,
+    paths: &AgentPaths,
+    abort: CancellationToken,
+) -> Result<AgentResult, AgentError> {
+    let (mut ctx, remote_tx) = context(&spec, job, paths, abort)?;
+    let trace = Arc::clone(&ctx.trace);
+    let uplink = Uplink::new(
+        ctx.api.clone(),
+        ctx.job.id,
+        ctx.job.token.clone(),
+        Arc::clone(&trace),
+        spec.settings.trace_interval,
+        spec.settings.keepalive_interval,
+        remote_tx,
+    );
+    let stop_uplink = CancellationToken::new();
+    let uplink_task = tokio::spawn(uplink.run(stop_uplink.clone()));
     let end = execute(&mut ctx).await;
     announce(&ctx, &end);
     trace.release_held();
@@ -309,7 +439,7 @@ fn sanitize(name: &str) -> String {
 fn base_env(
     job: &JobPayload,
     project_dir: &Path,
-    work: &Path,
+    builds_dir: &Path,
     tmp_dir: &Path,
 ) -> BTreeMap<String, String> {
     let mut env: BTreeMap<String, String> = std::env::vars()
@@ -319,10 +449,7 @@ fn base_env(
         env.insert(k.to_owned(), v);
     };
     set("CI_PROJECT_DIR", project_dir.to_string_lossy().into_owned());
-    set(
-        "CI_BUILDS_DIR",
-        work.join("builds").to_string_lossy().into_owned(),
-    );
+    set("CI_BUILDS_DIR", builds_dir.to_string_lossy().into_owned());
     set("CI_SERVER", "yes".into());
     set("CI_RUNNER_VERSION", crate::VERSION.into());
     set(
@@ -431,6 +558,9 @@ async fn execute(ctx: &mut Context) -> JobEnd {
         }
     }
     trace.section_end("prepare_executor");
+    if ctx.executor == "kubernetes" {
+        wait_for_services(ctx).await;
+    }
 
     if let Err(e) = export_variables(ctx) {
         return JobEnd::failed(
@@ -513,6 +643,47 @@ async fn execute(ctx: &mut Context) -> JobEnd {
         end = failure;
     }
     end
+}
+
+/// Waits for each service that names a `HEALTHCHECK_TCP_PORT` to accept connections on
+/// localhost (services are sidecars of the build pod); a slow one only earns a warning, as in
+/// gitlab-runner.
+async fn wait_for_services(ctx: &Context) {
+    for service in &ctx.job.services {
+        let Some(port) = service
+            .variables
+            .iter()
+            .rev()
+            .find(|v| v.key == "HEALTHCHECK_TCP_PORT")
+            .and_then(|v| v.value.trim().parse::<u16>().ok())
+        else {
+            continue;
+        };
+        ctx.trace.line(&format!(
+            "Waiting for service {} on port {port}...",
+            service.name
+        ));
+        let deadline = Instant::now() + ctx.settings.service_wait;
+        loop {
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::net::TcpStream::connect(("127.0.0.1", port)),
+            )
+            .await;
+            if matches!(attempt, Ok(Ok(_))) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                ctx.trace.warn(&format!(
+                    "service {} did not accept connections on port {port} within {}; it probably did not start properly",
+                    service.name,
+                    humantime::format_duration(ctx.settings.service_wait)
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
 }
 
 fn hostname() -> String {
@@ -615,6 +786,24 @@ async fn run_step(ctx: &mut Context, step: &Step, is_after: bool) -> StepEnd {
 
 async fn get_sources(ctx: &mut Context) -> Option<JobEnd> {
     let trace = Arc::clone(&ctx.trace);
+    if let Ok(bytes) = std::fs::read(&ctx.sources_file) {
+        // The init container fetched the sources: its trace goes into the job's.
+        return match serde_json::from_slice::<PreparedSources>(&bytes) {
+            Ok(prepared) => {
+                trace.write(prepared.log.as_bytes());
+                prepared
+                    .failure
+                    .map(|(reason, message)| JobEnd::failed(reason, message))
+            }
+            Err(e) => Some(JobEnd::failed(
+                FailureReason::RunnerSystemFailure,
+                format!(
+                    "the sources prepared by the init container cannot be read ({}): {e}",
+                    ctx.sources_file.display()
+                ),
+            )),
+        };
+    }
     let strategy = git::Strategy::from_variable(ctx.env.get("GIT_STRATEGY").map(String::as_str));
     trace.section_start("get_sources", "Getting source from Git repository");
     if strategy == git::Strategy::None || ctx.job.git_info.repo_url.is_empty() {

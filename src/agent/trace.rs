@@ -115,6 +115,11 @@ impl Trace {
         self.lock().log.len() as u64
     }
 
+    /// Everything so far.
+    pub(crate) fn contents(&self) -> Vec<u8> {
+        self.lock().log.clone()
+    }
+
     /// Up to `max` bytes from `offset`.
     fn slice(&self, offset: u64, max: usize) -> Vec<u8> {
         let state = self.lock();

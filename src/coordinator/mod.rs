@@ -10,16 +10,21 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::agent::AgentJob;
 use crate::config::{AgentConfig, Config};
-use crate::executor::{Executor, RunReport};
-use crate::job::FailureReason;
-use crate::sources::gitlab::api::ApiError;
+use crate::executor::{Executor, Launch, RunReport};
+use crate::job::JobKey;
+use crate::sources::gitlab::api::{ApiError, RunnerApi};
+use crate::sources::gitlab::payload::JobPayload;
 use crate::sources::gitlab::poller::{self, ClaimedJob, Runner};
+use crate::sources::gitlab::report::JobReporter;
 use crate::telemetry::{FinishedLabels, Metrics, RunnerLabels};
-use limiter::Limiter;
+use limiter::{Limiter, Permit};
 
 /// How long cancelled builds get to report before the coordinator stops waiting.
 const CANCEL_WAIT: Duration = Duration::from_secs(120);
+/// How long detaching from builds that outlive the coordinator may take.
+const DETACH_WAIT: Duration = Duration::from_secs(10);
 
 /// Errors setting up the coordinator.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +144,7 @@ impl Coordinator {
             settings: Arc::new(self.config.agent.clone()),
             cancel: cancel_jobs.clone(),
         };
+        self.recover(&dispatcher).await;
         let mut pollers = tokio::task::JoinSet::new();
         for runner in &self.runners {
             for _ in 0..runner_concurrency(&self.config, &runner.name) {
@@ -161,6 +167,20 @@ impl Coordinator {
         while pollers.join_next().await.is_some() {}
         tracker.close();
         let running = tracker.len();
+        if self.executor.survives_restart() {
+            // Builds run on without the coordinator and report themselves; the next
+            // coordinator adopts them. Draining would only delay the restart.
+            if running > 0 {
+                tracing::info!(
+                    running,
+                    "shutting down: running builds keep going and are adopted by the next start"
+                );
+            }
+            cancel_jobs.cancel();
+            let _ = tokio::time::timeout(DETACH_WAIT, tracker.wait()).await;
+            tracing::info!("coordinator stopped");
+            return;
+        }
         if running > 0 {
             tracing::info!(
                 running,
@@ -186,6 +206,73 @@ impl Coordinator {
         }
         tracing::info!("coordinator stopped");
     }
+
+    /// Adopts the builds an earlier coordinator left: each counts against capacity and is
+    /// followed to its end; one whose job GitLab no longer runs is removed.
+    async fn recover(&self, dispatcher: &Dispatcher) {
+        let launches = match self.executor.recover().await {
+            Ok(launches) => launches,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot recover earlier builds; they are recovered at the next start");
+                return;
+            }
+        };
+        if !launches.is_empty() {
+            tracing::info!(
+                builds = launches.len(),
+                "adopting the builds of an earlier run"
+            );
+        }
+        for launch in launches {
+            let Some(reporter) = self.reporter_for(&launch) else {
+                tracing::error!(job = %launch.key, "cannot read the job of a recovered build; removing it");
+                self.executor.discard(launch.key.clone()).await;
+                continue;
+            };
+            let (runner, limit) = self
+                .runners
+                .iter()
+                .find(|r| r.name == launch.key.runner)
+                .map(|r| (r.name.clone(), r.limit()))
+                .unwrap_or_else(|| (launch.key.runner.clone(), 0));
+            // Taken now, before any poller asks for work, so adopted builds count first.
+            let permit = self.limiter.acquire(&runner, limit).await;
+            let dispatcher = dispatcher.clone();
+            let executor = Arc::clone(&self.executor);
+            dispatcher.tracker.clone().spawn(async move {
+                match reporter.is_running().await {
+                    Ok(false) => {
+                        tracing::info!(job = %launch.key, "GitLab no longer runs this job; removing its build");
+                        executor.discard(launch.key.clone()).await;
+                        return;
+                    }
+                    Ok(true) => {}
+                    Err(e) => {
+                        tracing::warn!(job = %launch.key, error = %e, "cannot ask GitLab about a recovered job; following its build anyway");
+                    }
+                }
+                dispatcher
+                    .run_job(Job {
+                        launch,
+                        reporter,
+                        runner,
+                        _permit: permit,
+                    })
+                    .await;
+            });
+        }
+    }
+
+    /// A reporter for a recovered build, from the job file it carries.
+    fn reporter_for(&self, launch: &Launch) -> Option<JobReporter> {
+        let agent_job: AgentJob = serde_json::from_slice(&launch.job_file).ok()?;
+        let payload: JobPayload = serde_json::from_value(agent_job.job).ok()?;
+        if let Some(runner) = self.runners.iter().find(|r| r.name == agent_job.runner) {
+            return Some(runner.reporter(&payload));
+        }
+        let api = RunnerApi::new(&agent_job.gitlab_url).ok()?;
+        Some(JobReporter::new(api, payload, agent_job.runner))
+    }
 }
 
 fn runner_concurrency(config: &Config, name: &str) -> usize {
@@ -209,53 +296,93 @@ struct Dispatcher {
     cancel: CancellationToken,
 }
 
+/// One job on its way through an executor.
+struct Job {
+    launch: Launch,
+    reporter: JobReporter,
+    runner: String,
+    _permit: Permit,
+}
+
 impl Dispatcher {
     fn dispatch(&self, claimed: ClaimedJob) {
         let this = self.clone();
-        self.tracker
-            .spawn(async move { this.run_job(claimed).await });
+        let job = Job {
+            launch: launcher::gitlab_launch(&claimed, &self.settings, self.executor.name()),
+            reporter: claimed.runner.reporter(&claimed.job),
+            runner: claimed.runner.name.clone(),
+            _permit: claimed.permit,
+        };
+        self.tracker.spawn(async move { this.run_job(job).await });
     }
 
-    async fn run_job(self, claimed: ClaimedJob) {
-        let launch = launcher::gitlab_launch(&claimed, &self.settings, self.executor.name());
+    async fn run_job(self, job: Job) {
+        let key: JobKey = job.launch.key.clone();
         let labels = RunnerLabels {
-            runner: claimed.runner.name.clone(),
+            runner: job.runner.clone(),
         };
         self.metrics.jobs_started.get_or_create(&labels).inc();
         self.metrics.jobs_running.inc();
-        let report = self.executor.run(launch, self.cancel.child_token()).await;
+        let report = self
+            .executor
+            .run(job.launch, self.cancel.child_token())
+            .await;
+        self.metrics.jobs_running.dec();
         let (state, reason) = match report {
+            Ok(report) if report.detached => {
+                tracing::info!(job = %key, "left running for the next coordinator");
+                return;
+            }
             Ok(RunReport {
                 result: Some(result),
                 ..
             }) if result.reported => (result.state, result.failure_reason.unwrap_or_default()),
             Ok(report) => {
-                let message = format!(
-                    "{} before it reported the job; kiln marks it as a runner system failure so `retry: when: runner_system_failure` can re-run it",
-                    report.detail
-                );
-                self.fail(&claimed, &message).await
+                let retry = if report.reason.is_infrastructure() {
+                    format!(
+                        "; kiln marks it as {} so `retry: when: {}` can re-run it",
+                        report.reason, report.reason
+                    )
+                } else {
+                    String::new()
+                };
+                let message = format!("{}{retry}", report.detail);
+                Self::fail(&key, &job.reporter, report.reason, &message).await
             }
-            Err(e) => self.fail(&claimed, &e.to_string()).await,
+            Err(e) => {
+                Self::fail(
+                    &key,
+                    &job.reporter,
+                    crate::job::FailureReason::RunnerSystemFailure,
+                    &e.to_string(),
+                )
+                .await
+            }
         };
-        self.metrics.jobs_running.dec();
         self.metrics
             .jobs_finished
             .get_or_create(&FinishedLabels {
-                runner: claimed.runner.name.clone(),
+                runner: job.runner.clone(),
                 state,
                 reason,
             })
             .inc();
-        tracing::info!(job = %claimed.key, "job finished");
+        tracing::info!(job = %key, "job finished");
     }
 
-    async fn fail(&self, claimed: &ClaimedJob, message: &str) -> (String, String) {
-        tracing::warn!(job = %claimed.key, %message, "failing the job on the build's behalf");
-        let reason = FailureReason::RunnerSystemFailure;
-        if let Err(e) = claimed.runner.fail_job(&claimed.job, reason, message).await {
-            tracing::error!(job = %claimed.key, error = %e, "could not fail the job in GitLab; GitLab will time it out");
+    async fn fail(
+        key: &JobKey,
+        reporter: &JobReporter,
+        reason: crate::job::FailureReason,
+        message: &str,
+    ) -> (String, String) {
+        tracing::warn!(job = %key, %reason, %message, "failing the job on the build's behalf");
+        if let Err(e) = reporter.fail(reason, message).await {
+            tracing::error!(job = %key, error = %e, "could not fail the job in GitLab; GitLab will time it out");
         }
-        ("failed".into(), reason.as_str().into())
+        (
+            "failed".into(),
+            reporter.job().accepted_reason(reason).to_owned(),
+        )
     }
 }

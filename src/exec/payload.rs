@@ -3,8 +3,8 @@
 
 use crate::pipeline::{ArtifactsWhen, PipelineJob};
 use crate::sources::gitlab::payload::{
-    Artifact, ArtifactsFile, Dependency, Image, JobInfo, JobPayload, RunnerInfo, Step, Variable,
-    When,
+    Artifact, ArtifactsFile, Dependency, Image, ImageVariable, JobInfo, JobPayload, RunnerInfo,
+    Step, Variable, When,
 };
 
 /// GitLab's default job timeout, used when the job sets none.
@@ -128,6 +128,15 @@ fn job_payload(job: &PipelineJob, ctx: &JobContext<'_>) -> JobPayload {
         alias: spec.alias.clone(),
         command: spec.command.clone(),
         entrypoint: spec.entrypoint.clone(),
+        variables: spec
+            .variables
+            .iter()
+            .map(|(key, value)| ImageVariable {
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+        pull_policy: spec.pull_policy.clone(),
     };
     JobPayload {
         id: ctx.id,

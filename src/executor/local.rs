@@ -136,13 +136,18 @@ impl LocalExecutor {
         let result: Option<AgentResult> = std::fs::read(work.path().join(RESULT_FILE))
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok());
-        let detail = describe(status);
+        let detail = format!("{} before it reported the job", describe(status));
         tracing::info!(job = %job, %detail, reported = result.as_ref().is_some_and(|r| r.reported), "build ended");
         if self.keep_work_dirs {
             let kept = work.keep();
             tracing::info!(job = %job, dir = %kept.display(), "work directory kept");
         }
-        Ok(RunReport { result, detail })
+        Ok(RunReport {
+            result,
+            detail,
+            reason: crate::job::FailureReason::RunnerSystemFailure,
+            detached: false,
+        })
     }
 }
 

@@ -1,5 +1,6 @@
 //! Executors run one build each and report how it ended; they know nothing about CI servers.
 
+pub mod kubernetes;
 pub mod local;
 
 use std::time::Duration;
@@ -8,7 +9,7 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::AgentResult;
-use crate::job::JobKey;
+use crate::job::{FailureReason, JobKey};
 
 /// What the launcher hands an executor: everything one build needs.
 #[derive(Debug, Clone)]
@@ -26,9 +27,26 @@ pub struct Launch {
 pub struct RunReport {
     /// What the agent reported, if it got that far.
     pub result: Option<AgentResult>,
-    /// A one-line account of how the build ended (exit code, signal, …), for the trace when the
-    /// agent could not report the job itself.
+    /// A one-line account of how the build ended (exit code, signal, eviction, …), for the
+    /// trace when the agent could not report the job itself.
     pub detail: String,
+    /// The reason to fail the job with when the agent could not report it.
+    pub reason: FailureReason,
+    /// The build keeps running without this coordinator (shutdown of an executor whose builds
+    /// survive restarts): nobody reports anything; the next coordinator adopts it.
+    pub detached: bool,
+}
+
+impl RunReport {
+    /// A build that ended without its agent reporting, for `reason`.
+    pub fn failed(reason: FailureReason, detail: impl Into<String>) -> Self {
+        Self {
+            result: None,
+            detail: detail.into(),
+            reason,
+            detached: false,
+        }
+    }
 }
 
 /// Errors starting or watching a build.
@@ -50,6 +68,12 @@ pub enum ExecutorError {
         /// Why.
         message: String,
     },
+    /// The builds of an earlier coordinator could not be listed.
+    #[error("cannot recover the builds of an earlier run: {message}")]
+    Recover {
+        /// Why.
+        message: String,
+    },
 }
 
 /// Runs builds.
@@ -67,4 +91,22 @@ pub trait Executor: Send + Sync {
 
     /// Whether it honours a job's `image` and `services`.
     fn runs_images(&self) -> bool;
+
+    /// Whether builds keep running when the coordinator stops (pods do; child processes do
+    /// not). Then shutdown detaches from builds instead of draining them.
+    fn survives_restart(&self) -> bool {
+        false
+    }
+
+    /// The builds an earlier coordinator left behind, to be followed again (each is passed to
+    /// [`Executor::run`], which adopts the existing build instead of starting a second one).
+    fn recover(&self) -> BoxFuture<'_, Result<Vec<Launch>, ExecutorError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Removes whatever is left of a recovered build whose job its CI server no longer runs.
+    fn discard(&self, key: JobKey) -> BoxFuture<'_, ()> {
+        let _ = key;
+        Box::pin(async {})
+    }
 }

@@ -4,3 +4,4 @@ pub mod api;
 pub mod payload;
 pub mod poller;
 pub mod register;
+pub mod report;

@@ -159,6 +159,20 @@ pub struct Image {
     pub command: Vec<String>,
     /// Entrypoint override.
     pub entrypoint: Vec<String>,
+    /// Variables of a service container (`services: [{name, variables}]`).
+    pub variables: Vec<ImageVariable>,
+    /// `always`, `if-not-present` or `never`, in order of preference.
+    pub pull_policy: Vec<String>,
+}
+
+/// A variable of a service (`{key, value}`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ImageVariable {
+    /// The name.
+    pub key: String,
+    /// The value.
+    pub value: String,
 }
 
 /// One artifact to upload.

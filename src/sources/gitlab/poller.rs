@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 use super::api::{JobRequest, JobUpdate, RunnerApi, RunnerInfo, UpdateAck};
 use super::payload::JobPayload;
 use super::register::{self, RegisterError};
+use super::report::JobReporter;
 use crate::config::GitLabRunnerConfig;
 use crate::coordinator::limiter::{Limiter, Permit};
-use crate::job::{FailureReason, JobKey, SourceKind};
+use crate::job::{JobKey, SourceKind};
 use crate::telemetry::{Metrics, RequestLabels, RunnerLabels};
 
 /// How often a paused runner checks whether its token works again.
@@ -197,43 +198,9 @@ impl Runner {
         true
     }
 
-    /// Fails a job the build could not report itself: appends `message` to its trace and sends
-    /// the final state with a reason GitLab accepts for it.
-    ///
-    /// # Errors
-    /// GitLab unreachable or answering unexpectedly after a few tries.
-    pub async fn fail_job(
-        &self,
-        job: &JobPayload,
-        reason: FailureReason,
-        message: &str,
-    ) -> Result<(), super::api::ApiError> {
-        let text = format!("\n\x1b[31;1mERROR: Job failed ({reason}): {message}\x1b[0;m\n");
-        if let Err(e) = self.api.append_trace(job.id, &job.token, &text).await {
-            tracing::warn!(runner = %self.name, job = job.id, error = %e, "could not append the failure to the trace");
-        }
-        let update = JobUpdate {
-            token: &job.token,
-            state: "failed",
-            failure_reason: Some(job.accepted_reason(reason)),
-            exit_code: None,
-            output: None,
-        };
-        let mut backoff = Duration::from_secs(1);
-        for attempt in 1..=8u32 {
-            match self.api.update_job(job.id, &update).await {
-                Ok(UpdateAck::Pending(control)) => {
-                    tokio::time::sleep(control.update_interval.unwrap_or(backoff)).await;
-                }
-                Ok(_) => return Ok(()),
-                Err(e) if e.is_transient() && attempt < 8 => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+    /// A handle to report on `job` (fail it, ask whether it still runs).
+    pub fn reporter(&self, job: &JobPayload) -> JobReporter {
+        JobReporter::new(self.api.clone(), job.clone(), self.name.clone())
     }
 }
 

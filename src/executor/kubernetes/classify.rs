@@ -1,0 +1,579 @@
+//! Reading a build pod's status: still going, finished by its agent, or failed in a way the
+//! agent cannot report (image pull, Pending too long, OOM, eviction, spot reclaim, node loss),
+//! with the reason users retry on and a message that says what happened.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::jiff::Timestamp;
+
+use super::podspec::{BUILD_CONTAINER, PREPARE_CONTAINER, memory_limit};
+use crate::agent::AgentResult;
+use crate::job::FailureReason;
+
+/// What to do about a pod.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Verdict {
+    /// Still going; look again after `recheck` even if nothing changes.
+    Wait {
+        /// When a timeout would expire.
+        recheck: Option<Duration>,
+    },
+    /// The build is over.
+    Ended(Ending),
+}
+
+/// How a build ended.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Ending {
+    /// What the agent reported, if it got that far.
+    pub(crate) result: Option<AgentResult>,
+    /// The reason to fail the job with if the agent did not report it.
+    pub(crate) reason: FailureReason,
+    /// What happened, for the trace.
+    pub(crate) detail: String,
+    /// The pod never started: the caller adds the pod's warning events to `detail`.
+    pub(crate) stuck_pending: bool,
+}
+
+impl Ending {
+    fn failed(reason: FailureReason, detail: String) -> Self {
+        Self {
+            result: None,
+            reason,
+            detail,
+            stuck_pending: false,
+        }
+    }
+}
+
+/// What the classifier remembers between looks at one pod.
+#[derive(Debug, Default)]
+pub(crate) struct Memory {
+    /// Since when each container's image pull has been failing.
+    pull_failing_since: HashMap<String, Timestamp>,
+}
+
+/// Timeouts the classifier applies.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// How long a pod may stay Pending.
+    pub(crate) pending_timeout: Duration,
+    /// How long an image pull may keep failing.
+    pub(crate) image_pull_grace: Duration,
+}
+
+/// Pod-level reasons that mean the infrastructure, not the script, ended the build.
+const INFRASTRUCTURE_REASONS: &[(&str, &str)] = &[
+    ("Evicted", "the pod was evicted by the node"),
+    (
+        "DeadlineExceeded",
+        "the pod ran past its activeDeadlineSeconds (job timeout + kubernetes.deadline_margin) and was stopped",
+    ),
+    (
+        "BidFailed",
+        "the spot instance running the pod was reclaimed",
+    ),
+    ("NodeLost", "the node running the pod was lost"),
+    ("NodeShutdown", "the node running the pod shut down"),
+    ("Shutdown", "the node running the pod shut down"),
+    ("Terminated", "the node running the pod was terminated"),
+    (
+        "Preempting",
+        "the pod was preempted by a higher-priority pod",
+    ),
+    (
+        "UnexpectedAdmissionError",
+        "the node could not admit the pod",
+    ),
+];
+
+/// Looks at `pod` at time `now`.
+pub(crate) fn classify(pod: &Pod, now: Timestamp, limits: Limits, memory: &mut Memory) -> Verdict {
+    let Some(status) = pod.status.as_ref() else {
+        return pending_or_wait(pod, now, limits);
+    };
+    let build = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == BUILD_CONTAINER);
+    let build_end = build.and_then(|c| c.state.as_ref()?.terminated.as_ref());
+    let result = build_end
+        .and_then(|t| t.message.as_deref())
+        .and_then(|m| serde_json::from_str::<AgentResult>(m.trim()).ok());
+    if let Some(result) = result.as_ref().filter(|r| r.reported) {
+        return Verdict::Ended(Ending {
+            result: Some(result.clone()),
+            reason: FailureReason::RunnerSystemFailure,
+            detail: "the build agent reported the job".into(),
+            stuck_pending: false,
+        });
+    }
+
+    // The infrastructure ended the pod: say which way, whatever the container shows.
+    if let Some(disruption) = disruption(pod) {
+        return Verdict::Ended(Ending {
+            result,
+            ..Ending::failed(FailureReason::RunnerSystemFailure, disruption)
+        });
+    }
+
+    if let Some(end) = build_end {
+        let code = end.exit_code;
+        let reason_text = end.reason.as_deref().unwrap_or("");
+        let ending = match reason_text {
+            "OOMKilled" => Ending::failed(
+                FailureReason::ScriptFailure,
+                format!(
+                    "the build container ran out of memory and was killed (OOMKilled, memory limit {}); raise KUBERNETES_MEMORY_LIMIT (up to kubernetes.max.memory_limit) or pick a bigger resource class",
+                    memory_limit(pod).unwrap_or_else(|| "none set".into())
+                ),
+            ),
+            "StartError" | "ContainerCannotRun" => Ending::failed(
+                FailureReason::RunnerConfigurationError,
+                format!(
+                    "the build container could not start ({reason_text}): {}",
+                    end.message.as_deref().unwrap_or("no message").trim()
+                ),
+            ),
+            _ => Ending::failed(
+                FailureReason::RunnerSystemFailure,
+                format!(
+                    "the build agent exited with code {code}{} before it reported the job",
+                    if reason_text.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({reason_text})")
+                    }
+                ),
+            ),
+        };
+        return Verdict::Ended(Ending { result, ..ending });
+    }
+
+    let prepare_end = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == PREPARE_CONTAINER)
+        .and_then(|c| c.state.as_ref()?.terminated.as_ref())
+        .filter(|t| t.exit_code != 0);
+    if let Some(end) = prepare_end {
+        let message = end.message.as_deref().unwrap_or("").trim();
+        let reason = if end.reason.as_deref() == Some("OOMKilled") {
+            "it ran out of memory (raise kubernetes.helper.memory_limit)".to_owned()
+        } else {
+            format!("exit code {}", end.exit_code)
+        };
+        return Verdict::Ended(Ending::failed(
+            FailureReason::RunnerSystemFailure,
+            format!(
+                "preparing the build (installing the agent, cloning the sources) failed: {reason}{}",
+                if message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", last_lines(message, 5))
+                }
+            ),
+        ));
+    }
+
+    // Containers that cannot start: image problems and configuration errors.
+    let waiting = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten());
+    let mut recheck: Option<Duration> = None;
+    for container in waiting {
+        match waiting_verdict(pod, container, now, limits, memory) {
+            Verdict::Ended(ending) => return Verdict::Ended(ending),
+            Verdict::Wait {
+                recheck: Some(after),
+            } => {
+                recheck = Some(recheck.map_or(after, |r| r.min(after)));
+            }
+            Verdict::Wait { recheck: None } => {}
+        }
+    }
+
+    match status.phase.as_deref() {
+        Some("Succeeded" | "Failed") => Verdict::Ended(Ending::failed(
+            FailureReason::RunnerSystemFailure,
+            format!(
+                "the pod ended ({}{}) before the build container reported",
+                status.phase.as_deref().unwrap_or_default(),
+                status
+                    .message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            ),
+        )),
+        Some("Running") => Verdict::Wait { recheck },
+        _ => match pending_or_wait(pod, now, limits) {
+            Verdict::Wait { recheck: pending } => Verdict::Wait {
+                recheck: match (recheck, pending) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                },
+            },
+            ended => ended,
+        },
+    }
+}
+
+/// Explains a pod deleted by someone other than kiln (preemption, a person, the node
+/// controller), from the last state seen.
+pub(crate) fn deleted(last_seen: Option<&Pod>) -> Ending {
+    let cause = last_seen
+        .and_then(disruption)
+        .map(|d| format!(": {d}"))
+        .unwrap_or_default();
+    Ending::failed(
+        FailureReason::RunnerSystemFailure,
+        format!("the build pod was deleted before the build ended{cause}"),
+    )
+}
+
+fn waiting_verdict(
+    pod: &Pod,
+    container: &ContainerStatus,
+    now: Timestamp,
+    limits: Limits,
+    memory: &mut Memory,
+) -> Verdict {
+    let Some(waiting) = container.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
+        memory.pull_failing_since.remove(&container.name);
+        return Verdict::Wait { recheck: None };
+    };
+    let reason = waiting.reason.as_deref().unwrap_or("");
+    let message = waiting.message.as_deref().unwrap_or("").trim();
+    let image = image_of(pod, &container.name).unwrap_or_else(|| container.image.clone());
+    let which = describe_container(&container.name);
+    match reason {
+        "ErrImagePull" | "ImagePullBackOff" => {
+            let since = *memory
+                .pull_failing_since
+                .entry(container.name.clone())
+                .or_insert(now);
+            let failing = elapsed(since, now);
+            if failing >= limits.image_pull_grace {
+                Verdict::Ended(Ending::failed(
+                    FailureReason::ImagePullFailure,
+                    format!(
+                        "the image `{image}` of {which} could not be pulled for {} ({reason}): {message}",
+                        humantime::format_duration(limits.image_pull_grace)
+                    ),
+                ))
+            } else {
+                Verdict::Wait {
+                    recheck: Some(limits.image_pull_grace - failing),
+                }
+            }
+        }
+        "InvalidImageName" | "ErrImageNeverPull" => Verdict::Ended(Ending::failed(
+            FailureReason::ImagePullFailure,
+            format!("the image `{image}` of {which} cannot be used ({reason}): {message}"),
+        )),
+        "CreateContainerConfigError" | "CreateContainerError" | "RunContainerError" => {
+            Verdict::Ended(Ending::failed(
+                FailureReason::RunnerConfigurationError,
+                format!("{which} cannot be created ({reason}): {message}"),
+            ))
+        }
+        _ => {
+            memory.pull_failing_since.remove(&container.name);
+            Verdict::Wait { recheck: None }
+        }
+    }
+}
+
+fn pending_or_wait(pod: &Pod, now: Timestamp, limits: Limits) -> Verdict {
+    let Some(created) = pod.metadata.creation_timestamp.as_ref() else {
+        return Verdict::Wait { recheck: None };
+    };
+    let age = elapsed(created.0, now);
+    if age < limits.pending_timeout {
+        return Verdict::Wait {
+            recheck: Some(limits.pending_timeout - age),
+        };
+    }
+    let scheduling = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| {
+            c.iter()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+        })
+        .map(|c| {
+            format!(
+                "not scheduled ({}): {}",
+                c.reason.as_deref().unwrap_or("no reason given"),
+                c.message.as_deref().unwrap_or("no message").trim()
+            )
+        });
+    let detail = format!(
+        "the pod was still Pending after {} (kubernetes.pending_timeout){}",
+        humantime::format_duration(limits.pending_timeout),
+        scheduling.map(|s| format!("; {s}")).unwrap_or_default()
+    );
+    Verdict::Ended(Ending {
+        stuck_pending: true,
+        ..Ending::failed(FailureReason::RunnerSystemFailure, detail)
+    })
+}
+
+/// The infrastructure's reason for ending the pod, if it did.
+fn disruption(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let message = |m: Option<&String>| {
+        m.map(|m| m.trim())
+            .filter(|m| !m.is_empty())
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default()
+    };
+    if let Some(reason) = status.reason.as_deref()
+        && let Some((_, text)) = INFRASTRUCTURE_REASONS.iter().find(|(r, _)| *r == reason)
+    {
+        return Some(format!("{text}{}", message(status.message.as_ref())));
+    }
+    let condition = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "DisruptionTarget" && c.status == "True")?;
+    let what = match condition.reason.as_deref() {
+        Some("PreemptionByScheduler" | "PreemptionByKubeScheduler") => {
+            "the pod was preempted by a higher-priority pod"
+        }
+        Some("EvictionByEvictionAPI") => "the pod was evicted (drain or autoscaler scale-down)",
+        Some("DeletionByTaintManager") => {
+            "the pod's node was tainted NoExecute (node lost or drained)"
+        }
+        Some("TerminationByKubelet") => {
+            "the node's kubelet stopped the pod (node pressure or shutdown)"
+        }
+        Some("DeletionByPodGC") => "the pod's node is gone",
+        _ => "the cluster disrupted the pod",
+    };
+    Some(format!("{what}{}", message(condition.message.as_ref())))
+}
+
+fn image_of(pod: &Pod, container: &str) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .find(|c| c.name == container)?
+        .image
+        .clone()
+}
+
+fn describe_container(name: &str) -> String {
+    match name {
+        BUILD_CONTAINER => "the build container".into(),
+        PREPARE_CONTAINER => "the kiln helper (kubernetes.helper_image)".into(),
+        other => format!("service container `{other}`"),
+    }
+}
+
+/// Time from `then` to `now`; zero if the clocks disagree.
+fn elapsed(then: Timestamp, now: Timestamp) -> Duration {
+    Duration::try_from(now.duration_since(then)).unwrap_or_default()
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join(" / ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const LIMITS: Limits = Limits {
+        pending_timeout: Duration::from_secs(300),
+        image_pull_grace: Duration::from_secs(60),
+    };
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + seconds).unwrap()
+    }
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "kiln-gl-1", "creationTimestamp": "2023-11-14T22:13:20Z"},
+            "spec": {"containers": [{"name": "build", "image": "maven:3",
+                "resources": {"limits": {"memory": "2Gi"}}}]},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn ended(verdict: Verdict) -> Ending {
+        match verdict {
+            Verdict::Ended(e) => e,
+            other => panic!("expected an ending, got {other:?}"),
+        }
+    }
+
+    fn terminated(reason: &str, code: i32, message: Option<&str>) -> serde_json::Value {
+        json!({"phase": "Failed", "containerStatuses": [{
+            "name": "build", "image": "maven:3", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": code, "reason": reason, "message": message}}}]})
+    }
+
+    #[test]
+    fn a_reported_result_ends_the_build() {
+        let result = r#"{"state":"failed","failure_reason":"script_failure","exit_code":1,"reported":true,"canceled":false}"#;
+        let ending = ended(classify(
+            &pod(terminated("Error", 1, Some(result))),
+            at(10),
+            LIMITS,
+            &mut Memory::default(),
+        ));
+        assert!(ending.result.unwrap().reported);
+    }
+
+    #[test]
+    fn oom_is_a_script_failure_naming_the_limit() {
+        let ending = ended(classify(
+            &pod(terminated("OOMKilled", 137, None)),
+            at(10),
+            LIMITS,
+            &mut Memory::default(),
+        ));
+        assert_eq!(ending.reason, FailureReason::ScriptFailure);
+        assert!(
+            ending.detail.contains("OOMKilled") && ending.detail.contains("2Gi"),
+            "{}",
+            ending.detail
+        );
+    }
+
+    #[test]
+    fn eviction_is_a_runner_system_failure() {
+        let mut status = terminated("Error", 137, None);
+        status["reason"] = json!("Evicted");
+        status["message"] = json!("The node was low on resource: memory.");
+        let ending = ended(classify(
+            &pod(status),
+            at(10),
+            LIMITS,
+            &mut Memory::default(),
+        ));
+        assert_eq!(ending.reason, FailureReason::RunnerSystemFailure);
+        assert!(ending.detail.contains("evicted") && ending.detail.contains("low on resource"));
+    }
+
+    #[test]
+    fn spot_reclaim_and_preemption_are_runner_system_failures() {
+        let mut status = terminated("Error", 137, None);
+        status["reason"] = json!("BidFailed");
+        let ending = ended(classify(
+            &pod(status),
+            at(10),
+            LIMITS,
+            &mut Memory::default(),
+        ));
+        assert_eq!(ending.reason, FailureReason::RunnerSystemFailure);
+        assert!(ending.detail.contains("spot"));
+        let preempted = pod(json!({"phase": "Running", "conditions": [
+            {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]}));
+        let ending = deleted(Some(&preempted));
+        assert!(ending.detail.contains("preempted"), "{}", ending.detail);
+    }
+
+    #[test]
+    fn an_agent_that_died_silently_is_a_runner_system_failure() {
+        let ending = ended(classify(
+            &pod(terminated("Error", 2, Some("not json"))),
+            at(10),
+            LIMITS,
+            &mut Memory::default(),
+        ));
+        assert_eq!(ending.reason, FailureReason::RunnerSystemFailure);
+        assert!(ending.detail.contains("code 2"));
+    }
+
+    #[test]
+    fn image_pull_failures_get_a_grace_period() {
+        let status = json!({"phase": "Pending", "containerStatuses": [{
+            "name": "build", "image": "maven:3", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"maven:3\""}}}]});
+        let mut memory = Memory::default();
+        let first = classify(&pod(status.clone()), at(0), LIMITS, &mut memory);
+        assert_eq!(
+            first,
+            Verdict::Wait {
+                recheck: Some(Duration::from_secs(60))
+            }
+        );
+        let later = ended(classify(&pod(status), at(61), LIMITS, &mut memory));
+        assert_eq!(later.reason, FailureReason::ImagePullFailure);
+        assert!(later.detail.contains("maven:3"));
+    }
+
+    #[test]
+    fn config_errors_fail_at_once() {
+        let status = json!({"phase": "Pending", "containerStatuses": [{
+            "name": "build", "image": "maven:3", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "CreateContainerConfigError", "message": "secret \"x\" not found"}}}]});
+        let ending = ended(classify(
+            &pod(status),
+            at(0),
+            LIMITS,
+            &mut Memory::default(),
+        ));
+        assert_eq!(ending.reason, FailureReason::RunnerConfigurationError);
+        assert!(ending.detail.contains("secret \"x\" not found"));
+    }
+
+    #[test]
+    fn pending_past_the_timeout_quotes_the_scheduler() {
+        let status = json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
+            "status": "False", "reason": "Unschedulable",
+            "message": "0/3 nodes are available: 3 Insufficient cpu."}]});
+        let early = classify(
+            &pod(status.clone()),
+            at(100),
+            LIMITS,
+            &mut Memory::default(),
+        );
+        assert_eq!(
+            early,
+            Verdict::Wait {
+                recheck: Some(Duration::from_secs(200))
+            }
+        );
+        let ending = ended(classify(
+            &pod(status),
+            at(301),
+            LIMITS,
+            &mut Memory::default(),
+        ));
+        assert!(ending.stuck_pending);
+        assert!(
+            ending.detail.contains("Insufficient cpu"),
+            "{}",
+            ending.detail
+        );
+    }
+
+    #[test]
+    fn a_running_pod_waits() {
+        let status = json!({"phase": "Running", "containerStatuses": [{
+            "name": "build", "image": "maven:3", "imageID": "", "ready": true, "restartCount": 0,
+            "state": {"running": {"startedAt": "2023-11-14T22:13:30Z"}}}]});
+        assert_eq!(
+            classify(&pod(status), at(4000), LIMITS, &mut Memory::default()),
+            Verdict::Wait { recheck: None }
+        );
+    }
+}

@@ -1,0 +1,480 @@
+//! The Kubernetes executor: one pod per build, created under a deterministic name, watched to
+//! its end, classified when it fails for reasons its agent cannot report, and deleted with its
+//! Secret. Builds outlive the coordinator: a new one adopts them from their labels.
+
+mod classify;
+mod client;
+pub mod config;
+mod podspec;
+mod quantity;
+mod watch;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::{Event, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use tokio_util::sync::CancellationToken;
+
+use super::{Executor, ExecutorError, Launch, RunReport};
+use crate::agent::AgentJob;
+use crate::job::{FailureReason, JobKey, SourceKind};
+use crate::sources::gitlab::payload::JobPayload;
+use classify::{Ending, Limits, Memory, Verdict};
+pub use client::ClusterError;
+use client::{Cluster, is_status};
+pub use config::KubernetesConfig;
+use podspec::{JOB_KEY, LABEL_COORDINATOR, PodInput};
+use watch::{PodSeen, PodWatch, Subscription};
+
+/// Grace period when kiln deletes a pod whose build container has ended: only sidecars are
+/// left, and they must not keep the pod (and its bill) alive.
+const DELETE_GRACE_SECONDS: u32 = 2;
+/// How long a created pod may stay unseen by the watch before kiln reads it directly.
+const UNSEEN_RECHECK: Duration = Duration::from_secs(10);
+/// How often a build with no pending timeout is looked at even without changes.
+const IDLE_RECHECK: Duration = Duration::from_secs(300);
+
+/// Runs each build as a pod.
+pub struct KubernetesExecutor {
+    cluster: Arc<Cluster>,
+    config: Arc<KubernetesConfig>,
+    pods: PodWatch,
+    selector: String,
+    runner_classes: HashMap<String, String>,
+    shutdown: CancellationToken,
+}
+
+impl KubernetesExecutor {
+    /// Connects to the cluster, checks kiln's permissions and starts watching its pods.
+    /// `runner_classes` maps runner names to the resource class their jobs use.
+    ///
+    /// # Errors
+    /// No cluster configuration, an unreachable API server, or a missing permission (named).
+    pub async fn connect(
+        config: &KubernetesConfig,
+        runner_classes: HashMap<String, String>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ClusterError> {
+        let cluster = Cluster::connect(config).await?;
+        cluster.check_permissions().await?;
+        let selector = format!("{LABEL_COORDINATOR}={}", config.coordinator);
+        let pods = PodWatch::start(cluster.api(), selector.clone(), shutdown.clone());
+        tracing::info!(namespace = cluster.namespace(), selector = %selector, "connected to Kubernetes");
+        Ok(Self {
+            cluster: Arc::new(cluster),
+            config: Arc::new(config.clone()),
+            pods,
+            selector,
+            runner_classes,
+            shutdown,
+        })
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            pending_timeout: self.config.pending_timeout,
+            image_pull_grace: self.config.image_pull_grace,
+        }
+    }
+
+    async fn run_build(
+        &self,
+        launch: Launch,
+        cancel: CancellationToken,
+    ) -> Result<RunReport, ExecutorError> {
+        let key = launch.key.clone();
+        let name = key.resource_name();
+        let prepare = |message: String| ExecutorError::Prepare {
+            job: key.clone(),
+            message,
+        };
+        let agent_job: AgentJob = serde_json::from_slice(&launch.job_file)
+            .map_err(|e| prepare(format!("job file: {e}")))?;
+        let job: JobPayload = serde_json::from_value(agent_job.job.clone())
+            .map_err(|e| prepare(format!("job: {e}")))?;
+        let input = PodInput {
+            key: &key,
+            job: &job,
+            runner_class: self
+                .runner_classes
+                .get(&agent_job.runner)
+                .map(String::as_str),
+            config: &self.config,
+            namespace: self.cluster.namespace(),
+        };
+        let pod = match podspec::pod(&input) {
+            Ok(pod) => pod,
+            Err(e) => {
+                return Ok(RunReport::failed(
+                    FailureReason::RunnerConfigurationError,
+                    e.0,
+                ));
+            }
+        };
+        let mut subscription = self.pods.subscribe(&name);
+
+        // The Secret first: if kiln dies right after, a restarted coordinator still has the job
+        // (and its token) to start or fail it. Its owner is set once the pod exists.
+        let secrets: Api<Secret> = self.cluster.api();
+        let secret = podspec::secret(&input, &launch.job_file);
+        let create = PostParams::default();
+        match self.cluster.call(|| secrets.create(&create, &secret)).await {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 409) => {}
+            Err(e) => return Err(self.start_error(&key, "create the job Secret", &e)),
+        }
+        let pods: Api<Pod> = self.cluster.api();
+        let uid = match self.cluster.call(|| pods.create(&create, &pod)).await {
+            Ok(created) => {
+                tracing::info!(job = %key, pod = %name, namespace = self.cluster.namespace(), "build pod created");
+                created.metadata.uid
+            }
+            Err(e) if is_status(&e, 409) => {
+                // Launched before (a restarted coordinator): follow that pod, never a second.
+                match self.cluster.call(|| pods.get(&name)).await {
+                    Ok(existing) => {
+                        tracing::info!(job = %key, pod = %name, "build pod exists already; following it");
+                        existing.metadata.uid
+                    }
+                    Err(e) => return Err(self.start_error(&key, "read the existing pod", &e)),
+                }
+            }
+            Err(kube::Error::Api(status)) if matches!(status.code, 400 | 422) => {
+                self.remove(&name).await;
+                return Ok(RunReport::failed(
+                    FailureReason::RunnerConfigurationError,
+                    format!(
+                        "the Kubernetes API rejected the build pod ({}): {}",
+                        status.reason, status.message
+                    ),
+                ));
+            }
+            Err(e) => {
+                self.remove(&name).await;
+                return Err(self.start_error(&key, "create the build pod", &e));
+            }
+        };
+        if let Some(uid) = uid {
+            self.own_secret(&name, &uid).await;
+        }
+
+        let ending = match self.follow(&name, &mut subscription, &cancel).await {
+            Some(ending) => ending,
+            None => {
+                tracing::info!(job = %key, pod = %name, "coordinator stopping; the build pod keeps running and will be adopted");
+                return Ok(RunReport {
+                    result: None,
+                    detail: "the coordinator stopped following the build".into(),
+                    reason: FailureReason::RunnerSystemFailure,
+                    detached: true,
+                });
+            }
+        };
+        let detail = if ending.stuck_pending {
+            format!("{}{}", ending.detail, self.warning_events(&name).await)
+        } else {
+            ending.detail.clone()
+        };
+        self.remove(&name).await;
+        tracing::info!(job = %key, pod = %name, %detail, "build pod finished and deleted");
+        Ok(RunReport {
+            result: ending.result,
+            detail,
+            reason: ending.reason,
+            detached: false,
+        })
+    }
+
+    /// Follows the pod until its build ends; `None` when `cancel` fires first.
+    async fn follow(
+        &self,
+        name: &str,
+        subscription: &mut Subscription,
+        cancel: &CancellationToken,
+    ) -> Option<Ending> {
+        let limits = self.limits();
+        let mut memory = Memory::default();
+        let mut last: Option<Arc<Pod>> = None;
+        let mut unseen_checks = 0u32;
+        loop {
+            let seen = subscription.changes.borrow_and_update().clone();
+            let snapshot = match seen {
+                PodSeen::Present(pod) => Some(pod),
+                PodSeen::Gone(final_state) => {
+                    let final_state = final_state.or_else(|| last.clone());
+                    if let Some(pod) = final_state.as_deref()
+                        && let Verdict::Ended(ending) =
+                            classify::classify(pod, Timestamp::now(), limits, &mut memory)
+                        && ending.result.as_ref().is_some_and(|r| r.reported)
+                    {
+                        return Some(ending);
+                    }
+                    return Some(classify::deleted(final_state.as_deref()));
+                }
+                PodSeen::Unknown if unseen_checks > 0 => {
+                    // The watch has not shown the pod yet (or is failing): read it directly.
+                    let pods: Api<Pod> = self.cluster.api();
+                    match self.cluster.call(|| pods.get_opt(name)).await {
+                        Ok(Some(pod)) => Some(Arc::new(pod)),
+                        Ok(None) => return Some(classify::deleted(last.as_deref())),
+                        Err(e) => {
+                            tracing::warn!(pod = name, error = %e, "cannot read the build pod");
+                            None
+                        }
+                    }
+                }
+                PodSeen::Unknown => None,
+            };
+            let recheck = match snapshot {
+                Some(pod) => {
+                    let verdict = classify::classify(&pod, Timestamp::now(), limits, &mut memory);
+                    last = Some(pod);
+                    match verdict {
+                        Verdict::Ended(ending) => return Some(ending),
+                        Verdict::Wait { recheck } => recheck.unwrap_or(IDLE_RECHECK),
+                    }
+                }
+                None => {
+                    unseen_checks += 1;
+                    UNSEEN_RECHECK
+                }
+            };
+            tokio::select! {
+                _ = subscription.changes.changed() => unseen_checks = 0,
+                () = tokio::time::sleep(recheck) => {}
+                () = cancel.cancelled() => return None,
+            }
+        }
+    }
+
+    /// Sets the pod as the owner of the job Secret, so Kubernetes deletes the Secret with the
+    /// pod even if kiln never gets to.
+    async fn own_secret(&self, name: &str, uid: &str) {
+        let secrets: Api<Secret> = self.cluster.api();
+        let patch = serde_json::json!({
+            "metadata": {"ownerReferences": [OwnerReference {
+                api_version: "v1".into(),
+                kind: "Pod".into(),
+                name: name.to_owned(),
+                uid: uid.to_owned(),
+                block_owner_deletion: Some(false),
+                controller: Some(false),
+            }]}
+        });
+        let params = PatchParams::default();
+        let patch = Patch::Merge(&patch);
+        if let Err(e) = self
+            .cluster
+            .call(|| secrets.patch(name, &params, &patch))
+            .await
+        {
+            tracing::warn!(secret = name, error = %e, "cannot set the pod as owner of the job Secret; kiln deletes it itself after the build");
+        }
+    }
+
+    /// Deletes the pod and its Secret; missing ones are fine.
+    async fn remove(&self, name: &str) {
+        let params = DeleteParams {
+            grace_period_seconds: Some(DELETE_GRACE_SECONDS),
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..DeleteParams::default()
+        };
+        let pods: Api<Pod> = self.cluster.api();
+        match self.cluster.call(|| pods.delete(name, &params)).await {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => {
+                tracing::error!(pod = name, error = %e, "cannot delete the build pod; the next start-up of kiln retries")
+            }
+        }
+        let secrets: Api<Secret> = self.cluster.api();
+        let plain = DeleteParams::default();
+        match self.cluster.call(|| secrets.delete(name, &plain)).await {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => {
+                tracing::warn!(secret = name, error = %e, "cannot delete the job Secret; Kubernetes collects it with its pod")
+            }
+        }
+    }
+
+    /// The pod's recent warning events, as `; events: Reason: message, …`.
+    async fn warning_events(&self, name: &str) -> String {
+        let events: Api<Event> = self.cluster.api();
+        let params = ListParams::default().fields(&format!("involvedObject.name={name}"));
+        let Ok(list) = self.cluster.call(|| events.list(&params)).await else {
+            return String::new();
+        };
+        let mut seen = HashSet::new();
+        let lines: Vec<String> = list
+            .items
+            .iter()
+            .rev()
+            .filter(|e| e.type_.as_deref() == Some("Warning"))
+            .filter_map(|e| {
+                let line = format!(
+                    "{}: {}",
+                    e.reason.as_deref().unwrap_or("Warning"),
+                    e.message.as_deref().unwrap_or("").trim()
+                );
+                seen.insert(line.clone()).then_some(line)
+            })
+            .take(3)
+            .collect();
+        if lines.is_empty() {
+            String::new()
+        } else {
+            format!("; events: {}", lines.join("; "))
+        }
+    }
+
+    fn start_error(&self, job: &JobKey, what: &str, error: &kube::Error) -> ExecutorError {
+        ExecutorError::Start {
+            job: job.clone(),
+            message: format!(
+                "cannot {what} in namespace `{}`: {}",
+                self.cluster.namespace(),
+                describe(error)
+            ),
+        }
+    }
+
+    async fn recover_builds(&self) -> Result<Vec<Launch>, ExecutorError> {
+        let params = ListParams::default().labels(&self.selector);
+        let secrets: Api<Secret> = self.cluster.api();
+        let pods: Api<Pod> = self.cluster.api();
+        let list_error = |what: &str, e: kube::Error| ExecutorError::Recover {
+            message: format!(
+                "cannot list {what} in namespace `{}`: {}",
+                self.cluster.namespace(),
+                describe(&e)
+            ),
+        };
+        let secrets = self
+            .cluster
+            .call(|| secrets.list(&params))
+            .await
+            .map_err(|e| list_error("the job Secrets", e))?;
+        let pods = self
+            .cluster
+            .call(|| pods.list(&params))
+            .await
+            .map_err(|e| list_error("the build pods", e))?;
+        let mut launches = Vec::new();
+        let mut with_job = HashSet::new();
+        for secret in secrets.items {
+            let name = secret.metadata.name.clone().unwrap_or_default();
+            let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(JOB_KEY)) else {
+                tracing::warn!(secret = %name, "a kiln Secret without a job file; deleting it");
+                self.remove(&name).await;
+                continue;
+            };
+            let parsed = serde_json::from_slice::<AgentJob>(&bytes.0)
+                .ok()
+                .and_then(|job| {
+                    let payload: JobPayload = serde_json::from_value(job.job.clone()).ok()?;
+                    Some((job, payload))
+                });
+            let Some((agent_job, payload)) = parsed else {
+                tracing::error!(secret = %name, "the job file in this Secret cannot be read; deleting the build");
+                self.remove(&name).await;
+                continue;
+            };
+            let key = JobKey {
+                source: SourceKind::GitLab,
+                runner: agent_job.runner.clone(),
+                id: payload.id,
+            };
+            if key.resource_name() != name {
+                tracing::warn!(secret = %name, "a kiln Secret whose name does not match its job; leaving it alone");
+                continue;
+            }
+            with_job.insert(name);
+            launches.push(Launch {
+                key,
+                job_file: bytes.0.clone(),
+                timeout: payload.timeout(),
+            });
+        }
+        for pod in pods.items {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            if with_job.contains(&name) || pod.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            // No job file: kiln cannot report for this build. Its agent still can; delete the
+            // pod once it has ended.
+            tracing::warn!(pod = %name, "a build pod without its job Secret; it is deleted when it ends");
+            let subscription = self.pods.subscribe(&name);
+            let this = self.detached_handle();
+            tokio::spawn(async move {
+                let mut subscription = subscription;
+                let shutdown = this.shutdown.clone();
+                if this
+                    .follow(&name, &mut subscription, &shutdown)
+                    .await
+                    .is_some()
+                {
+                    this.remove(&name).await;
+                }
+            });
+        }
+        Ok(launches)
+    }
+
+    fn detached_handle(&self) -> Self {
+        Self {
+            cluster: Arc::clone(&self.cluster),
+            config: Arc::clone(&self.config),
+            pods: self.pods.clone(),
+            selector: self.selector.clone(),
+            runner_classes: self.runner_classes.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+}
+
+/// An API error as one line: status, reason and message, or the transport error.
+fn describe(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => {
+            format!("HTTP {} {}: {}", status.code, status.reason, status.message)
+        }
+        other => other.to_string(),
+    }
+}
+
+impl Executor for KubernetesExecutor {
+    fn run(
+        &self,
+        launch: Launch,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'_, Result<RunReport, ExecutorError>> {
+        Box::pin(self.run_build(launch, cancel))
+    }
+
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn runs_images(&self) -> bool {
+        true
+    }
+
+    fn survives_restart(&self) -> bool {
+        true
+    }
+
+    fn recover(&self) -> BoxFuture<'_, Result<Vec<Launch>, ExecutorError>> {
+        Box::pin(self.recover_builds())
+    }
+
+    fn discard(&self, key: JobKey) -> BoxFuture<'_, ()> {
+        Box::pin(async move { self.remove(&key.resource_name()).await })
+    }
+}
