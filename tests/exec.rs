@@ -277,7 +277,8 @@ fn bad_input_is_reported_without_running_anything() {
     let run = kiln_exec(dir.path(), &["--executor", "kubernetes"]);
     assert_eq!(run.code, Some(1));
     assert!(
-        run.stderr.contains("Kubernetes executor is not available"),
+        run.stderr.contains("cannot use the Kubernetes executor")
+            && run.stderr.contains("--executor local"),
         "{}",
         run.stderr
     );

@@ -24,8 +24,10 @@ pub(crate) const BIN_DIR: &str = "/kiln/bin";
 pub(crate) const JOB_DIR: &str = "/kiln/job";
 /// The job file's key in the Secret.
 pub(crate) const JOB_KEY: &str = "job.json";
-/// The builds volume: the agent's work directory.
+/// The builds volume: projects are checked out below it (`/builds/<group>/<project>`).
 pub(crate) const BUILDS_DIR: &str = "/builds";
+/// The agent's scratch directory, on the builds volume (shared by init and build container).
+pub(crate) const WORK_DIR: &str = "/builds/.kiln";
 /// The kiln binary in the kiln (helper) image.
 pub(crate) const HELPER_BINARY: &str = "/usr/local/bin/kiln";
 /// The build container's name.
@@ -168,6 +170,8 @@ pub(crate) fn pod(input: &PodInput<'_>) -> Result<Pod, SpecError> {
             "--job".into(),
             job_file.clone(),
             "--work-dir".into(),
+            WORK_DIR.into(),
+            "--builds-dir".into(),
             BUILDS_DIR.into(),
             "--bin-dir".into(),
             BIN_DIR.into(),
@@ -190,6 +194,8 @@ pub(crate) fn pod(input: &PodInput<'_>) -> Result<Pod, SpecError> {
         "--job".into(),
         job_file,
         "--work-dir".into(),
+        WORK_DIR.into(),
+        "--builds-dir".into(),
         BUILDS_DIR.into(),
         "--result".into(),
         TERMINATION_LOG.into(),
