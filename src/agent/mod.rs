@@ -686,6 +686,16 @@ async fn wait_for_services(ctx: &Context) {
     }
 }
 
+/// The end of a job stopped by SIGTERM: who sends it depends on where the agent runs.
+fn aborted(ctx: &Context) -> JobEnd {
+    let message = if ctx.executor == "kubernetes" {
+        "the build pod was stopped from outside (evicted, preempted, spot instance reclaimed, node drained or shut down, or deleted); kiln marks it as runner_system_failure so `retry: when: runner_system_failure` can re-run it"
+    } else {
+        "the runner is shutting down; the job was stopped (retry it)"
+    };
+    JobEnd::failed(FailureReason::RunnerSystemFailure, message)
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
@@ -773,10 +783,7 @@ async fn run_step(ctx: &mut Context, step: &Step, is_after: bool) -> StepEnd {
             exit_code: None,
             canceled: true,
         }),
-        Ok(Exit::Aborted) => StepEnd::Other(JobEnd::failed(
-            FailureReason::RunnerSystemFailure,
-            "the runner is shutting down; the job was stopped (retry it)",
-        )),
+        Ok(Exit::Aborted) => StepEnd::Other(aborted(ctx)),
         Err(e) => StepEnd::Other(JobEnd::failed(
             FailureReason::RunnerSystemFailure,
             format!("cannot start `{}`: {e}", ctx.shell),
@@ -857,10 +864,7 @@ async fn get_sources(ctx: &mut Context) -> Option<JobEnd> {
                 exit_code: None,
                 canceled: true,
             },
-            Ok(Exit::Aborted) => JobEnd::failed(
-                FailureReason::RunnerSystemFailure,
-                "the runner is shutting down; the job was stopped (retry it)",
-            ),
+            Ok(Exit::Aborted) => aborted(ctx),
             Err(e) => JobEnd::failed(
                 FailureReason::RunnerSystemFailure,
                 format!("cannot run git (is it installed?): {e}"),

@@ -554,6 +554,24 @@ impl GitLabServer {
         }
     }
 
+    /// Polls until the job's trace contains `text`; panics with its trace after `timeout`.
+    pub(crate) async fn wait_for_trace(&self, id: u64, text: &str, timeout: Duration) -> JobRecord {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let job = self.job(id);
+            if job.trace.contains(text) {
+                return job;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "job {id} (`{}`) has no `{text}` in its trace after {timeout:?}:\n{}",
+                    job.state, job.trace
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Cancels like the UI: a pending job is canceled at once; a running one becomes `canceling`
     /// (`graceful`: the runner should run `after_script`) or `canceled`.
     pub(crate) fn cancel(&self, id: u64, graceful: bool) {

@@ -123,8 +123,13 @@ impl KilnProcess {
 
     /// SIGTERM, then wait up to `within` for it to exit; returns whether it exited.
     pub fn terminate(&mut self, within: Duration) -> bool {
+        send_signal(self.pid(), "TERM");
+        self.wait_exit(within)
+    }
+
+    /// Waits up to `within` for the process to exit (after a signal); returns whether it did.
+    pub fn wait_exit(&mut self, within: Duration) -> bool {
         let child = self.child.as_mut().unwrap();
-        send_signal(child.id(), "TERM");
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if child.try_wait().unwrap().is_some() {

@@ -4,4 +4,5 @@
 pub mod gitlab;
 pub mod kiln;
 pub mod knative;
+pub mod kube;
 pub mod sae;

@@ -112,8 +112,12 @@ pub(crate) fn classify(pod: &Pod, now: Timestamp, limits: Limits, memory: &mut M
         });
     }
 
-    // The infrastructure ended the pod: say which way, whatever the container shows.
-    if let Some(disruption) = disruption(pod) {
+    // The infrastructure ended the pod: say which way, whatever the container shows. While
+    // the build container still runs, its agent gets SIGTERM and reports the job itself.
+    let build_running = build
+        .and_then(|c| c.state.as_ref())
+        .is_some_and(|s| s.running.is_some());
+    if !build_running && let Some(disruption) = disruption(pod) {
         return Verdict::Ended(Ending {
             result,
             ..Ending::failed(FailureReason::RunnerSystemFailure, disruption)
@@ -485,7 +489,15 @@ mod tests {
         assert_eq!(ending.reason, FailureReason::RunnerSystemFailure);
         assert!(ending.detail.contains("spot"));
         let preempted = pod(json!({"phase": "Running", "conditions": [
-            {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]}));
+            {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}],
+            "containerStatuses": [{"name": "build", "image": "maven:3", "imageID": "",
+                "ready": true, "restartCount": 0,
+                "state": {"running": {"startedAt": "2023-11-14T22:13:30Z"}}}]}));
+        // The agent is still running: it gets SIGTERM and reports the job itself.
+        assert_eq!(
+            classify(&preempted, at(10), LIMITS, &mut Memory::default()),
+            Verdict::Wait { recheck: None }
+        );
         let ending = deleted(Some(&preempted));
         assert!(ending.detail.contains("preempted"), "{}", ending.detail);
     }
