@@ -188,11 +188,13 @@ impl Default for AgentConfig {
 }
 
 /// `[sources]`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Sources {
     /// GitLab runners (`[[sources.gitlab]]`), each with its own token.
     pub gitlab: Vec<GitLabRunnerConfig>,
+    /// Jenkins controllers (`[[sources.jenkins]]`) kiln provisions agents for.
+    pub jenkins: Vec<crate::sources::jenkins::JenkinsConfig>,
 }
 
 /// One GitLab runner kiln acts as.
@@ -474,6 +476,16 @@ impl Config {
                 })
                 .collect();
             problems.extend(self.kubernetes.problems(&runner_classes));
+        }
+        let classes: Vec<String> = self.kubernetes.resource_classes.keys().cloned().collect();
+        for (i, jenkins) in self.sources.jenkins.iter().enumerate() {
+            problems.extend(jenkins.problems(i, &classes));
+        }
+        if !self.sources.jenkins.is_empty() && self.executor != ExecutorKind::Kubernetes {
+            problems.push(Problem {
+                path: "executor".into(),
+                message: "Jenkins sources start agent pods: set executor = \"kubernetes\"".into(),
+            });
         }
         problems
     }

@@ -80,6 +80,8 @@ pub enum Outcome {
 pub enum SourceKind {
     /// A GitLab runner.
     GitLab,
+    /// A Jenkins controller's queue.
+    Jenkins,
 }
 
 impl SourceKind {
@@ -87,6 +89,7 @@ impl SourceKind {
     pub fn short(self) -> &'static str {
         match self {
             Self::GitLab => "gl",
+            Self::Jenkins => "jk",
         }
     }
 
@@ -94,6 +97,7 @@ impl SourceKind {
     pub fn name(self) -> &'static str {
         match self {
             Self::GitLab => "gitlab",
+            Self::Jenkins => "jenkins",
         }
     }
 }

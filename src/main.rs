@@ -255,13 +255,14 @@ fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(args.config.config.as_deref())?;
     kiln::telemetry::init_logging(config.log.format, &config.log.level);
-    if config.sources.gitlab.is_empty() {
+    if config.sources.gitlab.is_empty() && config.sources.jenkins.is_empty() {
         bail!(
-            "no job sources configured: add a [[sources.gitlab]] runner (see `kiln register --help`)"
+            "no job sources configured: add a [[sources.gitlab]] runner (see `kiln register --help`) or a [[sources.jenkins]] controller"
         );
     }
     let metrics = kiln::telemetry::Metrics::new();
     let shutdown = shutdown_on_signal()?;
+    let mut kubernetes = None;
     let executor: Arc<dyn kiln::executor::Executor> = match config.executor {
         kiln::config::ExecutorKind::Local => {
             let agent =
@@ -279,7 +280,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 .enumerate()
                 .filter_map(|(i, r)| Some((r.display_name(i), r.resource_class.clone()?)))
                 .collect();
-            Arc::new(
+            let executor = Arc::new(
                 kiln::executor::kubernetes::KubernetesExecutor::connect(
                     &config.kubernetes,
                     classes,
@@ -287,15 +288,39 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 )
                 .await
                 .context("cannot start the Kubernetes executor")?,
-            )
+            );
+            kubernetes = Some(Arc::clone(&executor));
+            executor
         }
     };
     let listen = config.http.listen;
+    let jenkins_configs = config.sources.jenkins.clone();
     let coordinator = kiln::coordinator::Coordinator::new(config, Arc::clone(&metrics), executor)?;
+    let mut jenkins = Vec::new();
+    for (index, entry) in jenkins_configs.iter().enumerate() {
+        let Some(executor) = kubernetes.clone() else {
+            bail!("Jenkins sources start agent pods: set executor = \"kubernetes\"");
+        };
+        jenkins.push(
+            kiln::sources::jenkins::JenkinsSource::new(
+                entry,
+                index,
+                executor,
+                coordinator.limiter(),
+                Arc::clone(&metrics),
+            )
+            .with_context(|| format!("sources.jenkins[{index}]"))?,
+        );
+    }
     let app = kiln::http::router(kiln::http::AppState {
         metrics,
         status: coordinator.status(),
+        jenkins_hooks: jenkins.iter().map(|j| j.waker()).collect(),
     });
+    let jenkins_tasks: Vec<_> = jenkins
+        .into_iter()
+        .map(|source| tokio::spawn(source.run(shutdown.clone())))
+        .collect();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
@@ -308,6 +333,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     });
     coordinator.run(shutdown.clone()).await;
     shutdown.cancel();
+    for task in jenkins_tasks {
+        let _ = task.await;
+    }
     server.await.context("HTTP server task failed")??;
     Ok(ExitCode::SUCCESS)
 }

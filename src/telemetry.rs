@@ -66,6 +66,26 @@ pub struct FinishedLabels {
     pub reason: String,
 }
 
+/// Labels of Jenkins agent metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabels {
+    /// The Jenkins source's name.
+    pub jenkins: String,
+    /// The Jenkins label.
+    pub label: String,
+}
+
+/// Labels of a Jenkins agent that never served a build.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentFailureLabels {
+    /// The Jenkins source's name.
+    pub jenkins: String,
+    /// The Jenkins label.
+    pub label: String,
+    /// `connect_timeout`, `image_pull_failure`, `pod_failed`, `provision_error`, …
+    pub reason: String,
+}
+
 /// Every metric the coordinator exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -85,6 +105,12 @@ pub struct Metrics {
     pub queue_time: Family<RunnerLabels, Histogram>,
     /// 1 while a runner is paused because GitLab rejected its token.
     pub runner_paused: Family<RunnerLabels, Gauge>,
+    /// Jenkins agents started.
+    pub jenkins_agents_started: Family<AgentLabels, Counter>,
+    /// Jenkins agents that never served a build, by reason.
+    pub jenkins_agent_failures: Family<AgentFailureLabels, Counter>,
+    /// Jenkins agents alive now.
+    pub jenkins_agents: Family<AgentLabels, Gauge>,
 }
 
 impl Metrics {
@@ -133,8 +159,29 @@ impl Metrics {
             "1 while a runner is paused because its token was rejected",
             runner_paused.clone(),
         );
+        let jenkins_agents_started = Family::<AgentLabels, Counter>::default();
+        let jenkins_agent_failures = Family::<AgentFailureLabels, Counter>::default();
+        let jenkins_agents = Family::<AgentLabels, Gauge>::default();
+        registry.register(
+            "jenkins_agents_started",
+            "One-shot Jenkins agents started (node + pod)",
+            jenkins_agents_started.clone(),
+        );
+        registry.register(
+            "jenkins_agent_failures",
+            "Jenkins agents deleted before serving a build, by reason",
+            jenkins_agent_failures.clone(),
+        );
+        registry.register(
+            "jenkins_agents",
+            "Jenkins agents alive now",
+            jenkins_agents.clone(),
+        );
         Arc::new(Self {
             registry,
+            jenkins_agents_started,
+            jenkins_agent_failures,
+            jenkins_agents,
             job_requests,
             jobs_started,
             jobs_finished,

@@ -57,6 +57,28 @@ impl Limiter {
         }
     }
 
+    /// A slot for `runner` if one is free now (for sources that decide per tick, like
+    /// Jenkins' provisioner); `None` otherwise.
+    pub fn try_acquire(&self, runner: &str, limit: usize) -> Option<Permit> {
+        let runner_permit = if limit > 0 {
+            let semaphore = Arc::clone(
+                self.per_runner
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(runner.to_owned())
+                    .or_insert_with(|| Arc::new(Semaphore::new(limit))),
+            );
+            Some(semaphore.try_acquire_owned().ok()?)
+        } else {
+            None
+        };
+        let global = Arc::clone(&self.global).try_acquire_owned().ok()?;
+        Some(Permit {
+            _runner: runner_permit,
+            _global: global,
+        })
+    }
+
     /// Jobs that could start now.
     pub fn available(&self) -> usize {
         self.global.available_permits()

@@ -124,6 +124,11 @@ impl Coordinator {
         })
     }
 
+    /// The capacity shared by every source (Jenkins agents take their slots from it too).
+    pub fn limiter(&self) -> Limiter {
+        self.limiter.clone()
+    }
+
     /// Readiness and capacity, for the HTTP server.
     pub fn status(&self) -> Status {
         Status {

@@ -1,14 +1,17 @@
-//! The coordinator's HTTP server: `/healthz`, `/readyz`, `/metrics` and a small status page.
+//! The coordinator's HTTP server: `/healthz`, `/readyz`, `/metrics`, the Jenkins webhook and
+//! a small status page.
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::body::Bytes;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::coordinator::Status;
+use crate::sources::jenkins::Wake;
 use crate::telemetry::Metrics;
 
 /// Shared state of the handlers.
@@ -18,6 +21,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Readiness and capacity.
     pub status: Status,
+    /// The Jenkins sources `POST /hooks/jenkins` wakes.
+    pub jenkins_hooks: Vec<Wake>,
 }
 
 /// The router; tests call it without a socket.
@@ -27,6 +32,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/hooks/jenkins", post(jenkins_hook))
         .with_state(state)
 }
 
@@ -58,6 +64,87 @@ async fn metrics(State(state): State<AppState>) -> Response {
         state.metrics.encode(),
     )
         .into_response()
+}
+
+/// `POST /hooks/jenkins`: makes the Jenkins sources whose webhook secret the caller knows look
+/// at their queue now. The secret comes in `X-Kiln-Webhook-Secret`, `Authorization: Bearer …`
+/// or `?token=` (for senders that cannot set headers). The body, if any, must be JSON (the
+/// Notification plugin's, or a Jenkinsfile step's); it is not needed: the queue is the truth.
+async fn jenkins_hook(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    let configured: Vec<&Wake> = state
+        .jenkins_hooks
+        .iter()
+        .filter(|w| w.secret.is_some())
+        .collect();
+    if configured.is_empty() {
+        return (
+            StatusCode::NOT_FOUND,
+            "no Jenkins source has a webhook_secret configured\n",
+        )
+            .into_response();
+    }
+    let header_secret = headers
+        .get("x-kiln-webhook-secret")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| {
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::to_owned)
+        });
+    let query_secret = query.as_deref().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned())
+    });
+    let Some(given) = header_secret.or(query_secret) else {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "missing webhook secret: send X-Kiln-Webhook-Secret\n",
+        )
+            .into_response();
+    };
+    let matching: Vec<&Wake> = configured
+        .into_iter()
+        .filter(|w| {
+            w.secret
+                .as_deref()
+                .is_some_and(|s| constant_time_eq(s.as_bytes(), given.as_bytes()))
+        })
+        .collect();
+    if matching.is_empty() {
+        tracing::warn!("Jenkins webhook with a wrong secret refused");
+        return (StatusCode::UNAUTHORIZED, "wrong webhook secret\n").into_response();
+    }
+    if !body.iter().all(u8::is_ascii_whitespace)
+        && let Err(e) = serde_json::from_slice::<serde_json::Value>(&body)
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("the body is not JSON ({e}); send JSON or nothing\n"),
+        )
+            .into_response();
+    }
+    for wake in matching {
+        tracing::debug!(jenkins = %wake.name, "Jenkins webhook: checking the queue now");
+        wake.wake();
+    }
+    (StatusCode::ACCEPTED, "queue check scheduled\n").into_response()
+}
+
+/// Compares without leaking where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Runner names and URLs only: tokens never appear here.

@@ -2,3 +2,4 @@
 //! failure the build could not report itself.
 
 pub mod gitlab;
+pub mod jenkins;

@@ -55,9 +55,11 @@ pub(crate) struct Memory {
     pull_failing_since: HashMap<String, Timestamp>,
 }
 
-/// Timeouts the classifier applies.
+/// Timeouts the classifier applies, and which container's end is the build's end.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
+    /// The container whose end ends the build (`build`, or `jnlp` for Jenkins agents).
+    pub(crate) main: &'static str,
     /// How long a pod may stay Pending.
     pub(crate) pending_timeout: Duration,
     /// How long an image pull may keep failing.
@@ -98,7 +100,7 @@ pub(crate) fn classify(pod: &Pod, now: Timestamp, limits: Limits, memory: &mut M
         .container_statuses
         .iter()
         .flatten()
-        .find(|c| c.name == BUILD_CONTAINER);
+        .find(|c| c.name == limits.main);
     let build_end = build.and_then(|c| c.state.as_ref()?.terminated.as_ref());
     let result = build_end
         .and_then(|t| t.message.as_deref())
@@ -402,6 +404,7 @@ mod tests {
     use serde_json::json;
 
     const LIMITS: Limits = Limits {
+        main: BUILD_CONTAINER,
         pending_timeout: Duration::from_secs(300),
         image_pull_grace: Duration::from_secs(60),
     };

@@ -5,7 +5,7 @@
 mod classify;
 mod client;
 pub mod config;
-mod podspec;
+pub(crate) mod podspec;
 mod quantity;
 mod watch;
 
@@ -25,12 +25,14 @@ use super::{Executor, ExecutorError, Launch, RunReport};
 use crate::agent::AgentJob;
 use crate::job::{FailureReason, JobKey, SourceKind};
 use crate::sources::gitlab::payload::JobPayload;
-use classify::{Ending, Limits, Memory, Verdict};
+pub(crate) use classify::Ending;
+use classify::{Limits, Memory, Verdict};
 pub use client::ClusterError;
 use client::{Cluster, is_status};
 pub use config::KubernetesConfig;
 use podspec::{JOB_KEY, LABEL_COORDINATOR, PodInput};
-use watch::{PodSeen, PodWatch, Subscription};
+pub(crate) use watch::Subscription;
+use watch::{PodSeen, PodWatch};
 
 /// Grace period when kiln deletes a pod whose build container has ended: only sidecars are
 /// left, and they must not keep the pod (and its bill) alive.
@@ -76,8 +78,9 @@ impl KubernetesExecutor {
         })
     }
 
-    fn limits(&self) -> Limits {
+    fn limits(&self, main: &'static str) -> Limits {
         Limits {
+            main,
             pending_timeout: self.config.pending_timeout,
             image_pull_grace: self.config.image_pull_grace,
         }
@@ -119,52 +122,22 @@ impl KubernetesExecutor {
         };
         let mut subscription = self.pods.subscribe(&name);
 
-        // The Secret first: if kiln dies right after, a restarted coordinator still has the job
-        // (and its token) to start or fail it. Its owner is set once the pod exists.
-        let secrets: Api<Secret> = self.cluster.api();
         let secret = podspec::secret(&input, &launch.job_file);
-        let create = PostParams::default();
-        match self.cluster.call(|| secrets.create(&create, &secret)).await {
-            Ok(_) => {}
-            Err(e) if is_status(&e, 409) => {}
-            Err(e) => return Err(self.start_error(&key, "create the job Secret", &e)),
-        }
-        let pods: Api<Pod> = self.cluster.api();
-        let uid = match self.cluster.call(|| pods.create(&create, &pod)).await {
-            Ok(created) => {
-                tracing::info!(job = %key, pod = %name, namespace = self.cluster.namespace(), "build pod created");
-                created.metadata.uid
-            }
-            Err(e) if is_status(&e, 409) => {
-                // Launched before (a restarted coordinator): follow that pod, never a second.
-                match self.cluster.call(|| pods.get(&name)).await {
-                    Ok(existing) => {
-                        tracing::info!(job = %key, pod = %name, "build pod exists already; following it");
-                        existing.metadata.uid
-                    }
-                    Err(e) => return Err(self.start_error(&key, "read the existing pod", &e)),
-                }
-            }
-            Err(kube::Error::Api(status)) if matches!(status.code, 400 | 422) => {
-                self.remove(&name).await;
+        match self.create(&pod, &secret).await {
+            Ok(()) => {}
+            Err(Create::Rejected(message)) => {
                 return Ok(RunReport::failed(
                     FailureReason::RunnerConfigurationError,
-                    format!(
-                        "the Kubernetes API rejected the build pod ({}): {}",
-                        status.reason, status.message
-                    ),
+                    message,
                 ));
             }
-            Err(e) => {
-                self.remove(&name).await;
-                return Err(self.start_error(&key, "create the build pod", &e));
-            }
-        };
-        if let Some(uid) = uid {
-            self.own_secret(&name, &uid).await;
+            Err(Create::Failed(what, e)) => return Err(self.start_error(&key, what, &e)),
         }
 
-        let ending = match self.follow(&name, &mut subscription, &cancel).await {
+        let ending = match self
+            .follow(&name, podspec::BUILD_CONTAINER, &mut subscription, &cancel)
+            .await
+        {
             Some(ending) => ending,
             None => {
                 tracing::info!(job = %key, pod = %name, "coordinator stopping; the build pod keeps running and will be adopted");
@@ -191,14 +164,59 @@ impl KubernetesExecutor {
         })
     }
 
+    /// Creates the Secret, then the pod, then makes the pod the Secret's owner. The Secret
+    /// comes first: if kiln dies right after, a restarted coordinator still has the job (and
+    /// its token) to start or fail it. An existing pod of that name (a restarted coordinator's
+    /// earlier launch) is adopted, never duplicated.
+    async fn create(&self, pod: &Pod, secret: &Secret) -> Result<(), Create> {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let secrets: Api<Secret> = self.cluster.api();
+        let create = PostParams::default();
+        match self.cluster.call(|| secrets.create(&create, secret)).await {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 409) => {}
+            Err(e) => return Err(Create::Failed("create the job Secret", e)),
+        }
+        let pods: Api<Pod> = self.cluster.api();
+        let uid = match self.cluster.call(|| pods.create(&create, pod)).await {
+            Ok(created) => {
+                tracing::info!(pod = %name, namespace = self.cluster.namespace(), "pod created");
+                created.metadata.uid
+            }
+            Err(e) if is_status(&e, 409) => match self.cluster.call(|| pods.get(&name)).await {
+                Ok(existing) => {
+                    tracing::info!(pod = %name, "pod exists already; following it");
+                    existing.metadata.uid
+                }
+                Err(e) => return Err(Create::Failed("read the existing pod", e)),
+            },
+            Err(kube::Error::Api(status)) if matches!(status.code, 400 | 422) => {
+                self.remove(&name).await;
+                return Err(Create::Rejected(format!(
+                    "the Kubernetes API rejected the pod ({}): {}",
+                    status.reason, status.message
+                )));
+            }
+            Err(e) => {
+                self.remove(&name).await;
+                return Err(Create::Failed("create the pod", e));
+            }
+        };
+        if let Some(uid) = uid {
+            self.own_secret(&name, &uid).await;
+        }
+        Ok(())
+    }
+
     /// Follows the pod until its build ends; `None` when `cancel` fires first.
     async fn follow(
         &self,
         name: &str,
+        main: &'static str,
         subscription: &mut Subscription,
         cancel: &CancellationToken,
     ) -> Option<Ending> {
-        let limits = self.limits();
+        let limits = self.limits(main);
         let mut memory = Memory::default();
         let mut last: Option<Arc<Pod>> = None;
         let mut unseen_checks = 0u32;
@@ -346,7 +364,13 @@ impl KubernetesExecutor {
     }
 
     async fn recover_builds(&self) -> Result<Vec<Launch>, ExecutorError> {
-        let params = ListParams::default().labels(&self.selector);
+        let selector = format!(
+            "{},{}={}",
+            self.selector,
+            podspec::LABEL_SOURCE,
+            SourceKind::GitLab.name()
+        );
+        let params = ListParams::default().labels(&selector);
         let secrets: Api<Secret> = self.cluster.api();
         let pods: Api<Pod> = self.cluster.api();
         let list_error = |what: &str, e: kube::Error| ExecutorError::Recover {
@@ -416,7 +440,12 @@ impl KubernetesExecutor {
                 let mut subscription = subscription;
                 let shutdown = this.shutdown.clone();
                 if this
-                    .follow(&name, &mut subscription, &shutdown)
+                    .follow(
+                        &name,
+                        podspec::BUILD_CONTAINER,
+                        &mut subscription,
+                        &shutdown,
+                    )
                     .await
                     .is_some()
                 {
@@ -436,6 +465,93 @@ impl KubernetesExecutor {
             runner_classes: self.runner_classes.clone(),
             shutdown: self.shutdown.clone(),
         }
+    }
+}
+
+/// Why objects could not be created.
+enum Create {
+    /// The API server refused the pod as invalid (a configuration problem).
+    Rejected(String),
+    /// A call failed: what kiln tried, and the error.
+    Failed(&'static str, kube::Error),
+}
+
+/// Pods of other sources (Jenkins agents): created, followed and deleted like build pods.
+impl KubernetesExecutor {
+    /// The executor's settings (resource classes, security profile, pod patch).
+    pub(crate) fn settings(&self) -> &KubernetesConfig {
+        &self.config
+    }
+
+    /// The namespace pods go to.
+    pub(crate) fn namespace(&self) -> &str {
+        self.cluster.namespace()
+    }
+
+    /// Starts following pod `name` (before creating it, so no change is missed).
+    pub(crate) fn subscribe(&self, name: &str) -> Subscription {
+        self.pods.subscribe(name)
+    }
+
+    /// Creates `secret` and `pod` (see [`Self::create`]).
+    ///
+    /// # Errors
+    /// A one-line reason.
+    pub(crate) async fn start_pod(&self, pod: &Pod, secret: &Secret) -> Result<(), String> {
+        self.create(pod, secret).await.map_err(|e| match e {
+            Create::Rejected(message) => message,
+            Create::Failed(what, e) => format!(
+                "cannot {what} in namespace `{}`: {}",
+                self.cluster.namespace(),
+                describe(&e)
+            ),
+        })
+    }
+
+    /// Follows a subscribed pod until its `main` container ends or the pod fails; `None` when
+    /// `cancel` fires first. A stuck-Pending ending carries the pod's warning events.
+    pub(crate) async fn watch_pod(
+        &self,
+        name: &str,
+        main: &'static str,
+        subscription: &mut Subscription,
+        cancel: &CancellationToken,
+    ) -> Option<Ending> {
+        let mut ending = self.follow(name, main, subscription, cancel).await?;
+        if ending.stuck_pending {
+            ending.detail = format!("{}{}", ending.detail, self.warning_events(name).await);
+        }
+        Some(ending)
+    }
+
+    /// The pod's recent warning events, as `; events: Reason: message, …` (empty if none).
+    pub(crate) async fn pod_events(&self, name: &str) -> String {
+        self.warning_events(name).await
+    }
+
+    /// Deletes a pod and its Secret.
+    pub(crate) async fn delete_pod(&self, name: &str) {
+        self.remove(name).await;
+    }
+
+    /// kiln's pods of `source`.
+    ///
+    /// # Errors
+    /// The list call failed.
+    pub(crate) async fn pods_of(&self, source: SourceKind) -> Result<Vec<Pod>, String> {
+        let selector = format!(
+            "{},{}={}",
+            self.selector,
+            podspec::LABEL_SOURCE,
+            source.name()
+        );
+        let params = ListParams::default().labels(&selector);
+        let pods: Api<Pod> = self.cluster.api();
+        self.cluster
+            .call(|| pods.list(&params))
+            .await
+            .map(|list| list.items)
+            .map_err(|e| describe(&e))
     }
 }
 

@@ -348,7 +348,7 @@ pub(crate) fn memory_limit(pod: &Pod) -> Option<String> {
         .map(|q| q.0.clone())
 }
 
-fn apply_patch(pod: Pod, config: &KubernetesConfig) -> Result<Pod, SpecError> {
+pub(crate) fn apply_patch(pod: Pod, config: &KubernetesConfig) -> Result<Pod, SpecError> {
     let Ok(Some(patch)) = config.pod_patch_json() else {
         return Ok(pod);
     };
@@ -383,6 +383,21 @@ fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
             }
         }
     }
+}
+
+/// The resolved resource class called `name`, or why there is none.
+pub(crate) fn named_class(
+    config: &KubernetesConfig,
+    name: Option<&str>,
+) -> Result<ResourceClass, SpecError> {
+    let Some(name) = name else {
+        return Ok(ResourceClass::default());
+    };
+    config
+        .resource_classes
+        .get(name)
+        .map(ResourceClass::resolved)
+        .ok_or_else(|| SpecError(format!("resource class `{name}` is not configured")))
 }
 
 fn resource_class(input: &PodInput<'_>) -> Result<(Option<String>, ResourceClass), SpecError> {
@@ -536,7 +551,7 @@ fn check_allowed(
     }
 }
 
-fn requirements(resources: &Resources) -> ResourceRequirements {
+pub(crate) fn requirements(resources: &Resources) -> ResourceRequirements {
     let mut requests = BTreeMap::new();
     let mut limits = BTreeMap::new();
     for (field, _, is_limit, key) in RESOURCE_FIELDS {
@@ -556,7 +571,7 @@ fn requirements(resources: &Resources) -> ResourceRequirements {
     }
 }
 
-fn container_security(config: &KubernetesConfig) -> SecurityContext {
+pub(crate) fn container_security(config: &KubernetesConfig) -> SecurityContext {
     let caps = |add: &[&str]| Capabilities {
         drop: Some(vec!["ALL".into()]),
         add: (!add.is_empty()).then(|| add.iter().map(|s| (*s).to_owned()).collect()),
@@ -584,7 +599,7 @@ fn container_security(config: &KubernetesConfig) -> SecurityContext {
     }
 }
 
-fn pod_security(config: &KubernetesConfig) -> PodSecurityContext {
+pub(crate) fn pod_security(config: &KubernetesConfig) -> PodSecurityContext {
     let run_as_user = match config.security {
         SecurityProfile::Restricted => Some(config.run_as_user.unwrap_or(1000)),
         SecurityProfile::Baseline => config.run_as_user,
@@ -691,7 +706,7 @@ fn gitlab_annotations(job: &JobPayload) -> BTreeMap<String, String> {
 }
 
 /// `value` made into a valid label value (runner names may hold any character).
-fn label_value(value: &str) -> String {
+pub(crate) fn label_value(value: &str) -> String {
     let cleaned: String = value
         .chars()
         .map(|c| {
