@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod gitlab;
+pub mod jenkins;
 pub mod kiln;
 pub mod knative;
 pub mod kube;

@@ -27,6 +27,11 @@ use pod::{AGENT_CONTAINER, ANNOTATION_LABEL, AgentSpec, LABEL_NODE};
 
 /// Description of every node kiln creates; how kiln recognizes its nodes after a restart.
 const NODE_DESCRIPTION: &str = "kiln one-shot agent";
+/// Description of a label's anchor node.
+const ANCHOR_DESCRIPTION: &str =
+    "kiln label anchor: never connects; lets Jenkins name the label a queued build waits for";
+/// The bare reason Jenkins gives when it has no agent nodes at all: it names no label then.
+const NO_NODES_WHY: &str = "Waiting for next available executor";
 /// The message on a node kiln took offline after its build started.
 const OFFLINE_MESSAGE: &str = "kiln: one build per agent; deleted when this build ends";
 /// The longest wait between queue polls after errors.
@@ -78,6 +83,8 @@ struct Agent {
     connected: bool,
     busy_seen: bool,
     offlined: bool,
+    /// Consecutive looks at which this connected, idle agent had no build to wait for.
+    surplus_looks: u32,
     stop_watch: CancellationToken,
     _permit: Permit,
 }
@@ -231,9 +238,32 @@ impl JenkinsSource {
         for node in nodes {
             self.advance(state, &node, computers.get(&node)).await;
         }
-        let items = self.api.queue().await?;
+        let mut items = self.api.queue().await?;
+        let agent_nodes = computers.keys().filter(|name| !is_built_in(name)).count();
+        if agent_nodes == 0
+            && items
+                .iter()
+                .any(|i| i.buildable && i.why.as_deref().map(str::trim) == Some(NO_NODES_WHY))
+        {
+            self.create_anchors().await;
+            // The anchors change what the queue says: read it again.
+            items = self.api.queue().await?;
+        }
         self.provision(state, &items, shutdown).await;
         Ok(())
+    }
+
+    /// With no agent node at all, Jenkins' queue names no label (`Waiting for next available
+    /// executor`). One permanently offline node per label makes it name the label (or that
+    /// node) again; it never connects and never runs anything.
+    async fn create_anchors(&self) {
+        for label in &self.config.labels {
+            let name = anchor_name(label);
+            tracing::info!(jenkins = %self.name, node = %name, label, "Jenkins has no agent nodes, so its queue does not say which label builds wait for; creating an offline anchor node for the label");
+            if let Err(e) = self.api.create_node(&name, label, ANCHOR_DESCRIPTION).await {
+                tracing::warn!(jenkins = %self.name, node = %name, error = %e, "cannot create the label anchor node");
+            }
+        }
     }
 
     /// Moves one agent along: connected → busy (taken offline) → idle again (deleted); or
@@ -333,8 +363,11 @@ impl JenkinsSource {
             let Some(target) = item.why.as_deref().and_then(queue::waiting_for) else {
                 continue;
             };
+            let anchored = self.config.labels.iter().find(|l| anchor_name(l) == target);
             let label = if self.config.labels.iter().any(|l| l == target) {
                 target.to_owned()
+            } else if let Some(label) = anchored {
+                label.clone()
             } else if let Some(agent) = state.agents.get(target) {
                 // The label's only node is one of kiln's: Jenkins names the node.
                 agent.label.clone()
@@ -351,6 +384,7 @@ impl JenkinsSource {
             }
             waiting.entry(label).or_default().push(item.id);
         }
+        self.retire_surplus(state, &waiting).await;
         state
             .given_up
             .retain(|id, ()| items.iter().any(|i| i.id == *id));
@@ -390,6 +424,38 @@ impl JenkinsSource {
                 self.start_agent(state, &label, queue_id, permit, shutdown)
                     .await;
             }
+        }
+    }
+
+    /// Connected, idle agents beyond the builds waiting for their label served a build too
+    /// short to be seen busy between two looks, or lost theirs to another agent: either way
+    /// they are not needed. Two looks in a row, so an agent Jenkins is just handing a build to
+    /// is not taken.
+    async fn retire_surplus(&self, state: &mut State, waiting: &BTreeMap<String, Vec<u64>>) {
+        let mut retire = Vec::new();
+        for label in &self.config.labels {
+            let waiting = waiting.get(label).map_or(0, Vec::len);
+            let mut idle: Vec<(&String, &mut Agent)> = state
+                .agents
+                .iter_mut()
+                .filter(|(_, a)| a.label == *label && a.connected && !a.busy_seen)
+                .collect();
+            idle.sort_by_key(|(_, a)| a.started);
+            let surplus = idle.len().saturating_sub(waiting);
+            for (index, (node, agent)) in idle.into_iter().enumerate() {
+                if index < surplus {
+                    agent.surplus_looks += 1;
+                    if agent.surplus_looks >= 2 {
+                        retire.push(node.clone());
+                    }
+                } else {
+                    agent.surplus_looks = 0;
+                }
+            }
+        }
+        for node in retire {
+            tracing::info!(jenkins = %self.name, node = %node, "idle agent with no build waiting for it; deleting node and pod");
+            self.retire(state, &node).await;
         }
     }
 
@@ -465,6 +531,7 @@ impl JenkinsSource {
                 connected: false,
                 busy_seen: false,
                 offlined: false,
+                surplus_looks: 0,
                 stop_watch,
                 _permit: permit,
             },
@@ -568,6 +635,7 @@ impl JenkinsSource {
                     connected: !computer.offline || computer.temporarily_offline,
                     busy_seen: !computer.idle || computer.temporarily_offline,
                     offlined: computer.temporarily_offline,
+                    surplus_looks: 0,
                     stop_watch,
                     _permit: permit,
                 },
@@ -599,6 +667,31 @@ struct State {
     given_up: HashMap<u64, ()>,
     /// Where agent pod watches report an ended pod.
     ended_tx: mpsc::UnboundedSender<(String, Ending)>,
+}
+
+/// The anchor node of `label`.
+fn anchor_name(label: &str) -> String {
+    format!("kiln-anchor-{}", clean_label(label))
+}
+
+/// Jenkins' own node (named differently across versions).
+fn is_built_in(name: &str) -> bool {
+    matches!(name, "Built-In Node" | "master" | "(built-in)" | "")
+}
+
+fn clean_label(label: &str) -> String {
+    let clean: String = label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(30)
+        .collect();
+    clean.trim_matches('-').to_owned()
 }
 
 /// A node name never used before: Jenkins derives the agent secret from the name.
