@@ -206,7 +206,9 @@ pub struct GitLabRunnerConfig {
     pub name: Option<String>,
     /// GitLab's base URL, e.g. `https://gitlab.example.com`.
     pub url: String,
-    /// The runner authentication token (`glrt-…`).
+    /// The runner authentication token (`glrt-…`); usually from the environment
+    /// (`KILN_SOURCES__GITLAB__N__TOKEN`), so a missing one is reported with that hint.
+    #[serde(default)]
     pub token: String,
     /// This manager's stable system id (`s_`/`r_` + 12 chars); written by `kiln register`.
     #[serde(default)]
