@@ -253,15 +253,21 @@ impl GitLabRunnerConfig {
 
     /// The name used in logs and metrics.
     pub fn display_name(&self, index: usize) -> String {
-        if let Some(name) = &self.name {
-            return name.clone();
-        }
-        let host = url::Url::parse(&self.url)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_owned))
-            .unwrap_or_else(|| "gitlab".into());
-        format!("{host}-{index}")
+        default_name(self.name.as_deref(), &self.url, "gitlab", index)
     }
+}
+
+/// A source entry's name: the configured one, else `<URL host>-<index>` (`fallback` when the
+/// URL has no host).
+pub(crate) fn default_name(name: Option<&str>, url: &str, fallback: &str, index: usize) -> String {
+    if let Some(name) = name {
+        return name.to_owned();
+    }
+    let host = url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_else(|| fallback.into());
+    format!("{host}-{index}")
 }
 
 /// One thing wrong with a configuration, and where.

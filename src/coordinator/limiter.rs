@@ -33,18 +33,10 @@ impl Limiter {
 
     /// Waits for a slot for `runner`, whose own `limit` is 0 for none.
     pub async fn acquire(&self, runner: &str, limit: usize) -> Permit {
-        let runner_permit = if limit > 0 {
-            let semaphore = Arc::clone(
-                self.per_runner
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(runner.to_owned())
-                    .or_insert_with(|| Arc::new(Semaphore::new(limit))),
-            );
+        let runner_permit = match self.runner_semaphore(runner, limit) {
             // The semaphores are never closed, so acquiring cannot fail.
-            semaphore.acquire_owned().await.ok()
-        } else {
-            None
+            Some(semaphore) => semaphore.acquire_owned().await.ok(),
+            None => None,
         };
         let global = loop {
             if let Ok(permit) = Arc::clone(&self.global).acquire_owned().await {
@@ -60,22 +52,27 @@ impl Limiter {
     /// A slot for `runner` if one is free now (for sources that decide per tick, like
     /// Jenkins' provisioner); `None` otherwise.
     pub fn try_acquire(&self, runner: &str, limit: usize) -> Option<Permit> {
-        let runner_permit = if limit > 0 {
-            let semaphore = Arc::clone(
-                self.per_runner
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(runner.to_owned())
-                    .or_insert_with(|| Arc::new(Semaphore::new(limit))),
-            );
-            Some(semaphore.try_acquire_owned().ok()?)
-        } else {
-            None
+        let runner_permit = match self.runner_semaphore(runner, limit) {
+            Some(semaphore) => Some(semaphore.try_acquire_owned().ok()?),
+            None => None,
         };
         let global = Arc::clone(&self.global).try_acquire_owned().ok()?;
         Some(Permit {
             _runner: runner_permit,
             _global: global,
+        })
+    }
+
+    /// The semaphore of `runner`'s own limit (`None` without one).
+    fn runner_semaphore(&self, runner: &str, limit: usize) -> Option<Arc<Semaphore>> {
+        (limit > 0).then(|| {
+            Arc::clone(
+                self.per_runner
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(runner.to_owned())
+                    .or_insert_with(|| Arc::new(Semaphore::new(limit))),
+            )
         })
     }
 

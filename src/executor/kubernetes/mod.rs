@@ -135,7 +135,7 @@ impl KubernetesExecutor {
         }
 
         let ending = match self
-            .follow(&name, podspec::BUILD_CONTAINER, &mut subscription, &cancel)
+            .watch_pod(&name, podspec::BUILD_CONTAINER, &mut subscription, &cancel)
             .await
         {
             Some(ending) => ending,
@@ -149,11 +149,7 @@ impl KubernetesExecutor {
                 });
             }
         };
-        let detail = if ending.stuck_pending {
-            format!("{}{}", ending.detail, self.warning_events(&name).await)
-        } else {
-            ending.detail.clone()
-        };
+        let detail = ending.detail.clone();
         self.remove(&name).await;
         tracing::info!(job = %key, pod = %name, %detail, "build pod finished and deleted");
         Ok(RunReport {

@@ -129,15 +129,8 @@ pub(crate) fn pod(input: &PodInput<'_>) -> Result<Pod, SpecError> {
     ] {
         annotations.extend(extra.clone());
     }
-    let mut node_selector = config.node_selector.clone();
-    node_selector.extend(class.node_selector.clone());
+    let (mut node_selector, tolerations) = placement(config, &class);
     node_selector.extend(overrides.node_selector.clone());
-    let tolerations: Vec<_> = config
-        .tolerations
-        .iter()
-        .chain(class.tolerations.iter())
-        .cloned()
-        .collect();
 
     let job_mount = VolumeMount {
         name: "job".into(),
@@ -383,6 +376,25 @@ fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
             }
         }
     }
+}
+
+/// Node selector and tolerations of the config and a resource class together.
+pub(crate) fn placement(
+    config: &KubernetesConfig,
+    class: &ResourceClass,
+) -> (
+    BTreeMap<String, String>,
+    Vec<k8s_openapi::api::core::v1::Toleration>,
+) {
+    let mut node_selector = config.node_selector.clone();
+    node_selector.extend(class.node_selector.clone());
+    let tolerations = config
+        .tolerations
+        .iter()
+        .chain(class.tolerations.iter())
+        .cloned()
+        .collect();
+    (node_selector, tolerations)
 }
 
 /// The resolved resource class called `name`, or why there is none.

@@ -246,13 +246,7 @@ impl JenkinsApi {
                     .header("Content-Type", "application/x-www-form-urlencoded")
                     .body(body);
             }
-            let response = builder
-                .send()
-                .await
-                .map_err(|source| JenkinsError::Transport {
-                    url: url.clone(),
-                    source,
-                })?;
+            let response = builder.send().await.map_err(transport(&url))?;
             let status = response.status();
             if status == StatusCode::FORBIDDEN
                 && method == Method::POST
@@ -292,10 +286,7 @@ impl JenkinsApi {
                 .request(Method::GET, &url)
                 .send()
                 .await
-                .map_err(|source| JenkinsError::Transport {
-                    url: url.clone(),
-                    source,
-                })?;
+                .map_err(transport(&url))?;
             if response.status() == StatusCode::NOT_FOUND {
                 // CSRF protection is off.
                 return Ok(None);
@@ -349,13 +340,7 @@ impl JenkinsApi {
         url: &str,
         response: reqwest::Response,
     ) -> Result<T, JenkinsError> {
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|source| JenkinsError::Transport {
-                url: url.to_owned(),
-                source,
-            })?;
+        let bytes = response.bytes().await.map_err(transport(url))?;
         serde_json::from_slice(&bytes).map_err(|e| JenkinsError::Body {
             url: url.to_owned(),
             message: e.to_string(),
@@ -378,6 +363,18 @@ impl JenkinsApi {
         let url = self.endpoint(path);
         let response = Self::check(Method::GET, &url, response).await?;
         Ok(Self::json::<Computers>(&url, response).await?.computer)
+    }
+
+    /// All agents by node name.
+    pub(crate) async fn computers_by_name(
+        &self,
+    ) -> Result<std::collections::HashMap<String, Computer>, JenkinsError> {
+        Ok(self
+            .computers()
+            .await?
+            .into_iter()
+            .map(|c| (c.display_name.clone(), c))
+            .collect())
     }
 
     /// Creates a permanent-style inbound (WebSocket) agent with one executor that only takes
@@ -426,13 +423,7 @@ impl JenkinsApi {
         let url = self.endpoint(&path);
         let response = self.send(Method::GET, &path, None).await?;
         let response = Self::check(Method::GET, &url, response).await?;
-        let text = response
-            .text()
-            .await
-            .map_err(|source| JenkinsError::Transport {
-                url: url.clone(),
-                source,
-            })?;
+        let text = response.text().await.map_err(transport(&url))?;
         first_argument(&text).ok_or_else(|| JenkinsError::Body {
             url,
             message: "no <argument> in <application-desc>".into(),
@@ -464,6 +455,14 @@ impl JenkinsApi {
         }
         Self::check(Method::POST, &self.endpoint(&path), response).await?;
         Ok(())
+    }
+}
+
+/// Maps a transport error of a call to `url`.
+fn transport(url: &str) -> impl FnOnce(reqwest::Error) -> JenkinsError + '_ {
+    move |source| JenkinsError::Transport {
+        url: url.to_owned(),
+        source,
     }
 }
 

@@ -90,14 +90,7 @@ fn default_agent_image() -> String {
 impl JenkinsConfig {
     /// The name used in logs, metrics, labels and node descriptions.
     pub fn display_name(&self, index: usize) -> String {
-        if let Some(name) = &self.name {
-            return name.clone();
-        }
-        let host = url::Url::parse(&self.url)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_owned))
-            .unwrap_or_else(|| "jenkins".into());
-        format!("{host}-{index}")
+        crate::config::default_name(self.name.as_deref(), &self.url, "jenkins", index)
     }
 
     /// Every problem of entry `index`.

@@ -22,6 +22,7 @@ use crate::executor::kubernetes::{Ending, KubernetesExecutor};
 use crate::job::SourceKind;
 use crate::telemetry::{AgentFailureLabels, AgentLabels, Metrics};
 use api::{Computer, Credentials, JenkinsApi, JenkinsError};
+
 pub use config::JenkinsConfig;
 use pod::{AGENT_CONTAINER, ANNOTATION_LABEL, AgentSpec, LABEL_NODE};
 
@@ -227,13 +228,7 @@ impl JenkinsSource {
         state: &mut State,
         shutdown: &CancellationToken,
     ) -> Result<(), JenkinsError> {
-        let computers: HashMap<String, Computer> = self
-            .api
-            .computers()
-            .await?
-            .into_iter()
-            .map(|c| (c.display_name.clone(), c))
-            .collect();
+        let computers = self.api.computers_by_name().await?;
         let nodes: Vec<String> = state.agents.keys().cloned().collect();
         for node in nodes {
             self.advance(state, &node, computers.get(&node)).await;
@@ -567,13 +562,7 @@ impl JenkinsSource {
         state: &mut State,
         shutdown: &CancellationToken,
     ) -> Result<(), JenkinsError> {
-        let computers: HashMap<String, Computer> = self
-            .api
-            .computers()
-            .await?
-            .into_iter()
-            .map(|c| (c.display_name.clone(), c))
-            .collect();
+        let computers = self.api.computers_by_name().await?;
         let pods = match self.executor.pods_of(SourceKind::Jenkins).await {
             Ok(pods) => pods,
             Err(message) => {

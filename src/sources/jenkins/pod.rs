@@ -172,14 +172,7 @@ pub(crate) fn agent_pod(
         }
         containers.push(container);
     }
-    let mut node_selector = config.node_selector.clone();
-    node_selector.extend(class.node_selector.clone());
-    let tolerations: Vec<_> = config
-        .tolerations
-        .iter()
-        .chain(class.tolerations.iter())
-        .cloned()
-        .collect();
+    let (node_selector, tolerations) = podspec::placement(config, &class);
     let pod = Pod {
         metadata: ObjectMeta {
             name: Some(name),
