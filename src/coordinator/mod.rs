@@ -154,9 +154,14 @@ impl Coordinator {
         for runner in &self.runners {
             for _ in 0..runner_concurrency(&self.config, &runner.name) {
                 let dispatcher = dispatcher.clone();
+                let executor = Arc::clone(&self.executor);
                 pollers.spawn(poller::poll(
                     Arc::clone(runner),
                     self.limiter.clone(),
+                    move || {
+                        let executor = Arc::clone(&executor);
+                        Box::pin(async move { executor.ready().await })
+                    },
                     move |claimed| dispatcher.dispatch(claimed),
                     shutdown.clone(),
                 ));

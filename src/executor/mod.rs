@@ -104,6 +104,13 @@ pub trait Executor: Send + Sync {
         Box::pin(async { Ok(Vec::new()) })
     }
 
+    /// Waits until a build could start at once (the Kubernetes executor: until its API rate
+    /// limit has room for a build's calls). The coordinator asks before each job request, so a
+    /// burst of jobs waits in the CI server's queue, not inside kiln.
+    fn ready(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
     /// Removes whatever is left of a recovered build whose job its CI server no longer runs.
     fn discard(&self, key: JobKey) -> BoxFuture<'_, ()> {
         let _ = key;

@@ -154,6 +154,12 @@ impl Cluster {
         .await
     }
 
+    /// Waits until `calls` API calls could go out at once under the QPS limit (without taking
+    /// them).
+    pub(crate) async fn until_free(&self, calls: f64) {
+        self.bucket.until_free(calls).await;
+    }
+
     /// Checks with SelfSubjectAccessReview that kiln may do everything it needs.
     ///
     /// # Errors
@@ -255,6 +261,22 @@ impl TokenBucket {
             tokio::time::sleep(wait).await;
         }
     }
+
+    /// Waits until `n` tokens (at most `burst`) are saved up, taking none.
+    async fn until_free(&self, n: f64) {
+        let n = n.min(self.burst);
+        loop {
+            let wait = {
+                let (tokens, last) = *self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let refilled = (tokens + last.elapsed().as_secs_f64() * self.qps).min(self.burst);
+                if refilled >= n {
+                    return;
+                }
+                Duration::from_secs_f64((n - refilled) / self.qps)
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -277,5 +299,32 @@ mod tests {
             (0.95..=1.05).contains(&elapsed),
             "10 more at 10/s take 1s, took {elapsed}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_free_tokens_takes_none() {
+        let bucket = TokenBucket::new(10.0, 5);
+        let start = Instant::now();
+        bucket.until_free(3.0).await;
+        bucket.until_free(3.0).await;
+        assert_eq!(start.elapsed(), Duration::ZERO, "the burst is saved up");
+        for _ in 0..5 {
+            bucket.acquire().await;
+        }
+        bucket.until_free(3.0).await;
+        let elapsed = start.elapsed().as_secs_f64();
+        assert!(
+            (0.25..=0.35).contains(&elapsed),
+            "3 tokens at 10/s take 0.3s, took {elapsed}"
+        );
+        bucket.acquire().await;
+        bucket.acquire().await;
+        bucket.acquire().await;
+        assert!(
+            start.elapsed().as_secs_f64() - elapsed < 0.001,
+            "the waited-for tokens are still there"
+        );
+        // More than the burst can never be saved up: wait for the burst instead.
+        bucket.until_free(50.0).await;
     }
 }

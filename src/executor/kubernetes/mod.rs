@@ -41,6 +41,8 @@ const DELETE_GRACE_SECONDS: u32 = 2;
 const UNSEEN_RECHECK: Duration = Duration::from_secs(10);
 /// How often a build with no pending timeout is looked at even without changes.
 const IDLE_RECHECK: Duration = Duration::from_secs(300);
+/// API calls that start a build: create the Secret, create the pod, make the pod its owner.
+const START_CALLS: f64 = 3.0;
 
 /// Runs each build as a pod.
 pub struct KubernetesExecutor {
@@ -133,6 +135,9 @@ impl KubernetesExecutor {
             }
             Err(Create::Failed(what, e)) => return Err(self.start_error(&key, what, &e)),
         }
+        // A build is followed for as long as it runs: keep neither the job nor its pod spec nor
+        // its Secret meanwhile (with many builds they were most of kiln's memory).
+        drop((pod, secret, job, agent_job, launch));
 
         let ending = match self
             .watch_pod(&name, podspec::BUILD_CONTAINER, &mut subscription, &cancel)
@@ -588,5 +593,11 @@ impl Executor for KubernetesExecutor {
 
     fn discard(&self, key: JobKey) -> BoxFuture<'_, ()> {
         Box::pin(async move { self.remove(&key.resource_name()).await })
+    }
+
+    fn ready(&self) -> BoxFuture<'_, ()> {
+        // Room for two starts: the previous build's pod create and Secret patch may still be
+        // on their way, and must not make this build's pod create wait.
+        Box::pin(self.cluster.until_free(2.0 * START_CALLS))
     }
 }

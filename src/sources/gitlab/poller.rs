@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
@@ -207,10 +208,12 @@ impl Runner {
 /// Polls `jobs/request` for `runner` until `shutdown`, handing each job to `dispatch`.
 ///
 /// Capacity comes first: no request is sent without a free slot, because GitLab assigns the
-/// job the moment it answers.
+/// job the moment it answers; and none before `ready` says the executor can start a build at
+/// once, so a burst waits in GitLab's queue (where other runners may take it), not in kiln.
 pub async fn poll(
     runner: Arc<Runner>,
     limiter: Limiter,
+    ready: impl Fn() -> BoxFuture<'static, ()> + Send + Sync,
     dispatch: impl Fn(ClaimedJob) + Send + Sync,
     shutdown: CancellationToken,
 ) {
@@ -223,6 +226,10 @@ pub async fn poll(
             permit = limiter.acquire(&runner.name, runner.limit()) => permit,
             () = shutdown.cancelled() => return,
         };
+        tokio::select! {
+            () = ready() => {}
+            () = shutdown.cancelled() => return,
+        }
         let last_update = runner
             .last_update
             .lock()

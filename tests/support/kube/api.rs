@@ -41,6 +41,7 @@ fn error_response(e: &ApiError) -> Response {
 }
 
 pub(crate) async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
+    let at = std::time::Instant::now();
     let latency = inner.lock().latency;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -51,12 +52,26 @@ pub(crate) async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Res
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
+    let (req, name) = if method == Method::POST {
+        let (parts, body) = req.into_parts();
+        let bytes = axum::body::to_bytes(body, 64 << 20)
+            .await
+            .unwrap_or_default();
+        let name = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v["metadata"]["name"].as_str().map(str::to_owned));
+        (Request::from_parts(parts, Body::from(bytes)), name)
+    } else {
+        (req, None)
+    };
     let response = route(&inner, req).await;
     inner.with(|s| {
         s.requests.push(RequestRecord {
             method: method.to_string(),
             path: path_and_query,
             status: response.status().as_u16(),
+            at,
+            name,
         })
     });
     response

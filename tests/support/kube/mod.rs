@@ -34,6 +34,10 @@ pub struct RequestRecord {
     /// Path and query, as sent.
     pub path: String,
     pub status: u16,
+    /// When the request reached the server (before the configured latency).
+    pub at: std::time::Instant,
+    /// `metadata.name` from the body of a create (`POST`), which names its object nowhere else.
+    pub name: Option<String>,
 }
 
 /// What a [`KubeServer::wait_for`] condition looks at.

@@ -1,0 +1,1058 @@
+//! The coordinator benchmark: a real `kiln run` against the GitLab and Kubernetes test servers,
+//! measuring dispatch overhead, burst throughput, footprint, idle traffic and local start latency.
+
+// `examples/bench/main.rs` and `tests/bench_smoke.rs` both include this file; each provides
+// `crate::support::{gitlab, kube}`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::{Value, json};
+
+use crate::support::gitlab::{GitLabServer, job_json};
+use crate::support::kube::{KubeServer, RequestRecord};
+
+const TOKEN: &str = "glrt-bench-fake-token";
+const NAMESPACE: &str = "ci";
+const HELPER_IMAGE: &str = "kiln-bench/kiln:dev";
+const BUILD_IMAGE: &str = "alpine:3";
+/// What a build's agent writes to its termination log once it has reported the job.
+const REPORTED: &str =
+    r#"{"state":"success","failure_reason":null,"exit_code":0,"reported":true,"canceled":false}"#;
+/// Status writes the benchmark (playing kubelet and agents) has in flight at once.
+const DRIVER_PARALLELISM: usize = 32;
+
+/// What to run; `--help` lists the flags.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "bench",
+    about = "Benchmarks `kiln run` against the GitLab and Kubernetes test servers (build with --release)"
+)]
+pub(crate) struct Options {
+    /// The kiln binary to benchmark [default: `kiln` next to this program's `examples/` dir,
+    /// i.e. `target/release/kiln`].
+    #[arg(long)]
+    pub(crate) kiln: Option<PathBuf>,
+    /// Jobs queued at once for the burst (also the largest concurrency measured).
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) jobs: usize,
+    /// Smaller concurrency levels measured first, each with a fresh coordinator.
+    #[arg(long, value_delimiter = ',', default_value = "10,100")]
+    pub(crate) levels: Vec<usize>,
+    /// Latency the Kubernetes test server adds to every API request, in milliseconds.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) latency_ms: u64,
+    /// `[kubernetes] qps` of the coordinator.
+    #[arg(long, default_value_t = 50.0)]
+    pub(crate) qps: f64,
+    /// `[kubernetes] burst` of the coordinator.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) burst: u32,
+    /// How long all jobs of a level stay Running while CPU is measured, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub(crate) steady_secs: u64,
+    /// How long GitLab holds an idle long poll (Workhorse: 50 s), in seconds.
+    #[arg(long, default_value_t = 50)]
+    pub(crate) hold_secs: u64,
+    /// The idle measurement window, in seconds (a bit over two holds sees three polls).
+    #[arg(long, default_value_t = 110)]
+    pub(crate) idle_secs: u64,
+    /// Jobs run one after another with the local executor.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) local_jobs: usize,
+    /// How long each local job's script sleeps, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) local_sleep_secs: u64,
+}
+
+/// The idle coordinator.
+#[derive(Debug, Clone)]
+pub(crate) struct Idle {
+    pub(crate) window: Duration,
+    /// `jobs/request` calls that arrived in the window (including the one opening it).
+    pub(crate) polls: usize,
+    /// Polls per minute from the mean interval between them.
+    pub(crate) polls_per_minute: f64,
+    /// Every GitLab request in the window.
+    pub(crate) gitlab_requests: usize,
+    /// Kubernetes API requests in the window (the pod watch).
+    pub(crate) kube_requests: usize,
+    pub(crate) rss_kib: u64,
+    pub(crate) hwm_kib: u64,
+    pub(crate) cpu_millicores: f64,
+}
+
+/// One concurrency level: `jobs` builds created, Running together, then finished.
+#[derive(Debug, Clone)]
+pub(crate) struct Level {
+    pub(crate) jobs: usize,
+    /// From queueing the jobs to the last pod create.
+    pub(crate) create: Duration,
+    /// RSS while all jobs ran.
+    pub(crate) rss_kib: u64,
+    /// Peak RSS of the coordinator over its whole life.
+    pub(crate) hwm_kib: u64,
+    /// CPU averaged over the steady state.
+    pub(crate) steady_millicores: f64,
+    pub(crate) steady: Duration,
+    /// CPU seconds from queueing to the last pod and Secret deleted.
+    pub(crate) cpu_secs: f64,
+    /// From the first build reporting to the last pod and Secret gone.
+    pub(crate) cleanup: Duration,
+    /// Kubernetes API calls kiln made for the level (watch requests excluded).
+    pub(crate) api_calls: usize,
+    /// The same by `METHOD resource` (`POST pods`, `DELETE secrets`, …).
+    pub(crate) calls_by_kind: BTreeMap<String, usize>,
+}
+
+/// Distribution of a set of durations.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Spread {
+    pub(crate) count: usize,
+    pub(crate) p50: Duration,
+    pub(crate) p99: Duration,
+    pub(crate) max: Duration,
+}
+
+impl Spread {
+    fn of(mut samples: Vec<Duration>) -> Self {
+        samples.sort();
+        let at = |q: f64| {
+            let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+            samples[rank - 1]
+        };
+        if samples.is_empty() {
+            return Self::default();
+        }
+        Self {
+            count: samples.len(),
+            p50: at(0.50),
+            p99: at(0.99),
+            max: at(1.0),
+        }
+    }
+}
+
+/// The burst of the largest level.
+#[derive(Debug, Clone)]
+pub(crate) struct Burst {
+    pub(crate) jobs: usize,
+    /// 201 from `jobs/request` → `POST pods` for that job at the API server.
+    pub(crate) dispatch: Spread,
+    /// The same for the jobs whose start did not wait for the client-side rate limit.
+    pub(crate) dispatch_unthrottled: Spread,
+    /// 201 → the job's two-phase `PUT jobs/:id {running}` at GitLab.
+    pub(crate) to_ack: Spread,
+    /// Acknowledge → `POST secrets`.
+    pub(crate) ack_to_secret: Spread,
+    /// `POST secrets` → `POST pods`.
+    pub(crate) secret_to_pod: Spread,
+    /// Pod creates per second, first to last.
+    pub(crate) pods_per_sec: f64,
+    /// kiln's API calls per second from its first call after the queueing to the last pod
+    /// create.
+    pub(crate) calls_per_sec: f64,
+    /// The share of the rate limit's budget over that window (`burst` saved-up tokens plus
+    /// `qps` a second) that kiln used.
+    pub(crate) budget_used: f64,
+    /// API calls per job: creating, and from reporting to deleted.
+    pub(crate) calls_per_start: f64,
+    pub(crate) calls_per_cleanup: f64,
+    /// How fast GitLab handed the jobs out, first to last.
+    pub(crate) handout_per_sec: f64,
+}
+
+/// The local executor.
+#[derive(Debug, Clone)]
+pub(crate) struct Local {
+    /// 201 → first trace byte at GitLab, per job.
+    pub(crate) first_trace: Spread,
+    /// 201 → job finished (script: `sleep`).
+    pub(crate) finished: Spread,
+}
+
+/// Everything measured.
+#[derive(Debug, Clone)]
+pub(crate) struct Report {
+    pub(crate) machine: String,
+    pub(crate) options: Options,
+    pub(crate) idle: Idle,
+    pub(crate) levels: Vec<Level>,
+    pub(crate) burst: Burst,
+    pub(crate) local: Local,
+}
+
+impl Options {
+    /// The kiln binary: `--kiln`, else the `kiln` cargo built beside this example.
+    pub(crate) fn kiln_path(&self) -> PathBuf {
+        self.kiln.clone().unwrap_or_else(|| {
+            let exe = std::env::current_exe().unwrap_or_default();
+            // target/<profile>/examples/bench → target/<profile>/kiln
+            exe.parent()
+                .and_then(Path::parent)
+                .map_or_else(|| PathBuf::from("target/release/kiln"), |d| d.join("kiln"))
+        })
+    }
+}
+
+/// Runs the whole benchmark.
+pub(crate) async fn run(options: &Options) -> Report {
+    let kiln = options.kiln_path();
+    assert!(
+        kiln.exists(),
+        "no kiln binary at {} (build it first: cargo build --release --bin kiln)",
+        kiln.display()
+    );
+    if kiln.components().any(|c| c.as_os_str() == "debug") {
+        progress("benchmarking a debug build of kiln; build with --release for real figures");
+    }
+    let mut sizes: Vec<usize> = options
+        .levels
+        .iter()
+        .copied()
+        .filter(|n| *n > 0 && *n < options.jobs)
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    sizes.push(options.jobs);
+    let mut idle = None;
+    let mut levels = Vec::new();
+    let mut burst = None;
+    for (i, &jobs) in sizes.iter().enumerate() {
+        let last = i + 1 == sizes.len();
+        progress(&format!("level {jobs}: starting"));
+        let (level_idle, level, level_burst) = run_level(options, jobs, i == 0, last).await;
+        if level_idle.is_some() {
+            idle = level_idle;
+        }
+        if level_burst.is_some() {
+            burst = level_burst;
+        }
+        levels.push(level);
+    }
+    progress("local executor: starting");
+    let local = run_local(options).await;
+    Report {
+        machine: machine(),
+        options: options.clone(),
+        idle: idle.unwrap_or_else(|| unreachable!("the first level measures idle")),
+        levels,
+        burst: burst.unwrap_or_else(|| unreachable!("the last level measures the burst")),
+        local,
+    }
+}
+
+fn progress(text: &str) {
+    eprintln!("[bench] {text}");
+}
+
+/// A `kiln run` child process with its config and logs in a temporary directory.
+struct Coordinator {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Coordinator {
+    fn start(kiln: &Path, config: &str, http: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(kiln)
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("kiln.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("kiln.err")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", kiln.display()));
+        let this = Self { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(http).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "kiln did not start listening on {http}:\n{}",
+                this.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        this
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn logs(&self) -> String {
+        ["kiln.log", "kiln.err"]
+            .iter()
+            .map(|f| std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default())
+            .collect()
+    }
+
+    /// Peak and current RSS in KiB, from `/proc/<pid>/status`.
+    fn memory(&self) -> (u64, u64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmHWM:"), field("VmRSS:"))
+    }
+
+    /// User + system CPU seconds, from `/proc/<pid>/stat`.
+    fn cpu_secs(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // The command name may hold spaces; the fields after it do not.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+        (ticks(11) + ticks(12)) as f64 / clock_ticks()
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+fn config(
+    gitlab: &GitLabServer,
+    options: &Options,
+    http: &str,
+    executor: &str,
+    kube: &str,
+) -> String {
+    format!(
+        r#"concurrent = {concurrent}
+executor = "{executor}"
+
+[http]
+listen = "{http}"
+
+[log]
+format = "json"
+level = "info"
+
+{kube}
+
+[[sources.gitlab]]
+name = "bench"
+url = "{url}"
+token = "{TOKEN}"
+system_id = "s_0123456789ab"
+poll_timeout = "{poll}s"
+"#,
+        concurrent = options.jobs.max(1),
+        url = gitlab.url(),
+        poll = options.hold_secs + 10,
+    )
+}
+
+async fn gitlab(options: &Options) -> GitLabServer {
+    let gitlab = GitLabServer::start().await;
+    gitlab.add_runner_token(TOKEN);
+    gitlab.set_long_poll_timeout(Duration::from_secs(options.hold_secs));
+    gitlab
+}
+
+/// Waits until `done` holds, checking every 20 ms; panics with kiln's log after `timeout`.
+async fn wait_until(
+    what: &str,
+    timeout: Duration,
+    kiln: &Coordinator,
+    mut done: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        if Instant::now() > deadline {
+            let logs = kiln.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(40).collect();
+            panic!(
+                "{what}: not within {timeout:?}; kiln's last log lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn job_id(pod: &str) -> Option<u64> {
+    pod.strip_prefix("kiln-gl-")?.parse().ok()
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// The status a kubelet writes once the init container ended and the build container runs.
+fn running_status(index: usize) -> Value {
+    let now = now_rfc3339();
+    json!({"status": {
+        "phase": "Running",
+        "hostIP": "10.1.0.1",
+        "podIP": format!("10.2.{}.{}", index / 250, index % 250 + 1),
+        "startTime": now,
+        "conditions": [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+            {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+            {"type": "Ready", "status": "True", "lastTransitionTime": now},
+        ],
+        "initContainerStatuses": [{
+            "name": "prepare", "image": HELPER_IMAGE, "imageID": "", "ready": true,
+            "restartCount": 0,
+            "state": {"terminated": {"exitCode": 0, "reason": "Completed",
+                                     "startedAt": now, "finishedAt": now}},
+        }],
+        "containerStatuses": [{
+            "name": "build", "image": BUILD_IMAGE, "imageID": "", "ready": true,
+            "restartCount": 0, "started": true,
+            "state": {"running": {"startedAt": now}},
+        }],
+    }})
+}
+
+/// The status after the build container's agent reported the job and exited.
+fn finished_status() -> Value {
+    let now = now_rfc3339();
+    json!({"status": {
+        "phase": "Succeeded",
+        "containerStatuses": [{
+            "name": "build", "image": BUILD_IMAGE, "imageID": "", "ready": false,
+            "restartCount": 0, "started": false,
+            "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": REPORTED,
+                                     "startedAt": now, "finishedAt": now}},
+        }],
+    }})
+}
+
+async fn patch_status(pods: &Api<Pod>, name: &str, status: &Value) {
+    // The pod may be gone already when kiln is faster than the driver.
+    let _ = pods
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await;
+}
+
+/// kiln's own requests: everything but the benchmark's status writes.
+fn is_kiln_call(r: &RequestRecord) -> bool {
+    !(r.method == "PATCH" && r.path.contains("/status"))
+}
+
+/// `METHOD resource[/subresource]`, e.g. `PATCH secrets`.
+fn call_kind(r: &RequestRecord) -> String {
+    let segments: Vec<&str> = path_of(r).split('/').filter(|s| !s.is_empty()).collect();
+    let resource = match segments.as_slice() {
+        ["api", "v1", "namespaces", _, resource, _, sub, ..] => format!("{resource}/{sub}"),
+        ["api", "v1", "namespaces", _, resource, ..] => (*resource).to_owned(),
+        other => other.join("/"),
+    };
+    format!("{} {resource}", r.method)
+}
+
+/// The path without the query.
+fn path_of(r: &RequestRecord) -> &str {
+    r.path.split('?').next().unwrap_or("")
+}
+
+fn is_watch(r: &RequestRecord) -> bool {
+    r.path.contains("watch=true") || r.path.contains("watch=1")
+}
+
+async fn run_level(
+    options: &Options,
+    jobs: usize,
+    measure_idle: bool,
+    measure_burst: bool,
+) -> (Option<Idle>, Level, Option<Burst>) {
+    let gitlab = gitlab(options).await;
+    let kube = KubeServer::start().await;
+    kube.set_kubelet(false);
+    kube.set_latency(Duration::from_millis(options.latency_ms));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.kubeconfig(&kubeconfig, NAMESPACE);
+    let http = free_addr();
+    let kube_section = format!(
+        "[kubernetes]\nkubeconfig = \"{}\"\nhelper_image = \"{HELPER_IMAGE}\"\npending_timeout = \"1h\"\nqps = {:?}\nburst = {}\n",
+        kubeconfig.display(),
+        options.qps,
+        options.burst
+    );
+    let text = config(&gitlab, options, &http, "kubernetes", &kube_section);
+    let kiln = Coordinator::start(&options.kiln_path(), &text, &http);
+    wait_until(
+        "kiln's first jobs/request",
+        Duration::from_secs(30),
+        &kiln,
+        || !gitlab.polls().is_empty(),
+    )
+    .await;
+
+    let idle = if measure_idle {
+        progress(&format!(
+            "idle: measuring for {}s (long-poll hold {}s)",
+            options.idle_secs, options.hold_secs
+        ));
+        Some(measure_idle_window(options, &gitlab, &kube, &kiln).await)
+    } else {
+        None
+    };
+
+    // The burst: every job queued at once.
+    let cpu_start = kiln.cpu_secs();
+    let queued_at = Instant::now();
+    let ids: Vec<u64> = (0..jobs)
+        .map(|i| gitlab.enqueue(job_json(&format!("bench-{i}"), &["echo hello"])))
+        .collect();
+    let id_set: HashSet<u64> = ids.iter().copied().collect();
+    progress(&format!(
+        "level {jobs}: {jobs} jobs queued; driving pods to Running"
+    ));
+
+    // Play kubelet: every pod kiln creates starts running.
+    let pods: Api<Pod> = Api::namespaced(kube.client(NAMESPACE), NAMESPACE);
+    let limit = Arc::new(tokio::sync::Semaphore::new(DRIVER_PARALLELISM));
+    let mut started: HashSet<String> = HashSet::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let create_timeout =
+        Duration::from_secs(120) + Duration::from_secs_f64(jobs as f64 * 3.0 / options.qps * 2.0);
+    let deadline = Instant::now() + create_timeout;
+    while started.len() < jobs {
+        assert!(
+            Instant::now() < deadline,
+            "level {jobs}: only {} of {jobs} pods created within {create_timeout:?}:\n{}",
+            started.len(),
+            kiln.logs()
+        );
+        for name in kube.creations() {
+            if started.contains(&name) || !job_id(&name).is_some_and(|id| id_set.contains(&id)) {
+                continue;
+            }
+            let index = started.len();
+            started.insert(name.clone());
+            let (pods, limit) = (pods.clone(), Arc::clone(&limit));
+            tasks.spawn(async move {
+                let _slot = limit.acquire_owned().await;
+                patch_status(&pods, &name, &running_status(index)).await;
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while tasks.join_next().await.is_some() {}
+    let create = last_pod_create(&kube.requests()).map_or(queued_at.elapsed(), |t| t - queued_at);
+    progress(&format!(
+        "level {jobs}: all pods Running after {:.1}s; steady state for {}s",
+        queued_at.elapsed().as_secs_f64(),
+        options.steady_secs
+    ));
+
+    // Steady state: every build runs, the watch delivers nothing, kiln should sleep. Calls
+    // still queued behind the rate limit (Secret owner patches) go out first.
+    wait_quiet(&kube, create_timeout).await;
+    let steady = Duration::from_secs(options.steady_secs);
+    let cpu_a = kiln.cpu_secs();
+    let steady_start = Instant::now();
+    tokio::time::sleep(steady).await;
+    let steady_millicores =
+        (kiln.cpu_secs() - cpu_a) / steady_start.elapsed().as_secs_f64() * 1000.0;
+    let (_, rss_kib) = kiln.memory();
+
+    // Every agent reports to GitLab, then its container ends with the reported result.
+    progress(&format!("level {jobs}: finishing every build"));
+    let http_client = reqwest::Client::new();
+    let finish_start = Instant::now();
+    for &id in &ids {
+        let token = gitlab.job(id).token;
+        let (pods, limit, client) = (pods.clone(), Arc::clone(&limit), http_client.clone());
+        let url = format!("{}api/v4/jobs/{id}", gitlab.url());
+        tasks.spawn(async move {
+            let _slot = limit.acquire_owned().await;
+            let body = json!({"token": token, "state": "success", "exit_code": 0});
+            let answer = client.put(&url).json(&body).send().await;
+            assert!(
+                answer.as_ref().is_ok_and(|a| a.status() == 200),
+                "finishing job {id} in GitLab: {answer:?}"
+            );
+            patch_status(&pods, &format!("kiln-gl-{id}"), &finished_status()).await;
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let cleanup_timeout =
+        Duration::from_secs(120) + Duration::from_secs_f64(jobs as f64 * 2.0 / options.qps * 2.0);
+    let deadline = Instant::now() + cleanup_timeout;
+    loop {
+        let left = {
+            let snapshot = kube.snapshot();
+            snapshot.pods.len() + snapshot.secrets.len()
+        };
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "level {jobs}: {left} pods and Secrets left after {cleanup_timeout:?}:\n{}",
+            kiln.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cleanup = finish_start.elapsed();
+    // Calls still queued behind the rate limit (a Secret the pod's deletion already took
+    // with it) count too.
+    wait_quiet(&kube, cleanup_timeout).await;
+    let cpu_secs = kiln.cpu_secs() - cpu_start;
+    let (hwm_kib, _) = kiln.memory();
+    progress(&format!(
+        "level {jobs}: all pods and Secrets deleted {:.1}s after the builds ended",
+        cleanup.as_secs_f64()
+    ));
+    for &id in &ids {
+        let job = gitlab.job(id);
+        assert_eq!(
+            job.state,
+            "success",
+            "job {id} ended {}: {}",
+            job.state,
+            kiln.logs()
+        );
+    }
+    let violations = gitlab.violations();
+    assert!(
+        violations.is_empty(),
+        "GitLab protocol violations: {violations:?}"
+    );
+
+    let requests = kube.requests();
+    let level_calls: Vec<&RequestRecord> = requests
+        .iter()
+        .filter(|r| r.at >= queued_at && is_kiln_call(r) && !is_watch(r))
+        .collect();
+    let api_calls = level_calls.len();
+    let mut calls_by_kind = BTreeMap::new();
+    for r in &level_calls {
+        *calls_by_kind.entry(call_kind(r)).or_insert(0) += 1;
+    }
+    let burst = measure_burst
+        .then(|| burst_figures(&gitlab, &ids, &requests, queued_at, finish_start, options));
+    drop(kiln);
+    (
+        idle,
+        Level {
+            jobs,
+            create,
+            rss_kib,
+            hwm_kib,
+            steady_millicores,
+            steady,
+            cpu_secs,
+            cleanup,
+            api_calls,
+            calls_by_kind,
+        },
+        burst,
+    )
+}
+
+/// Waits until the API server saw no request for 2 s (at most `timeout`).
+async fn wait_quiet(kube: &KubeServer, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let mut seen = kube.requests().len();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = kube.requests().len();
+        if now == seen || Instant::now() > deadline {
+            return;
+        }
+        seen = now;
+    }
+}
+
+fn last_pod_create(requests: &[RequestRecord]) -> Option<Instant> {
+    requests
+        .iter()
+        .filter(|r| r.method == "POST" && path_of(r).ends_with("/pods") && r.status == 201)
+        .map(|r| r.at)
+        .max()
+}
+
+async fn measure_idle_window(
+    options: &Options,
+    gitlab: &GitLabServer,
+    kube: &KubeServer,
+    kiln: &Coordinator,
+) -> Idle {
+    // The first request, without `X-GitLab-Last-Update`, is answered at once; the window opens
+    // with the second, the first one held.
+    wait_until(
+        "kiln's second jobs/request",
+        Duration::from_secs(30),
+        kiln,
+        || gitlab.polls().len() >= 2,
+    )
+    .await;
+    let opened = gitlab.polls()[1].at;
+    let cpu_a = kiln.cpu_secs();
+    let cpu_at = Instant::now();
+    let window = Duration::from_secs(options.idle_secs);
+    tokio::time::sleep((opened + window).saturating_duration_since(Instant::now())).await;
+    let cpu_millicores = (kiln.cpu_secs() - cpu_a) / cpu_at.elapsed().as_secs_f64() * 1000.0;
+    let closed = opened + window;
+    let in_window = |at: Instant| at >= opened && at <= closed;
+    let polls: Vec<Instant> = gitlab
+        .polls()
+        .iter()
+        .map(|p| p.at)
+        .filter(|at| in_window(*at))
+        .collect();
+    let polls_per_minute = match (polls.first(), polls.last()) {
+        (Some(first), Some(last)) if polls.len() > 1 => {
+            (polls.len() - 1) as f64 * 60.0 / (*last - *first).as_secs_f64()
+        }
+        // A single poll held for the whole window.
+        _ => 60.0 / window.as_secs_f64(),
+    };
+    let gitlab_requests = gitlab.requests().iter().filter(|r| in_window(r.at)).count();
+    let kube_requests = kube.requests().iter().filter(|r| in_window(r.at)).count();
+    let (hwm_kib, rss_kib) = kiln.memory();
+    Idle {
+        window,
+        polls: polls.len(),
+        polls_per_minute,
+        gitlab_requests,
+        kube_requests,
+        rss_kib,
+        hwm_kib,
+        cpu_millicores,
+    }
+}
+
+fn burst_figures(
+    gitlab: &GitLabServer,
+    ids: &[u64],
+    requests: &[RequestRecord],
+    queued_at: Instant,
+    finish_start: Instant,
+    options: &Options,
+) -> Burst {
+    let created = |kind: &str| -> HashMap<String, Instant> {
+        requests
+            .iter()
+            .filter(|r| r.method == "POST" && path_of(r).ends_with(kind) && r.status == 201)
+            .filter_map(|r| Some((r.name.clone()?, r.at)))
+            .collect()
+    };
+    let pod_posts = created("/pods");
+    let secret_posts = created("/secrets");
+    // The first PUT jobs/:id of each job is its two-phase acknowledge.
+    let mut acks: BTreeMap<u64, Instant> = BTreeMap::new();
+    for r in gitlab.requests() {
+        if r.method == "PUT"
+            && let Some(id) = r
+                .path
+                .strip_prefix("/api/v4/jobs/")
+                .and_then(|s| s.parse().ok())
+        {
+            acks.entry(id).or_insert(r.at);
+        }
+    }
+    let mut dispatch = Vec::new();
+    let mut unthrottled = Vec::new();
+    let (mut to_ack, mut ack_to_secret, mut secret_to_pod) = (Vec::new(), Vec::new(), Vec::new());
+    let mut handouts = Vec::new();
+    // Jobs started from the saved-up burst never wait for a token (3 calls each).
+    let free_starts = (options.burst / 3) as usize;
+    let mut by_handout: Vec<(Instant, u64)> = Vec::new();
+    for &id in ids {
+        let job = gitlab.job(id);
+        let name = format!("kiln-gl-{id}");
+        let (Some(handed), Some(pod)) = (job.handed_out_at, pod_posts.get(&name)) else {
+            continue;
+        };
+        handouts.push(handed);
+        by_handout.push((handed, id));
+        dispatch.push(pod.saturating_duration_since(handed));
+        if let (Some(ack), Some(secret)) = (acks.get(&id), secret_posts.get(&name)) {
+            to_ack.push(ack.saturating_duration_since(handed));
+            ack_to_secret.push(secret.saturating_duration_since(*ack));
+            secret_to_pod.push(pod.saturating_duration_since(*secret));
+        }
+    }
+    by_handout.sort();
+    for (handed, id) in by_handout.iter().take(free_starts) {
+        if let Some(pod) = pod_posts.get(&format!("kiln-gl-{id}")) {
+            unthrottled.push(pod.saturating_duration_since(*handed));
+        }
+    }
+    let rate = |mut times: Vec<Instant>| {
+        times.sort();
+        match (times.first(), times.last()) {
+            (Some(a), Some(b)) if times.len() > 1 && b > a => {
+                (times.len() - 1) as f64 / (*b - *a).as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    };
+    let pod_times: Vec<Instant> = pod_posts.values().copied().collect();
+    let pods_per_sec = rate(pod_times.clone());
+    let (first, last) = (
+        pod_times.iter().min().copied().unwrap_or(queued_at),
+        pod_times.iter().max().copied().unwrap_or(queued_at),
+    );
+    let kiln_calls: Vec<&RequestRecord> = requests
+        .iter()
+        .filter(|r| is_kiln_call(r) && !is_watch(r) && r.at >= queued_at)
+        .collect();
+    let opened = kiln_calls.iter().map(|r| r.at).min().unwrap_or(first);
+    let in_window = kiln_calls
+        .iter()
+        .filter(|r| r.at >= opened && r.at <= last)
+        .count();
+    let window = (last - opened).as_secs_f64();
+    let calls_per_sec = if window > 0.0 {
+        in_window as f64 / window
+    } else {
+        0.0
+    };
+    let budget = f64::from(options.burst) + options.qps * window;
+    let budget_used = (in_window as f64 / budget).min(1.0);
+    let start_calls = kiln_calls.iter().filter(|r| r.at < finish_start).count();
+    let cleanup_calls = kiln_calls.len() - start_calls;
+    let n = ids.len().max(1) as f64;
+    Burst {
+        jobs: ids.len(),
+        dispatch: Spread::of(dispatch),
+        dispatch_unthrottled: Spread::of(unthrottled),
+        to_ack: Spread::of(to_ack),
+        ack_to_secret: Spread::of(ack_to_secret),
+        secret_to_pod: Spread::of(secret_to_pod),
+        pods_per_sec,
+        calls_per_sec,
+        budget_used,
+        calls_per_start: start_calls as f64 / n,
+        calls_per_cleanup: cleanup_calls as f64 / n,
+        handout_per_sec: rate(handouts),
+    }
+}
+
+async fn run_local(options: &Options) -> Local {
+    let gitlab = gitlab(options).await;
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_addr();
+    let local = format!("[local]\nwork_dir = \"{}\"\n", dir.path().display());
+    let text = config(&gitlab, options, &http, "local", &local);
+    let kiln = Coordinator::start(&options.kiln_path(), &text, &http);
+    let (mut first_trace, mut finished) = (Vec::new(), Vec::new());
+    let sleep = format!("sleep {}", options.local_sleep_secs);
+    for i in 0..options.local_jobs {
+        let id = gitlab.enqueue(job_json(&format!("local-{i}"), &["echo started", &sleep]));
+        let timeout = Duration::from_secs(60 + options.local_sleep_secs);
+        wait_until("a local job to finish", timeout, &kiln, || {
+            matches!(gitlab.job(id).state.as_str(), "success" | "failed")
+        })
+        .await;
+        let job = gitlab.job(id);
+        assert_eq!(
+            job.state,
+            "success",
+            "local job {id}: {}\n{}",
+            job.trace,
+            kiln.logs()
+        );
+        let handed = job
+            .handed_out_at
+            .unwrap_or_else(|| unreachable!("a finished job was handed out"));
+        if let Some(patch) = job.patches.iter().find(|p| p.status == 202 && p.len > 0) {
+            first_trace.push(patch.at.saturating_duration_since(handed));
+        }
+        if let Some(done) = job.finished_at {
+            finished.push(done.saturating_duration_since(handed));
+        }
+    }
+    Local {
+        first_trace: Spread::of(first_trace),
+        finished: Spread::of(finished),
+    }
+}
+
+/// CPU model, core count and memory, from `/proc`.
+pub(crate) fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem = |name: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(0, |kib| kib / 1024)
+    };
+    format!(
+        "{model}, {cores} cores, {} MiB memory ({} MiB available)",
+        mem("MemTotal:"),
+        mem("MemAvailable:")
+    )
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn spread(s: &Spread) -> String {
+    format!(
+        "p50 {} / p99 {} / max {} (n={})",
+        ms(s.p50),
+        ms(s.p99),
+        ms(s.max),
+        s.count
+    )
+}
+
+impl Report {
+    /// The results as text, one figure a line.
+    pub(crate) fn render(&self) -> String {
+        let o = &self.options;
+        let b = &self.burst;
+        let i = &self.idle;
+        let mut out = String::new();
+        let _ = writeln!(out, "machine: {}", self.machine);
+        let _ = writeln!(
+            out,
+            "settings: {} jobs, API latency {} ms, qps {} / burst {}, steady {}s, long-poll hold {}s",
+            o.jobs, o.latency_ms, o.qps, o.burst, o.steady_secs, o.hold_secs
+        );
+        let _ = writeln!(out, "\n## dispatch ({} jobs queued at once)", b.jobs);
+        let _ = writeln!(
+            out,
+            "201 -> POST pods:                 {}",
+            spread(&b.dispatch)
+        );
+        let _ = writeln!(
+            out,
+            "  same, starts within the burst:  {}",
+            spread(&b.dispatch_unthrottled)
+        );
+        let _ = writeln!(
+            out,
+            "  201 -> acknowledge at GitLab:   {}",
+            spread(&b.to_ack)
+        );
+        let _ = writeln!(
+            out,
+            "  acknowledge -> POST secrets:    {}",
+            spread(&b.ack_to_secret)
+        );
+        let _ = writeln!(
+            out,
+            "  POST secrets -> POST pods:      {}",
+            spread(&b.secret_to_pod)
+        );
+        let _ = writeln!(out, "GitLab handed out {:.0} jobs/s", b.handout_per_sec);
+        let _ = writeln!(
+            out,
+            "\n## burst throughput\npods created: {:.1}/s = {:.0}% of qps {}; kiln API calls {:.1}/s, {:.0}% of the budget (burst {} + qps x time)",
+            b.pods_per_sec,
+            b.pods_per_sec / o.qps * 100.0,
+            o.qps,
+            b.calls_per_sec,
+            b.budget_used * 100.0,
+            o.burst
+        );
+        let _ = writeln!(
+            out,
+            "API calls per job: {:.2} to start, {:.2} to clean up",
+            b.calls_per_start, b.calls_per_cleanup
+        );
+        let _ = writeln!(out, "\n## footprint");
+        let _ = writeln!(
+            out,
+            "idle: RSS {} (peak {}), CPU {:.2} millicores over {}s",
+            mib(i.rss_kib),
+            mib(i.hwm_kib),
+            i.cpu_millicores,
+            i.window.as_secs()
+        );
+        for l in &self.levels {
+            let _ = writeln!(
+                out,
+                "{} jobs: RSS {} while running (peak {}), CPU {:.2} millicores steady over {}s, {:.2} CPU s in all; created in {:.1}s, cleaned up in {:.1}s, {} API calls",
+                l.jobs,
+                mib(l.rss_kib),
+                mib(l.hwm_kib),
+                l.steady_millicores,
+                l.steady.as_secs(),
+                l.cpu_secs,
+                l.create.as_secs_f64(),
+                l.cleanup.as_secs_f64(),
+                l.api_calls
+            );
+            let kinds: Vec<String> = l
+                .calls_by_kind
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            let _ = writeln!(out, "    calls: {}", kinds.join(", "));
+        }
+        let _ = writeln!(
+            out,
+            "\n## idle cost\n{} jobs/request in {}s: {:.2} requests/minute ({} GitLab requests, {} Kubernetes requests in the window)",
+            i.polls,
+            i.window.as_secs(),
+            i.polls_per_minute,
+            i.gitlab_requests,
+            i.kube_requests
+        );
+        let _ = writeln!(
+            out,
+            "\n## local executor\n201 -> first trace byte: {}\n201 -> job finished:     {}",
+            spread(&self.local.first_trace),
+            spread(&self.local.finished)
+        );
+        out
+    }
+}

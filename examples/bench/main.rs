@@ -1,0 +1,36 @@
+//! `cargo run --release --example bench`: the coordinator benchmark of `docs/benchmarks.md`.
+//!
+//! Starts the GitLab test server with queued jobs, the Kubernetes test server (kubelet off: the
+//! benchmark itself moves each pod to Running and then to "agent reported") and a real
+//! `kiln run` (release build, `target/release/kiln` unless `--kiln PATH`), and prints dispatch
+//! overhead, burst throughput, footprint, idle traffic and local executor start latency.
+
+use clap::Parser;
+
+mod harness;
+
+// The test servers of `tests/support`, shared with the end-to-end tests.
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../tests/support/gitlab.rs"]
+mod gitlab_server;
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../tests/support/kube/mod.rs"]
+mod kube_server;
+
+/// The names `harness` uses, as in the tests' `support` module.
+mod support {
+    pub(crate) use super::gitlab_server as gitlab;
+    pub(crate) use super::kube_server as kube;
+}
+
+#[tokio::main]
+async fn main() {
+    let options = harness::Options::parse();
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "[bench] this benchmark binary is a debug build; the servers it runs are slower (build with --release)"
+        );
+    }
+    let report = harness::run(&options).await;
+    println!("{}", report.render());
+}

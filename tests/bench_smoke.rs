@@ -1,0 +1,73 @@
+//! Keeps the coordinator benchmark (`examples/bench`) working: runs it at a tiny size against
+//! this build's (debug) kiln and checks that every figure it reports was really measured.
+
+mod support;
+
+#[allow(dead_code)]
+#[path = "../examples/bench/harness.rs"]
+mod harness;
+
+use std::time::Duration;
+
+use clap::Parser;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_benchmark_measures_every_figure_at_a_tiny_size() {
+    let options = harness::Options::try_parse_from([
+        "bench",
+        "--kiln",
+        env!("CARGO_BIN_EXE_kiln"),
+        "--jobs",
+        "5",
+        "--levels",
+        "2",
+        "--steady-secs",
+        "1",
+        "--hold-secs",
+        "1",
+        "--idle-secs",
+        "3",
+        "--local-jobs",
+        "1",
+        "--local-sleep-secs",
+        "1",
+    ])
+    .unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(60), harness::run(&options))
+        .await
+        .expect("the benchmark finishes");
+
+    // Every job of the burst got its pod, and the path to it was timed.
+    let burst = &report.burst;
+    assert_eq!(burst.jobs, 5);
+    assert_eq!(burst.dispatch.count, 5, "{}", report.render());
+    assert_eq!(burst.to_ack.count, 5);
+    assert!(burst.dispatch.p50 > Duration::ZERO && burst.dispatch.p50 <= burst.dispatch.max);
+    assert!(burst.pods_per_sec > 0.0, "{}", report.render());
+    assert!(burst.calls_per_start >= 2.0, "a Secret and a pod per job");
+
+    // Both levels ran all their jobs and measured the coordinator.
+    let sizes: Vec<usize> = report.levels.iter().map(|l| l.jobs).collect();
+    assert_eq!(sizes, vec![2, 5]);
+    for level in &report.levels {
+        assert!(level.rss_kib > 1024, "{}", report.render());
+        assert!(level.hwm_kib >= level.rss_kib);
+        assert_eq!(level.calls_by_kind.get("POST pods"), Some(&level.jobs));
+        assert_eq!(level.calls_by_kind.get("DELETE pods"), Some(&level.jobs));
+    }
+
+    // Idle: a 1 s hold is re-polled about once a second, so 3 s see several polls.
+    let idle = &report.idle;
+    assert!(idle.polls >= 2, "{}", report.render());
+    assert!(
+        (20.0..=120.0).contains(&idle.polls_per_minute),
+        "{}",
+        report.render()
+    );
+    assert!(idle.rss_kib > 1024);
+
+    // The local executor's job streamed its trace.
+    assert_eq!(report.local.first_trace.count, 1, "{}", report.render());
+    assert!(report.local.first_trace.max <= report.local.finished.max);
+    assert!(report.render().contains("## dispatch"));
+}
