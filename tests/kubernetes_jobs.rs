@@ -438,3 +438,26 @@ async fn a_watch_expired_mid_build_is_relisted_and_the_build_still_finishes() {
         .count();
     assert!(relisted >= 2, "the watcher listed again after 410");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_adopted_build_survives_a_config_that_would_refuse_it_now() {
+    let s = setup().await;
+    let mut job = job_json("adopted", &["echo part one", "sleep 3", "echo part two"]);
+    job["variables"].as_array_mut().unwrap().push(
+        json!({"key": "KUBERNETES_MEMORY_LIMIT", "value": "4Gi", "public": true,
+            "file": false, "masked": false, "raw": false}),
+    );
+    let id = s.gitlab.enqueue(job);
+    let mut first = s.kiln("", "max = { memory_limit = \"8Gi\" }");
+    s.gitlab
+        .wait_for_trace(id, "part one", Duration::from_secs(60))
+        .await;
+    support::kiln::send_signal(first.pid(), "KILL");
+    first.wait_exit(Duration::from_secs(10));
+    // The new config no longer allows the override: the running build is followed anyway.
+    let second = s.kiln("", "");
+    let job = s.finished(id, 60).await;
+    assert_eq!(job.state, "success", "{}\n{}", job.trace, second.logs());
+    s.nothing_left(15).await;
+    assert_eq!(s.kube.creations(), vec![pod_name(id)]);
+}

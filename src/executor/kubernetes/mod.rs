@@ -113,27 +113,37 @@ impl KubernetesExecutor {
             config: &self.config,
             namespace: self.cluster.namespace(),
         };
+        let mut subscription = self.pods.subscribe(&name);
         let pod = match podspec::pod(&input) {
-            Ok(pod) => pod,
+            Ok(pod) => Some(pod),
             Err(e) => {
-                return Ok(RunReport::failed(
-                    FailureReason::RunnerConfigurationError,
-                    e.0,
-                ));
+                // A restarted coordinator whose config changed may not be able to build the
+                // pod of a job it adopts: the pod that runs it is what counts.
+                let pods: Api<Pod> = self.cluster.api();
+                if let Ok(Some(_)) = self.cluster.call(|| pods.get_opt(&name)).await {
+                    tracing::warn!(job = %key, pod = %name, error = %e, "the current config could not build this pod; following the one that runs");
+                    None
+                } else {
+                    self.remove(&name).await;
+                    return Ok(RunReport::failed(
+                        FailureReason::RunnerConfigurationError,
+                        e.0,
+                    ));
+                }
             }
         };
-        let mut subscription = self.pods.subscribe(&name);
-
         let secret = podspec::secret(&input, &launch.job_file);
-        match self.create(&pod, &secret).await {
-            Ok(()) => {}
-            Err(Create::Rejected(message)) => {
-                return Ok(RunReport::failed(
-                    FailureReason::RunnerConfigurationError,
-                    message,
-                ));
+        if let Some(pod) = &pod {
+            match self.create(pod, &secret).await {
+                Ok(()) => {}
+                Err(Create::Rejected(message)) => {
+                    return Ok(RunReport::failed(
+                        FailureReason::RunnerConfigurationError,
+                        message,
+                    ));
+                }
+                Err(Create::Failed(what, e)) => return Err(self.start_error(&key, what, &e)),
             }
-            Err(Create::Failed(what, e)) => return Err(self.start_error(&key, what, &e)),
         }
         // A build is followed for as long as it runs: keep neither the job nor its pod spec nor
         // its Secret meanwhile (with many builds they were most of kiln's memory).
