@@ -71,6 +71,26 @@ image_pull_grace = "2s"
             .await
     }
 
+    /// Runs a job that sleeps, does `disrupt` to its pod once it started, and returns how the
+    /// job ended (with kiln's log for messages).
+    async fn disrupted(
+        &self,
+        name: &str,
+        disrupt: impl FnOnce(&KubeServer, &str),
+    ) -> (JobRecord, String) {
+        let id = self
+            .gitlab
+            .enqueue(job_json(name, &["echo started", "sleep 20"]));
+        let kiln = self.kiln("", "");
+        self.gitlab
+            .wait_for_trace(id, "started", Duration::from_secs(60))
+            .await;
+        disrupt(&self.kube, &pod_name(id));
+        let job = self.finished(id, 60).await;
+        self.nothing_left(15).await;
+        (job, kiln.logs())
+    }
+
     /// Waits until no pod and no Secret of kiln's is left.
     async fn nothing_left(&self, secs: u64) {
         self.kube
@@ -206,34 +226,19 @@ async fn an_oom_killed_build_is_a_script_failure_naming_the_limit() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_evicted_pod_is_a_runner_system_failure() {
     let s = setup().await;
-    let id = s
-        .gitlab
-        .enqueue(job_json("evicted", &["echo started", "sleep 20"]));
-    let kiln = s.kiln("", "");
-    s.gitlab
-        .wait_for_trace(id, "started", Duration::from_secs(60))
-        .await;
-    s.kube.evict(&pod_name(id));
-    let job = s.finished(id, 60).await;
-    assert_eq!(job.state, "failed", "{}", kiln.logs());
+    let (job, logs) = s.disrupted("evicted", |kube, pod| kube.evict(pod)).await;
+    assert_eq!(job.state, "failed", "{logs}");
     assert_eq!(job.failure_reason.as_deref(), Some("runner_system_failure"));
     assert!(job.trace.contains("evicted"), "{}", job.trace);
-    s.nothing_left(15).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_spot_reclaim_is_a_runner_system_failure() {
     let s = setup().await;
-    let id = s
-        .gitlab
-        .enqueue(job_json("spot", &["echo started", "sleep 20"]));
-    let kiln = s.kiln("", "");
-    s.gitlab
-        .wait_for_trace(id, "started", Duration::from_secs(60))
+    let (job, logs) = s
+        .disrupted("spot", |kube, pod| kube.spot_reclaim(pod))
         .await;
-    s.kube.spot_reclaim(&pod_name(id));
-    let job = s.finished(id, 60).await;
-    assert_eq!(job.state, "failed", "{}", kiln.logs());
+    assert_eq!(job.state, "failed", "{logs}");
     assert_eq!(job.failure_reason.as_deref(), Some("runner_system_failure"));
     assert!(job.trace.contains("spot instance"), "{}", job.trace);
     assert!(
@@ -241,7 +246,6 @@ async fn a_spot_reclaim_is_a_runner_system_failure() {
         "{}",
         job.trace
     );
-    s.nothing_left(15).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -396,20 +400,13 @@ fn a_missing_permission_stops_kiln_at_start_naming_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_preempted_pod_is_a_runner_system_failure() {
     let s = setup().await;
-    let id = s
-        .gitlab
-        .enqueue(job_json("preempted", &["echo started", "sleep 20"]));
-    let kiln = s.kiln("", "");
-    s.gitlab
-        .wait_for_trace(id, "started", Duration::from_secs(60))
+    let (job, logs) = s
+        .disrupted("preempted", |kube, pod| kube.preempt(pod))
         .await;
-    s.kube.preempt(&pod_name(id));
-    let job = s.finished(id, 60).await;
-    assert_eq!(job.state, "failed", "{}", kiln.logs());
+    assert_eq!(job.state, "failed", "{logs}");
     assert_eq!(job.failure_reason.as_deref(), Some("runner_system_failure"));
     // Preemption stops the pod gracefully: the agent reports the job itself.
     assert!(job.trace.contains("stopped from outside"), "{}", job.trace);
-    s.nothing_left(15).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

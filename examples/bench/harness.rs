@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use crate::support::gitlab::{GitLabServer, job_json};
 use crate::support::kube::{KubeServer, RequestRecord};
 
-const TOKEN: &str = "glrt-bench-fake-token";
+const TOKEN: &str = "glrt-benchtoken";
 const NAMESPACE: &str = "ci";
 const HELPER_IMAGE: &str = "kiln-bench/kiln:dev";
 const BUILD_IMAGE: &str = "alpine:3";
