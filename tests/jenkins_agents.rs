@@ -196,14 +196,15 @@ async fn a_queued_build_gets_a_one_shot_agent_that_is_deleted_after_it() {
     assert_eq!(builds.len(), 1, "one build on the first agent: {builds:?}");
     assert_eq!(builds[0].node, node);
     // The second build gets its own, fresh agent.
-    let pods = s.agent_pods(1, 20).await;
-    assert_eq!(
-        pods[0].metadata.name.as_deref(),
-        Some(format!("kiln-jk-{second}").as_str()),
-        "{}",
-        kiln.logs()
-    );
-    let second_node = s.connect(&pods[0]);
+    let pod = s
+        .kube
+        .wait_pod(
+            &format!("kiln-jk-{second}"),
+            Duration::from_secs(20),
+            |_| true,
+        )
+        .await;
+    let second_node = s.connect(&pod);
     assert_ne!(second_node, node, "node names are never reused");
     until(20, "second build runs", || s.jenkins.builds().len() == 2).await;
     s.jenkins.finish_build(&second_node, "SUCCESS");

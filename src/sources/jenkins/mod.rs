@@ -174,18 +174,7 @@ impl JenkinsSource {
             } else {
                 backoff
             };
-            for agent in state.agents.values() {
-                self.metrics
-                    .jenkins_agents
-                    .get_or_create(&self.labels(&agent.label))
-                    .set(0);
-            }
-            for agent in state.agents.values() {
-                self.metrics
-                    .jenkins_agents
-                    .get_or_create(&self.labels(&agent.label))
-                    .inc();
-            }
+            self.count_agents(&state);
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = self.wake.notified() => {
@@ -201,6 +190,17 @@ impl JenkinsSource {
             agent.stop_watch.cancel();
         }
         tracing::info!(jenkins = %self.name, agents = state.agents.len(), "Jenkins source stopped; agents keep running and are adopted at the next start");
+    }
+
+    /// Sets `kiln_jenkins_agents` for every label kiln serves.
+    fn count_agents(&self, state: &State) {
+        for label in &self.config.labels {
+            let alive = state.agents.values().filter(|a| a.label == *label).count();
+            self.metrics
+                .jenkins_agents
+                .get_or_create(&self.labels(label))
+                .set(i64::try_from(alive).unwrap_or(i64::MAX));
+        }
     }
 
     fn labels(&self, label: &str) -> AgentLabels {
@@ -339,10 +339,7 @@ impl JenkinsSource {
             tracing::warn!(jenkins = %self.name, node, error = %e, "cannot delete the node; the next start retries");
         }
         self.executor.delete_pod(&agent.pod).await;
-        self.metrics
-            .jenkins_agents
-            .get_or_create(&self.labels(&agent.label))
-            .set(0);
+        self.count_agents(state);
     }
 
     /// Starts agents for builds waiting on kiln's labels: never more than waiting builds per
