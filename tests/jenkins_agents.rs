@@ -152,7 +152,8 @@ async fn until(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
 async fn a_queued_build_gets_a_one_shot_agent_that_is_deleted_after_it() {
     let s = setup().await;
     let queue_id = s.jenkins.enqueue("app", "maven");
-    let kiln = s.kiln("token = \"test-api-token\"\npoll_interval = \"1s\"");
+    let kiln =
+        s.kiln("token = \"test-api-token\"\npoll_interval = \"1s\"\nconnect_timeout = \"1m\"");
     let pods = s.agent_pods(1, 20).await;
     let pod = &pods[0];
     assert_eq!(
@@ -221,7 +222,8 @@ async fn two_builds_of_one_label_get_two_agents_never_three() {
     let s = setup().await;
     s.jenkins.enqueue("a", "maven");
     s.jenkins.enqueue("b", "maven");
-    let kiln = s.kiln("token = \"test-api-token\"\npoll_interval = \"1s\"");
+    let kiln =
+        s.kiln("token = \"test-api-token\"\npoll_interval = \"1s\"\nconnect_timeout = \"1m\"");
     s.agent_pods(2, 20).await;
     // Several more polls while both agents are still connecting.
     tokio::time::sleep(Duration::from_secs(3)).await;
