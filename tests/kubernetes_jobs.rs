@@ -48,11 +48,16 @@ impl Setup {
 [kubernetes]
 kubeconfig = "{}"
 helper_image = "{HELPER_IMAGE}"
-pending_timeout = "10s"
+{pending}
 image_pull_grace = "2s"
 {kubernetes}
 "#,
-                kubeconfig.display()
+                kubeconfig.display(),
+                pending = if kubernetes.contains("pending_timeout") {
+                    ""
+                } else {
+                    "pending_timeout = \"10s\""
+                }
             ),
         )
     }
@@ -457,4 +462,26 @@ async fn an_adopted_build_survives_a_config_that_would_refuse_it_now() {
     assert_eq!(job.state, "success", "{}\n{}", job.trace, second.logs());
     s.nothing_left(15).await;
     assert_eq!(s.kube.creations(), vec![pod_name(id)]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_canceled_while_its_pod_is_pending_deletes_the_pod_at_once() {
+    let s = setup().await;
+    s.kube.unschedulable(PodMatch::All);
+    let id = s
+        .gitlab
+        .enqueue(job_json("pending-cancel", &["echo never"]));
+    let kiln = s.kiln("", "pending_timeout = \"1m\"");
+    s.kube
+        .wait_pod(&pod_name(id), Duration::from_secs(30), |_| true)
+        .await;
+    s.gitlab.cancel(id, false);
+    // Long before the 1 minute pending timeout: kiln asks GitLab every quarter of it.
+    s.kube
+        .wait_gone(&pod_name(id), Duration::from_secs(25))
+        .await;
+    s.nothing_left(15).await;
+    let job = s.gitlab.job(id);
+    assert_eq!(job.state, "canceled", "{}", kiln.logs());
+    assert!(job.final_updates.is_empty(), "{:?}", job.final_updates);
 }

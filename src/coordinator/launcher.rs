@@ -19,5 +19,6 @@ pub fn gitlab_launch(claimed: &ClaimedJob, settings: &AgentConfig, executor: &st
         // Serializing plain data into a Vec cannot fail.
         job_file: serde_json::to_vec(&job).unwrap_or_default(),
         timeout: claimed.job.timeout(),
+        still_wanted: None,
     }
 }

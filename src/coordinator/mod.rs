@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::agent::AgentJob;
 use crate::config::{AgentConfig, Config};
-use crate::executor::{Executor, Launch, RunReport};
+use crate::executor::{Executor, Launch, RunReport, StillWanted};
 use crate::job::JobKey;
 use crate::sources::gitlab::api::{ApiError, RunnerApi};
 use crate::sources::gitlab::payload::JobPayload;
@@ -326,8 +326,14 @@ impl Dispatcher {
         self.tracker.spawn(async move { this.run_job(job).await });
     }
 
-    async fn run_job(self, job: Job) {
+    async fn run_job(self, mut job: Job) {
         let key: JobKey = job.launch.key.clone();
+        let reporter = job.reporter.clone();
+        job.launch.still_wanted = Some(StillWanted::new(move || {
+            let reporter = reporter.clone();
+            // Unreachable GitLab: keep the build (the agent or the timeouts settle it).
+            Box::pin(async move { reporter.is_running().await.unwrap_or(true) })
+        }));
         let labels = RunnerLabels {
             runner: job.runner.clone(),
         };

@@ -520,6 +520,7 @@ fn launch(
         // Serializing plain data into a Vec cannot fail.
         job_file: serde_json::to_vec(&agent_job).unwrap_or_default(),
         timeout: node.job.timeout.unwrap_or(Duration::from_secs(3600)),
+        still_wanted: None,
     }
 }
 

@@ -11,6 +11,30 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::AgentResult;
 use crate::job::{FailureReason, JobKey};
 
+/// Asks the CI server whether it still runs the job (false: canceled or finished there).
+/// Executors ask while a build has not started yet (a pod still Pending), when nothing in the
+/// build can notice a cancel.
+#[derive(Clone)]
+pub struct StillWanted(std::sync::Arc<dyn Fn() -> BoxFuture<'static, bool> + Send + Sync>);
+
+impl StillWanted {
+    /// A check running `ask`.
+    pub fn new(ask: impl Fn() -> BoxFuture<'static, bool> + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(ask))
+    }
+
+    /// Asks.
+    pub async fn ask(&self) -> bool {
+        (self.0)().await
+    }
+}
+
+impl std::fmt::Debug for StillWanted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StillWanted")
+    }
+}
+
 /// What the launcher hands an executor: everything one build needs.
 #[derive(Debug, Clone)]
 pub struct Launch {
@@ -20,6 +44,8 @@ pub struct Launch {
     pub job_file: Vec<u8>,
     /// The job's timeout; the executor gives up a margin after it.
     pub timeout: Duration,
+    /// Whether the CI server still runs the job (set by the coordinator).
+    pub still_wanted: Option<StillWanted>,
 }
 
 /// How a build ended, as far as the executor can tell.

@@ -231,6 +231,22 @@ pub(crate) fn classify(pod: &Pod, now: Timestamp, limits: Limits, memory: &mut M
     }
 }
 
+/// A job the CI server canceled (or finished) before its pod started: nothing to report.
+pub(crate) fn canceled_before_start() -> Ending {
+    Ending {
+        result: Some(AgentResult {
+            state: "failed".into(),
+            failure_reason: None,
+            exit_code: None,
+            reported: true,
+            canceled: true,
+        }),
+        reason: FailureReason::ScriptFailure,
+        detail: "the job was canceled in the CI server before its pod started".into(),
+        stuck_pending: false,
+    }
+}
+
 /// Explains a pod deleted by someone other than kiln (preemption, a person, the node
 /// controller), from the last state seen.
 pub(crate) fn deleted(last_seen: Option<&Pod>) -> Ending {

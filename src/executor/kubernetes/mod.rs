@@ -21,7 +21,7 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use tokio_util::sync::CancellationToken;
 
-use super::{Executor, ExecutorError, Launch, RunReport};
+use super::{Executor, ExecutorError, Launch, RunReport, StillWanted};
 use crate::agent::AgentJob;
 use crate::job::{FailureReason, JobKey, SourceKind};
 use crate::sources::gitlab::payload::JobPayload;
@@ -39,6 +39,8 @@ use watch::{PodSeen, PodWatch};
 const DELETE_GRACE_SECONDS: u32 = 2;
 /// How long a created pod may stay unseen by the watch before kiln reads it directly.
 const UNSEEN_RECHECK: Duration = Duration::from_secs(10);
+/// How often kiln asks GitLab about a job whose pod has not started yet (at most).
+const WANTED_CHECK: Duration = Duration::from_secs(30);
 /// How often a build with no pending timeout is looked at even without changes.
 const IDLE_RECHECK: Duration = Duration::from_secs(300);
 /// API calls that start a build: create the Secret, create the pod, make the pod its owner.
@@ -147,10 +149,17 @@ impl KubernetesExecutor {
         }
         // A build is followed for as long as it runs: keep neither the job nor its pod spec nor
         // its Secret meanwhile (with many builds they were most of kiln's memory).
+        let still_wanted = launch.still_wanted.clone();
         drop((pod, secret, job, agent_job, launch));
 
         let ending = match self
-            .watch_pod(&name, podspec::BUILD_CONTAINER, &mut subscription, &cancel)
+            .watch_pod(
+                &name,
+                podspec::BUILD_CONTAINER,
+                &mut subscription,
+                &cancel,
+                still_wanted.as_ref(),
+            )
             .await
         {
             Some(ending) => ending,
@@ -226,11 +235,16 @@ impl KubernetesExecutor {
         main: &'static str,
         subscription: &mut Subscription,
         cancel: &CancellationToken,
+        still_wanted: Option<&StillWanted>,
     ) -> Option<Ending> {
         let limits = self.limits(main);
         let mut memory = Memory::default();
         let mut last: Option<Arc<Pod>> = None;
         let mut unseen_checks = 0u32;
+        // While the pod has not started, nothing in it can notice a cancel in the CI server:
+        // ask now and then, so a canceled job does not keep a Pending pod for pending_timeout.
+        let wanted_every = (self.config.pending_timeout / 4).min(WANTED_CHECK);
+        let mut next_wanted_check = tokio::time::Instant::now() + wanted_every;
         loop {
             let seen = subscription.changes.borrow_and_update().clone();
             let snapshot = match seen {
@@ -260,7 +274,7 @@ impl KubernetesExecutor {
                 }
                 PodSeen::Unknown => None,
             };
-            let recheck = match snapshot {
+            let mut recheck = match snapshot {
                 Some(pod) => {
                     let verdict = classify::classify(&pod, Timestamp::now(), limits, &mut memory);
                     last = Some(pod);
@@ -274,6 +288,18 @@ impl KubernetesExecutor {
                     UNSEEN_RECHECK
                 }
             };
+            if let Some(still_wanted) = still_wanted
+                && !last.as_deref().is_some_and(started)
+            {
+                let now = tokio::time::Instant::now();
+                if now >= next_wanted_check {
+                    if !still_wanted.ask().await {
+                        return Some(classify::canceled_before_start());
+                    }
+                    next_wanted_check = now + wanted_every;
+                }
+                recheck = recheck.min(next_wanted_check.saturating_duration_since(now));
+            }
             tokio::select! {
                 _ = subscription.changes.changed() => unseen_checks = 0,
                 () = tokio::time::sleep(recheck) => {}
@@ -435,6 +461,7 @@ impl KubernetesExecutor {
                 key,
                 job_file: bytes.0.clone(),
                 timeout: payload.timeout(),
+                still_wanted: None,
             });
         }
         for pod in pods.items {
@@ -456,6 +483,7 @@ impl KubernetesExecutor {
                         podspec::BUILD_CONTAINER,
                         &mut subscription,
                         &shutdown,
+                        None,
                     )
                     .await
                     .is_some()
@@ -477,6 +505,17 @@ impl KubernetesExecutor {
             shutdown: self.shutdown.clone(),
         }
     }
+}
+
+/// Whether any container of the pod has started (then its agent notices cancels itself).
+fn started(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|c| {
+            c.iter()
+                .any(|c| c.state.as_ref().is_some_and(|s| s.waiting.is_none()))
+        })
 }
 
 /// Why objects could not be created.
@@ -527,8 +566,11 @@ impl KubernetesExecutor {
         main: &'static str,
         subscription: &mut Subscription,
         cancel: &CancellationToken,
+        still_wanted: Option<&StillWanted>,
     ) -> Option<Ending> {
-        let mut ending = self.follow(name, main, subscription, cancel).await?;
+        let mut ending = self
+            .follow(name, main, subscription, cancel, still_wanted)
+            .await?;
         if ending.stuck_pending {
             ending.detail = format!("{}{}", ending.detail, self.warning_events(name).await);
         }

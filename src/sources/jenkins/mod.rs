@@ -544,7 +544,7 @@ impl JenkinsSource {
         let (node, pod, stop) = (node.to_owned(), pod.to_owned(), stop.clone());
         tokio::spawn(async move {
             if let Some(ending) = executor
-                .watch_pod(&pod, AGENT_CONTAINER, &mut subscription, &stop)
+                .watch_pod(&pod, AGENT_CONTAINER, &mut subscription, &stop, None)
                 .await
             {
                 let _ = ended.send((node, ending));
