@@ -130,6 +130,13 @@ fn agent_pods(pods: &[Pod]) -> Vec<&Pod> {
         .collect()
 }
 
+/// The queue item an agent pod was started for.
+fn item_of(pod: &Pod) -> u64 {
+    pod.metadata.labels.as_ref().unwrap()["kiln.dev/job-id"]
+        .parse()
+        .unwrap()
+}
+
 fn env(pod: &Pod, name: &str) -> String {
     pod.spec.as_ref().unwrap().containers[0]
         .env
@@ -156,9 +163,13 @@ async fn a_queued_build_gets_a_one_shot_agent_that_is_deleted_after_it() {
         s.kiln("token = \"test-api-token\"\npoll_interval = \"1s\"\nconnect_timeout = \"1m\"");
     let pods = s.agent_pods(1, 20).await;
     let pod = &pods[0];
-    assert_eq!(
-        pod.metadata.name.as_deref(),
-        Some(format!("kiln-jk-{queue_id}").as_str())
+    assert_eq!(item_of(pod), queue_id);
+    assert!(
+        pod.metadata
+            .name
+            .as_deref()
+            .unwrap()
+            .starts_with(&format!("kiln-jk-{queue_id}-"))
     );
     assert_eq!(env(pod, "JENKINS_WEB_SOCKET"), "true");
     assert!(
@@ -197,14 +208,17 @@ async fn a_queued_build_gets_a_one_shot_agent_that_is_deleted_after_it() {
     assert_eq!(builds.len(), 1, "one build on the first agent: {builds:?}");
     assert_eq!(builds[0].node, node);
     // The second build gets its own, fresh agent.
-    let pod = s
+    let snapshot = s
         .kube
-        .wait_pod(
-            &format!("kiln-jk-{second}"),
-            Duration::from_secs(20),
-            |_| true,
-        )
+        .wait_for(Duration::from_secs(20), |snap| {
+            agent_pods(&snap.pods).iter().any(|p| item_of(p) == second)
+        })
         .await;
+    let pod = agent_pods(&snapshot.pods)
+        .into_iter()
+        .find(|p| item_of(p) == second)
+        .cloned()
+        .unwrap();
     let second_node = s.connect(&pod);
     assert_ne!(second_node, node, "node names are never reused");
     until(20, "second build runs", || s.jenkins.builds().len() == 2).await;
@@ -280,12 +294,14 @@ async fn an_agent_that_never_connects_is_deleted_and_retried() {
         s.jenkins.deleted_nodes().contains(&first_node)
     })
     .await;
-    let retry = format!("kiln-jk-{queue_id}-2");
+    let first_pod = first[0].metadata.name.clone().unwrap();
     s.kube
-        .wait_pod(&retry, Duration::from_secs(20), |_| true)
-        .await;
-    s.kube
-        .wait_gone(&format!("kiln-jk-{queue_id}"), Duration::from_secs(20))
+        .wait_for(Duration::from_secs(20), |snap| {
+            let pods = agent_pods(&snap.pods);
+            pods.iter()
+                .all(|p| p.metadata.name.as_deref() != Some(first_pod.as_str()))
+                && pods.iter().any(|p| item_of(p) == queue_id)
+        })
         .await;
     let (_, metrics) = kiln.get("/metrics").await;
     assert!(

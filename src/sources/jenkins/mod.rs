@@ -483,7 +483,6 @@ impl JenkinsSource {
             node: &node,
             label,
             queue_id,
-            attempt,
             secret: &secret,
             agent_image: &self.config.agent_image,
             template: self.config.pod_templates.get(label),

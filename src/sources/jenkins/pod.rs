@@ -42,8 +42,6 @@ pub(crate) struct AgentSpec<'a> {
     pub(crate) label: &'a str,
     /// The queue item it was started for.
     pub(crate) queue_id: u64,
-    /// Which try for that item (1, 2, …).
-    pub(crate) attempt: u32,
     /// The secret the agent connects with.
     pub(crate) secret: &'a str,
     /// The default agent image.
@@ -53,14 +51,22 @@ pub(crate) struct AgentSpec<'a> {
 }
 
 impl AgentSpec<'_> {
-    /// The pod's name: `kiln-jk-<queue id>`, with the attempt after the first.
+    /// The pod's name: `kiln-jk-<queue id>-<node suffix>`. Unique per agent: a build can get
+    /// several agents over time (retries, restarts), and a new agent must never collide with
+    /// its predecessor's pod while that one is still terminating. (Unlike GitLab jobs, Jenkins
+    /// agents cannot be made idempotent by name: each is a new node with a new secret.)
     pub(crate) fn pod_name(&self) -> String {
-        let key = self.key();
-        if self.attempt <= 1 {
-            key.resource_name()
-        } else {
-            format!("{}-{}", key.resource_name(), self.attempt)
-        }
+        let suffix: String = self
+            .node
+            .rsplit('-')
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .map(|c| c.to_ascii_lowercase())
+            .take(12)
+            .collect();
+        format!("{}-{suffix}", self.key().resource_name())
     }
 
     fn key(&self) -> JobKey {
@@ -228,13 +234,12 @@ mod tests {
             node: "kiln-maven-3f9a1c2e",
             label: "maven",
             queue_id: 17,
-            attempt: 2,
             secret: "s3cr3t",
             agent_image: "jenkins/inbound-agent:latest-jdk21",
             template: Some(&template),
         };
         let (pod, secret) = agent_pod(&spec, &KubernetesConfig::default(), "ci").unwrap();
-        assert_eq!(pod.metadata.name.as_deref(), Some("kiln-jk-17-2"));
+        assert_eq!(pod.metadata.name.as_deref(), Some("kiln-jk-17-3f9a1c2e"));
         let json = serde_json::to_string(&pod).unwrap();
         assert!(
             !json.contains("s3cr3t"),
