@@ -347,31 +347,36 @@ impl JenkinsApi {
         })
     }
 
+    /// GETs `path` and reads its JSON.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<T, JenkinsError> {
+        let response = self.send(Method::GET, path, None).await?;
+        let url = self.endpoint(path);
+        let response = Self::check(Method::GET, &url, response).await?;
+        Self::json(&url, response).await
+    }
+
     /// The build queue.
     pub(crate) async fn queue(&self) -> Result<Vec<QueueItem>, JenkinsError> {
-        let path = "queue/api/json?tree=items[id,why,buildable,blocked,stuck,task[name]]";
-        let response = self.send(Method::GET, path, None).await?;
-        let url = self.endpoint(path);
-        let response = Self::check(Method::GET, &url, response).await?;
-        Ok(Self::json::<Queue>(&url, response).await?.items)
+        let queue: Queue = self
+            .get_json("queue/api/json?tree=items[id,why,buildable,blocked,stuck,task[name]]")
+            .await?;
+        Ok(queue.items)
     }
 
-    /// All agents' names and states.
-    pub(crate) async fn computers(&self) -> Result<Vec<Computer>, JenkinsError> {
-        let path = "computer/api/json?tree=computer[displayName,description,offline,temporarilyOffline,idle]";
-        let response = self.send(Method::GET, path, None).await?;
-        let url = self.endpoint(path);
-        let response = Self::check(Method::GET, &url, response).await?;
-        Ok(Self::json::<Computers>(&url, response).await?.computer)
-    }
-
-    /// All agents by node name.
+    /// All agents' states, by node name.
     pub(crate) async fn computers_by_name(
         &self,
     ) -> Result<std::collections::HashMap<String, Computer>, JenkinsError> {
-        Ok(self
-            .computers()
-            .await?
+        let computers: Computers = self
+            .get_json(
+                "computer/api/json?tree=computer[displayName,description,offline,temporarilyOffline,idle]",
+            )
+            .await?;
+        Ok(computers
+            .computer
             .into_iter()
             .map(|c| (c.display_name.clone(), c))
             .collect())

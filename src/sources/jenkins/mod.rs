@@ -681,21 +681,10 @@ fn clean_label(label: &str) -> String {
 
 /// A node name never used before: Jenkins derives the agent secret from the name.
 fn node_name(label: &str) -> String {
-    let clean: String = label
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .take(30)
-        .collect();
     let suffix: u64 = rand::rng().random();
     format!(
         "kiln-{}-{:012x}",
-        clean.trim_matches('-'),
+        clean_label(label),
         suffix & 0xffff_ffff_ffff
     )
 }
