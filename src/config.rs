@@ -97,12 +97,28 @@ pub enum ExecutorKind {
 pub struct HttpConfig {
     /// Listen address of `/healthz`, `/readyz` and `/metrics`.
     pub listen: SocketAddr,
+    /// Connections open at once; more wait until one closes.
+    pub max_connections: usize,
+    /// How long a client may take to send its request headers (and stay idle between
+    /// requests on a kept-alive connection).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// How long a webhook sender may take to send its body.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// On shutdown, how long open connections get to finish before they are closed.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 9252)),
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(2),
         }
     }
 }
@@ -222,6 +238,15 @@ pub struct GitLabRunnerConfig {
     /// Client-side timeout of one long poll; above GitLab Workhorse's 50 s hold.
     #[serde(default = "default_poll_timeout", with = "humantime_serde")]
     pub poll_timeout: Duration,
+    /// The least time between two `jobs/request` calls that found no job. A long poll that
+    /// GitLab held for longer is followed at once; a `204` that came back sooner (no long
+    /// polling in front of GitLab) waits out the rest, as gitlab-runner's `check_interval`.
+    #[serde(default = "default_check_interval", with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// The largest job payload (KiB) kiln accepts; a bigger job is failed with a reason
+    /// instead of being loaded. GitLab's own payloads are far smaller.
+    #[serde(default = "default_max_job_payload")]
+    pub max_job_payload: usize,
     /// The Kubernetes resource class of this runner's jobs (GitLab does not send a job's tags,
     /// so register one runner per tag set and give each its class).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -236,6 +261,14 @@ fn default_poll_timeout() -> Duration {
     Duration::from_secs(60)
 }
 
+fn default_check_interval() -> Duration {
+    Duration::from_secs(3)
+}
+
+fn default_max_job_payload() -> usize {
+    4096
+}
+
 impl GitLabRunnerConfig {
     /// A new entry with defaults for everything but the server and token.
     pub fn new(url: &str, token: &str) -> Self {
@@ -247,8 +280,15 @@ impl GitLabRunnerConfig {
             limit: 0,
             request_concurrency: 1,
             poll_timeout: default_poll_timeout(),
+            check_interval: default_check_interval(),
+            max_job_payload: default_max_job_payload(),
             resource_class: None,
         }
+    }
+
+    /// [`Self::max_job_payload`] in bytes.
+    pub fn max_job_payload_bytes(&self) -> usize {
+        self.max_job_payload.saturating_mul(1024)
     }
 
     /// The name used in logs and metrics.
@@ -289,12 +329,11 @@ impl fmt::Display for Problem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}")]
+    #[error("cannot read config file {}: {source}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
-        /// The I/O error.
-        #[source]
+        /// The I/O error (in the message: `check-config` prints it).
         source: std::io::Error,
     },
     /// The file is not valid TOML.
@@ -314,7 +353,7 @@ pub enum ConfigError {
         problems: Vec<Problem>,
     },
     /// The file could not be written back (`kiln register`).
-    #[error("cannot write config file {path}")]
+    #[error("cannot write config file {}", path.display())]
     Write {
         /// The file.
         path: PathBuf,
@@ -352,7 +391,7 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let (mut table, origin) = match path {
+        let (mut table, origin, text) = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.to_owned(),
@@ -364,9 +403,9 @@ impl Config {
                         path: path.to_owned(),
                         message: e.to_string().trim_end().to_owned(),
                     })?;
-                (table, path.display().to_string())
+                (table, path.display().to_string(), Some(text))
             }
-            None => (toml::Table::new(), "the configuration".to_owned()),
+            None => (toml::Table::new(), "the configuration".to_owned(), None),
         };
         let mut problems = Vec::new();
         let overrides: BTreeMap<String, String> = env
@@ -384,31 +423,71 @@ impl Config {
         if !problems.is_empty() {
             return Err(ConfigError::Invalid { origin, problems });
         }
-        let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                let path = e.path().to_string();
-                // toml appends "in `table`", which the path already says.
-                let message = e
-                    .into_inner()
-                    .to_string()
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                ConfigError::Invalid {
-                    origin: origin.clone(),
-                    problems: vec![Problem {
-                        path: env_hint(&path, &overrides),
-                        message,
-                    }],
+        let locate = |segments: &[Segment]| {
+            let at = path_text(segments);
+            let from_env = env_hint(&at, &overrides);
+            if from_env != at {
+                return from_env;
+            }
+            match text.as_deref().and_then(|t| line_of(t, segments)) {
+                Some(line) => format!("{at} (line {line})"),
+                None => at,
+            }
+        };
+        // Serde stops at the first structural problem (an unknown key, a wrong type). To report
+        // every one, each is noted and its key taken out, and the rest is read again.
+        let mut removed: Vec<Vec<Segment>> = Vec::new();
+        let config = loop {
+            match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(table.clone())) {
+                Ok(config) => break Some(config),
+                Err(e) => {
+                    let segments = segments(e.path());
+                    // toml appends "in `table`", which the path already says.
+                    let message = e
+                        .into_inner()
+                        .to_string()
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    // A key taken out before and now missing is the same problem again.
+                    let repeat = removed
+                        .iter()
+                        .any(|r| segments.starts_with(r) || r.starts_with(&segments));
+                    if !repeat {
+                        problems.push(Problem {
+                            path: locate(&segments),
+                            message,
+                        });
+                    }
+                    if repeat || segments.is_empty() || !remove(&mut table, &segments) {
+                        break None;
+                    }
+                    removed.push(segments);
                 }
-            })?;
-        let problems = config.problems();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid { origin, problems })
+            }
+        };
+        if let Some(config) = &config {
+            let shown: Vec<String> = removed.iter().map(|r| path_text(r)).collect();
+            problems.extend(
+                config
+                    .problems()
+                    .into_iter()
+                    .filter(|p| !shown.iter().any(|r| p.path.starts_with(r.as_str()))),
+            );
         }
+        match config {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => Err(ConfigError::Invalid { origin, problems }),
+        }
+    }
+
+    /// Why this configuration gives `kiln run` nothing to do, if it does not.
+    pub fn no_sources(&self) -> Option<Problem> {
+        (self.sources.gitlab.is_empty() && self.sources.jenkins.is_empty()).then(|| Problem {
+            path: "sources".into(),
+            message: "no job sources configured: add a [[sources.gitlab]] runner (see `kiln register --help`) or a [[sources.jenkins]] controller".into(),
+        })
     }
 
     /// Every validation problem of an already-parsed configuration.
@@ -422,6 +501,17 @@ impl Config {
         };
         if self.concurrent == 0 {
             problem("concurrent".into(), "must be at least 1");
+        }
+        if self.http.max_connections == 0 {
+            problem("http.max_connections".into(), "must be at least 1");
+        }
+        for (field, value) in [
+            ("http.header_timeout", self.http.header_timeout),
+            ("http.body_timeout", self.http.body_timeout),
+        ] {
+            if value.is_zero() {
+                problem(field.into(), "must be longer than 0s");
+            }
         }
         if self.agent.output_limit == 0 {
             problem("agent.output_limit".into(), "must be at least 1 (KiB)");
@@ -453,6 +543,15 @@ impl Config {
                     at("system_id"),
                     "must be `s_` or `r_` followed by 12 letters or digits",
                 );
+            }
+            if runner.check_interval < Duration::from_secs(1) {
+                problem(
+                    at("check_interval"),
+                    "must be at least 1s (it is the pause between requests that found no job)",
+                );
+            }
+            if runner.max_job_payload == 0 {
+                problem(at("max_job_payload"), "must be at least 1 (KiB)");
             }
             if runner.request_concurrency == 0 {
                 problem(at("request_concurrency"), "must be at least 1");
@@ -531,6 +630,117 @@ fn env_hint(path: &str, overrides: &BTreeMap<String, String>) -> String {
     } else {
         path.to_owned()
     }
+}
+
+/// One step of a path into the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+fn segments(path: &serde_path_to_error::Path) -> Vec<Segment> {
+    path.iter()
+        .filter_map(|segment| match segment {
+            serde_path_to_error::Segment::Map { key } => Some(Segment::Key(key.clone())),
+            serde_path_to_error::Segment::Seq { index } => Some(Segment::Index(*index)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `sources.gitlab[0].url`.
+fn path_text(segments: &[Segment]) -> String {
+    let mut text = String::new();
+    for segment in segments {
+        match segment {
+            Segment::Key(key) => {
+                if !text.is_empty() {
+                    text.push('.');
+                }
+                text.push_str(key);
+            }
+            Segment::Index(index) => text.push_str(&format!("[{index}]")),
+        }
+    }
+    if text.is_empty() {
+        "(top level)".into()
+    } else {
+        text
+    }
+}
+
+/// Takes the value at `segments` out of `table`; false if there is none.
+fn remove(table: &mut toml::Table, segments: &[Segment]) -> bool {
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut value = None::<&mut toml::Value>;
+    for (i, segment) in parents.iter().enumerate() {
+        let next = match (i, segment, value) {
+            (0, Segment::Key(key), _) => table.get_mut(key),
+            (_, Segment::Key(key), Some(toml::Value::Table(t))) => t.get_mut(key),
+            (_, Segment::Index(index), Some(toml::Value::Array(items))) => items.get_mut(*index),
+            _ => None,
+        };
+        let Some(next) = next else { return false };
+        value = Some(next);
+    }
+    match (last, value) {
+        (Segment::Key(key), None) if parents.is_empty() => table.remove(key).is_some(),
+        (Segment::Key(key), Some(toml::Value::Table(t))) => t.remove(key).is_some(),
+        (Segment::Index(index), Some(toml::Value::Array(items))) if *index < items.len() => {
+            items.remove(*index);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The 1-based line of the key (or array entry) at `segments` in the TOML `text`.
+fn line_of(text: &str, segments: &[Segment]) -> Option<usize> {
+    enum Node<'a> {
+        Table(&'a dyn toml_edit::TableLike),
+        Item(&'a toml_edit::Item),
+        Value(&'a toml_edit::Value),
+    }
+    let document = text.parse::<toml_edit::Document<String>>().ok()?;
+    let mut node = Node::Table(document.as_table());
+    let mut span = None;
+    for segment in segments {
+        node = match (segment, node) {
+            (Segment::Key(key), node) => {
+                let table = match node {
+                    Node::Table(table) => table,
+                    Node::Item(item) => item.as_table_like()?,
+                    Node::Value(value) => value.as_inline_table()?,
+                };
+                let (found_key, found) = table.get_key_value(key)?;
+                span = found_key.span().or_else(|| found.span()).or(span);
+                Node::Item(found)
+            }
+            (Segment::Index(index), Node::Item(toml_edit::Item::ArrayOfTables(tables))) => {
+                let table = tables.get(*index)?;
+                span = table.span().or(span);
+                Node::Table(table)
+            }
+            (
+                Segment::Index(index),
+                Node::Item(toml_edit::Item::Value(value)) | Node::Value(value),
+            ) => {
+                let value = value.as_array()?.get(*index)?;
+                span = value.span().or(span);
+                Node::Value(value)
+            }
+            (Segment::Index(_), _) => return span_line(text, span),
+        };
+    }
+    span_line(text, span)
+}
+
+fn span_line(text: &str, span: Option<std::ops::Range<usize>>) -> Option<usize> {
+    let start = span?.start;
+    Some(text.get(..start)?.matches('\n').count() + 1)
 }
 
 /// Sets the field named by an environment variable (without prefix) in the raw TOML table.
@@ -770,7 +980,30 @@ system_id = "x"
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("http.lisen: unknown field `lisen`, expected `listen`"),
+            err.contains("http.lisen (line 3): unknown field `lisen`, expected one of `listen`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn check_config_lists_every_unknown_key_with_its_line() {
+        let err = load(
+            "concurent = 2\n[[sources.gitlab]]\nurl = \"https://gitlab.example.com\"\ntoken = \"t\"\ntokn = \"t\"\nlimit = \"many\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("has 3 problem(s)"), "{err}");
+        assert!(
+            err.contains("concurent (line 1): unknown field `concurent`"),
+            "{err}"
+        );
+        assert!(
+            err.contains("sources.gitlab[0].tokn (line 5): unknown field `tokn`"),
+            "{err}"
+        );
+        assert!(
+            err.contains("sources.gitlab[0].limit (line 6): invalid type"),
             "{err}"
         );
     }

@@ -12,6 +12,7 @@ pub mod exec;
 pub mod executor;
 pub mod http;
 pub mod job;
+pub mod net;
 pub mod pipeline;
 pub mod sources;
 pub mod telemetry;

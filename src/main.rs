@@ -213,13 +213,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let code = match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            report(&format!("error: {e:#}"));
             ExitCode::FAILURE
         }
-    }
+    };
+    kiln::telemetry::flush_logs();
+    code
+}
+
+/// Prints a line on stderr; a closed stderr is no reason to crash on the way out.
+fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
@@ -255,10 +263,8 @@ fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(args.config.config.as_deref())?;
     kiln::telemetry::init_logging(config.log.format, &config.log.level);
-    if config.sources.gitlab.is_empty() && config.sources.jenkins.is_empty() {
-        bail!(
-            "no job sources configured: add a [[sources.gitlab]] runner (see `kiln register --help`) or a [[sources.jenkins]] controller"
-        );
+    if let Some(problem) = config.no_sources() {
+        bail!("{}", problem.message);
     }
     let metrics = kiln::telemetry::Metrics::new();
     let shutdown = shutdown_on_signal()?;
@@ -293,7 +299,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             executor
         }
     };
-    let listen = config.http.listen;
+    let http = config.http.clone();
     let jenkins_configs = config.sources.jenkins.clone();
     let coordinator = kiln::coordinator::Coordinator::new(config, Arc::clone(&metrics), executor)?;
     let mut jenkins = Vec::new();
@@ -316,27 +322,28 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         metrics,
         status: coordinator.status(),
         jenkins_hooks: jenkins.iter().map(|j| j.waker()).collect(),
+        body_timeout: http.body_timeout,
     });
     let jenkins_tasks: Vec<_> = jenkins
         .into_iter()
         .map(|source| tokio::spawn(source.run(shutdown.clone())))
         .collect();
-    let listener = tokio::net::TcpListener::bind(listen)
+    let listener = tokio::net::TcpListener::bind(http.listen)
         .await
-        .with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
-    tracing::info!(address = %listener.local_addr().unwrap_or(listen), "HTTP server listening");
-    let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(server_shutdown.cancelled_owned())
-            .await
-    });
+        .with_context(|| format!("cannot listen on {} (http.listen)", http.listen))?;
+    tracing::info!(address = %listener.local_addr().unwrap_or(http.listen), "HTTP server listening");
+    let limits = kiln::http::ServeLimits {
+        max_connections: http.max_connections,
+        header_timeout: http.header_timeout,
+        shutdown_grace: http.shutdown_grace,
+    };
+    let server = tokio::spawn(kiln::http::serve(listener, app, limits, shutdown.clone()));
     coordinator.run(shutdown.clone()).await;
     shutdown.cancel();
     for task in jenkins_tasks {
         let _ = task.await;
     }
-    server.await.context("HTTP server task failed")??;
+    server.await.context("HTTP server task failed")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -556,15 +563,28 @@ async fn deploy(command: kiln::deploy::DeployCommand) -> anyhow::Result<ExitCode
 }
 
 fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
+    let origin = args
+        .file
+        .as_deref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "environment".into());
     match Config::load(args.file.as_deref()) {
         Ok(config) => {
+            // A config that parses but has no source makes `kiln run` refuse to start.
+            if let Some(problem) = config.no_sources() {
+                eprintln!("{origin} has 1 problem(s):\n  {problem}");
+                return Ok(ExitCode::FAILURE);
+            }
+            let mut sources = vec![format!("{} GitLab runner(s)", config.sources.gitlab.len())];
+            if !config.sources.jenkins.is_empty() {
+                sources.push(format!(
+                    "{} Jenkins controller(s)",
+                    config.sources.jenkins.len()
+                ));
+            }
             println!(
-                "{}: ok ({} GitLab runner(s), concurrent = {})",
-                args.file
-                    .as_deref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "environment".into()),
-                config.sources.gitlab.len(),
+                "{origin}: ok ({}, concurrent = {})",
+                sources.join(", "),
                 config.concurrent
             );
             Ok(ExitCode::SUCCESS)

@@ -1,7 +1,7 @@
 //! Logging (tracing subscriber) and the Prometheus metrics registry.
 
 use std::io::IsTerminal;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, mpsc};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -17,6 +17,11 @@ use crate::config::LogFormat;
 /// otherwise, unless `format` says which. Logs go to stderr so stdout stays for command output.
 ///
 /// `RUST_LOG`, when set, wins over `level`.
+///
+/// # Caveats
+/// Lines are written by a thread of their own, so a slow or dead reader of stderr (a pipe whose
+/// reader exited, a stalled log shipper) never blocks or crashes kiln: when the queue is full,
+/// lines are dropped. Call [`flush_logs`] before exiting to write what is queued.
 pub fn init_logging(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
@@ -26,9 +31,12 @@ pub fn init_logging(format: LogFormat, level: &str) {
         LogFormat::Pretty => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
+    let Some(pipe) = LogPipe::global() else {
+        return;
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(pipe);
     // A second init (tests, `kiln exec` inside `kiln run`) is harmless: keep the first.
     let _ = if json {
         builder.json().flatten_event(true).try_init()
@@ -37,6 +45,100 @@ pub fn init_logging(format: LogFormat, level: &str) {
             .with_ansi(std::io::stderr().is_terminal())
             .try_init()
     };
+}
+
+/// Waits (up to a second) until the log lines queued so far are written.
+pub fn flush_logs() {
+    if let Some(pipe) = LOG_PIPE.get() {
+        let (done, wait) = mpsc::sync_channel(1);
+        if pipe.queue.try_send(LogMessage::Flush(done)).is_ok() {
+            let _ = wait.recv_timeout(std::time::Duration::from_secs(1));
+        }
+    }
+}
+
+static LOG_PIPE: OnceLock<LogPipe> = OnceLock::new();
+/// Log lines queued for the writer thread before new ones are dropped.
+const LOG_QUEUE: usize = 8192;
+
+enum LogMessage {
+    Line(Vec<u8>),
+    Flush(mpsc::SyncSender<()>),
+}
+
+/// Hands formatted log lines to a thread that writes them to stderr and ignores write errors.
+#[derive(Clone)]
+struct LogPipe {
+    queue: mpsc::SyncSender<LogMessage>,
+}
+
+impl LogPipe {
+    fn global() -> Option<&'static Self> {
+        if let Some(pipe) = LOG_PIPE.get() {
+            return Some(pipe);
+        }
+        let (queue, lines) = mpsc::sync_channel::<LogMessage>(LOG_QUEUE);
+        std::thread::Builder::new()
+            .name("kiln-log".into())
+            .spawn(move || {
+                use std::io::Write;
+                let mut stderr = std::io::stderr();
+                for message in lines {
+                    match message {
+                        // A broken stderr loses the line, nothing else.
+                        LogMessage::Line(line) => {
+                            let _ = stderr.write_all(&line);
+                        }
+                        LogMessage::Flush(done) => {
+                            let _ = stderr.flush();
+                            let _ = done.try_send(());
+                        }
+                    }
+                }
+            })
+            .ok()?;
+        let _ = LOG_PIPE.set(Self { queue });
+        LOG_PIPE.get()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for &'static LogPipe {
+    type Writer = LogLine;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        LogLine {
+            bytes: Vec::new(),
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+/// One event being formatted; queued whole when dropped.
+struct LogLine {
+    bytes: Vec<u8>,
+    queue: mpsc::SyncSender<LogMessage>,
+}
+
+impl std::io::Write for LogLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        if !self.bytes.is_empty() {
+            // A full queue (stderr is not read) drops the line instead of blocking kiln.
+            let _ = self
+                .queue
+                .try_send(LogMessage::Line(std::mem::take(&mut self.bytes)));
+        }
+    }
 }
 
 /// Labels naming a runner (one `[[sources.gitlab]]` entry).

@@ -93,6 +93,50 @@ fn check_config_lists_every_problem_with_its_path() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
+#[test]
+fn check_config_reports_every_unknown_key_an_empty_file_and_a_missing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.toml");
+    // Two typos: both are reported, each with its line.
+    std::fs::write(
+        &path,
+        "[http]\nlisen = \"127.0.0.1:9252\"\n\n[[sources.gitlab]]\nurl = \"https://gitlab.example.com\"\ntoken = \"glrt-x\"\npol_timeout = \"30s\"\n",
+    )
+    .unwrap();
+    let out = kiln(&["check-config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let report = text(&out);
+    assert!(report.contains("has 2 problem(s)"), "{report}");
+    assert!(
+        report.contains("http.lisen (line 2): unknown field `lisen`"),
+        "{report}"
+    );
+    assert!(
+        report.contains("sources.gitlab[0].pol_timeout (line 7): unknown field `pol_timeout`"),
+        "{report}"
+    );
+
+    // An empty file is not a working configuration: kiln run would have nothing to do.
+    std::fs::write(&path, "").unwrap();
+    let out = kiln(&["check-config", path.to_str().unwrap()]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("no job sources configured"),
+        "{}",
+        text(&out)
+    );
+
+    // A missing file says why.
+    let missing = dir.path().join("nope.toml");
+    let out = kiln(&["check-config", missing.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("No such file or directory"),
+        "{}",
+        text(&out)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn register_verify_and_unregister_a_glrt_token() {
     let gitlab = GitLabServer::start().await;

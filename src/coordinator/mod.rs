@@ -65,7 +65,7 @@ impl Status {
                 } else {
                     "verifying"
                 };
-                (r.name.clone(), r.url().to_owned(), state)
+                (r.name.clone(), crate::net::redact_url(r.url()), state)
             })
             .collect()
     }

@@ -1,11 +1,14 @@
 //! The coordinator's HTTP server: `/healthz`, `/readyz`, `/metrics`, the Jenkins webhook and
 //! a small status page.
 
+mod serve;
+
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{RawQuery, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,6 +16,10 @@ use axum::routing::{get, post};
 use crate::coordinator::Status;
 use crate::sources::jenkins::Wake;
 use crate::telemetry::Metrics;
+pub use serve::{ServeLimits, serve};
+
+/// The largest webhook body kiln reads; senders post a few KiB at most.
+const WEBHOOK_BODY_LIMIT: usize = 64 * 1024;
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -23,6 +30,8 @@ pub struct AppState {
     pub status: Status,
     /// The Jenkins sources `POST /hooks/jenkins` wakes.
     pub jenkins_hooks: Vec<Wake>,
+    /// How long a webhook sender may take to send its body.
+    pub body_timeout: Duration,
 }
 
 /// The router; tests call it without a socket.
@@ -33,6 +42,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/hooks/jenkins", post(jenkins_hook))
+        // Handlers read bodies themselves, after authenticating; nothing else takes one.
+        .layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT))
         .with_state(state)
 }
 
@@ -74,7 +85,7 @@ async fn jenkins_hook(
     State(state): State<AppState>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let configured: Vec<&Wake> = state
         .jenkins_hooks
@@ -123,6 +134,11 @@ async fn jenkins_hook(
         tracing::warn!("Jenkins webhook with a wrong secret refused");
         return (StatusCode::UNAUTHORIZED, "wrong webhook secret\n").into_response();
     }
+    // Only now, for a sender that knows the secret, is the body read: bounded in size and time.
+    let body = match read_body(body, state.body_timeout).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
     if !body.iter().all(u8::is_ascii_whitespace)
         && let Err(e) = serde_json::from_slice::<serde_json::Value>(&body)
     {
@@ -137,6 +153,27 @@ async fn jenkins_hook(
         wake.wake();
     }
     (StatusCode::ACCEPTED, "queue check scheduled\n").into_response()
+}
+
+/// Reads a webhook body of at most [`WEBHOOK_BODY_LIMIT`] bytes within `timeout`; otherwise the
+/// response to send (413 or 408).
+async fn read_body(body: Body, timeout: Duration) -> Result<Bytes, Response> {
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, WEBHOOK_BODY_LIMIT)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the body is larger than {} KiB or broke off\n",
+                WEBHOOK_BODY_LIMIT / 1024
+            ),
+        )
+            .into_response()),
+        Err(_) => Err((
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the body did not arrive within {}s\n", timeout.as_secs()),
+        )
+            .into_response()),
+    }
 }
 
 /// Compares without leaking where the first difference is.

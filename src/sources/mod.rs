@@ -3,3 +3,4 @@
 
 pub mod gitlab;
 pub mod jenkins;
+mod pacer;

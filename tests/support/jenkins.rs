@@ -200,6 +200,8 @@ struct ServerState {
     deleted: Vec<String>,
     builds: Vec<BuildRecord>,
     requests: Vec<RequestRecord>,
+    /// While set, every authenticated request is answered with this status.
+    failing: Option<StatusCode>,
 }
 
 struct Shared {
@@ -269,6 +271,7 @@ impl JenkinsServer {
                 deleted: Vec::new(),
                 builds: Vec::new(),
                 requests: Vec::new(),
+                failing: None,
             }),
             key,
             cookie_name,
@@ -318,6 +321,12 @@ impl JenkinsServer {
     /// The language of `why` for requests that do not ask for English or German.
     pub fn set_why_language(&self, language: WhyLanguage) {
         self.lock().language = language;
+    }
+
+    /// While `status` is set, every authenticated request is answered with it (a Jenkins
+    /// behind an overloaded proxy); requests are still recorded.
+    pub fn fail_with(&self, status: Option<u16>) {
+        self.lock().failing = status.map(|s| StatusCode::from_u16(s).unwrap());
     }
 
     /// Queues a build of job `job` restricted to label expression `label` (empty: no
@@ -758,6 +767,13 @@ async fn gate(State(s): Srv, request: Request, next: Next) -> Response {
     let mut response = match (refusal, &user) {
         (Some(refusal), _) => refusal,
         (None, None) => page(StatusCode::FORBIDDEN, "Access Denied"),
+        (None, Some(_)) if s.lock().failing.is_some() => {
+            let status = s
+                .lock()
+                .failing
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            page(status, "Server Error")
+        }
         (None, Some(user)) => {
             let language = {
                 let default = s.lock().language;

@@ -51,6 +51,11 @@ poll_timeout = "10s"
 impl KilnProcess {
     /// Starts `kiln run` with `config` (an `[http]` listen address and a work dir are added).
     pub fn start(config: &str) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    /// [`Self::start`] with extra environment variables (`KILN_…` overrides).
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let http = format!("127.0.0.1:{port}");
@@ -70,6 +75,7 @@ impl KilnProcess {
             .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "kiln=debug,info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::create(dir.path().join("kiln.err")).unwrap())

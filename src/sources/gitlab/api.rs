@@ -11,6 +11,7 @@ use serde::Serialize;
 use url::Url;
 
 use super::payload::JobPayload;
+use crate::job::FailureReason;
 
 /// What can go wrong talking to GitLab.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +185,16 @@ pub enum JobRequest {
         /// From `Retry-After`, if given.
         retry_after: Option<Duration>,
     },
+    /// A job was assigned, but kiln cannot run it (too big, or not a job GitLab documents): it
+    /// must be failed with `reason`, or it would hang "running" until GitLab times it out.
+    Unusable {
+        /// What kiln could read of it: at least its id and token, to fail it with.
+        job: Box<JobPayload>,
+        /// The failure reason to send.
+        reason: crate::job::FailureReason,
+        /// What is wrong, for the job's trace.
+        problem: String,
+    },
 }
 
 /// The answer to a trace patch.
@@ -297,7 +308,10 @@ pub enum UploadAck {
 #[derive(Debug, Clone)]
 pub struct RunnerApi {
     http: reqwest::Client,
+    /// Without userinfo: every error message is built from it.
     base: Url,
+    /// Userinfo of the configured URL (a proxy's basic auth), sent as a header instead.
+    proxy_auth: Option<crate::net::UrlCredentials>,
 }
 
 impl RunnerApi {
@@ -307,10 +321,11 @@ impl RunnerApi {
     /// An unparsable URL, or a TLS backend that cannot start.
     pub fn new(gitlab_url: &str) -> Result<Self, ApiError> {
         let bad = |reason: String| ApiError::BadUrl {
-            url: gitlab_url.to_owned(),
+            url: crate::net::redact_url(gitlab_url),
             reason,
         };
         let mut base = Url::parse(gitlab_url).map_err(|e| bad(e.to_string()))?;
+        let proxy_auth = crate::net::take_credentials(&mut base);
         if !base.path().ends_with('/') {
             let path = format!("{}/", base.path());
             base.set_path(&path);
@@ -324,10 +339,14 @@ impl RunnerApi {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ApiError::Transport {
-                url: gitlab_url.to_owned(),
+                url: base.to_string(),
                 source: e,
             })?;
-        Ok(Self { http, base })
+        Ok(Self {
+            http,
+            base,
+            proxy_auth,
+        })
     }
 
     fn url(&self, path: &str) -> Url {
@@ -339,10 +358,13 @@ impl RunnerApi {
     fn request(&self, method: Method, path: &str) -> (reqwest::RequestBuilder, String) {
         let url = self.url(path);
         let shown = url.to_string();
-        let builder = self
+        let mut builder = self
             .http
             .request(method, url)
             .header("X-Request-Id", request_id());
+        if let Some(auth) = &self.proxy_auth {
+            builder = builder.basic_auth(&auth.user, auth.password.as_deref());
+        }
         (builder, shown)
     }
 
@@ -367,11 +389,14 @@ impl RunnerApi {
         }
     }
 
-    /// `POST jobs/request`: asks for one job, long-polling when `last_update` is given.
+    /// `POST jobs/request`: asks for one job, long-polling when `last_update` is given. A job
+    /// body over `max_payload` bytes is not read past that: it comes back as
+    /// [`JobRequest::Unusable`], as does one that is not a job GitLab documents.
     ///
     /// # Errors
     /// Transport errors, 5xx, 409 and any other unexpected status ([`ApiError::is_transient`]
-    /// tells which are worth a retry). 403 and 429 are answers, not errors.
+    /// tells which are worth a retry), and a job body so broken it does not even name its id
+    /// and token. 403 and 429 are answers, not errors.
     pub async fn request_job(
         &self,
         token: &str,
@@ -379,6 +404,7 @@ impl RunnerApi {
         last_update: Option<&str>,
         info: &RunnerInfo,
         timeout: Duration,
+        max_payload: usize,
     ) -> Result<JobRequest, ApiError> {
         #[derive(Serialize)]
         struct Body<'a> {
@@ -402,15 +428,48 @@ impl RunnerApi {
         let response = Self::send(builder, &url).await?;
         match response.status() {
             StatusCode::CREATED => {
-                let raw: serde_json::Value = response.json().await.map_err(|e| ApiError::Body {
-                    url: url.clone(),
-                    message: e.to_string(),
-                })?;
-                let job: JobPayload =
-                    serde_json::from_value(raw.clone()).map_err(|e| ApiError::Body {
-                        url,
-                        message: format!("job JSON: {e}"),
-                    })?;
+                let body = match crate::net::read_limited(response, max_payload).await {
+                    Ok(body) => body,
+                    Err(Ok(source)) => return Err(ApiError::Transport { url, source }),
+                    Err(Err(oversized)) => {
+                        let problem = format!(
+                            "the job's payload is {} KiB, more than this runner accepts ({} KiB); raise max_job_payload of the runner in kiln's config if such jobs are expected",
+                            oversized.size.div_ceil(1024),
+                            max_payload / 1024
+                        );
+                        return unusable(
+                            &url,
+                            &oversized.prefix,
+                            problem,
+                            FailureReason::RunnerConfigurationError,
+                        );
+                    }
+                };
+                let raw: serde_json::Value = match serde_json::from_slice(&body) {
+                    Ok(raw) => raw,
+                    Err(e) => {
+                        let problem = format!("the job's payload is not valid JSON ({e})");
+                        return unusable(&url, &body, problem, FailureReason::DataIntegrityFailure);
+                    }
+                };
+                let job: JobPayload = match serde_json::from_value(raw.clone()) {
+                    Ok(job) => job,
+                    Err(e) => {
+                        let problem =
+                            format!("the job's payload does not have the documented shape ({e})");
+                        return unusable(&url, &body, problem, FailureReason::DataIntegrityFailure);
+                    }
+                };
+                if let Some(problem) = super::payload::malformed(&raw)
+                    && job.id > 0
+                    && !job.token.is_empty()
+                {
+                    return Ok(JobRequest::Unusable {
+                        job: Box::new(job),
+                        reason: FailureReason::DataIntegrityFailure,
+                        problem,
+                    });
+                }
                 Ok(JobRequest::Job {
                     job: Box::new(job),
                     raw,
@@ -429,8 +488,7 @@ impl RunnerApi {
                     .headers()
                     .get("retry-after")
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs),
+                    .and_then(crate::net::retry_after),
             }),
             _ => Err(Self::unexpected(Method::POST, url, response).await),
         }
@@ -619,6 +677,33 @@ impl RunnerApi {
 }
 
 /// Object-storage URLs carry signatures in their query; never show those.
+/// A job kiln cannot run, named by the id and token at the start of its body; without those
+/// nobody can tell GitLab, and the error says so.
+fn unusable(
+    url: &str,
+    body: &[u8],
+    problem: String,
+    reason: FailureReason,
+) -> Result<JobRequest, ApiError> {
+    match super::payload::identity(body) {
+        Some((id, token)) => Ok(JobRequest::Unusable {
+            job: Box::new(JobPayload {
+                id,
+                token,
+                ..JobPayload::default()
+            }),
+            reason,
+            problem,
+        }),
+        None => Err(ApiError::Body {
+            url: url.to_owned(),
+            message: format!(
+                "{problem}; it does not even name the job's id and token, so kiln cannot fail the job (GitLab times it out)"
+            ),
+        }),
+    }
+}
+
 fn strip_query(url: &Url) -> String {
     let mut url = url.clone();
     url.set_query(None);

@@ -268,6 +268,74 @@ impl JobPayload {
     }
 }
 
+/// What makes `raw` not a job GitLab documents: every job comes with the steps to run and the
+/// sources to fetch. `None` when it is fine.
+pub(crate) fn malformed(raw: &serde_json::Value) -> Option<String> {
+    let mut missing = Vec::new();
+    if raw
+        .get("steps")
+        .and_then(serde_json::Value::as_array)
+        .is_none_or(Vec::is_empty)
+    {
+        missing.push("`steps`");
+    }
+    if !raw
+        .get("git_info")
+        .is_some_and(serde_json::Value::is_object)
+    {
+        missing.push("`git_info`");
+    }
+    (!missing.is_empty()).then(|| {
+        format!(
+            "the job's payload has no {}, which GitLab sends with every job; kiln does not run it",
+            missing.join(" and no ")
+        )
+    })
+}
+
+/// The job id and token from the start of a job body, even a truncated or broken one (GitLab
+/// sends them first): enough to fail a job kiln cannot run.
+pub(crate) fn identity(prefix: &[u8]) -> Option<(u64, String)> {
+    use serde::de::{IgnoredAny, MapAccess, Visitor};
+
+    struct Seek<'a> {
+        id: &'a mut Option<u64>,
+        token: &'a mut Option<String>,
+    }
+    impl<'de> Visitor<'de> for Seek<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a job object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<String>()? {
+                match key.as_str() {
+                    "id" => *self.id = Some(map.next_value()?),
+                    "token" => *self.token = Some(map.next_value()?),
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                if self.id.is_some() && self.token.is_some() {
+                    break;
+                }
+            }
+            Ok(())
+        }
+    }
+    let (mut id, mut token) = (None, None);
+    let mut reader = serde_json::Deserializer::from_slice(prefix);
+    // The rest of the body may be cut off or broken: what was read before that is what counts.
+    let _ = serde::Deserializer::deserialize_map(
+        &mut reader,
+        Seek {
+            id: &mut id,
+            token: &mut token,
+        },
+    );
+    Some((id.filter(|id| *id > 0)?, token.filter(|t| !t.is_empty())?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +350,31 @@ mod tests {
         assert_eq!(job.id, 7);
         assert_eq!(job.steps[0].when, When::Unknown);
         assert_eq!(job.variable("A"), Some("1"));
+    }
+
+    #[test]
+    fn identity_is_read_from_a_truncated_body() {
+        let body =
+            br#"{"id": 42, "token": "job-token-x", "variables": [{"key": "A", "value": "aaaa"#;
+        assert_eq!(identity(body), Some((42, "job-token-x".into())));
+        assert_eq!(
+            identity(br#"{"token": "t", "id": 9, "x": 1}"#),
+            Some((9, "t".into()))
+        );
+        assert_eq!(identity(br#"{"id": 42, "steps": []"#), None);
+        assert_eq!(identity(b"<html>"), None);
+    }
+
+    #[test]
+    fn a_job_without_steps_or_sources_is_malformed() {
+        let ok = serde_json::json!({"id": 1, "token": "t", "steps": [{"name": "script"}], "git_info": {}});
+        assert_eq!(malformed(&ok), None);
+        let bad = serde_json::json!({"id": 1, "token": "t", "steps": []});
+        let problem = malformed(&bad).unwrap();
+        assert!(
+            problem.contains("no `steps` and no `git_info`"),
+            "{problem}"
+        );
     }
 
     #[test]

@@ -121,7 +121,7 @@ impl Runner {
         if paused && !was {
             tracing::error!(
                 runner = %self.name,
-                url = %self.config.url,
+                url = %crate::net::redact_url(&self.config.url),
                 "GitLab rejected this runner's token (403): the runner is PAUSED and takes no jobs. \
                  The runner was probably deleted or its token reset; register it again \
                  (`kiln register`) and update the config. Rechecking every {}s.",
@@ -145,13 +145,13 @@ impl Runner {
                 Ok(_) => {
                     self.verified.store(true, Ordering::Relaxed);
                     self.set_paused(false);
-                    tracing::info!(runner = %self.name, url = %self.config.url, system_id = %self.system_id, "runner token verified");
+                    tracing::info!(runner = %self.name, url = %crate::net::redact_url(&self.config.url), system_id = %self.system_id, "runner token verified");
                     return true;
                 }
                 Err(RegisterError::Failed { status: 404, .. }) => {
                     // No verify endpoint on this path (an old GitLab, or a proxy that only
                     // routes the job API): the first jobs/request answer decides instead.
-                    tracing::warn!(runner = %self.name, url = %self.config.url, "runners/verify answered 404; relying on jobs/request to check the token");
+                    tracing::warn!(runner = %self.name, url = %crate::net::redact_url(&self.config.url), "runners/verify answered 404; relying on jobs/request to check the token");
                     return true;
                 }
                 Err(RegisterError::Rejected { .. }) => {
@@ -243,6 +243,7 @@ pub async fn poll(
                 last_update.as_deref(),
                 &runner.info,
                 runner.config.poll_timeout,
+                runner.config.max_job_payload_bytes(),
             ) => answer,
             () = shutdown.cancelled() => return,
         };
@@ -252,7 +253,7 @@ pub async fn poll(
             .get_or_create(&runner.labels())
             .observe(started.elapsed().as_secs_f64());
         let result = match &answer {
-            Ok(JobRequest::Job { .. }) => "job",
+            Ok(JobRequest::Job { .. } | JobRequest::Unusable { .. }) => "job",
             Ok(JobRequest::NoJob { .. }) => "no_job",
             Ok(JobRequest::Forbidden) => "forbidden",
             Ok(JobRequest::RateLimited { .. }) => "rate_limited",
@@ -304,13 +305,48 @@ pub async fn poll(
                 backoff = Duration::from_secs(1);
                 if last_update.is_some() {
                     *runner.last_update.lock().unwrap_or_else(|e| e.into_inner()) = last_update;
-                } else if started.elapsed() < Duration::from_secs(1) {
-                    // No long polling on this server: don't hammer it.
+                }
+                // A 204 that came back before the check interval was up was not held by a long
+                // poll (no Workhorse in front, or a proxy that answers at once, or a paused
+                // runner): wait out the interval as gitlab-runner does instead of asking again
+                // at once, so one runner sends at most ~20 requests a minute.
+                let rest = jitter(runner.config.check_interval).saturating_sub(started.elapsed());
+                if !rest.is_zero() {
                     drop(permit);
-                    if sleep_or_shutdown(Duration::from_secs(3), &shutdown).await {
+                    if sleep_or_shutdown(rest, &shutdown).await {
                         return;
                     }
                 }
+            }
+            Ok(JobRequest::Unusable {
+                job,
+                reason,
+                problem,
+            }) => {
+                backoff = Duration::from_secs(1);
+                drop(permit);
+                let key = JobKey {
+                    source: SourceKind::GitLab,
+                    runner: runner.name.clone(),
+                    id: job.id,
+                };
+                tracing::error!(job = %key, %problem, "GitLab assigned a job kiln cannot run; failing it");
+                let reporter = runner.reporter(&job);
+                let metrics = Arc::clone(&runner.metrics);
+                let runner_name = runner.name.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = reporter.fail(reason, &problem).await {
+                        tracing::error!(job = %key, error = %e, "could not fail the job in GitLab; GitLab will time it out");
+                    }
+                    metrics
+                        .jobs_finished
+                        .get_or_create(&crate::telemetry::FinishedLabels {
+                            runner: runner_name,
+                            state: "failed".into(),
+                            reason: job.accepted_reason(reason).into(),
+                        })
+                        .inc();
+                });
             }
             Ok(JobRequest::Forbidden) => {
                 drop(permit);

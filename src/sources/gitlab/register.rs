@@ -153,11 +153,11 @@ pub fn new_system_id() -> String {
 
 async fn client(url: &str, token: Option<&str>) -> Result<AsyncGitlab, RegisterError> {
     let parsed = url::Url::parse(url).map_err(|e| RegisterError::BadUrl {
-        url: url.to_owned(),
+        url: crate::net::redact_url(url),
         reason: e.to_string(),
     })?;
     let host = parsed.host_str().ok_or_else(|| RegisterError::BadUrl {
-        url: url.to_owned(),
+        url: crate::net::redact_url(url),
         reason: "no host".into(),
     })?;
     let mut host = match parsed.port() {
@@ -209,15 +209,15 @@ fn api_error<E: std::error::Error + Send + Sync + 'static>(
     if let Some((status, message)) = status_of(&e) {
         return match status.as_u16() {
             401 | 403 => RegisterError::Rejected {
-                url: url.to_owned(),
+                url: crate::net::redact_url(url),
                 what: token_kind,
                 status: status.as_u16(),
             },
             410 => RegisterError::RegistrationDisabled {
-                url: url.to_owned(),
+                url: crate::net::redact_url(url),
             },
             code => RegisterError::Failed {
-                url: url.to_owned(),
+                url: crate::net::redact_url(url),
                 what,
                 status: code,
                 message,
@@ -226,11 +226,11 @@ fn api_error<E: std::error::Error + Send + Sync + 'static>(
     }
     match e {
         api::ApiError::Client { source } => RegisterError::Unreachable {
-            url: url.to_owned(),
+            url: crate::net::redact_url(url),
             reason: chain(&source),
         },
         other => RegisterError::Other {
-            url: url.to_owned(),
+            url: crate::net::redact_url(url),
             what,
             message: other.to_string(),
         },
@@ -246,11 +246,11 @@ fn gitlab_error(
     match e {
         gitlab::GitlabError::Api { source } => api_error(url, what, token_kind, source),
         gitlab::GitlabError::Communication { source } => RegisterError::Unreachable {
-            url: url.to_owned(),
+            url: crate::net::redact_url(url),
             reason: chain(&source),
         },
         other => RegisterError::Other {
-            url: url.to_owned(),
+            url: crate::net::redact_url(url),
             what,
             message: other.to_string(),
         },
@@ -260,7 +260,7 @@ fn gitlab_error(
 /// An endpoint that could not be built from the given options.
 fn invalid_call(url: &str, what: &'static str, e: impl std::fmt::Display) -> RegisterError {
     RegisterError::Other {
-        url: url.to_owned(),
+        url: crate::net::redact_url(url),
         what,
         message: e.to_string(),
     }
@@ -395,7 +395,7 @@ pub async fn unregister(
             .map_err(|e| api_error(url, "DELETE runners", "runner token", e));
     }
     let mut target = url::Url::parse(url).map_err(|e| RegisterError::BadUrl {
-        url: url.to_owned(),
+        url: crate::net::redact_url(url),
         reason: e.to_string(),
     })?;
     let path = format!(
@@ -410,18 +410,18 @@ pub async fn unregister(
         .send()
         .await
         .map_err(|e| RegisterError::Unreachable {
-            url: url.to_owned(),
+            url: crate::net::redact_url(url),
             reason: chain(&e),
         })?;
     match response.status().as_u16() {
         200..=299 => Ok(()),
         401 | 403 => Err(RegisterError::Rejected {
-            url: url.to_owned(),
+            url: crate::net::redact_url(url),
             what: "runner token",
             status: response.status().as_u16(),
         }),
         status => Err(RegisterError::Failed {
-            url: url.to_owned(),
+            url: crate::net::redact_url(url),
             what: "DELETE runners/managers",
             status,
             message: response

@@ -172,10 +172,15 @@ impl JenkinsApi {
     /// An unusable URL.
     pub(crate) fn new(url: &str, credentials: Credentials) -> Result<Self, JenkinsError> {
         let bad = |reason: String| JenkinsError::BadUrl {
-            url: url.to_owned(),
+            url: crate::net::redact_url(url),
             reason,
         };
         let mut base = Url::parse(url).map_err(|e| bad(e.to_string()))?;
+        // kiln authenticates with `user` and `token`/`password`; credentials in the URL would
+        // otherwise reach every log line, error and agent pod (JENKINS_URL) built from it.
+        if crate::net::take_credentials(&mut base).is_some() {
+            tracing::warn!(url = %base, "the Jenkins URL carries credentials; kiln ignores them and signs in with `user` and `token`");
+        }
         if !matches!(base.scheme(), "http" | "https") {
             return Err(bad("not http or https".into()));
         }

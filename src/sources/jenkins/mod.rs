@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::coordinator::limiter::{Limiter, Permit};
 use crate::executor::kubernetes::{Ending, KubernetesExecutor};
 use crate::job::SourceKind;
+use crate::sources::pacer::Pacer;
 use crate::telemetry::{AgentFailureLabels, AgentLabels, Metrics};
 use api::{Computer, Credentials, JenkinsApi, JenkinsError};
 
@@ -143,7 +144,7 @@ impl JenkinsSource {
             given_up: HashMap::new(),
             ended_tx,
         };
-        let mut backoff = self.config.poll_interval;
+        let mut pacer = Pacer::new(self.config.poll_interval, MAX_BACKOFF);
         let mut recovered = false;
         tracing::info!(jenkins = %self.name, url = %self.api.url(), labels = ?self.config.labels, "Jenkins source started");
         loop {
@@ -158,40 +159,45 @@ impl JenkinsSource {
             while let Ok((node, ending)) = ended_rx.try_recv() {
                 self.pod_ended(&mut state, &node, ending).await;
             }
-            let wait = if recovered {
-                match self.tick(&mut state, &shutdown).await {
-                    Ok(()) => {
-                        backoff = self.config.poll_interval;
-                        self.config.poll_interval
-                    }
-                    Err(e) => {
-                        tracing::warn!(jenkins = %self.name, error = %e, "Jenkins poll failed; retrying in {}s", backoff.as_secs());
-                        let wait = backoff;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                        wait
-                    }
-                }
+            if !recovered {
+                pacer.failed();
             } else {
-                backoff
-            };
+                match self.tick(&mut state, &shutdown).await {
+                    Ok(()) => pacer.succeeded(),
+                    Err(e) => {
+                        let wait = pacer.failed();
+                        tracing::warn!(jenkins = %self.name, error = %e, "Jenkins poll failed; retrying in {}s", wait.as_secs());
+                    }
+                }
+            }
             self.count_agents(&state);
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = self.wake.notified() => {
-                    tracing::debug!(jenkins = %self.name, "woken by webhook");
+            // Until the next look: a webhook may bring it forward (see Pacer), an ended agent
+            // pod is handled at once.
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(pacer.next()) => break,
+                    () = self.wake.notified() => {
+                        if pacer.wake() {
+                            tracing::debug!(jenkins = %self.name, "woken by webhook");
+                            break;
+                        }
+                        tracing::debug!(jenkins = %self.name, "webhook folded into the next scheduled look");
+                    }
+                    Some((node, ending)) = ended_rx.recv() => {
+                        self.pod_ended(&mut state, &node, ending).await;
+                        break;
+                    }
+                    () = shutdown.cancelled() => {
+                        for agent in state.agents.values() {
+                            agent.stop_watch.cancel();
+                        }
+                        tracing::info!(jenkins = %self.name, agents = state.agents.len(), "Jenkins source stopped; agents keep running and are adopted at the next start");
+                        return;
+                    }
                 }
-                Some((node, ending)) = ended_rx.recv() => {
-                    self.pod_ended(&mut state, &node, ending).await;
-                }
-                () = shutdown.cancelled() => break,
             }
         }
-        for agent in state.agents.values() {
-            agent.stop_watch.cancel();
-        }
-        tracing::info!(jenkins = %self.name, agents = state.agents.len(), "Jenkins source stopped; agents keep running and are adopted at the next start");
     }
-
     /// Sets `kiln_jenkins_agents` for every label kiln serves.
     fn count_agents(&self, state: &State) {
         for label in &self.config.labels {
