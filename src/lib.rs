@@ -15,6 +15,7 @@ pub mod job;
 pub mod pipeline;
 pub mod sources;
 pub mod telemetry;
+pub mod variables;
 
 /// kiln's version, as reported to CI servers and in `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
