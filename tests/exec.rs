@@ -301,10 +301,13 @@ show:
     J1: "$J2-x"
     J2: j2
     SELF: "x$SELF"
+    CYC_A: "a$CYC_B"
+    CYC_B: "b${CYC_A}"
     URL: "https://ci:${CI_JOB_TOKEN}@example.com/"
   script:
     - echo "REF=$REF FWD=$FWD J1=$J1"
     - echo "LIT=$LIT SELF=$SELF"
+    - echo "CYC_A=$CYC_A CYC_B=$CYC_B PCT=%G%"
     - echo "URL=$URL"
 "#,
     );
@@ -312,6 +315,7 @@ show:
     assert_eq!(run.code, Some(0));
     assert!(run.has_line("show", "REF=ref-cli FWD=f-later J1=j2-x"));
     assert!(run.has_line("show", "LIT=$G stays SELF=x$SELF"));
+    assert!(run.has_line("show", "CYC_A=ab${CYC_A} CYC_B=ba$CYC_B PCT=%G%"));
     assert!(run.has_line("show", "URL=https://ci:[MASKED]@example.com/"));
 }
 
