@@ -16,6 +16,7 @@ pub mod net;
 pub mod pipeline;
 pub mod sources;
 pub mod telemetry;
+pub mod variables;
 
 /// kiln's version, as reported to CI servers and in `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -44,9 +44,16 @@ struct ExecArgs {
     /// The pipeline file; its directory is the project the jobs run in.
     #[arg(default_value = ".gitlab-ci.yml")]
     file: PathBuf,
-    /// Run only this job (repeatable); manual jobs run only when named here.
+    /// Run only this job (repeatable) and, first, the jobs it needs (transitively); manual
+    /// jobs run only when named here or needed by a named job.
     #[arg(long = "job", value_name = "NAME")]
     jobs: Vec<String>,
+    /// With --job: run only the named jobs, not the jobs they need.
+    #[arg(long, requires = "jobs")]
+    no_needs: bool,
+    /// Run the jobs even when workflow:rules say GitLab would create no pipeline.
+    #[arg(long)]
+    ignore_workflow: bool,
     /// Run only the jobs of this stage.
     #[arg(long, value_name = "S")]
     stage: Option<String>,
@@ -393,6 +400,8 @@ async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let options = kiln::exec::ExecOptions {
         file: args.file,
         jobs: args.jobs,
+        no_needs: args.no_needs,
+        ignore_workflow: args.ignore_workflow,
         stage: args.stage,
         vars: args.vars,
         concurrency,

@@ -283,3 +283,131 @@ fn bad_input_is_reported_without_running_anything() {
         run.stderr
     );
 }
+
+#[test]
+fn variables_resolve_to_their_winner_before_anything_expands() {
+    let dir = project(
+        r#"
+variables:
+  G: global
+  REF: "ref-${G}"
+  FWD: "f-$LATER"
+  LATER: later
+  LIT:
+    value: "$G stays"
+    expand: false
+show:
+  variables:
+    J1: "$J2-x"
+    J2: j2
+    SELF: "x$SELF"
+    CYC_A: "a$CYC_B"
+    CYC_B: "b${CYC_A}"
+    URL: "https://ci:${CI_JOB_TOKEN}@example.com/"
+  script:
+    - echo "REF=$REF FWD=$FWD J1=$J1"
+    - echo "LIT=$LIT SELF=$SELF"
+    - echo "CYC_A=$CYC_A CYC_B=$CYC_B PCT=%G%"
+    - echo "URL=$URL"
+"#,
+    );
+    let run = kiln_exec(dir.path(), &["--var", "G=cli"]);
+    assert_eq!(run.code, Some(0));
+    assert!(run.has_line("show", "REF=ref-cli FWD=f-later J1=j2-x"));
+    assert!(run.has_line("show", "LIT=$G stays SELF=x$SELF"));
+    assert!(run.has_line("show", "CYC_A=ab${CYC_A} CYC_B=ba$CYC_B PCT=%G%"));
+    assert!(run.has_line("show", "URL=https://ci:[MASKED]@example.com/"));
+}
+
+#[test]
+fn workflow_rules_that_create_no_pipeline_run_nothing_and_say_which_rule() {
+    let dir = project(
+        r#"
+workflow:
+  rules:
+    - if: $CI_COMMIT_BRANCH == "main"
+      when: never
+    - when: always
+build:
+  script: [echo built]
+"#,
+    );
+    let run = kiln_exec(dir.path(), &["--var", "CI_COMMIT_BRANCH=main"]);
+    assert_eq!(run.code, Some(0));
+    assert_eq!(
+        run.stdout,
+        "No pipeline: workflow:rules rule 1 (`if: $CI_COMMIT_BRANCH == \"main\"`) matches with `when: never`, so GitLab creates none (--ignore-workflow runs the jobs anyway)\n"
+    );
+
+    let run = kiln_exec(
+        dir.path(),
+        &["--var", "CI_COMMIT_BRANCH=main", "--ignore-workflow"],
+    );
+    assert_eq!(run.code, Some(0));
+    assert_eq!(run.status("build"), "success");
+    assert!(
+        run.stderr
+            .contains("--ignore-workflow runs the jobs anyway")
+    );
+
+    let run = kiln_exec(dir.path(), &["--var", "CI_COMMIT_BRANCH=feature"]);
+    assert_eq!(
+        run.status("build"),
+        "success",
+        "rule 2 creates the pipeline"
+    );
+}
+
+#[test]
+fn job_runs_the_jobs_it_needs_first_and_no_needs_runs_it_alone() {
+    let dir = project(
+        r#"
+stages: [prepare, build, deploy]
+prepare:
+  stage: prepare
+  script: [echo prepared > prepared.txt]
+  artifacts: {paths: [prepared.txt]}
+build:
+  stage: build
+  needs: [prepare]
+  script: [cat prepared.txt, echo built > out.txt]
+  artifacts: {paths: [out.txt]}
+lint:
+  stage: build
+  script: [echo linting]
+deploy:
+  stage: deploy
+  needs: [build]
+  script: ['cat out.txt || echo "no artifact"']
+"#,
+    );
+    let run = kiln_exec(dir.path(), &["--job", "deploy"]);
+    assert_eq!(run.code, Some(0));
+    for job in ["prepare", "build", "deploy"] {
+        assert_eq!(run.status(job), "success", "{job}");
+    }
+    assert!(run.has_line("build", "prepared"));
+    assert!(run.has_line("deploy", "built"));
+    assert!(run.row("lint").is_none(), "lint is not needed");
+
+    let run = kiln_exec(dir.path(), &["--job", "deploy", "--no-needs"]);
+    assert_eq!(run.code, Some(0));
+    assert_eq!(run.status("deploy"), "success");
+    assert!(run.has_line("deploy", "no artifact"));
+    assert!(run.row("build").is_none() && run.row("prepare").is_none());
+}
+
+#[test]
+fn a_typo_in_a_key_stops_before_running_and_names_file_line_and_key() {
+    let dir = project("build:\n  stage: build\n  scrpit: [echo hi]\n");
+    let run = kiln_exec(dir.path(), &[]);
+    assert_eq!(run.code, Some(1));
+    assert!(
+        run.stderr.contains(
+            ".gitlab-ci.yml:3:3: job `build`: unknown key `scrpit`; did you mean `script`?"
+        ),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stdout.contains("Running"), "{}", run.stdout);
+}

@@ -366,11 +366,12 @@ fn monorepo_with_needs() {
         &vars(&[("CI_COMMIT_TAG", "v1")]),
     )
     .unwrap();
-    assert!(
-        tag_only.warnings.iter().any(|w| w.key == "workflow:rules"),
-        "{:?}",
-        tag_only.warnings
+    assert_eq!(
+        tag_only.no_pipeline.as_deref(),
+        Some("none of the 2 workflow:rules matches"),
+        "a tag pipeline matches neither workflow rule"
     );
+    assert_eq!(p.no_pipeline, None);
 }
 
 #[test]
@@ -645,5 +646,128 @@ fn errors_name_the_file_position_and_job() {
         err.to_string()
             .starts_with("job `job`: rules:if `$A == main` is not a valid expression"),
         "{err}"
+    );
+}
+
+/// The error `parse_str` gives for `yaml`, as the user reads it.
+fn error_of(yaml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    parse_str(yaml, ".gitlab-ci.yml", dir.path(), &vars(MAIN))
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn a_typo_of_script_is_an_unknown_key_at_its_line_not_a_missing_script() {
+    let yaml = "\
+stages: [build]
+build:
+  stage: build
+  scrpit:
+    - make
+";
+    assert_eq!(
+        error_of(yaml),
+        ".gitlab-ci.yml:4:3: job `build`: unknown key `scrpit`; did you mean `script`?"
+    );
+}
+
+#[test]
+fn unknown_keys_at_every_level_name_file_line_and_the_nearest_key() {
+    let cases = [
+        (
+            "build:\n  script: make\n  artifacts:\n    pathz: [out/]\n",
+            ".gitlab-ci.yml:4:5: job `build`: unknown key `artifacts:pathz`; did you mean `paths`?",
+        ),
+        (
+            "build:\n  script: make\n  rules:\n    - if: $CI\n    - iff: $CI_COMMIT_TAG\n",
+            ".gitlab-ci.yml:5:7: job `build`: unknown key `rules:iff`; did you mean `if`?",
+        ),
+        (
+            "default:\n  imgae: alpine\nbuild: {script: make}\n",
+            ".gitlab-ci.yml:2:3: `default`: unknown key `imgae`; did you mean `image`?",
+        ),
+        (
+            "workflow:\n  rulez: []\nbuild: {script: make}\n",
+            ".gitlab-ci.yml:2:3: `workflow`: unknown key `rulez`; did you mean `rules`?",
+        ),
+        (
+            "a: {script: x}\nb:\n  script: y\n  needs:\n    - job: a\n      artifact: false\n",
+            ".gitlab-ci.yml:6:7: job `b`: unknown key `needs:artifact`; did you mean `artifacts`?",
+        ),
+        (
+            "variables:\n  V:\n    value: x\n    expnad: false\nb: {script: y}\n",
+            ".gitlab-ci.yml:4:5: the top level: unknown key `variables:V:expnad`; did you mean `expand`?",
+        ),
+        (
+            "b:\n  script: y\n  services:\n    - name: redis\n      alais: cache\n",
+            ".gitlab-ci.yml:5:7: job `b`: unknown key `services:alais`; did you mean `alias`?",
+        ),
+        (
+            "stagse: [build, test]\nb: {script: y}\n",
+            ".gitlab-ci.yml:1:1: the top level: unknown key `stagse`; did you mean `stages`?",
+        ),
+        (
+            "b:\n  script: y\n  frobnicate: true\n",
+            ".gitlab-ci.yml:3:3: job `b`: unknown key `frobnicate`",
+        ),
+    ];
+    for (yaml, expected) in cases {
+        assert_eq!(error_of(yaml), expected, "for:\n{yaml}");
+    }
+}
+
+#[test]
+fn an_unknown_key_inherited_from_an_included_template_is_shown_where_it_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("ci")).unwrap();
+    std::fs::write(
+        dir.path().join("ci/templates.yml"),
+        "# shared templates\n.build:\n  image: rust\n  befor_script: [cargo --version]\n",
+    )
+    .unwrap();
+    let yaml = "include: ci/templates.yml\nbuild:\n  extends: .build\n  script: cargo build\n";
+    let err = parse_str(yaml, ".gitlab-ci.yml", dir.path(), &vars(MAIN))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "ci/templates.yml:4:3: job `build`: unknown key `befor_script`; did you mean `before_script`?"
+    );
+}
+
+#[test]
+fn a_duplicate_job_is_reported_at_the_duplicate_not_at_line_1() {
+    let yaml = "\
+build:
+  script: make
+test:
+  script: make test
+build:
+  script: make again
+";
+    assert_eq!(
+        error_of(yaml),
+        ".gitlab-ci.yml:5:1: duplicate key `build`; a key may appear once in a mapping"
+    );
+    let nested = "build:\n  script: make\n  stage: build\n  stage: test\n";
+    assert_eq!(
+        error_of(nested),
+        ".gitlab-ci.yml:4:3: duplicate key `stage`; a key may appear once in a mapping"
+    );
+}
+
+#[test]
+fn a_tab_in_the_indentation_says_so() {
+    let yaml = "build:\n  script: make\n\tstage: build\n";
+    assert_eq!(
+        error_of(yaml),
+        ".gitlab-ci.yml:3:1: invalid YAML: a tab in the indentation; YAML indents with spaces only, so replace the tab with spaces"
+    );
+    let list = "build:\n  script:\n  \t- make\n";
+    assert!(
+        error_of(list).starts_with(".gitlab-ci.yml:3:3: invalid YAML: a tab in the indentation"),
+        "{}",
+        error_of(list)
     );
 }

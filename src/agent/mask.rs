@@ -3,6 +3,9 @@
 //!
 //! Bytes that could be the start of a secret are held back until the next write (or
 //! [`Masker::finish`]) decides, so nothing that leaves the masker can be half a secret.
+//!
+//! Each secret is also masked in its URL-encoded forms (as gitlab-runner does), which appear
+//! whenever a script builds a URL from it; other encodings (base64, …) are not, as in GitLab.
 
 const MASK: &[u8] = b"[MASKED]";
 /// A prefixed token longer than this is cut and masked anyway, so a runaway "token" cannot
@@ -29,8 +32,9 @@ enum Match {
 }
 
 impl Masker {
-    /// A masker for these values and token prefixes. Empty values are ignored; longer values
-    /// are tried first so that a secret containing another is masked whole.
+    /// A masker for these values (and their URL-encoded forms) and token prefixes. Empty
+    /// values are ignored; longer values are tried first so that a secret containing another
+    /// is masked whole.
     pub(crate) fn new(
         secrets: impl IntoIterator<Item = String>,
         prefixes: impl IntoIterator<Item = String>,
@@ -38,9 +42,14 @@ impl Masker {
         let mut secrets: Vec<Vec<u8>> = secrets
             .into_iter()
             .filter(|s| !s.is_empty())
+            .flat_map(|s| {
+                let query = url_encoded(&s, "+");
+                let path = url_encoded(&s, "%20");
+                [s, query, path]
+            })
             .map(String::into_bytes)
             .collect();
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         secrets.dedup();
         let prefixes = prefixes
             .into_iter()
@@ -133,6 +142,23 @@ impl Masker {
     }
 }
 
+/// `value` percent-encoded as URL query and path components are (Go's `url.QueryEscape` with
+/// `space` = `+`, JavaScript's `encodeURIComponent` with `%20`): everything but letters,
+/// digits and `-_.~` as `%XX`, in upper case as both write it.
+fn url_encoded(value: &str, space: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(char::from(b))
+            }
+            b' ' => out.push_str(space),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
 fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'
 }
@@ -182,6 +208,20 @@ mod tests {
         );
         assert_eq!(run(&mut masker(), &["glpat-xyz"]), "glpat-[MASKED]");
         assert_eq!(run(&mut masker(), &["glpat- alone"]), "glpat- alone");
+    }
+
+    #[test]
+    fn url_encoded_secrets_are_masked_even_split_across_writes() {
+        let mut m = Masker::new(["Ab+/cd= x".to_string()], Vec::<String>::new());
+        assert_eq!(
+            run(&mut m, &["curl 'https://h/?t=Ab%2B%2F", "cd%3D+x&next'"]),
+            "curl 'https://h/?t=[MASKED]&next'"
+        );
+        let mut m = Masker::new(["Ab+/cd= x".to_string()], Vec::<String>::new());
+        assert_eq!(
+            run(&mut m, &["path /Ab%2B", "%2Fcd%3D%20x/ and Ab+/cd= x"]),
+            "path /[MASKED]/ and [MASKED]"
+        );
     }
 
     #[test]

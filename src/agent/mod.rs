@@ -28,6 +28,7 @@ use crate::sources::gitlab::api::{
     ApiError, ArtifactUpload, JobUpdate, RunnerApi, TraceOutput, UpdateAck, UploadAck,
 };
 use crate::sources::gitlab::payload::{Artifact, JobPayload, Step, When};
+use crate::variables::{Definition, Variables};
 use process::{Exit, Interrupts};
 use trace::{Remote, Trace, Uplink};
 
@@ -324,19 +325,16 @@ fn context(
             source,
         })?;
     }
-    let secrets = std::iter::once(job.token.clone()).chain(
-        job.variables
-            .iter()
-            .filter(|v| v.masked)
-            .map(|v| v.value.clone()),
-    );
+    let env = base_env(&job, &project_dir, &builds, &tmp_dir);
+    // Masked values as expanded too: an expansion can put a secret anywhere.
+    let secrets =
+        std::iter::once(job.token.clone()).chain(job_variables(&job, &env, &tmp_dir).secrets());
     let masker = mask::Masker::new(secrets, job.features.token_mask_prefixes.clone());
     let limit =
         usize::try_from(spec.settings.output_limit.saturating_mul(1024)).unwrap_or(usize::MAX);
     let trace = Arc::new(Trace::new(masker, limit, false));
     let api = RunnerApi::new(&spec.gitlab_url)?;
     let (remote_tx, remote_rx) = watch::channel(Remote::Running);
-    let env = base_env(&job, &project_dir, &builds, &tmp_dir);
     let shell = spec
         .settings
         .shell
@@ -462,71 +460,47 @@ fn base_env(
     env
 }
 
-/// Adds the job's variables in order: values expanded against what is defined so far (unless
-/// `raw`), file variables written to files whose path becomes the value.
+/// The job's variables resolved as GitLab resolves them (see [`crate::variables`]) over the
+/// build's environment `env`; file variables' files live in `tmp_dir`.
+fn job_variables(job: &JobPayload, env: &BTreeMap<String, String>, tmp_dir: &Path) -> Variables {
+    Variables::resolve(job.variables.iter().map(Definition::from))
+        .with_environment(env.clone())
+        .with_file_paths(|key| {
+            tmp_dir
+                .join(format!("{}.var", sanitize(key)))
+                .to_string_lossy()
+                .into_owned()
+        })
+}
+
+/// Adds the job's variables to the environment: each name's winning value, expanded against
+/// the whole set (unless `raw`); file variables written to 0600 files whose path becomes the
+/// value.
 fn export_variables(ctx: &mut Context) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    for var in &ctx.job.variables {
-        if var.key.is_empty() || var.key.contains('=') {
-            continue;
-        }
-        let value = if var.raw {
-            var.value.clone()
-        } else {
-            expand(&var.value, &ctx.env)
-        };
-        if var.file {
-            let path = ctx.tmp_dir.join(format!("{}.var", sanitize(&var.key)));
-            std::fs::write(&path, &value)?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-            ctx.env
-                .insert(var.key.clone(), path.to_string_lossy().into_owned());
-        } else {
-            ctx.env.insert(var.key.clone(), value);
-        }
-    }
+    ctx.env = exported_env(&ctx.job, &ctx.env, &ctx.tmp_dir)?;
     Ok(())
 }
 
-/// Expands `$NAME` and `${NAME}` (unknown names expand to nothing, `$$` is a literal `$`).
-fn expand(value: &str, env: &BTreeMap<String, String>) -> String {
-    let mut out = String::with_capacity(value.len());
-    let mut chars = value.char_indices().peekable();
-    while let Some((i, c)) = chars.next() {
-        if c != '$' {
-            out.push(c);
-            continue;
-        }
-        match chars.peek().map(|&(_, c)| c) {
-            Some('$') => {
-                chars.next();
-                out.push('$');
-            }
-            Some('{') => {
-                let rest = &value[i + 2..];
-                if let Some(end) = rest.find('}') {
-                    out.push_str(env.get(&rest[..end]).map(String::as_str).unwrap_or(""));
-                    for _ in 0..end + 2 {
-                        chars.next();
-                    }
-                } else {
-                    out.push(c);
-                }
-            }
-            Some(n) if n == '_' || n.is_ascii_alphabetic() => {
-                let rest = &value[i + 1..];
-                let len = rest
-                    .find(|c: char| !(c == '_' || c.is_ascii_alphanumeric()))
-                    .unwrap_or(rest.len());
-                out.push_str(env.get(&rest[..len]).map(String::as_str).unwrap_or(""));
-                for _ in 0..len {
-                    chars.next();
-                }
-            }
-            _ => out.push(c),
-        }
+fn exported_env(
+    job: &JobPayload,
+    env: &BTreeMap<String, String>,
+    tmp_dir: &Path,
+) -> std::io::Result<BTreeMap<String, String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let variables = job_variables(job, env, tmp_dir);
+    let mut exported = env.clone();
+    for var in variables.resolved() {
+        let value = if var.file {
+            let path = variables.value(&var.key).unwrap_or_default();
+            std::fs::write(&path, &var.value)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            path
+        } else {
+            var.value
+        };
+        exported.insert(var.key, value);
     }
-    out
+    Ok(exported)
 }
 
 async fn execute(ctx: &mut Context) -> JobEnd {
@@ -1176,10 +1150,128 @@ async fn report(ctx: &Context, mut uplink: Uplink, end: &JobEnd) -> bool {
 mod tests {
     use super::*;
 
+    /// A job as GitLab sends it, with these variables (predefined first, pipeline last).
+    fn payload(variables: serde_json::Value) -> JobPayload {
+        serde_json::from_value(serde_json::json!({
+            "id": 7,
+            "token": "job-token-123",
+            "variables": variables,
+            "steps": [{"name": "script", "script": ["true"]}],
+        }))
+        .unwrap()
+    }
+
+    fn base() -> BTreeMap<String, String> {
+        [
+            ("PATH".to_string(), "/usr/bin".to_string()),
+            ("HOME".to_string(), "/home/ci".to_string()),
+            ("CI_PROJECT_DIR".to_string(), "/builds/p".to_string()),
+        ]
+        .into()
+    }
+
+    fn export(job: &JobPayload) -> (BTreeMap<String, String>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        (exported_env(job, &base(), dir.path()).unwrap(), dir)
+    }
+
     #[test]
-    fn expansion_follows_gitlab() {
-        let env: BTreeMap<String, String> =
-            [("A".into(), "1".into()), ("B_2".into(), "two".into())].into();
-        assert_eq!(expand("x$A-${B_2}-$MISSING-$$A-$", &env), "x1-two--$A-$");
+    fn a_global_reference_takes_the_pipeline_variable_that_overrides_its_target() {
+        // global `REF: ref-${G}` and `G: global`, then `--var G=cli` (a pipeline variable).
+        let job = payload(serde_json::json!([
+            {"key": "CI_JOB_NAME", "value": "deploy", "public": true},
+            {"key": "G", "value": "global", "public": true},
+            {"key": "REF", "value": "ref-${G}", "public": true},
+            {"key": "G", "value": "cli", "public": true},
+        ]));
+        let (env, _dir) = export(&job);
+        assert_eq!(env["REF"], "ref-cli");
+        assert_eq!(env["G"], "cli");
+    }
+
+    #[test]
+    fn a_reference_to_a_variable_defined_further_down_expands() {
+        let job = payload(serde_json::json!([
+            {"key": "FWD", "value": "f-$LATER", "public": true},
+            {"key": "LATER", "value": "later", "public": true},
+            {"key": "JOB_FWD", "value": "$JOB_LATER/x", "public": true},
+            {"key": "JOB_LATER", "value": "${LATER}2", "public": true},
+        ]));
+        let (env, _dir) = export(&job);
+        assert_eq!(env["FWD"], "f-later");
+        assert_eq!(env["JOB_FWD"], "later2/x");
+    }
+
+    #[test]
+    fn expansion_follows_gitlab_runner_syntax_and_the_build_environment() {
+        let job = payload(serde_json::json!([
+            {"key": "A", "value": "1"},
+            {"key": "B_2", "value": "two"},
+            {"key": "S", "value": "x$A-${B_2}-$MISSING-$$A-$-%A%"},
+            {"key": "BIN", "value": "$CI_PROJECT_DIR/bin:$PATH"},
+            {"key": "PATH", "value": "$HOME/.local/bin:$PATH"},
+        ]));
+        let (env, _dir) = export(&job);
+        assert_eq!(env["S"], "x1-two--$A-$-%A%");
+        assert_eq!(
+            env["PATH"], "/home/ci/.local/bin:/usr/bin",
+            "extends the environment's"
+        );
+        assert_eq!(env["BIN"], "/builds/p/bin:/home/ci/.local/bin:/usr/bin");
+    }
+
+    #[test]
+    fn raw_variables_stay_literal_and_file_variables_expand_to_their_path() {
+        let job = payload(serde_json::json!([
+            {"key": "RAW", "value": "$HOME stays", "raw": true},
+            {"key": "CONFIG", "value": "host: $HOST\n", "file": true},
+            {"key": "HOST", "value": "db"},
+            {"key": "ARG", "value": "--config=$CONFIG"},
+        ]));
+        let (env, dir) = export(&job);
+        assert_eq!(env["RAW"], "$HOME stays");
+        let path = dir.path().join("CONFIG.var");
+        assert_eq!(env["CONFIG"], path.to_string_lossy());
+        assert_eq!(env["ARG"], format!("--config={}", path.display()));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "host: db\n");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn self_references_and_cycles_end_with_the_reference_left_as_is() {
+        let job = payload(serde_json::json!([
+            {"key": "SELF", "value": "x$SELF"},
+            {"key": "A", "value": "a$B"},
+            {"key": "B", "value": "b${A}"},
+        ]));
+        let (env, _dir) = export(&job);
+        assert_eq!(env["SELF"], "x$SELF");
+        assert_eq!(env["A"], "ab${A}");
+        assert_eq!(env["B"], "ba$B");
+    }
+
+    #[test]
+    fn masked_values_are_masked_wherever_an_expansion_puts_them() {
+        let job = payload(serde_json::json!([
+            {"key": "PREFIX", "value": "pre"},
+            {"key": "TOKEN", "value": "$PREFIX-Ab+/cd=ef", "masked": true},
+            {"key": "URL", "value": "https://u:$TOKEN@host/"},
+        ]));
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = std::iter::once(job.token.clone())
+            .chain(job_variables(&job, &base(), dir.path()).secrets());
+        let trace = Trace::new(mask::Masker::new(secrets, Vec::new()), 1 << 20, false);
+        let env = exported_env(&job, &base(), dir.path()).unwrap();
+        trace.write(format!("url {}\n", env["URL"]).as_bytes());
+        trace.write(b"query ?t=pre-Ab%2B%2F");
+        trace.write(b"cd%3Def&job=job-token-123\n");
+        trace.release_held();
+        let log = String::from_utf8(trace.contents()).unwrap();
+        assert_eq!(
+            log,
+            "url https://u:[MASKED]@host/\nquery ?t=[MASKED]&job=[MASKED]\n"
+        );
     }
 }

@@ -10,7 +10,7 @@ mod output;
 mod payload;
 mod server;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,8 +38,13 @@ const SOURCES_ID: u64 = 0;
 pub struct ExecOptions {
     /// The pipeline file; its directory is the project.
     pub file: PathBuf,
-    /// Run only these jobs (manual ones included); empty: all.
+    /// Run only these jobs (manual ones included) and, transitively, the jobs they `needs`;
+    /// empty: all.
     pub jobs: Vec<String>,
+    /// Run the jobs named in `jobs` without the jobs they need.
+    pub no_needs: bool,
+    /// Run the jobs even when `workflow:rules` say GitLab would create no pipeline.
+    pub ignore_workflow: bool,
     /// Run only the jobs of this stage.
     pub stage: Option<String>,
     /// Variables that override the file's and that `rules:if` sees.
@@ -185,6 +190,18 @@ pub async fn run(
         eprintln!("note: {note}");
     }
 
+    if let Some(why) = &pipeline.no_pipeline {
+        if !options.ignore_workflow {
+            println!(
+                "No pipeline: {why}, so GitLab creates none (--ignore-workflow runs the jobs anyway)"
+            );
+            return Ok(ExecOutcome { success: true });
+        }
+        eprintln!(
+            "note: {why}: GitLab would create no pipeline; --ignore-workflow runs the jobs anyway"
+        );
+    }
+
     for name in &options.jobs {
         if !pipeline.jobs.iter().any(|j| selects(name, j)) {
             return Err(ExecError::UnknownJob {
@@ -207,11 +224,17 @@ pub async fn run(
         });
     }
 
+    let wanted = if options.no_needs {
+        HashSet::new()
+    } else {
+        needed(&pipeline.jobs, &options.jobs)
+    };
     let mut nodes: Vec<Node> = Vec::new();
     for job in &pipeline.jobs {
-        let named = options.jobs.iter().any(|n| selects(n, job));
+        let named = options.jobs.iter().any(|n| selects(n, job)) || wanted.contains(&job.name);
         if (!options.jobs.is_empty() && !named)
-            || options.stage.as_ref().is_some_and(|s| *s != job.stage)
+            || (!wanted.contains(&job.name)
+                && options.stage.as_ref().is_some_and(|s| *s != job.stage))
         {
             continue;
         }
@@ -368,6 +391,27 @@ pub async fn run(
     }
     let success = !canceled && !nodes.iter().any(Node::failed_hard);
     Ok(ExecOutcome { success })
+}
+
+/// The jobs the jobs `named` need, transitively (not the named ones themselves), as GitLab
+/// would run them first.
+fn needed(jobs: &[PipelineJob], named: &[String]) -> HashSet<String> {
+    let by_name: HashMap<&str, &PipelineJob> = jobs.iter().map(|j| (j.name.as_str(), j)).collect();
+    let mut todo: Vec<&PipelineJob> = jobs
+        .iter()
+        .filter(|j| named.iter().any(|n| selects(n, j)))
+        .collect();
+    let mut needed = HashSet::new();
+    while let Some(job) = todo.pop() {
+        for need in job.needs.iter().flatten() {
+            if let Some(target) = by_name.get(need.job.as_str())
+                && needed.insert(target.name.clone())
+            {
+                todo.push(target);
+            }
+        }
+    }
+    needed
 }
 
 fn new_token() -> String {

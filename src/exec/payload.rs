@@ -76,7 +76,12 @@ fn job_payload(job: &PipelineJob, ctx: &JobContext<'_>) -> JobPayload {
         }
         variables.push(v);
     }
-    variables.extend(job.variables.iter().map(|(k, v)| var(k, v)));
+    // Ascending precedence, as GitLab sends them: the agent resolves each name to its last
+    // definition before expanding anything.
+    variables.extend(job.variables.iter().map(|(k, v)| Variable {
+        raw: job.raw_variables.contains(k),
+        ..var(k, v)
+    }));
     variables.extend(ctx.cli_vars.iter().map(|(k, v)| var(k, v)));
 
     let timeout = job
@@ -197,7 +202,9 @@ mod tests {
             variables: vec![
                 ("GREETING".into(), "hi".into()),
                 ("MODE".into(), "file".into()),
+                ("LITERAL".into(), "$GREETING".into()),
             ],
+            raw_variables: vec!["LITERAL".into()],
             before_script: vec!["echo before".into()],
             script: vec!["echo one".into(), "echo two".into()],
             after_script: vec!["echo after".into()],
@@ -264,6 +271,18 @@ mod tests {
         assert_eq!(payload.variable("CI_NODE_INDEX"), Some("2"));
         assert_eq!(payload.variable("CI_NODE_TOTAL"), Some("3"));
         assert_eq!(payload.variable("CI_PIPELINE_ID"), Some("77"));
+        let literal = payload.variables.iter().find(|v| v.key == "LITERAL");
+        assert!(
+            literal.is_some_and(|v| v.raw),
+            "expand: false reaches the agent as raw"
+        );
+        assert!(
+            payload
+                .variables
+                .iter()
+                .filter(|v| v.key != "LITERAL")
+                .all(|v| !v.raw)
+        );
         let token = payload
             .variables
             .iter()

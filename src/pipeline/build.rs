@@ -4,8 +4,11 @@ use std::collections::{HashMap, HashSet};
 
 use serde_yaml_ng::{Mapping, Value};
 
-use super::job::{self, Context, JobDef, NeedDef, Var, parse_defaults, parse_job, parse_variables};
-use super::rules::{RepoFiles, Scope, first_match, parse_rules};
+use super::context::{Context, nearest};
+use super::job::{self, JobDef, parse_defaults, parse_job};
+use super::needs::NeedDef;
+use super::rules::{RepoFiles, Rule, Scope, first_match, parse_rules};
+use super::vars::{Var, parse_variables};
 use super::yaml::{self, describe, key_string};
 use super::{JobWhen, Need, Pipeline, PipelineError, PipelineJob, Warning, extends, parallel};
 
@@ -95,6 +98,7 @@ impl Builder<'_> {
         let mut globals = parse_variables(
             config.get("variables").unwrap_or(&Value::Null),
             &Context::Global,
+            &[],
             true,
             &mut self.warnings,
         )?;
@@ -119,9 +123,10 @@ impl Builder<'_> {
             }
         };
         let defaults = parse_defaults(default, &legacy, &mut self.warnings)?;
-        if let Some(workflow) = config.get("workflow") {
-            self.workflow(workflow, &mut globals)?;
-        }
+        let no_pipeline = match config.get("workflow") {
+            Some(workflow) => self.workflow(workflow, &mut globals)?,
+            None => None,
+        };
 
         let mut defs = Vec::new();
         let mut triggers = HashSet::new();
@@ -134,6 +139,10 @@ impl Builder<'_> {
                 continue;
             }
             let Value::Mapping(map) = value else {
+                // `stagse: [build]` is a typo of a keyword more often than a job.
+                if nearest(&name, extends::GLOBAL_KEYWORDS).is_some() {
+                    return Err(Context::Global.unknown(&[], &name, extends::GLOBAL_KEYWORDS));
+                }
                 return Err(PipelineError::Config {
                     key: name,
                     message: format!(
@@ -229,6 +238,7 @@ impl Builder<'_> {
             stages,
             jobs,
             warnings: self.warnings,
+            no_pipeline,
         })
     }
 
@@ -272,9 +282,13 @@ impl Builder<'_> {
         Ok(stages)
     }
 
-    /// `workflow:rules` decide whether GitLab creates the pipeline at all. kiln exec runs it
-    /// either way (the user asked for it) but says so, and applies the matching rule's variables.
-    fn workflow(&mut self, workflow: &Value, globals: &mut Vec<Var>) -> Result<(), PipelineError> {
+    /// `workflow:rules` decide whether GitLab creates the pipeline at all: `Some(why)` when it
+    /// does not, naming the rule that decided. The matching rule's variables apply.
+    fn workflow(
+        &mut self,
+        workflow: &Value,
+        globals: &mut Vec<Var>,
+    ) -> Result<Option<String>, PipelineError> {
         let Value::Mapping(map) = workflow else {
             return Err(PipelineError::Config {
                 key: "workflow".into(),
@@ -282,6 +296,7 @@ impl Builder<'_> {
             });
         };
         let ctx = Context::Keyword("workflow");
+        let mut no_pipeline = None;
         for (key, value) in map {
             let key = key_string(key).unwrap_or_default();
             match key.as_str() {
@@ -295,26 +310,38 @@ impl Builder<'_> {
                         scope.set(k, v, false);
                     }
                     match first_match(&rules, &scope, &mut self.repo) {
-                        Some(rule) if rule.when != Some(JobWhen::Never) => {
+                        Some(rule) if rule.when == Some(JobWhen::Never) => {
+                            let number = rules
+                                .iter()
+                                .position(|r| std::ptr::eq(r, rule))
+                                .map_or(0, |i| i + 1);
+                            no_pipeline = Some(format!(
+                                "workflow:rules rule {number} ({}) matches with `when: never`",
+                                describe_rule(rule)
+                            ));
+                        }
+                        Some(rule) => {
                             for var in &rule.variables {
                                 overlay_var(globals, var.clone());
                             }
                         }
-                        _ => self.warnings.push(ctx.warning(
-                            "rules",
-                            "GitLab would create no pipeline for these variables; kiln exec runs the jobs anyway",
-                        )),
+                        None => {
+                            no_pipeline = Some(format!(
+                                "none of the {} workflow:rules matches",
+                                rules.len()
+                            ));
+                        }
                     }
                 }
                 "name" | "auto_cancel" => self
                     .warnings
                     .push(ctx.warning(&key, "ignored by kiln exec")),
-                other => self
-                    .warnings
-                    .push(ctx.warning(other, "unknown workflow keyword; GitLab would reject it")),
+                other => {
+                    return Err(ctx.unknown(&[], other, &["rules", "name", "auto_cancel"]));
+                }
             }
         }
-        Ok(())
+        Ok(no_pipeline)
     }
 
     fn check_dependencies(
@@ -437,6 +464,11 @@ impl Builder<'_> {
                         .clone()
                         .or_else(|| defaults.services.clone().filter(|_| inherit("services")))
                         .unwrap_or_default(),
+                    raw_variables: vars
+                        .iter()
+                        .filter(|v| v.raw)
+                        .map(|v| v.key.clone())
+                        .collect(),
                     variables: vars.into_iter().map(|v| (v.key, v.value)).collect(),
                     before_script: def
                         .before_script
@@ -546,6 +578,22 @@ impl Builder<'_> {
             }
         }
         resolved
+    }
+}
+
+/// A rule as its conditions are written: `if: $CI_COMMIT_TAG`, `exists: [Dockerfile]`.
+fn describe_rule(rule: &Rule) -> String {
+    let mut parts = Vec::new();
+    if let Some((source, _)) = &rule.condition {
+        parts.push(format!("`if: {source}`"));
+    }
+    if let Some(patterns) = &rule.exists {
+        parts.push(format!("`exists: [{}]`", patterns.join(", ")));
+    }
+    if parts.is_empty() {
+        "no condition".into()
+    } else {
+        parts.join(", ")
     }
 }
 

@@ -124,6 +124,28 @@ fn resolve_one(
     Ok(height)
 }
 
+/// `name` and every job or template it inherits from, nearest first (a later parent before an
+/// earlier one, as it wins the merge): where to look for a key `name` has after `extends`.
+pub(crate) fn lineage(config: &Mapping, name: &str) -> Vec<String> {
+    let mut lineage = vec![name.to_string()];
+    let mut next = 0;
+    while next < lineage.len() && lineage.len() <= 8 * MAX_DEPTH {
+        let parents = config
+            .get(lineage[next].as_str())
+            .and_then(Value::as_mapping)
+            .and_then(|job| job.get("extends"))
+            .and_then(|extends| parent_names(extends).ok())
+            .unwrap_or_default();
+        for parent in parents.into_iter().rev() {
+            if !lineage.contains(&parent) {
+                lineage.push(parent);
+            }
+        }
+        next += 1;
+    }
+    lineage
+}
+
 fn parent_names(value: &Value) -> Result<Vec<String>, String> {
     match value {
         Value::String(s) => Ok(vec![s.clone()]),

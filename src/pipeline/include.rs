@@ -5,7 +5,7 @@ use std::path::Component;
 
 use serde_yaml_ng::{Mapping, Value};
 
-use super::job::Context;
+use super::context::Context;
 use super::rules::{RepoFiles, Scope, first_match, parse_rules};
 use super::yaml::{deep_merge, describe, key_string};
 use super::{JobWhen, PipelineError, Warning, yaml};
@@ -15,12 +15,31 @@ const MAX_FILES: usize = 150;
 /// GitLab's cap on include nesting.
 const MAX_DEPTH: usize = 100;
 
+/// The keys of an `include` entry.
+const INCLUDE_KEYS: &[&str] = &[
+    "local",
+    "remote",
+    "template",
+    "project",
+    "file",
+    "ref",
+    "component",
+    "artifact",
+    "job",
+    "rules",
+    "inputs",
+    "cache",
+    "integrity",
+];
+
 /// Reads includes while merging.
 pub(crate) struct Includes<'a> {
     repo: &'a mut RepoFiles,
     scope: &'a Scope,
     warnings: &'a mut Vec<Warning>,
     seen: HashSet<String>,
+    /// Every file read: its name and text.
+    sources: Vec<(String, String)>,
 }
 
 impl<'a> Includes<'a> {
@@ -34,7 +53,13 @@ impl<'a> Includes<'a> {
             scope,
             warnings,
             seen: HashSet::new(),
+            sources: Vec::new(),
         }
+    }
+
+    /// The files read (name and text), in the order they were read.
+    pub(crate) fn into_sources(self) -> Vec<(String, String)> {
+        self.sources
     }
 
     /// Returns `config` with its includes (and theirs) merged in: each included file in order,
@@ -88,7 +113,9 @@ impl<'a> Includes<'a> {
                         ),
                     )
                 })?;
-                let content = yaml::load(&text, &path, self.warnings)?;
+                let content = yaml::load(&text, &path, self.warnings);
+                self.sources.push((path.clone(), text));
+                let content = content?;
                 let content = self.resolve(content, &path, depth + 1)?;
                 deep_merge(&mut merged, content);
             }
@@ -145,10 +172,20 @@ impl<'a> Includes<'a> {
                         "include:inputs",
                         format!("`{location}`: inputs are not supported by kiln exec; `$[[ inputs.… ]]` stays as written"),
                     )),
-                    other => self.warnings.push(Warning::global(
-                        &format!("include:{other}"),
-                        format!("`{location}`: unknown include keyword; GitLab would reject it"),
-                    )),
+                    "remote" | "template" | "project" | "file" | "ref" | "component"
+                    | "artifact" | "job" | "cache" | "integrity" => {
+                        self.warnings.push(Warning::global(
+                            &format!("include:{key}"),
+                            format!("`{location}`: ignored for a local include"),
+                        ))
+                    }
+                    other => {
+                        return Err(Context::Keyword("include").unknown(
+                            &["*"],
+                            other,
+                            INCLUDE_KEYS,
+                        ));
+                    }
                 }
             }
             if let Some(rules) = map.get("rules") {
@@ -161,7 +198,7 @@ impl<'a> Includes<'a> {
                 }
             }
         }
-        let expanded = self.scope.expand(&location, 0);
+        let expanded = self.scope.expand(&location);
         let path = normalize(&expanded).ok_or_else(|| {
             include_error(
                 file,

@@ -4,90 +4,16 @@ use std::time::Duration;
 
 use serde_yaml_ng::{Mapping, Value};
 
+use super::context::Context;
+use super::needs::{NeedDef, parse_needs};
 use super::parallel::{self, Parallel};
 use super::rules::{Rule, parse_rules, parse_when};
+use super::vars::{Var, parse_variables};
 use super::yaml::{describe, key_string, scalar_string};
 use super::{ArtifactsSpec, ArtifactsWhen, ImageSpec, JobWhen, PipelineError, Warning, duration};
 
 /// Scripts may nest lists (from anchors and `!reference`) this deep.
 const MAX_SCRIPT_NESTING: usize = 10;
-
-/// Where a keyword sits, for error and warning messages.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Context<'a> {
-    /// Inside job `name`.
-    Job(&'a str),
-    /// Inside a global keyword such as `default` or `workflow`.
-    Keyword(&'a str),
-    /// At the top level of the file.
-    Global,
-}
-
-impl Context<'_> {
-    fn key(&self, key: &str) -> String {
-        match self {
-            Context::Keyword(prefix) => format!("{prefix}:{key}"),
-            Context::Job(_) | Context::Global => key.to_string(),
-        }
-    }
-
-    pub(crate) fn error(&self, key: &str, message: impl Into<String>) -> PipelineError {
-        match self {
-            Context::Job(job) => PipelineError::Job {
-                job: job.to_string(),
-                key: key.into(),
-                message: message.into(),
-            },
-            _ => PipelineError::Config {
-                key: self.key(key),
-                message: message.into(),
-            },
-        }
-    }
-
-    pub(crate) fn bad_rule(&self, expression: &str, reason: String) -> PipelineError {
-        match self {
-            Context::Job(job) => PipelineError::BadRule {
-                job: job.to_string(),
-                expression: expression.into(),
-                reason,
-            },
-            _ => PipelineError::Config {
-                key: self.key("rules:if"),
-                message: format!("`{expression}` is not a valid expression: {reason}"),
-            },
-        }
-    }
-
-    pub(crate) fn warning(&self, key: &str, message: impl Into<String>) -> Warning {
-        Warning {
-            job: match self {
-                Context::Job(job) => Some(job.to_string()),
-                _ => None,
-            },
-            key: self.key(key),
-            message: message.into(),
-        }
-    }
-}
-
-/// A CI/CD variable from the file; `raw` is `expand: false`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Var {
-    pub(crate) key: String,
-    pub(crate) value: String,
-    pub(crate) raw: bool,
-}
-
-/// One entry of `needs`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct NeedDef {
-    pub(crate) job: String,
-    pub(crate) artifacts: bool,
-    pub(crate) optional: bool,
-    /// `parallel:matrix`: only these combinations of a matrix job.
-    pub(crate) matrix: Option<Vec<Vec<(String, String)>>>,
-}
 
 /// `inherit:default` or `inherit:variables`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -142,17 +68,45 @@ pub(crate) struct JobDef {
     pub(crate) inherit_variables: Inherit,
 }
 
-/// Job keywords that only describe the job to GitLab; kiln exec runs the job without them.
-const IGNORED: &[&str] = &[
+/// Every job keyword GitLab knows, for suggestions when a key is not one of them.
+pub(crate) const JOB_KEYWORDS: &[&str] = &[
+    "after_script",
+    "allow_failure",
+    "artifacts",
+    "before_script",
     "cache",
     "coverage",
-    "environment",
-    "interruptible",
-    "retry",
-    "tags",
-    "resource_group",
     "dast_configuration",
+    "dependencies",
+    "environment",
+    "except",
+    "extends",
+    "hooks",
+    "id_tokens",
+    "identity",
+    "image",
+    "inherit",
+    "interruptible",
     "manual_confirmation",
+    "needs",
+    "only",
+    "pages",
+    "parallel",
+    "release",
+    "resource_group",
+    "retry",
+    "rules",
+    "run",
+    "script",
+    "secrets",
+    "services",
+    "stage",
+    "start_in",
+    "tags",
+    "timeout",
+    "trigger",
+    "variables",
+    "when",
 ];
 
 /// Reads job `name` from its mapping. Keywords kiln does not run are reported in `warnings`.
@@ -189,8 +143,8 @@ pub(crate) fn parse_job(
             "after_script" => job.after_script = lines("after_script")?,
             "image" => job.image = Some(parse_image(value, &ctx, "image", false, warnings)?),
             "services" => job.services = Some(parse_services(value, &ctx, warnings)?),
-            "variables" => job.variables = parse_variables(value, &ctx, false, warnings)?,
-            "needs" => job.needs = Some(parse_needs(value, &ctx, warnings)?),
+            "variables" => job.variables = parse_variables(value, &ctx, &[], false, warnings)?,
+            "needs" => job.needs = Some(parse_needs(value, &ctx, &[], warnings)?),
             "dependencies" => {
                 let names = string_list(value).map_err(|m| ctx.error("dependencies", m))?;
                 job.dependencies = Some(names);
@@ -216,7 +170,10 @@ pub(crate) fn parse_job(
                 (job.inherit_default, job.inherit_variables) = parse_inherit(value, &ctx)?;
             }
             "extends" | "trigger" => {}
-            other => warnings.push(ctx.warning(other, unsupported(other))),
+            other if JOB_KEYWORDS.contains(&other) => {
+                warnings.push(ctx.warning(other, unsupported(other)))
+            }
+            other => return Err(ctx.unknown(&[], other, JOB_KEYWORDS)),
         }
     }
     job.script = match script {
@@ -244,10 +201,52 @@ fn unsupported(key: &str) -> &'static str {
         "release" => "kiln exec creates no release",
         "pages" => "kiln exec publishes no Pages site",
         "run" => "CI steps (`run`) are not supported by kiln exec",
-        k if IGNORED.contains(&k) => "ignored by kiln exec",
-        _ => "unknown job keyword; GitLab would reject the pipeline",
+        _ => "ignored by kiln exec",
     }
 }
+
+/// The keywords `default:` may hold.
+const DEFAULT_KEYWORDS: &[&str] = &[
+    "after_script",
+    "artifacts",
+    "before_script",
+    "cache",
+    "hooks",
+    "id_tokens",
+    "identity",
+    "image",
+    "interruptible",
+    "retry",
+    "services",
+    "tags",
+    "timeout",
+];
+
+/// The keys of an `image` (the last three only for `services`).
+const IMAGE_KEYS: &[&str] = &[
+    "name",
+    "entrypoint",
+    "pull_policy",
+    "docker",
+    "kubernetes",
+    "command",
+    "alias",
+    "variables",
+];
+
+/// The keys of `artifacts`.
+const ARTIFACTS_KEYS: &[&str] = &[
+    "paths",
+    "exclude",
+    "untracked",
+    "when",
+    "expire_in",
+    "name",
+    "reports",
+    "expose_as",
+    "public",
+    "access",
+];
 
 /// Reads `default:` (and the deprecated top-level `image`, `services`, `before_script`,
 /// `after_script`, `cache`, passed in `legacy`, which `default:` overrides).
@@ -299,10 +298,7 @@ pub(crate) fn parse_defaults(
                 "identity" => {
                     warnings.push(ctx.warning(&key, "kiln exec sets up no identity federation"))
                 }
-                other => warnings.push(ctx.warning(
-                    other,
-                    "not a `default` keyword; GitLab would reject the pipeline",
-                )),
+                other => return Err(ctx.unknown(&[], other, DEFAULT_KEYWORDS)),
             }
         }
     }
@@ -370,87 +366,6 @@ pub(crate) fn script_lines(value: &Value) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-/// `variables:` at the top level (`description` allowed) or in a job or rule.
-pub(crate) fn parse_variables(
-    value: &Value,
-    ctx: &Context<'_>,
-    global: bool,
-    warnings: &mut Vec<Warning>,
-) -> Result<Vec<Var>, PipelineError> {
-    let map = match value {
-        Value::Null => return Ok(Vec::new()),
-        Value::Mapping(map) => map,
-        other => {
-            return Err(ctx.error(
-                "variables",
-                format!(
-                    "must be a mapping of names to values, not {}",
-                    describe(other)
-                ),
-            ));
-        }
-    };
-    let mut vars: Vec<Var> = Vec::with_capacity(map.len());
-    for (key, value) in map {
-        let key = key_string(key)
-            .ok_or_else(|| ctx.error("variables", "variable names must be strings"))?;
-        let (value, raw) = match value {
-            Value::Null => (String::new(), false),
-            Value::Mapping(spec) => {
-                let mut raw = false;
-                for (field, _) in spec {
-                    match field.as_str() {
-                        Some("value" | "description" | "options") => {}
-                        Some("expand") => raw = spec.get("expand") == Some(&Value::Bool(false)),
-                        _ => {
-                            return Err(ctx.error(
-                                "variables",
-                                format!("`{key}` may only have `value`, `description`, `options` and `expand`"),
-                            ));
-                        }
-                    }
-                }
-                if !global && spec.contains_key("description") {
-                    warnings.push(ctx.warning(
-                        "variables",
-                        format!("`{key}`: `description` only has meaning in global variables"),
-                    ));
-                }
-                let value = match spec.get("value") {
-                    None | Some(Value::Null) => String::new(),
-                    Some(v) => scalar_string(v).ok_or_else(|| {
-                        ctx.error(
-                            "variables",
-                            format!("`{key}`: `value` must be a string, not {}", describe(v)),
-                        )
-                    })?,
-                };
-                (value, raw)
-            }
-            other => (
-                scalar_string(other).ok_or_else(|| {
-                    ctx.error(
-                        "variables",
-                        format!(
-                            "`{key}` must be a string or number, not {}",
-                            describe(other)
-                        ),
-                    )
-                })?,
-                false,
-            ),
-        };
-        if raw && value.contains('$') {
-            warnings.push(ctx.warning(
-                "variables",
-                format!("`{key}` has `expand: false`; the job receives it as a plain variable, which the runner expands"),
-            ));
-        }
-        vars.push(Var { key, value, raw });
-    }
-    Ok(vars)
-}
-
 fn parse_image(
     value: &Value,
     ctx: &Context<'_>,
@@ -476,6 +391,8 @@ fn parse_image(
             ));
         }
     };
+    // Where this image sits, for locating unknown keys: `image`, or any of `services`.
+    let at: Vec<&str> = if service { vec![key, "*"] } else { vec![key] };
     let mut image = ImageSpec::default();
     for (field, value) in map {
         let field = key_string(field).unwrap_or_default();
@@ -495,7 +412,7 @@ fn parse_image(
                 );
             }
             "variables" if service => {
-                image.variables = parse_variables(value, ctx, false, warnings)?
+                image.variables = parse_variables(value, ctx, &at, false, warnings)?
                     .into_iter()
                     .map(|v| (v.key, v.value))
                     .collect();
@@ -503,10 +420,14 @@ fn parse_image(
             "docker" | "kubernetes" => {
                 warnings.push(ctx.warning(&format!("{key}:{field}"), "ignored by kiln exec"))
             }
-            other => warnings.push(ctx.warning(
-                &format!("{key}:{other}"),
-                "unknown image keyword; GitLab would reject it",
-            )),
+            other => {
+                let known = if service {
+                    IMAGE_KEYS
+                } else {
+                    &IMAGE_KEYS[..5]
+                };
+                return Err(ctx.unknown(&at, other, known));
+            }
         }
     }
     if image.name.is_empty() {
@@ -530,89 +451,6 @@ fn parse_services(
             format!("must be a list, not {}", describe(other)),
         )),
     }
-}
-
-/// `needs`: names or mappings; cross-pipeline and cross-project needs earn a warning.
-pub(crate) fn parse_needs(
-    value: &Value,
-    ctx: &Context<'_>,
-    warnings: &mut Vec<Warning>,
-) -> Result<Vec<NeedDef>, PipelineError> {
-    let Value::Sequence(items) = value else {
-        return Err(ctx.error(
-            "needs",
-            format!("must be a list of job names, not {}", describe(value)),
-        ));
-    };
-    let mut needs = Vec::new();
-    for item in items {
-        let map = match item {
-            Value::String(job) => {
-                needs.push(NeedDef {
-                    job: job.clone(),
-                    artifacts: true,
-                    optional: false,
-                    matrix: None,
-                });
-                continue;
-            }
-            Value::Mapping(map) => map,
-            other => {
-                return Err(ctx.error(
-                    "needs",
-                    format!("lists job names or mappings, not {}", describe(other)),
-                ));
-            }
-        };
-        if map.contains_key("pipeline") || map.contains_key("project") {
-            let kind = if map.contains_key("project") {
-                "project"
-            } else {
-                "pipeline"
-            };
-            warnings.push(ctx.warning(
-                &format!("needs:{kind}"),
-                "needs from another pipeline or project are not supported by kiln exec; the need is left out",
-            ));
-            continue;
-        }
-        let job = map.get("job").and_then(Value::as_str).ok_or_else(|| {
-            ctx.error(
-                "needs",
-                "a mapping in `needs` must have `job:` with a job name",
-            )
-        })?;
-        let flag = |field: &str, default: bool| match map.get(field) {
-            None => Ok(default),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(other) => Err(ctx.error(
-                &format!("needs:{field}"),
-                format!("must be true or false, not {}", describe(other)),
-            )),
-        };
-        let matrix = match map.get("parallel") {
-            None => None,
-            Some(Value::Mapping(p)) if p.contains_key("matrix") => Some(
-                parallel::parse_matrix(&p["matrix"]).map_err(|m| ctx.error("needs:parallel", m))?,
-            ),
-            Some(_) => return Err(ctx.error("needs:parallel", "must be a mapping with `matrix`")),
-        };
-        for field in map.keys().filter_map(Value::as_str) {
-            if !["job", "artifacts", "optional", "parallel"].contains(&field) {
-                warnings.push(ctx.warning(
-                    &format!("needs:{field}"),
-                    "unknown `needs` keyword; GitLab would reject it",
-                ));
-            }
-        }
-        needs.push(NeedDef {
-            job: job.to_string(),
-            artifacts: flag("artifacts", true)?,
-            optional: flag("optional", false)?,
-            matrix,
-        });
-    }
-    Ok(needs)
 }
 
 fn parse_artifacts(
@@ -672,10 +510,7 @@ fn parse_artifacts(
             "expose_as" | "public" | "access" => {
                 warnings.push(ctx.warning(&format!("artifacts:{field}"), "ignored by kiln exec"))
             }
-            other => warnings.push(ctx.warning(
-                &format!("artifacts:{other}"),
-                "unknown artifacts keyword; GitLab would reject it",
-            )),
+            other => return Err(ctx.unknown(&["artifacts"], other, ARTIFACTS_KEYS)),
         }
     }
     Ok(spec)
@@ -736,12 +571,7 @@ fn parse_inherit(value: &Value, ctx: &Context<'_>) -> Result<(Inherit, Inherit),
         match key.as_str() {
             "default" => result.0 = inherit,
             "variables" => result.1 = inherit,
-            other => {
-                return Err(ctx.error(
-                    &format!("inherit:{other}"),
-                    "only `default` and `variables` can be inherited",
-                ));
-            }
+            other => return Err(ctx.unknown(&["inherit"], other, &["default", "variables"])),
         }
     }
     Ok(result)
@@ -842,21 +672,35 @@ artifacts: {paths: [dist/], exclude: ['dist/**/*.map'], when: always, expire_in:
     }
 
     #[test]
-    fn ignored_and_unknown_keywords_warn() {
-        let (_, w) = job("script: x\ntags: [docker]\nonly: [main]\nscirpt: typo\n").unwrap();
+    fn ignored_keywords_warn_and_unknown_ones_are_errors() {
+        let (_, w) = job("script: x\ntags: [docker]\nonly: [main]\n").unwrap();
         let got: Vec<_> = w
             .iter()
             .map(|w| (w.job.as_deref(), w.key.as_str()))
             .collect();
+        assert_eq!(got, [(Some("j"), "tags"), (Some("j"), "only")]);
+        let err = job("scirpt: typo\nstage: test\n").unwrap_err();
+        let PipelineError::UnknownKey {
+            place,
+            key,
+            suggestion,
+            keys,
+            ..
+        } = &err
+        else {
+            panic!("expected an unknown key, got {err:?}");
+        };
         assert_eq!(
-            got,
-            [
-                (Some("j"), "tags"),
-                (Some("j"), "only"),
-                (Some("j"), "scirpt")
-            ]
+            (place.as_str(), key.as_str(), suggestion.as_deref()),
+            ("job `j`", "scirpt", Some("script"))
         );
-        assert!(w[2].message.contains("unknown"));
+        assert_eq!(&keys[..], ["j", "scirpt"]);
+        let err = job("script: x\nartifacts: {pathz: [a]}\n").unwrap_err();
+        assert!(
+            matches!(&err, PipelineError::UnknownKey { key, suggestion, .. }
+                if key == "artifacts:pathz" && suggestion.as_deref() == Some("paths")),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -6,14 +6,17 @@
 //! than dropped silently.
 
 mod build;
+mod context;
 mod duration;
 mod expr;
 mod extends;
 mod include;
 mod job;
+mod needs;
 mod parallel;
 mod reference;
 mod rules;
+mod vars;
 mod yaml;
 
 use std::fmt;
@@ -32,6 +35,9 @@ pub struct Pipeline {
     pub jobs: Vec<PipelineJob>,
     /// What kiln will not do that the file asks for (unsupported keywords, includes, …).
     pub warnings: Vec<Warning>,
+    /// `Some(why)` when `workflow:rules` say GitLab creates no pipeline for these variables;
+    /// `why` names the rule that decided (or says that none matched).
+    pub no_pipeline: Option<String>,
 }
 
 impl Pipeline {
@@ -56,6 +62,9 @@ pub struct PipelineJob {
     /// job's, the matrix combination's and the matching rule's, a later definition replacing
     /// an earlier one in place. Predefined `CI_*` and `--var` variables are not included.
     pub variables: Vec<(String, String)>,
+    /// The names among `variables` written with `expand: false`: their values are used as
+    /// written.
+    pub raw_variables: Vec<String>,
     /// `before_script`, from the job or `default:`.
     pub before_script: Vec<String>,
     /// `script`, nested lists flattened.
@@ -243,6 +252,36 @@ pub enum PipelineError {
         /// What is wrong and what to write instead.
         message: String,
     },
+    /// A key GitLab does not know, at any level of the file.
+    #[error("{file}:{line}:{column}: {place}: unknown key `{key}`{}", did_you_mean(.suggestion))]
+    UnknownKey {
+        /// The file that holds it (the main file or an included one).
+        file: String,
+        /// 1-based line of the key.
+        line: u32,
+        /// 1-based column of the key.
+        column: u32,
+        /// Where it is: ``job `build` ``, `` `default` ``, `the top level`.
+        place: String,
+        /// The key, with its parents inside `place` (`artifacts:pathz`).
+        key: String,
+        /// The known key it is probably a typo of.
+        suggestion: Option<String>,
+        /// The keys from the top of the file down to it (`*`: any list item), to find it by.
+        keys: Box<[String]>,
+    },
+    /// A key appears twice in one mapping.
+    #[error("{file}:{line}:{column}: duplicate key `{key}`; a key may appear once in a mapping")]
+    DuplicateKey {
+        /// The file.
+        file: String,
+        /// 1-based line of the second occurrence.
+        line: usize,
+        /// 1-based column of the second occurrence.
+        column: usize,
+        /// The key.
+        key: String,
+    },
     /// A job has neither `script` nor `trigger`.
     #[error("job `{job}` has no `script`; add one (or `extends:` a template that has one)")]
     NoScript {
@@ -385,6 +424,13 @@ pub enum PipelineError {
     },
 }
 
+fn did_you_mean(suggestion: &Option<String>) -> String {
+    suggestion
+        .as_ref()
+        .map(|s| format!("; did you mean `{s}`?"))
+        .unwrap_or_default()
+}
+
 /// Reads the pipeline in the file at `path`, evaluating `rules` against `vars`.
 ///
 /// Local includes and `rules:exists` are resolved relative to the file's directory; use
@@ -425,6 +471,22 @@ pub fn parse_str(
     base_dir: &Path,
     vars: &[(String, String)],
 ) -> Result<Pipeline, PipelineError> {
+    let mut sources = vec![(file_name.to_string(), yaml.to_string())];
+    let mut merged = serde_yaml_ng::Mapping::new();
+    read(yaml, file_name, base_dir, vars, &mut sources, &mut merged)
+        .map_err(|e| position(e, &sources, &merged))
+}
+
+/// [`parse_str`]'s work; `sources` collects every file read (name and text) and `merged` the
+/// configuration before `extends`, so that an error can be placed in the file afterwards.
+fn read(
+    yaml: &str,
+    file_name: &str,
+    base_dir: &Path,
+    vars: &[(String, String)],
+    sources: &mut Vec<(String, String)>,
+    merged: &mut serde_yaml_ng::Mapping,
+) -> Result<Pipeline, PipelineError> {
     let mut warnings = Vec::new();
     let mut repo = RepoFiles::new(base_dir);
     let mut caller = Scope::default();
@@ -432,8 +494,11 @@ pub fn parse_str(
         caller.set(key, value, false);
     }
     let root = yaml::load(yaml, file_name, &mut warnings)?;
-    let mut config =
-        include::Includes::new(&mut repo, &caller, &mut warnings).resolve(root, file_name, 0)?;
+    let mut includes = include::Includes::new(&mut repo, &caller, &mut warnings);
+    let resolved = includes.resolve(root, file_name, 0);
+    sources.extend(includes.into_sources());
+    let mut config = resolved?;
+    *merged = config.clone();
     extends::resolve(&mut config)?;
     reference::resolve(&mut config, &mut warnings)?;
     Builder {
@@ -443,6 +508,63 @@ pub fn parse_str(
         warnings,
     }
     .build(&config)
+}
+
+/// Fills in where an unknown key is: the first file (main file first) that has it under the
+/// job itself or under one of the templates it `extends`; failing that, where the job is.
+fn position(
+    error: PipelineError,
+    sources: &[(String, String)],
+    merged: &serde_yaml_ng::Mapping,
+) -> PipelineError {
+    let PipelineError::UnknownKey {
+        place,
+        key,
+        suggestion,
+        keys,
+        ..
+    } = error
+    else {
+        return error;
+    };
+    let roots = match keys.first() {
+        Some(first) => extends::lineage(merged, first),
+        None => Vec::new(),
+    };
+    let candidates = roots
+        .iter()
+        .map(|root| {
+            let mut path = keys.to_vec();
+            path[0] = root.clone();
+            path
+        })
+        .chain(keys.first().map(|first| vec![first.clone()]));
+    let mut found = None;
+    'search: for path in candidates {
+        for (file, text) in sources {
+            if let Some((line, column)) = yaml::locate(text, &path) {
+                let number = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+                found = Some((file.clone(), number(line), number(column)));
+                break 'search;
+            }
+        }
+    }
+    let (file, line, column) = found.unwrap_or_else(|| {
+        (
+            sources.first().map(|s| s.0.clone()).unwrap_or_default(),
+            1,
+            1,
+        )
+    });
+    PipelineError::UnknownKey {
+        file,
+        line,
+        column,
+        place,
+        key,
+        suggestion,
+        keys,
+    }
 }
 
 #[cfg(test)]

@@ -1,15 +1,31 @@
 //! `rules`: which jobs (and includes) a pipeline gets, decided from variables and repo files.
 
-use std::collections::HashMap;
+use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
 use globset::{GlobBuilder, GlobSetBuilder};
 use serde_yaml_ng::Value;
 
+use super::context::Context;
 use super::expr::Expr;
-use super::job::{Context, NeedDef, Var, parse_needs, parse_variables};
+use super::needs::{NeedDef, parse_needs};
+use super::vars::{Var, parse_variables};
 use super::yaml::{describe, key_string, scalar_string};
 use super::{JobWhen, PipelineError, Warning};
+use crate::variables::{Definition, Undefined, Variables};
+
+/// The keys of a rule.
+const RULE_KEYS: &[&str] = &[
+    "if",
+    "exists",
+    "changes",
+    "when",
+    "allow_failure",
+    "variables",
+    "needs",
+    "start_in",
+    "interruptible",
+];
 
 /// How many files of the checkout `exists` looks at, as a guard against huge trees.
 const MAX_FILES: usize = 100_000;
@@ -94,15 +110,14 @@ pub(crate) fn parse_rules(
                         ));
                     }
                 },
-                "variables" => rule.variables = parse_variables(value, ctx, false, warnings)?,
-                "needs" => rule.needs = Some(parse_needs(value, ctx, warnings)?),
+                "variables" => {
+                    rule.variables = parse_variables(value, ctx, &["rules", "*"], false, warnings)?
+                }
+                "needs" => rule.needs = Some(parse_needs(value, ctx, &["rules", "*"], warnings)?),
                 "start_in" | "interruptible" => {
                     warnings.push(ctx.warning(&format!("rules:{key}"), "ignored by kiln exec"));
                 }
-                _ => warnings.push(ctx.warning(
-                    &format!("rules:{key}"),
-                    "unknown rule keyword; GitLab would reject it",
-                )),
+                _ => return Err(ctx.unknown(&["rules", "*"], &key, RULE_KEYS)),
             }
         }
         rules.push(rule);
@@ -195,64 +210,39 @@ pub(crate) fn first_match<'r>(
     })
 }
 
-/// Variables visible to `rules:if`, later definitions overriding earlier ones.
+/// Variables visible to `rules:if` and `include` paths, later definitions overriding earlier
+/// ones, expanded as GitLab expands them there (see [`crate::variables`]): references to
+/// undefined names stay as written.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Scope {
-    values: HashMap<String, (String, bool)>,
+    definitions: Vec<Definition>,
+    resolved: OnceCell<Variables>,
 }
 
 impl Scope {
     /// Defines (or redefines) `key`; a `raw` value is never expanded.
     pub(crate) fn set(&mut self, key: &str, value: &str, raw: bool) {
-        self.values
-            .insert(key.to_string(), (value.to_string(), raw));
+        self.definitions.push(Definition {
+            raw,
+            ..Definition::new(key, value)
+        });
+        self.resolved = OnceCell::new();
     }
 
-    /// The value of `name` with `$VAR` references in it expanded, as GitLab expands variables
-    /// before evaluating rules. References to undefined variables stay as written.
+    fn variables(&self) -> &Variables {
+        self.resolved.get_or_init(|| {
+            Variables::resolve(self.definitions.iter().cloned()).with_undefined(Undefined::Keep)
+        })
+    }
+
+    /// The value of `name` with the references in it expanded.
     pub(crate) fn lookup(&self, name: &str) -> Option<String> {
-        self.expanded(name, 0)
-    }
-
-    fn expanded(&self, name: &str, depth: usize) -> Option<String> {
-        let (value, raw) = self.values.get(name)?;
-        if *raw || depth >= 10 || !value.contains('$') {
-            return Some(value.clone());
-        }
-        Some(self.expand(value, depth + 1))
+        self.variables().value(name)
     }
 
     /// Expands `$VAR`, `${VAR}` and `$$` in `text`.
-    pub(crate) fn expand(&self, text: &str, depth: usize) -> String {
-        let mut out = String::with_capacity(text.len());
-        let mut rest = text;
-        while let Some(at) = rest.find('$') {
-            out.push_str(&rest[..at]);
-            let after = &rest[at + 1..];
-            if let Some(tail) = after.strip_prefix('$') {
-                out.push('$');
-                rest = tail;
-                continue;
-            }
-            let (name, consumed) = if let Some(inner) = after.strip_prefix('{') {
-                match inner.find('}') {
-                    Some(end) => (&inner[..end], end + 2),
-                    None => ("", 0),
-                }
-            } else {
-                let end = after
-                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .unwrap_or(after.len());
-                (&after[..end], end)
-            };
-            match (name.is_empty(), self.expanded(name, depth)) {
-                (false, Some(value)) => out.push_str(&value),
-                _ => out.push_str(&rest[at..at + 1 + consumed]),
-            }
-            rest = &after[consumed..];
-        }
-        out.push_str(rest);
-        out
+    pub(crate) fn expand(&self, text: &str) -> String {
+        self.variables().expand(text)
     }
 }
 
@@ -339,9 +329,16 @@ mod tests {
         assert_eq!(scope.lookup("PRICE").as_deref(), Some("$5"));
         assert_eq!(scope.lookup("MISSING"), None);
         scope.set("LOOP", "x$LOOP", false);
-        assert!(
-            scope.lookup("LOOP").unwrap().starts_with("xxx"),
-            "self-reference stops"
+        assert_eq!(
+            scope.lookup("LOOP").as_deref(),
+            Some("x$LOOP"),
+            "a self-reference stays as written"
+        );
+        scope.set("HOST", "cache", false);
+        assert_eq!(
+            scope.lookup("URL").as_deref(),
+            Some("postgres://cache:5432/$NAME"),
+            "a reference takes the last definition"
         );
     }
 

@@ -391,13 +391,22 @@ a: {script: x, needs: [downstream], environment: production, only: [main]}
     );
     assert_eq!(p.job("a").unwrap().needs, Some(vec![]));
 
+    assert_eq!(p.no_pipeline, None);
+
     let tag = parse(
         "workflow: {rules: [{if: $CI_COMMIT_BRANCH}]}\na: {script: x}",
         &[],
     )
     .unwrap();
-    assert_eq!(tag.warnings[0].key, "workflow:rules");
-    assert_eq!(names(&tag), ["a"], "kiln exec runs the jobs anyway");
+    assert_eq!(
+        tag.no_pipeline.as_deref(),
+        Some("none of the 1 workflow:rules matches")
+    );
+    assert_eq!(
+        names(&tag),
+        ["a"],
+        "the jobs are listed for --ignore-workflow"
+    );
 }
 
 #[test]

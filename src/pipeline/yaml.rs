@@ -1,6 +1,10 @@
 //! YAML plumbing for the pipeline reader: loading a file, `<<` merge keys and GitLab's deep merge.
 
+use std::collections::HashSet;
+use std::fmt;
+
 use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_yaml_ng::{Mapping, Value};
 
 use super::{PipelineError, Warning};
@@ -17,7 +21,7 @@ pub(crate) fn load(
 ) -> Result<Mapping, PipelineError> {
     let mut documents = Vec::new();
     for document in serde_yaml_ng::Deserializer::from_str(text) {
-        documents.push(Value::deserialize(document).map_err(|e| syntax_error(file, &e))?);
+        documents.push(Value::deserialize(document).map_err(|e| syntax_error(text, file, &e))?);
     }
     let body = match documents.len() {
         0 => Value::Null,
@@ -70,8 +74,9 @@ fn is_header(document: &Value) -> bool {
 }
 
 /// Turns a parser error into one naming the file, line and column (errors without a position,
-/// such as the alias-expansion limit, name the file only).
-fn syntax_error(file: &str, error: &serde_yaml_ng::Error) -> PipelineError {
+/// such as the alias-expansion limit, name the file only). A tab in the indentation and a
+/// duplicate key get messages of their own, at the tab and at the second occurrence.
+fn syntax_error(text: &str, file: &str, error: &serde_yaml_ng::Error) -> PipelineError {
     let mut message = error.to_string();
     let Some(location) = error.location() else {
         return PipelineError::Config {
@@ -80,6 +85,29 @@ fn syntax_error(file: &str, error: &serde_yaml_ng::Error) -> PipelineError {
         };
     };
     let (line, column) = (location.line(), location.column());
+    if message.contains("duplicate entry with key")
+        && let Some((line, column, key)) = find_duplicate(text)
+    {
+        return PipelineError::DuplicateKey {
+            file: file.to_string(),
+            line,
+            column,
+            key,
+        };
+    }
+    let indentation = text
+        .lines()
+        .nth(line.saturating_sub(1))
+        .map(|l| &l[..l.len() - l.trim_start_matches([' ', '\t']).len()])
+        .unwrap_or_default();
+    if let Some(tab) = indentation.find('\t') {
+        return PipelineError::Yaml {
+            file: file.to_string(),
+            line,
+            column: tab + 1,
+            message: "a tab in the indentation; YAML indents with spaces only, so replace the tab with spaces".into(),
+        };
+    }
     // The library appends the position; it is in our own prefix already.
     let suffix = format!(" at line {line} column {column}");
     if let Some(at) = message.find(&suffix) {
@@ -90,6 +118,299 @@ fn syntax_error(file: &str, error: &serde_yaml_ng::Error) -> PipelineError {
         line,
         column,
         message,
+    }
+}
+
+/// Where the key at `path` is written in `text` (1-based line and column), following aliases
+/// and `<<` merge keys. A `*` in `path` stands for any item of a list; lists met where a key
+/// is expected are searched item by item (nested lists from `!reference`, `include` entries).
+///
+/// The parser reports positions only with errors, so the search fails on purpose where the
+/// key is, and reads the position from that error.
+pub(crate) fn locate(text: &str, path: &[String]) -> Option<(usize, usize)> {
+    if path.is_empty() {
+        return None;
+    }
+    for document in serde_yaml_ng::Deserializer::from_str(text) {
+        if let Err(found) = (Find { path }).deserialize(document) {
+            if found.to_string().contains(FOUND) {
+                return found.location().map(|l| (l.line(), l.column()));
+            }
+            return None;
+        }
+    }
+    None
+}
+
+/// The message of the error [`locate`] raises where the key is.
+const FOUND: &str = "kiln: key found";
+
+/// Walks a document towards the key at `path`.
+struct Find<'p> {
+    path: &'p [String],
+}
+
+/// What a mapping key is, seen from a [`Find`].
+enum KeyIs {
+    /// The next step of the path: descend into its value.
+    Step,
+    /// A merge key: its mappings hold keys of this mapping.
+    Merge,
+    Other,
+}
+
+struct FindKey<'p> {
+    path: &'p [String],
+}
+
+impl<'de> DeserializeSeed<'de> for Find<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Find<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        // A tagged value (`!reference [...]`): search what it tags.
+        let (_, variant) = data.variant::<de::IgnoredAny>()?;
+        de::VariantAccess::newtype_variant_seed(variant, self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let path = match self.path.split_first() {
+            Some((first, rest)) if first == "*" => rest,
+            _ => self.path,
+        };
+        while seq.next_element_seed(Find { path })?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key_seed(FindKey { path: self.path })? {
+            match key {
+                KeyIs::Step => map.next_value_seed(Find {
+                    path: &self.path[1..],
+                })?,
+                KeyIs::Merge => map.next_value_seed(Find { path: self.path })?,
+                KeyIs::Other => map.next_value_seed(Find { path: &[] })?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for FindKey<'_> {
+    type Value = KeyIs;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<KeyIs, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl FindKey<'_> {
+    fn key<E: de::Error>(&self, key: &str) -> Result<KeyIs, E> {
+        match self.path.first() {
+            Some(step) if step == key && self.path.len() == 1 => Err(E::custom(FOUND)),
+            Some(step) if step == key => Ok(KeyIs::Step),
+            Some(_) if key == "<<" => Ok(KeyIs::Merge),
+            _ => Ok(KeyIs::Other),
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for FindKey<'_> {
+    type Value = KeyIs;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping key")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<KeyIs, E> {
+        self.key(v)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<KeyIs, E> {
+        self.key(&v.to_string())
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<KeyIs, E> {
+        self.key(&v.to_string())
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<KeyIs, E> {
+        self.key(&v.to_string())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<KeyIs, E> {
+        Ok(KeyIs::Other)
+    }
+    fn visit_unit<E>(self) -> Result<KeyIs, E> {
+        Ok(KeyIs::Other)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<KeyIs, A::Error> {
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Ok(KeyIs::Other)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<KeyIs, A::Error> {
+        while map
+            .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(KeyIs::Other)
+    }
+}
+
+/// The first key that appears twice in one mapping: its position and name.
+fn find_duplicate(text: &str) -> Option<(usize, usize, String)> {
+    for document in serde_yaml_ng::Deserializer::from_str(text) {
+        if let Err(error) = Duplicates.deserialize(document) {
+            let message = error.to_string();
+            let key = message
+                .split_once(DUPLICATE)
+                .map(|(_, rest)| rest.split(" at line ").next().unwrap_or(rest).to_string())?;
+            return error.location().map(|l| (l.line(), l.column(), key));
+        }
+    }
+    None
+}
+
+/// The message of the error [`find_duplicate`] raises at a duplicate, followed by the key.
+const DUPLICATE: &str = "kiln: duplicate key ";
+
+/// Walks a document, failing at the first key seen twice in one mapping.
+struct Duplicates;
+
+struct UniqueKey<'s> {
+    seen: &'s mut HashSet<String>,
+}
+
+impl<'de> DeserializeSeed<'de> for Duplicates {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Duplicates {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        let (_, variant) = data.variant::<de::IgnoredAny>()?;
+        de::VariantAccess::newtype_variant_seed(variant, self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Duplicates)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = HashSet::new();
+        while map.next_key_seed(UniqueKey { seen: &mut seen })?.is_some() {
+            map.next_value_seed(Duplicates)?;
+        }
+        Ok(())
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for UniqueKey<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl UniqueKey<'_> {
+    fn key<E: de::Error>(self, key: String) -> Result<(), E> {
+        if self.seen.insert(key.clone()) {
+            Ok(())
+        } else {
+            Err(E::custom(format!("{DUPLICATE}{key}")))
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for UniqueKey<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping key")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.key(v.to_string())
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        self.key(v.to_string())
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.key(v.to_string())
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.key(v.to_string())
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.key(v.to_string())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.key("~".into())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map
+            .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(())
     }
 }
 
