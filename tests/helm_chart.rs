@@ -1,544 +1,302 @@
-//! The Helm chart in `charts/kiln`, rendered without a cluster or a `helm` binary: objects,
-//! RBAC against docs/kubernetes.md, the values schema, and the rendered config through
-//! `kiln check-config`.
+//! The Helm chart in `charts/kiln`, checked with real Helm: `helm lint --strict`, `helm template`
+//! over the values files in `charts/kiln/ci/` (the matrix), every render validated by
+//! `kubernetes-validate --strict` against Kubernetes 1.30 and 1.34, and the `kiln.toml` each
+//! render puts in its ConfigMap run through `kiln check-config` with the environment the
+//! Deployment gives kiln.
 //!
-//! Rendering follows Helm's steps: values.yaml coalesced with the override files (maps merge,
-//! `null` deletes), checked against values.schema.json, then every template of `templates/`
-//! executed as Go text/template (the `gtmpl-ng` crate) with the Sprig/Helm functions the chart
-//! uses, written below to Helm's semantics. Numbers from YAML are float64, as in Helm. One
-//! deliberate difference: output containing `<no value>` (a template reading a missing value)
-//! is an error here, where Helm would print nothing.
+//! The checks written here are the ones Helm and the schemas do not make: the config round
+//! trip, the Role against docs/kubernetes.md, tokens only in Secrets, references between
+//! objects (Secret keys, selectors, ports, namespaces), the values the chart must refuse with
+//! kiln's own words, and the Grafana dashboard's queries. The tools come from
+//! `support/tools.rs`, which installs them on first use.
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+#[path = "support/tools.rs"]
+mod tools;
+
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::rc::Rc;
 
-use gtmpl_ng::{Context, FuncError, NumberKind, Template, Value};
 use serde_json::Value as Json;
-use serde_yaml_ng::Value as Yaml;
-use sha2::Digest;
 
 const RELEASE: &str = "kiln";
 const NAMESPACE: &str = "ci";
-const BASE_PATH: &str = "kiln/templates";
+/// The Kubernetes versions every render is validated against: the oldest and the newest minor
+/// this chart is tested for (kubernetes-validate 1.37 ships schemas for 1.25 to 1.37).
+const KUBE_VERSIONS: [&str; 2] = ["1.30.0", "1.34.0"];
+/// Kinds of the Prometheus Operator: not in Kubernetes' schemas, so kubernetes-validate only
+/// warns about them; their references are checked here instead.
+const CRD_KINDS: [&str; 2] = ["PodMonitor", "ServiceMonitor"];
 
 // ---------------------------------------------------------------------------------------------
-// The renderer
+// Helm, kubernetes-validate and kiln
 // ---------------------------------------------------------------------------------------------
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
 
 fn chart_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/kiln")
+    repo().join("charts/kiln")
 }
 
-fn read_yaml(path: &Path) -> Yaml {
-    let text = std::fs::read_to_string(path).unwrap();
-    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+fn ci_values(file: &str) -> PathBuf {
+    chart_dir().join("ci").join(file)
 }
 
-/// Helm's coalescing of values: maps merge key by key, a `null` override deletes the key,
-/// anything else replaces.
-fn coalesce(base: &mut Yaml, over: &Yaml) {
-    match (base, over) {
-        (Yaml::Mapping(base), Yaml::Mapping(over)) => {
-            for (key, value) in over {
-                if value.is_null() {
-                    base.remove(key);
-                } else if let Some(slot) = base.get_mut(key) {
-                    coalesce(slot, value);
-                } else {
-                    base.insert(key.clone(), value.clone());
+/// Values for one render: files of `charts/kiln/ci/` and inline YAML, later ones win.
+#[derive(Clone, Default)]
+struct Values {
+    files: Vec<PathBuf>,
+    inline: Vec<String>,
+}
+
+impl Values {
+    fn file(file: &str) -> Self {
+        Self::default().and_file(file)
+    }
+
+    fn yaml(yaml: &str) -> Self {
+        Self::default().and(yaml)
+    }
+
+    fn and_file(mut self, file: &str) -> Self {
+        self.files.push(ci_values(file));
+        self
+    }
+
+    fn and(mut self, yaml: &str) -> Self {
+        self.inline.push(yaml.to_owned());
+        self
+    }
+
+    /// `-f` arguments; inline documents are written into `dir`.
+    fn args(&self, dir: &Path) -> Vec<String> {
+        let mut args = Vec::new();
+        for file in &self.files {
+            args.extend(["-f".to_owned(), file.display().to_string()]);
+        }
+        for (i, yaml) in self.inline.iter().enumerate() {
+            let path = dir.join(format!("inline-{i}.yaml"));
+            std::fs::write(&path, yaml).unwrap();
+            args.extend(["-f".to_owned(), path.display().to_string()]);
+        }
+        args
+    }
+
+    /// Every string a values file gives as a token or secret: they may appear in Secrets only.
+    fn secrets(&self) -> Vec<String> {
+        let mut docs: Vec<serde_yaml_ng::Value> = self
+            .files
+            .iter()
+            .map(|f| serde_yaml_ng::from_str(&std::fs::read_to_string(f).unwrap()).unwrap())
+            .collect();
+        docs.extend(
+            self.inline
+                .iter()
+                .map(|y| serde_yaml_ng::from_str(y).unwrap()),
+        );
+        let mut out = Vec::new();
+        for doc in docs {
+            collect_secrets(&serde_json::to_value(doc).unwrap(), &mut out);
+        }
+        out
+    }
+}
+
+fn collect_secrets(value: &Json, out: &mut Vec<String>) {
+    match value {
+        Json::Object(map) => {
+            for (key, value) in map {
+                match (key.as_str(), value.as_str()) {
+                    ("token" | "runnerToken" | "webhookSecret" | "password", Some(s))
+                        if !s.is_empty() =>
+                    {
+                        out.push(s.to_owned())
+                    }
+                    _ => collect_secrets(value, out),
                 }
             }
         }
-        (base, over) => *base = over.clone(),
+        Json::Array(items) => items.iter().for_each(|v| collect_secrets(v, out)),
+        _ => {}
     }
 }
 
-fn yaml_to_json(value: &Yaml) -> Json {
-    match value {
-        Yaml::Null => Json::Null,
-        Yaml::Bool(b) => Json::Bool(*b),
-        Yaml::Number(n) => {
-            // Helm reads values through JSON: every number is a float64.
-            serde_json::Number::from_f64(n.as_f64().unwrap()).map_or(Json::Null, Json::Number)
-        }
-        Yaml::String(s) => Json::String(s.clone()),
-        Yaml::Sequence(items) => Json::Array(items.iter().map(yaml_to_json).collect()),
-        Yaml::Mapping(map) => Json::Object(
-            map.iter()
-                .map(|(k, v)| (k.as_str().expect("string keys").to_owned(), yaml_to_json(v)))
-                .collect(),
-        ),
-        Yaml::Tagged(tagged) => yaml_to_json(&tagged.value),
-    }
+fn run(mut command: Command) -> (bool, String, String) {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
-fn json_to_value(value: &Json) -> Value {
-    match value {
-        Json::Null => Value::Nil,
-        Json::Bool(b) => Value::Bool(*b),
-        Json::Number(n) => Value::from(n.as_f64().unwrap()),
-        Json::String(s) => Value::String(s.clone()),
-        Json::Array(items) => Value::Array(items.iter().map(json_to_value).collect()),
-        Json::Object(map) => Value::Map(
-            map.iter()
-                .map(|(k, v)| (k.clone(), json_to_value(v)))
-                .collect(),
-        ),
-    }
-}
-
-/// Go's `%v` of a float64 as encoding/json writes it: integral values without a fraction.
-fn go_json_number(n: &gtmpl_ng::Number) -> Json {
-    match n.kind() {
-        NumberKind::Signed(i) => Json::from(i),
-        NumberKind::Unsigned(u) => Json::from(u),
-        NumberKind::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => Json::from(f as i64),
-        NumberKind::Float(f) => serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number),
-    }
-}
-
-fn value_to_json(value: &Value) -> Json {
-    match value {
-        Value::NoValue | Value::Nil | Value::Function(_) => Json::Null,
-        Value::Bool(b) => Json::Bool(*b),
-        Value::String(s) => Json::String(s.clone()),
-        Value::Number(n) => go_json_number(n),
-        Value::Array(items) => Json::Array(items.iter().map(value_to_json).collect()),
-        // serde_json's map is ordered by key, as Go's encoders order map keys.
-        Value::Map(map) | Value::Object(map) => Json::Object(
-            map.iter()
-                .map(|(k, v)| (k.clone(), value_to_json(v)))
-                .collect(),
-        ),
-    }
-}
-
-fn text(value: &Value) -> String {
-    match value {
-        Value::NoValue | Value::Nil => String::new(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// Sprig's `empty`: nil, "", 0, false and empty collections.
-fn is_empty(value: &Value) -> bool {
-    match value {
-        Value::NoValue | Value::Nil => true,
-        Value::Bool(b) => !b,
-        Value::String(s) => s.is_empty(),
-        Value::Number(n) => n.as_f64() == Some(0.0),
-        Value::Array(items) => items.is_empty(),
-        Value::Map(map) | Value::Object(map) => map.is_empty(),
-        Value::Function(_) => false,
-    }
-}
-
-fn fail(message: impl Into<String>) -> FuncError {
-    FuncError::Generic(message.into())
-}
-
-fn arg(args: &[Value], i: usize, name: &str) -> Result<Value, FuncError> {
-    args.get(i)
-        .cloned()
-        .ok_or_else(|| FuncError::AtLeastXArgs(name.into(), i + 1))
-}
-
-fn int_arg(args: &[Value], i: usize, name: &str) -> Result<i64, FuncError> {
-    match arg(args, i, name)? {
-        Value::Number(n) => n
-            .as_i64()
-            .or_else(|| n.as_f64().map(|f| f as i64))
-            .ok_or_else(|| fail(format!("{name}: not a number"))),
-        Value::String(s) => s
-            .parse()
-            .map_err(|_| fail(format!("{name}: `{s}` is not a number"))),
-        _ => Err(fail(format!("{name}: not a number"))),
-    }
-}
-
-thread_local! {
-    /// The chart's template set while a render runs: `include` executes named templates in it.
-    static TEMPLATES: RefCell<Option<Rc<Template>>> = const { RefCell::new(None) };
-}
-
-fn execute(name: &str, context: Value) -> Result<String, String> {
-    let template = TEMPLATES
-        .with(|t| t.borrow().clone())
-        .ok_or("no chart is being rendered")?;
-    let entry = Value::Map(HashMap::from([
-        ("name".to_owned(), Value::String(name.to_owned())),
-        ("ctx".to_owned(), context),
-    ]));
-    template
-        .render(&Context::from(entry))
-        .map_err(|e| e.to_string())
-}
-
-fn include(args: &[Value]) -> Result<Value, FuncError> {
-    let name = text(&arg(args, 0, "include")?);
-    let context = args.get(1).cloned().unwrap_or(Value::Nil);
-    execute(&name, context).map(Value::String).map_err(fail)
-}
-
-fn required(args: &[Value]) -> Result<Value, FuncError> {
-    let message = text(&arg(args, 0, "required")?);
-    match args.get(1) {
-        None | Some(Value::NoValue | Value::Nil) => Err(fail(message)),
-        Some(Value::String(s)) if s.is_empty() => Err(fail(message)),
-        Some(value) => Ok(value.clone()),
-    }
-}
-
-fn fail_fn(args: &[Value]) -> Result<Value, FuncError> {
-    Err(fail(text(&arg(args, 0, "fail")?)))
-}
-
-fn default(args: &[Value]) -> Result<Value, FuncError> {
-    let fallback = arg(args, 0, "default")?;
-    match args.get(1) {
-        Some(given) if !is_empty(given) => Ok(given.clone()),
-        _ => Ok(fallback),
-    }
-}
-
-/// Go's `%q` for the strings a chart holds.
-fn go_quote(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                out.push_str(&format!("\\x{:02x}", c as u32))
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn quote(args: &[Value]) -> Result<Value, FuncError> {
-    let quoted: Vec<String> = args
-        .iter()
-        .filter(|v| !matches!(v, Value::NoValue | Value::Nil))
-        .map(|v| go_quote(&text(v)))
-        .collect();
-    Ok(Value::String(quoted.join(" ")))
-}
-
-fn to_json(args: &[Value]) -> Result<Value, FuncError> {
-    let json = value_to_json(&arg(args, 0, "toJson")?);
-    Ok(Value::String(
-        serde_json::to_string(&json).map_err(|e| fail(e.to_string()))?,
-    ))
-}
-
-fn to_yaml(args: &[Value]) -> Result<Value, FuncError> {
-    let json = value_to_json(&arg(args, 0, "toYaml")?);
-    let yaml = serde_yaml_ng::to_string(&json).map_err(|e| fail(e.to_string()))?;
-    Ok(Value::String(yaml.trim_end_matches('\n').to_owned()))
-}
-
-fn from_yaml(args: &[Value]) -> Result<Value, FuncError> {
-    let source = text(&arg(args, 0, "fromYaml")?);
-    let yaml: Yaml = serde_yaml_ng::from_str(&source).map_err(|e| fail(e.to_string()))?;
-    Ok(json_to_value(&yaml_to_json(&yaml)))
-}
-
-fn indent_by(n: i64, s: &str) -> String {
-    let pad = " ".repeat(n.max(0) as usize);
-    format!("{pad}{}", s.replace('\n', &format!("\n{pad}")))
-}
-
-fn indent(args: &[Value]) -> Result<Value, FuncError> {
-    let n = int_arg(args, 0, "indent")?;
-    Ok(Value::String(indent_by(n, &text(&arg(args, 1, "indent")?))))
-}
-
-fn nindent(args: &[Value]) -> Result<Value, FuncError> {
-    let n = int_arg(args, 0, "nindent")?;
-    Ok(Value::String(format!(
-        "\n{}",
-        indent_by(n, &text(&arg(args, 1, "nindent")?))
-    )))
-}
-
-fn trunc(args: &[Value]) -> Result<Value, FuncError> {
-    let n = int_arg(args, 0, "trunc")?;
-    let s: Vec<char> = text(&arg(args, 1, "trunc")?).chars().collect();
-    let out: String = if n >= 0 {
-        s.iter().take(n as usize).collect()
-    } else {
-        s[s.len().saturating_sub(n.unsigned_abs() as usize)..]
-            .iter()
-            .collect()
-    };
-    Ok(Value::String(out))
-}
-
-fn trim_suffix(args: &[Value]) -> Result<Value, FuncError> {
-    let suffix = text(&arg(args, 0, "trimSuffix")?);
-    let s = text(&arg(args, 1, "trimSuffix")?);
-    Ok(Value::String(
-        s.strip_suffix(suffix.as_str()).unwrap_or(&s).to_owned(),
-    ))
-}
-
-fn contains(args: &[Value]) -> Result<Value, FuncError> {
-    let needle = text(&arg(args, 0, "contains")?);
-    Ok(Value::Bool(
-        text(&arg(args, 1, "contains")?).contains(&needle),
-    ))
-}
-
-fn replace(args: &[Value]) -> Result<Value, FuncError> {
-    let old = text(&arg(args, 0, "replace")?);
-    let new = text(&arg(args, 1, "replace")?);
-    Ok(Value::String(
-        text(&arg(args, 2, "replace")?).replace(&old, &new),
-    ))
-}
-
-fn sha256sum(args: &[Value]) -> Result<Value, FuncError> {
-    Ok(Value::String(hex::encode(sha2::Sha256::digest(
-        text(&arg(args, 0, "sha256sum")?).as_bytes(),
-    ))))
-}
-
-/// Sprig's `kindOf`: the Go reflect kind of a value as Helm holds it.
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::NoValue | Value::Nil => "invalid",
-        Value::Bool(_) => "bool",
-        Value::String(_) => "string",
-        Value::Number(n) => match n.kind() {
-            NumberKind::Float(_) => "float64",
-            _ => "int64",
-        },
-        Value::Array(_) => "slice",
-        Value::Map(_) | Value::Object(_) => "map",
-        Value::Function(_) => "func",
-    }
-}
-
-fn kind_is(args: &[Value]) -> Result<Value, FuncError> {
-    let kind = text(&arg(args, 0, "kindIs")?);
-    Ok(Value::Bool(
-        kind_of(args.get(1).unwrap_or(&Value::Nil)) == kind,
-    ))
-}
-
-fn list(args: &[Value]) -> Result<Value, FuncError> {
-    Ok(Value::Array(args.to_vec()))
-}
-
-fn dict(args: &[Value]) -> Result<Value, FuncError> {
-    let mut map = HashMap::new();
-    for pair in args.chunks(2) {
-        let value = pair.get(1).cloned().unwrap_or(Value::Nil);
-        // Sprig stores a missing value as nil.
-        let value = if matches!(value, Value::NoValue) {
-            Value::Nil
-        } else {
-            value
-        };
-        map.insert(text(&pair[0]), value);
-    }
-    Ok(Value::Map(map))
-}
-
-fn has(args: &[Value]) -> Result<Value, FuncError> {
-    let needle = arg(args, 0, "has")?;
-    match arg(args, 1, "has")? {
-        Value::Array(items) => Ok(Value::Bool(items.contains(&needle))),
-        Value::NoValue | Value::Nil => Ok(Value::Bool(false)),
-        _ => Err(fail("has: the second argument is not a list")),
-    }
-}
-
-fn to_int(args: &[Value]) -> Result<Value, FuncError> {
-    Ok(Value::from(int_arg(args, 0, "int")?))
-}
-
-fn regex_match(args: &[Value]) -> Result<Value, FuncError> {
-    let pattern =
-        regex::Regex::new(&text(&arg(args, 0, "regexMatch")?)).map_err(|e| fail(e.to_string()))?;
-    Ok(Value::Bool(pattern.is_match(&text(&arg(
-        args,
-        1,
-        "regexMatch",
-    )?))))
-}
-
-/// The Sprig and Helm functions the chart may use; a template calling any other fails to parse.
-const FUNCTIONS: &[(&str, gtmpl_ng::Func)] = &[
-    ("include", include),
-    ("required", required),
-    ("fail", fail_fn),
-    ("default", default),
-    ("quote", quote),
-    ("toJson", to_json),
-    ("toYaml", to_yaml),
-    ("fromYaml", from_yaml),
-    ("indent", indent),
-    ("nindent", nindent),
-    ("trunc", trunc),
-    ("trimSuffix", trim_suffix),
-    ("contains", contains),
-    ("replace", replace),
-    ("sha256sum", sha256sum),
-    ("kindIs", kind_is),
-    ("list", list),
-    ("dict", dict),
-    ("has", has),
-    ("int", to_int),
-    ("regexMatch", regex_match),
-];
-
-/// What `helm template` would produce: each manifest file's output, and NOTES.txt.
+/// What `helm template` printed, as objects.
 #[derive(Debug)]
 struct Rendered {
-    files: BTreeMap<String, String>,
-    notes: String,
+    text: String,
+    objects: Vec<Json>,
 }
 
-/// Renders the chart with values.yaml under `overrides` (YAML documents, later ones win).
-fn render(overrides: &[&str]) -> Result<Rendered, String> {
-    let dir = chart_dir();
-    let mut values = read_yaml(&dir.join("values.yaml"));
-    for over in overrides {
-        let over: Yaml = serde_yaml_ng::from_str(over).map_err(|e| e.to_string())?;
-        coalesce(&mut values, &over);
-    }
-    let values = yaml_to_json(&values);
-    let schema: Json =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("values.schema.json")).unwrap())
-            .unwrap();
-    let problems = schema_problems(&schema, &values);
-    if !problems.is_empty() {
-        return Err(format!(
-            "values don't meet the schema:\n{}",
-            problems.join("\n")
-        ));
-    }
-    let chart = yaml_to_json(&read_yaml(&dir.join("Chart.yaml")));
-    let root = serde_json::json!({
-        "Values": values,
-        "Release": {"Name": RELEASE, "Namespace": NAMESPACE, "Service": "Helm",
-                    "IsInstall": true, "IsUpgrade": false, "Revision": 1},
-        "Chart": {"Name": chart["name"], "Version": chart["version"],
-                  "AppVersion": chart["appVersion"]},
-        "Template": {"BasePath": BASE_PATH},
-    });
+/// `helm template kiln charts/kiln -n ci --kube-version VERSION -f …`, or Helm's error output.
+fn template_for(values: &Values, kube_version: &str) -> Result<Rendered, String> {
+    template_in(values, kube_version, NAMESPACE)
+}
 
-    let mut template = Template::with_name("__entry");
-    template.add_funcs(FUNCTIONS);
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir.join("templates")).unwrap() {
-        let path = entry.unwrap().path();
-        let file = path.file_name().unwrap().to_str().unwrap().to_owned();
-        let name = format!("{BASE_PATH}/{file}");
-        template
-            .add_template(name.clone(), std::fs::read_to_string(&path).unwrap())
-            .map_err(|e| format!("{name}: {e}"))?;
-        names.push((file, name));
+fn template_in(values: &Values, kube_version: &str, namespace: &str) -> Result<Rendered, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut helm = tools::tools().helm();
+    helm.args(["template", RELEASE])
+        .arg(chart_dir())
+        .args(["--namespace", namespace, "--kube-version", kube_version])
+        .args(values.args(dir.path()));
+    let (ok, stdout, stderr) = run(helm);
+    if !ok {
+        return Err(stderr);
     }
-    template
-        .parse("{{ template (.name) .ctx }}")
-        .map_err(|e| e.to_string())?;
-    TEMPLATES.with(|t| *t.borrow_mut() = Some(Rc::new(template)));
-    let context = json_to_value(&root);
-    let mut files = BTreeMap::new();
-    let mut notes = String::new();
-    let result = (|| {
-        for (file, name) in &names {
-            if file.starts_with('_') {
-                continue;
-            }
-            let out = execute(name, context.clone()).map_err(|e| format!("{name}: {e}"))?;
-            if out.contains("<no value>") {
-                return Err(format!("{name} prints a missing value:\n{out}"));
-            }
-            if file == "NOTES.txt" {
-                notes = out;
-            } else {
-                files.insert(file.clone(), out);
-            }
+    let mut objects = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&stdout) {
+        let yaml = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc)
+            .unwrap_or_else(|e| panic!("helm printed invalid YAML: {e}\n{stdout}"));
+        if !yaml.is_null() {
+            objects.push(serde_json::to_value(yaml).unwrap());
         }
-        Ok(())
-    })();
-    TEMPLATES.with(|t| *t.borrow_mut() = None);
-    result.map(|()| Rendered { files, notes })
+    }
+    Ok(Rendered {
+        text: stdout,
+        objects,
+    })
+}
+
+/// The render for the newest tested Kubernetes version; panics with Helm's message on failure.
+fn template(values: &Values) -> Rendered {
+    template_for(values, KUBE_VERSIONS[1]).unwrap_or_else(|e| panic!("helm template failed:\n{e}"))
+}
+
+/// Helm's error output for values it must refuse.
+fn template_error(values: &Values) -> String {
+    match template_for(values, KUBE_VERSIONS[1]) {
+        Ok(out) => panic!("helm template accepted the values:\n{}", out.text),
+        Err(e) => e,
+    }
+}
+
+/// `kubernetes-validate --strict` of a render against one Kubernetes version: every object
+/// passes, and only the Prometheus Operator kinds are unknown to the schemas.
+fn validate(out: &Rendered, kube_version: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("render.yaml");
+    std::fs::write(&path, &out.text).unwrap();
+    let mut validate = tools::tools().kubernetes_validate();
+    validate.args(["--strict", "-k", kube_version]).arg(&path);
+    let (ok, stdout, stderr) = run(validate);
+    assert!(ok, "kubernetes-validate {kube_version}:\n{stdout}{stderr}");
+    let minor = &kube_version[..kube_version.rfind('.').unwrap()];
+    for object in &out.objects {
+        let kind = object["kind"].as_str().unwrap();
+        let name = object["metadata"]["name"].as_str().unwrap();
+        let passed = format!(
+            "passed for resource {}/{name} against version {minor}",
+            kind.to_lowercase()
+        );
+        if CRD_KINDS.contains(&kind) {
+            assert!(
+                stdout.contains(&format!("Couldn't find schema for kind {kind}")),
+                "{stdout}"
+            );
+        } else {
+            assert!(
+                stdout.contains(&passed),
+                "{kind}/{name} not validated:\n{stdout}"
+            );
+        }
+    }
+    for line in stdout.lines().filter(|l| !l.starts_with("INFO ")) {
+        assert!(
+            CRD_KINDS
+                .iter()
+                .any(|k| line.contains(&format!("Couldn't find schema for kind {k} "))),
+            "kubernetes-validate {kube_version}: {line}"
+        );
+    }
 }
 
 impl Rendered {
-    /// Every object of every manifest, as Helm splits them (empty documents dropped).
-    fn objects(&self) -> Vec<Json> {
-        let mut objects = Vec::new();
-        for (file, out) in &self.files {
-            for doc in serde_yaml_ng::Deserializer::from_str(out) {
-                let yaml = <Yaml as serde::Deserialize>::deserialize(doc)
-                    .unwrap_or_else(|e| panic!("{file} is not valid YAML: {e}\n{out}"));
-                if !yaml.is_null() {
-                    objects.push(yaml_to_json(&yaml));
-                }
-            }
-        }
-        objects
+    fn all(&self, kind: &str) -> Vec<&Json> {
+        self.objects.iter().filter(|o| o["kind"] == kind).collect()
     }
 
-    fn object(&self, kind: &str) -> Json {
-        let found: Vec<Json> = self
-            .objects()
-            .into_iter()
-            .filter(|o| o["kind"] == kind)
-            .collect();
-        assert_eq!(found.len(), 1, "one {kind} expected");
-        found.into_iter().next().unwrap()
+    fn object(&self, kind: &str) -> &Json {
+        let found = self.all(kind);
+        assert_eq!(found.len(), 1, "one {kind} expected:\n{}", self.text);
+        found[0]
     }
 
-    fn kinds(&self) -> Vec<String> {
-        let mut kinds: Vec<String> = self
-            .objects()
+    fn kinds(&self) -> Vec<&str> {
+        let mut kinds: Vec<&str> = self
+            .objects
             .iter()
-            .map(|o| o["kind"].as_str().unwrap().to_owned())
+            .map(|o| o["kind"].as_str().unwrap())
             .collect();
         kinds.sort();
         kinds
     }
 
+    /// The ConfigMap holding kiln.toml (the dashboard has one of its own).
+    fn config_map(&self) -> &Json {
+        let found: Vec<&Json> = self
+            .all("ConfigMap")
+            .into_iter()
+            .filter(|c| c["data"].get("kiln.toml").is_some())
+            .collect();
+        assert_eq!(found.len(), 1, "one ConfigMap with kiln.toml");
+        found[0]
+    }
+
     fn config(&self) -> String {
-        self.object("ConfigMap")["data"]["kiln.toml"]
+        self.config_map()["data"]["kiln.toml"]
             .as_str()
             .unwrap()
             .to_owned()
     }
 
+    fn toml(&self) -> toml::Table {
+        self.config()
+            .parse()
+            .unwrap_or_else(|e| panic!("kiln.toml is not TOML: {e}\n{}", self.config()))
+    }
+
+    fn deployment(&self) -> &Json {
+        self.object("Deployment")
+    }
+
+    fn container(&self) -> &Json {
+        &self.deployment()["spec"]["template"]["spec"]["containers"][0]
+    }
+
+    fn env_names(&self) -> Vec<&str> {
+        self.container()["env"]
+            .as_array()
+            .map(|env| env.iter().map(|v| v["name"].as_str().unwrap()).collect())
+            .unwrap_or_default()
+    }
+
     /// The coordinator's environment with `secretKeyRef`s resolved against `secret` (the
-    /// chart's Secret when `None`).
+    /// chart's Secret when `None`). A required key missing from the Secret fails the test.
     fn env(&self, secret: Option<&Json>) -> Vec<(String, String)> {
-        let deployment = self.object("Deployment");
-        let own_secret;
+        let own;
         let secret = match secret {
             Some(s) => s,
             None => {
-                own_secret = self.object("Secret");
-                &own_secret["stringData"]
+                own = self.object("Secret")["stringData"].clone();
+                &own
             }
         };
         let mut env = Vec::new();
-        for var in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-            .as_array()
-            .unwrap()
-        {
+        for var in self.container()["env"].as_array().into_iter().flatten() {
             let name = var["name"].as_str().unwrap().to_owned();
             if let Some(value) = var["value"].as_str() {
                 env.push((name, value.to_owned()));
@@ -554,150 +312,6 @@ impl Rendered {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// values.schema.json
-// ---------------------------------------------------------------------------------------------
-
-/// The JSON Schema keywords `schema_problems` implements. The chart's schema may use only
-/// these, so a keyword this checker would ignore cannot slip in.
-const SCHEMA_KEYWORDS: &[&str] = &[
-    "$schema",
-    "$ref",
-    "title",
-    "description",
-    "definitions",
-    "type",
-    "properties",
-    "additionalProperties",
-    "items",
-    "required",
-    "enum",
-    "pattern",
-    "minimum",
-    "maximum",
-];
-
-fn schema_keywords(schema: &Json, out: &mut Vec<String>) {
-    let Some(map) = schema.as_object() else {
-        return;
-    };
-    for (key, value) in map {
-        out.push(key.clone());
-        match key.as_str() {
-            "properties" | "definitions" => value
-                .as_object()
-                .unwrap()
-                .values()
-                .for_each(|s| schema_keywords(s, out)),
-            "items" | "additionalProperties" => schema_keywords(value, out),
-            _ => {}
-        }
-    }
-}
-
-fn type_matches(name: &str, value: &Json) -> bool {
-    match name {
-        "object" => value.is_object(),
-        "array" => value.is_array(),
-        "string" => value.is_string(),
-        "boolean" => value.is_boolean(),
-        "null" => value.is_null(),
-        "number" => value.is_number(),
-        "integer" => value.as_f64().is_some_and(|f| f.fract() == 0.0),
-        other => panic!("unknown schema type {other}"),
-    }
-}
-
-/// Draft-07 validation for the keywords in `SCHEMA_KEYWORDS`: every problem with its path.
-fn schema_problems(root: &Json, value: &Json) -> Vec<String> {
-    let mut problems = Vec::new();
-    check_schema(root, root, value, "", &mut problems);
-    problems
-}
-
-fn check_schema(root: &Json, schema: &Json, value: &Json, path: &str, out: &mut Vec<String>) {
-    if let Some(reference) = schema["$ref"].as_str() {
-        let name = reference.strip_prefix("#/definitions/").unwrap();
-        return check_schema(root, &root["definitions"][name], value, path, out);
-    }
-    let at = if path.is_empty() { "(root)" } else { path };
-    match &schema["type"] {
-        Json::String(t) if !type_matches(t, value) => {
-            return out.push(format!("{at}: {value} is not of type {t}"));
-        }
-        Json::Array(ts) if !ts.iter().any(|t| type_matches(t.as_str().unwrap(), value)) => {
-            return out.push(format!("{at}: {value} is not of type {ts:?}"));
-        }
-        _ => {}
-    }
-    if let Some(options) = schema["enum"].as_array()
-        && !options.contains(value)
-    {
-        out.push(format!("{at}: {value} is not one of {options:?}"));
-    }
-    if let (Some(pattern), Some(s)) = (schema["pattern"].as_str(), value.as_str())
-        && !regex::Regex::new(pattern).unwrap().is_match(s)
-    {
-        out.push(format!("{at}: `{s}` does not match {pattern}"));
-    }
-    if let (Some(min), Some(n)) = (schema["minimum"].as_f64(), value.as_f64())
-        && n < min
-    {
-        out.push(format!("{at}: {n} is below the minimum {min}"));
-    }
-    if let (Some(max), Some(n)) = (schema["maximum"].as_f64(), value.as_f64())
-        && n > max
-    {
-        out.push(format!("{at}: {n} is above the maximum {max}"));
-    }
-    if let Some(items) = value.as_array()
-        && schema.get("items").is_some()
-    {
-        for (i, item) in items.iter().enumerate() {
-            check_schema(root, &schema["items"], item, &format!("{path}[{i}]"), out);
-        }
-    }
-    if let Some(map) = value.as_object() {
-        for key in schema["required"].as_array().into_iter().flatten() {
-            if !map.contains_key(key.as_str().unwrap()) {
-                out.push(format!("{at}: {key} is required"));
-            }
-        }
-        for (key, item) in map {
-            let sub = if path.is_empty() {
-                key.clone()
-            } else {
-                format!("{path}.{key}")
-            };
-            if let Some(property) = schema["properties"].get(key) {
-                check_schema(root, property, item, &sub, out);
-            } else {
-                match &schema["additionalProperties"] {
-                    Json::Bool(false) => {
-                        out.push(format!("{at}: additional property `{key}` is not allowed"))
-                    }
-                    Json::Object(_) => {
-                        check_schema(root, &schema["additionalProperties"], item, &sub, out)
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Fixtures
-// ---------------------------------------------------------------------------------------------
-
-/// The install command of the issue: `--set gitlab.url=… --set gitlab.runnerToken=…`.
-const MINIMAL: &str =
-    "gitlab:\n  url: https://gitlab.example.com\n  runnerToken: fake-minimal-runner-token\n";
-
-fn full_values() -> String {
-    std::fs::read_to_string(chart_dir().join("ci/full-values.yaml")).unwrap()
-}
-
 fn kiln() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
     command.env_clear();
@@ -709,18 +323,13 @@ fn check_config(config: &str, env: &[(String, String)]) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kiln.toml");
     std::fs::write(&path, config).unwrap();
-    let out = kiln()
+    let mut command = kiln();
+    command
         .arg("check-config")
         .arg(&path)
-        .envs(env.iter().cloned())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+        .envs(env.iter().cloned());
+    let (ok, stdout, stderr) = run(command);
+    (ok, format!("{stdout}{stderr}"))
 }
 
 fn rules(role: &Json) -> Vec<(Vec<String>, Vec<String>, Vec<String>)> {
@@ -752,9 +361,7 @@ fn rules(role: &Json) -> Vec<(Vec<String>, Vec<String>, Vec<String>)> {
 
 /// The Role in docs/kubernetes.md's YAML block.
 fn documented_role() -> Json {
-    let doc =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/kubernetes.md"))
-            .unwrap();
+    let doc = std::fs::read_to_string(repo().join("docs/kubernetes.md")).unwrap();
     let block = doc
         .split("```yaml\n")
         .skip(1)
@@ -762,58 +369,281 @@ fn documented_role() -> Json {
         .find(|block| block.contains("kind: Role\n"))
         .expect("docs/kubernetes.md has a yaml block with the Role");
     serde_yaml_ng::Deserializer::from_str(block)
-        .map(|doc| yaml_to_json(&<Yaml as serde::Deserialize>::deserialize(doc).unwrap()))
+        .map(|doc| {
+            serde_json::to_value(
+                <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc).unwrap(),
+            )
+            .unwrap()
+        })
         .find(|o| o["kind"] == "Role")
         .unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tests
+// The matrix: every values file of charts/kiln/ci/
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn renderer_follows_go_templates_and_sprig_on_known_snippets() {
-    // Expected outputs are Helm 3's for the same snippets; they pin the parts of the engine
-    // the chart leans on (trim markers, include + nindent, toYaml ordering, default, quote).
-    let out = render(&[MINIMAL]).unwrap();
-    let labels = &out.object("Service")["metadata"]["labels"];
-    assert_eq!(labels["app.kubernetes.io/name"], "kiln");
-    assert_eq!(labels["app.kubernetes.io/instance"], RELEASE);
-    assert_eq!(labels["app.kubernetes.io/managed-by"], "Helm");
-    assert_eq!(labels["helm.sh/chart"], "kiln-0.1.0");
-    assert_eq!(labels["app.kubernetes.io/version"], "0.1.0");
-    // Release name "kiln" contains the chart name, so the full name is the release name.
-    assert_eq!(out.object("Deployment")["metadata"]["name"], "kiln");
-    let renamed = render(&[MINIMAL, "nameOverride: builder\n"]).unwrap();
+/// The values files, each a case of the matrix (a new file must be added here and get a test).
+const MATRIX: [&str; 8] = [
+    "build-namespace-values.yaml",
+    "dashboard-values.yaml",
+    "existing-secret-values.yaml",
+    "full-values.yaml",
+    "gitlab-values.yaml",
+    "jenkins-values.yaml",
+    "podmonitor-values.yaml",
+    "replicas-values.yaml",
+];
+
+/// Values of the Secret an operator made for `existingSecret`, for `check-config`.
+fn fake_existing_secret() -> Json {
+    serde_json::json!({
+        "gitlab-token-0": "fake-existing-token-0",
+        "gitlab-token-1": "fake-existing-token-1",
+        "jenkins-token": "fake-existing-jenkins-token",
+        "jenkins-webhook-secret": "fake-existing-webhook-secret",
+    })
+}
+
+/// Renders one matrix case for every tested Kubernetes version and checks what holds for every
+/// render: the schemas, the config round trip, tokens, the Role and the references between
+/// objects. Returns the render for the newest version.
+fn check_case(values: &Values) -> Rendered {
+    let mut last = None;
+    for version in KUBE_VERSIONS {
+        let out = template_for(values, version)
+            .unwrap_or_else(|e| panic!("helm template --kube-version {version}:\n{e}"));
+        validate(&out, version);
+        check_invariants(&out, values);
+        last = Some(out);
+    }
+    last.unwrap()
+}
+
+fn check_invariants(out: &Rendered, values: &Values) {
+    let config = out.toml();
+    let build_ns = config["kubernetes"]["namespace"].as_str().unwrap();
+
+    for object in &out.objects {
+        let meta = &object["metadata"];
+        assert!(meta["name"].is_string(), "{object}");
+        assert_eq!(meta["labels"]["app.kubernetes.io/instance"], RELEASE);
+        assert_eq!(meta["labels"]["app.kubernetes.io/managed-by"], "Helm");
+        match object["kind"].as_str().unwrap() {
+            "Namespace" => {
+                assert_eq!(meta["name"], build_ns, "the only Namespace is the builds'");
+                assert!(meta.get("namespace").is_none());
+                let level = &meta["labels"]["pod-security.kubernetes.io/enforce"];
+                assert!(
+                    ["baseline", "restricted", "privileged"].contains(&level.as_str().unwrap()),
+                    "{object}"
+                );
+            }
+            "Role" | "RoleBinding" => assert_eq!(meta["namespace"], build_ns, "{object}"),
+            "ConfigMap" if object["data"].get("kiln.json").is_some() => {}
+            _ => assert_eq!(meta["namespace"], NAMESPACE, "{object}"),
+        }
+    }
+
+    // Tokens are in the Secret only, never in the ConfigMap, the pod spec or anywhere else.
+    for secret in values.secrets() {
+        for object in &out.objects {
+            if object["kind"] != "Secret" {
+                assert!(
+                    !object.to_string().contains(&secret),
+                    "{} holds a token",
+                    object["kind"]
+                );
+            }
+        }
+    }
+    for source in ["gitlab", "jenkins"] {
+        for entry in config["sources"]
+            .get(source)
+            .and_then(|s| s.as_array())
+            .into_iter()
+            .flatten()
+        {
+            for key in ["token", "password", "webhook_secret"] {
+                assert!(entry.get(key).is_none(), "kiln.toml has {source} {key}");
+            }
+        }
+    }
+
+    // The Deployment mounts the rendered ConfigMap where `kiln run` reads it, and every
+    // secretKeyRef names the Secret (the chart's, with that key, or the operator's).
+    let pod = &out.deployment()["spec"]["template"];
+    let container = out.container();
     assert_eq!(
-        renamed.object("Deployment")["metadata"]["name"],
-        "kiln-builder"
+        container["args"],
+        serde_json::json!(["run", "--config", "/etc/kiln/kiln.toml"])
     );
-    // toYaml: keys sorted, no trailing newline, nested under nindent.
-    assert!(
-        out.files["deployment.yaml"].contains(
-            "          resources:\n            limits:\n              memory: 256Mi\n            requests:\n              cpu: 50m\n"
-        ),
-        "{}",
-        out.files["deployment.yaml"]
+    let volume = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "config")
+        .unwrap();
+    assert_eq!(
+        volume["configMap"]["name"],
+        out.config_map()["metadata"]["name"]
     );
-    assert_eq!(go_quote("a\"b\\c\n"), r#""a\"b\\c\n""#);
+    let existing = out.all("Secret").is_empty();
+    let secret = if existing {
+        fake_existing_secret()
+    } else {
+        out.object("Secret")["stringData"].clone()
+    };
+    let secret_name = if existing {
+        out.container()["env"][0]["valueFrom"]["secretKeyRef"]["name"].clone()
+    } else {
+        out.object("Secret")["metadata"]["name"].clone()
+    };
+    for var in container["env"].as_array().into_iter().flatten() {
+        let r = &var["valueFrom"]["secretKeyRef"];
+        if r.is_null() {
+            continue;
+        }
+        assert_eq!(r["name"], secret_name, "{var}");
+        assert!(
+            secret[r["key"].as_str().unwrap()].is_string() || r["optional"] == true,
+            "{var}"
+        );
+    }
+    // Config or token changes roll the pod.
+    let annotations = &pod["metadata"]["annotations"];
+    assert!(annotations["checksum/config"].is_string());
+    assert_eq!(annotations["checksum/secret"].is_string(), !existing);
+
+    // The round trip: kiln accepts the config with the environment the pod gets.
+    let (ok, output) = check_config(&out.config(), &out.env(Some(&secret)));
     assert!(
-        render(&[MINIMAL, "service:\n  port: null\n"])
-            .unwrap_err()
-            .contains("prints a missing value"),
-        "a null override deletes the key, and a template printing it is caught"
+        ok,
+        "kiln check-config refuses the render:\n{output}\n{}",
+        out.config()
+    );
+    assert!(output.contains("ok"), "{output}");
+    let runners = config["sources"]
+        .get("gitlab")
+        .and_then(|g| g.as_array())
+        .map_or(0, Vec::len);
+    let tokens = out
+        .env_names()
+        .iter()
+        .filter(|n| n.starts_with("KILN_SOURCES__GITLAB__"))
+        .count();
+    assert_eq!(tokens, runners, "one token variable per GitLab runner");
+
+    // RBAC: exactly docs/kubernetes.md's Role, bound to the coordinator's service account.
+    let role = out.object("Role");
+    assert_eq!(rules(role), rules(&documented_role()));
+    let binding = out.object("RoleBinding");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(
+        binding["subjects"][0]["name"],
+        pod["spec"]["serviceAccountName"]
+    );
+    assert_eq!(binding["subjects"][0]["namespace"], NAMESPACE);
+
+    // Selectors and ports between objects (the Prometheus Operator kinds have no schema here).
+    let pod_labels = pod["metadata"]["labels"].as_object().unwrap();
+    let selects_pod = |selector: &Json| {
+        let selector = selector.as_object().unwrap();
+        assert!(!selector.is_empty());
+        selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
+    };
+    let ports: Vec<&Json> = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["name"])
+        .collect();
+    let service = out.object("Service");
+    assert!(selects_pod(&service["spec"]["selector"]));
+    assert!(selects_pod(
+        &out.deployment()["spec"]["selector"]["matchLabels"]
+    ));
+    for port in service["spec"]["ports"].as_array().unwrap() {
+        assert!(ports.contains(&&port["targetPort"]), "{port}");
+    }
+    for monitor in out.all("PodMonitor") {
+        assert!(selects_pod(&monitor["spec"]["selector"]["matchLabels"]));
+        for endpoint in monitor["spec"]["podMetricsEndpoints"].as_array().unwrap() {
+            assert!(ports.contains(&&endpoint["port"]));
+            assert_eq!(endpoint["path"], "/metrics");
+        }
+    }
+    for monitor in out.all("ServiceMonitor") {
+        let labels = service["metadata"]["labels"].as_object().unwrap();
+        for (k, v) in monitor["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .unwrap()
+        {
+            assert_eq!(labels.get(k), Some(v), "ServiceMonitor selects the Service");
+        }
+        for endpoint in monitor["spec"]["endpoints"].as_array().unwrap() {
+            let names: Vec<&Json> = service["spec"]["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| &p["name"])
+                .collect();
+            assert!(names.contains(&&endpoint["port"]));
+        }
+    }
+    for pdb in out.all("PodDisruptionBudget") {
+        assert!(selects_pod(&pdb["spec"]["selector"]["matchLabels"]));
+    }
+    for policy in out.all("NetworkPolicy") {
+        assert!(selects_pod(&policy["spec"]["podSelector"]["matchLabels"]));
+    }
+}
+
+#[test]
+fn the_matrix_is_every_values_file_of_ci() {
+    let files: BTreeSet<String> = std::fs::read_dir(chart_dir().join("ci"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        files,
+        MATRIX
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<BTreeSet<_>>()
     );
 }
 
 #[test]
-fn minimal_install_renders_a_hardened_coordinator_and_its_objects() {
-    let out = render(&[MINIMAL]).unwrap();
+fn helm_lint_strict_passes_for_every_values_file() {
+    for file in MATRIX {
+        let mut helm = tools::tools().helm();
+        helm.args(["lint", "--strict"])
+            .arg(chart_dir())
+            .arg("-f")
+            .arg(ci_values(file));
+        let (ok, stdout, stderr) = run(helm);
+        assert!(ok, "helm lint --strict -f {file}:\n{stdout}{stderr}");
+        assert!(
+            stdout.contains("1 chart(s) linted, 0 chart(s) failed"),
+            "{stdout}"
+        );
+        // `--strict` turns warnings into failures; INFO lines (icon) are all that may remain.
+        for line in stdout.lines().filter(|l| l.starts_with('[')) {
+            assert!(line.starts_with("[INFO]"), "{file}: {line}");
+        }
+    }
+}
+
+#[test]
+fn matrix_gitlab_only_is_a_hardened_coordinator_with_builds_in_their_own_namespace() {
+    let out = check_case(&Values::file("gitlab-values.yaml"));
     assert_eq!(
         out.kinds(),
         [
             "ConfigMap",
             "Deployment",
+            "Namespace",
             "Role",
             "RoleBinding",
             "Secret",
@@ -821,135 +651,103 @@ fn minimal_install_renders_a_hardened_coordinator_and_its_objects() {
             "ServiceAccount"
         ]
     );
-    for object in out.objects() {
-        assert!(object["apiVersion"].is_string(), "{object}");
-        assert!(object["kind"].is_string(), "{object}");
-        assert!(object["metadata"]["name"].is_string(), "{object}");
-        assert_eq!(object["metadata"]["namespace"], NAMESPACE, "{object}");
-        assert_eq!(
-            object["metadata"]["labels"]["app.kubernetes.io/instance"],
-            RELEASE
-        );
-    }
-
-    let deployment = out.object("Deployment");
-    let spec = &deployment["spec"];
-    assert_eq!(spec["replicas"], 1.0);
-    assert_eq!(spec["strategy"]["type"], "Recreate");
-    let pod = &spec["template"]["spec"];
+    let deployment = out.deployment();
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
+    let pod = &deployment["spec"]["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], "kiln");
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(
         pod["securityContext"]["seccompProfile"]["type"],
         "RuntimeDefault"
     );
-    let container = &pod["containers"][0];
+    let container = out.container();
     assert_eq!(container["image"], "ghcr.io/kiln-ci/kiln:0.1.0");
-    assert_eq!(
-        container["args"],
-        serde_json::json!(["run", "--config", "/etc/kiln/kiln.toml"])
-    );
     let security = &container["securityContext"];
     assert_eq!(security["readOnlyRootFilesystem"], true);
     assert_eq!(security["allowPrivilegeEscalation"], false);
-    assert_eq!(security["runAsNonRoot"], true);
     assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert_eq!(container["ports"][0]["containerPort"], 9252.0);
-    assert!(container["resources"]["limits"]["memory"].is_string());
-
-    // The ConfigMap the Deployment mounts is the one rendered, at the path `kiln run` reads.
-    let configmap = out.object("ConfigMap");
-    let volume = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "config")
-        .unwrap();
-    assert_eq!(volume["configMap"]["name"], configmap["metadata"]["name"]);
-    let mount = container["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "config")
-        .unwrap();
-    assert_eq!(mount["mountPath"], "/etc/kiln");
-    assert!(configmap["data"]["kiln.toml"].is_string());
-
-    // Every secretKeyRef names the rendered Secret and one of its keys.
-    let secret = out.object("Secret");
-    let env = container["env"].as_array().unwrap();
-    assert!(!env.is_empty());
-    for var in env {
-        let r = &var["valueFrom"]["secretKeyRef"];
-        assert_eq!(r["name"], secret["metadata"]["name"], "{var}");
-        assert!(
-            secret["stringData"][r["key"].as_str().unwrap()].is_string(),
-            "{var}"
-        );
-    }
-    assert_eq!(env[0]["name"], "KILN_SOURCES__GITLAB__0__TOKEN");
-
-    // The token is in the Secret only.
+    assert_eq!(container["ports"][0]["containerPort"], 9252);
+    assert_eq!(out.env_names(), ["KILN_SOURCES__GITLAB__0__TOKEN"]);
     assert_eq!(
-        secret["stringData"]["gitlab-token-0"],
+        out.object("Secret")["stringData"]["gitlab-token-0"],
         "fake-minimal-runner-token"
     );
-    for (file, text) in &out.files {
-        if file != "secret.yaml" {
-            assert!(!text.contains("fake-minimal-runner-token"), "{file}");
-        }
-    }
-    let config: toml::Table = out.config().parse().unwrap();
+
+    // Builds get a namespace of their own, created with Pod Security at kiln's level.
+    let namespace = out.object("Namespace");
+    assert_eq!(namespace["metadata"]["name"], "ci-builds");
+    assert_eq!(
+        namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "baseline"
+    );
+    assert_eq!(
+        namespace["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
+    let config = out.toml();
     assert_eq!(config["executor"].as_str(), Some("kubernetes"));
-    let runner = &config["sources"]["gitlab"][0];
-    assert!(runner.get("token").is_none());
-    assert_eq!(runner["url"].as_str(), Some("https://gitlab.example.com"));
-    assert_eq!(config["kubernetes"]["namespace"].as_str(), Some(NAMESPACE));
+    assert_eq!(
+        config["kubernetes"]["namespace"].as_str(),
+        Some("ci-builds")
+    );
     assert_eq!(
         config["kubernetes"]["helper_image"].as_str(),
         Some("ghcr.io/kiln-ci/kiln:0.1.0")
     );
-    // Disabled resource classes stay out of the config.
+    assert_eq!(config["kubernetes"]["coordinator"].as_str(), Some("kiln"));
     assert!(config["kubernetes"].get("resource_classes").is_none());
-}
+    let runner = &config["sources"]["gitlab"][0];
+    assert_eq!(runner["url"].as_str(), Some("https://gitlab.example.com"));
+    assert!(kiln::config::is_system_id(
+        runner["system_id"].as_str().unwrap()
+    ));
 
-#[test]
-fn a_config_change_rolls_the_pod_and_the_system_id_is_stable() {
-    let checksum = |out: &Rendered| {
-        out.object("Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    let before = render(&[MINIMAL]).unwrap();
-    let after = render(&[MINIMAL, "concurrent: 9\n"]).unwrap();
-    assert_eq!(
-        checksum(&before),
-        hex::encode(sha2::Sha256::digest(
-            before.files["configmap.yaml"].as_bytes()
-        ))
+    // The environment is what carries the token: without it kiln refuses the config.
+    let (ok, output) = check_config(&out.config(), &[]);
+    assert!(
+        !ok && output.contains("sources.gitlab[0].token"),
+        "{output}"
     );
-    assert_ne!(checksum(&before), checksum(&after));
-    let system_id = |out: &Rendered| {
-        let config: toml::Table = out.config().parse().unwrap();
-        config["sources"]["gitlab"][0]["system_id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    // GitLab shows one runner manager per system id: it must survive config changes.
-    assert_eq!(system_id(&before), system_id(&after));
-    assert!(kiln::config::is_system_id(&system_id(&before)));
 }
 
 #[test]
-fn full_values_render_every_option() {
-    let out = render(&[&full_values()]).unwrap();
+fn matrix_jenkins_only_has_no_gitlab_runner() {
+    let out = check_case(&Values::file("jenkins-values.yaml"));
+    assert_eq!(
+        out.env_names(),
+        [
+            "KILN_SOURCES__JENKINS__0__TOKEN",
+            "KILN_SOURCES__JENKINS__0__WEBHOOK_SECRET"
+        ]
+    );
+    let config = out.toml();
+    assert!(config["sources"].get("gitlab").is_none());
+    let jenkins = config["sources"]["jenkins"][0].as_table().unwrap();
+    assert_eq!(
+        jenkins.keys().collect::<Vec<_>>(),
+        ["labels", "pod_templates", "url", "user"]
+    );
+    assert_eq!(
+        jenkins["pod_templates"]["maven"]["resource_class"].as_str(),
+        Some("no-evict")
+    );
+    assert_eq!(
+        config["kubernetes"]["resource_classes"]["no-evict"]["preset"].as_str(),
+        Some("no-evict")
+    );
+}
+
+#[test]
+fn matrix_gitlab_and_jenkins_with_every_option() {
+    let values = Values::file("full-values.yaml");
+    let out = check_case(&values);
     assert_eq!(
         out.kinds(),
         [
+            "ConfigMap",
             "ConfigMap",
             "Deployment",
             "Namespace",
@@ -964,23 +762,10 @@ fn full_values_render_every_option() {
             "ServiceMonitor"
         ]
     );
-    for object in out.objects() {
-        assert!(object["apiVersion"].is_string() && object["kind"].is_string());
-        assert!(object["metadata"]["name"].as_str().is_some());
-    }
     assert_eq!(out.object("Namespace")["metadata"]["name"], "ci-builds");
-    for kind in ["Role", "RoleBinding"] {
-        assert_eq!(out.object(kind)["metadata"]["namespace"], "ci-builds");
-    }
-    let binding = out.object("RoleBinding");
-    assert_eq!(binding["subjects"][0]["name"], "kiln-ci");
-    assert_eq!(binding["subjects"][0]["namespace"], NAMESPACE);
-    assert_eq!(
-        binding["roleRef"]["name"],
-        out.object("Role")["metadata"]["name"]
-    );
+    assert_eq!(out.object("RoleBinding")["subjects"][0]["name"], "kiln-ci");
 
-    let config: toml::Table = out.config().parse().unwrap();
+    let config = out.toml();
     let k8s = &config["kubernetes"];
     assert_eq!(k8s["namespace"].as_str(), Some("ci-builds"));
     assert_eq!(k8s["coordinator"].as_str(), Some("kiln-ci"));
@@ -1022,10 +807,6 @@ fn full_values_render_every_option() {
         .collect();
     assert_eq!(names, ["default", "gpu", "other-instance"]);
     assert_eq!(
-        runners[0]["url"].as_str(),
-        Some("https://gitlab.example.com")
-    );
-    assert_eq!(
         runners[2]["url"].as_str(),
         Some("https://gitlab.other.example.com/sub/path")
     );
@@ -1034,13 +815,12 @@ fn full_values_render_every_option() {
     assert_eq!(runners[1]["poll_timeout"].as_str(), Some("90s"));
     assert_eq!(runners[0]["request_concurrency"].as_integer(), Some(2));
     assert_eq!(runners[0]["resource_class"].as_str(), Some("eci-spot"));
-    let ids: std::collections::BTreeSet<_> = runners
+    let ids: BTreeSet<_> = runners
         .iter()
         .map(|r| r["system_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids.len(), 3, "each runner has its own system id");
 
-    // Jenkins: exactly the keys of [[sources.jenkins]]; secrets only in the Secret.
     let jenkins = config["sources"]["jenkins"][0].as_table().unwrap();
     assert_eq!(
         jenkins.keys().collect::<Vec<_>>(),
@@ -1055,18 +835,7 @@ fn full_values_render_every_option() {
         ]
     );
     assert_eq!(
-        jenkins["labels"].as_array().unwrap().len(),
-        2,
-        "{jenkins:?}"
-    );
-    assert_eq!(
-        jenkins["pod_templates"]["maven"]["containers"][0]["image"].as_str(),
-        Some("maven:3.9-eclipse-temurin-21")
-    );
-    let env = out.env(None);
-    let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(
-        names,
+        out.env_names(),
         [
             "KILN_SOURCES__GITLAB__0__TOKEN",
             "KILN_SOURCES__GITLAB__1__TOKEN",
@@ -1076,21 +845,8 @@ fn full_values_render_every_option() {
             "RUST_BACKTRACE"
         ]
     );
-    for (file, text) in &out.files {
-        if file != "secret.yaml" {
-            for secret in [
-                "fake-runner-token",
-                "fake-jenkins-api-token",
-                "fake-webhook-secret",
-            ] {
-                assert!(!text.contains(secret), "{file} holds {secret}");
-            }
-        }
-    }
-
-    let policy = out.object("NetworkPolicy");
     assert_eq!(
-        policy["spec"]["ingress"][0]["from"]
+        out.object("NetworkPolicy")["spec"]["ingress"][0]["from"]
             .as_array()
             .unwrap()
             .len(),
@@ -1100,175 +856,836 @@ fn full_values_render_every_option() {
         out.object("ServiceMonitor")["metadata"]["labels"]["release"],
         "prometheus"
     );
-    assert_eq!(
-        out.object("PodDisruptionBudget")["spec"]["minAvailable"],
-        1.0
-    );
+    assert_eq!(out.object("PodDisruptionBudget")["spec"]["minAvailable"], 1);
 }
 
 #[test]
-fn role_grants_exactly_what_docs_kubernetes_md_lists() {
-    let documented = rules(&documented_role());
-    assert_eq!(documented.len(), 3, "{documented:?}");
-    for overrides in [vec![MINIMAL.to_owned()], vec![full_values()]] {
-        let overrides: Vec<&str> = overrides.iter().map(String::as_str).collect();
-        let out = render(&overrides).unwrap();
-        let role = out.object("Role");
-        assert_eq!(rules(&role), documented);
-        assert_eq!(role["apiVersion"], "rbac.authorization.k8s.io/v1");
-    }
-    let out = render(&[MINIMAL, "rbac:\n  create: false\n"]).unwrap();
-    assert!(!out.kinds().contains(&"Role".to_owned()));
-}
-
-#[test]
-fn rendered_config_with_the_secret_env_passes_check_config() {
-    let minimal = render(&[MINIMAL]).unwrap();
-    let (ok, output) = check_config(&minimal.config(), &minimal.env(None));
-    assert!(ok, "{output}\n{}", minimal.config());
-    assert!(
-        output.contains("ok (1 GitLab runner(s), concurrent = 4)"),
-        "{output}"
-    );
-    // Without the Secret's variables the config lacks the token: the env is what carries it.
-    let (ok, output) = check_config(&minimal.config(), &[]);
-    assert!(
-        !ok && output.contains("sources.gitlab[0].token: is empty")
-            && output.contains("KILN_SOURCES__GITLAB__N__TOKEN"),
-        "{output}"
-    );
-
-    let full = render(&[&full_values()]).unwrap();
-    let (ok, output) = check_config(&full.config(), &full.env(None));
-    assert!(ok, "{output}\n{}", full.config());
-    assert!(
-        output.contains("ok (3 GitLab runner(s), concurrent = 20)"),
-        "{output}"
-    );
-}
-
-#[test]
-fn an_existing_secret_replaces_the_charts_secret() {
-    let out = render(&[
-        "gitlab:\n  url: https://gitlab.example.com\n  runners:\n    - name: a\n    - name: b\nexistingSecret: ci-tokens\n",
-    ])
-    .unwrap();
-    assert!(!out.kinds().contains(&"Secret".to_owned()));
-    let pod = &out.object("Deployment")["spec"]["template"];
-    assert!(
-        pod["metadata"]["annotations"]
-            .get("checksum/secret")
-            .is_none()
-    );
-    for (i, var) in pod["spec"]["containers"][0]["env"]
-        .as_array()
-        .unwrap()
+fn matrix_existing_secret_replaces_the_charts_secret() {
+    let out = check_case(&Values::file("existing-secret-values.yaml"));
+    assert!(out.all("Secret").is_empty());
+    let env = out.container()["env"].as_array().unwrap();
+    let refs: Vec<(&str, &str, &str)> = env
         .iter()
-        .enumerate()
-    {
-        assert_eq!(var["name"], format!("KILN_SOURCES__GITLAB__{i}__TOKEN"));
-        assert_eq!(var["valueFrom"]["secretKeyRef"]["name"], "ci-tokens");
-        assert_eq!(
-            var["valueFrom"]["secretKeyRef"]["key"],
-            format!("gitlab-token-{i}")
-        );
-    }
-    let secret = serde_json::json!({"gitlab-token-0": "fake-a", "gitlab-token-1": "fake-b"});
+        .map(|v| {
+            let r = &v["valueFrom"]["secretKeyRef"];
+            (
+                v["name"].as_str().unwrap(),
+                r["name"].as_str().unwrap(),
+                r["key"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        refs,
+        [
+            (
+                "KILN_SOURCES__GITLAB__0__TOKEN",
+                "ci-tokens",
+                "gitlab-token-0"
+            ),
+            (
+                "KILN_SOURCES__GITLAB__1__TOKEN",
+                "ci-tokens",
+                "gitlab-token-1"
+            ),
+            (
+                "KILN_SOURCES__JENKINS__0__TOKEN",
+                "ci-tokens",
+                "jenkins-token"
+            ),
+            (
+                "KILN_SOURCES__JENKINS__0__WEBHOOK_SECRET",
+                "ci-tokens",
+                "jenkins-webhook-secret"
+            ),
+        ]
+    );
+    // The webhook secret is optional in an operator's Secret: without it the webhook is off.
+    assert_eq!(env[3]["valueFrom"]["secretKeyRef"]["optional"], true);
+    let mut secret = fake_existing_secret();
+    secret
+        .as_object_mut()
+        .unwrap()
+        .remove("jenkins-webhook-secret");
     let (ok, output) = check_config(&out.config(), &out.env(Some(&secret)));
     assert!(ok, "{output}");
-    assert!(output.contains("2 GitLab runner(s)"), "{output}");
 }
 
 #[test]
-fn missing_servers_and_tokens_fail_the_install_with_a_message() {
-    let err = render(&[]).unwrap_err();
-    assert!(err.contains("no CI server configured"), "{err}");
-    let err = render(&["gitlab:\n  url: https://gitlab.example.com\n"]).unwrap_err();
-    assert!(
-        err.contains("token of GitLab runner 0 is required"),
-        "{err}"
+fn matrix_build_namespace_of_the_operator_gets_the_role_only() {
+    let out = check_case(&Values::file("build-namespace-values.yaml"));
+    assert!(out.all("Namespace").is_empty(), "the operator's namespace");
+    assert_eq!(out.object("Role")["metadata"]["namespace"], "team-a-builds");
+    assert_eq!(
+        out.toml()["kubernetes"]["namespace"].as_str(),
+        Some("team-a-builds")
     );
-    let err = render(&[
-        "gitlab:\n  runnerToken: fake\n  runners:\n    - url: https://gitlab.example.com\n      token: fake\n",
-    ])
-    .unwrap_err();
-    assert!(
-        err.contains("gitlab.runnerToken belongs to the single runner"),
-        "{err}"
-    );
-    let err = render(&["gitlab:\n  runners:\n    - token: fake\n"]).unwrap_err();
-    assert!(err.contains("gitlab.runners[0].url is required"), "{err}");
 }
 
 #[test]
-fn the_schema_rejects_typos_and_wrong_types() {
-    let dir = chart_dir();
-    let schema: Json =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("values.schema.json")).unwrap())
-            .unwrap();
-    let mut keywords = Vec::new();
-    schema_keywords(&schema, &mut keywords);
-    for keyword in &keywords {
-        assert!(
-            SCHEMA_KEYWORDS.contains(&keyword.as_str()),
-            "values.schema.json uses `{keyword}`, which this test's checker does not implement"
-        );
+fn matrix_podmonitor_scrapes_the_pod() {
+    let out = check_case(&Values::file("podmonitor-values.yaml"));
+    let monitor = out.object("PodMonitor");
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+    assert_eq!(monitor["spec"]["podMetricsEndpoints"][0]["interval"], "15s");
+    assert!(out.all("ServiceMonitor").is_empty());
+}
+
+#[test]
+fn matrix_dashboard_is_a_configmap_for_grafanas_sidecar() {
+    let out = check_case(&Values::file("dashboard-values.yaml"));
+    let dashboards: Vec<&Json> = out
+        .all("ConfigMap")
+        .into_iter()
+        .filter(|c| c["data"].get("kiln.json").is_some())
+        .collect();
+    assert_eq!(dashboards.len(), 1);
+    let meta = &dashboards[0]["metadata"];
+    assert_eq!(meta["namespace"], "monitoring");
+    assert_eq!(meta["labels"]["grafana_dashboard"], "1");
+    assert_eq!(meta["annotations"]["grafana_folder"], "CI");
+    let shipped: Json = serde_json::from_str(
+        &std::fs::read_to_string(chart_dir().join("dashboards/kiln.json")).unwrap(),
+    )
+    .unwrap();
+    let rendered: Json =
+        serde_json::from_str(dashboards[0]["data"]["kiln.json"].as_str().unwrap()).unwrap();
+    assert_eq!(rendered, shipped);
+    // Off by default.
+    let plain = template(&Values::file("gitlab-values.yaml"));
+    assert_eq!(plain.all("ConfigMap").len(), 1);
+}
+
+#[test]
+fn matrix_replicas_zero_stops_taking_jobs() {
+    let out = check_case(&Values::file("replicas-values.yaml"));
+    assert_eq!(out.deployment()["spec"]["replicas"], 0);
+    assert_eq!(out.object("PodDisruptionBudget")["spec"]["minAvailable"], 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// What kubernetes-validate, the build namespace and the checksums do
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn kubernetes_validate_strict_rejects_unknown_fields() {
+    // The validator is not a no-op: a typo in a Deployment's spec is an error for both versions.
+    let mut out = template(&Values::file("gitlab-values.yaml"));
+    out.text = out.text.replace("  replicas: 1\n", "  replica: 1\n");
+    assert!(out.text.contains("replica: 1"));
+    for version in KUBE_VERSIONS {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.yaml");
+        std::fs::write(&path, &out.text).unwrap();
+        let mut validate = tools::tools().kubernetes_validate();
+        validate.args(["--strict", "-k", version]).arg(&path);
+        let (ok, stdout, _) = run(validate);
+        assert!(!ok && stdout.contains("ERROR"), "{stdout}");
+        assert!(stdout.contains("deployment/kiln"), "{stdout}");
     }
-    // Both shipped values files are valid.
-    render(&[MINIMAL]).unwrap();
-    render(&[&full_values()]).unwrap();
+}
 
-    for (values, expected) in [
+#[test]
+fn build_namespace_defaults_to_one_of_its_own() {
+    let base = Values::file("gitlab-values.yaml");
+    let namespace_of = |out: &Rendered| {
         (
-            "gitlab:\n  url: https://gitlab.example.com\n  runerToken: fake\n",
-            "gitlab: additional property `runerToken` is not allowed",
-        ),
+            out.all("Namespace")
+                .first()
+                .map(|n| n["metadata"]["name"].as_str().unwrap().to_owned()),
+            out.object("Role")["metadata"]["namespace"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+            out.toml()["kubernetes"]["namespace"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        )
+    };
+    let some = |s: &str| Some(s.to_owned());
+    for (yaml, created, used) in [
+        ("{}", some("ci-builds"), "ci-builds"),
+        // The release namespace (the chart's former default) still works; it is never created.
+        ("buildNamespace: {name: ci}", None, "ci"),
+        ("buildNamespace: {name: ci, create: true}", None, "ci"),
+        // A name you give is yours unless you ask the chart to create it.
+        ("buildNamespace: {name: builds}", None, "builds"),
         (
-            "concurency: 3\n",
-            "(root): additional property `concurency` is not allowed",
+            "buildNamespace: {name: builds, create: true}",
+            some("builds"),
+            "builds",
         ),
-        (
-            "kubernetes:\n  defualt_image: alpine\n",
-            "kubernetes: additional property `defualt_image` is not allowed",
-        ),
-        (
-            "resourceClasses:\n  eci-spot:\n    cpu_requets: \"2\"\n",
-            "resourceClasses.eci-spot: additional property `cpu_requets` is not allowed",
-        ),
-        (
-            "kubernetes:\n  build:\n    cpu_request: 2\n",
-            "kubernetes.build.cpu_request: 2.0 is not of type string",
-        ),
-        (
-            "concurrent: many\n",
-            "concurrent: \"many\" is not of type integer",
-        ),
-        ("concurrent: 0\n", "concurrent: 0 is below the minimum 1"),
-        (
-            "kubernetes:\n  security: strict\n",
-            "kubernetes.security: \"strict\" is not one of",
-        ),
-        (
-            "gitlab:\n  runners:\n    - url: https://gitlab.example.com\n      systemId: abc\n",
-            "gitlab.runners[0].systemId: `abc` does not match",
-        ),
+        ("buildNamespace: {create: false}", None, "ci-builds"),
     ] {
-        let err = render(&[MINIMAL, values]).unwrap_err();
-        assert!(err.contains(expected), "{values}: {err}");
+        let out = template(&base.clone().and(yaml));
+        let (namespace, role, config) = namespace_of(&out);
+        assert_eq!(namespace, created, "{yaml}");
+        assert_eq!(role, used, "{yaml}");
+        assert_eq!(config, used, "{yaml}");
     }
+
+    // Pod Security follows kiln's profile unless the labels say otherwise.
+    let level = |yaml: &str| {
+        template(&base.clone().and(yaml)).object("Namespace")["metadata"]["labels"]
+            ["pod-security.kubernetes.io/enforce"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(level("kubernetes: {security: restricted}"), "restricted");
+    assert_eq!(
+        level("buildNamespace: {labels: {pod-security.kubernetes.io/enforce: privileged}}"),
+        "privileged"
+    );
+
+    // A long release namespace still gives a valid namespace name.
+    let long = "a".repeat(60);
+    let out = template_in(&base, KUBE_VERSIONS[1], &long).unwrap();
+    let name = out.object("Namespace")["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(name.len() <= 63 && !name.ends_with('-'), "{name}");
+}
+
+#[test]
+fn a_config_change_rolls_the_pod_and_the_system_id_is_stable() {
+    let base = Values::file("gitlab-values.yaml");
+    let checksum = |out: &Rendered| {
+        out.deployment()["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let system_id = |out: &Rendered| {
+        out.toml()["sources"]["gitlab"][0]["system_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let before = template(&base);
+    let after = template(&base.clone().and("concurrent: 9\n"));
+    let unrelated = template(&base.clone().and("podLabels: {team: platform}\n"));
+    assert_ne!(checksum(&before), checksum(&after));
+    assert_eq!(checksum(&before), checksum(&unrelated));
+    // GitLab shows one runner manager per system id: it must survive config changes.
+    assert_eq!(system_id(&before), system_id(&after));
+    // A token change rolls the pod too.
+    let secret = |out: &Rendered| {
+        out.deployment()["spec"]["template"]["metadata"]["annotations"]["checksum/secret"].clone()
+    };
+    let rotated = template(
+        &base
+            .clone()
+            .and("gitlab: {runnerToken: fake-rotated-token}\n"),
+    );
+    assert_ne!(secret(&before), secret(&rotated));
 }
 
 #[test]
 fn notes_say_how_to_check_the_runner_is_online() {
-    let out = render(&[&full_values()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut helm = tools::tools().helm();
+    helm.args(["install", RELEASE])
+        .arg(chart_dir())
+        .args(["--namespace", NAMESPACE, "--dry-run=client"])
+        .args(Values::file("full-values.yaml").args(dir.path()));
+    let (ok, stdout, stderr) = run(helm);
+    assert!(ok, "{stderr}");
+    let notes = stdout.split("NOTES:\n").nth(1).expect("helm prints NOTES");
     assert!(
-        out.notes
-            .contains("kubectl -n ci rollout status deployment/kiln-ci"),
-        "{}",
-        out.notes
+        notes.contains("kubectl -n ci rollout status deployment/kiln-ci"),
+        "{notes}"
     );
-    assert!(out.notes.contains("/readyz"), "{}", out.notes);
-    assert!(out.notes.contains("online"), "{}", out.notes);
-    assert!(out.notes.contains("build pods run in namespace ci-builds"));
-    assert!(!out.notes.contains("fake-"), "NOTES never print a token");
+    assert!(notes.contains("/readyz"), "{notes}");
+    assert!(notes.contains("online"), "{notes}");
+    assert!(
+        notes.contains("build pods run in namespace ci-builds"),
+        "{notes}"
+    );
+    assert!(!notes.contains("fake-"), "NOTES never print a token");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Values kiln rejects are refused at install, in kiln's words
+// ---------------------------------------------------------------------------------------------
+
+/// kiln's own problem text for `config`: what `kiln check-config` prints.
+fn kiln_says(config: &str, env: &[(String, String)]) -> String {
+    let (ok, output) = check_config(config, env);
+    assert!(!ok, "kiln accepts it:\n{config}");
+    output
+}
+
+#[test]
+fn a_short_jenkins_webhook_secret_is_refused_as_kiln_refuses_it() {
+    let out = template(&Values::file("jenkins-values.yaml"));
+    let mut env = out.env(None);
+    for (name, value) in &mut env {
+        if name.ends_with("__WEBHOOK_SECRET") {
+            *value = "too-short".into();
+        }
+    }
+    let kiln = kiln_says(&out.config(), &env);
+    let message = "sources.jenkins[0].webhook_secret: must be at least 16 characters";
+    assert!(kiln.contains(message), "{kiln}");
+
+    let err = template_error(
+        &Values::file("jenkins-values.yaml").and("jenkins: {webhookSecret: too-short}"),
+    );
+    assert!(
+        err.contains(&format!("{message} (jenkins.webhookSecret has 9)")),
+        "{err}"
+    );
+    // 16 characters are enough.
+    template(
+        &Values::file("jenkins-values.yaml").and("jenkins: {webhookSecret: 0123456789abcdef}"),
+    );
+}
+
+#[test]
+fn an_undefined_resource_class_is_refused_as_kiln_refuses_it() {
+    let out = template(&Values::file("gitlab-values.yaml"));
+    let config = out.config().replace(
+        "[[sources.gitlab]]\n",
+        "[[sources.gitlab]]\nresource_class = \"gpu\"\n",
+    );
+    let kiln = kiln_says(&config, &out.env(None));
+    let message = "sources.gitlab[0].resource_class: `gpu` is not in [kubernetes.resource_classes]";
+    assert!(kiln.contains(message), "{kiln}");
+
+    let base = Values::file("gitlab-values.yaml");
+    let err = template_error(&base.clone().and("gitlab: {resourceClass: gpu}"));
+    assert!(err.contains(message), "{err}");
+    assert!(
+        err.contains("gitlab.resourceClass: add resourceClasses.gpu with enabled: true"),
+        "{err}"
+    );
+    // A class of values.yaml that is not switched on is not in kiln.toml either.
+    let err = template_error(&base.clone().and("gitlab: {resourceClass: eci-gpu}"));
+    assert!(
+        err.contains("`eci-gpu` is not in [kubernetes.resource_classes]")
+            && err.contains("set resourceClasses.eci-gpu.enabled=true"),
+        "{err}"
+    );
+    // Enabled, it is fine.
+    template(
+        &base.and("gitlab: {resourceClass: eci-gpu}\nresourceClasses: {eci-gpu: {enabled: true}}"),
+    );
+}
+
+#[test]
+fn the_chart_refuses_what_kiln_would_reject_with_a_message() {
+    let gitlab = Values::file("gitlab-values.yaml");
+    let jenkins = Values::file("jenkins-values.yaml");
+    let cases: Vec<(Values, &str)> = vec![
+        (Values::default(), "no CI server configured"),
+        (
+            Values::yaml("gitlab: {url: https://gitlab.example.com}"),
+            "the token of GitLab runner 0 is required",
+        ),
+        (
+            gitlab.clone().and("gitlab: {runners: [{token: fake}]}"),
+            "gitlab.runnerToken belongs to the single runner",
+        ),
+        (
+            Values::yaml("gitlab: {runners: [{token: fake}]}"),
+            "gitlab.runners[0].url is required",
+        ),
+        (
+            Values::yaml("gitlab: {url: gitlab.example.com, runnerToken: fake}"),
+            "sources.gitlab[0].url: `gitlab.example.com` is not an http or https URL (gitlab.url)",
+        ),
+        (
+            Values::yaml(
+                "gitlab: {url: https://gitlab.example.com, runners: [{token: a}, {url: ftp://x, token: b}]}",
+            ),
+            "sources.gitlab[1].url: `ftp://x` is not an http or https URL (gitlab.runners[1].url)",
+        ),
+        (
+            Values::yaml(
+                "gitlab: {url: https://gitlab.example.com, runners: [{name: a, token: a}, {name: a, token: b}]}",
+            ),
+            "sources.gitlab[1].name: same name as sources.gitlab[0]; names must be unique (gitlab.runners[1].name)",
+        ),
+        (
+            gitlab
+                .clone()
+                .and("kubernetes: {default_resource_class: spot}"),
+            "kubernetes.default_resource_class: `spot` is not in [kubernetes.resource_classes]",
+        ),
+        (
+            jenkins.clone().and("jenkins: {labels: []}"),
+            "sources.jenkins[0].labels: list at least one label kiln serves (jenkins.labels)",
+        ),
+        (
+            jenkins
+                .clone()
+                .and("jenkins: {labels: [maven, \"docker linux\"]}"),
+            "sources.jenkins[0].labels: `docker linux` is not a single Jenkins label",
+        ),
+        (
+            jenkins.clone().and("jenkins: {podTemplates: {node: {}}}"),
+            "sources.jenkins[0].pod_templates.node: is not one of `labels` (jenkins.podTemplates.node; jenkins.labels: maven, docker)",
+        ),
+        (
+            jenkins
+                .clone()
+                .and("jenkins: {podTemplates: {maven: {resource_class: gpu}}}"),
+            "sources.jenkins[0].pod_templates.maven.resource_class: `gpu` is not in [kubernetes.resource_classes]",
+        ),
+        (
+            jenkins
+                .clone()
+                .and("jenkins: {podTemplates: {maven: {containers: [{name: jnlp, image: x}]}}}"),
+            "sources.jenkins[0].pod_templates.maven.containers[0].name: must be set and not `jnlp`",
+        ),
+        (
+            jenkins
+                .clone()
+                .and("jenkins: {podTemplates: {maven: {containers: [{name: maven}]}}}"),
+            "sources.jenkins[0].pod_templates.maven.containers[0].image: must be set",
+        ),
+        (
+            jenkins.clone().and("jenkins: {url: jenkins.example.com}"),
+            "sources.jenkins[0].url: `jenkins.example.com` is not an http or https URL (jenkins.url)",
+        ),
+        (
+            jenkins.clone().and("jenkins: {token: \"\"}"),
+            "jenkins.token is required when jenkins.enabled",
+        ),
+        (
+            Values::yaml(
+                "gitlab: {url: https://gitlab.example.com, runners: [{token: a, pollTimeout: 4s}]}",
+            ),
+            "sources.gitlab[0].poll_timeout: must be at least 5s (GitLab holds long polls for up to 50s) (gitlab.runners[0].pollTimeout is 4s)",
+        ),
+        (
+            jenkins.clone().and("jenkins: {pollInterval: 500ms}"),
+            "sources.jenkins[0].poll_interval: must be at least 1s (jenkins.pollInterval is 500ms)",
+        ),
+        (
+            gitlab.clone().and("agent: {trace_interval: 0s}"),
+            "agent.trace_interval: must be longer than 0s",
+        ),
+        (
+            gitlab.clone().and("replicas: 2"),
+            "replicas: 2 coordinators of one installation would each take jobs",
+        ),
+        // The schema: typos, types, enums, patterns (Helm's own wording).
+        (
+            gitlab.clone().and("gitlab: {runerToken: fake}"),
+            "additional properties 'runerToken' not allowed",
+        ),
+        (
+            gitlab.clone().and("concurency: 3"),
+            "additional properties 'concurency' not allowed",
+        ),
+        (
+            gitlab.clone().and("kubernetes: {defualt_image: alpine}"),
+            "additional properties 'defualt_image' not allowed",
+        ),
+        (
+            gitlab
+                .clone()
+                .and("resourceClasses: {eci-spot: {cpu_requets: \"2\"}}"),
+            "additional properties 'cpu_requets' not allowed",
+        ),
+        (
+            gitlab.clone().and("kubernetes: {build: {cpu_request: 2}}"),
+            "at '/kubernetes/build/cpu_request': got number, want string",
+        ),
+        (
+            gitlab
+                .clone()
+                .and("kubernetes: {build: {memory_limit: 2 GB}}"),
+            "at '/kubernetes/build/memory_limit': '2 GB' does not match pattern",
+        ),
+        (
+            gitlab
+                .clone()
+                .and("kubernetes: {pending_timeout: 5 minutes please}"),
+            "at '/kubernetes/pending_timeout': '5 minutes please' does not match pattern",
+        ),
+        (
+            gitlab.clone().and("concurrent: 0"),
+            "at '/concurrent': minimum",
+        ),
+        (
+            gitlab.clone().and("replicas: -1"),
+            "at '/replicas': minimum",
+        ),
+        (
+            gitlab.clone().and("kubernetes: {qps: 0}"),
+            "at '/kubernetes/qps': exclusiveMinimum",
+        ),
+        (
+            gitlab.clone().and("kubernetes: {security: strict}"),
+            "at '/kubernetes/security': value must be one of",
+        ),
+        (
+            Values::yaml(
+                "gitlab: {url: https://gitlab.example.com, runners: [{token: a, systemId: abc}]}",
+            ),
+            "at '/gitlab/runners/0/systemId': 'abc' does not match pattern",
+        ),
+        (
+            gitlab
+                .clone()
+                .and("resourceClasses: {\"gpu/large\": {enabled: true}}"),
+            "invalid propertyName 'gpu/large'",
+        ),
+        (
+            gitlab.clone().and("buildNamespace: {name: CI_Builds}"),
+            "at '/buildNamespace/name': 'CI_Builds' does not match pattern",
+        ),
+    ];
+    for (values, expected) in cases {
+        let err = template_error(&values);
+        assert!(
+            err.contains(expected),
+            "values {:?} {:?}: expected {expected:?} in:\n{err}",
+            values.files,
+            values.inline
+        );
+    }
+}
+
+/// Samples of one field: whether the schema accepts each must match whether kiln does.
+fn schema_agrees_with_kiln(field: &str, toml_default: &str, samples: &[&str]) {
+    let base = Values::file("gitlab-values.yaml");
+    let out = template(&base);
+    let env = out.env(None);
+    let (section, key) = field.rsplit_once('.').unwrap();
+    let line = format!("{key} = \"{toml_default}\"");
+    assert!(out.config().contains(&line), "{line} is in kiln.toml");
+    for sample in samples {
+        let config = out.config().replace(
+            &line,
+            &format!("{key} = {}", serde_json::to_string(sample).unwrap()),
+        );
+
+        let (kiln_ok, kiln_out) = check_config(&config, &env);
+        let mut yaml = format!("{key}: {}", serde_json::to_string(sample).unwrap());
+        for part in section.rsplit('.') {
+            yaml = format!("{part}: {{{yaml}}}");
+        }
+        let chart = template_for(&base.clone().and(&yaml), KUBE_VERSIONS[1]);
+        assert_eq!(
+            chart.is_ok(),
+            kiln_ok,
+            "{field} = {sample:?}: the chart {} it, kiln {} it ({kiln_out}{})",
+            if chart.is_ok() { "accepts" } else { "refuses" },
+            if kiln_ok { "accepts" } else { "refuses" },
+            chart.as_ref().err().map_or("", String::as_str),
+        );
+    }
+}
+
+#[test]
+fn schema_and_kiln_agree_on_durations() {
+    schema_agrees_with_kiln(
+        "kubernetes.pending_timeout",
+        "5m",
+        &[
+            "30s",
+            "5m",
+            "1h 30m",
+            "1h30m",
+            "1.5h",
+            "90sec",
+            "2 min",
+            "600000ms",
+            "1 hour",
+            "10s",
+            "10000ms",
+            "5",
+            "5x",
+            "1.h",
+            "-5m",
+            "five minutes",
+            "5m,",
+            "1h 30",
+            // Well-formed, but under kiln's minimum of 10s.
+            "5s",
+            "9999ms",
+            "0",
+        ],
+    );
+}
+
+#[test]
+fn schema_and_kiln_agree_on_quantities() {
+    schema_agrees_with_kiln(
+        "kubernetes.build.memory_limit",
+        "2Gi",
+        &[
+            "2Gi", "500Mi", "1.5Gi", "2", "1e9", "128M", "0.5", ".5", "+1Gi", "2 GB", "2GB",
+            "1.2.3", "-1", "Gi", "abc", "1e", "2gi",
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Grafana dashboard
+// ---------------------------------------------------------------------------------------------
+
+/// kiln's metrics the dashboard may query, with their type and labels (src/telemetry.rs, and
+/// the build-level metrics being added with exactly these names).
+const METRICS: &[(&str, &str, &[&str])] = &[
+    ("kiln_job_queue_time_seconds", "histogram", &["runner"]),
+    (
+        "kiln_jobs_finished_total",
+        "counter",
+        &["runner", "state", "reason"],
+    ),
+    ("kiln_jobs_running", "gauge", &[]),
+    (
+        "kiln_gitlab_job_requests_total",
+        "counter",
+        &["runner", "result"],
+    ),
+    ("kiln_runner_paused", "gauge", &["runner"]),
+    ("kiln_jenkins_agents", "gauge", &["jenkins", "label"]),
+    ("kiln_build_queue_wait_seconds", "histogram", &["source"]),
+    (
+        "kiln_build_duration_seconds",
+        "histogram",
+        &["source", "outcome"],
+    ),
+    (
+        "kiln_builds_finished_total",
+        "counter",
+        &["source", "outcome", "reason"],
+    ),
+    ("kiln_builds", "gauge", &["source", "phase"]),
+    (
+        "kiln_build_cost_total",
+        "counter",
+        &["source", "project", "class"],
+    ),
+    ("kiln_api_rate_limit_saturation", "gauge", &["api"]),
+];
+
+/// Labels Prometheus adds to every scraped series.
+const TARGET_LABELS: &[&str] = &[
+    "job",
+    "instance",
+    "namespace",
+    "pod",
+    "container",
+    "service",
+];
+
+fn dashboard() -> Json {
+    let text = std::fs::read_to_string(chart_dir().join("dashboards/kiln.json")).unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("dashboards/kiln.json: {e}"))
+}
+
+/// Every PromQL expression of the dashboard with its legend: panel targets and the queries of
+/// variables.
+fn dashboard_queries(dashboard: &Json) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap().to_owned();
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            out.push((
+                title.clone(),
+                target["expr"].as_str().unwrap().to_owned(),
+                target["legendFormat"].as_str().unwrap_or("").to_owned(),
+            ));
+        }
+    }
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        if variable["type"] == "query" {
+            let name = variable["name"].as_str().unwrap();
+            out.push((
+                format!("variable {name}"),
+                variable["query"]["query"].as_str().unwrap().to_owned(),
+                String::new(),
+            ));
+        }
+    }
+    out
+}
+
+/// The metric `name` refers to (a histogram's `_bucket`, `_sum` and `_count` series included).
+fn metric_of(name: &str) -> Option<&'static (&'static str, &'static str, &'static [&'static str])> {
+    METRICS.iter().find(|(metric, kind, _)| {
+        *metric == name
+            || (*kind == "histogram"
+                && ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|suffix| name.strip_suffix(suffix) == Some(metric)))
+    })
+}
+
+/// What is wrong with the dashboard's queries: names that are not kiln's metrics, label
+/// matchers, groupings and legends that use labels the metrics do not have.
+fn query_problems(dashboard: &Json) -> Vec<String> {
+    let identifier = regex::Regex::new(r"[A-Za-z_:][A-Za-z0-9_:]*").unwrap();
+    let string = regex::Regex::new(r#""[^"]*""#).unwrap();
+    let selector = regex::Regex::new(r"(kiln_[a-z_]+)\{([^}]*)\}").unwrap();
+    let matcher = regex::Regex::new(r#"([a-z_]+)\s*(=~|!~|!=|=)\s*"[^"]*""#).unwrap();
+    let grouping = regex::Regex::new(r"\b(?:by|without)\s*\(([^)]*)\)").unwrap();
+    let legend = regex::Regex::new(r"\{\{\s*([a-z_]+)\s*\}\}").unwrap();
+    let mut problems = Vec::new();
+    for (title, expr, legend_format) in dashboard_queries(dashboard) {
+        let mut labels: BTreeSet<&str> = TARGET_LABELS.iter().copied().collect();
+        let mut metrics = 0;
+        // Strings (label values) are not names; `$__range` and friends are Grafana's.
+        let bare = string.replace_all(&expr, "\"\"");
+        for found in identifier.find_iter(&bare) {
+            let name = found.as_str();
+            let after_dollar = found.start() > 0 && bare.as_bytes()[found.start() - 1] == b'$';
+            if after_dollar || !name.starts_with("kiln_") {
+                if !after_dollar && name.contains('_') && !PROMQL_WORDS.contains(&name) {
+                    problems.push(format!("{title}: `{name}` is not a kiln metric: {expr}"));
+                }
+                continue;
+            }
+            let Some((_, kind, metric_labels)) = metric_of(name) else {
+                problems.push(format!("{title}: `{name}` is not a kiln metric: {expr}"));
+                continue;
+            };
+            metrics += 1;
+            labels.extend(metric_labels.iter());
+            if *kind == "histogram" {
+                labels.insert("le");
+            }
+        }
+        if metrics == 0 {
+            problems.push(format!("{title}: no kiln metric in {expr}"));
+        }
+        for captures in selector.captures_iter(&expr) {
+            let Some((_, _, metric_labels)) = metric_of(&captures[1]) else {
+                continue;
+            };
+            for m in matcher.captures_iter(&captures[2]) {
+                if !metric_labels.contains(&&m[1]) && !TARGET_LABELS.contains(&&m[1]) {
+                    problems.push(format!(
+                        "{title}: {} has no label `{}`",
+                        &captures[1], &m[1]
+                    ));
+                }
+            }
+        }
+        let mut grouped = BTreeSet::new();
+        for captures in grouping.captures_iter(&expr) {
+            for label in captures[1].split(',').map(str::trim) {
+                grouped.insert(label.to_owned());
+                if !labels.contains(label) {
+                    problems.push(format!("{title}: no label `{label}` to group by in {expr}"));
+                }
+            }
+        }
+        for captures in legend.captures_iter(&legend_format) {
+            if !grouped.contains(&captures[1]) {
+                problems.push(format!(
+                    "{title}: legend {{{{{}}}}} is not a grouping label of {expr}",
+                    &captures[1]
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// PromQL and Grafana words with an underscore.
+const PROMQL_WORDS: &[&str] = &["histogram_quantile", "label_values", "label_replace"];
+
+#[test]
+fn dashboard_has_the_panels_and_queries_only_kiln_metrics() {
+    let dashboard = dashboard();
+    assert_eq!(dashboard["uid"], "kiln");
+    let titles: BTreeSet<&str> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
+    for required in [
+        "Queue wait",
+        "Build duration",
+        "Outcomes by failure reason",
+        "Builds by phase",
+        "Cost by project",
+        "API rate-limit saturation",
+    ] {
+        assert!(
+            titles.contains(required),
+            "no panel {required:?}: {titles:?}"
+        );
+    }
+    // Panel ids are unique and every panel sits on the 24-column grid.
+    let mut ids = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        assert!(ids.insert(panel["id"].as_i64().unwrap()), "{panel}");
+        let grid = &panel["gridPos"];
+        assert!(
+            grid["x"].as_i64().unwrap() + grid["w"].as_i64().unwrap() <= 24,
+            "{panel}"
+        );
+    }
+    let problems = query_problems(&dashboard);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // Every build-level metric is on it.
+    let queries: String = dashboard_queries(&dashboard)
+        .into_iter()
+        .map(|(_, expr, _)| expr)
+        .collect();
+    for metric in [
+        "kiln_build_queue_wait_seconds_bucket",
+        "kiln_build_duration_seconds_bucket",
+        "kiln_builds_finished_total",
+        "kiln_builds{",
+        "kiln_build_cost_total",
+        "kiln_api_rate_limit_saturation",
+    ] {
+        assert!(queries.contains(metric), "{metric} is not on the dashboard");
+    }
+}
+
+#[test]
+fn the_dashboard_check_catches_unknown_metrics_and_labels() {
+    let mut dashboard = dashboard();
+    for (expr, legend, expected) in [
+        (
+            "sum(kiln_build_pods)",
+            "",
+            "`kiln_build_pods` is not a kiln metric",
+        ),
+        (
+            "sum(rate(kiln_builds_bucket[5m]))",
+            "",
+            "`kiln_builds_bucket` is not a kiln metric",
+        ),
+        (
+            "sum(node_cpu_seconds_total)",
+            "",
+            "`node_cpu_seconds_total` is not a kiln metric",
+        ),
+        (
+            "sum(kiln_builds{project=\"x\"})",
+            "",
+            "kiln_builds has no label `project`",
+        ),
+        (
+            "sum by (runner) (kiln_builds)",
+            "",
+            "no label `runner` to group by",
+        ),
+        (
+            "sum by (phase) (kiln_builds)",
+            "{{source}}",
+            "legend {{source}} is not a grouping label",
+        ),
+    ] {
+        let target = &mut dashboard["panels"][1]["targets"][0];
+        target["expr"] = expr.into();
+        target["legendFormat"] = legend.into();
+        let problems = query_problems(&dashboard).join("\n");
+        assert!(problems.contains(expected), "{expr}: {problems}");
+    }
 }

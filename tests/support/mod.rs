@@ -7,3 +7,4 @@ pub mod kiln;
 pub mod knative;
 pub mod kube;
 pub mod sae;
+pub mod tools;

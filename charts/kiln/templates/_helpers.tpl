@@ -41,9 +41,23 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* Namespace of the build pods: buildNamespace.name, else the release namespace. */}}
+{{/* Namespace of the build pods: buildNamespace.name, else `<release namespace>-builds`. */}}
 {{- define "kiln.buildNamespace" -}}
-{{- default .Release.Namespace .Values.buildNamespace.name }}
+{{- default (printf "%s-builds" .Release.Namespace | trunc 63 | trimSuffix "-") .Values.buildNamespace.name }}
+{{- end }}
+
+{{/*
+"true" when the chart creates the build namespace: never the release namespace; otherwise as
+buildNamespace.create says, and when that is unset (null) only for the default name.
+*/}}
+{{- define "kiln.createBuildNamespace" -}}
+{{- $create := .Values.buildNamespace.create }}
+{{- if ne (include "kiln.buildNamespace" .) .Release.Namespace }}
+{{- if kindIs "invalid" $create }}
+{{- if not .Values.buildNamespace.name }}true{{ end }}
+{{- else if $create }}true
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{- define "kiln.secretName" -}}
