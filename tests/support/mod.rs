@@ -1,6 +1,7 @@
 //! Test servers and helpers shared by the end-to-end tests.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod github;
 pub mod gitlab;
 pub mod jenkins;
 pub mod kiln;
