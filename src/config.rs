@@ -8,12 +8,19 @@
 //! string that looks like a number.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::agent::AgentConfig;
+pub use crate::executor::kubernetes::KubernetesConfig;
+pub use crate::executor::local::LocalConfig;
+pub use crate::http::HttpConfig;
+pub use crate::problem::Problem;
+pub use crate::sources::gitlab::{GitLabRunnerConfig, is_system_id};
+pub use crate::sources::jenkins::JenkinsConfig;
+pub use crate::telemetry::{LogConfig, LogFormat};
 
 /// The environment variable that names the config file (the one name `KILN_` reserves).
 pub const CONFIG_ENV: &str = "KILN_CONFIG";
@@ -43,7 +50,7 @@ pub struct Config {
     pub local: LocalConfig,
     /// The Kubernetes executor.
     #[serde(default)]
-    pub kubernetes: crate::executor::kubernetes::KubernetesConfig,
+    pub kubernetes: KubernetesConfig,
     /// What the agent does inside each build.
     #[serde(default)]
     pub agent: AgentConfig,
@@ -72,7 +79,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             log: LogConfig::default(),
             local: LocalConfig::default(),
-            kubernetes: crate::executor::kubernetes::KubernetesConfig::default(),
+            kubernetes: KubernetesConfig::default(),
             agent: AgentConfig::default(),
             sources: Sources::default(),
             deploy: crate::deploy::DeployConfig::default(),
@@ -91,118 +98,6 @@ pub enum ExecutorKind {
     Kubernetes,
 }
 
-/// `[http]`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpConfig {
-    /// Listen address of `/healthz`, `/readyz` and `/metrics`.
-    pub listen: SocketAddr,
-    /// Connections open at once; more wait until one closes.
-    pub max_connections: usize,
-    /// How long a client may take to send its request headers (and stay idle between
-    /// requests on a kept-alive connection).
-    #[serde(with = "humantime_serde")]
-    pub header_timeout: Duration,
-    /// How long a webhook sender may take to send its body.
-    #[serde(with = "humantime_serde")]
-    pub body_timeout: Duration,
-    /// On shutdown, how long open connections get to finish before they are closed.
-    #[serde(with = "humantime_serde")]
-    pub shutdown_grace: Duration,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 9252)),
-            max_connections: 256,
-            header_timeout: Duration::from_secs(10),
-            body_timeout: Duration::from_secs(10),
-            shutdown_grace: Duration::from_secs(2),
-        }
-    }
-}
-
-/// `[log]`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// `auto` (pretty on a terminal, JSON otherwise), `json` or `pretty`.
-    pub format: LogFormat,
-    /// A `tracing` filter such as `info` or `kiln=debug,info`.
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Auto,
-            level: "info".into(),
-        }
-    }
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Pretty on a terminal, JSON otherwise.
-    #[default]
-    Auto,
-    /// One JSON object per line.
-    Json,
-    /// Human-readable.
-    Pretty,
-}
-
-/// `[local]`: the child-process executor.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LocalConfig {
-    /// Parent directory of per-job work directories (default: the system temp dir).
-    pub work_dir: Option<PathBuf>,
-    /// Keep each job's work directory after it ends (for debugging).
-    pub keep_work_dirs: bool,
-    /// Extra environment variables passed from the coordinator's environment to the agent.
-    pub pass_env: Vec<String>,
-}
-
-/// `[agent]`: behaviour of `kiln agent` inside a build.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct AgentConfig {
-    /// Maximum trace size in KiB; output past it is dropped with a notice (GitLab's 4096).
-    pub output_limit: u64,
-    /// Trace update interval used until GitLab sends its own.
-    #[serde(with = "humantime_serde")]
-    pub trace_interval: Duration,
-    /// How often to tell GitLab the job is alive when it produces no output.
-    #[serde(with = "humantime_serde")]
-    pub keepalive_interval: Duration,
-    /// Time limit for `after_script`.
-    #[serde(with = "humantime_serde")]
-    pub after_script_timeout: Duration,
-    /// The shell that runs scripts (`bash` when present, else `sh`).
-    pub shell: Option<String>,
-    /// How long a build waits for each service's `HEALTHCHECK_TCP_PORT` to accept connections
-    /// (Kubernetes executor) before it goes on with a warning.
-    #[serde(with = "humantime_serde")]
-    pub service_wait: Duration,
-}
-
-impl Default for AgentConfig {
-    fn default() -> Self {
-        Self {
-            output_limit: 4096,
-            trace_interval: Duration::from_secs(3),
-            keepalive_interval: Duration::from_secs(30),
-            after_script_timeout: Duration::from_secs(300),
-            shell: None,
-            service_wait: Duration::from_secs(30),
-        }
-    }
-}
-
 /// `[sources]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -210,119 +105,7 @@ pub struct Sources {
     /// GitLab runners (`[[sources.gitlab]]`), each with its own token.
     pub gitlab: Vec<GitLabRunnerConfig>,
     /// Jenkins controllers (`[[sources.jenkins]]`) kiln provisions agents for.
-    pub jenkins: Vec<crate::sources::jenkins::JenkinsConfig>,
-}
-
-/// One GitLab runner kiln acts as.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct GitLabRunnerConfig {
-    /// A name for logs and metrics (default: the URL's host and the index).
-    #[serde(default)]
-    pub name: Option<String>,
-    /// GitLab's base URL, e.g. `https://gitlab.example.com`.
-    pub url: String,
-    /// The runner authentication token (`glrt-…`); usually from the environment
-    /// (`KILN_SOURCES__GITLAB__N__TOKEN`), so a missing one is reported with that hint.
-    #[serde(default)]
-    pub token: String,
-    /// This manager's stable system id (`s_`/`r_` + 12 chars); written by `kiln register`.
-    #[serde(default)]
-    pub system_id: Option<String>,
-    /// Jobs this runner runs at once (0: only `concurrent` limits it).
-    #[serde(default)]
-    pub limit: usize,
-    /// Parallel `jobs/request` long polls (useful only with capacity for several jobs).
-    #[serde(default = "one")]
-    pub request_concurrency: usize,
-    /// Client-side timeout of one long poll; above GitLab Workhorse's 50 s hold.
-    #[serde(default = "default_poll_timeout", with = "humantime_serde")]
-    pub poll_timeout: Duration,
-    /// The least time between two `jobs/request` calls that found no job. A long poll that
-    /// GitLab held for longer is followed at once; a `204` that came back sooner (no long
-    /// polling in front of GitLab) waits out the rest, as gitlab-runner's `check_interval`.
-    #[serde(default = "default_check_interval", with = "humantime_serde")]
-    pub check_interval: Duration,
-    /// The largest job payload (KiB) kiln accepts; a bigger job is failed with a reason
-    /// instead of being loaded. GitLab's own payloads are far smaller.
-    #[serde(default = "default_max_job_payload")]
-    pub max_job_payload: usize,
-    /// The Kubernetes resource class of this runner's jobs (GitLab does not send a job's tags,
-    /// so register one runner per tag set and give each its class).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resource_class: Option<String>,
-}
-
-fn one() -> usize {
-    1
-}
-
-fn default_poll_timeout() -> Duration {
-    Duration::from_secs(60)
-}
-
-fn default_check_interval() -> Duration {
-    Duration::from_secs(3)
-}
-
-fn default_max_job_payload() -> usize {
-    4096
-}
-
-impl GitLabRunnerConfig {
-    /// A new entry with defaults for everything but the server and token.
-    pub fn new(url: &str, token: &str) -> Self {
-        Self {
-            name: None,
-            url: url.into(),
-            token: token.into(),
-            system_id: None,
-            limit: 0,
-            request_concurrency: 1,
-            poll_timeout: default_poll_timeout(),
-            check_interval: default_check_interval(),
-            max_job_payload: default_max_job_payload(),
-            resource_class: None,
-        }
-    }
-
-    /// [`Self::max_job_payload`] in bytes.
-    pub fn max_job_payload_bytes(&self) -> usize {
-        self.max_job_payload.saturating_mul(1024)
-    }
-
-    /// The name used in logs and metrics.
-    pub fn display_name(&self, index: usize) -> String {
-        default_name(self.name.as_deref(), &self.url, "gitlab", index)
-    }
-}
-
-/// A source entry's name: the configured one, else `<URL host>-<index>` (`fallback` when the
-/// URL has no host).
-pub(crate) fn default_name(name: Option<&str>, url: &str, fallback: &str, index: usize) -> String {
-    if let Some(name) = name {
-        return name.to_owned();
-    }
-    let host = url::Url::parse(url)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_owned))
-        .unwrap_or_else(|| fallback.into());
-    format!("{host}-{index}")
-}
-
-/// One thing wrong with a configuration, and where.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// The field's path, e.g. `sources.gitlab[0].url`.
-    pub path: String,
-    /// What is wrong with it.
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
+    pub jenkins: Vec<JenkinsConfig>,
 }
 
 /// Why a configuration could not be used.
@@ -502,71 +285,16 @@ impl Config {
         if self.concurrent == 0 {
             problem("concurrent".into(), "must be at least 1");
         }
-        if self.http.max_connections == 0 {
-            problem("http.max_connections".into(), "must be at least 1");
-        }
-        for (field, value) in [
-            ("http.header_timeout", self.http.header_timeout),
-            ("http.body_timeout", self.http.body_timeout),
-        ] {
-            if value.is_zero() {
-                problem(field.into(), "must be longer than 0s");
-            }
-        }
-        if self.agent.output_limit == 0 {
-            problem("agent.output_limit".into(), "must be at least 1 (KiB)");
-        }
-        if self.agent.trace_interval.is_zero() {
-            problem("agent.trace_interval".into(), "must be longer than 0s");
-        }
+        problems.extend(self.http.problems());
+        problems.extend(self.agent.problems());
         let mut names = BTreeMap::new();
         for (i, runner) in self.sources.gitlab.iter().enumerate() {
-            let at = |field: &str| format!("sources.gitlab[{i}].{field}");
-            match url::Url::parse(&runner.url) {
-                Ok(url) if matches!(url.scheme(), "http" | "https") => {}
-                Ok(url) => problem(
-                    at("url"),
-                    &format!("scheme `{}` is not http or https", url.scheme()),
-                ),
-                Err(e) => problem(at("url"), &format!("not a URL ({e})")),
-            }
-            if runner.token.trim().is_empty() {
-                problem(
-                    at("token"),
-                    "is empty; run `kiln register` or set KILN_SOURCES__GITLAB__N__TOKEN",
-                );
-            }
-            if let Some(id) = &runner.system_id
-                && !is_system_id(id)
-            {
-                problem(
-                    at("system_id"),
-                    "must be `s_` or `r_` followed by 12 letters or digits",
-                );
-            }
-            if runner.check_interval < Duration::from_secs(1) {
-                problem(
-                    at("check_interval"),
-                    "must be at least 1s (it is the pause between requests that found no job)",
-                );
-            }
-            if runner.max_job_payload == 0 {
-                problem(at("max_job_payload"), "must be at least 1 (KiB)");
-            }
-            if runner.request_concurrency == 0 {
-                problem(at("request_concurrency"), "must be at least 1");
-            }
-            if runner.poll_timeout < Duration::from_secs(5) {
-                problem(
-                    at("poll_timeout"),
-                    "must be at least 5s (GitLab holds long polls for up to 50s)",
-                );
-            }
+            problems.extend(runner.problems(i));
             if let Some(previous) = names.insert(runner.display_name(i), i) {
-                problem(
-                    at("name"),
-                    &format!("same name as sources.gitlab[{previous}]; names must be unique"),
-                );
+                problems.push(Problem::new(
+                    format!("sources.gitlab[{i}].name"),
+                    format!("same name as sources.gitlab[{previous}]; names must be unique"),
+                ));
             }
         }
         {
@@ -588,12 +316,6 @@ impl Config {
         for (i, jenkins) in self.sources.jenkins.iter().enumerate() {
             problems.extend(jenkins.problems(i, &classes));
         }
-        if !self.sources.jenkins.is_empty() && self.executor != ExecutorKind::Kubernetes {
-            problems.push(Problem {
-                path: "executor".into(),
-                message: "Jenkins sources start agent pods: set executor = \"kubernetes\"".into(),
-            });
-        }
         problems
     }
 }
@@ -607,14 +329,6 @@ fn is_command_variable(name: &str) -> bool {
         || (name.starts_with("KILN_DEPLOY_") && !name.starts_with("KILN_DEPLOY__"))
         || name.starts_with("KILN_REGISTER_")
         || name.starts_with("KILN_REGISTRATION_")
-}
-
-/// Whether `id` looks like a GitLab runner system id.
-pub fn is_system_id(id: &str) -> bool {
-    let (prefix, rest) = id.split_at(id.len().min(2));
-    matches!(prefix, "s_" | "r_")
-        && rest.len() == 12
-        && rest.chars().all(|c| c.is_ascii_alphanumeric())
 }
 
 /// Names the environment variable behind a failing path, when one set it.
@@ -1078,6 +792,7 @@ system_id = "x"
 
     #[test]
     fn system_id_shape() {
+        use crate::sources::gitlab::is_system_id;
         assert!(is_system_id("s_0123456789ab"));
         assert!(is_system_id("r_AbCdEf123456"));
         assert!(!is_system_id("s_0123"));

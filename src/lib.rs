@@ -5,15 +5,16 @@
 //! the data flow: `sources` → `coordinator` → `executor`, with `agent` running inside each build.
 
 pub mod agent;
+pub mod build;
 pub mod config;
 pub mod coordinator;
 pub mod deploy;
 pub mod exec;
 pub mod executor;
 pub mod http;
-pub mod job;
 pub mod net;
 pub mod pipeline;
+pub mod problem;
 pub mod sources;
 pub mod telemetry;
 pub mod variables;

@@ -275,7 +275,6 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let metrics = kiln::telemetry::Metrics::new();
     let shutdown = shutdown_on_signal()?;
-    let mut kubernetes = None;
     let executor: Arc<dyn kiln::executor::Executor> = match config.executor {
         kiln::config::ExecutorKind::Local => {
             let agent =
@@ -285,56 +284,51 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 &config.local,
             ))
         }
-        kiln::config::ExecutorKind::Kubernetes => {
-            let classes = config
-                .sources
-                .gitlab
-                .iter()
-                .enumerate()
-                .filter_map(|(i, r)| Some((r.display_name(i), r.resource_class.clone()?)))
-                .collect();
-            let executor = Arc::new(
-                kiln::executor::kubernetes::KubernetesExecutor::connect(
-                    &config.kubernetes,
-                    classes,
-                    shutdown.clone(),
-                )
-                .await
-                .context("cannot start the Kubernetes executor")?,
-            );
-            kubernetes = Some(Arc::clone(&executor));
-            executor
-        }
-    };
-    let http = config.http.clone();
-    let jenkins_configs = config.sources.jenkins.clone();
-    let coordinator = kiln::coordinator::Coordinator::new(config, Arc::clone(&metrics), executor)?;
-    let mut jenkins = Vec::new();
-    for (index, entry) in jenkins_configs.iter().enumerate() {
-        let Some(executor) = kubernetes.clone() else {
-            bail!("Jenkins sources start agent pods: set executor = \"kubernetes\"");
-        };
-        jenkins.push(
-            kiln::sources::jenkins::JenkinsSource::new(
-                entry,
-                index,
-                executor,
-                coordinator.limiter(),
-                Arc::clone(&metrics),
+        kiln::config::ExecutorKind::Kubernetes => Arc::new(
+            kiln::executor::kubernetes::KubernetesExecutor::connect(
+                &config.kubernetes,
+                shutdown.clone(),
             )
-            .with_context(|| format!("sources.jenkins[{index}]"))?,
-        );
+            .await
+            .context("cannot start the Kubernetes executor")?,
+        ),
+    };
+    let info = kiln::sources::ExecutorInfo {
+        name: executor.name(),
+        runs_images: executor.runs_images(),
+    };
+    let mut sources: Vec<Arc<dyn kiln::sources::Source>> = Vec::new();
+    for (index, runner) in config.sources.gitlab.iter().enumerate() {
+        let source = kiln::sources::gitlab::GitLabSource::new(
+            runner,
+            index,
+            &config.agent,
+            info,
+            Arc::clone(&metrics),
+        )
+        .with_context(|| format!("sources.gitlab[{index}]"))?;
+        sources.push(Arc::new(source));
     }
+    let mut jenkins_hooks = Vec::new();
+    for (index, entry) in config.sources.jenkins.iter().enumerate() {
+        let source = kiln::sources::jenkins::JenkinsSource::new(entry, index, Arc::clone(&metrics))
+            .with_context(|| format!("sources.jenkins[{index}]"))?;
+        jenkins_hooks.push(source.waker());
+        sources.push(Arc::new(source));
+    }
+    let http = config.http.clone();
+    let settings = kiln::coordinator::Settings {
+        concurrent: config.concurrent,
+        shutdown_timeout: config.shutdown_timeout,
+    };
+    let coordinator =
+        kiln::coordinator::Coordinator::new(settings, Arc::clone(&metrics), executor, sources);
     let app = kiln::http::router(kiln::http::AppState {
         metrics,
         status: coordinator.status(),
-        jenkins_hooks: jenkins.iter().map(|j| j.waker()).collect(),
+        jenkins_hooks,
         body_timeout: http.body_timeout,
     });
-    let jenkins_tasks: Vec<_> = jenkins
-        .into_iter()
-        .map(|source| tokio::spawn(source.run(shutdown.clone())))
-        .collect();
     let listener = tokio::net::TcpListener::bind(http.listen)
         .await
         .with_context(|| format!("cannot listen on {} (http.listen)", http.listen))?;
@@ -347,9 +341,6 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let server = tokio::spawn(kiln::http::serve(listener, app, limits, shutdown.clone()));
     coordinator.run(shutdown.clone()).await;
     shutdown.cancel();
-    for task in jenkins_tasks {
-        let _ = task.await;
-    }
     server.await.context("HTTP server task failed")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -79,6 +79,22 @@ pub fn retry_after(value: &str) -> Option<Duration> {
     )
 }
 
+/// An error and its causes as one line (`cannot reach GitLab at …: connection refused`), for
+/// places that show errors to people (the status page).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let line = inner.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        cause = inner.source();
+    }
+    text
+}
+
 /// A response body that was cut off at a size limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Oversized {

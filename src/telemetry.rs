@@ -11,7 +11,39 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+use serde::{Deserialize, Serialize};
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `auto` (pretty on a terminal, JSON otherwise), `json` or `pretty`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `kiln=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Pretty on a terminal, JSON otherwise.
+    #[default]
+    Auto,
+    /// One JSON object per line.
+    Json,
+    /// Human-readable.
+    Pretty,
+}
 
 /// Installs the global tracing subscriber: JSON when not on a terminal (production), pretty
 /// otherwise, unless `format` says which. Logs go to stderr so stdout stays for command output.
@@ -188,6 +220,42 @@ pub struct AgentFailureLabels {
     pub reason: String,
 }
 
+/// Labels naming a source kind (`gitlab`, `jenkins`, `github`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// The kind of CI server.
+    pub source: String,
+}
+
+/// Labels of a finished build.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// The kind of CI server.
+    pub source: String,
+    /// `succeeded`, `failed`, `canceled` or `lost`.
+    pub outcome: String,
+    /// The failure reason, empty unless failed.
+    pub reason: String,
+}
+
+/// Labels of a build's duration.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DurationLabels {
+    /// The kind of CI server.
+    pub source: String,
+    /// `succeeded`, `failed`, `canceled` or `lost`.
+    pub outcome: String,
+}
+
+/// Labels of the builds alive now.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    /// The kind of CI server.
+    pub source: String,
+    /// `pending` or `running`.
+    pub phase: String,
+}
+
 /// Every metric the coordinator exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -213,6 +281,14 @@ pub struct Metrics {
     pub jenkins_agent_failures: Family<AgentFailureLabels, Counter>,
     /// Jenkins agents alive now.
     pub jenkins_agents: Family<AgentLabels, Gauge>,
+    /// Builds finished, by source, outcome and reason.
+    pub builds_finished: Family<OutcomeLabels, Counter>,
+    /// How long builds took from launch to end.
+    pub build_duration: Family<DurationLabels, Histogram>,
+    /// How long work waited from being queued on its CI server until its build ran.
+    pub build_queue_wait: Family<SourceLabels, Histogram>,
+    /// Builds alive now, by phase.
+    pub builds: Family<PhaseLabels, Gauge>,
 }
 
 impl Metrics {
@@ -279,8 +355,36 @@ impl Metrics {
             "Jenkins agents alive now",
             jenkins_agents.clone(),
         );
+        let builds_finished = Family::<OutcomeLabels, Counter>::default();
+        let build_duration = Family::<DurationLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(1.0, 2.0, 16))) as fn() -> Histogram,
+        );
+        let build_queue_wait = Family::<SourceLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.25, 2.0, 16))) as fn() -> Histogram,
+        );
+        let builds = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "builds_finished",
+            "Builds finished, by source, outcome and failure reason",
+            builds_finished.clone(),
+        );
+        registry.register(
+            "build_duration_seconds",
+            "Time from a build's launch to its end",
+            build_duration.clone(),
+        );
+        registry.register(
+            "build_queue_wait_seconds",
+            "Time from work being queued on its CI server until its build ran",
+            build_queue_wait.clone(),
+        );
+        registry.register("builds", "Builds alive now, by phase", builds.clone());
         Arc::new(Self {
             registry,
+            builds_finished,
+            build_duration,
+            build_queue_wait,
+            builds,
             jenkins_agents_started,
             jenkins_agent_failures,
             jenkins_agents,

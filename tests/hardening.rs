@@ -429,3 +429,21 @@ fn sigterm_stops_kiln_even_when_its_log_pipe_is_closed() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_long_poll_is_not_a_used_build_slot() {
+    let gitlab = gitlab().await;
+    gitlab.set_long_poll_timeout(Duration::from_secs(30));
+    let kiln = KilnProcess::start(&config(&gitlab.url(), TOKEN, "concurrent = 2"));
+    // A long poll is held by GitLab now: nothing runs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gitlab.polls().is_empty() {
+        assert!(Instant::now() < deadline, "kiln never asked for a job");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, page) = kiln.get("/").await;
+    assert!(page.contains("0 of 2 build slots in use"), "{page}");
+    let (_, metrics) = kiln.get("/metrics").await;
+    assert!(metrics.contains("kiln_jobs_running 0"), "{metrics}");
+}

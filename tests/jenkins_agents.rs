@@ -385,12 +385,58 @@ async fn a_restart_mid_build_leaves_no_orphan_node_or_pod() {
         s.agent_nodes().iter().all(|n| *n != busy && *n != waiting)
     })
     .await;
-    assert!(
-        second.logs().contains("adopted an agent of an earlier run")
-            || second.logs().contains("agent pod without its node"),
-        "{}",
-        second.logs()
-    );
+    // Both agent pods went through the coordinator's one adoption path, as GitLab build pods
+    // do, before the Jenkins source judged them.
+    let logs = second.logs();
+    for pod in &pods {
+        let name = pod.metadata.name.as_deref().unwrap();
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("adopted a build of an earlier run") && l.contains(name)),
+            "{name} was not adopted by the coordinator:\n{logs}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn evicted_and_oom_killed_agent_pods_are_classified_like_build_pods() {
+    let s = setup().await;
+    s.jenkins.enqueue("a", "maven");
+    s.jenkins.enqueue("b", "maven");
+    let kiln =
+        s.kiln("token = \"test-api-token\"\npoll_interval = \"1s\"\nconnect_timeout = \"1m\"");
+    let pods = s.agent_pods(2, 20).await;
+    let evicted = pods[0].metadata.name.clone().unwrap();
+    let oom = pods[1].metadata.name.clone().unwrap();
+    s.kube.evict(&evicted);
+    s.kube.oom_kill(&oom, "jnlp");
+    // The same words the classifier gives a GitLab build pod, now for the agents' pods.
+    until(30, "both endings classified", || {
+        let logs = kiln.logs();
+        logs.contains("the pod was evicted by the node")
+            && logs
+                .contains("the agent container `jnlp` ran out of memory and was killed (OOMKilled")
+    })
+    .await;
+    let (_, metrics) = kiln.get("/metrics").await;
+    for reason in ["runner_system_failure", "script_failure"] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("kiln_jenkins_agent_failures_total")
+                    && l.contains(&format!("reason=\"{reason}\""))),
+            "{reason} not counted:\n{metrics}"
+        );
+    }
+    // Each failed agent's node is deleted and its build gets a fresh agent.
+    until(30, "fresh agents for both builds", || {
+        let names: Vec<String> = agent_pods(&s.kube.pods())
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        names.len() == 2 && !names.contains(&evicted) && !names.contains(&oom)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

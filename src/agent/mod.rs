@@ -7,7 +7,9 @@
 //! could not report the job, and the coordinator fails it.
 
 mod artifacts;
+mod config;
 mod git;
+pub mod job_file;
 mod mask;
 mod process;
 mod trace;
@@ -22,58 +24,17 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AgentConfig;
-use crate::job::FailureReason;
+pub use crate::build::AgentReport;
+use crate::build::{AGENT_PGID_FILE, AGENT_RESULT_FILE, FailureReason};
 use crate::sources::gitlab::api::{
     ApiError, ArtifactUpload, JobUpdate, RunnerApi, TraceOutput, UpdateAck, UploadAck,
 };
 use crate::sources::gitlab::payload::{Artifact, JobPayload, Step, When};
 use crate::variables::{Definition, Variables};
+pub use config::AgentConfig;
+pub use job_file::AgentJob;
 use process::{Exit, Interrupts};
 use trace::{Remote, Trace, Uplink};
-
-/// Name of the result file the agent writes next to the job file.
-pub const RESULT_FILE: &str = "result.json";
-/// Name of the file holding the running step's process group id.
-pub const PGID_FILE: &str = "script.pgid";
-
-/// What the executor hands the agent (written as JSON to the job file).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentJob {
-    /// GitLab's base URL.
-    pub gitlab_url: String,
-    /// The job JSON exactly as GitLab sent it.
-    pub job: serde_json::Value,
-    /// Agent behaviour from the coordinator's config.
-    #[serde(default)]
-    pub settings: AgentConfig,
-    /// The executor's name, shown in the trace (`local`, `kubernetes`).
-    #[serde(default = "local")]
-    pub executor: String,
-    /// The runner's name, shown in the trace.
-    #[serde(default)]
-    pub runner: String,
-}
-
-fn local() -> String {
-    "local".into()
-}
-
-/// What the agent leaves for the executor in [`RESULT_FILE`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentResult {
-    /// `success` or `failed`.
-    pub state: String,
-    /// The failure reason sent to GitLab.
-    pub failure_reason: Option<String>,
-    /// The script's exit code.
-    pub exit_code: Option<i32>,
-    /// Whether GitLab took the final update (or no longer needed one: canceled).
-    pub reported: bool,
-    /// Whether GitLab canceled the job.
-    pub canceled: bool,
-}
 
 /// Problems that keep the agent from running a job at all.
 #[derive(Debug, thiserror::Error)]
@@ -230,13 +191,13 @@ fn load(job_file: &Path) -> Result<(AgentJob, JobPayload), AgentError> {
 /// # Errors
 /// Only when the job cannot be started at all (unreadable job file, bad URL); once the job is
 /// known, every failure is reported to GitLab and in the result.
-pub async fn run(paths: &AgentPaths, abort: CancellationToken) -> Result<AgentResult, AgentError> {
+pub async fn run(paths: &AgentPaths, abort: CancellationToken) -> Result<AgentReport, AgentError> {
     let (spec, job) = load(&paths.job_file)?;
     let work = paths.work();
     let result_path = paths
         .result_file
         .clone()
-        .unwrap_or_else(|| work.join(RESULT_FILE));
+        .unwrap_or_else(|| work.join(AGENT_RESULT_FILE));
     let result = run_job(spec, job, paths, abort).await?;
     let json = serde_json::to_vec(&result).unwrap_or_default();
     if let Err(e) = std::fs::write(&result_path, json) {
@@ -348,7 +309,7 @@ fn context(
         trace,
         api,
         project_dir,
-        pgid_file: work.join(PGID_FILE),
+        pgid_file: work.join(AGENT_PGID_FILE),
         sources_file: work.join(SOURCES_FILE),
         tmp_dir,
         env,
@@ -369,7 +330,7 @@ async fn run_job(
     job: JobPayload,
     paths: &AgentPaths,
     abort: CancellationToken,
-) -> Result<AgentResult, AgentError> {
+) -> Result<AgentReport, AgentError> {
     let (mut ctx, remote_tx) = context(&spec, job, paths, abort)?;
     let trace = Arc::clone(&ctx.trace);
     let uplink = Uplink::new(
@@ -398,8 +359,8 @@ async fn run_job(
     Ok(result_of(&end, reported))
 }
 
-fn result_of(end: &JobEnd, reported: bool) -> AgentResult {
-    AgentResult {
+fn result_of(end: &JobEnd, reported: bool) -> AgentReport {
+    AgentReport {
         state: if end.failure.is_some() {
             "failed"
         } else {

@@ -20,11 +20,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::AgentConfig;
 use crate::agent::AgentJob;
-use crate::config::{AgentConfig, LocalConfig};
-use crate::executor::local::LocalExecutor;
-use crate::executor::{Executor, ExecutorError, Launch, RunReport};
-use crate::job::{JobKey, SourceKind};
+use crate::build::{About, Build, BuildKey, Ending, JOB_FILE, Outcome, SourceKind, Workload};
+use crate::executor::local::{LocalConfig, LocalExecutor};
+use crate::executor::{Watch, run_to_end};
 use crate::pipeline::{self, JobWhen, PipelineError, PipelineJob};
 use output::{Printer, Row};
 use payload::{DependencyRef, JobContext};
@@ -331,7 +331,7 @@ pub async fn run(
         ..AgentConfig::default()
     };
     let name_of: HashMap<u64, String> = nodes.iter().map(|n| (n.id, n.job.name.clone())).collect();
-    let mut running: JoinSet<(usize, Result<RunReport, ExecutorError>)> = JoinSet::new();
+    let mut running: JoinSet<(usize, Ending)> = JoinSet::new();
     let mut canceled = false;
     loop {
         if !canceled {
@@ -339,7 +339,7 @@ pub async fn run(
                 let Some(i) = next_ready(&mut nodes, &printer) else {
                     break;
                 };
-                let launch = launch(
+                let build = launch(
                     &nodes,
                     i,
                     &url,
@@ -355,8 +355,12 @@ pub async fn run(
                 node.started = Some(Instant::now());
                 printer.started(&node.job.name);
                 let executor = Arc::clone(&executor);
-                let token = cancel.child_token();
-                running.spawn(async move { (i, executor.run(launch, token).await) });
+                let watch = Watch {
+                    cancel: cancel.child_token(),
+                    ..Watch::default()
+                };
+                running
+                    .spawn(async move { (i, run_to_end(executor.as_ref(), &build, watch).await) });
             }
         }
         if running.is_empty() {
@@ -368,8 +372,8 @@ pub async fn run(
                 while let Ok(event) = events.try_recv() {
                     print_event(&printer, &name_of, event);
                 }
-                if let Ok((i, report)) = done {
-                    finish(&mut nodes[i], report, &server, &printer);
+                if let Ok((i, ending)) = done {
+                    finish(&mut nodes[i], ending, &server, &printer);
                 }
             }
             () = cancel.cancelled(), if !canceled => {
@@ -508,7 +512,7 @@ fn launch(
     sources_size: u64,
     server: &JobServer,
     settings: &AgentConfig,
-) -> Launch {
+) -> Build {
     let node = &nodes[i];
     let from: Vec<&str> = match (&node.job.dependencies, &node.job.needs) {
         (Some(deps), _) => deps.iter().map(String::as_str).collect(),
@@ -555,16 +559,29 @@ fn launch(
         executor: "local".into(),
         runner: "kiln exec".into(),
     };
-    Launch {
-        key: JobKey {
-            source: SourceKind::GitLab,
-            runner: "exec".into(),
-            id: node.id,
+    let key = BuildKey {
+        source: SourceKind::GitLab,
+        runner: "exec".into(),
+        id: node.id,
+    };
+    Build {
+        name: key.resource_name(),
+        key,
+        workload: Workload::KilnAgent {
+            image: None,
+            services: Vec::new(),
         },
         // Serializing plain data into a Vec cannot fail.
-        job_file: serde_json::to_vec(&agent_job).unwrap_or_default(),
-        timeout: node.job.timeout.unwrap_or(Duration::from_secs(3600)),
-        still_wanted: None,
+        secrets: std::collections::BTreeMap::from([(
+            JOB_FILE.to_owned(),
+            serde_json::to_vec(&agent_job).unwrap_or_default(),
+        )]),
+        class: None,
+        requests: Vec::new(),
+        timeout: Some(node.job.timeout.unwrap_or(Duration::from_secs(3600))),
+        labels: std::collections::BTreeMap::new(),
+        annotations: std::collections::BTreeMap::new(),
+        about: About::default(),
     }
 }
 
@@ -580,29 +597,20 @@ fn print_event(printer: &Printer, names: &HashMap<u64, String>, event: Event) {
 
 /// Settles a node from what the job reported to the server (what GitLab would show), or
 /// from the executor when the agent could not report.
-fn finish(
-    node: &mut Node,
-    report: Result<RunReport, ExecutorError>,
-    server: &JobServer,
-    printer: &Printer,
-) {
+fn finish(node: &mut Node, ending: Ending, server: &JobServer, printer: &Printer) {
     node.duration = node.started.map(|s| s.elapsed());
     let reported = server.final_state(node.id);
-    let (success, exit_code) = match (&reported, &report) {
-        (Some(done), _) => (done.state == "success", done.exit_code),
-        (None, Ok(report)) => {
+    let (success, exit_code) = match &reported {
+        Some(done) => (done.state == "success", done.exit_code),
+        None => {
             printer.note(
                 &node.job.name,
-                &format!("the job did not report its end: {}", report.detail),
+                &format!("the job did not report its end: {}", ending.detail),
             );
-            (false, report.result.as_ref().and_then(|r| r.exit_code))
-        }
-        (None, Err(e)) => {
-            printer.note(&node.job.name, &e.to_string());
-            (false, None)
+            (false, ending.exit_code)
         }
     };
-    let canceled = matches!(&report, Ok(r) if r.result.as_ref().is_some_and(|r| r.canceled));
+    let canceled = ending.outcome == Outcome::Canceled;
     node.exit_code = exit_code;
     node.status = if success {
         Status::Success

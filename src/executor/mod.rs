@@ -1,26 +1,27 @@
-//! Executors run one build each and report how it ended; they know nothing about CI servers.
+//! Executors run builds and tell how they ended; they know nothing about CI servers. One
+//! trait: launch a [`Build`], list the builds that exist (adoption), watch one to its
+//! [`Ending`], delete it.
 
 pub mod kubernetes;
 pub mod local;
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::AgentResult;
-use crate::job::{FailureReason, JobKey};
+use crate::build::{Build, Ending, Found};
 
-/// Asks the CI server whether it still runs the job (false: canceled or finished there).
+/// Asks the CI server whether it still wants a build (false: canceled or finished there).
 /// Executors ask while a build has not started yet (a pod still Pending), when nothing in the
 /// build can notice a cancel.
 #[derive(Clone)]
-pub struct StillWanted(std::sync::Arc<dyn Fn() -> BoxFuture<'static, bool> + Send + Sync>);
+pub struct StillWanted(Arc<dyn Fn() -> BoxFuture<'static, bool> + Send + Sync>);
 
 impl StillWanted {
     /// A check running `ask`.
     pub fn new(ask: impl Fn() -> BoxFuture<'static, bool> + Send + Sync + 'static) -> Self {
-        Self(std::sync::Arc::new(ask))
+        Self(Arc::new(ask))
     }
 
     /// Asks.
@@ -35,68 +36,62 @@ impl std::fmt::Debug for StillWanted {
     }
 }
 
-/// What the launcher hands an executor: everything one build needs.
-#[derive(Debug, Clone)]
-pub struct Launch {
-    /// The job.
-    pub key: JobKey,
-    /// The agent's job file (JSON of [`crate::agent::AgentJob`]); holds the job token.
-    pub job_file: Vec<u8>,
-    /// The job's timeout; the executor gives up a margin after it.
-    pub timeout: Duration,
-    /// Whether the CI server still runs the job (set by the coordinator).
-    pub still_wanted: Option<StillWanted>,
-}
+/// Told once, when a build starts running (its main container or process runs).
+#[derive(Clone)]
+pub struct OnRunning(Arc<dyn Fn() + Send + Sync>);
 
-/// How a build ended, as far as the executor can tell.
-#[derive(Debug, Clone)]
-pub struct RunReport {
-    /// What the agent reported, if it got that far.
-    pub result: Option<AgentResult>,
-    /// A one-line account of how the build ended (exit code, signal, eviction, …), for the
-    /// trace when the agent could not report the job itself.
-    pub detail: String,
-    /// The reason to fail the job with when the agent could not report it.
-    pub reason: FailureReason,
-    /// The build keeps running without this coordinator (shutdown of an executor whose builds
-    /// survive restarts): nobody reports anything; the next coordinator adopts it.
-    pub detached: bool,
-}
+impl OnRunning {
+    /// Calls `tell` when the build runs.
+    pub fn new(tell: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(Arc::new(tell))
+    }
 
-impl RunReport {
-    /// A build that ended without its agent reporting, for `reason`.
-    pub fn failed(reason: FailureReason, detail: impl Into<String>) -> Self {
-        Self {
-            result: None,
-            detail: detail.into(),
-            reason,
-            detached: false,
-        }
+    /// Tells.
+    pub fn call(&self) {
+        (self.0)();
     }
 }
 
-/// Errors starting or watching a build.
+impl std::fmt::Debug for OnRunning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnRunning")
+    }
+}
+
+/// How to watch a build.
+#[derive(Debug, Clone, Default)]
+pub struct Watch {
+    /// Stops watching: an executor whose builds survive the coordinator detaches (the build
+    /// ends [`crate::build::Outcome::Lost`] for this coordinator); one whose builds do not
+    /// stops the build and reports how it ended.
+    pub cancel: CancellationToken,
+    /// Asked now and then while the build has not started.
+    pub still_wanted: Option<StillWanted>,
+    /// Told when the build starts running.
+    pub on_running: Option<OnRunning>,
+}
+
+/// Why a build could not be launched.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LaunchError {
+    /// A build of that name exists already: another coordinator (a replica) runs it.
+    #[error("a build named {0} exists already")]
+    Exists(String),
+    /// The build asks for something the executor's configuration does not allow, or the
+    /// cluster refused it as invalid (`runner_configuration_error`).
+    #[error("{0}")]
+    Rejected(String),
+    /// Starting failed for reasons of the infrastructure (`runner_system_failure`).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Errors listing the builds that exist.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecutorError {
-    /// The build's work directory or job file could not be prepared.
-    #[error("cannot prepare the build of {job}: {message}")]
-    Prepare {
-        /// The job.
-        job: JobKey,
-        /// Why.
-        message: String,
-    },
-    /// The build could not be started.
-    #[error("cannot start the build of {job}: {message}")]
-    Start {
-        /// The job.
-        job: JobKey,
-        /// Why.
-        message: String,
-    },
-    /// The builds of an earlier coordinator could not be listed.
-    #[error("cannot recover the builds of an earlier run: {message}")]
-    Recover {
+    /// The builds could not be listed.
+    #[error("cannot list the builds of an earlier run: {message}")]
+    List {
         /// Why.
         message: String,
     },
@@ -104,18 +99,10 @@ pub enum ExecutorError {
 
 /// Runs builds.
 pub trait Executor: Send + Sync {
-    /// Runs `launch` to its end. `cancel` stops it early (shutdown): the agent is asked to stop
-    /// and report; if it cannot, the report says so.
-    fn run(
-        &self,
-        launch: Launch,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'_, Result<RunReport, ExecutorError>>;
-
     /// The executor's name, as shown in traces and sent to GitLab.
     fn name(&self) -> &'static str;
 
-    /// Whether it honours a job's `image` and `services`.
+    /// Whether it honours a build's image and services.
     fn runs_images(&self) -> bool;
 
     /// Whether builds keep running when the coordinator stops (pods do; child processes do
@@ -124,22 +111,56 @@ pub trait Executor: Send + Sync {
         false
     }
 
-    /// The builds an earlier coordinator left behind, to be followed again (each is passed to
-    /// [`Executor::run`], which adopts the existing build instead of starting a second one).
-    fn recover(&self) -> BoxFuture<'_, Result<Vec<Launch>, ExecutorError>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-
     /// Waits until a build could start at once (the Kubernetes executor: until its API rate
-    /// limit has room for a build's calls). The coordinator asks before each job request, so a
-    /// burst of jobs waits in the CI server's queue, not inside kiln.
+    /// limit has room for a build's calls). Sources ask before they claim work, so a burst
+    /// waits in the CI server's queue, not inside kiln.
     fn ready(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
 
-    /// Removes whatever is left of a recovered build whose job its CI server no longer runs.
-    fn discard(&self, key: JobKey) -> BoxFuture<'_, ()> {
-        let _ = key;
-        Box::pin(async {})
+    /// Starts `build` under its name.
+    ///
+    /// # Errors
+    /// [`LaunchError::Exists`] when a build of that name runs already (nothing was changed),
+    /// [`LaunchError::Rejected`] for a build the configuration does not allow, and
+    /// [`LaunchError::Failed`] when the infrastructure failed (whatever was created is removed).
+    fn launch<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>>;
+
+    /// Follows build `name` until it ends, or until `watch.cancel` fires.
+    fn watch<'a>(&'a self, name: &'a str, watch: Watch) -> BoxFuture<'a, Ending>;
+
+    /// The builds that exist (an earlier coordinator's, to be adopted).
+    ///
+    /// # Errors
+    /// The listing failed.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Found>, ExecutorError>> {
+        Box::pin(async { Ok(Vec::new()) })
     }
+
+    /// Removes build `name` and everything kiln created for it; a missing one is fine.
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, ()>;
+
+    /// What the executor can tell about why build `name` has not got going (a pod's warning
+    /// events), as `; …` to append to a message; empty when it knows nothing.
+    fn explain<'a>(&'a self, name: &'a str) -> BoxFuture<'a, String> {
+        let _ = name;
+        Box::pin(async { String::new() })
+    }
+}
+
+/// Launches `build`, watches it to its end and deletes it: one build's whole life, for callers
+/// that need no coordinator (`kiln exec`).
+pub async fn run_to_end(executor: &dyn Executor, build: &Build, watch: Watch) -> Ending {
+    use crate::build::FailureReason;
+    let ending = match executor.launch(build).await {
+        Ok(()) => executor.watch(&build.name, watch).await,
+        Err(LaunchError::Rejected(message)) => {
+            return Ending::failed(FailureReason::RunnerConfigurationError, message);
+        }
+        Err(e) => return Ending::failed(FailureReason::RunnerSystemFailure, e.to_string()),
+    };
+    if ending.outcome != crate::build::Outcome::Lost {
+        executor.delete(&build.name).await;
+    }
+    ending
 }

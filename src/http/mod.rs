@@ -1,6 +1,7 @@
 //! The coordinator's HTTP server: `/healthz`, `/readyz`, `/metrics`, the Jenkins webhook and
 //! a small status page.
 
+mod config;
 mod serve;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use axum::routing::{get, post};
 use crate::coordinator::Status;
 use crate::sources::jenkins::Wake;
 use crate::telemetry::Metrics;
+pub use config::HttpConfig;
 pub use serve::{ServeLimits, serve};
 
 /// The largest webhook body kiln reads; senders post a few KiB at most.
@@ -53,10 +55,17 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         let waiting: Vec<String> = state
             .status
-            .runners()
+            .sources()
             .into_iter()
-            .filter(|(_, _, s)| *s != "ready")
-            .map(|(name, _, s)| format!("{name}: {s}"))
+            .filter(|s| !s.health.ready)
+            .map(|s| {
+                let why = s
+                    .health
+                    .last_error
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default();
+                format!("{}: {}{why}", s.name, s.health.state)
+            })
             .collect();
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -184,25 +193,27 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Runner names and URLs only: tokens never appear here.
+/// Source names, redacted URLs and states only: tokens never appear here.
 async fn status_page(State(state): State<AppState>) -> Html<String> {
     let (running, capacity) = state.status.capacity();
     let rows: String = state
         .status
-        .runners()
+        .sources()
         .into_iter()
-        .map(|(name, url, s)| {
+        .map(|s| {
             format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-                escape(&name),
-                escape(&url),
-                s
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                s.kind,
+                escape(&s.name),
+                escape(&s.health.url),
+                escape(&s.health.state),
+                s.builds
             )
         })
         .collect();
     Html(format!(
-        "<!doctype html><title>kiln</title><h1>kiln {}</h1><p>{running} of {capacity} job slots in use</p>\
-         <table><tr><th>runner</th><th>GitLab</th><th>state</th></tr>{rows}</table>",
+        "<!doctype html><title>kiln</title><h1>kiln {}</h1><p>{running} of {capacity} build slots in use</p>\
+         <table><tr><th>source</th><th>name</th><th>URL</th><th>state</th><th>builds</th></tr>{rows}</table>",
         crate::VERSION
     ))
 }

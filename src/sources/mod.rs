@@ -1,6 +1,144 @@
-//! Job sources: each knows only its CI server — how to discover work, claim it, and report a
-//! failure the build could not report itself.
+//! Job sources: each knows only its CI server — how to discover work, claim it, describe it as a
+//! [`Build`], and report to the CI server what a build could not report itself. A source talks
+//! to the rest of kiln through the [`Chain`] the coordinator hands it, and the coordinator
+//! talks to it through [`Source`]; no source knows an executor.
 
 pub mod gitlab;
 pub mod jenkins;
 mod pacer;
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::build::{About, Build, BuildKey, Ending, Found, SourceKind};
+
+/// One unit of capacity, held from before work is claimed until its build ends. Opaque to
+/// sources: they only pass it on with the build it is for.
+pub struct Slot {
+    _held: Box<dyn Send + Sync>,
+}
+
+impl Slot {
+    /// A slot holding `held` (the coordinator's permit) until it is dropped.
+    pub fn new(held: impl Send + Sync + 'static) -> Self {
+        Self {
+            _held: Box::new(held),
+        }
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Slot")
+    }
+}
+
+/// What a source may ask of the coordinator (which implements it, once for all sources).
+pub trait Chain: Send + Sync {
+    /// Waits for a free slot of this source (within `concurrent` and the source's own limit)
+    /// and until the executor can start a build at once; `None` when kiln shuts down.
+    fn slot(&self) -> BoxFuture<'_, Option<Slot>>;
+
+    /// A slot if one is free now (for sources that decide per tick).
+    fn try_slot(&self) -> Option<Slot>;
+
+    /// Starts `build` in `slot`'s capacity and follows it; how it ended comes back through
+    /// [`Source::ended`], always — also when it could not start.
+    fn launch(&self, slot: Slot, build: Build);
+
+    /// Stops and removes a build of this source (an agent no longer needed); its ending
+    /// still comes back through [`Source::ended`].
+    fn stop(&self, name: &str) -> BoxFuture<'_, ()>;
+
+    /// Why build `name` has not got going, as far as the executor can tell (`; events: …`),
+    /// for the source's own messages; empty when nothing is known.
+    fn explain(&self, name: &str) -> BoxFuture<'_, String>;
+}
+
+/// What a source says about a build found at start-up.
+#[derive(Debug)]
+pub enum Adoption {
+    /// Follow it to its end (it counts against capacity meanwhile); what people see about it.
+    Follow(About),
+    /// Only its secrets were left: start it again as this build.
+    Relaunch(Box<Build>),
+    /// Remove it, for this reason.
+    Discard(String),
+}
+
+/// A source's state, as the status page and `/readyz` show it (never a secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// Whether the source can take work (token accepted, not paused).
+    pub ready: bool,
+    /// One word or phrase: `ready`, `verifying`, `paused: token rejected`, `backing off`.
+    pub state: String,
+    /// The CI server's URL, without credentials.
+    pub url: String,
+    /// The last error, in plain words, if the last request failed.
+    pub last_error: Option<String>,
+}
+
+/// One configured CI server entry, as the coordinator drives it.
+pub trait Source: Send + Sync {
+    /// Which kind of CI server.
+    fn kind(&self) -> SourceKind;
+
+    /// The entry's name (unique per kind), as in [`BuildKey::runner`].
+    fn name(&self) -> &str;
+
+    /// Builds this source may run at once besides `concurrent` (0: no own limit).
+    fn limit(&self) -> usize;
+
+    /// Discovers and claims work until `shutdown`, launching each build through `chain`.
+    fn run(
+        self: Arc<Self>,
+        chain: Arc<dyn Chain>,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, ()>;
+
+    /// A build of this source that exists at start-up (left by an earlier coordinator).
+    /// Called for every such build before [`Source::run`].
+    fn adopt<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Adoption>;
+
+    /// Build `name` of work `key` ended: report to the CI server what the build could not.
+    fn ended<'a>(
+        &'a self,
+        key: &'a BuildKey,
+        name: &'a str,
+        ending: &'a Ending,
+    ) -> BoxFuture<'a, ()>;
+
+    /// Whether the CI server still wants the work of a build that has not started yet.
+    fn still_wanted<'a>(&'a self, key: &'a BuildKey) -> BoxFuture<'a, bool> {
+        let _ = key;
+        Box::pin(async { true })
+    }
+
+    /// The source's state now.
+    fn health(&self) -> Health;
+}
+
+/// What sources need to know of the executor builds will run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecutorInfo {
+    /// Its name, shown in traces (`local`, `kubernetes`).
+    pub name: &'static str,
+    /// Whether it honours images and services (GitLab is told so).
+    pub runs_images: bool,
+}
+
+/// A source entry's name: the configured one, else `<URL host>-<index>` (`fallback` when the
+/// URL has no host).
+pub(crate) fn entry_name(name: Option<&str>, url: &str, fallback: &str, index: usize) -> String {
+    if let Some(name) = name {
+        return name.to_owned();
+    }
+    let host = url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_else(|| fallback.into());
+    format!("{host}-{index}")
+}

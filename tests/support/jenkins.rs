@@ -726,8 +726,22 @@ struct Caller {
     language: WhyLanguage,
 }
 
+/// What `/jnlpJars/agent.jar` serves: a stand-in for Jenkins' remoting jar.
+pub const AGENT_JAR: &[u8] = b"PK\x03\x04 kiln test stand-in for remoting's agent.jar";
+
 fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+    // As in Jenkins, the agent jar is served to anyone: agents fetch it before they have a
+    // session.
+    let open = Router::new().route(
+        "/jnlpJars/agent.jar",
+        get(|| async {
+            (
+                [(header::CONTENT_TYPE, "application/java-archive")],
+                AGENT_JAR,
+            )
+        }),
+    );
+    let gated = Router::new()
         .route("/api/json", get(root_json))
         .route("/crumbIssuer/api/json", get(crumb_issuer))
         .route("/queue/api/json", get(queue_json))
@@ -747,7 +761,8 @@ fn router(shared: Arc<Shared>) -> Router {
             page(StatusCode::METHOD_NOT_ALLOWED, "This URL requires POST")
         })
         .layer(middleware::from_fn_with_state(shared.clone(), gate))
-        .with_state(shared)
+        .with_state(shared);
+    open.merge(gated)
 }
 
 /// Authenticates, checks the crumb of password-authenticated POSTs, records the request and

@@ -9,8 +9,7 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::jiff::Timestamp;
 
 use super::podspec::{BUILD_CONTAINER, PREPARE_CONTAINER, memory_limit};
-use crate::agent::AgentResult;
-use crate::job::FailureReason;
+use crate::build::{AgentReport, Ending, FailureReason};
 
 /// What to do about a pod.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,14 +20,14 @@ pub(crate) enum Verdict {
         recheck: Option<Duration>,
     },
     /// The build is over.
-    Ended(Ending),
+    Ended(PodEnd),
 }
 
 /// How a build ended.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Ending {
+pub(crate) struct PodEnd {
     /// What the agent reported, if it got that far.
-    pub(crate) result: Option<AgentResult>,
+    pub(crate) result: Option<AgentReport>,
     /// The reason to fail the job with if the agent did not report it.
     pub(crate) reason: FailureReason,
     /// What happened, for the trace.
@@ -37,7 +36,16 @@ pub(crate) struct Ending {
     pub(crate) stuck_pending: bool,
 }
 
-impl Ending {
+impl PodEnd {
+    /// The source-neutral ending: what the agent reported, or the failure kiln saw.
+    pub(crate) fn into_ending(self) -> Ending {
+        let unreported = Ending::failed(self.reason, self.detail);
+        match self.result {
+            Some(report) => report.ending(unreported),
+            None => unreported,
+        }
+    }
+
     fn failed(reason: FailureReason, detail: String) -> Self {
         Self {
             result: None,
@@ -57,9 +65,9 @@ pub(crate) struct Memory {
 
 /// Timeouts the classifier applies, and which container's end is the build's end.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
+pub(crate) struct Limits<'a> {
     /// The container whose end ends the build (`build`, or `jnlp` for Jenkins agents).
-    pub(crate) main: &'static str,
+    pub(crate) main: &'a str,
     /// How long a pod may stay Pending.
     pub(crate) pending_timeout: Duration,
     /// How long an image pull may keep failing.
@@ -92,7 +100,12 @@ const INFRASTRUCTURE_REASONS: &[(&str, &str)] = &[
 ];
 
 /// Looks at `pod` at time `now`.
-pub(crate) fn classify(pod: &Pod, now: Timestamp, limits: Limits, memory: &mut Memory) -> Verdict {
+pub(crate) fn classify(
+    pod: &Pod,
+    now: Timestamp,
+    limits: Limits<'_>,
+    memory: &mut Memory,
+) -> Verdict {
     let Some(status) = pod.status.as_ref() else {
         return pending_or_wait(pod, now, limits);
     };
@@ -104,9 +117,9 @@ pub(crate) fn classify(pod: &Pod, now: Timestamp, limits: Limits, memory: &mut M
     let build_end = build.and_then(|c| c.state.as_ref()?.terminated.as_ref());
     let result = build_end
         .and_then(|t| t.message.as_deref())
-        .and_then(|m| serde_json::from_str::<AgentResult>(m.trim()).ok());
+        .and_then(|m| serde_json::from_str::<AgentReport>(m.trim()).ok());
     if let Some(result) = result.as_ref().filter(|r| r.reported) {
-        return Verdict::Ended(Ending {
+        return Verdict::Ended(PodEnd {
             result: Some(result.clone()),
             reason: FailureReason::RunnerSystemFailure,
             detail: "the build agent reported the job".into(),
@@ -120,9 +133,9 @@ pub(crate) fn classify(pod: &Pod, now: Timestamp, limits: Limits, memory: &mut M
         .and_then(|c| c.state.as_ref())
         .is_some_and(|s| s.running.is_some());
     if !build_running && let Some(disruption) = disruption(pod) {
-        return Verdict::Ended(Ending {
+        return Verdict::Ended(PodEnd {
             result,
-            ..Ending::failed(FailureReason::RunnerSystemFailure, disruption)
+            ..PodEnd::failed(FailureReason::RunnerSystemFailure, disruption)
         });
     }
 
@@ -130,21 +143,27 @@ pub(crate) fn classify(pod: &Pod, now: Timestamp, limits: Limits, memory: &mut M
         let code = end.exit_code;
         let reason_text = end.reason.as_deref().unwrap_or("");
         let ending = match reason_text {
-            "OOMKilled" => Ending::failed(
+            "OOMKilled" => PodEnd::failed(
                 FailureReason::ScriptFailure,
                 format!(
-                    "the build container ran out of memory and was killed (OOMKilled, memory limit {}); raise KUBERNETES_MEMORY_LIMIT (up to kubernetes.max.memory_limit) or pick a bigger resource class",
-                    memory_limit(pod).unwrap_or_else(|| "none set".into())
+                    "{} ran out of memory and was killed (OOMKilled, memory limit {}); {}",
+                    describe_container(limits.main, limits.main),
+                    memory_limit(pod, limits.main).unwrap_or_else(|| "none set".into()),
+                    if limits.main == BUILD_CONTAINER {
+                        "raise KUBERNETES_MEMORY_LIMIT (up to kubernetes.max.memory_limit) or pick a bigger resource class"
+                    } else {
+                        "pick a bigger resource class"
+                    }
                 ),
             ),
-            "StartError" | "ContainerCannotRun" => Ending::failed(
+            "StartError" | "ContainerCannotRun" => PodEnd::failed(
                 FailureReason::RunnerConfigurationError,
                 format!(
                     "the build container could not start ({reason_text}): {}",
                     end.message.as_deref().unwrap_or("no message").trim()
                 ),
             ),
-            _ => Ending::failed(
+            _ => PodEnd::failed(
                 FailureReason::RunnerSystemFailure,
                 format!(
                     "the build agent exited with code {code}{} before it reported the job",
@@ -156,7 +175,7 @@ pub(crate) fn classify(pod: &Pod, now: Timestamp, limits: Limits, memory: &mut M
                 ),
             ),
         };
-        return Verdict::Ended(Ending { result, ..ending });
+        return Verdict::Ended(PodEnd { result, ..ending });
     }
 
     let prepare_end = status
@@ -173,7 +192,7 @@ pub(crate) fn classify(pod: &Pod, now: Timestamp, limits: Limits, memory: &mut M
         } else {
             format!("exit code {}", end.exit_code)
         };
-        return Verdict::Ended(Ending::failed(
+        return Verdict::Ended(PodEnd::failed(
             FailureReason::RunnerSystemFailure,
             format!(
                 "preparing the build (installing the agent, cloning the sources) failed: {reason}{}",
@@ -206,7 +225,7 @@ pub(crate) fn classify(pod: &Pod, now: Timestamp, limits: Limits, memory: &mut M
     }
 
     match status.phase.as_deref() {
-        Some("Succeeded" | "Failed") => Verdict::Ended(Ending::failed(
+        Some("Succeeded" | "Failed") => Verdict::Ended(PodEnd::failed(
             FailureReason::RunnerSystemFailure,
             format!(
                 "the pod ended ({}{}) before the build container reported",
@@ -232,9 +251,9 @@ pub(crate) fn classify(pod: &Pod, now: Timestamp, limits: Limits, memory: &mut M
 }
 
 /// A job the CI server canceled (or finished) before its pod started: nothing to report.
-pub(crate) fn canceled_before_start() -> Ending {
-    Ending {
-        result: Some(AgentResult {
+pub(crate) fn canceled_before_start() -> PodEnd {
+    PodEnd {
+        result: Some(AgentReport {
             state: "failed".into(),
             failure_reason: None,
             exit_code: None,
@@ -249,12 +268,12 @@ pub(crate) fn canceled_before_start() -> Ending {
 
 /// Explains a pod deleted by someone other than kiln (preemption, a person, the node
 /// controller), from the last state seen.
-pub(crate) fn deleted(last_seen: Option<&Pod>) -> Ending {
+pub(crate) fn deleted(last_seen: Option<&Pod>) -> PodEnd {
     let cause = last_seen
         .and_then(disruption)
         .map(|d| format!(": {d}"))
         .unwrap_or_default();
-    Ending::failed(
+    PodEnd::failed(
         FailureReason::RunnerSystemFailure,
         format!("the build pod was deleted before the build ended{cause}"),
     )
@@ -264,7 +283,7 @@ fn waiting_verdict(
     pod: &Pod,
     container: &ContainerStatus,
     now: Timestamp,
-    limits: Limits,
+    limits: Limits<'_>,
     memory: &mut Memory,
 ) -> Verdict {
     let Some(waiting) = container.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
@@ -274,7 +293,7 @@ fn waiting_verdict(
     let reason = waiting.reason.as_deref().unwrap_or("");
     let message = waiting.message.as_deref().unwrap_or("").trim();
     let image = image_of(pod, &container.name).unwrap_or_else(|| container.image.clone());
-    let which = describe_container(&container.name);
+    let which = describe_container(&container.name, limits.main);
     match reason {
         "ErrImagePull" | "ImagePullBackOff" => {
             let since = *memory
@@ -283,7 +302,7 @@ fn waiting_verdict(
                 .or_insert(now);
             let failing = elapsed(since, now);
             if failing >= limits.image_pull_grace {
-                Verdict::Ended(Ending::failed(
+                Verdict::Ended(PodEnd::failed(
                     FailureReason::ImagePullFailure,
                     format!(
                         "the image `{image}` of {which} could not be pulled for {} ({reason}): {message}",
@@ -296,12 +315,12 @@ fn waiting_verdict(
                 }
             }
         }
-        "InvalidImageName" | "ErrImageNeverPull" => Verdict::Ended(Ending::failed(
+        "InvalidImageName" | "ErrImageNeverPull" => Verdict::Ended(PodEnd::failed(
             FailureReason::ImagePullFailure,
             format!("the image `{image}` of {which} cannot be used ({reason}): {message}"),
         )),
         "CreateContainerConfigError" | "CreateContainerError" | "RunContainerError" => {
-            Verdict::Ended(Ending::failed(
+            Verdict::Ended(PodEnd::failed(
                 FailureReason::RunnerConfigurationError,
                 format!("{which} cannot be created ({reason}): {message}"),
             ))
@@ -313,7 +332,7 @@ fn waiting_verdict(
     }
 }
 
-fn pending_or_wait(pod: &Pod, now: Timestamp, limits: Limits) -> Verdict {
+fn pending_or_wait(pod: &Pod, now: Timestamp, limits: Limits<'_>) -> Verdict {
     let Some(created) = pod.metadata.creation_timestamp.as_ref() else {
         return Verdict::Wait { recheck: None };
     };
@@ -343,9 +362,9 @@ fn pending_or_wait(pod: &Pod, now: Timestamp, limits: Limits) -> Verdict {
         humantime::format_duration(limits.pending_timeout),
         scheduling.map(|s| format!("; {s}")).unwrap_or_default()
     );
-    Verdict::Ended(Ending {
+    Verdict::Ended(PodEnd {
         stuck_pending: true,
-        ..Ending::failed(FailureReason::RunnerSystemFailure, detail)
+        ..PodEnd::failed(FailureReason::RunnerSystemFailure, detail)
     })
 }
 
@@ -396,11 +415,13 @@ fn image_of(pod: &Pod, container: &str) -> Option<String> {
         .clone()
 }
 
-fn describe_container(name: &str) -> String {
+fn describe_container(name: &str, main: &str) -> String {
     match name {
         BUILD_CONTAINER => "the build container".into(),
         PREPARE_CONTAINER => "the kiln helper (kubernetes.helper_image)".into(),
-        other => format!("service container `{other}`"),
+        agent if agent == main => format!("the agent container `{agent}`"),
+        service if service.starts_with("svc-") => format!("service container `{service}`"),
+        other => format!("container `{other}`"),
     }
 }
 
@@ -439,7 +460,7 @@ mod tests {
         .unwrap()
     }
 
-    fn ended(verdict: Verdict) -> Ending {
+    fn ended(verdict: Verdict) -> PodEnd {
         match verdict {
             Verdict::Ended(e) => e,
             other => panic!("expected an ending, got {other:?}"),

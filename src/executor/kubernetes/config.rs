@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Toleration;
 use serde::Deserialize;
 
 use super::quantity;
-use crate::config::Problem;
+use crate::problem::Problem;
 
 /// The Kubernetes executor's settings.
 #[derive(Debug, Clone, Deserialize)]

@@ -1,6 +1,7 @@
-//! The Kubernetes executor: one pod per build, created under a deterministic name, watched to
-//! its end, classified when it fails for reasons its agent cannot report, and deleted with its
-//! Secret. Builds outlive the coordinator: a new one adopts them from their labels.
+//! The Kubernetes executor: one pod per build, created under the build's deterministic name,
+//! watched to its end, classified when it fails for reasons its agent cannot report, and deleted
+//! with its Secret. Builds outlive the coordinator: the next one lists them by their labels and
+//! follows them without creating anything.
 
 mod classify;
 mod client;
@@ -9,7 +10,7 @@ pub(crate) mod podspec;
 mod quantity;
 mod watch;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,25 +22,24 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use tokio_util::sync::CancellationToken;
 
-use super::{Executor, ExecutorError, Launch, RunReport, StillWanted};
-use crate::agent::AgentJob;
-use crate::job::{FailureReason, JobKey, SourceKind};
-use crate::sources::gitlab::payload::JobPayload;
-pub(crate) use classify::Ending;
-use classify::{Limits, Memory, Verdict};
+use super::{Executor, ExecutorError, LaunchError, Watch};
+use crate::build::{Build, BuildKey, Ending, Found, SourceKind};
+use classify::{Limits, Memory, PodEnd, Verdict};
 pub use client::ClusterError;
 use client::{Cluster, is_status};
 pub use config::KubernetesConfig;
-use podspec::{JOB_KEY, LABEL_COORDINATOR, PodInput};
-pub(crate) use watch::Subscription;
-use watch::{PodSeen, PodWatch};
+use podspec::{
+    ANNOTATION_MAIN, ANNOTATION_RUNNER, BUILD_CONTAINER, LABEL_COORDINATOR, LABEL_JOB_ID,
+    LABEL_RUNNER, LABEL_SOURCE, OWN_LABELS,
+};
+use watch::{PodSeen, PodWatch, Subscription};
 
 /// Grace period when kiln deletes a pod whose build container has ended: only sidecars are
 /// left, and they must not keep the pod (and its bill) alive.
 const DELETE_GRACE_SECONDS: u32 = 2;
 /// How long a created pod may stay unseen by the watch before kiln reads it directly.
 const UNSEEN_RECHECK: Duration = Duration::from_secs(10);
-/// How often kiln asks GitLab about a job whose pod has not started yet (at most).
+/// How often kiln asks the CI server about a build whose pod has not started yet (at most).
 const WANTED_CHECK: Duration = Duration::from_secs(30);
 /// How often a build with no pending timeout is looked at even without changes.
 const IDLE_RECHECK: Duration = Duration::from_secs(300);
@@ -52,37 +52,31 @@ pub struct KubernetesExecutor {
     config: Arc<KubernetesConfig>,
     pods: PodWatch,
     selector: String,
-    runner_classes: HashMap<String, String>,
-    shutdown: CancellationToken,
 }
 
 impl KubernetesExecutor {
     /// Connects to the cluster, checks kiln's permissions and starts watching its pods.
-    /// `runner_classes` maps runner names to the resource class their jobs use.
     ///
     /// # Errors
     /// No cluster configuration, an unreachable API server, or a missing permission (named).
     pub async fn connect(
         config: &KubernetesConfig,
-        runner_classes: HashMap<String, String>,
         shutdown: CancellationToken,
     ) -> Result<Self, ClusterError> {
         let cluster = Cluster::connect(config).await?;
         cluster.check_permissions().await?;
         let selector = format!("{LABEL_COORDINATOR}={}", config.coordinator);
-        let pods = PodWatch::start(cluster.api(), selector.clone(), shutdown.clone());
+        let pods = PodWatch::start(cluster.api(), selector.clone(), shutdown);
         tracing::info!(namespace = cluster.namespace(), selector = %selector, "connected to Kubernetes");
         Ok(Self {
             cluster: Arc::new(cluster),
             config: Arc::new(config.clone()),
             pods,
             selector,
-            runner_classes,
-            shutdown,
         })
     }
 
-    fn limits(&self, main: &'static str) -> Limits {
+    fn limits<'a>(&self, main: &'a str) -> Limits<'a> {
         Limits {
             main,
             pending_timeout: self.config.pending_timeout,
@@ -90,136 +84,48 @@ impl KubernetesExecutor {
         }
     }
 
-    async fn run_build(
-        &self,
-        launch: Launch,
-        cancel: CancellationToken,
-    ) -> Result<RunReport, ExecutorError> {
-        let key = launch.key.clone();
-        let name = key.resource_name();
-        let prepare = |message: String| ExecutorError::Prepare {
-            job: key.clone(),
-            message,
-        };
-        let agent_job: AgentJob = serde_json::from_slice(&launch.job_file)
-            .map_err(|e| prepare(format!("job file: {e}")))?;
-        let job: JobPayload = serde_json::from_value(agent_job.job.clone())
-            .map_err(|e| prepare(format!("job: {e}")))?;
-        let input = PodInput {
-            key: &key,
-            job: &job,
-            runner_class: self
-                .runner_classes
-                .get(&agent_job.runner)
-                .map(String::as_str),
-            config: &self.config,
-            namespace: self.cluster.namespace(),
-        };
-        let mut subscription = self.pods.subscribe(&name);
-        let pod = match podspec::pod(&input) {
-            Ok(pod) => Some(pod),
-            Err(e) => {
-                // A restarted coordinator whose config changed may not be able to build the
-                // pod of a job it adopts: the pod that runs it is what counts.
-                let pods: Api<Pod> = self.cluster.api();
-                if let Ok(Some(_)) = self.cluster.call(|| pods.get_opt(&name)).await {
-                    tracing::warn!(job = %key, pod = %name, error = %e, "the current config could not build this pod; following the one that runs");
-                    None
-                } else {
-                    self.remove(&name).await;
-                    return Ok(RunReport::failed(
-                        FailureReason::RunnerConfigurationError,
-                        e.0,
-                    ));
-                }
-            }
-        };
-        let secret = podspec::secret(&input, &launch.job_file);
-        if let Some(pod) = &pod {
-            match self.create(pod, &secret).await {
-                Ok(()) => {}
-                Err(Create::Rejected(message)) => {
-                    return Ok(RunReport::failed(
-                        FailureReason::RunnerConfigurationError,
-                        message,
-                    ));
-                }
-                Err(Create::Failed(what, e)) => return Err(self.start_error(&key, what, &e)),
-            }
-        }
-        // A build is followed for as long as it runs: keep neither the job nor its pod spec nor
-        // its Secret meanwhile (with many builds they were most of kiln's memory).
-        let still_wanted = launch.still_wanted.clone();
-        drop((pod, secret, job, agent_job, launch));
-
-        let ending = match self
-            .watch_pod(
-                &name,
-                podspec::BUILD_CONTAINER,
-                &mut subscription,
-                &cancel,
-                still_wanted.as_ref(),
-            )
-            .await
-        {
-            Some(ending) => ending,
-            None => {
-                tracing::info!(job = %key, pod = %name, "coordinator stopping; the build pod keeps running and will be adopted");
-                return Ok(RunReport {
-                    result: None,
-                    detail: "the coordinator stopped following the build".into(),
-                    reason: FailureReason::RunnerSystemFailure,
-                    detached: true,
-                });
-            }
-        };
-        let detail = ending.detail.clone();
-        self.remove(&name).await;
-        tracing::info!(job = %key, pod = %name, %detail, "build pod finished and deleted");
-        Ok(RunReport {
-            result: ending.result,
-            detail,
-            reason: ending.reason,
-            detached: false,
-        })
+    async fn launch_build(&self, build: &Build) -> Result<(), LaunchError> {
+        let namespace = self.cluster.namespace();
+        let pod =
+            podspec::pod(build, &self.config, namespace).map_err(|e| LaunchError::Rejected(e.0))?;
+        let secret = podspec::secret(build, &self.config, namespace);
+        self.create(&pod, &secret).await
     }
 
     /// Creates the Secret, then the pod, then makes the pod the Secret's owner. The Secret
-    /// comes first: if kiln dies right after, a restarted coordinator still has the job (and
-    /// its token) to start or fail it. An existing pod of that name (a restarted coordinator's
-    /// earlier launch) is adopted, never duplicated.
-    async fn create(&self, pod: &Pod, secret: &Secret) -> Result<(), Create> {
+    /// comes first: if kiln dies right after, a restarted coordinator still has the build's
+    /// secret data (a job token) to start or fail it. A pod of that name that exists already is
+    /// never touched: another coordinator runs that build.
+    async fn create(&self, pod: &Pod, secret: &Secret) -> Result<(), LaunchError> {
         let name = pod.metadata.name.clone().unwrap_or_default();
         let secrets: Api<Secret> = self.cluster.api();
         let create = PostParams::default();
-        match self.cluster.call(|| secrets.create(&create, secret)).await {
-            Ok(_) => {}
-            Err(e) if is_status(&e, 409) => {}
-            Err(e) => return Err(Create::Failed("create the job Secret", e)),
-        }
+        let secret_was_there = match self.cluster.call(|| secrets.create(&create, secret)).await {
+            Ok(_) => false,
+            Err(e) if is_status(&e, 409) => true,
+            Err(e) => return Err(self.failed("create the build's Secret", &e)),
+        };
         let pods: Api<Pod> = self.cluster.api();
         let uid = match self.cluster.call(|| pods.create(&create, pod)).await {
             Ok(created) => {
                 tracing::info!(pod = %name, namespace = self.cluster.namespace(), "pod created");
                 created.metadata.uid
             }
-            Err(e) if is_status(&e, 409) => match self.cluster.call(|| pods.get(&name)).await {
-                Ok(existing) => {
-                    tracing::info!(pod = %name, "pod exists already; following it");
-                    existing.metadata.uid
-                }
-                Err(e) => return Err(Create::Failed("read the existing pod", e)),
-            },
+            Err(e) if is_status(&e, 409) => return Err(LaunchError::Exists(name)),
             Err(kube::Error::Api(status)) if matches!(status.code, 400 | 422) => {
-                self.remove(&name).await;
-                return Err(Create::Rejected(format!(
+                if !secret_was_there {
+                    self.remove(&name).await;
+                }
+                return Err(LaunchError::Rejected(format!(
                     "the Kubernetes API rejected the pod ({}): {}",
                     status.reason, status.message
                 )));
             }
             Err(e) => {
-                self.remove(&name).await;
-                return Err(Create::Failed("create the pod", e));
+                if !secret_was_there {
+                    self.remove(&name).await;
+                }
+                return Err(self.failed("create the pod", &e));
             }
         };
         if let Some(uid) = uid {
@@ -228,19 +134,41 @@ impl KubernetesExecutor {
         Ok(())
     }
 
-    /// Follows the pod until its build ends; `None` when `cancel` fires first.
+    fn failed(&self, what: &str, error: &kube::Error) -> LaunchError {
+        LaunchError::Failed(format!(
+            "cannot {what} in namespace `{}`: {}",
+            self.cluster.namespace(),
+            describe(error)
+        ))
+    }
+
+    async fn watch_build(&self, name: &str, watch: Watch) -> Ending {
+        let mut subscription = self.pods.subscribe(name);
+        let Some(mut end) = self.follow(name, &mut subscription, &watch).await else {
+            tracing::info!(
+                pod = name,
+                "coordinator stopping; the build pod keeps running and will be adopted"
+            );
+            return Ending::lost("the coordinator stopped following the build");
+        };
+        if end.stuck_pending {
+            end.detail = format!("{}{}", end.detail, self.warning_events(name).await);
+        }
+        end.into_ending()
+    }
+
+    /// Follows the pod until its build ends; `None` when `watch.cancel` fires first.
     async fn follow(
         &self,
         name: &str,
-        main: &'static str,
         subscription: &mut Subscription,
-        cancel: &CancellationToken,
-        still_wanted: Option<&StillWanted>,
-    ) -> Option<Ending> {
-        let limits = self.limits(main);
+        watch: &Watch,
+    ) -> Option<PodEnd> {
+        let mut main = BUILD_CONTAINER.to_owned();
         let mut memory = Memory::default();
         let mut last: Option<Arc<Pod>> = None;
         let mut unseen_checks = 0u32;
+        let mut running = false;
         // While the pod has not started, nothing in it can notice a cancel in the CI server:
         // ask now and then, so a canceled job does not keep a Pending pod for pending_timeout.
         let wanted_every = (self.config.pending_timeout / 4).min(WANTED_CHECK);
@@ -251,12 +179,14 @@ impl KubernetesExecutor {
                 PodSeen::Present(pod) => Some(pod),
                 PodSeen::Gone(final_state) => {
                     let final_state = final_state.or_else(|| last.clone());
-                    if let Some(pod) = final_state.as_deref()
-                        && let Verdict::Ended(ending) =
+                    if let Some(pod) = final_state.as_deref() {
+                        let limits = self.limits(main_container(pod).unwrap_or(&main));
+                        if let Verdict::Ended(end) =
                             classify::classify(pod, Timestamp::now(), limits, &mut memory)
-                        && ending.result.as_ref().is_some_and(|r| r.reported)
-                    {
-                        return Some(ending);
+                            && end.result.as_ref().is_some_and(|r| r.reported)
+                        {
+                            return Some(end);
+                        }
                     }
                     return Some(classify::deleted(final_state.as_deref()));
                 }
@@ -276,10 +206,20 @@ impl KubernetesExecutor {
             };
             let mut recheck = match snapshot {
                 Some(pod) => {
-                    let verdict = classify::classify(&pod, Timestamp::now(), limits, &mut memory);
+                    if let Some(named) = main_container(&pod) {
+                        named.clone_into(&mut main);
+                    }
+                    let verdict =
+                        classify::classify(&pod, Timestamp::now(), self.limits(&main), &mut memory);
+                    if !running && started(&pod, &main) {
+                        running = true;
+                        if let Some(on_running) = &watch.on_running {
+                            on_running.call();
+                        }
+                    }
                     last = Some(pod);
                     match verdict {
-                        Verdict::Ended(ending) => return Some(ending),
+                        Verdict::Ended(end) => return Some(end),
                         Verdict::Wait { recheck } => recheck.unwrap_or(IDLE_RECHECK),
                     }
                 }
@@ -288,8 +228,8 @@ impl KubernetesExecutor {
                     UNSEEN_RECHECK
                 }
             };
-            if let Some(still_wanted) = still_wanted
-                && !last.as_deref().is_some_and(started)
+            if let Some(still_wanted) = &watch.still_wanted
+                && !last.as_deref().is_some_and(|pod| started(pod, &main))
             {
                 let now = tokio::time::Instant::now();
                 if now >= next_wanted_check {
@@ -303,13 +243,13 @@ impl KubernetesExecutor {
             tokio::select! {
                 _ = subscription.changes.changed() => unseen_checks = 0,
                 () = tokio::time::sleep(recheck) => {}
-                () = cancel.cancelled() => return None,
+                () = watch.cancel.cancelled() => return None,
             }
         }
     }
 
-    /// Sets the pod as the owner of the job Secret, so Kubernetes deletes the Secret with the
-    /// pod even if kiln never gets to.
+    /// Sets the pod as the owner of the build's Secret, so Kubernetes deletes the Secret with
+    /// the pod even if kiln never gets to.
     async fn own_secret(&self, name: &str, uid: &str) {
         let secrets: Api<Secret> = self.cluster.api();
         let patch = serde_json::json!({
@@ -329,7 +269,7 @@ impl KubernetesExecutor {
             .call(|| secrets.patch(name, &params, &patch))
             .await
         {
-            tracing::warn!(secret = name, error = %e, "cannot set the pod as owner of the job Secret; kiln deletes it itself after the build");
+            tracing::warn!(secret = name, error = %e, "cannot set the pod as owner of the build's Secret; kiln deletes it itself after the build");
         }
     }
 
@@ -354,7 +294,7 @@ impl KubernetesExecutor {
             Ok(_) => {}
             Err(e) if is_status(&e, 404) => {}
             Err(e) => {
-                tracing::warn!(secret = name, error = %e, "cannot delete the job Secret; Kubernetes collects it with its pod")
+                tracing::warn!(secret = name, error = %e, "cannot delete the build's Secret; Kubernetes collects it with its pod")
             }
         }
     }
@@ -389,28 +329,12 @@ impl KubernetesExecutor {
         }
     }
 
-    fn start_error(&self, job: &JobKey, what: &str, error: &kube::Error) -> ExecutorError {
-        ExecutorError::Start {
-            job: job.clone(),
-            message: format!(
-                "cannot {what} in namespace `{}`: {}",
-                self.cluster.namespace(),
-                describe(error)
-            ),
-        }
-    }
-
-    async fn recover_builds(&self) -> Result<Vec<Launch>, ExecutorError> {
-        let selector = format!(
-            "{},{}={}",
-            self.selector,
-            podspec::LABEL_SOURCE,
-            SourceKind::GitLab.name()
-        );
-        let params = ListParams::default().labels(&selector);
+    /// kiln's pods and Secrets, as builds: one list of each.
+    async fn list_builds(&self) -> Result<Vec<Found>, ExecutorError> {
+        let params = ListParams::default().labels(&self.selector);
         let secrets: Api<Secret> = self.cluster.api();
         let pods: Api<Pod> = self.cluster.api();
-        let list_error = |what: &str, e: kube::Error| ExecutorError::Recover {
+        let list_error = |what: &str, e: kube::Error| ExecutorError::List {
             message: format!(
                 "cannot list {what} in namespace `{}`: {}",
                 self.cluster.namespace(),
@@ -421,191 +345,107 @@ impl KubernetesExecutor {
             .cluster
             .call(|| secrets.list(&params))
             .await
-            .map_err(|e| list_error("the job Secrets", e))?;
+            .map_err(|e| list_error("the builds' Secrets", e))?;
         let pods = self
             .cluster
             .call(|| pods.list(&params))
             .await
             .map_err(|e| list_error("the build pods", e))?;
-        let mut launches = Vec::new();
-        let mut with_job = HashSet::new();
+        let mut data: HashMap<String, BTreeMap<String, Vec<u8>>> = HashMap::new();
+        let mut secret_meta = HashMap::new();
         for secret in secrets.items {
             let name = secret.metadata.name.clone().unwrap_or_default();
-            let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(JOB_KEY)) else {
-                tracing::warn!(secret = %name, "a kiln Secret without a job file; deleting it");
-                self.remove(&name).await;
-                continue;
-            };
-            let parsed = serde_json::from_slice::<AgentJob>(&bytes.0)
-                .ok()
-                .and_then(|job| {
-                    let payload: JobPayload = serde_json::from_value(job.job.clone()).ok()?;
-                    Some((job, payload))
-                });
-            let Some((agent_job, payload)) = parsed else {
-                tracing::error!(secret = %name, "the job file in this Secret cannot be read; deleting the build");
-                self.remove(&name).await;
-                continue;
-            };
-            let key = JobKey {
-                source: SourceKind::GitLab,
-                runner: agent_job.runner.clone(),
-                id: payload.id,
-            };
-            if key.resource_name() != name {
-                tracing::warn!(secret = %name, "a kiln Secret whose name does not match its job; leaving it alone");
-                continue;
-            }
-            with_job.insert(name);
-            launches.push(Launch {
-                key,
-                job_file: bytes.0.clone(),
-                timeout: payload.timeout(),
-                still_wanted: None,
-            });
+            let values = secret
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(key, value)| (key, value.0))
+                .collect();
+            data.insert(name.clone(), values);
+            secret_meta.insert(name, secret.metadata);
         }
+        let mut found = Vec::new();
         for pod in pods.items {
             let name = pod.metadata.name.clone().unwrap_or_default();
-            if with_job.contains(&name) || pod.metadata.deletion_timestamp.is_some() {
+            secret_meta.remove(&name);
+            let Some(key) = key_of(&pod.metadata) else {
+                tracing::warn!(pod = %name, "a kiln pod without a readable source and job id; deleting it");
+                self.remove(&name).await;
                 continue;
-            }
-            // No job file: kiln cannot report for this build. Its agent still can; delete the
-            // pod once it has ended.
-            tracing::warn!(pod = %name, "a build pod without its job Secret; it is deleted when it ends");
-            let subscription = self.pods.subscribe(&name);
-            let this = self.detached_handle();
-            tokio::spawn(async move {
-                let mut subscription = subscription;
-                let shutdown = this.shutdown.clone();
-                if this
-                    .follow(
-                        &name,
-                        podspec::BUILD_CONTAINER,
-                        &mut subscription,
-                        &shutdown,
-                        None,
-                    )
-                    .await
-                    .is_some()
-                {
-                    this.remove(&name).await;
-                }
+            };
+            found.push(Found {
+                key,
+                name: name.clone(),
+                exists: true,
+                secrets: data.remove(&name).unwrap_or_default(),
+                labels: foreign_labels(&pod.metadata),
+                annotations: pod.metadata.annotations.clone().unwrap_or_default(),
+            });
+            // The coordinator follows it next: let it start from this state.
+            self.pods.seed(pod);
+        }
+        for (name, metadata) in secret_meta {
+            let Some(key) = key_of(&metadata) else {
+                tracing::warn!(secret = %name, "a kiln Secret without a readable source and job id; deleting it");
+                self.remove(&name).await;
+                continue;
+            };
+            found.push(Found {
+                key,
+                labels: foreign_labels(&metadata),
+                annotations: metadata.annotations.unwrap_or_default(),
+                secrets: data.remove(&name).unwrap_or_default(),
+                name,
+                exists: false,
             });
         }
-        Ok(launches)
-    }
-
-    fn detached_handle(&self) -> Self {
-        Self {
-            cluster: Arc::clone(&self.cluster),
-            config: Arc::clone(&self.config),
-            pods: self.pods.clone(),
-            selector: self.selector.clone(),
-            runner_classes: self.runner_classes.clone(),
-            shutdown: self.shutdown.clone(),
-        }
+        Ok(found)
     }
 }
 
-/// Whether any container of the pod has started (then its agent notices cancels itself).
-fn started(pod: &Pod) -> bool {
+/// The container whose end is the build's end, as the pod names it.
+fn main_container(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_MAIN)
+        .map(String::as_str)
+}
+
+/// The work a kiln object is for, from its labels (and the exact source name annotated).
+fn key_of(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<BuildKey> {
+    let labels = metadata.labels.as_ref()?;
+    let source = SourceKind::from_name(labels.get(LABEL_SOURCE)?)?;
+    let id = labels.get(LABEL_JOB_ID)?.parse().ok()?;
+    let runner = metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_RUNNER))
+        .or_else(|| labels.get(LABEL_RUNNER))?
+        .clone();
+    Some(BuildKey { source, runner, id })
+}
+
+/// The labels a source put on a build, without kiln's own.
+fn foreign_labels(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> BTreeMap<String, String> {
+    let mut labels = metadata.labels.clone().unwrap_or_default();
+    labels.retain(|key, _| !OWN_LABELS.contains(&key.as_str()));
+    labels
+}
+
+/// Whether the pod's main container has started (then its agent notices cancels itself).
+fn started(pod: &Pod, main: &str) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.container_statuses.as_ref())
         .is_some_and(|c| {
             c.iter()
-                .any(|c| c.state.as_ref().is_some_and(|s| s.waiting.is_none()))
+                .any(|c| c.name == main && c.state.as_ref().is_some_and(|s| s.waiting.is_none()))
         })
-}
-
-/// Why objects could not be created.
-enum Create {
-    /// The API server refused the pod as invalid (a configuration problem).
-    Rejected(String),
-    /// A call failed: what kiln tried, and the error.
-    Failed(&'static str, kube::Error),
-}
-
-/// Pods of other sources (Jenkins agents): created, followed and deleted like build pods.
-impl KubernetesExecutor {
-    /// The executor's settings (resource classes, security profile, pod patch).
-    pub(crate) fn settings(&self) -> &KubernetesConfig {
-        &self.config
-    }
-
-    /// The namespace pods go to.
-    pub(crate) fn namespace(&self) -> &str {
-        self.cluster.namespace()
-    }
-
-    /// Starts following pod `name` (before creating it, so no change is missed).
-    pub(crate) fn subscribe(&self, name: &str) -> Subscription {
-        self.pods.subscribe(name)
-    }
-
-    /// Creates `secret` and `pod` (see [`Self::create`]).
-    ///
-    /// # Errors
-    /// A one-line reason.
-    pub(crate) async fn start_pod(&self, pod: &Pod, secret: &Secret) -> Result<(), String> {
-        self.create(pod, secret).await.map_err(|e| match e {
-            Create::Rejected(message) => message,
-            Create::Failed(what, e) => format!(
-                "cannot {what} in namespace `{}`: {}",
-                self.cluster.namespace(),
-                describe(&e)
-            ),
-        })
-    }
-
-    /// Follows a subscribed pod until its `main` container ends or the pod fails; `None` when
-    /// `cancel` fires first. A stuck-Pending ending carries the pod's warning events.
-    pub(crate) async fn watch_pod(
-        &self,
-        name: &str,
-        main: &'static str,
-        subscription: &mut Subscription,
-        cancel: &CancellationToken,
-        still_wanted: Option<&StillWanted>,
-    ) -> Option<Ending> {
-        let mut ending = self
-            .follow(name, main, subscription, cancel, still_wanted)
-            .await?;
-        if ending.stuck_pending {
-            ending.detail = format!("{}{}", ending.detail, self.warning_events(name).await);
-        }
-        Some(ending)
-    }
-
-    /// The pod's recent warning events, as `; events: Reason: message, …` (empty if none).
-    pub(crate) async fn pod_events(&self, name: &str) -> String {
-        self.warning_events(name).await
-    }
-
-    /// Deletes a pod and its Secret.
-    pub(crate) async fn delete_pod(&self, name: &str) {
-        self.remove(name).await;
-    }
-
-    /// kiln's pods of `source`.
-    ///
-    /// # Errors
-    /// The list call failed.
-    pub(crate) async fn pods_of(&self, source: SourceKind) -> Result<Vec<Pod>, String> {
-        let selector = format!(
-            "{},{}={}",
-            self.selector,
-            podspec::LABEL_SOURCE,
-            source.name()
-        );
-        let params = ListParams::default().labels(&selector);
-        let pods: Api<Pod> = self.cluster.api();
-        self.cluster
-            .call(|| pods.list(&params))
-            .await
-            .map(|list| list.items)
-            .map_err(|e| describe(&e))
-    }
 }
 
 /// An API error as one line: status, reason and message, or the transport error.
@@ -619,14 +459,6 @@ fn describe(error: &kube::Error) -> String {
 }
 
 impl Executor for KubernetesExecutor {
-    fn run(
-        &self,
-        launch: Launch,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'_, Result<RunReport, ExecutorError>> {
-        Box::pin(self.run_build(launch, cancel))
-    }
-
     fn name(&self) -> &'static str {
         "kubernetes"
     }
@@ -639,17 +471,29 @@ impl Executor for KubernetesExecutor {
         true
     }
 
-    fn recover(&self) -> BoxFuture<'_, Result<Vec<Launch>, ExecutorError>> {
-        Box::pin(self.recover_builds())
-    }
-
-    fn discard(&self, key: JobKey) -> BoxFuture<'_, ()> {
-        Box::pin(async move { self.remove(&key.resource_name()).await })
-    }
-
     fn ready(&self) -> BoxFuture<'_, ()> {
         // Room for two starts: the previous build's pod create and Secret patch may still be
         // on their way, and must not make this build's pod create wait.
         Box::pin(self.cluster.until_free(2.0 * START_CALLS))
+    }
+
+    fn launch<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>> {
+        Box::pin(self.launch_build(build))
+    }
+
+    fn watch<'a>(&'a self, name: &'a str, watch: Watch) -> BoxFuture<'a, Ending> {
+        Box::pin(self.watch_build(name, watch))
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Found>, ExecutorError>> {
+        Box::pin(self.list_builds())
+    }
+
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(self.remove(name))
+    }
+
+    fn explain<'a>(&'a self, name: &'a str) -> BoxFuture<'a, String> {
+        Box::pin(self.warning_events(name))
     }
 }

@@ -1,29 +1,31 @@
-//! The build pod and its Secret for one job: init container installing the agent and cloning
-//! the sources, the build container in the job's image, one container per service, sizes from
-//! the config, the resource class and the job's `KUBERNETES_*` variables.
+//! The pod and Secret of one build: for the kiln agent, an init container installing the agent
+//! and cloning the sources, the build container in the job's image and one container per
+//! service; for a foreign agent (Jenkins, GitHub), its container plus the user's extra
+//! containers sharing its workspace. Sizes come from the config, the resource class and the
+//! job's own requests, each checked against the configured caps.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, HostAlias, LocalObjectReference, Pod,
-    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, HostAlias,
+    LocalObjectReference, Pod, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile,
+    Secret, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::config::{KubernetesConfig, RESOURCE_FIELDS, ResourceClass, Resources, SecurityProfile};
 use super::quantity;
-use crate::job::JobKey;
-use crate::sources::gitlab::payload::{Image, JobPayload};
+use crate::build::{
+    Build, ClassChoice, EnvValue, ForeignAgent, Image, JOB_FILE, PullPolicy, Request, Requested,
+    Service, Workload,
+};
 
 /// Where the init container puts the agent binary.
 pub(crate) const BIN_DIR: &str = "/kiln/bin";
-/// Where the job Secret is mounted.
+/// Where the build's Secret is mounted for the kiln agent.
 pub(crate) const JOB_DIR: &str = "/kiln/job";
-/// The job file's key in the Secret.
-pub(crate) const JOB_KEY: &str = "job.json";
 /// The builds volume: projects are checked out below it (`/builds/<group>/<project>`).
 pub(crate) const BUILDS_DIR: &str = "/builds";
 /// The agent's scratch directory, on the builds volume (shared by init and build container).
@@ -39,89 +41,99 @@ pub(crate) const TERMINATION_LOG: &str = "/dev/termination-log";
 
 /// Labels every object kiln creates carries.
 pub(crate) const LABEL_COORDINATOR: &str = "kiln.dev/coordinator";
-/// The CI server (`gitlab`).
+/// The CI server (`gitlab`, `jenkins`, `github`).
 pub(crate) const LABEL_SOURCE: &str = "kiln.dev/source";
-/// The CI server's job id.
+/// The CI server's id of the work.
 pub(crate) const LABEL_JOB_ID: &str = "kiln.dev/job-id";
-/// The runner that took the job.
+/// The source entry that took the work.
 pub(crate) const LABEL_RUNNER: &str = "kiln.dev/runner";
 /// The resource class of the pod.
 pub(crate) const LABEL_CLASS: &str = "kiln.dev/resource-class";
+/// The exact source entry name (label values cannot hold every name).
+pub(crate) const ANNOTATION_RUNNER: &str = "kiln.dev/runner";
+/// The container whose end is the build's end.
+pub(crate) const ANNOTATION_MAIN: &str = "kiln.dev/main-container";
+/// kiln's own labels, which [`crate::build::Found::labels`] leaves out.
+pub(crate) const OWN_LABELS: &[&str] = &[
+    "app.kubernetes.io/managed-by",
+    LABEL_COORDINATOR,
+    LABEL_SOURCE,
+    LABEL_JOB_ID,
+    LABEL_RUNNER,
+    LABEL_CLASS,
+];
 
-/// A job asks for something the configuration does not allow: it fails with
+/// A build asks for something the configuration does not allow: it fails with
 /// `runner_configuration_error` and this message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub(crate) struct SpecError(pub(crate) String);
 
-/// Everything the pod of one job depends on.
-pub(crate) struct PodInput<'a> {
-    /// The job.
-    pub(crate) key: &'a JobKey,
-    /// The job as GitLab sent it.
-    pub(crate) job: &'a JobPayload,
-    /// The resource class the job's runner names, if any.
-    pub(crate) runner_class: Option<&'a str>,
-    /// The executor's settings.
-    pub(crate) config: &'a KubernetesConfig,
-    /// The namespace.
-    pub(crate) namespace: &'a str,
-}
-
-/// The labels that identify the objects of `key` (pod and Secret).
-pub(crate) fn identity_labels(config: &KubernetesConfig, key: &JobKey) -> BTreeMap<String, String> {
-    BTreeMap::from([
+/// The labels that identify the objects of `build` (pod and Secret).
+pub(crate) fn identity_labels(
+    config: &KubernetesConfig,
+    build: &Build,
+) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
         ("app.kubernetes.io/managed-by".to_owned(), "kiln".to_owned()),
         (LABEL_COORDINATOR.to_owned(), config.coordinator.clone()),
-        (LABEL_SOURCE.to_owned(), key.source.name().to_owned()),
-        (LABEL_JOB_ID.to_owned(), key.id.to_string()),
-        (LABEL_RUNNER.to_owned(), label_value(&key.runner)),
-    ])
+        (LABEL_SOURCE.to_owned(), build.key.source.name().to_owned()),
+        (LABEL_JOB_ID.to_owned(), build.key.id.to_string()),
+        (LABEL_RUNNER.to_owned(), label_value(&build.key.runner)),
+    ]);
+    for (key, value) in &build.labels {
+        labels.insert(key.clone(), label_value(value));
+    }
+    labels
 }
 
-/// The per-job Secret holding the agent's job file (it carries the job token). Its owner
-/// reference to the pod is added once the pod exists.
-pub(crate) fn secret(input: &PodInput<'_>, job_file: &[u8]) -> Secret {
+/// The build's Secret, holding its secret data (the job file with the job token, an agent
+/// secret). Its owner reference to the pod is added once the pod exists.
+pub(crate) fn secret(build: &Build, config: &KubernetesConfig, namespace: &str) -> Secret {
     Secret {
         metadata: ObjectMeta {
-            name: Some(input.key.resource_name()),
-            namespace: Some(input.namespace.to_owned()),
-            labels: Some(identity_labels(input.config, input.key)),
+            name: Some(build.name.clone()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(identity_labels(config, build)),
+            annotations: Some(BTreeMap::from([(
+                ANNOTATION_RUNNER.to_owned(),
+                build.key.runner.clone(),
+            )])),
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([(
-            JOB_KEY.to_owned(),
-            ByteString(job_file.to_vec()),
-        )])),
+        data: Some(
+            build
+                .secrets
+                .iter()
+                .map(|(key, value)| (key.clone(), ByteString(value.clone())))
+                .collect(),
+        ),
         ..Secret::default()
     }
 }
 
-/// The build pod of a job.
+/// The pod of a build.
 ///
 /// # Errors
-/// A `KUBERNETES_*` variable or `KILN_RESOURCE_CLASS` asks for more than the configuration
-/// allows, or a value is malformed; the message names the variable and the limit.
-pub(crate) fn pod(input: &PodInput<'_>) -> Result<Pod, SpecError> {
-    let config = input.config;
-    let job = input.job;
-    let (class_name, class) = resource_class(input)?;
-    let overrides = Overrides::from_job(job, config)?;
-
-    let build_resources = config
-        .build
-        .overlaid(&class.resources)
-        .overlaid(&overrides.resources);
-
-    let mut labels = identity_labels(config, input.key);
+/// The build asks for more than the configuration allows (a request over its cap, an unknown
+/// resource class), or a value is malformed; the message names where the request came from and
+/// the limit.
+pub(crate) fn pod(
+    build: &Build,
+    config: &KubernetesConfig,
+    namespace: &str,
+) -> Result<Pod, SpecError> {
+    let (class_name, class) = resource_class(build.class.as_ref(), config)?;
+    let overrides = Overrides::from_requests(&build.requests, config)?;
+    let mut labels = identity_labels(config, build);
     for extra in [&config.labels, &class.labels, &overrides.labels] {
         labels.extend(extra.clone());
     }
     if let Some(name) = &class_name {
         labels.insert(LABEL_CLASS.into(), name.clone());
     }
-    let mut annotations = gitlab_annotations(job);
+    let mut annotations = build.annotations.clone();
     for extra in [
         &config.annotations,
         &class.annotations,
@@ -129,9 +141,82 @@ pub(crate) fn pod(input: &PodInput<'_>) -> Result<Pod, SpecError> {
     ] {
         annotations.extend(extra.clone());
     }
+    annotations.insert(ANNOTATION_RUNNER.into(), build.key.runner.clone());
     let (mut node_selector, tolerations) = placement(config, &class);
     node_selector.extend(overrides.node_selector.clone());
+    let security = container_security(config);
+    let main_resources = config
+        .build
+        .overlaid(&class.resources)
+        .overlaid(&overrides.resources);
 
+    let mut spec = match &build.workload {
+        Workload::KilnAgent { image, services } => {
+            annotations.insert(ANNOTATION_MAIN.into(), BUILD_CONTAINER.into());
+            kiln_agent_spec(build, image.as_ref(), services, &main_resources, config)
+        }
+        Workload::Foreign(agent) => {
+            annotations.insert(ANNOTATION_MAIN.into(), agent.container.clone());
+            foreign_spec(build, agent, &main_resources, config)
+        }
+    };
+    for container in spec
+        .init_containers
+        .iter_mut()
+        .flatten()
+        .chain(spec.containers.iter_mut())
+    {
+        if container.security_context.is_none() {
+            container.security_context = Some(security.clone());
+        }
+    }
+    spec.restart_policy = Some("Never".into());
+    spec.active_deadline_seconds = build.timeout.map(|timeout| {
+        i64::try_from((timeout + config.deadline_margin).as_secs()).unwrap_or(i64::MAX)
+    });
+    spec.termination_grace_period_seconds =
+        Some(i64::try_from(config.termination_grace.as_secs()).unwrap_or(30));
+    spec.automount_service_account_token = Some(config.automount_service_account_token);
+    spec.service_account_name = overrides
+        .service_account
+        .clone()
+        .or_else(|| config.service_account.clone());
+    spec.enable_service_links = Some(false);
+    spec.image_pull_secrets = (!config.image_pull_secrets.is_empty()).then(|| {
+        config
+            .image_pull_secrets
+            .iter()
+            .map(|name| LocalObjectReference { name: name.clone() })
+            .collect()
+    });
+    spec.node_selector = (!node_selector.is_empty()).then_some(node_selector);
+    spec.tolerations = (!tolerations.is_empty()).then_some(tolerations);
+    spec.runtime_class_name = class.runtime_class.clone();
+    spec.priority_class_name = class.priority_class.clone();
+    spec.security_context = Some(pod_security(config));
+    let pod = Pod {
+        metadata: ObjectMeta {
+            name: Some(build.name.clone()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        },
+        spec: Some(spec),
+        ..Pod::default()
+    };
+    apply_patch(pod, config)
+}
+
+/// The pod of the kiln agent: `prepare` installs the agent and fetches the sources, `build`
+/// runs it in the job's image, one `svc-N` container per service.
+fn kiln_agent_spec(
+    build: &Build,
+    image: Option<&Image>,
+    services: &[Service],
+    resources: &Resources,
+    config: &KubernetesConfig,
+) -> PodSpec {
     let job_mount = VolumeMount {
         name: "job".into(),
         mount_path: JOB_DIR.into(),
@@ -149,8 +234,7 @@ pub(crate) fn pod(input: &PodInput<'_>) -> Result<Pod, SpecError> {
         mount_path: BUILDS_DIR.into(),
         ..VolumeMount::default()
     };
-    let job_file = format!("{JOB_DIR}/{JOB_KEY}");
-    let security = container_security(config);
+    let job_file = format!("{JOB_DIR}/{JOB_FILE}");
 
     let prepare = Container {
         name: PREPARE_CONTAINER.into(),
@@ -175,12 +259,11 @@ pub(crate) fn pod(input: &PodInput<'_>) -> Result<Pod, SpecError> {
             builds_mount.clone(),
             job_mount.clone(),
         ]),
-        security_context: Some(security.clone()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()
     };
 
-    let image = job.image.as_ref().filter(|i| !i.name.trim().is_empty());
+    let image = image.filter(|i| !i.name.trim().is_empty());
     let agent_args = vec![
         format!("{BIN_DIR}/kiln"),
         "agent".into(),
@@ -201,138 +284,180 @@ pub(crate) fn pod(input: &PodInput<'_>) -> Result<Pod, SpecError> {
         Some(entrypoint) => (entrypoint, Some(agent_args)),
         None => (agent_args, None),
     };
-    let build = Container {
+    let build_container = Container {
         name: BUILD_CONTAINER.into(),
         image: Some(
             image
                 .map(|i| i.name.clone())
                 .unwrap_or_else(|| config.default_image.clone()),
         ),
-        image_pull_policy: image.and_then(pull_policy),
+        image_pull_policy: image.and_then(|i| i.pull_policy).map(pull_policy),
         command: Some(command),
         args,
         working_dir: Some(BUILDS_DIR.into()),
-        resources: Some(requirements(&build_resources)),
+        resources: Some(requirements(resources)),
         volume_mounts: Some(vec![bin_mount(true), builds_mount, job_mount]),
-        security_context: Some(security.clone()),
         termination_message_path: Some(TERMINATION_LOG.into()),
         termination_message_policy: Some("File".into()),
         ..Container::default()
     };
 
-    let mut containers = vec![build];
+    let mut containers = vec![build_container];
     let mut host_names = Vec::new();
-    for (index, service) in job.services.iter().enumerate() {
-        if service.name.trim().is_empty() {
+    for (index, service) in services.iter().enumerate() {
+        if service.image.name.trim().is_empty() {
             continue;
         }
-        host_names.extend(service_aliases(service));
+        host_names.extend(service.aliases.iter().cloned());
         containers.push(Container {
             name: format!("svc-{index}"),
-            image: Some(service.name.clone()),
-            image_pull_policy: pull_policy(service),
-            command: (!service.entrypoint.is_empty()).then(|| service.entrypoint.clone()),
+            image: Some(service.image.name.clone()),
+            image_pull_policy: service.image.pull_policy.map(pull_policy),
+            command: (!service.image.entrypoint.is_empty())
+                .then(|| service.image.entrypoint.clone()),
             args: (!service.command.is_empty()).then(|| service.command.clone()),
             env: Some(
                 service
-                    .variables
+                    .env
                     .iter()
-                    .map(|v| EnvVar {
-                        name: v.key.clone(),
-                        value: Some(v.value.clone()),
+                    .map(|(name, value)| EnvVar {
+                        name: name.clone(),
+                        value: Some(value.clone()),
                         ..EnvVar::default()
                     })
                     .collect(),
             ),
             resources: Some(requirements(&config.service)),
-            security_context: Some(security.clone()),
             ..Container::default()
         });
     }
     host_names.sort();
     host_names.dedup();
-
-    let deadline = job.timeout() + config.deadline_margin;
-    let pod = Pod {
-        metadata: ObjectMeta {
-            name: Some(input.key.resource_name()),
-            namespace: Some(input.namespace.to_owned()),
-            labels: Some(labels),
-            annotations: Some(annotations),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            restart_policy: Some("Never".into()),
-            active_deadline_seconds: Some(i64::try_from(deadline.as_secs()).unwrap_or(i64::MAX)),
-            termination_grace_period_seconds: Some(
-                i64::try_from(config.termination_grace.as_secs()).unwrap_or(30),
-            ),
-            automount_service_account_token: Some(config.automount_service_account_token),
-            service_account_name: overrides
-                .service_account
-                .clone()
-                .or_else(|| config.service_account.clone()),
-            enable_service_links: Some(false),
-            image_pull_secrets: (!config.image_pull_secrets.is_empty()).then(|| {
-                config
-                    .image_pull_secrets
-                    .iter()
-                    .map(|name| LocalObjectReference { name: name.clone() })
-                    .collect()
-            }),
-            node_selector: (!node_selector.is_empty()).then_some(node_selector),
-            tolerations: (!tolerations.is_empty()).then_some(tolerations),
-            runtime_class_name: class.runtime_class.clone(),
-            priority_class_name: class.priority_class.clone(),
-            host_aliases: (!host_names.is_empty()).then(|| {
-                vec![HostAlias {
-                    ip: "127.0.0.1".into(),
-                    hostnames: Some(host_names),
-                }]
-            }),
-            security_context: Some(pod_security(config)),
-            init_containers: Some(vec![prepare]),
-            containers,
-            volumes: Some(vec![
-                Volume {
-                    name: "kiln-bin".into(),
-                    empty_dir: Some(EmptyDirVolumeSource::default()),
-                    ..Volume::default()
-                },
-                Volume {
-                    name: "builds".into(),
-                    empty_dir: Some(EmptyDirVolumeSource {
-                        size_limit: config.builds_size_limit.clone().map(Quantity),
-                        ..EmptyDirVolumeSource::default()
-                    }),
-                    ..Volume::default()
-                },
-                Volume {
-                    name: "job".into(),
-                    secret: Some(SecretVolumeSource {
-                        secret_name: Some(input.key.resource_name()),
-                        // Readable by whatever user the job's image runs as; only the init and
-                        // build containers mount it.
-                        default_mode: Some(0o444),
-                        ..SecretVolumeSource::default()
-                    }),
-                    ..Volume::default()
-                },
-            ]),
-            ..PodSpec::default()
+    PodSpec {
+        host_aliases: (!host_names.is_empty()).then(|| {
+            vec![HostAlias {
+                ip: "127.0.0.1".into(),
+                hostnames: Some(host_names),
+            }]
         }),
-        ..Pod::default()
-    };
-    apply_patch(pod, config)
+        init_containers: Some(vec![prepare]),
+        containers,
+        volumes: Some(vec![
+            Volume {
+                name: "kiln-bin".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            },
+            Volume {
+                name: "builds".into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    size_limit: config.builds_size_limit.clone().map(Quantity),
+                    ..EmptyDirVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "job".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(build.name.clone()),
+                    // Readable by whatever user the job's image runs as; only the init and
+                    // build containers mount it.
+                    default_mode: Some(0o444),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+        ]),
+        ..PodSpec::default()
+    }
 }
 
-/// The memory limit of the build container, for messages about OOM kills.
-pub(crate) fn memory_limit(pod: &Pod) -> Option<String> {
+/// The pod of a foreign agent: its container, with secret values from the build's Secret, and
+/// the user's extra containers, all sharing the agent's work directory.
+fn foreign_spec(
+    build: &Build,
+    agent: &ForeignAgent,
+    resources: &Resources,
+    config: &KubernetesConfig,
+) -> PodSpec {
+    let workspace = VolumeMount {
+        name: "workspace".into(),
+        mount_path: agent.workdir.clone(),
+        ..VolumeMount::default()
+    };
+    let env = agent
+        .env
+        .iter()
+        .map(|var| match &var.value {
+            EnvValue::Plain(value) => EnvVar {
+                name: var.name.clone(),
+                value: Some(value.clone()),
+                ..EnvVar::default()
+            },
+            EnvValue::Secret(key) => EnvVar {
+                name: var.name.clone(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: build.name.clone(),
+                        key: key.clone(),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
+        })
+        .collect();
+    let main = Container {
+        name: agent.container.clone(),
+        image: Some(agent.image.clone()),
+        command: agent.command.clone(),
+        args: agent.args.clone(),
+        env: Some(env),
+        resources: Some(requirements(resources)),
+        volume_mounts: Some(vec![workspace.clone()]),
+        working_dir: Some(agent.workdir.clone()),
+        ..Container::default()
+    };
+    let mut containers = vec![main];
+    for extra in &agent.extra_containers {
+        let mut container = extra.clone();
+        let mounts = container.volume_mounts.get_or_insert_with(Vec::new);
+        if !mounts.iter().any(|m| m.mount_path == agent.workdir) {
+            mounts.push(workspace.clone());
+        }
+        if container.resources.is_none() {
+            container.resources = Some(requirements(&config.service));
+        }
+        containers.push(container);
+    }
+    PodSpec {
+        containers,
+        volumes: Some(vec![Volume {
+            name: "workspace".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        }]),
+        ..PodSpec::default()
+    }
+}
+
+fn pull_policy(policy: PullPolicy) -> String {
+    match policy {
+        PullPolicy::Always => "Always",
+        PullPolicy::IfNotPresent => "IfNotPresent",
+        PullPolicy::Never => "Never",
+    }
+    .to_owned()
+}
+
+/// The memory limit of container `container`, for messages about OOM kills.
+pub(crate) fn memory_limit(pod: &Pod, container: &str) -> Option<String> {
     pod.spec
         .as_ref()?
         .containers
         .iter()
-        .find(|c| c.name == BUILD_CONTAINER)?
+        .find(|c| c.name == container)?
         .resources
         .as_ref()?
         .limits
@@ -397,45 +522,22 @@ pub(crate) fn placement(
     (node_selector, tolerations)
 }
 
-/// The resolved resource class called `name`, or why there is none.
-pub(crate) fn named_class(
+/// The resource class a build uses: the one its source chose, else the configured default.
+fn resource_class(
+    choice: Option<&ClassChoice>,
     config: &KubernetesConfig,
-    name: Option<&str>,
-) -> Result<ResourceClass, SpecError> {
-    let Some(name) = name else {
-        return Ok(ResourceClass::default());
-    };
-    config
-        .resource_classes
-        .get(name)
-        .map(ResourceClass::resolved)
-        .ok_or_else(|| SpecError(format!("resource class `{name}` is not configured")))
-}
-
-fn resource_class(input: &PodInput<'_>) -> Result<(Option<String>, ResourceClass), SpecError> {
-    let config = input.config;
-    let from_variable = input
-        .job
-        .variable("KILN_RESOURCE_CLASS")
-        .map(str::trim)
-        .filter(|s| !s.is_empty());
-    let name = from_variable
-        .or(input.runner_class)
-        .or(config.default_resource_class.as_deref());
-    let Some(name) = name else {
-        return Ok((None, ResourceClass::default()));
+) -> Result<(Option<String>, ResourceClass), SpecError> {
+    let (name, origin) = match (choice, config.default_resource_class.as_deref()) {
+        (Some(choice), _) => (choice.name.as_str(), choice.origin.as_str()),
+        (None, Some(default)) => (default, "kubernetes.default_resource_class"),
+        (None, None) => return Ok((None, ResourceClass::default())),
     };
     match config.resource_classes.get(name) {
         Some(class) => Ok((Some(name.to_owned()), class.resolved())),
         None => {
             let known: Vec<&str> = config.resource_classes.keys().map(String::as_str).collect();
-            let source = if from_variable.is_some() {
-                "KILN_RESOURCE_CLASS"
-            } else {
-                "the runner's resource_class"
-            };
             Err(SpecError(format!(
-                "{source} names resource class `{name}`, which this runner does not have (configured: {})",
+                "{origin} names resource class `{name}`, which this runner does not have (configured: {})",
                 if known.is_empty() {
                     "none".to_owned()
                 } else {
@@ -446,7 +548,7 @@ fn resource_class(input: &PodInput<'_>) -> Result<(Option<String>, ResourceClass
     }
 }
 
-/// What a job's `KUBERNETES_*` variables change, after checking them against the caps.
+/// What a build's own requests change in its pod, each checked against its cap.
 #[derive(Debug, Default)]
 struct Overrides {
     resources: Resources,
@@ -457,83 +559,66 @@ struct Overrides {
 }
 
 impl Overrides {
-    fn from_job(job: &JobPayload, config: &KubernetesConfig) -> Result<Self, SpecError> {
+    fn from_requests(requests: &[Requested], config: &KubernetesConfig) -> Result<Self, SpecError> {
         let mut out = Self::default();
-        for (field, variable, _, _) in RESOURCE_FIELDS {
-            let Some(variable) = variable else { continue };
-            let Some(value) = job
-                .variable(variable)
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
-            else {
-                continue;
-            };
-            let requested = quantity::parse(value).ok_or_else(|| {
-                SpecError(format!(
-                    "{variable}=`{value}` is not a Kubernetes quantity (like 500m, 2, 4Gi)"
-                ))
-            })?;
-            let Some(cap) = config.max.get(field) else {
-                return Err(SpecError(format!(
-                    "{variable} is not allowed on this runner: set kubernetes.max.{field} to allow it"
-                )));
-            };
-            let cap_value = quantity::parse(cap).unwrap_or(0.0);
-            if requested > cap_value {
-                return Err(SpecError(format!(
-                    "{variable}={value} is above this runner's maximum of {cap} (kubernetes.max.{field})"
-                )));
-            }
-            out.resources.set(field, value.to_owned());
-        }
-        if let Some(account) = job
-            .variable("KUBERNETES_SERVICE_ACCOUNT_OVERWRITE")
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-        {
-            check_allowed(
-                config.service_account_overwrite_allowed.as_deref(),
-                "KUBERNETES_SERVICE_ACCOUNT_OVERWRITE",
-                account,
-                "service_account_overwrite_allowed",
-            )?;
-            out.service_account = Some(account.to_owned());
-        }
-        let families = [
-            (
-                "KUBERNETES_NODE_SELECTOR_",
-                config.node_selector_overwrite_allowed.as_deref(),
-                "node_selector_overwrite_allowed",
-            ),
-            (
-                "KUBERNETES_POD_ANNOTATIONS_",
-                config.pod_annotations_overwrite_allowed.as_deref(),
-                "pod_annotations_overwrite_allowed",
-            ),
-            (
-                "KUBERNETES_POD_LABELS_",
-                config.pod_labels_overwrite_allowed.as_deref(),
-                "pod_labels_overwrite_allowed",
-            ),
-        ];
-        for (prefix, allowed, setting) in families {
-            let mut seen = BTreeMap::new();
-            for var in job.variables.iter().filter(|v| v.key.starts_with(prefix)) {
-                seen.insert(var.key.clone(), var.value.clone());
-            }
-            for (variable, entry) in seen {
-                let Some((key, value)) = entry.split_once('=') else {
-                    return Err(SpecError(format!(
-                        "{variable}=`{entry}` must have the form key=value"
-                    )));
-                };
-                check_allowed(allowed, &variable, &entry, setting)?;
-                let (key, value) = (key.trim().to_owned(), value.trim().to_owned());
-                match prefix {
-                    "KUBERNETES_NODE_SELECTOR_" => out.node_selector.insert(key, value),
-                    "KUBERNETES_POD_ANNOTATIONS_" => out.annotations.insert(key, value),
-                    _ => out.labels.insert(key, value),
-                };
+        for request in requests {
+            let (origin, value) = (request.origin.as_str(), request.value.trim());
+            match request.what {
+                Request::Resource(field) => {
+                    let field = field.as_str();
+                    let requested = quantity::parse(value).ok_or_else(|| {
+                        SpecError(format!(
+                            "{origin}=`{value}` is not a Kubernetes quantity (like 500m, 2, 4Gi)"
+                        ))
+                    })?;
+                    let Some(cap) = config.max.get(field) else {
+                        return Err(SpecError(format!(
+                            "{origin} is not allowed on this runner: set kubernetes.max.{field} to allow it"
+                        )));
+                    };
+                    let cap_value = quantity::parse(cap).unwrap_or(0.0);
+                    if requested > cap_value {
+                        return Err(SpecError(format!(
+                            "{origin}={value} is above this runner's maximum of {cap} (kubernetes.max.{field})"
+                        )));
+                    }
+                    out.resources.set(field, value.to_owned());
+                }
+                Request::ServiceAccount => {
+                    check_allowed(
+                        config.service_account_overwrite_allowed.as_deref(),
+                        origin,
+                        value,
+                        "service_account_overwrite_allowed",
+                    )?;
+                    out.service_account = Some(value.to_owned());
+                }
+                Request::NodeSelector | Request::PodAnnotation | Request::PodLabel => {
+                    let (allowed, setting, target) = match request.what {
+                        Request::NodeSelector => (
+                            config.node_selector_overwrite_allowed.as_deref(),
+                            "node_selector_overwrite_allowed",
+                            &mut out.node_selector,
+                        ),
+                        Request::PodAnnotation => (
+                            config.pod_annotations_overwrite_allowed.as_deref(),
+                            "pod_annotations_overwrite_allowed",
+                            &mut out.annotations,
+                        ),
+                        _ => (
+                            config.pod_labels_overwrite_allowed.as_deref(),
+                            "pod_labels_overwrite_allowed",
+                            &mut out.labels,
+                        ),
+                    };
+                    let Some((key, entry_value)) = value.split_once('=') else {
+                        return Err(SpecError(format!(
+                            "{origin}=`{value}` must have the form key=value"
+                        )));
+                    };
+                    check_allowed(allowed, origin, value, setting)?;
+                    target.insert(key.trim().to_owned(), entry_value.trim().to_owned());
+                }
             }
         }
         Ok(out)
@@ -628,95 +713,6 @@ pub(crate) fn pod_security(config: &KubernetesConfig) -> PodSecurityContext {
     }
 }
 
-fn pull_policy(image: &Image) -> Option<String> {
-    image.pull_policy.first().and_then(|p| {
-        Some(
-            match p.as_str() {
-                "always" => "Always",
-                "if-not-present" => "IfNotPresent",
-                "never" => "Never",
-                _ => return None,
-            }
-            .to_owned(),
-        )
-    })
-}
-
-/// Host names a service answers to: its aliases and GitLab's two names derived from the image
-/// (`registry.example.com/group/image:tag` → `registry.example.com__group__image` and
-/// `registry.example.com-group-image`).
-fn service_aliases(service: &Image) -> Vec<String> {
-    let mut names: Vec<String> = service
-        .alias
-        .iter()
-        .flat_map(|a| a.split([',', ' ']))
-        .map(str::trim)
-        .filter(|a| !a.is_empty())
-        .map(str::to_owned)
-        .collect();
-    let base = service.name.split('@').next().unwrap_or_default();
-    let without_tag = match base.rfind(':') {
-        Some(colon) if !base[colon..].contains('/') => &base[..colon],
-        _ => base,
-    };
-    names.push(without_tag.replace('/', "__"));
-    names.push(without_tag.replace('/', "-"));
-    names.retain(|n| is_hostname(n));
-    names
-}
-
-fn is_hostname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|part| {
-            !part.is_empty()
-                && part.len() <= 63
-                && part
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        })
-}
-
-fn gitlab_annotations(job: &JobPayload) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut put = |key: &str, value: Option<String>| {
-        if let Some(value) = value.filter(|v| !v.is_empty()) {
-            out.insert(key.to_owned(), value);
-        }
-    };
-    put("job.runner.gitlab.com/id", Some(job.id.to_string()));
-    put(
-        "job.runner.gitlab.com/url",
-        job.variable("CI_JOB_URL").map(str::to_owned),
-    );
-    put(
-        "job.runner.gitlab.com/name",
-        Some(job.job_info.name.clone()),
-    );
-    put("job.runner.gitlab.com/sha", Some(job.git_info.sha.clone()));
-    put(
-        "job.runner.gitlab.com/before_sha",
-        Some(job.git_info.before_sha.clone()),
-    );
-    put(
-        "job.runner.gitlab.com/ref",
-        Some(job.git_info.git_ref.clone()),
-    );
-    put(
-        "project.runner.gitlab.com/id",
-        job.job_info.project_id.map(|id| id.to_string()),
-    );
-    put(
-        "project.runner.gitlab.com/path",
-        job.job_info.project_full_path.clone(),
-    );
-    put(
-        "pipeline.runner.gitlab.com/id",
-        job.job_info.pipeline_id.map(|id| id.to_string()),
-    );
-    out
-}
-
 /// `value` made into a valid label value (runner names may hold any character).
 pub(crate) fn label_value(value: &str) -> String {
     let cleaned: String = value
@@ -737,49 +733,45 @@ pub(crate) fn label_value(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
-    use crate::job::SourceKind;
-    use crate::sources::gitlab::payload::{ImageVariable, Variable};
+    use crate::build::{About, BuildKey, EnvVar as BuildEnv, ResourceField, SourceKind};
 
-    fn job(variables: &[(&str, &str)]) -> JobPayload {
-        let mut job: JobPayload = serde_json::from_value(serde_json::json!({
-            "id": 42, "token": "job-token",
-            "job_info": {"name": "build", "stage": "build", "project_name": "demo",
-                         "project_full_path": "group/demo", "project_id": 7},
-            "git_info": {"repo_url": "https://gitlab.example.com/group/demo.git", "ref": "main",
-                         "sha": "abc123", "before_sha": "000", "ref_type": "branch"},
-            "runner_info": {"timeout": 600},
-            "steps": [{"name": "script", "script": ["true"], "when": "on_success"}],
-        }))
-        .unwrap();
-        job.variables = variables
-            .iter()
-            .map(|(k, v)| Variable {
-                key: (*k).into(),
-                value: (*v).into(),
-                public: true,
-                ..Variable::default()
-            })
-            .collect();
-        job
-    }
-
-    fn key() -> JobKey {
-        JobKey {
-            source: SourceKind::GitLab,
-            runner: "gitlab.example.com-0".into(),
-            id: 42,
+    fn build() -> Build {
+        Build {
+            key: BuildKey {
+                source: SourceKind::GitLab,
+                runner: "gitlab.example.com-0".into(),
+                id: 42,
+            },
+            name: "kiln-gl-42".into(),
+            workload: Workload::KilnAgent {
+                image: None,
+                services: Vec::new(),
+            },
+            secrets: BTreeMap::from([(JOB_FILE.to_owned(), b"{\"token\":\"job-token\"}".to_vec())]),
+            class: None,
+            requests: Vec::new(),
+            timeout: Some(Duration::from_secs(600)),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::from([(
+                "job.runner.gitlab.com/sha".to_owned(),
+                "abc123".to_owned(),
+            )]),
+            about: About::default(),
         }
     }
 
-    fn build(job: &JobPayload, config: &KubernetesConfig) -> Result<Pod, SpecError> {
-        pod(&PodInput {
-            key: &key(),
-            job,
-            runner_class: None,
-            config,
-            namespace: "ci",
-        })
+    fn requesting(what: Request, value: &str, origin: &str) -> Build {
+        Build {
+            requests: vec![Requested {
+                what,
+                value: value.into(),
+                origin: origin.into(),
+            }],
+            ..build()
+        }
     }
 
     fn container<'a>(pod: &'a Pod, name: &str) -> &'a Container {
@@ -805,17 +797,18 @@ mod tests {
     #[test]
     fn the_pod_runs_the_agent_and_never_restarts() {
         let config = KubernetesConfig::default();
-        let pod = build(&job(&[]), &config).unwrap();
+        let build = build();
+        let pod = pod(&build, &config, "ci").unwrap();
         assert_eq!(pod.metadata.name.as_deref(), Some("kiln-gl-42"));
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
         assert_eq!(spec.active_deadline_seconds, Some(600 + 600));
         assert_eq!(spec.automount_service_account_token, Some(false));
-        let build = container(&pod, BUILD_CONTAINER);
-        assert_eq!(build.image.as_deref(), Some("alpine:3"));
-        assert_eq!(build.command.as_ref().unwrap()[0], "/kiln/bin/kiln");
+        let main = container(&pod, BUILD_CONTAINER);
+        assert_eq!(main.image.as_deref(), Some("alpine:3"));
+        assert_eq!(main.command.as_ref().unwrap()[0], "/kiln/bin/kiln");
         assert!(
-            build.env.is_none(),
+            main.env.is_none(),
             "the job reaches the pod only through its Secret"
         );
         let json = serde_json::to_string(&pod).unwrap();
@@ -825,39 +818,49 @@ mod tests {
         assert_eq!(labels[LABEL_SOURCE], "gitlab");
         let annotations = pod.metadata.annotations.as_ref().unwrap();
         assert_eq!(annotations["job.runner.gitlab.com/sha"], "abc123");
-        assert_eq!(annotations["project.runner.gitlab.com/path"], "group/demo");
+        assert_eq!(annotations[ANNOTATION_MAIN], BUILD_CONTAINER);
+        let secret = secret(&build, &config, "ci");
+        assert!(secret.data.unwrap().contains_key(JOB_FILE));
     }
 
     #[test]
     fn an_image_entrypoint_wraps_the_agent() {
-        let mut job = job(&[]);
-        job.image = Some(Image {
-            name: "docker:27".into(),
-            entrypoint: vec!["dockerd-entrypoint.sh".into()],
-            pull_policy: vec!["if-not-present".into()],
-            ..Image::default()
-        });
-        let pod = build(&job, &KubernetesConfig::default()).unwrap();
-        let build = container(&pod, BUILD_CONTAINER);
-        assert_eq!(build.command.as_deref().unwrap(), ["dockerd-entrypoint.sh"]);
-        assert_eq!(build.args.as_ref().unwrap()[0], "/kiln/bin/kiln");
-        assert_eq!(build.image_pull_policy.as_deref(), Some("IfNotPresent"));
+        let build = Build {
+            workload: Workload::KilnAgent {
+                image: Some(Image {
+                    name: "docker:27".into(),
+                    entrypoint: vec!["dockerd-entrypoint.sh".into()],
+                    pull_policy: Some(PullPolicy::IfNotPresent),
+                }),
+                services: Vec::new(),
+            },
+            ..build()
+        };
+        let pod = pod(&build, &KubernetesConfig::default(), "ci").unwrap();
+        let main = container(&pod, BUILD_CONTAINER);
+        assert_eq!(main.command.as_deref().unwrap(), ["dockerd-entrypoint.sh"]);
+        assert_eq!(main.args.as_ref().unwrap()[0], "/kiln/bin/kiln");
+        assert_eq!(main.image_pull_policy.as_deref(), Some("IfNotPresent"));
     }
 
     #[test]
     fn services_are_sidecars_reachable_by_alias() {
-        let mut job = job(&[]);
-        job.services = vec![Image {
-            name: "registry.example.com/tools/postgres:16".into(),
-            alias: Some("db".into()),
-            command: vec!["postgres".into(), "-c".into(), "fsync=off".into()],
-            variables: vec![ImageVariable {
-                key: "POSTGRES_PASSWORD".into(),
-                value: "pw".into(),
-            }],
-            ..Image::default()
-        }];
-        let pod = build(&job, &KubernetesConfig::default()).unwrap();
+        let build = Build {
+            workload: Workload::KilnAgent {
+                image: None,
+                services: vec![Service {
+                    image: Image {
+                        name: "postgres:16".into(),
+                        ..Image::default()
+                    },
+                    command: vec!["postgres".into(), "-c".into(), "fsync=off".into()],
+                    env: vec![("POSTGRES_PASSWORD".into(), "pw".into())],
+                    aliases: vec!["db".into(), "postgres".into()],
+                }],
+            },
+            ..build()
+        };
+        let pod = pod(&build, &KubernetesConfig::default(), "ci").unwrap();
         let svc = container(&pod, "svc-0");
         assert_eq!(svc.args.as_ref().unwrap()[0], "postgres");
         assert!(svc.command.is_none());
@@ -868,13 +871,11 @@ mod tests {
         );
         let aliases = pod.spec.as_ref().unwrap().host_aliases.as_ref().unwrap();
         let names = aliases[0].hostnames.as_ref().unwrap();
-        assert!(names.contains(&"db".to_owned()));
-        assert!(names.contains(&"registry.example.com__tools__postgres".to_owned()));
-        assert!(names.contains(&"registry.example.com-tools-postgres".to_owned()));
+        assert_eq!(names, &["db".to_owned(), "postgres".to_owned()]);
     }
 
     #[test]
-    fn overrides_within_the_cap_apply() {
+    fn requests_within_the_cap_apply() {
         let config = KubernetesConfig {
             max: Resources {
                 memory_limit: Some("8Gi".into()),
@@ -882,12 +883,17 @@ mod tests {
             },
             ..KubernetesConfig::default()
         };
-        let pod = build(&job(&[("KUBERNETES_MEMORY_LIMIT", "4Gi")]), &config).unwrap();
+        let build = requesting(
+            Request::Resource(ResourceField::MemoryLimit),
+            "4Gi",
+            "KUBERNETES_MEMORY_LIMIT",
+        );
+        let pod = pod(&build, &config, "ci").unwrap();
         assert_eq!(limit(&pod, "memory").as_deref(), Some("4Gi"));
     }
 
     #[test]
-    fn overrides_above_the_cap_name_variable_and_cap() {
+    fn requests_above_the_cap_name_their_origin_and_the_cap() {
         let config = KubernetesConfig {
             max: Resources {
                 memory_limit: Some("8Gi".into()),
@@ -895,33 +901,54 @@ mod tests {
             },
             ..KubernetesConfig::default()
         };
-        let err = build(&job(&[("KUBERNETES_MEMORY_LIMIT", "16Gi")]), &config).unwrap_err();
+        let memory = |value| {
+            requesting(
+                Request::Resource(ResourceField::MemoryLimit),
+                value,
+                "KUBERNETES_MEMORY_LIMIT",
+            )
+        };
+        let err = pod(&memory("16Gi"), &config, "ci").unwrap_err();
         assert!(err.0.contains("KUBERNETES_MEMORY_LIMIT=16Gi"), "{err}");
         assert!(err.0.contains("8Gi"), "{err}");
-        let err = build(&job(&[("KUBERNETES_CPU_LIMIT", "2")]), &config).unwrap_err();
+        let cpu = requesting(
+            Request::Resource(ResourceField::CpuLimit),
+            "2",
+            "KUBERNETES_CPU_LIMIT",
+        );
+        let err = pod(&cpu, &config, "ci").unwrap_err();
         assert!(err.0.contains("kubernetes.max.cpu_limit"), "{err}");
-        let err = build(&job(&[("KUBERNETES_MEMORY_LIMIT", "lots")]), &config).unwrap_err();
+        let err = pod(&memory("lots"), &config, "ci").unwrap_err();
         assert!(err.0.contains("not a Kubernetes quantity"), "{err}");
     }
 
     #[test]
-    fn node_selector_overrides_need_a_matching_allow_pattern() {
-        let vars = [("KUBERNETES_NODE_SELECTOR_ARCH", "kubernetes.io/arch=arm64")];
-        let err = build(&job(&vars), &KubernetesConfig::default()).unwrap_err();
+    fn node_selector_requests_need_a_matching_allow_pattern() {
+        let arch = requesting(
+            Request::NodeSelector,
+            "kubernetes.io/arch=arm64",
+            "KUBERNETES_NODE_SELECTOR_ARCH",
+        );
+        let err = pod(&arch, &KubernetesConfig::default(), "ci").unwrap_err();
         assert!(err.0.contains("node_selector_overwrite_allowed"), "{err}");
         let config = KubernetesConfig {
             node_selector_overwrite_allowed: Some("kubernetes.io/arch=.*".into()),
             ..KubernetesConfig::default()
         };
-        let pod = build(&job(&vars), &config).unwrap();
-        let selector = pod.spec.as_ref().unwrap().node_selector.as_ref().unwrap();
+        let pod_ = pod(&arch, &config, "ci").unwrap();
+        let selector = pod_.spec.as_ref().unwrap().node_selector.as_ref().unwrap();
         assert_eq!(selector["kubernetes.io/arch"], "arm64");
-        let err = build(&job(&[("KUBERNETES_NODE_SELECTOR_X", "evil=1")]), &config).unwrap_err();
+        let evil = requesting(
+            Request::NodeSelector,
+            "evil=1",
+            "KUBERNETES_NODE_SELECTOR_X",
+        );
+        let err = pod(&evil, &config, "ci").unwrap_err();
         assert!(err.0.contains("does not match"), "{err}");
     }
 
     #[test]
-    fn the_resource_class_comes_from_the_variable_then_the_runner() {
+    fn the_chosen_resource_class_sizes_and_places_the_pod() {
         let mut config = KubernetesConfig::default();
         config.resource_classes.insert(
             "spot".into(),
@@ -941,37 +968,35 @@ mod tests {
                 ..ResourceClass::default()
             },
         );
-        let job_vars = job(&[("KILN_RESOURCE_CLASS", "big")]);
-        let pod = pod(&PodInput {
-            key: &key(),
-            job: &job_vars,
-            runner_class: Some("spot"),
-            config: &config,
-            namespace: "ci",
-        })
-        .unwrap();
-        assert_eq!(limit(&pod, "memory").as_deref(), Some("16Gi"));
+        let choose = |name: &str, origin: &str| Build {
+            class: Some(ClassChoice {
+                name: name.into(),
+                origin: origin.into(),
+            }),
+            ..build()
+        };
+        let big = pod(&choose("big", "KILN_RESOURCE_CLASS"), &config, "ci").unwrap();
+        assert_eq!(limit(&big, "memory").as_deref(), Some("16Gi"));
         assert_eq!(
-            pod.spec.as_ref().unwrap().priority_class_name.as_deref(),
+            big.spec.as_ref().unwrap().priority_class_name.as_deref(),
             Some("ci-high")
         );
-        let plain = job(&[]);
-        let spot = super::pod(&PodInput {
-            key: &key(),
-            job: &plain,
-            runner_class: Some("spot"),
-            config: &config,
-            namespace: "ci",
-        })
+        let spot = pod(
+            &choose("spot", "the runner's resource_class"),
+            &config,
+            "ci",
+        )
         .unwrap();
         let annotations = spot.metadata.annotations.as_ref().unwrap();
         assert_eq!(
             annotations["k8s.aliyun.com/eci-spot-strategy"],
             "SpotAsPriceGo"
         );
-        let err = build(&job(&[("KILN_RESOURCE_CLASS", "gpu")]), &config).unwrap_err();
+        let err = pod(&choose("gpu", "KILN_RESOURCE_CLASS"), &config, "ci").unwrap_err();
         assert!(
-            err.0.contains("`gpu`") && err.0.contains("big, spot"),
+            err.0
+                .contains("KILN_RESOURCE_CLASS names resource class `gpu`")
+                && err.0.contains("big, spot"),
             "{err}"
         );
     }
@@ -984,7 +1009,7 @@ mod tests {
             )),
             ..KubernetesConfig::default()
         };
-        let pod = build(&job(&[]), &config).unwrap();
+        let pod = pod(&build(), &config, "ci").unwrap();
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.dns_policy.as_deref(), Some("None"));
         assert_eq!(spec.enable_service_links, None);
@@ -996,7 +1021,7 @@ mod tests {
             security: SecurityProfile::Restricted,
             ..KubernetesConfig::default()
         };
-        let pod = build(&job(&[]), &config).unwrap();
+        let pod = pod(&build(), &config, "ci").unwrap();
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(
             spec.security_context.as_ref().unwrap().run_as_user,
@@ -1008,5 +1033,86 @@ mod tests {
             .unwrap();
         assert_eq!(ctx.run_as_non_root, Some(true));
         assert!(ctx.capabilities.as_ref().unwrap().add.is_none());
+    }
+
+    #[test]
+    fn a_foreign_agent_gets_its_secret_from_the_secret_and_shares_its_workspace() {
+        let build = Build {
+            key: BuildKey {
+                source: SourceKind::Jenkins,
+                runner: "ci".into(),
+                id: 17,
+            },
+            name: "kiln-jk-17-3f9a1c2e".into(),
+            workload: Workload::Foreign(ForeignAgent {
+                container: "jnlp".into(),
+                image: "jenkins/inbound-agent:latest-jdk21".into(),
+                command: None,
+                args: None,
+                env: vec![
+                    BuildEnv {
+                        name: "JENKINS_AGENT_NAME".into(),
+                        value: EnvValue::Plain("kiln-maven-3f9a1c2e".into()),
+                    },
+                    BuildEnv {
+                        name: "JENKINS_SECRET".into(),
+                        value: EnvValue::Secret("secret".into()),
+                    },
+                ],
+                workdir: "/home/jenkins/agent".into(),
+                extra_containers: vec![Container {
+                    name: "maven".into(),
+                    image: Some("maven:3.9".into()),
+                    command: Some(vec!["sleep".into(), "infinity".into()]),
+                    ..Container::default()
+                }],
+                process: None,
+            }),
+            secrets: BTreeMap::from([("secret".to_owned(), b"s3cr3t".to_vec())]),
+            timeout: None,
+            labels: BTreeMap::from([(
+                "kiln.dev/jenkins-node".to_owned(),
+                "kiln-maven-3f9a1c2e".to_owned(),
+            )]),
+            annotations: BTreeMap::new(),
+            ..build()
+        };
+        let config = KubernetesConfig::default();
+        let pod = pod(&build, &config, "ci").unwrap();
+        assert_eq!(pod.metadata.name.as_deref(), Some("kiln-jk-17-3f9a1c2e"));
+        let json = serde_json::to_string(&pod).unwrap();
+        assert!(
+            !json.contains("s3cr3t"),
+            "the agent secret is not in the pod spec"
+        );
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(spec.active_deadline_seconds, None);
+        let agent = container(&pod, "jnlp");
+        let env: BTreeMap<_, _> = agent
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e))
+            .collect();
+        assert_eq!(
+            env["JENKINS_AGENT_NAME"].value.as_deref(),
+            Some("kiln-maven-3f9a1c2e")
+        );
+        let from = env["JENKINS_SECRET"].value_from.as_ref().unwrap();
+        assert_eq!(from.secret_key_ref.as_ref().unwrap().name, build.name);
+        let maven = container(&pod, "maven");
+        assert_eq!(
+            maven.volume_mounts.as_ref().unwrap()[0].mount_path,
+            "/home/jenkins/agent"
+        );
+        assert!(maven.security_context.is_some());
+        let secret = secret(&build, &config, "ci");
+        assert_eq!(secret.data.unwrap()["secret"].0, b"s3cr3t".to_vec());
+        let labels = pod.metadata.labels.unwrap();
+        assert_eq!(labels["kiln.dev/source"], "jenkins");
+        assert_eq!(labels["kiln.dev/job-id"], "17");
+        assert_eq!(labels["kiln.dev/jenkins-node"], "kiln-maven-3f9a1c2e");
+        assert_eq!(pod.metadata.annotations.unwrap()[ANNOTATION_MAIN], "jnlp");
     }
 }

@@ -1,5 +1,9 @@
-//! One watch over all of kiln's labelled pods, fanned out to the build that waits on each pod.
+//! One watch over all of kiln's labelled pods, fanned out to whoever follows each pod.
 //! `kube::runtime::watcher` does the listing, re-listing on `410 Gone` and backoff.
+//!
+//! The latest state of every pod is kept, so a build followed after its pod was listed (an
+//! adopted build, or one that ended while no coordinator ran) sees that state at once instead
+//! of waiting for the pod's next change.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -31,7 +35,7 @@ pub(crate) struct PodWatch {
     registry: Registry,
 }
 
-/// A build's view of its pod; unsubscribes when dropped.
+/// A build's view of its pod.
 pub(crate) struct Subscription {
     name: String,
     registry: Registry,
@@ -41,10 +45,15 @@ pub(crate) struct Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.registry
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.name);
+        let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // A pod that still exists stays known (the watch keeps it current); one that is gone
+        // or was never seen is forgotten with its last follower.
+        let forget = registry.get(&self.name).is_some_and(|sender| {
+            sender.receiver_count() <= 1 && !matches!(*sender.borrow(), PodSeen::Present(_))
+        });
+        if forget {
+            registry.remove(&self.name);
+        }
     }
 }
 
@@ -69,30 +78,35 @@ impl PodWatch {
                         let pod = slim(pod);
                         let name = pod.metadata.name.clone().unwrap_or_default();
                         listed.insert(name.clone());
-                        send(&fan_out, &name, PodSeen::Present(Arc::new(pod)));
+                        update(&fan_out, &name, PodSeen::Present(Arc::new(pod)));
                     }
                     Ok(watcher::Event::InitDone) => {
                         // Pods deleted while the watch was down never get a DELETED event: a
-                        // build whose pod was seen before and is missing from the new list lost
-                        // it. (Pods not seen yet may simply be newer than the list.)
-                        let registry = fan_out.lock().unwrap_or_else(|e| e.into_inner());
-                        for (name, sender) in registry.iter() {
-                            let was_present = matches!(*sender.borrow(), PodSeen::Present(_));
-                            if was_present && !listed.contains(name) {
-                                let last = match &*sender.borrow() {
-                                    PodSeen::Present(pod) => Some(Arc::clone(pod)),
-                                    _ => None,
-                                };
-                                sender.send_replace(PodSeen::Gone(last));
+                        // pod seen before and missing from the new list is gone. (Pods not
+                        // seen yet may simply be newer than the list.)
+                        let mut registry = fan_out.lock().unwrap_or_else(|e| e.into_inner());
+                        registry.retain(|name, sender| {
+                            let last = match &*sender.borrow() {
+                                PodSeen::Present(pod) if !listed.contains(name) => {
+                                    Some(Arc::clone(pod))
+                                }
+                                _ => None,
+                            };
+                            match last {
+                                Some(last) => {
+                                    sender.send_replace(PodSeen::Gone(Some(last)));
+                                    sender.receiver_count() > 0
+                                }
+                                None => true,
                             }
-                        }
+                        });
                         drop(registry);
                         listed.clear();
                     }
                     Ok(watcher::Event::Delete(pod)) => {
                         let pod = slim(pod);
                         let name = pod.metadata.name.clone().unwrap_or_default();
-                        send(&fan_out, &name, PodSeen::Gone(Some(Arc::new(pod))));
+                        update(&fan_out, &name, PodSeen::Gone(Some(Arc::new(pod))));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "watching build pods failed; retrying with backoff");
@@ -103,24 +117,53 @@ impl PodWatch {
         Self { registry }
     }
 
-    /// Follows pod `name`. Subscribe before creating the pod so no change is missed.
+    /// Follows pod `name`: the subscription starts from the latest state known of it.
     pub(crate) fn subscribe(&self, name: &str) -> Subscription {
-        let (tx, rx) = watch::channel(PodSeen::Unknown);
-        self.registry
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_owned(), tx);
+        let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let sender = registry
+            .entry(name.to_owned())
+            .or_insert_with(|| watch::channel(PodSeen::Unknown).0);
+        let mut changes = sender.subscribe();
+        // The state known now counts as news to the new follower.
+        changes.mark_changed();
         Subscription {
             name: name.to_owned(),
             registry: Arc::clone(&self.registry),
-            changes: rx,
+            changes,
+        }
+    }
+
+    /// Records a pod read by other means (a list at start-up) unless the watch knows it
+    /// better already.
+    pub(crate) fn seed(&self, pod: Pod) {
+        let Some(name) = pod.metadata.name.clone() else {
+            return;
+        };
+        let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let sender = registry
+            .entry(name)
+            .or_insert_with(|| watch::channel(PodSeen::Unknown).0);
+        if matches!(*sender.borrow(), PodSeen::Unknown) {
+            sender.send_replace(PodSeen::Present(Arc::new(slim(pod))));
         }
     }
 }
 
-fn send(registry: &Registry, name: &str, seen: PodSeen) {
-    if let Some(sender) = registry.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
-        sender.send_replace(seen);
+/// Sets the latest state of `name`; a pod gone with nobody following it is forgotten.
+fn update(registry: &Registry, name: &str, seen: PodSeen) {
+    let mut registry = registry.lock().unwrap_or_else(|e| e.into_inner());
+    let gone = matches!(seen, PodSeen::Gone(_));
+    match registry.get(name) {
+        Some(sender) => {
+            sender.send_replace(seen);
+            if gone && sender.receiver_count() == 0 {
+                registry.remove(name);
+            }
+        }
+        None if !gone => {
+            registry.insert(name.to_owned(), watch::channel(seen).0);
+        }
+        None => {}
     }
 }
 

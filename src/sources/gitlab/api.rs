@@ -11,7 +11,7 @@ use serde::Serialize;
 use url::Url;
 
 use super::payload::JobPayload;
-use crate::job::FailureReason;
+use crate::build::FailureReason;
 
 /// What can go wrong talking to GitLab.
 #[derive(Debug, thiserror::Error)]
@@ -191,7 +191,7 @@ pub enum JobRequest {
         /// What kiln could read of it: at least its id and token, to fail it with.
         job: Box<JobPayload>,
         /// The failure reason to send.
-        reason: crate::job::FailureReason,
+        reason: crate::build::FailureReason,
         /// What is wrong, for the job's trace.
         problem: String,
     },

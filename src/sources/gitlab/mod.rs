@@ -1,7 +1,213 @@
-//! GitLab as a job source: the runner API client, registration, and the long-poll request loop.
+//! GitLab as a job source: the runner API client, registration, the long-poll request loop,
+//! and each claimed job described as a build for the coordinator. The kiln agent inside the
+//! build reports the job itself; this source fails a job only when its build could not.
 
 pub mod api;
+mod build;
+mod config;
 pub mod payload;
 pub mod poller;
 pub mod register;
 pub mod report;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{AgentConfig, AgentJob};
+use crate::build::{About, BuildKey, Ending, Found, JOB_FILE, Outcome, SourceKind};
+use crate::sources::{Adoption, Chain, ExecutorInfo, Health, Source};
+use crate::telemetry::Metrics;
+pub use config::{GitLabRunnerConfig, is_system_id};
+use payload::JobPayload;
+use poller::{ClaimedJob, Runner};
+use report::JobReporter;
+
+/// One `[[sources.gitlab]]` runner as a source of builds.
+pub struct GitLabSource {
+    runner: Arc<Runner>,
+    config: GitLabRunnerConfig,
+    settings: AgentConfig,
+    executor: ExecutorInfo,
+    /// Who reports each of this runner's jobs that has a build now, by job id.
+    reporters: Mutex<HashMap<u64, JobReporter>>,
+}
+
+impl GitLabSource {
+    /// The runner of entry `index`, whose builds run the agent with `settings` on `executor`.
+    ///
+    /// # Errors
+    /// An unusable URL.
+    pub fn new(
+        config: &GitLabRunnerConfig,
+        index: usize,
+        settings: &AgentConfig,
+        executor: ExecutorInfo,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, api::ApiError> {
+        Ok(Self {
+            runner: Runner::new(config, index, executor.name, executor.runs_images, metrics)?,
+            config: config.clone(),
+            settings: settings.clone(),
+            executor,
+            reporters: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn context(&self) -> build::Context<'_> {
+        build::Context {
+            runner: &self.runner.name,
+            gitlab_url: self.runner.url(),
+            resource_class: self.config.resource_class.as_deref(),
+            settings: &self.settings,
+            executor: self.executor.name,
+        }
+    }
+
+    /// Hands a claimed job to the chain as a build.
+    fn claimed(&self, chain: &dyn Chain, claimed: ClaimedJob) {
+        let build = build::build(&claimed.job, &claimed.raw, &self.context());
+        self.lock()
+            .insert(claimed.job.id, claimed.runner.reporter(&claimed.job));
+        chain.launch(claimed.slot, build);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, JobReporter>> {
+        self.reporters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn adopt_build(&self, found: &Found) -> Adoption {
+        let Some(bytes) = found.secrets.get(JOB_FILE) else {
+            // The agent still reports the job; kiln has no token to report anything itself.
+            tracing::warn!(build = %found.key, "a build pod without its job file; following it, but kiln cannot report for it");
+            return Adoption::Follow(About::default());
+        };
+        let parsed = serde_json::from_slice::<AgentJob>(bytes)
+            .ok()
+            .and_then(|file| {
+                let job: JobPayload = serde_json::from_value(file.job.clone()).ok()?;
+                Some((file, job))
+            });
+        let Some((file, job)) = parsed else {
+            return Adoption::Discard("its job file cannot be read".into());
+        };
+        let reporter = self.runner.reporter(&job);
+        match reporter.is_running().await {
+            Ok(false) => return Adoption::Discard("GitLab no longer runs this job".into()),
+            Ok(true) => {}
+            Err(e) => {
+                tracing::warn!(build = %found.key, error = %e, "cannot ask GitLab about an adopted job; following its build anyway");
+            }
+        }
+        self.lock().insert(job.id, reporter);
+        if found.exists {
+            Adoption::Follow(build::about(&job))
+        } else {
+            Adoption::Relaunch(Box::new(build::build(&job, &file.job, &self.context())))
+        }
+    }
+
+    async fn report_ending(&self, key: &BuildKey, ending: &Ending) {
+        if ending.outcome == Outcome::Lost {
+            // Nothing to report, and the job's build may still be followed (a duplicate
+            // hand-over, or shutdown): keep its reporter.
+            return;
+        }
+        let Some(reporter) = self.lock().remove(&key.id) else {
+            return;
+        };
+        let Outcome::Failed(reason) = ending.outcome else {
+            return;
+        };
+        if ending.reported {
+            return;
+        }
+        let retry = if reason.is_infrastructure() {
+            format!("; kiln marks it as {reason} so `retry: when: {reason}` can re-run it")
+        } else {
+            String::new()
+        };
+        let message = format!("{}{retry}", ending.detail);
+        tracing::warn!(job = %key, %reason, %message, "failing the job on the build's behalf");
+        if let Err(e) = reporter.fail(reason, &message).await {
+            tracing::error!(job = %key, error = %e, "could not fail the job in GitLab; GitLab will time it out");
+        }
+    }
+}
+
+impl Source for GitLabSource {
+    fn kind(&self) -> SourceKind {
+        SourceKind::GitLab
+    }
+
+    fn name(&self) -> &str {
+        &self.runner.name
+    }
+
+    fn limit(&self) -> usize {
+        self.config.limit
+    }
+
+    fn run(
+        self: Arc<Self>,
+        chain: Arc<dyn Chain>,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let mut pollers = tokio::task::JoinSet::new();
+            for _ in 0..self.config.request_concurrency.max(1) {
+                let this = Arc::clone(&self);
+                let dispatch_chain = Arc::clone(&chain);
+                pollers.spawn(poller::poll(
+                    Arc::clone(&self.runner),
+                    Arc::clone(&chain),
+                    move |claimed| this.claimed(dispatch_chain.as_ref(), claimed),
+                    shutdown.clone(),
+                ));
+            }
+            while pollers.join_next().await.is_some() {}
+        })
+    }
+
+    fn adopt<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Adoption> {
+        Box::pin(self.adopt_build(found))
+    }
+
+    fn ended<'a>(
+        &'a self,
+        key: &'a BuildKey,
+        _name: &'a str,
+        ending: &'a Ending,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(self.report_ending(key, ending))
+    }
+
+    fn still_wanted<'a>(&'a self, key: &'a BuildKey) -> BoxFuture<'a, bool> {
+        let reporter = self.lock().get(&key.id).cloned();
+        Box::pin(async move {
+            match reporter {
+                // Unreachable GitLab: keep the build (the agent or the timeouts settle it).
+                Some(reporter) => reporter.is_running().await.unwrap_or(true),
+                None => true,
+            }
+        })
+    }
+
+    fn health(&self) -> Health {
+        let state = if self.runner.is_paused() {
+            "paused: token rejected"
+        } else if self.runner.is_ready() {
+            "ready"
+        } else {
+            "verifying"
+        };
+        Health {
+            ready: self.runner.is_ready(),
+            state: state.to_owned(),
+            url: crate::net::redact_url(self.runner.url()),
+            last_error: self.runner.last_error(),
+        }
+    }
+}

@@ -253,7 +253,7 @@ impl JobPayload {
     /// GitLab rejects reasons the job does not list in `features.failure_reasons`, so an
     /// unlisted reason falls back to `runner_system_failure` (infrastructure) or
     /// `script_failure`. An empty list (older GitLab) accepts the classic reasons only.
-    pub fn accepted_reason(&self, reason: crate::job::FailureReason) -> &'static str {
+    pub fn accepted_reason(&self, reason: crate::build::FailureReason) -> &'static str {
         let listed = |name: &str| self.features.failure_reasons.iter().any(|r| r == name);
         if listed(reason.as_str()) {
             return reason.as_str();
@@ -339,7 +339,7 @@ pub(crate) fn identity(prefix: &[u8]) -> Option<(u64, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::FailureReason;
+    use crate::build::FailureReason;
 
     #[test]
     fn unknown_keys_and_nulls_are_tolerated() {

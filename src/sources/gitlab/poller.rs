@@ -6,17 +6,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use super::api::{JobRequest, JobUpdate, RunnerApi, RunnerInfo, UpdateAck};
+use super::config::GitLabRunnerConfig;
 use super::payload::JobPayload;
 use super::register::{self, RegisterError};
 use super::report::JobReporter;
-use crate::config::GitLabRunnerConfig;
-use crate::coordinator::limiter::{Limiter, Permit};
-use crate::job::{JobKey, SourceKind};
+use crate::build::{BuildKey, SourceKind};
+use crate::sources::{Chain, Slot};
 use crate::telemetry::{Metrics, RequestLabels, RunnerLabels};
 
 /// How often a paused runner checks whether its token works again.
@@ -38,13 +37,15 @@ pub struct Runner {
     paused: AtomicBool,
     verify_gate: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
+    /// The last failed request, in plain words; cleared by the next answer.
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 /// A job GitLab assigned to this coordinator, holding its capacity until dropped.
 #[derive(Debug)]
 pub struct ClaimedJob {
     /// Identifies it.
-    pub key: JobKey,
+    pub key: BuildKey,
     /// The runner that took it.
     pub runner: Arc<Runner>,
     /// The typed job.
@@ -52,7 +53,7 @@ pub struct ClaimedJob {
     /// The job JSON as GitLab sent it.
     pub raw: serde_json::Value,
     /// The capacity it occupies.
-    pub permit: Permit,
+    pub slot: Slot,
 }
 
 impl Runner {
@@ -83,6 +84,7 @@ impl Runner {
             paused: AtomicBool::new(false),
             verify_gate: tokio::sync::Mutex::new(()),
             metrics,
+            last_error: std::sync::Mutex::new(None),
         }))
     }
 
@@ -104,6 +106,18 @@ impl Runner {
     /// Whether the runner is paused because its token was rejected.
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::Relaxed)
+    }
+
+    /// The last failed request, in plain words, if the last request failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_last_error(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
     }
 
     fn labels(&self) -> RunnerLabels {
@@ -208,12 +222,11 @@ impl Runner {
 /// Polls `jobs/request` for `runner` until `shutdown`, handing each job to `dispatch`.
 ///
 /// Capacity comes first: no request is sent without a free slot, because GitLab assigns the
-/// job the moment it answers; and none before `ready` says the executor can start a build at
+/// job the moment it answers; and the slot comes only when the executor can start a build at
 /// once, so a burst waits in GitLab's queue (where other runners may take it), not in kiln.
 pub async fn poll(
     runner: Arc<Runner>,
-    limiter: Limiter,
-    ready: impl Fn() -> BoxFuture<'static, ()> + Send + Sync,
+    chain: Arc<dyn Chain>,
     dispatch: impl Fn(ClaimedJob) + Send + Sync,
     shutdown: CancellationToken,
 ) {
@@ -222,14 +235,9 @@ pub async fn poll(
         if !runner.is_ready() && !runner.ensure_verified(&shutdown).await {
             return;
         }
-        let permit = tokio::select! {
-            permit = limiter.acquire(&runner.name, runner.limit()) => permit,
-            () = shutdown.cancelled() => return,
+        let Some(permit) = chain.slot().await else {
+            return;
         };
-        tokio::select! {
-            () = ready() => {}
-            () = shutdown.cancelled() => return,
-        }
         let last_update = runner
             .last_update
             .lock()
@@ -273,10 +281,18 @@ pub async fn poll(
         ) {
             runner.verified.store(true, Ordering::Relaxed);
         }
+        runner.set_last_error(match &answer {
+            Ok(JobRequest::RateLimited { .. }) => {
+                Some("GitLab rate-limits this runner (429)".to_owned())
+            }
+            Ok(JobRequest::Forbidden) => Some("GitLab rejected the runner token (403)".to_owned()),
+            Ok(_) => None,
+            Err(e) => Some(crate::net::error_chain(e)),
+        });
         match answer {
             Ok(JobRequest::Job { job, raw }) => {
                 backoff = Duration::from_secs(1);
-                let key = JobKey {
+                let key = BuildKey {
                     source: SourceKind::GitLab,
                     runner: runner.name.clone(),
                     id: job.id,
@@ -298,7 +314,7 @@ pub async fn poll(
                     runner: Arc::clone(&runner),
                     job,
                     raw,
-                    permit,
+                    slot: permit,
                 });
             }
             Ok(JobRequest::NoJob { last_update }) => {
@@ -325,7 +341,7 @@ pub async fn poll(
             }) => {
                 backoff = Duration::from_secs(1);
                 drop(permit);
-                let key = JobKey {
+                let key = BuildKey {
                     source: SourceKind::GitLab,
                     runner: runner.name.clone(),
                     id: job.id,

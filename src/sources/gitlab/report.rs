@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::api::{ApiError, JobUpdate, RunnerApi, UpdateAck};
 use super::payload::JobPayload;
-use crate::job::FailureReason;
+use crate::build::FailureReason;
 
 /// Reports on one job with its own token.
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Container;
 use serde::Deserialize;
 
-use crate::config::Problem;
+use crate::problem::Problem;
 
 /// One Jenkins controller.
 #[derive(Debug, Clone, Deserialize)]
@@ -90,7 +90,7 @@ fn default_agent_image() -> String {
 impl JenkinsConfig {
     /// The name used in logs, metrics, labels and node descriptions.
     pub fn display_name(&self, index: usize) -> String {
-        crate::config::default_name(self.name.as_deref(), &self.url, "jenkins", index)
+        crate::sources::entry_name(self.name.as_deref(), &self.url, "jenkins", index)
     }
 
     /// Every problem of entry `index`.

@@ -3,29 +3,29 @@
 //! node is taken offline once its build starts and deleted with its pod when the build ends.
 //! No Jenkins plugin needed; nothing runs while the queue is empty.
 
+mod agent;
 pub mod api;
 pub mod config;
-mod pod;
 mod queue;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use rand::Rng;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::coordinator::limiter::{Limiter, Permit};
-use crate::executor::kubernetes::{Ending, KubernetesExecutor};
-use crate::job::SourceKind;
+use crate::build::{About, BuildKey, Ending, Found, Outcome, SourceKind};
 use crate::sources::pacer::Pacer;
+use crate::sources::{Adoption, Chain, Health, Source};
 use crate::telemetry::{AgentFailureLabels, AgentLabels, Metrics};
+use agent::{ANNOTATION_LABEL, ANNOTATION_NODE, AgentSpec, LABEL_NODE};
 use api::{Computer, Credentials, JenkinsApi, JenkinsError};
 
 pub use config::JenkinsConfig;
-use pod::{AGENT_CONTAINER, ANNOTATION_LABEL, AgentSpec, LABEL_NODE};
 
 /// Description of every node kiln creates; how kiln recognizes its nodes after a restart.
 const NODE_DESCRIPTION: &str = "kiln one-shot agent";
@@ -44,10 +44,26 @@ pub struct JenkinsSource {
     name: String,
     config: JenkinsConfig,
     api: JenkinsApi,
-    executor: Arc<KubernetesExecutor>,
-    limiter: Limiter,
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
+    /// What the coordinator tells the poll loop (adopted agents, ended builds).
+    events: mpsc::UnboundedSender<Event>,
+    inbox: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
+    /// The last failed look at Jenkins, in plain words.
+    last_error: Mutex<Option<String>>,
+}
+
+/// News for the poll loop from the coordinator.
+enum Event {
+    /// An agent of an earlier run, still running.
+    Adopted {
+        node: String,
+        build: String,
+        label: String,
+        queue_id: u64,
+    },
+    /// An agent's build ended (its pod or process is gone).
+    Ended { build: String, ending: Ending },
 }
 
 /// Wakes a source's poller (the webhook).
@@ -79,7 +95,8 @@ impl Wake {
 /// An agent kiln started and has not deleted yet.
 struct Agent {
     label: String,
-    pod: String,
+    /// The name of its build (pod or process).
+    build: String,
     queue_id: u64,
     started: Instant,
     connected: bool,
@@ -87,21 +104,16 @@ struct Agent {
     offlined: bool,
     /// Consecutive looks at which this connected, idle agent had no build to wait for.
     surplus_looks: u32,
-    stop_watch: CancellationToken,
-    _permit: Permit,
 }
 
 impl JenkinsSource {
-    /// A source for entry `index` of `[[sources.jenkins]]`, starting agent pods on `executor`
-    /// within `limiter`'s capacity.
+    /// A source for entry `index` of `[[sources.jenkins]]`.
     ///
     /// # Errors
     /// An unusable URL.
     pub fn new(
         config: &JenkinsConfig,
         index: usize,
-        executor: Arc<KubernetesExecutor>,
-        limiter: Limiter,
         metrics: Arc<Metrics>,
     ) -> Result<Self, JenkinsError> {
         let credentials = match (&config.token, &config.password) {
@@ -114,14 +126,16 @@ impl JenkinsSource {
                 password: password.clone().unwrap_or_default(),
             },
         };
+        let (events, inbox) = mpsc::unbounded_channel();
         Ok(Self {
             name: config.display_name(index),
             api: JenkinsApi::new(&config.url, credentials)?,
             config: config.clone(),
-            executor,
-            limiter,
             metrics,
             wake: Arc::new(Notify::new()),
+            events,
+            inbox: Mutex::new(Some(inbox)),
+            last_error: Mutex::new(None),
         })
     }
 
@@ -134,45 +148,51 @@ impl JenkinsSource {
         }
     }
 
-    /// Provisions agents until `shutdown`. Agents and pods outlive a shutdown; the next start
-    /// adopts them.
-    pub async fn run(self, shutdown: CancellationToken) {
-        let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
+    /// Provisions agents until `shutdown`. Agents outlive a shutdown; the next start adopts
+    /// them.
+    async fn provision_loop(self: Arc<Self>, chain: Arc<dyn Chain>, shutdown: CancellationToken) {
+        let Some(mut inbox) = self.inbox.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
         let mut state = State {
             agents: BTreeMap::new(),
             attempts: HashMap::new(),
             given_up: HashMap::new(),
-            ended_tx,
+            chain,
         };
         let mut pacer = Pacer::new(self.config.poll_interval, MAX_BACKOFF);
         let mut recovered = false;
         tracing::info!(jenkins = %self.name, url = %self.api.url(), labels = ?self.config.labels, "Jenkins source started");
         loop {
+            while let Ok(event) = inbox.try_recv() {
+                self.handle(&mut state, event).await;
+            }
             if !recovered {
-                match self.recover(&mut state, &shutdown).await {
+                match self.recover(&mut state).await {
                     Ok(()) => recovered = true,
                     Err(e) => {
                         tracing::warn!(jenkins = %self.name, error = %e, "cannot recover agents yet")
                     }
                 }
             }
-            while let Ok((node, ending)) = ended_rx.try_recv() {
-                self.pod_ended(&mut state, &node, ending).await;
-            }
             if !recovered {
                 pacer.failed();
             } else {
-                match self.tick(&mut state, &shutdown).await {
-                    Ok(()) => pacer.succeeded(),
+                match self.tick(&mut state).await {
+                    Ok(()) => {
+                        self.set_last_error(None);
+                        pacer.succeeded();
+                    }
                     Err(e) => {
                         let wait = pacer.failed();
+                        self.set_last_error(Some(crate::net::error_chain(&e)));
                         tracing::warn!(jenkins = %self.name, error = %e, "Jenkins poll failed; retrying in {}s", wait.as_secs());
                     }
                 }
             }
             self.count_agents(&state);
-            // Until the next look: a webhook may bring it forward (see Pacer), an ended agent
-            // pod is handled at once.
+            // Until the next look: a webhook may bring it forward (see Pacer), news of an agent
+            // is handled at once.
             loop {
                 tokio::select! {
                     () = tokio::time::sleep_until(pacer.next()) => break,
@@ -183,14 +203,11 @@ impl JenkinsSource {
                         }
                         tracing::debug!(jenkins = %self.name, "webhook folded into the next scheduled look");
                     }
-                    Some((node, ending)) = ended_rx.recv() => {
-                        self.pod_ended(&mut state, &node, ending).await;
+                    Some(event) = inbox.recv() => {
+                        self.handle(&mut state, event).await;
                         break;
                     }
                     () = shutdown.cancelled() => {
-                        for agent in state.agents.values() {
-                            agent.stop_watch.cancel();
-                        }
                         tracing::info!(jenkins = %self.name, agents = state.agents.len(), "Jenkins source stopped; agents keep running and are adopted at the next start");
                         return;
                     }
@@ -198,6 +215,47 @@ impl JenkinsSource {
             }
         }
     }
+
+    async fn handle(&self, state: &mut State, event: Event) {
+        match event {
+            Event::Adopted {
+                node,
+                build,
+                label,
+                queue_id,
+            } => {
+                tracing::info!(jenkins = %self.name, node = %node, build = %build, "adopted an agent of an earlier run");
+                state.agents.insert(
+                    node,
+                    Agent {
+                        label,
+                        build,
+                        queue_id,
+                        started: Instant::now(),
+                        connected: false,
+                        busy_seen: false,
+                        offlined: false,
+                        surplus_looks: 0,
+                    },
+                );
+            }
+            Event::Ended { build, ending } => {
+                let node = state
+                    .agents
+                    .iter()
+                    .find(|(_, a)| a.build == build)
+                    .map(|(node, _)| node.clone());
+                if let Some(node) = node {
+                    self.build_ended(state, &node, ending).await;
+                }
+            }
+        }
+    }
+
+    fn set_last_error(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
     /// Sets `kiln_jenkins_agents` for every label kiln serves.
     fn count_agents(&self, state: &State) {
         for label in &self.config.labels {
@@ -229,11 +287,7 @@ impl JenkinsSource {
 
     /// One look at Jenkins: move each agent along its life, then start agents for waiting
     /// builds.
-    async fn tick(
-        &self,
-        state: &mut State,
-        shutdown: &CancellationToken,
-    ) -> Result<(), JenkinsError> {
+    async fn tick(&self, state: &mut State) -> Result<(), JenkinsError> {
         let computers = self.api.computers_by_name().await?;
         let nodes: Vec<String> = state.agents.keys().cloned().collect();
         for node in nodes {
@@ -250,7 +304,7 @@ impl JenkinsSource {
             // The anchors change what the queue says: read it again.
             items = self.api.queue().await?;
         }
-        self.provision(state, &items, shutdown).await;
+        self.provision(state, &items).await;
         Ok(())
     }
 
@@ -305,10 +359,11 @@ impl JenkinsSource {
             return;
         }
         if !agent.connected && agent.started.elapsed() > self.config.connect_timeout {
-            let (label, pod, queue_id) = (agent.label.clone(), agent.pod.clone(), agent.queue_id);
-            let events = self.executor.pod_events(&pod).await;
+            let (label, build, queue_id) =
+                (agent.label.clone(), agent.build.clone(), agent.queue_id);
+            let events = state.chain.explain(&build).await;
             tracing::error!(
-                jenkins = %self.name, node, pod = %pod, label = %label,
+                jenkins = %self.name, node, build = %build, label = %label,
                 "the agent did not connect within {}{}; deleting it (its build gets a fresh agent)",
                 humantime::format_duration(self.config.connect_timeout),
                 events
@@ -319,43 +374,46 @@ impl JenkinsSource {
         }
     }
 
-    /// The pod of an agent ended on its own: failed to start, evicted, or the agent exited.
-    async fn pod_ended(&self, state: &mut State, node: &str, ending: Ending) {
+    /// The build of an agent ended on its own: it failed to start, was evicted, or the agent
+    /// exited.
+    async fn build_ended(&self, state: &mut State, node: &str, ending: Ending) {
         let Some(agent) = state.agents.get(node) else {
             return;
         };
         let (label, queue_id, connected) = (agent.label.clone(), agent.queue_id, agent.connected);
+        if ending.outcome == Outcome::Lost {
+            // Another coordinator runs it; nothing to clean up here.
+            state.agents.remove(node);
+            return;
+        }
         if connected {
-            tracing::warn!(jenkins = %self.name, node, detail = %ending.detail, "the agent's pod ended; deleting the node");
+            tracing::warn!(jenkins = %self.name, node, detail = %ending.detail, "the agent's build ended; deleting the node");
         } else {
-            tracing::error!(jenkins = %self.name, node, reason = %ending.reason, detail = %ending.detail, "the agent's pod failed before it connected; deleting it (its build gets a fresh agent)");
-            self.failed(&label, ending.reason.as_str());
+            let reason = ending
+                .reason()
+                .map_or_else(|| ending.outcome.as_str(), |r| r.as_str());
+            tracing::error!(jenkins = %self.name, node, reason, detail = %ending.detail, "the agent failed before it connected; deleting it (its build gets a fresh agent)");
+            self.failed(&label, reason);
             *state.attempts.entry(queue_id).or_default() += 1;
         }
         self.retire(state, node).await;
     }
 
-    /// Deletes an agent's node and pod and frees its slot.
+    /// Deletes an agent's node and its build.
     async fn retire(&self, state: &mut State, node: &str) {
         let Some(agent) = state.agents.remove(node) else {
             return;
         };
-        agent.stop_watch.cancel();
         if let Err(e) = self.api.delete_node(node).await {
             tracing::warn!(jenkins = %self.name, node, error = %e, "cannot delete the node; the next start retries");
         }
-        self.executor.delete_pod(&agent.pod).await;
+        state.chain.stop(&agent.build).await;
         self.count_agents(state);
     }
 
     /// Starts agents for builds waiting on kiln's labels: never more than waiting builds per
     /// label, within the global, per-Jenkins and per-label limits.
-    async fn provision(
-        &self,
-        state: &mut State,
-        items: &[api::QueueItem],
-        shutdown: &CancellationToken,
-    ) {
+    async fn provision(&self, state: &mut State, items: &[api::QueueItem]) {
         let mut waiting: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         for item in items.iter().filter(|i| i.buildable) {
             let Some(target) = item.why.as_deref().and_then(queue::waiting_for) else {
@@ -398,9 +456,6 @@ impl JenkinsSource {
                 .count();
             let wanted = ids.len().saturating_sub(free_agents);
             for _ in 0..wanted {
-                if self.config.limit > 0 && state.agents.len() >= self.config.limit {
-                    return;
-                }
                 let of_label = state.agents.values().filter(|a| a.label == label).count();
                 if self
                     .config
@@ -410,7 +465,8 @@ impl JenkinsSource {
                 {
                     break;
                 }
-                let Some(permit) = self.limiter.try_acquire(&self.name, 0) else {
+                // A free slot within `concurrent` and this source's `limit`.
+                let Some(slot) = state.chain.try_slot() else {
                     return;
                 };
                 // The oldest waiting build without an agent of its own.
@@ -419,8 +475,13 @@ impl JenkinsSource {
                     .copied()
                     .find(|id| !state.agents.values().any(|a| a.queue_id == *id))
                     .unwrap_or(ids[0]);
-                self.start_agent(state, &label, queue_id, permit, shutdown)
-                    .await;
+                let job = items
+                    .iter()
+                    .find(|i| i.id == queue_id)
+                    .and_then(|i| i.task.as_ref())
+                    .map(|t| t.name.clone())
+                    .unwrap_or_default();
+                self.start_agent(state, &label, queue_id, &job, slot).await;
             }
         }
     }
@@ -462,8 +523,8 @@ impl JenkinsSource {
         state: &mut State,
         label: &str,
         queue_id: u64,
-        permit: Permit,
-        shutdown: &CancellationToken,
+        job: &str,
+        slot: crate::sources::Slot,
     ) {
         let node = node_name(label);
         let attempt = state.attempts.get(&queue_id).copied().unwrap_or(0) + 1;
@@ -483,162 +544,67 @@ impl JenkinsSource {
             }
         };
         let url = self.api.url().to_string();
-        let spec = AgentSpec {
+        let build = AgentSpec {
             jenkins: &self.name,
             url: &url,
             node: &node,
             label,
             queue_id,
+            job,
             secret: &secret,
             agent_image: &self.config.agent_image,
             template: self.config.pod_templates.get(label),
-        };
-        let pod_name = spec.pod_name();
-        let objects = pod::agent_pod(&spec, self.executor.settings(), self.executor.namespace());
-        let (pod, pod_secret) = match objects {
-            Ok(objects) => objects,
-            Err(e) => {
-                tracing::error!(jenkins = %self.name, node, error = %e, "cannot build the agent pod; deleting the node");
-                let _ = self.api.delete_node(&node).await;
-                self.failed(label, "runner_configuration_error");
-                return;
-            }
-        };
-        let subscription = self.executor.subscribe(&pod_name);
-        if let Err(message) = self.executor.start_pod(&pod, &pod_secret).await {
-            tracing::error!(jenkins = %self.name, node, %message, "cannot start the agent pod; deleting the node");
-            let _ = self.api.delete_node(&node).await;
-            self.failed(label, "provision_error");
-            return;
         }
-        tracing::info!(jenkins = %self.name, node, pod = %pod_name, label, queue_item = queue_id, attempt, "agent started");
+        .build();
+        tracing::info!(jenkins = %self.name, node, build = %build.name, label, queue_item = queue_id, attempt, "agent started");
         self.metrics
             .jenkins_agents_started
             .get_or_create(&self.labels(label))
             .inc();
-        let stop_watch = shutdown.child_token();
-        self.follow(&node, &pod_name, subscription, &stop_watch, state);
         state.agents.insert(
             node,
             Agent {
                 label: label.to_owned(),
-                pod: pod_name,
+                build: build.name.clone(),
                 queue_id,
                 started: Instant::now(),
                 connected: false,
                 busy_seen: false,
                 offlined: false,
                 surplus_looks: 0,
-                stop_watch,
-                _permit: permit,
             },
         );
+        // How it ends, including failing to start, comes back as an `Ended` event.
+        state.chain.launch(slot, build);
     }
 
-    /// Watches an agent's pod in the background; its end is handled by the poll loop.
-    fn follow(
-        &self,
-        node: &str,
-        pod: &str,
-        mut subscription: crate::executor::kubernetes::Subscription,
-        stop: &CancellationToken,
-        state: &State,
-    ) {
-        let executor = Arc::clone(&self.executor);
-        let ended = state.ended_tx.clone();
-        let (node, pod, stop) = (node.to_owned(), pod.to_owned(), stop.clone());
-        tokio::spawn(async move {
-            if let Some(ending) = executor
-                .watch_pod(&pod, AGENT_CONTAINER, &mut subscription, &stop, None)
-                .await
-            {
-                let _ = ended.send((node, ending));
-            }
-        });
-    }
-
-    /// Rebuilds the agent table from kiln's labelled pods and Jenkins' node list; deletes
-    /// nodes whose pod is gone and pods whose node is gone.
-    async fn recover(
-        &self,
-        state: &mut State,
-        shutdown: &CancellationToken,
-    ) -> Result<(), JenkinsError> {
+    /// After a restart: adopted agents whose node is gone are deleted, the others take their
+    /// state from their node; kiln-described nodes with no agent are deleted.
+    async fn recover(&self, state: &mut State) -> Result<(), JenkinsError> {
         let computers = self.api.computers_by_name().await?;
-        let pods = match self.executor.pods_of(SourceKind::Jenkins).await {
-            Ok(pods) => pods,
-            Err(message) => {
-                tracing::warn!(jenkins = %self.name, %message, "cannot list agent pods; recovering later");
-                return Err(JenkinsError::Body {
-                    url: self.api.url().to_string(),
-                    message: "agent pods could not be listed".into(),
-                });
+        let adopted: Vec<String> = state.agents.keys().cloned().collect();
+        for node in adopted {
+            match computers.get(&node) {
+                None => {
+                    tracing::info!(jenkins = %self.name, node = %node, "agent of an earlier run without its node; deleting it");
+                    self.retire(state, &node).await;
+                }
+                Some(computer) => {
+                    if let Some(agent) = state.agents.get_mut(&node) {
+                        agent.connected = !computer.offline || computer.temporarily_offline;
+                        agent.busy_seen = !computer.idle || computer.temporarily_offline;
+                        agent.offlined = computer.temporarily_offline;
+                    }
+                }
             }
-        };
-        let runner = crate::executor::kubernetes::podspec::label_value(&self.name);
-        let mut pods_by_node = HashMap::new();
-        for pod in pods {
-            let labels = pod.metadata.labels.clone().unwrap_or_default();
-            if labels.get(crate::executor::kubernetes::podspec::LABEL_RUNNER) != Some(&runner) {
-                continue;
-            }
-            let (Some(name), Some(node)) = (pod.metadata.name.clone(), labels.get(LABEL_NODE))
-            else {
-                continue;
-            };
-            pods_by_node.insert(node.clone(), (name, pod));
-        }
-        for (node, (pod_name, pod)) in pods_by_node.iter() {
-            let Some(computer) = computers.get(node) else {
-                tracing::info!(jenkins = %self.name, node, pod = %pod_name, "agent pod without its node; deleting it");
-                self.executor.delete_pod(pod_name).await;
-                continue;
-            };
-            let label = pod
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(ANNOTATION_LABEL))
-                .cloned()
-                .unwrap_or_default();
-            let queue_id = pod
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(crate::executor::kubernetes::podspec::LABEL_JOB_ID))
-                .and_then(|id| id.parse().ok())
-                .unwrap_or_default();
-            let permit = match self.limiter.try_acquire(&self.name, 0) {
-                Some(permit) => permit,
-                None => self.limiter.acquire(&self.name, 0).await,
-            };
-            let subscription = self.executor.subscribe(pod_name);
-            let stop_watch = shutdown.child_token();
-            self.follow(node, pod_name, subscription, &stop_watch, state);
-            tracing::info!(jenkins = %self.name, node, pod = %pod_name, "adopted an agent of an earlier run");
-            state.agents.insert(
-                node.clone(),
-                Agent {
-                    label,
-                    pod: pod_name.clone(),
-                    queue_id,
-                    started: Instant::now(),
-                    connected: !computer.offline || computer.temporarily_offline,
-                    busy_seen: !computer.idle || computer.temporarily_offline,
-                    offlined: computer.temporarily_offline,
-                    surplus_looks: 0,
-                    stop_watch,
-                    _permit: permit,
-                },
-            );
         }
         for computer in computers.values() {
             let ours = computer
                 .description
                 .as_deref()
                 .is_some_and(|d| d.starts_with(&format!("{NODE_DESCRIPTION} ({},", self.name)));
-            if ours && !pods_by_node.contains_key(&computer.display_name) {
-                tracing::info!(jenkins = %self.name, node = %computer.display_name, "node of an earlier run without its pod; deleting it");
+            if ours && !state.agents.contains_key(&computer.display_name) {
+                tracing::info!(jenkins = %self.name, node = %computer.display_name, "node of an earlier run without its agent; deleting it");
                 if let Err(e) = self.api.delete_node(&computer.display_name).await {
                     tracing::warn!(jenkins = %self.name, node = %computer.display_name, error = %e, "cannot delete the node");
                 }
@@ -656,8 +622,96 @@ struct State {
     attempts: HashMap<u64, u32>,
     /// Items kiln gave up on (logged once).
     given_up: HashMap<u64, ()>,
-    /// Where agent pod watches report an ended pod.
-    ended_tx: mpsc::UnboundedSender<(String, Ending)>,
+    /// The coordinator.
+    chain: Arc<dyn Chain>,
+}
+
+impl Source for JenkinsSource {
+    fn kind(&self) -> SourceKind {
+        SourceKind::Jenkins
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn limit(&self) -> usize {
+        self.config.limit
+    }
+
+    fn run(
+        self: Arc<Self>,
+        chain: Arc<dyn Chain>,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(self.provision_loop(chain, shutdown))
+    }
+
+    fn adopt<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Adoption> {
+        let node = found
+            .annotations
+            .get(ANNOTATION_NODE)
+            .or_else(|| found.labels.get(LABEL_NODE))
+            .cloned();
+        let adoption = match node {
+            Some(node) if found.exists => {
+                let label = found
+                    .annotations
+                    .get(ANNOTATION_LABEL)
+                    .cloned()
+                    .unwrap_or_default();
+                let about = About {
+                    project: String::new(),
+                    job: format!("{label} (agent {node})"),
+                    url: None,
+                    queued_at: None,
+                };
+                let _ = self.events.send(Event::Adopted {
+                    node,
+                    build: found.name.clone(),
+                    label,
+                    queue_id: found.key.id,
+                });
+                Adoption::Follow(about)
+            }
+            Some(_) => Adoption::Discard("the agent's pod is gone; its node is deleted".into()),
+            None => Adoption::Discard("an agent build without its Jenkins node name".into()),
+        };
+        Box::pin(async move { adoption })
+    }
+
+    fn ended<'a>(
+        &'a self,
+        _key: &'a BuildKey,
+        name: &'a str,
+        ending: &'a Ending,
+    ) -> BoxFuture<'a, ()> {
+        let _ = self.events.send(Event::Ended {
+            build: name.to_owned(),
+            ending: ending.clone(),
+        });
+        Box::pin(async {})
+    }
+
+    fn health(&self) -> Health {
+        let last_error = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Health {
+            // Jenkins needs no token check before work can be taken: a failing Jenkins is
+            // shown (and backed off from), not a reason to mark kiln unready.
+            ready: true,
+            state: if last_error.is_some() {
+                "backing off".into()
+            } else {
+                "ready".into()
+            },
+            url: crate::net::redact_url(self.api.url().as_str()),
+            last_error,
+        }
+    }
 }
 
 /// The anchor node of `label`.

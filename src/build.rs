@@ -1,0 +1,559 @@
+//! The source-neutral model of the chain: a [`Build`] is everything an executor needs to start
+//! one ephemeral build and nothing about the CI server it came from; an [`Ending`] is how it
+//! ended, in terms every source can report. Sources produce builds, executors run them, and the
+//! two meet only in the coordinator.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a build failed, in GitLab's vocabulary (the richest of the CI servers kiln speaks to).
+///
+/// Other sources map these onto their own terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    /// The user's script exited non-zero (or was OOM-killed by its own limit).
+    ScriptFailure,
+    /// Infrastructure failed: the agent died, the pod was evicted, the node was lost.
+    RunnerSystemFailure,
+    /// The job ran past its timeout.
+    JobExecutionTimeout,
+    /// The job's image could not be pulled.
+    ImagePullFailure,
+    /// Nothing more specific is known.
+    UnknownFailure,
+    /// The job asked for something the runner's configuration does not allow.
+    RunnerConfigurationError,
+    /// The job needs a feature this runner does not have.
+    RunnerUnsupported,
+    /// A service the job depends on (artifacts, registry) failed.
+    RunnerExternalDependencyFailure,
+    /// Data the job received was corrupt.
+    DataIntegrityFailure,
+}
+
+impl FailureReason {
+    /// The wire name GitLab uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ScriptFailure => "script_failure",
+            Self::RunnerSystemFailure => "runner_system_failure",
+            Self::JobExecutionTimeout => "job_execution_timeout",
+            Self::ImagePullFailure => "image_pull_failure",
+            Self::UnknownFailure => "unknown_failure",
+            Self::RunnerConfigurationError => "runner_configuration_error",
+            Self::RunnerUnsupported => "runner_unsupported",
+            Self::RunnerExternalDependencyFailure => "runner_external_dependency_failure",
+            Self::DataIntegrityFailure => "data_integrity_failure",
+        }
+    }
+
+    /// The reason called `name` on the wire, if kiln knows it.
+    pub fn from_wire(name: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(name.to_owned())).ok()
+    }
+
+    /// Whether this reason blames infrastructure rather than the user's script.
+    ///
+    /// GitLab only accepts a reason the job lists in `features.failure_reasons`; the fallback for
+    /// an unlisted one depends on who is to blame.
+    pub fn is_infrastructure(self) -> bool {
+        !matches!(self, Self::ScriptFailure | Self::JobExecutionTimeout)
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which CI server a build came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SourceKind {
+    /// A GitLab runner.
+    GitLab,
+    /// A Jenkins controller's queue.
+    Jenkins,
+    /// GitHub Actions.
+    GitHub,
+}
+
+impl SourceKind {
+    /// Every kind, for lookups by name.
+    pub const ALL: [Self; 3] = [Self::GitLab, Self::Jenkins, Self::GitHub];
+
+    /// The short name used in resource names (`kiln-gl-…`).
+    pub fn short(self) -> &'static str {
+        match self {
+            Self::GitLab => "gl",
+            Self::Jenkins => "jk",
+            Self::GitHub => "gh",
+        }
+    }
+
+    /// The full name, as in the `kiln.dev/source` label and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::GitLab => "gitlab",
+            Self::Jenkins => "jenkins",
+            Self::GitHub => "github",
+        }
+    }
+
+    /// The kind called `name` (as in the `kiln.dev/source` label).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+}
+
+/// Identifies the work a build does, across sources: one job (GitLab, GitHub) or one queue item
+/// (Jenkins) of one configured source.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BuildKey {
+    /// The CI server it came from.
+    pub source: SourceKind,
+    /// The name of the source entry in the config that took it.
+    pub runner: String,
+    /// The CI server's id for the work.
+    pub id: u64,
+}
+
+impl BuildKey {
+    /// The deterministic name of everything kiln creates for this work (`kiln-gl-<id>`).
+    pub fn resource_name(&self) -> String {
+        format!("kiln-{}-{}", self.source.short(), self.id)
+    }
+}
+
+impl fmt::Display for BuildKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}#{}", self.source.short(), self.runner, self.id)
+    }
+}
+
+/// The key of the kiln agent's job file among a build's secrets.
+pub const JOB_FILE: &str = "job.json";
+/// The result file the kiln agent leaves next to its job file ([`AgentReport`] as JSON) when it
+/// runs as a child process.
+pub const AGENT_RESULT_FILE: &str = "result.json";
+/// The file, next to the job file, holding the process group id of the agent's running step,
+/// so an executor can stop the step when the agent dies.
+pub const AGENT_PGID_FILE: &str = "script.pgid";
+
+/// One ephemeral build, as a source hands it to the coordinator.
+#[derive(Debug, Clone)]
+pub struct Build {
+    /// The work it does.
+    pub key: BuildKey,
+    /// The name of everything the executor creates for it (pod, Secret, work directory).
+    /// Deterministic, so a second launch of the same build is recognized, not duplicated.
+    pub name: String,
+    /// What runs.
+    pub workload: Workload,
+    /// Secret data by key: the agent's job file, an agent secret, a JIT config. Executors put
+    /// it where the build reads it (a Secret volume for pods, private files for processes),
+    /// never into a pod spec, an environment listing or a command line.
+    pub secrets: BTreeMap<String, Vec<u8>>,
+    /// The resource class the source chose, if any (the executor's default applies otherwise).
+    pub class: Option<ClassChoice>,
+    /// What the job itself asks for (sizes, placement); the executor checks each against its
+    /// configured caps.
+    pub requests: Vec<Requested>,
+    /// The longest the build may run; the executor stops it a margin later.
+    pub timeout: Option<Duration>,
+    /// Labels that identify it further (the Jenkins node), on top of kiln's own.
+    pub labels: BTreeMap<String, String>,
+    /// Descriptive metadata (the job's URL on its CI server, the project).
+    pub annotations: BTreeMap<String, String>,
+    /// What people see about it (status page, metrics); never secret.
+    pub about: About,
+}
+
+/// What people see about a build.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct About {
+    /// The project (`group/project`, `owner/repo`, a Jenkins job).
+    pub project: String,
+    /// The job's name.
+    pub job: String,
+    /// The job's page on its CI server.
+    pub url: Option<String>,
+    /// When the CI server queued the work.
+    pub queued_at: Option<SystemTime>,
+}
+
+/// What a build runs.
+#[derive(Debug, Clone)]
+pub enum Workload {
+    /// `kiln agent` runs the job file ([`JOB_FILE`]) of a GitLab job: in the job's image with
+    /// its services (pods), or as a child process.
+    KilnAgent {
+        /// The job's image (the executor's default without one).
+        image: Option<Image>,
+        /// Service containers next to it.
+        services: Vec<Service>,
+    },
+    /// Another CI system's agent (Jenkins' inbound agent, the GitHub Actions runner).
+    Foreign(ForeignAgent),
+}
+
+/// A container image reference with how to start it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Image {
+    /// The reference (`maven:3.9`).
+    pub name: String,
+    /// An entrypoint override (empty: the image's own).
+    pub entrypoint: Vec<String>,
+    /// When to pull it.
+    pub pull_policy: Option<PullPolicy>,
+}
+
+/// When an image is pulled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Every time.
+    Always,
+    /// Only when the node does not have it.
+    IfNotPresent,
+    /// Never; the node must have it.
+    Never,
+}
+
+/// A service container of a build.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Its image.
+    pub image: Image,
+    /// A command override.
+    pub command: Vec<String>,
+    /// Its environment.
+    pub env: Vec<(String, String)>,
+    /// Host names the build reaches it by.
+    pub aliases: Vec<String>,
+}
+
+/// Another CI system's agent: how to run it in a container and, optionally, as a process.
+#[derive(Debug, Clone)]
+pub struct ForeignAgent {
+    /// The main container's name; its end is the build's end (`jnlp`, `runner`).
+    pub container: String,
+    /// The agent's image.
+    pub image: String,
+    /// An entrypoint override.
+    pub command: Option<Vec<String>>,
+    /// Arguments.
+    pub args: Option<Vec<String>>,
+    /// The environment; secret values come from [`Build::secrets`].
+    pub env: Vec<EnvVar>,
+    /// The agent's work directory, shared with every extra container.
+    pub workdir: String,
+    /// Containers the user configured next to the agent, in Kubernetes' own terms (Jenkins pod
+    /// templates). Executors that do not run pods run the agent alone.
+    pub extra_containers: Vec<k8s_openapi::api::core::v1::Container>,
+    /// How to run the agent as a child process, if it can be.
+    pub process: Option<Process>,
+}
+
+/// One environment variable of a foreign agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvVar {
+    /// The name.
+    pub name: String,
+    /// The value.
+    pub value: EnvValue,
+}
+
+/// Where an environment variable's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvValue {
+    /// This text.
+    Plain(String),
+    /// The build's secret of this key.
+    Secret(String),
+}
+
+/// A foreign agent as a child process, started in the build's work directory, where every
+/// secret is a private file named by its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    /// The program (looked up on `PATH`).
+    pub program: String,
+    /// Its arguments; relative paths resolve in the work directory.
+    pub args: Vec<String>,
+    /// Files to fetch into the work directory first.
+    pub downloads: Vec<Download>,
+    /// What to tell the operator when `program` is not on `PATH`.
+    pub missing_program: String,
+}
+
+/// A file a process needs, fetched over HTTP(S).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Download {
+    /// Where from.
+    pub url: String,
+    /// The file name in the work directory.
+    pub file: String,
+}
+
+/// The resource class a source chose, and who chose it (for messages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassChoice {
+    /// The class name.
+    pub name: String,
+    /// Who named it (`KILN_RESOURCE_CLASS`, `the runner's resource_class`).
+    pub origin: String,
+}
+
+/// One thing a job asks of its pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requested {
+    /// What.
+    pub what: Request,
+    /// The value as given (a quantity, a name, `key=value`).
+    pub value: String,
+    /// Where it came from, for messages (`KUBERNETES_CPU_LIMIT`).
+    pub origin: String,
+}
+
+/// What a job may ask of its pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// A resource request or limit of the build container.
+    Resource(ResourceField),
+    /// The pod's service account.
+    ServiceAccount,
+    /// A node selector entry (`key=value`).
+    NodeSelector,
+    /// A pod annotation (`key=value`).
+    PodAnnotation,
+    /// A pod label (`key=value`).
+    PodLabel,
+}
+
+/// A resource of the build container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceField {
+    /// CPU request.
+    CpuRequest,
+    /// CPU limit.
+    CpuLimit,
+    /// Memory request.
+    MemoryRequest,
+    /// Memory limit.
+    MemoryLimit,
+    /// Ephemeral storage request.
+    EphemeralStorageRequest,
+    /// Ephemeral storage limit.
+    EphemeralStorageLimit,
+}
+
+impl ResourceField {
+    /// Every field.
+    pub const ALL: [Self; 6] = [
+        Self::CpuRequest,
+        Self::CpuLimit,
+        Self::MemoryRequest,
+        Self::MemoryLimit,
+        Self::EphemeralStorageRequest,
+        Self::EphemeralStorageLimit,
+    ];
+
+    /// The field's name in kiln's config (`cpu_request`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CpuRequest => "cpu_request",
+            Self::CpuLimit => "cpu_limit",
+            Self::MemoryRequest => "memory_request",
+            Self::MemoryLimit => "memory_limit",
+            Self::EphemeralStorageRequest => "ephemeral_storage_request",
+            Self::EphemeralStorageLimit => "ephemeral_storage_limit",
+        }
+    }
+}
+
+/// How a build ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    /// What happened.
+    pub outcome: Outcome,
+    /// One line a person reads (exit code, eviction, …).
+    pub detail: String,
+    /// Whether the build's own agent already told its CI server (then the source has nothing
+    /// to add).
+    pub reported: bool,
+    /// The exit code of the script or agent, if known.
+    pub exit_code: Option<i32>,
+}
+
+/// The kinds of ending every source can report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The work succeeded.
+    Succeeded,
+    /// The work failed, for this reason.
+    Failed(FailureReason),
+    /// The CI server canceled the work.
+    Canceled,
+    /// kiln stopped following the build while it may still run (the coordinator is shutting
+    /// down and the build survives it): the next coordinator adopts it. Nothing to report.
+    Lost,
+}
+
+impl Outcome {
+    /// `succeeded`, `failed`, `canceled` or `lost`, as in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed(_) => "failed",
+            Self::Canceled => "canceled",
+            Self::Lost => "lost",
+        }
+    }
+}
+
+impl Ending {
+    /// A build that failed for `reason` without its agent reporting.
+    pub fn failed(reason: FailureReason, detail: impl Into<String>) -> Self {
+        Self {
+            outcome: Outcome::Failed(reason),
+            detail: detail.into(),
+            reported: false,
+            exit_code: None,
+        }
+    }
+
+    /// A build kiln stopped following.
+    pub fn lost(detail: impl Into<String>) -> Self {
+        Self {
+            outcome: Outcome::Lost,
+            detail: detail.into(),
+            reported: false,
+            exit_code: None,
+        }
+    }
+
+    /// The failure reason, if it failed.
+    pub fn reason(&self) -> Option<FailureReason> {
+        match self.outcome {
+            Outcome::Failed(reason) => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+/// What the kiln agent leaves for its executor: the result file of a child process, or the
+/// termination message of a build container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentReport {
+    /// `success` or `failed`.
+    pub state: String,
+    /// The failure reason sent to GitLab.
+    pub failure_reason: Option<String>,
+    /// The script's exit code.
+    pub exit_code: Option<i32>,
+    /// Whether GitLab took the final update (or no longer needed one: canceled).
+    pub reported: bool,
+    /// Whether GitLab canceled the job.
+    pub canceled: bool,
+}
+
+impl AgentReport {
+    /// The ending this report describes; `unreported` is the ending to use when the agent
+    /// could not tell its CI server (then the report only adds the exit code).
+    pub fn ending(&self, unreported: Ending) -> Ending {
+        if !self.reported {
+            return Ending {
+                exit_code: unreported.exit_code.or(self.exit_code),
+                ..unreported
+            };
+        }
+        let outcome = if self.canceled {
+            Outcome::Canceled
+        } else if self.state == "success" {
+            Outcome::Succeeded
+        } else {
+            Outcome::Failed(
+                self.failure_reason
+                    .as_deref()
+                    .and_then(FailureReason::from_wire)
+                    .unwrap_or(FailureReason::ScriptFailure),
+            )
+        };
+        Ending {
+            outcome,
+            detail: "the build agent reported the job".into(),
+            reported: true,
+            exit_code: self.exit_code,
+        }
+    }
+}
+
+/// A build an executor found running (or left over) when the coordinator started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// The work it does.
+    pub key: BuildKey,
+    /// Its name.
+    pub name: String,
+    /// Whether it still runs (or has ended but is not cleaned up); false when only its
+    /// secrets are left (the coordinator died between creating them and the build).
+    pub exists: bool,
+    /// Its secret data.
+    pub secrets: BTreeMap<String, Vec<u8>>,
+    /// Its labels beyond kiln's own.
+    pub labels: BTreeMap<String, String>,
+    /// Its annotations.
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_round_trip_their_wire_names() {
+        for reason in [
+            FailureReason::ScriptFailure,
+            FailureReason::RunnerSystemFailure,
+            FailureReason::ImagePullFailure,
+            FailureReason::DataIntegrityFailure,
+        ] {
+            assert_eq!(FailureReason::from_wire(reason.as_str()), Some(reason));
+        }
+        assert_eq!(FailureReason::from_wire("stale_schedule"), None);
+    }
+
+    #[test]
+    fn an_agent_report_becomes_the_ending_it_describes() {
+        let unreported = Ending::failed(FailureReason::RunnerSystemFailure, "evicted");
+        let report = AgentReport {
+            state: "failed".into(),
+            failure_reason: Some("script_failure".into()),
+            exit_code: Some(3),
+            reported: true,
+            canceled: false,
+        };
+        let ending = report.ending(unreported.clone());
+        assert_eq!(
+            ending.outcome,
+            Outcome::Failed(FailureReason::ScriptFailure)
+        );
+        assert!(ending.reported);
+        assert_eq!(ending.exit_code, Some(3));
+        let not_reported = AgentReport {
+            reported: false,
+            ..report
+        };
+        let ending = not_reported.ending(unreported);
+        assert_eq!(
+            ending.outcome,
+            Outcome::Failed(FailureReason::RunnerSystemFailure)
+        );
+        assert!(!ending.reported);
+        assert_eq!(ending.exit_code, Some(3));
+    }
+}

@@ -1,0 +1,337 @@
+//! The launcher stage: a build handed over by a source (or found at start-up) is launched on
+//! the executor, watched to its end, deleted, and its ending handed back to its source — while
+//! it holds its slot of capacity, and while the build table and metrics say where it is.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::limiter::Limiter;
+use crate::build::{About, Build, BuildKey, Ending, FailureReason, Outcome};
+use crate::executor::{Executor, LaunchError, OnRunning, StillWanted, Watch};
+use crate::sources::{Chain, Slot, Source};
+use crate::telemetry::{
+    DurationLabels, FinishedLabels, Metrics, OutcomeLabels, PhaseLabels, RunnerLabels, SourceLabels,
+};
+
+/// Where a build is, as the coordinator tracks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Handed to the executor, not running yet.
+    Pending,
+    /// Its main container or process runs.
+    Running,
+}
+
+impl Phase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+        }
+    }
+}
+
+/// One build alive now.
+#[derive(Debug, Clone)]
+pub struct Alive {
+    /// The work it does.
+    pub key: BuildKey,
+    /// Its name.
+    pub name: String,
+    /// What people see about it.
+    pub about: About,
+    /// Where it is.
+    pub phase: Phase,
+    /// When the coordinator launched (or adopted) it.
+    pub since: SystemTime,
+}
+
+/// The builds alive now, by name.
+pub(crate) type Table = Arc<Mutex<HashMap<String, Alive>>>;
+
+/// Starts each build and sees it to the end; shared by every source's [`Chain`].
+#[derive(Clone)]
+pub(crate) struct Dispatcher {
+    pub(crate) tracker: TaskTracker,
+    pub(crate) executor: Arc<dyn Executor>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) table: Table,
+    /// Cancels every build's watch (shutdown).
+    pub(crate) cancel: CancellationToken,
+}
+
+/// What a build task starts from.
+pub(crate) struct Start {
+    pub(crate) key: BuildKey,
+    pub(crate) name: String,
+    pub(crate) about: About,
+    /// The build to launch; `None` for a build that runs already (adopted).
+    pub(crate) launch: Option<Build>,
+}
+
+impl Start {
+    pub(crate) fn launch(build: Build) -> Self {
+        Self {
+            key: build.key.clone(),
+            name: build.name.clone(),
+            about: build.about.clone(),
+            launch: Some(build),
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Follows `start` in a task of its own, holding `slot` until the build ends.
+    pub(crate) fn spawn(&self, source: Arc<dyn Source>, slot: Option<Slot>, start: Start) {
+        let this = self.clone();
+        self.tracker
+            .spawn(async move { this.run_build(source, slot, start).await });
+    }
+
+    async fn run_build(self, source: Arc<dyn Source>, slot: Option<Slot>, start: Start) {
+        let Start {
+            key,
+            name,
+            about,
+            launch,
+        } = start;
+        let kind = key.source.name().to_owned();
+        let launched = Instant::now();
+        let duplicate = {
+            let mut table = self.table_lock();
+            let duplicate = table.contains_key(&name);
+            if !duplicate {
+                table.insert(
+                    name.clone(),
+                    Alive {
+                        key: key.clone(),
+                        name: name.clone(),
+                        about: about.clone(),
+                        phase: Phase::Pending,
+                        since: SystemTime::now(),
+                    },
+                );
+            }
+            duplicate
+        };
+        if duplicate {
+            // A second hand-over of work this coordinator already runs (a redelivered webhook,
+            // a reconcile racing it): never a second build.
+            tracing::info!(build = %key, name, "this build runs already; not starting it again");
+            let ending = Ending::lost("the build runs already");
+            source.ended(&key, &name, &ending).await;
+            return;
+        }
+        self.phase_gauge(&kind, Phase::Pending, 1);
+        let runner = RunnerLabels {
+            runner: key.runner.clone(),
+        };
+        self.metrics.jobs_started.get_or_create(&runner).inc();
+        self.metrics.jobs_running.inc();
+
+        let ending = self
+            .launch_and_watch(&source, &key, &name, &about, launch)
+            .await;
+        if ending.outcome != Outcome::Lost {
+            self.executor.delete(&name).await;
+        }
+        self.log_ending(&key, &name, &ending);
+        source.ended(&key, &name, &ending).await;
+
+        let phase = self
+            .table_lock()
+            .remove(&name)
+            .map_or(Phase::Pending, |alive| alive.phase);
+        self.phase_gauge(&kind, phase, -1);
+        self.metrics.jobs_running.dec();
+        self.count_ending(&key, &ending, launched);
+        drop(slot);
+    }
+
+    async fn launch_and_watch(
+        &self,
+        source: &Arc<dyn Source>,
+        key: &BuildKey,
+        name: &str,
+        about: &About,
+        launch: Option<Build>,
+    ) -> Ending {
+        if let Some(build) = launch {
+            let launched = self.executor.launch(&build).await;
+            // A running build keeps neither its spec nor its secrets in kiln's memory.
+            drop(build);
+            match launched {
+                Ok(()) => {}
+                Err(LaunchError::Exists(_)) => {
+                    tracing::info!(build = %key, name, "another coordinator runs this build already; leaving it to that one");
+                    return Ending::lost("another coordinator runs this build");
+                }
+                Err(LaunchError::Rejected(message)) => {
+                    return Ending::failed(FailureReason::RunnerConfigurationError, message);
+                }
+                Err(LaunchError::Failed(message)) => {
+                    return Ending::failed(FailureReason::RunnerSystemFailure, message);
+                }
+            }
+        }
+        let still_wanted = {
+            let source = Arc::clone(source);
+            let key = key.clone();
+            StillWanted::new(move || {
+                let source = Arc::clone(&source);
+                let key = key.clone();
+                Box::pin(async move { source.still_wanted(&key).await })
+            })
+        };
+        let on_running = {
+            let this = self.clone();
+            let (name, kind, queued_at) = (
+                name.to_owned(),
+                key.source.name().to_owned(),
+                about.queued_at,
+            );
+            OnRunning::new(move || this.running(&name, &kind, queued_at))
+        };
+        let watch = Watch {
+            cancel: self.cancel.child_token(),
+            still_wanted: Some(still_wanted),
+            on_running: Some(on_running),
+        };
+        self.executor.watch(name, watch).await
+    }
+
+    /// The build's main container or process runs.
+    fn running(&self, name: &str, kind: &str, queued_at: Option<SystemTime>) {
+        let moved = self
+            .table_lock()
+            .get_mut(name)
+            .filter(|alive| alive.phase == Phase::Pending)
+            .map(|alive| alive.phase = Phase::Running)
+            .is_some();
+        if moved {
+            self.phase_gauge(kind, Phase::Pending, -1);
+            self.phase_gauge(kind, Phase::Running, 1);
+            if let Some(waited) = queued_at.and_then(|at| at.elapsed().ok()) {
+                self.metrics
+                    .build_queue_wait
+                    .get_or_create(&SourceLabels {
+                        source: kind.to_owned(),
+                    })
+                    .observe(waited.as_secs_f64());
+            }
+        }
+    }
+
+    fn phase_gauge(&self, kind: &str, phase: Phase, by: i64) {
+        self.metrics
+            .builds
+            .get_or_create(&PhaseLabels {
+                source: kind.to_owned(),
+                phase: phase.as_str().to_owned(),
+            })
+            .inc_by(by);
+    }
+
+    fn log_ending(&self, key: &BuildKey, name: &str, ending: &Ending) {
+        match ending.outcome {
+            Outcome::Lost => {
+                tracing::info!(build = %key, name, detail = %ending.detail, "no longer following the build")
+            }
+            Outcome::Failed(reason) if !ending.reported => {
+                tracing::warn!(build = %key, name, %reason, detail = %ending.detail, "build ended without reporting")
+            }
+            outcome => {
+                tracing::info!(build = %key, name, outcome = outcome.as_str(), "build finished")
+            }
+        }
+    }
+
+    fn count_ending(&self, key: &BuildKey, ending: &Ending, launched: Instant) {
+        let kind = key.source.name().to_owned();
+        let reason = ending.reason().map(|r| r.as_str().to_owned());
+        self.metrics
+            .builds_finished
+            .get_or_create(&OutcomeLabels {
+                source: kind.clone(),
+                outcome: ending.outcome.as_str().to_owned(),
+                reason: reason.clone().unwrap_or_default(),
+            })
+            .inc();
+        self.metrics
+            .build_duration
+            .get_or_create(&DurationLabels {
+                source: kind,
+                outcome: ending.outcome.as_str().to_owned(),
+            })
+            .observe(launched.elapsed().as_secs_f64());
+        if ending.outcome != Outcome::Lost {
+            let state = if ending.outcome == Outcome::Succeeded {
+                "success"
+            } else {
+                "failed"
+            };
+            self.metrics
+                .jobs_finished
+                .get_or_create(&FinishedLabels {
+                    runner: key.runner.clone(),
+                    state: state.into(),
+                    reason: reason.unwrap_or_default(),
+                })
+                .inc();
+        }
+    }
+
+    fn table_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Alive>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The coordinator as one source sees it.
+pub(crate) struct SourceChain {
+    pub(crate) source: Arc<dyn Source>,
+    pub(crate) dispatcher: Dispatcher,
+    pub(crate) limiter: Limiter,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Chain for SourceChain {
+    fn slot(&self) -> BoxFuture<'_, Option<Slot>> {
+        Box::pin(async move {
+            let permit = tokio::select! {
+                permit = self.limiter.acquire(self.source.name(), self.source.limit()) => permit,
+                () = self.shutdown.cancelled() => return None,
+            };
+            tokio::select! {
+                () = self.dispatcher.executor.ready() => {}
+                () = self.shutdown.cancelled() => return None,
+            }
+            Some(Slot::new(permit))
+        })
+    }
+
+    fn try_slot(&self) -> Option<Slot> {
+        self.limiter
+            .try_acquire(self.source.name(), self.source.limit())
+            .map(Slot::new)
+    }
+
+    fn launch(&self, slot: Slot, build: Build) {
+        self.dispatcher
+            .spawn(Arc::clone(&self.source), Some(slot), Start::launch(build));
+    }
+
+    fn stop(&self, name: &str) -> BoxFuture<'_, ()> {
+        let name = name.to_owned();
+        Box::pin(async move { self.dispatcher.executor.delete(&name).await })
+    }
+
+    fn explain(&self, name: &str) -> BoxFuture<'_, String> {
+        let name = name.to_owned();
+        Box::pin(async move { self.dispatcher.executor.explain(&name).await })
+    }
+}

@@ -1,0 +1,391 @@
+//! The coordinator's logic with both neighbours faked: a source that hands over whatever the
+//! test says, an executor whose builds end when the test says. No HTTP, no cluster.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{Coordinator, Settings, Status};
+use crate::build::{
+    About, Build, BuildKey, Ending, FailureReason, Found, JOB_FILE, Outcome, SourceKind, Workload,
+};
+use crate::executor::{Executor, ExecutorError, LaunchError, Watch};
+use crate::sources::{Adoption, Chain, Health, Source};
+use crate::telemetry::Metrics;
+
+/// An executor whose builds run until [`FakeExecutor::finish`].
+#[derive(Default)]
+struct FakeExecutor {
+    state: Mutex<ExecutorState>,
+}
+
+#[derive(Default)]
+struct ExecutorState {
+    /// Every launch call, in order.
+    launches: Vec<String>,
+    /// Every delete call, in order.
+    deletes: Vec<String>,
+    /// Builds that exist, with how they end once the test decides.
+    live: HashMap<String, watch::Sender<Option<Ending>>>,
+    /// What `list` returns (an earlier coordinator's builds).
+    left_over: Vec<Found>,
+}
+
+impl FakeExecutor {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ExecutorState> {
+        self.state.lock().unwrap()
+    }
+
+    fn leave(&self, found: Found) {
+        let mut state = self.lock();
+        state
+            .live
+            .insert(found.name.clone(), watch::channel(None).0);
+        state.left_over.push(found);
+    }
+
+    fn finish(&self, name: &str, ending: Ending) {
+        self.lock().live[name].send_replace(Some(ending));
+    }
+
+    fn launches(&self) -> Vec<String> {
+        self.lock().launches.clone()
+    }
+
+    fn live(&self) -> usize {
+        self.lock().live.len()
+    }
+}
+
+impl Executor for FakeExecutor {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+
+    fn runs_images(&self) -> bool {
+        true
+    }
+
+    fn survives_restart(&self) -> bool {
+        true
+    }
+
+    fn launch<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>> {
+        let mut state = self.lock();
+        state.launches.push(build.name.clone());
+        let result = if state.live.contains_key(&build.name) {
+            Err(LaunchError::Exists(build.name.clone()))
+        } else {
+            state
+                .live
+                .insert(build.name.clone(), watch::channel(None).0);
+            Ok(())
+        };
+        Box::pin(async move { result })
+    }
+
+    fn watch<'a>(&'a self, name: &'a str, watch: Watch) -> BoxFuture<'a, Ending> {
+        let receiver = self.lock().live.get(name).map(watch::Sender::subscribe);
+        Box::pin(async move {
+            let Some(mut receiver) = receiver else {
+                return Ending::failed(FailureReason::RunnerSystemFailure, "no such build");
+            };
+            if let Some(on_running) = &watch.on_running {
+                on_running.call();
+            }
+            loop {
+                if let Some(ending) = receiver.borrow_and_update().clone() {
+                    return ending;
+                }
+                tokio::select! {
+                    changed = receiver.changed() => {
+                        if changed.is_err() {
+                            return Ending::failed(FailureReason::RunnerSystemFailure, "deleted");
+                        }
+                    }
+                    () = watch.cancel.cancelled() => return Ending::lost("detached"),
+                }
+            }
+        })
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Found>, ExecutorError>> {
+        let found = self.lock().left_over.clone();
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, ()> {
+        let mut state = self.lock();
+        state.deletes.push(name.to_owned());
+        state.live.remove(name);
+        Box::pin(async {})
+    }
+}
+
+/// A source that hands over what the test asks, through the chain it was given.
+#[derive(Default)]
+struct FakeSource {
+    chain: Mutex<Option<Arc<dyn Chain>>>,
+    adopted: Mutex<Vec<String>>,
+    ended: Mutex<Vec<(String, Ending)>>,
+}
+
+impl FakeSource {
+    fn chain(&self) -> Arc<dyn Chain> {
+        self.chain.lock().unwrap().clone().unwrap()
+    }
+
+    fn ended(&self) -> Vec<(String, Ending)> {
+        self.ended.lock().unwrap().clone()
+    }
+}
+
+impl Source for FakeSource {
+    fn kind(&self) -> SourceKind {
+        SourceKind::GitLab
+    }
+
+    fn name(&self) -> &str {
+        "fake"
+    }
+
+    fn limit(&self) -> usize {
+        0
+    }
+
+    fn run(
+        self: Arc<Self>,
+        chain: Arc<dyn Chain>,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, ()> {
+        *self.chain.lock().unwrap() = Some(chain);
+        Box::pin(async move { shutdown.cancelled().await })
+    }
+
+    fn adopt<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Adoption> {
+        self.adopted.lock().unwrap().push(found.name.clone());
+        Box::pin(async { Adoption::Follow(About::default()) })
+    }
+
+    fn ended<'a>(
+        &'a self,
+        _key: &'a BuildKey,
+        name: &'a str,
+        ending: &'a Ending,
+    ) -> BoxFuture<'a, ()> {
+        self.ended
+            .lock()
+            .unwrap()
+            .push((name.to_owned(), ending.clone()));
+        Box::pin(async {})
+    }
+
+    fn health(&self) -> Health {
+        Health {
+            ready: true,
+            state: "ready".into(),
+            url: "http://ci.example.com/".into(),
+            last_error: None,
+        }
+    }
+}
+
+fn key(id: u64) -> BuildKey {
+    BuildKey {
+        source: SourceKind::GitLab,
+        runner: "fake".into(),
+        id,
+    }
+}
+
+fn build(id: u64) -> Build {
+    Build {
+        key: key(id),
+        name: key(id).resource_name(),
+        workload: Workload::KilnAgent {
+            image: None,
+            services: Vec::new(),
+        },
+        secrets: BTreeMap::from([(JOB_FILE.to_owned(), b"{}".to_vec())]),
+        class: None,
+        requests: Vec::new(),
+        timeout: None,
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+        about: About::default(),
+    }
+}
+
+fn succeeded() -> Ending {
+    Ending {
+        outcome: Outcome::Succeeded,
+        detail: "done".into(),
+        reported: true,
+        exit_code: Some(0),
+    }
+}
+
+struct Harness {
+    executor: Arc<FakeExecutor>,
+    source: Arc<FakeSource>,
+    status: Status,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A coordinator with `concurrent` slots over a fake source and executor; `before` runs on
+/// the executor before the coordinator starts (builds left by an earlier run).
+async fn start(concurrent: usize, before: impl FnOnce(&FakeExecutor)) -> Harness {
+    let executor = Arc::new(FakeExecutor::default());
+    before(&executor);
+    let source = Arc::new(FakeSource::default());
+    let coordinator = Coordinator::new(
+        Settings {
+            concurrent,
+            shutdown_timeout: Duration::from_secs(1),
+        },
+        Metrics::new(),
+        Arc::clone(&executor) as Arc<dyn Executor>,
+        vec![Arc::clone(&source) as Arc<dyn Source>],
+    );
+    let status = coordinator.status();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(coordinator.run(shutdown.clone()));
+    // The source runs once adoption is done.
+    for _ in 0..100 {
+        if source.chain.lock().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Harness {
+        executor,
+        source,
+        status,
+        shutdown,
+        task,
+    }
+}
+
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[tokio::test]
+async fn a_build_is_never_launched_twice_for_one_job() {
+    let h = start(4, |_| {}).await;
+    let chain = h.source.chain();
+    let slot = chain.slot().await.unwrap();
+    chain.launch(slot, build(7));
+    until("the build is alive", || h.status.capacity().0 == 1).await;
+    // The same work handed over again (a redelivered webhook, a reconcile racing it).
+    let slot = chain.slot().await.unwrap();
+    chain.launch(slot, build(7));
+    until("the duplicate is answered", || !h.source.ended().is_empty()).await;
+    assert_eq!(h.executor.launches(), ["kiln-gl-7"], "one launch, not two");
+    assert_eq!(h.source.ended()[0].1.outcome, Outcome::Lost);
+    assert_eq!(h.executor.live(), 1, "the running build was not touched");
+    assert_eq!(h.status.capacity().0, 1);
+    // A second coordinator's build of the same name: the executor says it exists.
+    h.executor.leave(Found {
+        key: key(8),
+        name: "kiln-gl-8".into(),
+        exists: true,
+        secrets: BTreeMap::new(),
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+    });
+    let slot = chain.slot().await.unwrap();
+    chain.launch(slot, build(8));
+    until("the other coordinator's build is left alone", || {
+        h.source.ended().len() == 2
+    })
+    .await;
+    assert_eq!(h.source.ended()[1].1.outcome, Outcome::Lost);
+    assert!(
+        !h.executor.lock().deletes.contains(&"kiln-gl-8".to_owned()),
+        "another coordinator's build is not deleted"
+    );
+    h.shutdown.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test]
+async fn capacity_returns_when_a_build_ends() {
+    let h = start(1, |_| {}).await;
+    let chain = h.source.chain();
+    let slot = chain.slot().await.unwrap();
+    chain.launch(slot, build(1));
+    until("the build is alive", || h.status.capacity() == (1, 1)).await;
+    assert!(chain.try_slot().is_none(), "the only slot is taken");
+    h.executor.finish("kiln-gl-1", succeeded());
+    until("the source heard of the end", || {
+        h.source.ended().len() == 1
+    })
+    .await;
+    until("the slot is free", || h.status.capacity().0 == 0).await;
+    assert!(chain.try_slot().is_some(), "capacity came back");
+    assert_eq!(
+        h.executor.lock().deletes,
+        ["kiln-gl-1"],
+        "the build was removed"
+    );
+    assert_eq!(h.source.ended()[0].1.outcome, Outcome::Succeeded);
+    h.shutdown.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restart_adopts_running_builds_and_counts_them_against_concurrent() {
+    let h = start(2, |executor| {
+        for id in [21, 22] {
+            executor.leave(Found {
+                key: key(id),
+                name: key(id).resource_name(),
+                exists: true,
+                secrets: BTreeMap::new(),
+                labels: BTreeMap::new(),
+                annotations: BTreeMap::new(),
+            });
+        }
+    })
+    .await;
+    let chain = h.source.chain();
+    assert_eq!(
+        h.source.adopted.lock().unwrap().as_slice(),
+        ["kiln-gl-21", "kiln-gl-22"]
+    );
+    assert_eq!(h.status.capacity(), (2, 2));
+    assert!(
+        chain.try_slot().is_none(),
+        "adopted builds take the capacity before new work"
+    );
+    assert!(
+        h.executor.launches().is_empty(),
+        "adopted builds are followed, not created again"
+    );
+    h.executor.finish("kiln-gl-21", succeeded());
+    until("the adopted build's end reached its source", || {
+        h.source.ended().len() == 1
+    })
+    .await;
+    until("its slot is free", || chain.try_slot().is_some()).await;
+    h.shutdown.cancel();
+    h.task.await.unwrap();
+    // Shutting down detaches from the build that still runs (it survives the coordinator).
+    let ended = h.source.ended();
+    assert_eq!(ended.len(), 2);
+    assert_eq!(ended[1].0, "kiln-gl-22");
+    assert_eq!(ended[1].1.outcome, Outcome::Lost);
+    assert!(!h.executor.lock().deletes.contains(&"kiln-gl-22".to_owned()));
+}

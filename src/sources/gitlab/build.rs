@@ -1,0 +1,405 @@
+//! A GitLab job as a source-neutral [`Build`]: the kiln agent with the job file, the job's
+//! image and services (with the host names GitLab derives for them), the resource class the job
+//! or its runner names, and what the job's `KUBERNETES_*` variables ask of its pod.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use super::payload::{Image as JobImage, JobPayload};
+use crate::agent::{AgentConfig, AgentJob};
+use crate::build::{
+    About, Build, BuildKey, ClassChoice, Image, JOB_FILE, PullPolicy, Request, Requested,
+    ResourceField, Service, SourceKind, Workload,
+};
+
+/// The variable that picks a job's resource class.
+pub(crate) const CLASS_VARIABLE: &str = "KILN_RESOURCE_CLASS";
+
+/// The `KUBERNETES_*` variables of gitlab-runner's Kubernetes executor that size the build
+/// container.
+const RESOURCE_VARIABLES: &[(&str, ResourceField)] = &[
+    ("KUBERNETES_CPU_REQUEST", ResourceField::CpuRequest),
+    ("KUBERNETES_CPU_LIMIT", ResourceField::CpuLimit),
+    ("KUBERNETES_MEMORY_REQUEST", ResourceField::MemoryRequest),
+    ("KUBERNETES_MEMORY_LIMIT", ResourceField::MemoryLimit),
+    (
+        "KUBERNETES_EPHEMERAL_STORAGE_REQUEST",
+        ResourceField::EphemeralStorageRequest,
+    ),
+    (
+        "KUBERNETES_EPHEMERAL_STORAGE_LIMIT",
+        ResourceField::EphemeralStorageLimit,
+    ),
+];
+
+/// The variable families that add `key=value` entries to the pod.
+const FAMILIES: &[(&str, Request)] = &[
+    ("KUBERNETES_NODE_SELECTOR_", Request::NodeSelector),
+    ("KUBERNETES_POD_ANNOTATIONS_", Request::PodAnnotation),
+    ("KUBERNETES_POD_LABELS_", Request::PodLabel),
+];
+
+/// What a job's build is made of besides the job.
+pub(crate) struct Context<'a> {
+    /// The runner's name in kiln's config.
+    pub(crate) runner: &'a str,
+    /// GitLab's base URL, for the agent.
+    pub(crate) gitlab_url: &'a str,
+    /// The runner's resource class, if any.
+    pub(crate) resource_class: Option<&'a str>,
+    /// How the agent behaves.
+    pub(crate) settings: &'a AgentConfig,
+    /// The executor's name, shown in the trace.
+    pub(crate) executor: &'a str,
+}
+
+/// The build of `job` (`raw`: the job JSON exactly as GitLab sent it, for the agent).
+pub(crate) fn build(job: &JobPayload, raw: &serde_json::Value, context: &Context<'_>) -> Build {
+    let key = BuildKey {
+        source: SourceKind::GitLab,
+        runner: context.runner.to_owned(),
+        id: job.id,
+    };
+    let job_file = AgentJob {
+        gitlab_url: context.gitlab_url.to_owned(),
+        job: raw.clone(),
+        settings: context.settings.clone(),
+        executor: context.executor.to_owned(),
+        runner: context.runner.to_owned(),
+    };
+    Build {
+        name: key.resource_name(),
+        key,
+        workload: Workload::KilnAgent {
+            image: job
+                .image
+                .as_ref()
+                .filter(|i| !i.name.trim().is_empty())
+                .map(image),
+            services: job
+                .services
+                .iter()
+                .filter(|s| !s.name.trim().is_empty())
+                .map(|s| Service {
+                    image: image(s),
+                    command: s.command.clone(),
+                    env: s
+                        .variables
+                        .iter()
+                        .map(|v| (v.key.clone(), v.value.clone()))
+                        .collect(),
+                    aliases: service_aliases(s),
+                })
+                .collect(),
+        },
+        // Serializing plain data into a Vec cannot fail.
+        secrets: BTreeMap::from([(
+            JOB_FILE.to_owned(),
+            serde_json::to_vec(&job_file).unwrap_or_default(),
+        )]),
+        class: class_choice(job, context.resource_class),
+        requests: requests(job),
+        timeout: Some(job.timeout()),
+        labels: BTreeMap::new(),
+        annotations: annotations(job),
+        about: about(job),
+    }
+}
+
+/// What people see about a job.
+pub(crate) fn about(job: &JobPayload) -> About {
+    About {
+        project: job
+            .job_info
+            .project_full_path
+            .clone()
+            .unwrap_or_else(|| job.job_info.project_name.clone()),
+        job: job.job_info.name.clone(),
+        url: job.variable("CI_JOB_URL").map(str::to_owned),
+        queued_at: job
+            .job_info
+            .time_in_queue_seconds
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .and_then(|s| SystemTime::now().checked_sub(Duration::from_secs_f64(s))),
+    }
+}
+
+fn image(job: &JobImage) -> Image {
+    Image {
+        name: job.name.clone(),
+        entrypoint: job.entrypoint.clone(),
+        pull_policy: job.pull_policy.first().and_then(|p| match p.as_str() {
+            "always" => Some(PullPolicy::Always),
+            "if-not-present" => Some(PullPolicy::IfNotPresent),
+            "never" => Some(PullPolicy::Never),
+            _ => None,
+        }),
+    }
+}
+
+/// The job's `KILN_RESOURCE_CLASS`, else the runner's class.
+fn class_choice(job: &JobPayload, runner_class: Option<&str>) -> Option<ClassChoice> {
+    let from_variable = job
+        .variable(CLASS_VARIABLE)
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
+    match (from_variable, runner_class) {
+        (Some(name), _) => Some(ClassChoice {
+            name: name.to_owned(),
+            origin: CLASS_VARIABLE.to_owned(),
+        }),
+        (None, Some(name)) => Some(ClassChoice {
+            name: name.to_owned(),
+            origin: "the runner's resource_class".to_owned(),
+        }),
+        (None, None) => None,
+    }
+}
+
+/// What the job's `KUBERNETES_*` variables ask of its pod (the executor checks each against
+/// its caps). The last definition of a variable wins, as in GitLab.
+fn requests(job: &JobPayload) -> Vec<Requested> {
+    let mut out = Vec::new();
+    let nonempty = |name: &str| {
+        job.variable(name)
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    for (variable, field) in RESOURCE_VARIABLES {
+        if let Some(value) = nonempty(variable) {
+            out.push(Requested {
+                what: Request::Resource(*field),
+                value,
+                origin: (*variable).to_owned(),
+            });
+        }
+    }
+    if let Some(value) = nonempty("KUBERNETES_SERVICE_ACCOUNT_OVERWRITE") {
+        out.push(Requested {
+            what: Request::ServiceAccount,
+            value,
+            origin: "KUBERNETES_SERVICE_ACCOUNT_OVERWRITE".to_owned(),
+        });
+    }
+    for (prefix, what) in FAMILIES {
+        let mut seen = BTreeMap::new();
+        for var in job.variables.iter().filter(|v| v.key.starts_with(prefix)) {
+            seen.insert(var.key.clone(), var.value.clone());
+        }
+        for (variable, value) in seen {
+            out.push(Requested {
+                what: *what,
+                value,
+                origin: variable,
+            });
+        }
+    }
+    out
+}
+
+/// The host names a service is reachable by: its aliases and the two names GitLab derives
+/// from its image (`registry.example.com/tools/postgres` → `registry.example.com__tools__postgres`
+/// and `registry.example.com-tools-postgres`).
+fn service_aliases(service: &JobImage) -> Vec<String> {
+    let mut names: Vec<String> = service
+        .alias
+        .iter()
+        .flat_map(|a| a.split([',', ' ']))
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let base = service.name.split('@').next().unwrap_or_default();
+    let without_tag = match base.rfind(':') {
+        Some(colon) if !base[colon..].contains('/') => &base[..colon],
+        _ => base,
+    };
+    names.push(without_tag.replace('/', "__"));
+    names.push(without_tag.replace('/', "-"));
+    names.retain(|n| is_hostname(n));
+    names
+}
+
+fn is_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|part| {
+            !part.is_empty()
+                && part.len() <= 63
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+}
+
+/// The annotations gitlab-runner's Kubernetes executor puts on build pods.
+fn annotations(job: &JobPayload) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut put = |key: &str, value: Option<String>| {
+        if let Some(value) = value.filter(|v| !v.is_empty()) {
+            out.insert(key.to_owned(), value);
+        }
+    };
+    put("job.runner.gitlab.com/id", Some(job.id.to_string()));
+    put(
+        "job.runner.gitlab.com/url",
+        job.variable("CI_JOB_URL").map(str::to_owned),
+    );
+    put(
+        "job.runner.gitlab.com/name",
+        Some(job.job_info.name.clone()),
+    );
+    put("job.runner.gitlab.com/sha", Some(job.git_info.sha.clone()));
+    put(
+        "job.runner.gitlab.com/before_sha",
+        Some(job.git_info.before_sha.clone()),
+    );
+    put(
+        "job.runner.gitlab.com/ref",
+        Some(job.git_info.git_ref.clone()),
+    );
+    put(
+        "project.runner.gitlab.com/id",
+        job.job_info.project_id.map(|id| id.to_string()),
+    );
+    put(
+        "project.runner.gitlab.com/path",
+        job.job_info.project_full_path.clone(),
+    );
+    put(
+        "pipeline.runner.gitlab.com/id",
+        job.job_info.pipeline_id.map(|id| id.to_string()),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::gitlab::payload::{ImageVariable, Variable};
+
+    fn job(variables: &[(&str, &str)]) -> (JobPayload, serde_json::Value) {
+        let raw = serde_json::json!({
+            "id": 42, "token": "job-token",
+            "job_info": {"name": "build", "stage": "build", "project_name": "demo",
+                         "project_full_path": "group/demo", "project_id": 7},
+            "git_info": {"repo_url": "https://gitlab.example.com/group/demo.git", "ref": "main",
+                         "sha": "abc123", "before_sha": "000", "ref_type": "branch"},
+            "runner_info": {"timeout": 600},
+            "steps": [{"name": "script", "script": ["true"], "when": "on_success"}],
+        });
+        let mut job: JobPayload = serde_json::from_value(raw.clone()).unwrap();
+        job.variables = variables
+            .iter()
+            .map(|(k, v)| Variable {
+                key: (*k).into(),
+                value: (*v).into(),
+                public: true,
+                ..Variable::default()
+            })
+            .collect();
+        (job, raw)
+    }
+
+    fn context(class: Option<&str>) -> Context<'_> {
+        static SETTINGS: std::sync::LazyLock<AgentConfig> =
+            std::sync::LazyLock::new(AgentConfig::default);
+        Context {
+            runner: "gitlab.example.com-0",
+            gitlab_url: "https://gitlab.example.com",
+            resource_class: class,
+            settings: &SETTINGS,
+            executor: "kubernetes",
+        }
+    }
+
+    #[test]
+    fn a_job_becomes_a_kiln_agent_build_with_its_job_file_secret() {
+        let (job, raw) = job(&[]);
+        let build = build(&job, &raw, &context(None));
+        assert_eq!(build.name, "kiln-gl-42");
+        assert_eq!(build.key.source, SourceKind::GitLab);
+        assert_eq!(build.timeout, Some(Duration::from_secs(600)));
+        let file: AgentJob = serde_json::from_slice(&build.secrets[JOB_FILE]).unwrap();
+        assert_eq!(file.job["token"], "job-token");
+        assert_eq!(file.executor, "kubernetes");
+        assert_eq!(build.annotations["job.runner.gitlab.com/sha"], "abc123");
+        assert_eq!(
+            build.annotations["project.runner.gitlab.com/path"],
+            "group/demo"
+        );
+        assert_eq!(build.about.project, "group/demo");
+    }
+
+    #[test]
+    fn services_get_their_alias_and_the_names_gitlab_derives() {
+        let (mut job, raw) = job(&[]);
+        job.services = vec![JobImage {
+            name: "registry.example.com/tools/postgres:16".into(),
+            alias: Some("db".into()),
+            command: vec!["postgres".into()],
+            variables: vec![ImageVariable {
+                key: "POSTGRES_PASSWORD".into(),
+                value: "pw".into(),
+            }],
+            pull_policy: vec!["if-not-present".into()],
+            ..JobImage::default()
+        }];
+        let build = build(&job, &raw, &context(None));
+        let Workload::KilnAgent { services, .. } = &build.workload else {
+            panic!("a GitLab job runs the kiln agent");
+        };
+        assert_eq!(
+            services[0].aliases,
+            [
+                "db",
+                "registry.example.com__tools__postgres",
+                "registry.example.com-tools-postgres"
+            ]
+        );
+        assert_eq!(services[0].env, [("POSTGRES_PASSWORD".into(), "pw".into())]);
+        assert_eq!(
+            services[0].image.pull_policy,
+            Some(PullPolicy::IfNotPresent)
+        );
+    }
+
+    #[test]
+    fn the_class_comes_from_the_variable_then_the_runner() {
+        let (job_, raw) = job(&[("KILN_RESOURCE_CLASS", "big")]);
+        let chosen = build(&job_, &raw, &context(Some("spot"))).class.unwrap();
+        assert_eq!(chosen.name, "big");
+        assert_eq!(chosen.origin, "KILN_RESOURCE_CLASS");
+        let (plain, raw) = job(&[]);
+        let chosen = build(&plain, &raw, &context(Some("spot"))).class.unwrap();
+        assert_eq!(chosen.name, "spot");
+        assert!(build(&plain, &raw, &context(None)).class.is_none());
+    }
+
+    #[test]
+    fn kubernetes_variables_become_requests_naming_their_variable() {
+        let (job, raw) = job(&[
+            ("KUBERNETES_MEMORY_LIMIT", "4Gi"),
+            ("KUBERNETES_NODE_SELECTOR_ARCH", "kubernetes.io/arch=arm64"),
+            ("KUBERNETES_MEMORY_LIMIT", "6Gi"),
+            ("UNRELATED", "x"),
+        ]);
+        let requests = build(&job, &raw, &context(None)).requests;
+        assert_eq!(
+            requests,
+            [
+                Requested {
+                    what: Request::Resource(ResourceField::MemoryLimit),
+                    value: "6Gi".into(),
+                    origin: "KUBERNETES_MEMORY_LIMIT".into(),
+                },
+                Requested {
+                    what: Request::NodeSelector,
+                    value: "kubernetes.io/arch=arm64".into(),
+                    origin: "KUBERNETES_NODE_SELECTOR_ARCH".into(),
+                },
+            ]
+        );
+    }
+}
