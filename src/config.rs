@@ -19,6 +19,7 @@ pub use crate::executor::local::LocalConfig;
 pub use crate::http::HttpConfig;
 pub use crate::problem::Problem;
 pub use crate::sources::gitlab::{GitLabRunnerConfig, is_system_id};
+pub use crate::sources::github::GitHubConfig;
 pub use crate::sources::jenkins::JenkinsConfig;
 pub use crate::telemetry::{LogConfig, LogFormat};
 
@@ -106,6 +107,8 @@ pub struct Sources {
     pub gitlab: Vec<GitLabRunnerConfig>,
     /// Jenkins controllers (`[[sources.jenkins]]`) kiln provisions agents for.
     pub jenkins: Vec<JenkinsConfig>,
+    /// GitHub repositories or organizations (`[[sources.github]]`) kiln runs JIT runners for.
+    pub github: Vec<GitHubConfig>,
 }
 
 /// Why a configuration could not be used.
@@ -267,9 +270,12 @@ impl Config {
 
     /// Why this configuration gives `kiln run` nothing to do, if it does not.
     pub fn no_sources(&self) -> Option<Problem> {
-        (self.sources.gitlab.is_empty() && self.sources.jenkins.is_empty()).then(|| Problem {
+        (self.sources.gitlab.is_empty()
+            && self.sources.jenkins.is_empty()
+            && self.sources.github.is_empty())
+        .then(|| Problem {
             path: "sources".into(),
-            message: "no job sources configured: add a [[sources.gitlab]] runner (see `kiln register --help`) or a [[sources.jenkins]] controller".into(),
+            message: "no job sources configured: add a [[sources.gitlab]] runner (see `kiln register --help`), a [[sources.jenkins]] controller or a [[sources.github]] repository or organization".into(),
         })
     }
 
@@ -315,6 +321,16 @@ impl Config {
         let classes: Vec<String> = self.kubernetes.resource_classes.keys().cloned().collect();
         for (i, jenkins) in self.sources.jenkins.iter().enumerate() {
             problems.extend(jenkins.problems(i, &classes));
+        }
+        let mut github_names = BTreeMap::new();
+        for (i, github) in self.sources.github.iter().enumerate() {
+            problems.extend(github.problems(i, &classes));
+            if let Some(previous) = github_names.insert(github.display_name(i), i) {
+                problems.push(Problem::new(
+                    format!("sources.github[{i}].name"),
+                    format!("same name as sources.github[{previous}]; names must be unique"),
+                ));
+            }
         }
         problems
     }

@@ -316,6 +316,16 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         jenkins_hooks.push(source.waker());
         sources.push(Arc::new(source));
     }
+    let mut github_hooks = Vec::new();
+    for (index, entry) in config.sources.github.iter().enumerate() {
+        let source = Arc::new(kiln::sources::github::GitHubSource::new(
+            entry,
+            index,
+            Arc::clone(&metrics),
+        ));
+        github_hooks.push(source.hook());
+        sources.push(source);
+    }
     let http = config.http.clone();
     let settings = kiln::coordinator::Settings {
         concurrent: config.concurrent,
@@ -327,6 +337,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         metrics,
         status: coordinator.status(),
         jenkins_hooks,
+        github_hooks,
         body_timeout: http.body_timeout,
     });
     let listener = tokio::net::TcpListener::bind(http.listen)

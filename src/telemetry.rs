@@ -1,6 +1,7 @@
 //! Logging (tracing subscriber) and the Prometheus metrics registry.
 
 use std::io::IsTerminal;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock, mpsc};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -256,6 +257,29 @@ pub struct PhaseLabels {
     pub phase: String,
 }
 
+/// Labels naming a GitHub source.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GitHubLabels {
+    /// The GitHub source's name.
+    pub github: String,
+}
+
+/// Labels of a GitHub job lost with its runner.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GitHubReasonLabels {
+    /// The GitHub source's name.
+    pub github: String,
+    /// The failure reason of the runner's build.
+    pub reason: String,
+}
+
+/// Labels naming an API kiln calls.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    /// `kubernetes`, `github` or `gitlab`.
+    pub api: String,
+}
+
 /// Every metric the coordinator exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -289,6 +313,14 @@ pub struct Metrics {
     pub build_queue_wait: Family<SourceLabels, Histogram>,
     /// Builds alive now, by phase.
     pub builds: Family<PhaseLabels, Gauge>,
+    /// GitHub runners started.
+    pub github_runners_started: Family<GitHubLabels, Counter>,
+    /// GitHub runner registrations removed because no runner served them.
+    pub github_registrations_removed: Family<GitHubLabels, Counter>,
+    /// GitHub jobs lost with their runner (evicted, OOM-killed, spot reclaim).
+    pub github_jobs_lost: Family<GitHubReasonLabels, Counter>,
+    /// How much of each API's rate limit is used (0..1).
+    pub api_rate_limit_saturation: Family<ApiLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Metrics {
@@ -379,12 +411,40 @@ impl Metrics {
             build_queue_wait.clone(),
         );
         registry.register("builds", "Builds alive now, by phase", builds.clone());
+        let github_runners_started = Family::<GitHubLabels, Counter>::default();
+        let github_registrations_removed = Family::<GitHubLabels, Counter>::default();
+        let github_jobs_lost = Family::<GitHubReasonLabels, Counter>::default();
+        let api_rate_limit_saturation = Family::<ApiLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "github_runners_started",
+            "GitHub just-in-time runners started",
+            github_runners_started.clone(),
+        );
+        registry.register(
+            "github_registrations_removed",
+            "GitHub runner registrations removed because no runner served them",
+            github_registrations_removed.clone(),
+        );
+        registry.register(
+            "github_jobs_lost",
+            "GitHub jobs lost with their runner, by the runner build's failure reason",
+            github_jobs_lost.clone(),
+        );
+        registry.register(
+            "api_rate_limit_saturation",
+            "How much of an API's rate limit is used, 0 to 1",
+            api_rate_limit_saturation.clone(),
+        );
         Arc::new(Self {
             registry,
             builds_finished,
             build_duration,
             build_queue_wait,
             builds,
+            github_runners_started,
+            github_registrations_removed,
+            github_jobs_lost,
+            api_rate_limit_saturation,
             jenkins_agents_started,
             jenkins_agent_failures,
             jenkins_agents,

@@ -15,6 +15,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 
 use crate::coordinator::Status;
+use crate::sources::github::{Delivery, GitHubHook};
 use crate::sources::jenkins::Wake;
 use crate::telemetry::Metrics;
 pub use config::HttpConfig;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub status: Status,
     /// The Jenkins sources `POST /hooks/jenkins` wakes.
     pub jenkins_hooks: Vec<Wake>,
+    /// The GitHub sources `POST /hooks/github` delivers `workflow_job` events to.
+    pub github_hooks: Vec<GitHubHook>,
     /// How long a webhook sender may take to send its body.
     pub body_timeout: Duration,
 }
@@ -44,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/hooks/jenkins", post(jenkins_hook))
+        .route("/hooks/github", post(github_hook))
         // Handlers read bodies themselves, after authenticating; nothing else takes one.
         .layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT))
         .with_state(state)
@@ -162,6 +166,56 @@ async fn jenkins_hook(
         wake.wake();
     }
     (StatusCode::ACCEPTED, "queue check scheduled\n").into_response()
+}
+
+/// `POST /hooks/github`: a `workflow_job` event for the GitHub source whose webhook secret
+/// signs it (`X-Hub-Signature-256`, checked in constant time). Wrong or missing signature:
+/// `401` and nothing happens; a redelivery (`X-GitHub-Delivery` seen before) is dropped.
+async fn github_hook(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let hooks: Vec<&GitHubHook> = state.github_hooks.iter().filter(|h| h.enabled()).collect();
+    if hooks.is_empty() {
+        return (
+            StatusCode::NOT_FOUND,
+            "no GitHub source has a webhook_secret configured\n",
+        )
+            .into_response();
+    }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let signature = header("x-hub-signature-256");
+    if signature.is_empty() {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "missing X-Hub-Signature-256: set the webhook's secret in GitHub\n",
+        )
+            .into_response();
+    }
+    let body = match read_body(body, state.body_timeout).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let Some(hook) = hooks.into_iter().find(|h| h.signed(&body, &signature)) else {
+        tracing::warn!("GitHub webhook with a wrong signature refused");
+        return (StatusCode::UNAUTHORIZED, "wrong signature\n").into_response();
+    };
+    match hook.deliver(
+        &header("x-github-delivery"),
+        &header("x-github-event"),
+        &body,
+    ) {
+        Ok(Delivery::Accepted) => (StatusCode::ACCEPTED, "accepted\n").into_response(),
+        Ok(Delivery::Duplicate) => {
+            tracing::debug!(github = %hook.name, "GitHub redelivery dropped");
+            (StatusCode::OK, "duplicate delivery; already handled\n").into_response()
+        }
+        Ok(Delivery::Ignored) => (StatusCode::OK, "event ignored\n").into_response(),
+        Err(message) => (StatusCode::BAD_REQUEST, format!("{message}\n")).into_response(),
+    }
 }
 
 /// Reads a webhook body of at most [`WEBHOOK_BODY_LIMIT`] bytes within `timeout`; otherwise the

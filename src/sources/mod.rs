@@ -3,6 +3,7 @@
 //! to the rest of kiln through the [`Chain`] the coordinator hands it, and the coordinator
 //! talks to it through [`Source`]; no source knows an executor.
 
+pub mod github;
 pub mod gitlab;
 pub mod jenkins;
 mod pacer;

@@ -1,0 +1,234 @@
+//! `[[sources.github]]`: a repository or an organization kiln runs just-in-time Actions runners
+//! for.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::problem::Problem;
+
+/// GitHub.com's REST API.
+pub const GITHUB_API: &str = "https://api.github.com";
+
+/// One repository or organization.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitHubConfig {
+    /// A name for logs, metrics and labels (default: the repository or organization).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The REST API's base URL: `https://api.github.com`, or `https://HOST/api/v3` for GitHub
+    /// Enterprise Server.
+    #[serde(default = "default_api_url")]
+    pub api_url: String,
+    /// The owner of `repo` (repository scope).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// The repository (repository scope, with `owner`).
+    #[serde(default)]
+    pub repo: Option<String>,
+    /// The organization (organization scope: runners serve every repository the runner group
+    /// allows).
+    #[serde(default)]
+    pub org: Option<String>,
+    /// A fine-grained personal access token (or use a GitHub App).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The GitHub App's id.
+    #[serde(default)]
+    pub app_id: Option<u64>,
+    /// The App's private key (the PEM file GitHub lets you download).
+    #[serde(default)]
+    pub private_key_file: Option<PathBuf>,
+    /// The App's installation id (default: looked up for the repository or organization).
+    #[serde(default)]
+    pub installation_id: Option<u64>,
+    /// The runner labels besides `self-hosted`; a job runs here when every label of its
+    /// `runs-on` is one of these (case-insensitive).
+    pub labels: Vec<String>,
+    /// The runner group runners join (1 is the default group).
+    #[serde(default = "default_group")]
+    pub runner_group_id: u64,
+    /// Shared secret of `POST /hooks/github` (`workflow_job` events, `X-Hub-Signature-256`).
+    #[serde(default)]
+    pub webhook_secret: Option<String>,
+    /// How often queued jobs are listed through the API (webhooks are not guaranteed).
+    #[serde(default = "default_reconcile", with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    /// Runners of this source at once (0: only `concurrent` limits).
+    #[serde(default)]
+    pub max_runners: usize,
+    /// Idle runners kept waiting for jobs (a warm floor; 0: none while nothing is queued).
+    #[serde(default)]
+    pub min_idle: usize,
+    /// Image of the runner container.
+    #[serde(default = "default_image")]
+    pub runner_image: String,
+    /// The runner's command (in the image, or on this machine with the local executor); the
+    /// JIT config reaches it in `ACTIONS_RUNNER_INPUT_JITCONFIG`, never on the command line.
+    #[serde(default = "default_command")]
+    pub runner_command: Vec<String>,
+    /// The runner's work folder.
+    #[serde(default = "default_work_folder")]
+    pub work_folder: String,
+    /// Resource classes by job label (`gpu = "eci-gpu"`); a `kiln-class=<name>` label names
+    /// one directly.
+    #[serde(default)]
+    pub label_classes: BTreeMap<String, String>,
+    /// Re-run (once) the failed jobs of a run whose job was lost with its runner pod
+    /// (evicted, spot reclaim, OOM kill).
+    #[serde(default)]
+    pub rerun_on_infrastructure_failure: bool,
+}
+
+fn default_api_url() -> String {
+    GITHUB_API.into()
+}
+
+fn default_group() -> u64 {
+    1
+}
+
+fn default_reconcile() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_image() -> String {
+    "ghcr.io/actions/actions-runner:latest".into()
+}
+
+fn default_command() -> Vec<String> {
+    vec!["/home/runner/run.sh".into()]
+}
+
+fn default_work_folder() -> String {
+    "_work".into()
+}
+
+/// Where runners are registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// `owner/repo`.
+    Repo {
+        /// The owner.
+        owner: String,
+        /// The repository.
+        repo: String,
+    },
+    /// An organization.
+    Org(String),
+}
+
+impl GitHubConfig {
+    /// The scope, when the entry names exactly one.
+    pub(crate) fn scope(&self) -> Option<Scope> {
+        match (&self.owner, &self.repo, &self.org) {
+            (Some(owner), Some(repo), None) => Some(Scope::Repo {
+                owner: owner.clone(),
+                repo: repo.clone(),
+            }),
+            (None, None, Some(org)) => Some(Scope::Org(org.clone())),
+            _ => None,
+        }
+    }
+
+    /// The name used in logs, metrics and labels.
+    pub fn display_name(&self, index: usize) -> String {
+        if let Some(name) = &self.name {
+            return name.clone();
+        }
+        match self.scope() {
+            Some(Scope::Repo { owner, repo }) => format!("{owner}-{repo}"),
+            Some(Scope::Org(org)) => org,
+            None => format!("github-{index}"),
+        }
+    }
+
+    /// Every problem of entry `index`.
+    pub(crate) fn problems(&self, index: usize, classes: &[String]) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let at = |field: &str| format!("sources.github[{index}].{field}");
+        let mut problem = |path: String, message: String| problems.push(Problem::new(path, message));
+        match url::Url::parse(&self.api_url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+            Ok(url) => problem(
+                at("api_url"),
+                format!("scheme `{}` is not http or https", url.scheme()),
+            ),
+            Err(e) => problem(at("api_url"), format!("not a URL ({e})")),
+        }
+        if self.scope().is_none() {
+            problem(
+                at("org"),
+                "set either `owner` and `repo` (repository runners) or `org` (organization runners)".into(),
+            );
+        }
+        let has_token = self.token.as_deref().is_some_and(|t| !t.trim().is_empty());
+        let has_app = self.app_id.is_some() || self.private_key_file.is_some();
+        match (has_token, has_app) {
+            (true, true) => problem(
+                at("token"),
+                "set a token or a GitHub App (app_id, private_key_file), not both".into(),
+            ),
+            (false, false) => problem(
+                at("token"),
+                format!(
+                    "set a fine-grained token (KILN_SOURCES__GITHUB__{index}__TOKEN) or a GitHub App (app_id and private_key_file)"
+                ),
+            ),
+            (false, true) => {
+                if self.app_id.is_none() {
+                    problem(at("app_id"), "a GitHub App needs its app_id".into());
+                }
+                match &self.private_key_file {
+                    None => problem(
+                        at("private_key_file"),
+                        "a GitHub App needs its private key file".into(),
+                    ),
+                    Some(path) if !path.is_file() => problem(
+                        at("private_key_file"),
+                        format!("{} is not a readable file", path.display()),
+                    ),
+                    Some(_) => {}
+                }
+            }
+            (true, false) => {}
+        }
+        if self.labels.is_empty() {
+            problem(
+                at("labels"),
+                "list at least one label (jobs choose runners with `runs-on: [self-hosted, <label>]`)".into(),
+            );
+        }
+        if self.runner_command.is_empty() {
+            problem(at("runner_command"), "must name the runner's program".into());
+        }
+        if self
+            .webhook_secret
+            .as_deref()
+            .is_some_and(|s| s.len() < 16)
+        {
+            problem(at("webhook_secret"), "must be at least 16 characters".into());
+        }
+        if self.reconcile_interval < Duration::from_secs(5) {
+            problem(at("reconcile_interval"), "must be at least 5s".into());
+        }
+        if self.max_runners > 0 && self.min_idle > self.max_runners {
+            problem(
+                at("min_idle"),
+                format!("is more than max_runners ({})", self.max_runners),
+            );
+        }
+        for (label, class) in &self.label_classes {
+            if !classes.contains(class) {
+                problem(
+                    at(&format!("label_classes.{label}")),
+                    format!("`{class}` is not in [kubernetes.resource_classes]"),
+                );
+            }
+        }
+        problems
+    }
+}

@@ -1,0 +1,354 @@
+//! End to end: a real `kiln run` serving GitHub Actions jobs of the GitHub test server with
+//! just-in-time runner pods on the Kubernetes test server. Each runner pod runs the Actions
+//! runner stand-in, which decodes its JIT config, takes one job and exits, as the real runner
+//! does with `--jitconfig`.
+
+mod support;
+
+use std::time::Duration;
+
+use support::github::{Access, DeliveryFault, GitHubServer, JobSpec, RunSpec, fake_runner_bin};
+use support::kiln::{KilnProcess, send_signal};
+use support::kube::{ImageScript, KubeServer};
+
+const REPO: &str = "acme/widgets";
+const PAT: &str = "github_pat_test_0123456789";
+const HOOK_SECRET: &str = "webhook-secret-0123456789";
+const RUNNER_IMAGE: &str = "ghcr.io/actions/actions-runner:latest";
+
+struct Setup {
+    github: GitHubServer,
+    kube: KubeServer,
+    dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let github = GitHubServer::start().await;
+    github.add_repo(REPO);
+    github.add_pat(PAT, "acme", Access::all());
+    let kube = KubeServer::start().await;
+    kube.alias_binary("/home/runner/run.sh", fake_runner_bin());
+    let dir = tempfile::tempdir().unwrap();
+    kube.kubeconfig(dir.path().join("kubeconfig"), "ci");
+    Setup { github, kube, dir }
+}
+
+impl Setup {
+    fn config(&self, auth: &str, extra: &str) -> String {
+        format!(
+            r#"executor = "kubernetes"
+concurrent = 30
+
+[kubernetes]
+kubeconfig = "{}"
+image_pull_grace = "2s"
+
+[[sources.github]]
+name = "widgets"
+api_url = "{}"
+owner = "acme"
+repo = "widgets"
+{auth}
+labels = ["kiln"]
+webhook_secret = "{HOOK_SECRET}"
+reconcile_interval = "5s"
+{extra}
+"#,
+            self.dir.path().join("kubeconfig").display(),
+            self.github.url(),
+        )
+    }
+
+    fn kiln(&self, extra: &str) -> KilnProcess {
+        let kiln = KilnProcess::start(&self.config(&format!("token = \"{PAT}\""), extra));
+        self.github
+            .set_webhook(&format!("http://{}/hooks/github", kiln.http), HOOK_SECRET);
+        kiln
+    }
+
+    fn runner_pods(&self) -> usize {
+        self.kube
+            .pods()
+            .iter()
+            .filter(|p| p.metadata.name.as_deref().is_some_and(|n| n.starts_with("kiln-gh-")))
+            .count()
+    }
+
+    /// Runner pods ever created.
+    fn pods_created(&self) -> usize {
+        self.kube
+            .creations()
+            .iter()
+            .filter(|name| name.starts_with("kiln-gh-"))
+            .count()
+    }
+
+    async fn nothing_left(&self, secs: u64) {
+        self.kube
+            .wait_for(Duration::from_secs(secs), |s| {
+                s.pods.is_empty() && s.secrets.is_empty()
+            })
+            .await;
+        until(secs, "no runner registration left", || {
+            self.github.registered_runners().is_empty()
+        })
+        .await;
+    }
+}
+
+async fn until(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn ready(kiln: &KilnProcess) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _) = kiln.get("/readyz").await;
+        if status == 200 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kiln never became ready:\n{}",
+            kiln.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn completed(github: &GitHubServer, ids: &[u64]) -> bool {
+    ids.iter().all(|id| {
+        github
+            .job(*id)
+            .is_some_and(|j| j.status == "completed")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_queued_jobs_get_twenty_runner_pods_each_used_once() {
+    let s = setup().await;
+    let kiln = s.kiln("");
+    ready(&kiln).await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        // Webhooks as GitHub sends them: some twice, one never (kiln's reconcile finds it).
+        match i {
+            3 | 7 | 11 => s.github.fault_next_delivery(DeliveryFault::Duplicate),
+            13 => s.github.fault_next_delivery(DeliveryFault::Drop),
+            _ => {}
+        }
+        let run = s.github.enqueue_run(
+            REPO,
+            RunSpec::new("CI").job(
+                JobSpec::new(&format!("build-{i}"), &["self-hosted", "kiln"])
+                    .runs_for(Duration::from_millis(300)),
+            ),
+        );
+        ids.extend(run.job_ids);
+    }
+    until(60, "all twenty jobs completed", || completed(&s.github, &ids)).await;
+    for id in &ids {
+        let job = s.github.job(*id).unwrap();
+        assert_eq!(job.conclusion.as_deref(), Some("success"), "{job:?}");
+    }
+    let runners = s.github.runners();
+    assert_eq!(
+        runners.len(),
+        20,
+        "one runner per job: {runners:#?}\n{}",
+        kiln.logs()
+    );
+    assert!(
+        runners.iter().all(|r| r.job_id.is_some()),
+        "every runner took one job: {runners:#?}"
+    );
+    let mut taken: Vec<u64> = runners.iter().filter_map(|r| r.job_id).collect();
+    taken.sort_unstable();
+    taken.dedup();
+    assert_eq!(taken.len(), 20, "no job ran twice");
+    assert_eq!(s.pods_created(), 20, "{:?}", s.kube.creations());
+    s.nothing_left(30).await;
+    assert!(
+        !kiln.logs().contains(PAT),
+        "the token is never logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runner_that_dies_before_its_job_is_deregistered_and_replaced() {
+    let s = setup().await;
+    s.kube.script_image(
+        RUNNER_IMAGE,
+        ImageScript::PullFails {
+            message: Some("registry unreachable".into()),
+        },
+    );
+    let kiln = s.kiln("");
+    ready(&kiln).await;
+    let job = s.github.enqueue_job(REPO, &["self-hosted", "kiln"]);
+    until(30, "the first runner's registration removed", || {
+        s.github
+            .runners()
+            .iter()
+            .any(|r| r.removed.is_some() && !r.connected)
+    })
+    .await;
+    s.kube.clear_image_script(RUNNER_IMAGE);
+    until(60, "the job ran on a replacement", || {
+        s.github.job(job).is_some_and(|j| j.status == "completed")
+    })
+    .await;
+    assert_eq!(
+        s.github.job(job).unwrap().conclusion.as_deref(),
+        Some("success")
+    );
+    let logs = kiln.logs();
+    assert!(
+        logs.contains("the runner ended before it took a job"),
+        "{logs}"
+    );
+    assert!(logs.contains("image_pull_failure"), "{logs}");
+    s.nothing_left(30).await;
+    let (_, metrics) = kiln.get("/metrics").await;
+    assert!(
+        metrics.contains("kiln_github_registrations_removed_total"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_coordinator_mid_burst_loses_no_job_and_leaks_nothing() {
+    let s = setup().await;
+    let mut first = s.kiln("");
+    ready(&first).await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let run = s.github.enqueue_run(
+            REPO,
+            RunSpec::new("CI").job(
+                JobSpec::new(&format!("build-{i}"), &["self-hosted", "kiln"])
+                    .runs_for(Duration::from_secs(2)),
+            ),
+        );
+        ids.extend(run.job_ids);
+    }
+    until(20, "some runners started", || s.runner_pods() >= 4).await;
+    send_signal(first.pid(), "KILL");
+    assert!(first.wait_exit(Duration::from_secs(10)));
+    // Jobs queued while no coordinator runs are found by the next one's first reconcile.
+    for _ in 0..3 {
+        ids.push(s.github.enqueue_job(REPO, &["self-hosted", "kiln"]));
+    }
+    let second = s.kiln("");
+    until(90, "every job completed", || completed(&s.github, &ids)).await;
+    for id in &ids {
+        let job = s.github.job(*id).unwrap();
+        assert_eq!(job.conclusion.as_deref(), Some("success"), "{job:?}");
+    }
+    s.nothing_left(30).await;
+    assert!(
+        second.logs().contains("adopted a build of an earlier run"),
+        "{}",
+        second.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrongly_signed_webhook_is_refused_and_starts_nothing() {
+    let s = setup().await;
+    let kiln = s.kiln("reconcile_interval = \"1h\"");
+    ready(&kiln).await;
+    let body = serde_json::json!({
+        "action": "queued",
+        "workflow_job": {"id": 999, "run_id": 1, "run_attempt": 1,
+                         "labels": ["self-hosted", "kiln"], "status": "queued", "name": "evil"},
+        "repository": {"full_name": REPO},
+    })
+    .to_string();
+    let client = reqwest::Client::new();
+    let post = |signature: Option<String>| {
+        let mut request = client
+            .post(format!("http://{}/hooks/github", kiln.http))
+            .header("X-GitHub-Event", "workflow_job")
+            .header("X-GitHub-Delivery", "d-1")
+            .body(body.clone());
+        if let Some(signature) = signature {
+            request = request.header("X-Hub-Signature-256", signature);
+        }
+        request.send()
+    };
+    let wrong = support::github::sign_webhook("not-the-secret-0123", body.as_bytes());
+    assert_eq!(post(Some(wrong)).await.unwrap().status().as_u16(), 401);
+    assert_eq!(post(None).await.unwrap().status().as_u16(), 401);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(s.github.runners().is_empty(), "nothing was registered");
+    assert_eq!(s.runner_pods(), 0);
+    // The right signature is heard (and a redelivery of it is dropped).
+    let right = support::github::sign_webhook(HOOK_SECRET, body.as_bytes());
+    assert_eq!(
+        post(Some(right.clone())).await.unwrap().status().as_u16(),
+        202
+    );
+    assert_eq!(post(Some(right)).await.unwrap().status().as_u16(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_lost_with_an_evicted_runner_is_rerun_once_with_app_auth() {
+    let s = setup().await;
+    let key = s.github.add_app(4242);
+    s.github.add_installation(4242, 77, "acme", Access::all());
+    let pem = key.write_private_key(s.dir.path(), "app.pem");
+    let auth = format!("app_id = 4242\nprivate_key_file = \"{}\"", pem.display());
+    let kiln = KilnProcess::start(&s.config(&auth, "rerun_on_infrastructure_failure = true"));
+    s.github
+        .set_webhook(&format!("http://{}/hooks/github", kiln.http), HOOK_SECRET);
+    ready(&kiln).await;
+    let run = s.github.enqueue_run(
+        REPO,
+        RunSpec::new("CI").job(JobSpec::new("build", &["self-hosted", "kiln"]).held()),
+    );
+    let job = run.job_ids[0];
+    until(30, "the job runs", || {
+        s.github.job(job).is_some_and(|j| j.status == "in_progress")
+    })
+    .await;
+    let record = s.github.job(job).unwrap();
+    let runner_name = record.runner_name.clone().unwrap();
+    // The node evicts the runner's pod; GitHub notices its runner is gone and fails the job.
+    s.kube.evict(&runner_name);
+    s.github.lose_runner(record.runner_id.unwrap());
+    until(60, "a second attempt succeeded", || {
+        s.github.run_attempt(run.run_id) == Some(2)
+            && s.github.jobs().iter().any(|j| {
+                j.run_id == run.run_id && j.run_attempt == 2 && j.status == "in_progress"
+            })
+    })
+    .await;
+    let second = s
+        .github
+        .jobs()
+        .into_iter()
+        .find(|j| j.run_id == run.run_id && j.run_attempt == 2)
+        .unwrap();
+    s.github.finish_job(second.id, "success");
+    until(30, "the re-run completed", || {
+        s.github.job(second.id).is_some_and(|j| j.status == "completed")
+    })
+    .await;
+    let logs = kiln.logs();
+    assert!(
+        logs.contains("the runner was lost while it ran a job"),
+        "{logs}"
+    );
+    let (_, metrics) = kiln.get("/metrics").await;
+    assert!(metrics.contains("kiln_github_jobs_lost_total"), "{metrics}");
+    assert!(
+        !logs.contains("BEGIN RSA PRIVATE KEY") && !logs.contains(PAT),
+        "no credential in the log"
+    );
+    s.nothing_left(30).await;
+}
