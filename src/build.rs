@@ -426,6 +426,23 @@ impl Ending {
         }
     }
 
+    /// How a foreign agent (a Jenkins agent, an Actions runner) ended: it tells its CI server
+    /// about its work itself, so its exit code is all there is; 0 is a clean end.
+    pub fn agent_exited(code: Option<i32>, detail: impl Into<String>) -> Self {
+        match code {
+            Some(0) => Self {
+                outcome: Outcome::Succeeded,
+                detail: detail.into(),
+                reported: false,
+                exit_code: Some(0),
+            },
+            code => Self {
+                exit_code: code,
+                ..Self::failed(FailureReason::RunnerSystemFailure, detail)
+            },
+        }
+    }
+
     /// A build kiln stopped following.
     pub fn lost(detail: impl Into<String>) -> Self {
         Self {

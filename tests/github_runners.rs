@@ -51,7 +51,6 @@ repo = "widgets"
 {auth}
 labels = ["kiln"]
 webhook_secret = "{HOOK_SECRET}"
-reconcile_interval = "5s"
 {extra}
 "#,
             self.dir.path().join("kubeconfig").display(),
@@ -70,7 +69,12 @@ reconcile_interval = "5s"
         self.kube
             .pods()
             .iter()
-            .filter(|p| p.metadata.name.as_deref().is_some_and(|n| n.starts_with("kiln-gh-")))
+            .filter(|p| {
+                p.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("kiln-gh-"))
+            })
             .count()
     }
 
@@ -121,17 +125,14 @@ async fn ready(kiln: &KilnProcess) {
 }
 
 fn completed(github: &GitHubServer, ids: &[u64]) -> bool {
-    ids.iter().all(|id| {
-        github
-            .job(*id)
-            .is_some_and(|j| j.status == "completed")
-    })
+    ids.iter()
+        .all(|id| github.job(*id).is_some_and(|j| j.status == "completed"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn twenty_queued_jobs_get_twenty_runner_pods_each_used_once() {
     let s = setup().await;
-    let kiln = s.kiln("");
+    let kiln = s.kiln("reconcile_interval = \"5s\"");
     ready(&kiln).await;
     let mut ids = Vec::new();
     for i in 0..20 {
@@ -150,7 +151,10 @@ async fn twenty_queued_jobs_get_twenty_runner_pods_each_used_once() {
         );
         ids.extend(run.job_ids);
     }
-    until(60, "all twenty jobs completed", || completed(&s.github, &ids)).await;
+    until(60, "all twenty jobs completed", || {
+        completed(&s.github, &ids)
+    })
+    .await;
     for id in &ids {
         let job = s.github.job(*id).unwrap();
         assert_eq!(job.conclusion.as_deref(), Some("success"), "{job:?}");
@@ -171,11 +175,54 @@ async fn twenty_queued_jobs_get_twenty_runner_pods_each_used_once() {
     taken.dedup();
     assert_eq!(taken.len(), 20, "no job ran twice");
     assert_eq!(s.pods_created(), 20, "{:?}", s.kube.creations());
-    s.nothing_left(30).await;
+    // Each runner is named after a job of the burst (the name two coordinators agree on):
+    // `kiln-gh-<job>`, or `kiln-gh-<job>-<n>` when GitHub gave that job's runner another job
+    // first (runners are fungible; the dropped webhook's job is one way that happens).
+    let names = s.kube.creations();
+    let plain = names.iter().filter(|n| !n[8..].contains('-')).count();
+    for name in &names {
+        let rest = name.strip_prefix("kiln-gh-").unwrap();
+        let job = rest.split_once('-').map_or(rest, |(job, _)| job);
+        assert!(ids.contains(&job.parse().unwrap()), "{name}");
+    }
     assert!(
-        !kiln.logs().contains(PAT),
-        "the token is never logged"
+        plain >= 15,
+        "most runners carry their job's own name: {names:?}"
     );
+    let unique: std::collections::BTreeSet<&String> = names.iter().collect();
+    assert_eq!(unique.len(), names.len(), "{names:?}");
+    s.nothing_left(30).await;
+    // A runner that exits after its job ended well, and GitHub removed its JIT registration
+    // itself: kiln deleted none.
+    let want = r#"kiln_builds_finished_total{source="github",outcome="succeeded",reason=""} 20"#;
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = kiln.get("/metrics").await.1;
+        if metrics.contains(want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        metrics.contains(
+            r#"kiln_builds_finished_total{source="github",outcome="succeeded",reason=""} 20"#
+        ),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("kiln_builds_finished"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let deletes: Vec<String> = s
+        .github
+        .requests()
+        .iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(deletes.is_empty(), "{deletes:?}");
+    assert!(!kiln.logs().contains(PAT), "the token is never logged");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -187,7 +234,7 @@ async fn a_runner_that_dies_before_its_job_is_deregistered_and_replaced() {
             message: Some("registry unreachable".into()),
         },
     );
-    let kiln = s.kiln("");
+    let kiln = s.kiln("reconcile_interval = \"5s\"");
     ready(&kiln).await;
     let job = s.github.enqueue_job(REPO, &["self-hosted", "kiln"]);
     until(30, "the first runner's registration removed", || {
@@ -213,7 +260,15 @@ async fn a_runner_that_dies_before_its_job_is_deregistered_and_replaced() {
     );
     assert!(logs.contains("image_pull_failure"), "{logs}");
     s.nothing_left(30).await;
-    let (_, metrics) = kiln.get("/metrics").await;
+    let want = r#"kiln_builds_finished_total{source="github",outcome="succeeded",reason=""} 20"#;
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = kiln.get("/metrics").await.1;
+        if metrics.contains(want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         metrics.contains("kiln_github_registrations_removed_total"),
         "{metrics}"
@@ -223,7 +278,7 @@ async fn a_runner_that_dies_before_its_job_is_deregistered_and_replaced() {
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_the_coordinator_mid_burst_loses_no_job_and_leaks_nothing() {
     let s = setup().await;
-    let mut first = s.kiln("");
+    let mut first = s.kiln("reconcile_interval = \"5s\"");
     ready(&first).await;
     let mut ids = Vec::new();
     for i in 0..10 {
@@ -243,7 +298,7 @@ async fn killing_the_coordinator_mid_burst_loses_no_job_and_leaks_nothing() {
     for _ in 0..3 {
         ids.push(s.github.enqueue_job(REPO, &["self-hosted", "kiln"]));
     }
-    let second = s.kiln("");
+    let second = s.kiln("reconcile_interval = \"5s\"");
     until(90, "every job completed", || completed(&s.github, &ids)).await;
     for id in &ids {
         let job = s.github.job(*id).unwrap();
@@ -303,7 +358,10 @@ async fn a_job_lost_with_an_evicted_runner_is_rerun_once_with_app_auth() {
     s.github.add_installation(4242, 77, "acme", Access::all());
     let pem = key.write_private_key(s.dir.path(), "app.pem");
     let auth = format!("app_id = 4242\nprivate_key_file = \"{}\"", pem.display());
-    let kiln = KilnProcess::start(&s.config(&auth, "rerun_on_infrastructure_failure = true"));
+    let kiln = KilnProcess::start(&s.config(
+        &auth,
+        "reconcile_interval = \"5s\"\nrerun_on_infrastructure_failure = true",
+    ));
     s.github
         .set_webhook(&format!("http://{}/hooks/github", kiln.http), HOOK_SECRET);
     ready(&kiln).await;
@@ -323,9 +381,10 @@ async fn a_job_lost_with_an_evicted_runner_is_rerun_once_with_app_auth() {
     s.github.lose_runner(record.runner_id.unwrap());
     until(60, "a second attempt succeeded", || {
         s.github.run_attempt(run.run_id) == Some(2)
-            && s.github.jobs().iter().any(|j| {
-                j.run_id == run.run_id && j.run_attempt == 2 && j.status == "in_progress"
-            })
+            && s.github
+                .jobs()
+                .iter()
+                .any(|j| j.run_id == run.run_id && j.run_attempt == 2 && j.status == "in_progress")
     })
     .await;
     let second = s
@@ -336,7 +395,9 @@ async fn a_job_lost_with_an_evicted_runner_is_rerun_once_with_app_auth() {
         .unwrap();
     s.github.finish_job(second.id, "success");
     until(30, "the re-run completed", || {
-        s.github.job(second.id).is_some_and(|j| j.status == "completed")
+        s.github
+            .job(second.id)
+            .is_some_and(|j| j.status == "completed")
     })
     .await;
     let logs = kiln.logs();

@@ -109,11 +109,10 @@ fn collect_secrets(value: &Json, out: &mut Vec<String>) {
         Json::Object(map) => {
             for (key, value) in map {
                 match (key.as_str(), value.as_str()) {
-                    ("token" | "runnerToken" | "webhookSecret" | "password", Some(s))
-                        if !s.is_empty() =>
-                    {
-                        out.push(s.to_owned())
-                    }
+                    (
+                        "token" | "runnerToken" | "webhookSecret" | "password" | "privateKey",
+                        Some(s),
+                    ) if !s.is_empty() => out.push(s.to_owned()),
                     _ => collect_secrets(value, out),
                 }
             }
@@ -384,11 +383,12 @@ fn documented_role() -> Json {
 // ---------------------------------------------------------------------------------------------
 
 /// The values files, each a case of the matrix (a new file must be added here and get a test).
-const MATRIX: [&str; 8] = [
+const MATRIX: [&str; 9] = [
     "build-namespace-values.yaml",
     "dashboard-values.yaml",
     "existing-secret-values.yaml",
     "full-values.yaml",
+    "github-values.yaml",
     "gitlab-values.yaml",
     "jenkins-values.yaml",
     "podmonitor-values.yaml",
@@ -457,14 +457,14 @@ fn check_invariants(out: &Rendered, values: &Values) {
             }
         }
     }
-    for source in ["gitlab", "jenkins"] {
+    for source in ["gitlab", "jenkins", "github"] {
         for entry in config["sources"]
             .get(source)
             .and_then(|s| s.as_array())
             .into_iter()
             .flatten()
         {
-            for key in ["token", "password", "webhook_secret"] {
+            for key in ["token", "password", "webhook_secret", "private_key"] {
                 assert!(entry.get(key).is_none(), "kiln.toml has {source} {key}");
             }
         }
@@ -738,6 +738,78 @@ fn matrix_jenkins_only_has_no_gitlab_runner() {
         config["kubernetes"]["resource_classes"]["no-evict"]["preset"].as_str(),
         Some("no-evict")
     );
+}
+
+#[test]
+fn matrix_github_app_runs_organization_runners_with_the_key_from_the_secret() {
+    let out = check_case(&Values::file("github-values.yaml"));
+    assert_eq!(
+        out.env_names(),
+        [
+            "KILN_SOURCES__GITHUB__0__PRIVATE_KEY",
+            "KILN_SOURCES__GITHUB__0__WEBHOOK_SECRET"
+        ]
+    );
+    let config = out.toml();
+    assert!(config["sources"].get("gitlab").is_none());
+    let github = config["sources"]["github"][0].as_table().unwrap();
+    assert_eq!(github["org"].as_str(), Some("acme"));
+    assert!(github.get("owner").is_none());
+    assert_eq!(github["app_id"].as_integer(), Some(123456));
+    assert_eq!(github["installation_id"].as_integer(), Some(7890));
+    assert_eq!(github["runner_group_id"].as_integer(), Some(3));
+    assert_eq!(github["min_idle"].as_integer(), Some(1));
+    assert_eq!(github["max_runners"].as_integer(), Some(20));
+    assert_eq!(github["reconcile_interval"].as_str(), Some("30s"));
+    assert_eq!(
+        github["rerun_on_infrastructure_failure"].as_bool(),
+        Some(true)
+    );
+    assert_eq!(github["label_classes"]["big"].as_str(), Some("no-evict"));
+    let secret = &out.object("Secret")["stringData"];
+    assert!(
+        secret["github-private-key"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN RSA PRIVATE KEY-----\n")
+    );
+    assert!(secret.get("github-token").is_none());
+
+    // A token instead of an App; a repository instead of an organization.
+    let out = check_case(&Values::yaml(
+        "github: {enabled: true, owner: acme, repo: widgets, labels: [kiln], token: fake-github-token}",
+    ));
+    assert_eq!(out.env_names(), ["KILN_SOURCES__GITHUB__0__TOKEN"]);
+    let github = out.toml()["sources"]["github"][0].clone();
+    assert_eq!(github["owner"].as_str(), Some("acme"));
+    assert_eq!(github["repo"].as_str(), Some("widgets"));
+
+    // What kiln would refuse at start is refused at install, in kiln's words.
+    for (values, message) in [
+        (
+            "github: {enabled: true, org: acme, owner: acme, repo: w, labels: [kiln], token: t}",
+            "sources.github[0].org: set either",
+        ),
+        (
+            "github: {enabled: true, org: acme, labels: [], token: t}",
+            "sources.github[0].labels: list at least one label",
+        ),
+        (
+            "github: {enabled: true, org: acme, labels: [kiln], appId: 1}",
+            "github.privateKey (the App's PEM key) is required",
+        ),
+        (
+            "github: {enabled: true, org: acme, labels: [kiln], token: t, webhookSecret: short}",
+            "sources.github[0].webhook_secret: must be at least 16 characters",
+        ),
+        (
+            "github: {enabled: true, org: acme, labels: [kiln], token: t, labelClasses: {gpu: nope}}",
+            "sources.github[0].label_classes.gpu",
+        ),
+    ] {
+        let error = template_error(&Values::yaml(values));
+        assert!(error.contains(message), "{values}:\n{error}");
+    }
 }
 
 #[test]

@@ -279,6 +279,47 @@ fn the_github_workflow_is_valid_yaml_with_runner_labels() {
     assert!(ok, "{deploy}\n{out}");
 }
 
+#[test]
+fn the_github_image_workflow_builds_on_a_class_runner_and_deploys_the_image() {
+    let text = std::fs::read_to_string(repo("pipelines/github/image-to-sae.yml")).unwrap();
+    let workflow: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let jobs = workflow["jobs"].as_mapping().unwrap();
+    let labels = |job: &str| -> Vec<String> {
+        jobs[job]["runs-on"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap().to_owned())
+            .collect()
+    };
+    // The build asks for a resource class by label, as docs/github.md says kiln reads it.
+    assert_eq!(
+        labels("build-image"),
+        ["self-hosted", "linux", "kiln", "kiln-class=image-build"]
+    );
+    assert_eq!(labels("deploy"), ["self-hosted", "linux", "kiln"]);
+    assert_eq!(jobs["deploy"]["needs"].as_str(), Some("build-image"));
+    let build = jobs["build-image"]["steps"][1]["run"].as_str().unwrap();
+    assert!(build.contains("buildah push"), "{build}");
+    assert!(
+        build.contains("--password-stdin"),
+        "the registry password stays off the command line"
+    );
+    let image = workflow["env"]["IMAGE"].as_str().unwrap();
+    assert!(build.contains("\"$IMAGE\""));
+    let deploy = jobs["deploy"]["steps"][0]["run"].as_str().unwrap();
+    assert!(deploy.contains("--image \"$IMAGE\""), "{deploy}");
+    let (ok, out) = dry_run(
+        deploy,
+        &[
+            ("$SAE_APP_ID", "app-1"),
+            ("$IMAGE", &image.replace("${{ github.sha }}", "abc123")),
+        ],
+        &[],
+    );
+    assert!(ok, "{deploy}\n{out}");
+}
+
 /// `kiln check-config FILE` with a clean environment: (success, output).
 fn check_config(file: &Path) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))

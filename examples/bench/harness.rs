@@ -2,7 +2,7 @@
 //! measuring dispatch overhead, burst throughput, footprint, idle traffic and local start latency.
 
 // `examples/bench/main.rs` and `tests/bench_smoke.rs` both include this file; each provides
-// `crate::support::{gitlab, kube}`.
+// `crate::support::{github, gitlab, kube}`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -16,6 +16,7 @@ use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 
+use crate::support::github::{Access, GitHubServer, JobSpec, RunSpec, fake_runner_bin};
 use crate::support::gitlab::{GitLabServer, job_json};
 use crate::support::kube::{KubeServer, RequestRecord};
 
@@ -70,6 +71,9 @@ pub(crate) struct Options {
     /// How long each local job's script sleeps, in seconds.
     #[arg(long, default_value_t = 5)]
     pub(crate) local_sleep_secs: u64,
+    /// GitHub Actions jobs queued at once for the GitHub level (0: skip it).
+    #[arg(long, default_value_t = 100)]
+    pub(crate) github_jobs: usize,
 }
 
 /// The idle coordinator.
@@ -178,6 +182,25 @@ pub(crate) struct Local {
     pub(crate) finished: Spread,
 }
 
+/// GitHub Actions: a burst of queued jobs, each announced by a `workflow_job` webhook, run by
+/// JIT runner pods (the test kubelet runs the Actions-runner stand-in in them).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct GitHubLevel {
+    pub(crate) jobs: usize,
+    /// The `queued` webhook → `POST pods` of that job's runner (`kiln-gh-<job>`).
+    pub(crate) webhook_to_pod: Spread,
+    /// Queueing → the last job completed at GitHub.
+    pub(crate) all_completed: Duration,
+    /// kiln's GitHub REST requests from queueing until every pod was gone, per job.
+    pub(crate) github_calls_per_job: f64,
+    /// The same by `METHOD route` (`POST generate-jitconfig`, `GET jobs`, …).
+    pub(crate) github_calls_by_kind: BTreeMap<String, usize>,
+    /// kiln's Kubernetes API calls (watches excluded) over the same window, per job.
+    pub(crate) kube_calls_per_job: f64,
+    /// Runner pods created (one per job when none failed).
+    pub(crate) pods_created: usize,
+}
+
 /// Everything measured.
 #[derive(Debug, Clone)]
 pub(crate) struct Report {
@@ -187,6 +210,7 @@ pub(crate) struct Report {
     pub(crate) levels: Vec<Level>,
     pub(crate) burst: Burst,
     pub(crate) local: Local,
+    pub(crate) github: Option<GitHubLevel>,
 }
 
 impl Options {
@@ -239,6 +263,12 @@ pub(crate) async fn run(options: &Options) -> Report {
     }
     progress("local executor: starting");
     let local = run_local(options).await;
+    let github = if options.github_jobs > 0 {
+        progress(&format!("github: {} jobs", options.github_jobs));
+        Some(run_github(options).await)
+    } else {
+        None
+    };
     Report {
         machine: machine(),
         options: options.clone(),
@@ -246,6 +276,7 @@ pub(crate) async fn run(options: &Options) -> Report {
         levels,
         burst: burst.unwrap_or_else(|| unreachable!("the last level measures the burst")),
         local,
+        github,
     }
 }
 
@@ -908,6 +939,171 @@ async fn run_local(options: &Options) -> Local {
     }
 }
 
+const GITHUB_REPO: &str = "acme/widgets";
+const GITHUB_TOKEN: &str = "github_pat_bench0123456789";
+const GITHUB_HOOK_SECRET: &str = "bench-webhook-secret-0123";
+
+/// `METHOD route` of a GitHub REST path: ids, owners and repositories replaced, the query
+/// dropped (`GET /repos/{owner}/{repo}/actions/runs/{id}/jobs`).
+fn github_call_kind(method: &str, path: &str) -> String {
+    let path = path.split('?').next().unwrap_or(path);
+    let mut route = Vec::new();
+    let mut names = 0;
+    for part in path.trim_matches('/').split('/') {
+        let part = if names > 0 {
+            names -= 1;
+            if names == 1 { "{owner}" } else { "{name}" }
+        } else if part.chars().all(|c| c.is_ascii_digit()) {
+            "{id}"
+        } else {
+            part
+        };
+        match part {
+            "repos" => names = 2,
+            "orgs" => names = 1,
+            _ => {}
+        }
+        route.push(part);
+    }
+    format!("{method} /{}", route.join("/"))
+}
+
+async fn run_github(options: &Options) -> GitHubLevel {
+    let jobs = options.github_jobs;
+    let github = GitHubServer::start().await;
+    github.add_repo(GITHUB_REPO);
+    github.add_pat(GITHUB_TOKEN, "acme", Access::all());
+    let kube = KubeServer::start().await;
+    kube.set_latency(Duration::from_millis(options.latency_ms));
+    kube.alias_binary("/home/runner/run.sh", fake_runner_bin());
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.kubeconfig(&kubeconfig, NAMESPACE);
+    let http = free_addr();
+    let text = format!(
+        r#"concurrent = {jobs}
+executor = "kubernetes"
+
+[http]
+listen = "{http}"
+
+[log]
+format = "json"
+level = "info"
+
+[kubernetes]
+kubeconfig = "{kubeconfig}"
+helper_image = "{HELPER_IMAGE}"
+qps = {qps:?}
+burst = {burst}
+
+[[sources.github]]
+name = "bench"
+api_url = "{api}"
+owner = "acme"
+repo = "widgets"
+token = "{GITHUB_TOKEN}"
+labels = ["kiln"]
+webhook_secret = "{GITHUB_HOOK_SECRET}"
+"#,
+        kubeconfig = kubeconfig.display(),
+        qps = options.qps,
+        burst = options.burst,
+        api = github.url(),
+    );
+    let kiln = Coordinator::start(&options.kiln_path(), &text, &http);
+    github.set_webhook(&format!("http://{http}/hooks/github"), GITHUB_HOOK_SECRET);
+    // The first reconcile pass (at start) ends with the runners listing.
+    wait_until(
+        "kiln's first GitHub reconcile",
+        Duration::from_secs(30),
+        &kiln,
+        || {
+            github
+                .requests()
+                .iter()
+                .any(|r| r.path.contains("/actions/runners"))
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let github_before = github.requests().len();
+    let kube_before = kube.requests().len();
+
+    let queued_at = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..jobs {
+        let run = github.enqueue_run(
+            GITHUB_REPO,
+            RunSpec::new("CI").job(
+                JobSpec::new(&format!("build-{i}"), &["self-hosted", "kiln"])
+                    .runs_for(Duration::from_millis(500)),
+            ),
+        );
+        ids.extend(run.job_ids);
+    }
+    let timeout = Duration::from_secs(120) + Duration::from_secs_f64(jobs as f64 * 0.5);
+    wait_until("every GitHub job completed", timeout, &kiln, || {
+        ids.iter()
+            .all(|id| github.job(*id).is_some_and(|j| j.status == "completed"))
+    })
+    .await;
+    let all_completed = queued_at.elapsed();
+    wait_until(
+        "every runner pod gone",
+        Duration::from_secs(60),
+        &kiln,
+        || kube.pods().is_empty(),
+    )
+    .await;
+    // Let the deletes and the last registration checks land.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let deliveries = github.deliveries();
+    let requests = kube.requests();
+    let creates: HashMap<String, Instant> = requests
+        .iter()
+        .filter(|r| r.method == "POST" && r.status == 201 && path_of(r).ends_with("/pods"))
+        .filter_map(|r| Some((r.name.clone()?, r.at)))
+        .collect();
+    let mut latencies = Vec::new();
+    for id in &ids {
+        let Some(delivery) = deliveries
+            .iter()
+            .find(|d| d.job_id == *id && d.action == "queued" && !d.redelivery)
+        else {
+            continue;
+        };
+        if let Some(created) = creates.get(&format!("kiln-gh-{id}")) {
+            latencies.push(created.saturating_duration_since(delivery.queued_at));
+        }
+    }
+    let mut github_calls_by_kind = BTreeMap::new();
+    let github_calls = github.requests()[github_before..].to_vec();
+    for r in &github_calls {
+        *github_calls_by_kind
+            .entry(github_call_kind(&r.method, &r.path))
+            .or_insert(0) += 1;
+    }
+    let kube_calls = requests[kube_before..]
+        .iter()
+        .filter(|r| is_kiln_call(r) && !is_watch(r))
+        .count();
+    GitHubLevel {
+        jobs,
+        webhook_to_pod: Spread::of(latencies),
+        all_completed,
+        github_calls_per_job: github_calls.len() as f64 / jobs as f64,
+        github_calls_by_kind,
+        kube_calls_per_job: kube_calls as f64 / jobs as f64,
+        pods_created: kube
+            .creations()
+            .iter()
+            .filter(|n| n.starts_with("kiln-gh-"))
+            .count(),
+    }
+}
+
 /// CPU model, core count and memory, from `/proc`.
 pub(crate) fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -1053,6 +1249,24 @@ impl Report {
             spread(&self.local.first_trace),
             spread(&self.local.finished)
         );
+        if let Some(g) = &self.github {
+            let _ = writeln!(
+                out,
+                "\n## github ({} jobs queued at once, one workflow_job webhook each)\nwebhook -> POST pods: {}\nall completed in {:.1}s; {} runner pods; API calls per job: {:.2} GitHub, {:.2} Kubernetes",
+                g.jobs,
+                spread(&g.webhook_to_pod),
+                g.all_completed.as_secs_f64(),
+                g.pods_created,
+                g.github_calls_per_job,
+                g.kube_calls_per_job
+            );
+            let kinds: Vec<String> = g
+                .github_calls_by_kind
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            let _ = writeln!(out, "    GitHub calls: {}", kinds.join(", "));
+        }
         out
     }
 }

@@ -3,7 +3,8 @@
 //! Starts the GitLab test server with queued jobs, the Kubernetes test server (kubelet off: the
 //! benchmark itself moves each pod to Running and then to "agent reported") and a real
 //! `kiln run` (release build, `target/release/kiln` unless `--kiln PATH`), and prints dispatch
-//! overhead, burst throughput, footprint, idle traffic and local executor start latency.
+//! overhead, burst throughput, footprint, idle traffic, local executor start latency and the GitHub
+//! Actions level (webhook → runner pod, API calls per job).
 
 use clap::Parser;
 
@@ -17,8 +18,17 @@ mod gitlab_server;
 #[path = "../../tests/support/kube/mod.rs"]
 mod kube_server;
 
+// `github.rs` has child modules in `tests/support/github/`, which a `#[path]` module file
+// would look for beside it; inside an inline module pointing at the directory they resolve.
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../tests/support"]
+mod github_support {
+    pub(crate) mod github;
+}
+
 /// The names `harness` uses, as in the tests' `support` module.
 mod support {
+    pub(crate) use super::github_support::github;
     pub(crate) use super::gitlab_server as gitlab;
     pub(crate) use super::kube_server as kube;
 }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Executor, LaunchError, Watch};
 use crate::build::{
     AGENT_PGID_FILE, AGENT_RESULT_FILE, AgentReport, Build, Download, Ending, EnvValue,
-    FailureReason, ForeignAgent, JOB_FILE, Outcome, Process, Workload,
+    FailureReason, ForeignAgent, JOB_FILE, Process, Workload,
 };
 
 /// How long an agent gets to report after SIGTERM before it is killed.
@@ -402,18 +402,7 @@ async fn run(
             None => unreported,
         }
     } else {
-        match status.and_then(|s| s.code()) {
-            Some(0) => Ending {
-                outcome: Outcome::Succeeded,
-                detail: "the agent exited with code 0".into(),
-                reported: false,
-                exit_code: Some(0),
-            },
-            code => Ending {
-                exit_code: code,
-                ..Ending::failed(FailureReason::RunnerSystemFailure, describe(status))
-            },
-        }
+        Ending::agent_exited(status.and_then(|s| s.code()), describe(status))
     };
     tracing::info!(build = name, detail = %ending.detail, reported = ending.reported, "build ended");
     if keep {

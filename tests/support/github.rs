@@ -817,9 +817,18 @@ fn repo_json(st: &ServerState, repo: &Repo) -> Value {
 }
 
 /// Where the helper binaries of the tests are: `target/debug/` (the `kiln` binary's directory).
+/// `target/<profile>`: beside the kiln binary of an integration test, or above the
+/// `examples/` directory of an example program (the benchmark), which has no
+/// `CARGO_BIN_EXE_kiln`.
 fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_kiln"))
-        .parent()
-        .expect("kiln binary has a directory")
-        .to_path_buf()
+    match option_env!("CARGO_BIN_EXE_kiln") {
+        Some(kiln) => Path::new(kiln)
+            .parent()
+            .expect("kiln binary has a directory")
+            .to_path_buf(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.parent()?.to_path_buf()))
+            .expect("the example runs from target/<profile>/examples"),
+    }
 }

@@ -7,8 +7,8 @@ needs several values at once or kiln's wording. Included by configmap.yaml.
 {{- define "kiln.validate" -}}
 {{- $v := .Values }}
 {{- $runners := (include "kiln.gitlabRunners" . | fromYaml).runners }}
-{{- if and (not $runners) (not $v.jenkins.enabled) }}
-{{- fail "no CI server configured: set gitlab.url and gitlab.runnerToken, list gitlab.runners, or enable jenkins" }}
+{{- if and (not $runners) (not $v.jenkins.enabled) (not $v.github.enabled) }}
+{{- fail "no CI server configured: set gitlab.url and gitlab.runnerToken, list gitlab.runners, or enable jenkins or github" }}
 {{- end }}
 {{- if gt (int $v.replicas) 1 }}
 {{- fail (printf "replicas: %d coordinators of one installation would each take jobs and adopt the other's builds; this kiln runs one (replicas 1, or 0 to stop taking jobs), and a restart loses no job" (int $v.replicas)) }}
@@ -48,6 +48,35 @@ needs several values at once or kiln's wording. Included by configmap.yaml.
 {{- end }}
 
 {{- include "kiln.checkClass" (dict "root" $ "name" $v.kubernetes.default_resource_class "at" "kubernetes.default_resource_class" "value" "kubernetes.default_resource_class") }}
+
+{{- with $v.github }}
+{{- if .enabled }}
+{{- if and .org (or .owner .repo) }}
+{{- fail "sources.github[0].org: set either `owner` and `repo` (repository runners) or `org` (organization runners) (github.org, github.owner, github.repo)" }}
+{{- end }}
+{{- if and .apiUrl (not (regexMatch "^https?://[^/?#[:space:]]+" .apiUrl)) }}
+{{- fail (printf "sources.github[0].api_url: `%s` is not an http or https URL (github.apiUrl)" .apiUrl) }}
+{{- end }}
+{{- if not .labels }}
+{{- fail "sources.github[0].labels: list at least one label (jobs choose runners with `runs-on: [self-hosted, <label>]`) (github.labels)" }}
+{{- end }}
+{{- if and .appId .token }}
+{{- fail "sources.github[0].token: set a token or a GitHub App (app_id, private_key_file), not both (github.token, github.appId)" }}
+{{- end }}
+{{- if and .webhookSecret (lt (len .webhookSecret) 16) }}
+{{- fail (printf "sources.github[0].webhook_secret: must be at least 16 characters (github.webhookSecret has %d)" (len .webhookSecret)) }}
+{{- end }}
+{{- if and .reconcileInterval (lt (include "kiln.seconds" .reconcileInterval | float64) 5.0) }}
+{{- fail (printf "sources.github[0].reconcile_interval: must be at least 5s (github.reconcileInterval is %s)" .reconcileInterval) }}
+{{- end }}
+{{- if and .maxRunners (gt (int .minIdle) (int .maxRunners)) }}
+{{- fail (printf "sources.github[0].min_idle: is more than max_runners (%d) (github.minIdle)" (int .maxRunners)) }}
+{{- end }}
+{{- range $label, $class := .labelClasses }}
+{{- include "kiln.checkClass" (dict "root" $ "name" $class "at" (printf "sources.github[0].label_classes.%s" $label) "value" (printf "github.labelClasses.%s" $label)) }}
+{{- end }}
+{{- end }}
+{{- end }}
 
 {{- with $v.jenkins }}
 {{- if .enabled }}

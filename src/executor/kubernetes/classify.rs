@@ -34,11 +34,17 @@ pub(crate) struct PodEnd {
     pub(crate) detail: String,
     /// The pod never started: the caller adds the pod's warning events to `detail`.
     pub(crate) stuck_pending: bool,
+    /// The exit code of a foreign agent (not kiln's: a Jenkins agent, an Actions runner) that
+    /// ended on its own; it reported its work to its CI server itself.
+    pub(crate) agent_exit: Option<i32>,
 }
 
 impl PodEnd {
     /// The source-neutral ending: what the agent reported, or the failure kiln saw.
     pub(crate) fn into_ending(self) -> Ending {
+        if let Some(code) = self.agent_exit {
+            return Ending::agent_exited(Some(code), self.detail);
+        }
         let unreported = Ending::failed(self.reason, self.detail);
         match self.result {
             Some(report) => report.ending(unreported),
@@ -52,6 +58,7 @@ impl PodEnd {
             reason,
             detail,
             stuck_pending: false,
+            agent_exit: None,
         }
     }
 }
@@ -124,6 +131,7 @@ pub(crate) fn classify(
             reason: FailureReason::RunnerSystemFailure,
             detail: "the build agent reported the job".into(),
             stuck_pending: false,
+            agent_exit: None,
         });
     }
 
@@ -163,6 +171,22 @@ pub(crate) fn classify(
                     end.message.as_deref().unwrap_or("no message").trim()
                 ),
             ),
+            // A foreign agent's exit is its end: it reported its work itself.
+            _ if limits.main != BUILD_CONTAINER => PodEnd {
+                agent_exit: Some(code),
+                ..PodEnd::failed(
+                    FailureReason::RunnerSystemFailure,
+                    format!(
+                        "the agent (container {}) exited with code {code}{}",
+                        limits.main,
+                        if reason_text.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({reason_text})")
+                        }
+                    ),
+                )
+            },
             _ => PodEnd::failed(
                 FailureReason::RunnerSystemFailure,
                 format!(
@@ -263,6 +287,7 @@ pub(crate) fn canceled_before_start() -> PodEnd {
         reason: FailureReason::ScriptFailure,
         detail: "the job was canceled in the CI server before its pod started".into(),
         stuck_pending: false,
+        agent_exit: None,
     }
 }
 
@@ -483,6 +508,50 @@ mod tests {
             &mut Memory::default(),
         ));
         assert!(ending.result.unwrap().reported);
+    }
+
+    #[test]
+    fn a_foreign_agents_exit_code_is_its_ending() {
+        let runner = |code: i32| {
+            let mut pod = pod(
+                json!({"phase": if code == 0 { "Succeeded" } else { "Failed" },
+                "containerStatuses": [{
+                    "name": "runner", "image": "actions-runner", "imageID": "", "ready": false,
+                    "restartCount": 0,
+                    "state": {"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" }}}}]}),
+            );
+            pod.spec.as_mut().unwrap().containers[0].name = "runner".into();
+            let limits = Limits {
+                main: "runner",
+                ..LIMITS
+            };
+            ended(classify(&pod, at(10), limits, &mut Memory::default())).into_ending()
+        };
+        let clean = runner(0);
+        assert_eq!(clean.outcome, crate::build::Outcome::Succeeded, "{clean:?}");
+        let failed = runner(3);
+        assert_eq!(
+            failed.reason(),
+            Some(FailureReason::RunnerSystemFailure),
+            "{failed:?}"
+        );
+        assert!(
+            failed.detail.contains("container runner") && failed.detail.contains("code 3"),
+            "{}",
+            failed.detail
+        );
+        // kiln's own agent exiting without a report is still a failure.
+        let unreported = ended(classify(
+            &pod(terminated("Completed", 0, None)),
+            at(10),
+            LIMITS,
+            &mut Memory::default(),
+        ))
+        .into_ending();
+        assert_eq!(
+            unreported.reason(),
+            Some(FailureReason::RunnerSystemFailure)
+        );
     }
 
     #[test]

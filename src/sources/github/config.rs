@@ -42,6 +42,10 @@ pub struct GitHubConfig {
     /// The App's private key (the PEM file GitHub lets you download).
     #[serde(default)]
     pub private_key_file: Option<PathBuf>,
+    /// The App's private key itself, PEM text (for `KILN_SOURCES__GITHUB__N__PRIVATE_KEY` from a
+    /// Kubernetes Secret); instead of `private_key_file`.
+    #[serde(default)]
+    pub private_key: Option<String>,
     /// The App's installation id (default: looked up for the repository or organization).
     #[serde(default)]
     pub installation_id: Option<u64>,
@@ -150,7 +154,8 @@ impl GitHubConfig {
     pub(crate) fn problems(&self, index: usize, classes: &[String]) -> Vec<Problem> {
         let mut problems = Vec::new();
         let at = |field: &str| format!("sources.github[{index}].{field}");
-        let mut problem = |path: String, message: String| problems.push(Problem::new(path, message));
+        let mut problem =
+            |path: String, message: String| problems.push(Problem::new(path, message));
         match url::Url::parse(&self.api_url) {
             Ok(url) if matches!(url.scheme(), "http" | "https") => {}
             Ok(url) => problem(
@@ -166,7 +171,11 @@ impl GitHubConfig {
             );
         }
         let has_token = self.token.as_deref().is_some_and(|t| !t.trim().is_empty());
-        let has_app = self.app_id.is_some() || self.private_key_file.is_some();
+        let has_key = self
+            .private_key
+            .as_deref()
+            .is_some_and(|k| !k.trim().is_empty());
+        let has_app = self.app_id.is_some() || self.private_key_file.is_some() || has_key;
         match (has_token, has_app) {
             (true, true) => problem(
                 at("token"),
@@ -183,9 +192,16 @@ impl GitHubConfig {
                     problem(at("app_id"), "a GitHub App needs its app_id".into());
                 }
                 match &self.private_key_file {
+                    Some(_) if has_key => problem(
+                        at("private_key"),
+                        "set private_key or private_key_file, not both".into(),
+                    ),
+                    None if has_key => {}
                     None => problem(
                         at("private_key_file"),
-                        "a GitHub App needs its private key file".into(),
+                        format!(
+                            "a GitHub App needs its private key: a file, or the PEM text in KILN_SOURCES__GITHUB__{index}__PRIVATE_KEY"
+                        ),
                     ),
                     Some(path) if !path.is_file() => problem(
                         at("private_key_file"),
@@ -203,14 +219,16 @@ impl GitHubConfig {
             );
         }
         if self.runner_command.is_empty() {
-            problem(at("runner_command"), "must name the runner's program".into());
+            problem(
+                at("runner_command"),
+                "must name the runner's program".into(),
+            );
         }
-        if self
-            .webhook_secret
-            .as_deref()
-            .is_some_and(|s| s.len() < 16)
-        {
-            problem(at("webhook_secret"), "must be at least 16 characters".into());
+        if self.webhook_secret.as_deref().is_some_and(|s| s.len() < 16) {
+            problem(
+                at("webhook_secret"),
+                "must be at least 16 characters".into(),
+            );
         }
         if self.reconcile_interval < Duration::from_secs(5) {
             problem(at("reconcile_interval"), "must be at least 5s".into());

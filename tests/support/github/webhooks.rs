@@ -49,6 +49,8 @@ pub struct DeliveryRecord {
     pub signature: String,
     /// One entry per POST: the status, or why there was none.
     pub responses: Vec<Result<u16, String>>,
+    /// When the event happened (the delivery is sent right after, unless faulted).
+    pub queued_at: std::time::Instant,
     /// `X-GitHub-Hook-Installation-Target-Type` and `-ID`.
     target: (&'static str, u64),
 }
@@ -135,6 +137,7 @@ impl ServerState {
             body,
             signature,
             responses: Vec::new(),
+            queued_at: std::time::Instant::now(),
             target,
         });
         let index = w.records.len() - 1;
