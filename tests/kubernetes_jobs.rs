@@ -329,6 +329,59 @@ async fn a_coordinator_killed_mid_job_is_replaced_without_losing_or_doubling_the
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_coordinator_adopts_by_reading_and_reports_what_ended_meanwhile_at_once() {
+    let s = setup().await;
+    let running: Vec<u64> = (0..3)
+        .map(|i| {
+            s.gitlab.enqueue(job_json(
+                &format!("long-{i}"),
+                &["echo started", "sleep 5", "echo done"],
+            ))
+        })
+        .collect();
+    let evicted = s
+        .gitlab
+        .enqueue(job_json("evicted", &["echo started", "sleep 60"]));
+    let mut first = s.kiln("", "");
+    for id in running.iter().chain([&evicted]) {
+        s.gitlab
+            .wait_for_trace(*id, "started", Duration::from_secs(60))
+            .await;
+    }
+    support::kiln::send_signal(first.pid(), "KILL");
+    first.wait_exit(Duration::from_secs(10));
+    // While no coordinator runs, one build is evicted: nobody can report it but the next one.
+    s.kube.evict(&pod_name(evicted));
+    let before = s.kube.requests().len();
+    let started = std::time::Instant::now();
+    let second = s.kiln("", "");
+
+    let job = s.finished(evicted, 30).await;
+    let reported_after = job.finished_at.unwrap().duration_since(started);
+    assert_eq!(job.state, "failed", "{}", second.logs());
+    assert_eq!(job.failure_reason.as_deref(), Some("runner_system_failure"));
+    // Found in the list adoption reads, not by a later periodic look (which came ~10 s late).
+    assert!(
+        reported_after < Duration::from_secs(3),
+        "reported {reported_after:?} after start:\n{}",
+        second.logs()
+    );
+    for id in &running {
+        let job = s.finished(*id, 60).await;
+        assert_eq!(job.state, "success", "{}", job.trace);
+        assert_eq!(job.final_updates.len(), 1, "{:?}", job.final_updates);
+    }
+    s.nothing_left(15).await;
+    // Adoption read what was there: no create of any pod or Secret again (no 409s either).
+    let creates: Vec<String> = s.kube.requests()[before..]
+        .iter()
+        .filter(|r| r.method == "POST" && (r.path.contains("/pods") || r.path.contains("/secrets")))
+        .map(|r| format!("{} {} -> {}", r.method, r.path, r.status))
+        .collect();
+    assert!(creates.is_empty(), "{creates:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_build_that_ended_while_no_coordinator_ran_is_cleaned_up() {
     let s = setup().await;
     let id = s

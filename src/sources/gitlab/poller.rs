@@ -244,16 +244,25 @@ pub async fn poll(
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let started = Instant::now();
+        let request = runner.api.request_job(
+            &runner.config.token,
+            &runner.system_id,
+            last_update.as_deref(),
+            &runner.info,
+            runner.config.poll_timeout,
+            runner.config.max_job_payload_bytes(),
+        );
+        tokio::pin!(request);
+        // Shutdown never aborts a request in flight: GitLab may be handing it a job at this
+        // very moment, and a job whose answer nobody reads hangs "running" until GitLab's
+        // timeout. The request ends within the long-poll hold; its job is launched, and no
+        // new request follows (the slot and verification below see the shutdown).
         let answer = tokio::select! {
-            answer = runner.api.request_job(
-                &runner.config.token,
-                &runner.system_id,
-                last_update.as_deref(),
-                &runner.info,
-                runner.config.poll_timeout,
-                runner.config.max_job_payload_bytes(),
-            ) => answer,
-            () = shutdown.cancelled() => return,
+            answer = &mut request => answer,
+            () = shutdown.cancelled() => {
+                tracing::info!(runner = %runner.name, "shutting down: waiting for the job request in flight (a job it brings is still run)");
+                request.await
+            }
         };
         runner
             .metrics
