@@ -382,6 +382,38 @@ async fn a_restarted_coordinator_adopts_by_reading_and_reports_what_ended_meanwh
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_build_whose_pod_was_deleted_while_no_coordinator_ran_is_failed_not_run_twice() {
+    let s = setup().await;
+    let id = s
+        .gitlab
+        .enqueue(job_json("preempted", &["echo started", "sleep 60"]));
+    let mut first = s.kiln("", "");
+    s.gitlab
+        .wait_for_trace(id, "started", Duration::from_secs(60))
+        .await;
+    support::kiln::send_signal(first.pid(), "KILL");
+    first.wait_exit(Duration::from_secs(10));
+    // Someone force-deletes the pod (grace 0: its agent is killed before it can report); its
+    // Secret, which owns it, stays.
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(s.kube.client("ci"), "ci");
+    let force = kube::api::DeleteParams {
+        grace_period_seconds: Some(0),
+        ..Default::default()
+    };
+    pods.delete(&pod_name(id), &force).await.unwrap();
+    s.kube.wait_gone(&pod_name(id), Duration::from_secs(30)).await;
+    assert!(s.kube.snapshot().secret(&pod_name(id)).is_some());
+    let second = s.kiln("", "");
+    let job = s.finished(id, 30).await;
+    assert_eq!(job.state, "failed", "{}", second.logs());
+    assert_eq!(job.failure_reason.as_deref(), Some("runner_system_failure"));
+    assert!(job.trace.contains("build pod is gone"), "{}", job.trace);
+    s.nothing_left(15).await;
+    assert_eq!(s.kube.creations(), vec![pod_name(id)], "never a second pod");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_build_that_ended_while_no_coordinator_ran_is_cleaned_up() {
     let s = setup().await;
     let id = s

@@ -26,7 +26,6 @@ pub(crate) const PERMISSIONS: &[(&str, &str)] = &[
     ("create", "secrets"),
     ("get", "secrets"),
     ("list", "secrets"),
-    ("patch", "secrets"),
     ("delete", "secrets"),
     ("list", "events"),
 ];

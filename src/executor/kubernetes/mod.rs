@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{Event, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
 use tokio_util::sync::CancellationToken;
 
 use super::{Executor, ExecutorError, LaunchError, Watch};
@@ -92,46 +92,65 @@ impl KubernetesExecutor {
         self.create(&pod, &secret).await
     }
 
-    /// Creates the Secret, then the pod, then makes the pod the Secret's owner. The Secret
-    /// comes first: if kiln dies right after, a restarted coordinator still has the build's
-    /// secret data (a job token) to start or fail it. A pod of that name that exists already is
-    /// never touched: another coordinator runs that build.
+    /// Creates the Secret, then the pod, owned by the Secret: two API calls per build. The
+    /// Secret comes first, so the pod never waits for its volume, and a coordinator that dies
+    /// right after still leaves the build's secret data (a job token) for the next one to fail
+    /// the job with. Owned by the Secret, the pod is collected with it if kiln's own delete
+    /// never came. A pod of that name that exists already is never touched: another
+    /// coordinator runs that build.
     async fn create(&self, pod: &Pod, secret: &Secret) -> Result<(), LaunchError> {
         let name = pod.metadata.name.clone().unwrap_or_default();
         let secrets: Api<Secret> = self.cluster.api();
         let create = PostParams::default();
-        let secret_was_there = match self.cluster.call(|| secrets.create(&create, secret)).await {
-            Ok(_) => false,
-            Err(e) if is_status(&e, 409) => true,
-            Err(e) => return Err(self.failed("create the build's Secret", &e)),
-        };
+        let (secret_uid, secret_was_there) =
+            match self.cluster.call(|| secrets.create(&create, secret)).await {
+                Ok(created) => (created.metadata.uid, false),
+                Err(e) if is_status(&e, 409) => {
+                    // Left by an earlier try: read its uid to own the pod (rare, one call).
+                    let uid = self
+                        .cluster
+                        .call(|| secrets.get(&name))
+                        .await
+                        .ok()
+                        .and_then(|s| s.metadata.uid);
+                    (uid, true)
+                }
+                Err(e) => return Err(self.failed("create the build's Secret", &e)),
+            };
+        let mut pod = pod.clone();
+        if let Some(uid) = secret_uid {
+            pod.metadata.owner_references = Some(vec![OwnerReference {
+                api_version: "v1".into(),
+                kind: "Secret".into(),
+                name: name.clone(),
+                uid,
+                block_owner_deletion: Some(false),
+                controller: Some(false),
+            }]);
+        }
         let pods: Api<Pod> = self.cluster.api();
-        let uid = match self.cluster.call(|| pods.create(&create, pod)).await {
-            Ok(created) => {
+        match self.cluster.call(|| pods.create(&create, &pod)).await {
+            Ok(_) => {
                 tracing::info!(pod = %name, namespace = self.cluster.namespace(), "pod created");
-                created.metadata.uid
+                Ok(())
             }
-            Err(e) if is_status(&e, 409) => return Err(LaunchError::Exists(name)),
+            Err(e) if is_status(&e, 409) => Err(LaunchError::Exists(name)),
             Err(kube::Error::Api(status)) if matches!(status.code, 400 | 422) => {
                 if !secret_was_there {
                     self.remove(&name).await;
                 }
-                return Err(LaunchError::Rejected(format!(
+                Err(LaunchError::Rejected(format!(
                     "the Kubernetes API rejected the pod ({}): {}",
                     status.reason, status.message
-                )));
+                )))
             }
             Err(e) => {
                 if !secret_was_there {
                     self.remove(&name).await;
                 }
-                return Err(self.failed("create the pod", &e));
+                Err(self.failed("create the pod", &e))
             }
-        };
-        if let Some(uid) = uid {
-            self.own_secret(&name, &uid).await;
         }
-        Ok(())
     }
 
     fn failed(&self, what: &str, error: &kube::Error) -> LaunchError {
@@ -248,31 +267,6 @@ impl KubernetesExecutor {
         }
     }
 
-    /// Sets the pod as the owner of the build's Secret, so Kubernetes deletes the Secret with
-    /// the pod even if kiln never gets to.
-    async fn own_secret(&self, name: &str, uid: &str) {
-        let secrets: Api<Secret> = self.cluster.api();
-        let patch = serde_json::json!({
-            "metadata": {"ownerReferences": [OwnerReference {
-                api_version: "v1".into(),
-                kind: "Pod".into(),
-                name: name.to_owned(),
-                uid: uid.to_owned(),
-                block_owner_deletion: Some(false),
-                controller: Some(false),
-            }]}
-        });
-        let params = PatchParams::default();
-        let patch = Patch::Merge(&patch);
-        if let Err(e) = self
-            .cluster
-            .call(|| secrets.patch(name, &params, &patch))
-            .await
-        {
-            tracing::warn!(secret = name, error = %e, "cannot set the pod as owner of the build's Secret; kiln deletes it itself after the build");
-        }
-    }
-
     /// Deletes the pod and its Secret; missing ones are fine.
     async fn remove(&self, name: &str) {
         let params = DeleteParams {
@@ -294,7 +288,7 @@ impl KubernetesExecutor {
             Ok(_) => {}
             Err(e) if is_status(&e, 404) => {}
             Err(e) => {
-                tracing::warn!(secret = name, error = %e, "cannot delete the build's Secret; Kubernetes collects it with its pod")
+                tracing::warn!(secret = name, error = %e, "cannot delete the build's Secret; the next start-up of kiln retries")
             }
         }
     }

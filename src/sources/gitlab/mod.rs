@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{AgentConfig, AgentJob};
-use crate::build::{About, BuildKey, Ending, Found, JOB_FILE, Outcome, SourceKind};
+use crate::build::{About, BuildKey, Ending, FailureReason, Found, JOB_FILE, Outcome, SourceKind};
 use crate::sources::{Adoption, Chain, ExecutorInfo, Health, Source};
 use crate::telemetry::Metrics;
 pub use config::{GitLabRunnerConfig, is_system_id};
@@ -86,11 +86,8 @@ impl GitLabSource {
         };
         let parsed = serde_json::from_slice::<AgentJob>(bytes)
             .ok()
-            .and_then(|file| {
-                let job: JobPayload = serde_json::from_value(file.job.clone()).ok()?;
-                Some((file, job))
-            });
-        let Some((file, job)) = parsed else {
+            .and_then(|file| serde_json::from_value::<JobPayload>(file.job).ok());
+        let Some(job) = parsed else {
             return Adoption::Discard("its job file cannot be read".into());
         };
         let reporter = self.runner.reporter(&job);
@@ -101,12 +98,23 @@ impl GitLabSource {
                 tracing::warn!(build = %found.key, error = %e, "cannot ask GitLab about an adopted job; following its build anyway");
             }
         }
-        self.lock().insert(job.id, reporter);
-        if found.exists {
-            Adoption::Follow(build::about(&job))
-        } else {
-            Adoption::Relaunch(Box::new(build::build(&job, &file.job, &self.context())))
+        if !found.exists {
+            // Only its Secret is left: its pod was never created (an earlier coordinator died
+            // in between) or was deleted while no coordinator ran. Which one, nobody can tell,
+            // and starting the job again could run its steps twice; fail it as the
+            // infrastructure failure it is, so `retry: when: runner_system_failure` re-runs it.
+            let message = "the job's build pod is gone: it was deleted while no kiln coordinator ran, or never created; kiln marks it as runner_system_failure so `retry: when: runner_system_failure` can re-run it";
+            tracing::warn!(build = %found.key, "failing a job whose build pod is gone");
+            if let Err(e) = reporter
+                .fail(FailureReason::RunnerSystemFailure, message)
+                .await
+            {
+                tracing::error!(build = %found.key, error = %e, "could not fail the job in GitLab; GitLab will time it out");
+            }
+            return Adoption::Discard("its build pod is gone".into());
         }
+        self.lock().insert(job.id, reporter);
+        Adoption::Follow(build::about(&job))
     }
 
     async fn report_ending(&self, key: &BuildKey, ending: &Ending) {
