@@ -402,7 +402,9 @@ async fn a_build_whose_pod_was_deleted_while_no_coordinator_ran_is_failed_not_ru
         ..Default::default()
     };
     pods.delete(&pod_name(id), &force).await.unwrap();
-    s.kube.wait_gone(&pod_name(id), Duration::from_secs(30)).await;
+    s.kube
+        .wait_gone(&pod_name(id), Duration::from_secs(30))
+        .await;
     assert!(s.kube.snapshot().secret(&pod_name(id)).is_some());
     let second = s.kiln("", "");
     let job = s.finished(id, 30).await;
