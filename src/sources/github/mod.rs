@@ -28,8 +28,8 @@ use crate::build::{
 use crate::sources::{Adoption, Chain, Health, Slot, Source};
 use crate::telemetry::{GitHubLabels, GitHubReasonLabels, Metrics};
 use api::{Deleted, GitHubApi, GitHubError, JobView};
-pub use config::{GITHUB_API, GitHubConfig};
 use config::Scope;
+pub use config::{GITHUB_API, GitHubConfig};
 use webhook::{Deliveries, WorkflowJobEvent};
 
 /// The prefix of every runner kiln registers.
@@ -72,7 +72,7 @@ pub struct GitHubSource {
 #[derive(Debug, Default, Clone)]
 struct HealthState {
     connected: bool,
-    last_error: Option<String>,
+    contact: crate::sources::Contact,
 }
 
 /// The webhook's way into a GitHub source.
@@ -225,7 +225,7 @@ impl GitHubSource {
         if let Some(connected) = connected {
             health.connected = connected;
         }
-        health.last_error = last_error;
+        health.contact.record(last_error);
     }
 
     /// Whether a job with these `runs-on` labels runs on kiln's runners, and its class.
@@ -510,7 +510,11 @@ impl GitHubSource {
                 .values()
                 .filter(|r| r.class == class && r.job.is_none())
                 .count();
-            let floor = if class.is_none() { self.config.min_idle } else { 0 };
+            let floor = if class.is_none() {
+                self.config.min_idle
+            } else {
+                0
+            };
             let wanted = jobs.len() + floor;
             let mut missing = wanted.saturating_sub(idle);
             for job in &jobs {
@@ -534,7 +538,10 @@ impl GitHubSource {
                 let Some(queued) = state.queued.get(job).cloned() else {
                     continue;
                 };
-                if !self.start_runner(state, &name, *job, Some(&queued), slot).await {
+                if !self
+                    .start_runner(state, &name, *job, Some(&queued), slot)
+                    .await
+                {
                     return;
                 }
                 missing -= 1;
@@ -636,7 +643,12 @@ impl GitHubSource {
         labels.sort();
         labels.dedup();
         let (runner_id, jit) = match api
-            .jit_config(name, self.config.runner_group_id, labels, &self.config.work_folder)
+            .jit_config(
+                name,
+                self.config.runner_group_id,
+                labels,
+                &self.config.work_folder,
+            )
             .await
         {
             Ok(registered) => registered,
@@ -710,10 +722,8 @@ impl GitHubSource {
                 missing_program: "set runner_command to the Actions runner's run.sh on this machine (https://github.com/actions/runner/releases), or use executor = \"kubernetes\"".into(),
             }),
         };
-        let mut annotations = BTreeMap::from([(
-            ANNOTATION_RUNNER_ID.to_owned(),
-            runner_id.to_string(),
-        )]);
+        let mut annotations =
+            BTreeMap::from([(ANNOTATION_RUNNER_ID.to_owned(), runner_id.to_string())]);
         if let Some(class) = &class {
             annotations.insert(ANNOTATION_CLASS.to_owned(), class.clone());
         }
@@ -735,6 +745,7 @@ impl GitHubSource {
                 job: queued
                     .map(|q| q.job.name.clone())
                     .unwrap_or_else(|| "warm runner".into()),
+                pipeline: queued.map(|q| q.job.run_id.to_string()),
                 url: queued.map(|q| q.job.url.clone()).filter(|u| !u.is_empty()),
                 queued_at: queued.and_then(|q| q.job.created_at),
             },
@@ -753,21 +764,21 @@ impl GitHubSource {
         }
         let mut took_job = runner.job.is_some();
         let clean_exit = ending.outcome == Outcome::Succeeded;
-        if !clean_exit || !took_job {
-            if let (Some(api), Some(id)) = (&state.api, runner.id) {
-                match api.delete_runner(id).await {
-                    Ok(Deleted::Busy) => took_job = true,
-                    Ok(Deleted::Gone) => {
-                        if !took_job {
-                            self.metrics
-                                .github_registrations_removed
-                                .get_or_create(&self.labels())
-                                .inc();
-                        }
+        if (!clean_exit || !took_job)
+            && let (Some(api), Some(id)) = (&state.api, runner.id)
+        {
+            match api.delete_runner(id).await {
+                Ok(Deleted::Busy) => took_job = true,
+                Ok(Deleted::Gone) => {
+                    if !took_job {
+                        self.metrics
+                            .github_registrations_removed
+                            .get_or_create(&self.labels())
+                            .inc();
                     }
-                    Err(e) => {
-                        tracing::warn!(github = %self.name, runner = name, error = %e, "cannot remove the runner's registration; the next reconcile retries")
-                    }
+                }
+                Err(e) => {
+                    tracing::warn!(github = %self.name, runner = name, error = %e, "cannot remove the runner's registration; the next reconcile retries")
                 }
             }
         }
@@ -802,7 +813,10 @@ impl GitHubSource {
                     && reason.is_infrastructure()
                     && let Some((repo, run_id, attempt, _)) = job
                     && !state.reran.contains(&(run_id, attempt))
-                    && !state.reruns.iter().any(|(_, r, a)| *r == run_id && *a == attempt)
+                    && !state
+                        .reruns
+                        .iter()
+                        .any(|(_, r, a)| *r == run_id && *a == attempt)
                 {
                     tracing::info!(github = %self.name, repo = %repo, run = run_id, "the run's failed jobs are re-run once it completes (rerun_on_infrastructure_failure)");
                     state.reruns.push((repo, run_id, attempt));
@@ -856,6 +870,7 @@ impl Source for GitHubSource {
             Adoption::Follow(About {
                 project: String::new(),
                 job: format!("runner {}", found.name),
+                pipeline: None,
                 url: None,
                 queued_at: None,
             })
@@ -888,13 +903,14 @@ impl Source for GitHubSource {
             .clone();
         Health {
             ready: health.connected,
-            state: match (health.connected, health.last_error.is_some()) {
+            state: match (health.connected, health.contact.last_error.is_some()) {
                 (false, _) => "signing in".into(),
                 (true, true) => "backing off".into(),
                 (true, false) => "ready".into(),
             },
             url: crate::net::redact_url(&self.config.api_url),
-            last_error: health.last_error,
+            last_error: health.contact.last_error,
+            last_success: health.contact.last_success,
         }
     }
 }
