@@ -98,7 +98,7 @@ pub(crate) fn render(page: &Page<'_>) -> String {
     let _ = write!(
         out,
         "<style>{STYLE}</style></head><body><header><h1>kiln <small>{}</small></h1>\
-         <p id=\"capacity\"><strong>{}</strong> of {} build slots in use · {} of at most {} finished builds kept</p></header>",
+         <p id=\"capacity\">{} of {} build slots in use · {} of at most {} finished builds kept</p></header>",
         crate::VERSION,
         page.used,
         page.total,
