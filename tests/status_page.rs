@@ -3,7 +3,8 @@
 //! headless Chromium loads the page; the rendered DOM and the JSON API are checked for the
 //! timeline, the failure reason, the links, and for the absence of every secret.
 //!
-//! `UPDATE_SCREENSHOT=1 cargo test --test status_page` also writes `docs/status-page.png`.
+//! `UPDATE_SCREENSHOT=1 cargo test --test status_page` also writes `docs/status-page.png` (from
+//! the Kubernetes test, whose builds have a class and a cost).
 
 mod support;
 
@@ -13,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::gitlab::{GitLabServer, job_json};
-use support::kiln::{KilnProcess, config};
+use support::kiln::{KilnProcess, config, kiln_bin};
+use support::kube::KubeServer;
 
 const RUNNER_TOKEN: &str = "glrt-status-page-runner-token";
 /// The value of a masked CI/CD variable of both jobs.
@@ -218,15 +220,20 @@ async fn the_status_page_shows_a_bar_per_build_and_the_failure_reason_in_a_brows
         }
     }
 
-    // A screenshot proves it renders; `UPDATE_SCREENSHOT=1` keeps it for the docs.
-    let shot = profile.path().join("status-page.png");
+    // A screenshot proves it renders.
+    screenshot(&url, profile.path());
+}
+
+/// A PNG of the page at `url`, checked to be one.
+fn screenshot(url: &str, dir: &Path) -> Vec<u8> {
+    let shot = dir.join("status-page.png");
     chromium(
-        &url,
+        url,
         &[
             &format!("--screenshot={}", shot.display()),
             "--window-size=1280,900",
         ],
-        &profile.path().join("shot-profile"),
+        &dir.join("shot-profile"),
     );
     let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("no screenshot: {e}"));
     assert!(
@@ -234,6 +241,122 @@ async fn the_status_page_shows_a_bar_per_build_and_the_failure_reason_in_a_brows
         "{} bytes",
         png.len()
     );
+    png
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubernetes_builds_show_their_class_and_cost_and_count_it_in_the_metrics() {
+    let gitlab = gitlab().await;
+    let kube = KubeServer::start().await;
+    // The kiln image's binary is this build's kiln.
+    kube.alias_binary("/usr/local/bin/kiln", kiln_bin());
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.kubeconfig(&kubeconfig, "ci");
+    let top = format!(
+        r#"executor = "kubernetes"
+concurrent = 4
+
+[cost]
+price_per_vcpu_hour = 0.045
+price_per_gib_hour = 0.005
+
+[kubernetes]
+kubeconfig = "{}"
+helper_image = "kiln-test/kiln:dev"
+pending_timeout = "30s"
+default_resource_class = "spot"
+
+[kubernetes.resource_classes.spot]
+cpu_request = "2"
+memory_request = "4Gi"
+price_per_vcpu_hour = 0.012
+"#,
+        kubeconfig.display()
+    );
+    let ids = [
+        gitlab.enqueue(job_with_secret("build", &["echo compiling", "sleep 1"])),
+        gitlab.enqueue(job_with_secret("test", &["sleep 1", "exit 2"])),
+        gitlab.enqueue(job_with_secret("package", &["sleep 2"])),
+    ];
+    let kiln = KilnProcess::start(&config(&gitlab.url(), RUNNER_TOKEN, &top));
+    for id in ids {
+        gitlab
+            .wait_for_state(id, &["success", "failed"], Duration::from_secs(120))
+            .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let builds = loop {
+        let (body, builds) = api(&kiln, "/api/v1/builds").await;
+        let costed = builds["builds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["cost"].is_number())
+            .count();
+        if costed == ids.len() {
+            break builds;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "builds without a cost: {body}\n{}",
+            kiln.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let seconds = |from: &Value, to: &Value| {
+        let at = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+        (at(to) - at(from)).as_seconds_f64()
+    };
+    let mut total = 0.0;
+    for build in builds["builds"].as_array().unwrap() {
+        assert_eq!(build["class"], "spot", "{build}");
+        // The build container's 2 vCPU / 4 GiB; the init container is not counted.
+        assert_eq!(build["vcpu"], 2.0, "{build}");
+        assert_eq!(build["gib"], 4.0, "{build}");
+        let billed = seconds(&build["created_at"], &build["finished_at"]);
+        assert!(billed >= 1.0, "the pod ran its script: {build}");
+        // The class's vCPU price and the default memory price; the API's times are rounded
+        // to milliseconds.
+        let per_second = (2.0 * 0.012 + 4.0 * 0.005) / 3600.0;
+        let cost = build["cost"].as_f64().unwrap();
+        assert!(
+            (cost - billed * per_second).abs() <= 0.002 * per_second,
+            "{cost} for {billed}s: {build}"
+        );
+        total += cost;
+    }
+    let (_, metrics) = kiln.get("/metrics").await;
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                r#"kiln_build_cost_total{source="gitlab",project="kiln/demo",class="spot"}"#,
+            )
+        })
+        .unwrap_or_else(|| panic!("no cost counter:\n{metrics}"));
+    let counted: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((counted - total).abs() < 1e-12, "{line} != {total}");
+    let (_, costs) = api(&kiln, "/api/v1/costs").await;
+    assert_eq!(costs["projects"][0]["project"], "kiln/demo");
+    assert_eq!(costs["projects"][0]["builds"], 3);
+    assert_eq!(costs["projects"][0]["pipelines"]["4200"]["builds"], 3);
+
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://{}/", kiln.http);
+    let dom = chromium(&url, &["--dump-dom"], profile.path());
+    assert_eq!(dom.matches("<g class=\"bar ").count(), 3, "{dom}");
+    assert!(dom.contains("spot (2.00 vCPU, 4.00 GiB)"), "{dom}");
+    assert!(dom.contains("<section id=\"costs\">"), "{dom}");
+    assert!(dom.contains(" USD</td>"), "{dom}");
+    for id in ids {
+        assert!(
+            !dom.contains(&gitlab.job(id).token),
+            "a job token in the page"
+        );
+    }
+    assert!(!dom.contains(MASKED_VALUE) && !dom.contains(RUNNER_TOKEN));
+    let png = screenshot(&url, profile.path());
     if std::env::var_os("UPDATE_SCREENSHOT").is_some() {
         let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/status-page.png");
         std::fs::write(&docs, &png).unwrap();

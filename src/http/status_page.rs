@@ -371,7 +371,7 @@ fn builds_section(out: &mut String, shown: &[Arc<BuildRecord>], page: &Page<'_>)
             out,
             "<tr class=\"{state}\" data-build=\"{name}\"><td>{build}</td><td>{source}/{runner}</td>\
              <td>{project}</td><td><span class=\"badge {state}\">{state}</span></td><td class=\"why\">{why}</td>\
-             <td>{queued}</td><td>{took}</td><td>{class}</td><td class=\"cost\">{cost}</td></tr>",
+             <td>{queued}</td><td>{took}</td><td class=\"class\">{class}</td><td class=\"cost\">{cost}</td></tr>",
             name = escape(&record.name),
             source = record.key.source.name(),
             runner = escape(&record.key.runner),
@@ -415,8 +415,16 @@ fn costs_section(out: &mut String, page: &Page<'_>) {
     out.push_str("</tbody></table></section>");
 }
 
+/// An amount with enough decimals that a build of seconds does not show as zero.
 fn money(amount: f64, currency: &str) -> String {
-    format!("{amount:.4} {}", escape(currency))
+    let decimals = if amount >= 1.0 {
+        2
+    } else if amount >= 0.01 {
+        4
+    } else {
+        6
+    };
+    format!("{amount:.decimals$} {}", escape(currency))
 }
 
 /// From launch to end (or now), and how long it waited before that.
