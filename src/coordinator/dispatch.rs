@@ -193,8 +193,9 @@ impl Dispatcher {
     /// Puts a finished build into the history, with its cost, and counts the cost.
     fn remember(&self, alive: &Alive, ending: Ending, at: SystemTime) {
         let mut record = alive.record(None);
-        // Only a pod that was created costs anything; a build kiln stopped following (Lost)
-        // goes on costing under the next coordinator, which counts it.
+        // Only a pod that was created costs anything. A build kiln stopped following (Lost)
+        // runs on after this coordinator: it is not charged for a part of its life here, and
+        // the coordinator that adopts it does not know its size (documented in [cost]).
         let cost = match (&record.footprint, record.created, ending.outcome) {
             (_, _, Outcome::Lost) | (None, _, _) | (_, None, _) => None,
             (Some(footprint), Some(_), _) => {
