@@ -180,6 +180,8 @@ pub struct About {
     pub project: String,
     /// The job's name.
     pub job: String,
+    /// The pipeline (or workflow run) it belongs to, if its CI server says.
+    pub pipeline: Option<String>,
     /// The job's page on its CI server.
     pub url: Option<String>,
     /// When the CI server queued the work.

@@ -14,9 +14,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use crate::agent::AgentConfig;
+pub use crate::coordinator::CostConfig;
 pub use crate::executor::kubernetes::KubernetesConfig;
 pub use crate::executor::local::LocalConfig;
-pub use crate::http::HttpConfig;
+pub use crate::http::{HttpConfig, StatusConfig};
 pub use crate::problem::Problem;
 pub use crate::sources::github::GitHubConfig;
 pub use crate::sources::gitlab::{GitLabRunnerConfig, is_system_id};
@@ -43,6 +44,12 @@ pub struct Config {
     /// The HTTP server (health, readiness, metrics).
     #[serde(default)]
     pub http: HttpConfig,
+    /// The status page and its JSON API.
+    #[serde(default)]
+    pub status: StatusConfig,
+    /// Prices of what builds use, for their cost.
+    #[serde(default)]
+    pub cost: CostConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -78,6 +85,8 @@ impl Default for Config {
             shutdown_timeout: default_shutdown_timeout(),
             executor: ExecutorKind::default(),
             http: HttpConfig::default(),
+            status: StatusConfig::default(),
+            cost: CostConfig::default(),
             log: LogConfig::default(),
             local: LocalConfig::default(),
             kubernetes: KubernetesConfig::default(),
@@ -292,6 +301,8 @@ impl Config {
             problem("concurrent".into(), "must be at least 1");
         }
         problems.extend(self.http.problems());
+        problems.extend(self.status.problems());
+        problems.extend(self.cost.problems());
         problems.extend(self.agent.problems());
         let mut names = BTreeMap::new();
         for (i, runner) in self.sources.gitlab.iter().enumerate() {

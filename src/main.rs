@@ -330,6 +330,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = kiln::coordinator::Settings {
         concurrent: config.concurrent,
         shutdown_timeout: config.shutdown_timeout,
+        history: config.status.history,
+        prices: config.cost.prices(),
     };
     let coordinator =
         kiln::coordinator::Coordinator::new(settings, Arc::clone(&metrics), executor, sources);
@@ -339,6 +341,13 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         jenkins_hooks,
         github_hooks,
         body_timeout: http.body_timeout,
+        status_page: kiln::http::StatusPage {
+            access: kiln::http::StatusAccess {
+                token: config.status.token.clone(),
+            },
+            refresh: config.status.refresh,
+            currency: config.cost.currency.clone(),
+        },
     });
     let listener = tokio::net::TcpListener::bind(http.listen)
         .await

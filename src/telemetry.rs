@@ -257,6 +257,17 @@ pub struct PhaseLabels {
     pub phase: String,
 }
 
+/// Labels of what builds cost.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CostLabels {
+    /// The kind of CI server.
+    pub source: String,
+    /// The project (`group/project`, `owner/repo`, a Jenkins job).
+    pub project: String,
+    /// The resource class, empty without one.
+    pub class: String,
+}
+
 /// Labels naming a GitHub source.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GitHubLabels {
@@ -313,6 +324,8 @@ pub struct Metrics {
     pub build_queue_wait: Family<SourceLabels, Histogram>,
     /// Builds alive now, by phase.
     pub builds: Family<PhaseLabels, Gauge>,
+    /// What finished builds cost (pod-seconds × size × price), in `[cost] currency`.
+    pub build_cost: Family<CostLabels, Counter<f64, AtomicU64>>,
     /// GitHub runners started.
     pub github_runners_started: Family<GitHubLabels, Counter>,
     /// GitHub runner registrations removed because no runner served them.
@@ -411,6 +424,12 @@ impl Metrics {
             build_queue_wait.clone(),
         );
         registry.register("builds", "Builds alive now, by phase", builds.clone());
+        let build_cost = Family::<CostLabels, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "build_cost",
+            "What finished builds cost: pod-seconds times vCPU and GiB times their prices",
+            build_cost.clone(),
+        );
         let github_runners_started = Family::<GitHubLabels, Counter>::default();
         let github_registrations_removed = Family::<GitHubLabels, Counter>::default();
         let github_jobs_lost = Family::<GitHubReasonLabels, Counter>::default();
@@ -441,6 +460,7 @@ impl Metrics {
             build_duration,
             build_queue_wait,
             builds,
+            build_cost,
             github_runners_started,
             github_registrations_removed,
             github_jobs_lost,

@@ -33,9 +33,13 @@ async fn the_benchmark_measures_every_figure_at_a_tiny_size() {
         "1",
         "--github-jobs",
         "3",
+        "--status-builds",
+        "3",
+        "--status-requests",
+        "5",
     ])
     .unwrap();
-    let report = tokio::time::timeout(Duration::from_secs(60), harness::run(&options))
+    let report = tokio::time::timeout(Duration::from_secs(120), harness::run(&options))
         .await
         .expect("the benchmark finishes");
 
@@ -98,4 +102,21 @@ async fn the_benchmark_measures_every_figure_at_a_tiny_size() {
         report.render()
     );
     assert!(github.github_calls_per_job >= 1.0 && github.kube_calls_per_job >= 2.0);
+    // The status page was timed with its history full, then RSS with as many builds running.
+    let status = report
+        .status
+        .as_ref()
+        .expect("the status page was measured");
+    assert_eq!(status.history, 3);
+    let paths: Vec<&str> = status.pages.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/", "/?show=3", "/api/v1/builds", "/api/v1/sources"]
+    );
+    for page in &status.pages {
+        assert_eq!(page.latency.count, 5, "{}", report.render());
+        assert!(page.bytes > 0 && page.latency.p50 > Duration::ZERO);
+    }
+    assert!(status.rss_kib > 1024 && status.hwm_kib >= status.rss_kib);
+    assert!(report.render().contains("## status page"));
 }

@@ -74,6 +74,16 @@ pub(crate) struct Options {
     /// GitHub Actions jobs queued at once for the GitHub level (0: skip it).
     #[arg(long, default_value_t = 100)]
     pub(crate) github_jobs: usize,
+    /// Builds in the status page's history when its latency is measured, and concurrent jobs
+    /// when RSS is measured with that history kept (0: skip the status page measurement).
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) status_builds: usize,
+    /// Requests of each status page URL timed.
+    #[arg(long, default_value_t = 200)]
+    pub(crate) status_requests: usize,
+    /// Measure only the status page (skip the levels and the local executor).
+    #[arg(long)]
+    pub(crate) only_status: bool,
 }
 
 /// The idle coordinator.
@@ -201,6 +211,29 @@ pub(crate) struct GitHubLevel {
     pub(crate) pods_created: usize,
 }
 
+/// One URL of the status page, requested one after another.
+#[derive(Debug, Clone)]
+pub(crate) struct PageTiming {
+    pub(crate) path: String,
+    /// Request sent → whole body read.
+    pub(crate) latency: Spread,
+    pub(crate) bytes: usize,
+}
+
+/// The status page with a full history.
+#[derive(Debug, Clone)]
+pub(crate) struct StatusFigures {
+    /// Finished builds in the history while the page was timed.
+    pub(crate) history: usize,
+    pub(crate) pages: Vec<PageTiming>,
+    /// RSS with the history full and `concurrent` more builds running.
+    pub(crate) concurrent: usize,
+    pub(crate) rss_kib: u64,
+    pub(crate) hwm_kib: u64,
+    /// RSS with the history full and nothing running, before the second round.
+    pub(crate) rss_history_only_kib: u64,
+}
+
 /// Everything measured.
 #[derive(Debug, Clone)]
 pub(crate) struct Report {
@@ -211,6 +244,7 @@ pub(crate) struct Report {
     pub(crate) burst: Burst,
     pub(crate) local: Local,
     pub(crate) github: Option<GitHubLevel>,
+    pub(crate) status: Option<StatusFigures>,
 }
 
 impl Options {
@@ -269,6 +303,11 @@ pub(crate) async fn run(options: &Options) -> Report {
     } else {
         None
     };
+    let status = if options.status_builds > 0 {
+        Some(run_status(options).await)
+    } else {
+        None
+    };
     Report {
         machine: machine(),
         options: options.clone(),
@@ -277,6 +316,7 @@ pub(crate) async fn run(options: &Options) -> Report {
         burst: burst.unwrap_or_else(|| unreachable!("the last level measures the burst")),
         local,
         github,
+        status,
     }
 }
 
@@ -577,34 +617,8 @@ async fn run_level(
 
     // Play kubelet: every pod kiln creates starts running.
     let pods: Api<Pod> = Api::namespaced(kube.client(NAMESPACE), NAMESPACE);
-    let limit = Arc::new(tokio::sync::Semaphore::new(DRIVER_PARALLELISM));
-    let mut started: HashSet<String> = HashSet::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    let create_timeout =
-        Duration::from_secs(120) + Duration::from_secs_f64(jobs as f64 * 3.0 / options.qps * 2.0);
-    let deadline = Instant::now() + create_timeout;
-    while started.len() < jobs {
-        assert!(
-            Instant::now() < deadline,
-            "level {jobs}: only {} of {jobs} pods created within {create_timeout:?}:\n{}",
-            started.len(),
-            kiln.logs()
-        );
-        for name in kube.creations() {
-            if started.contains(&name) || !job_id(&name).is_some_and(|id| id_set.contains(&id)) {
-                continue;
-            }
-            let index = started.len();
-            started.insert(name.clone());
-            let (pods, limit) = (pods.clone(), Arc::clone(&limit));
-            tasks.spawn(async move {
-                let _slot = limit.acquire_owned().await;
-                patch_status(&pods, &name, &running_status(index)).await;
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    while tasks.join_next().await.is_some() {}
+    let create_timeout = create_timeout(options, jobs);
+    run_pods(&kube, &kiln, &pods, &id_set, create_timeout).await;
     let create = last_pod_create(&kube.requests()).map_or(queued_at.elapsed(), |t| t - queued_at);
     progress(&format!(
         "level {jobs}: all pods Running after {:.1}s; steady state for {}s",
@@ -625,42 +639,9 @@ async fn run_level(
 
     // Every agent reports to GitLab, then its container ends with the reported result.
     progress(&format!("level {jobs}: finishing every build"));
-    let http_client = reqwest::Client::new();
     let finish_start = Instant::now();
-    for &id in &ids {
-        let token = gitlab.job(id).token;
-        let (pods, limit, client) = (pods.clone(), Arc::clone(&limit), http_client.clone());
-        let url = format!("{}api/v4/jobs/{id}", gitlab.url());
-        tasks.spawn(async move {
-            let _slot = limit.acquire_owned().await;
-            let body = json!({"token": token, "state": "success", "exit_code": 0});
-            let answer = client.put(&url).json(&body).send().await;
-            assert!(
-                answer.as_ref().is_ok_and(|a| a.status() == 200),
-                "finishing job {id} in GitLab: {answer:?}"
-            );
-            patch_status(&pods, &format!("kiln-gl-{id}"), &finished_status()).await;
-        });
-    }
-    while tasks.join_next().await.is_some() {}
-    let cleanup_timeout =
-        Duration::from_secs(120) + Duration::from_secs_f64(jobs as f64 * 2.0 / options.qps * 2.0);
-    let deadline = Instant::now() + cleanup_timeout;
-    loop {
-        let left = {
-            let snapshot = kube.snapshot();
-            snapshot.pods.len() + snapshot.secrets.len()
-        };
-        if left == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "level {jobs}: {left} pods and Secrets left after {cleanup_timeout:?}:\n{}",
-            kiln.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let cleanup_timeout = cleanup_timeout(options, jobs);
+    finish_pods(&gitlab, &kube, &kiln, &pods, &ids, cleanup_timeout).await;
     let cleanup = finish_start.elapsed();
     // Calls still queued behind the rate limit (a Secret the pod's deletion already took
     // with it) count too.
@@ -716,6 +697,224 @@ async fn run_level(
         },
         burst,
     )
+}
+
+fn create_timeout(options: &Options, jobs: usize) -> Duration {
+    Duration::from_secs(120) + Duration::from_secs_f64(jobs as f64 * 3.0 / options.qps * 2.0)
+}
+
+fn cleanup_timeout(options: &Options, jobs: usize) -> Duration {
+    Duration::from_secs(120) + Duration::from_secs_f64(jobs as f64 * 2.0 / options.qps * 2.0)
+}
+
+/// Plays kubelet: moves every pod kiln creates for the jobs `ids` to Running, and returns once
+/// all of them run.
+async fn run_pods(
+    kube: &KubeServer,
+    kiln: &Coordinator,
+    pods: &Api<Pod>,
+    ids: &HashSet<u64>,
+    timeout: Duration,
+) {
+    let jobs = ids.len();
+    let limit = Arc::new(tokio::sync::Semaphore::new(DRIVER_PARALLELISM));
+    let mut started: HashSet<String> = HashSet::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let deadline = Instant::now() + timeout;
+    while started.len() < jobs {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {jobs} pods created within {timeout:?}:\n{}",
+            started.len(),
+            kiln.logs()
+        );
+        for name in kube.creations() {
+            if started.contains(&name) || !job_id(&name).is_some_and(|id| ids.contains(&id)) {
+                continue;
+            }
+            let index = started.len();
+            started.insert(name.clone());
+            let (pods, limit) = (pods.clone(), Arc::clone(&limit));
+            tasks.spawn(async move {
+                let _slot = limit.acquire_owned().await;
+                patch_status(&pods, &name, &running_status(index)).await;
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Plays the agents: every job of `ids` is finished in GitLab and its build container ends
+/// with the reported result; returns once kiln deleted every pod and Secret.
+async fn finish_pods(
+    gitlab: &GitLabServer,
+    kube: &KubeServer,
+    kiln: &Coordinator,
+    pods: &Api<Pod>,
+    ids: &[u64],
+    timeout: Duration,
+) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(DRIVER_PARALLELISM));
+    let mut tasks = tokio::task::JoinSet::new();
+    let http_client = reqwest::Client::new();
+    for &id in ids {
+        let token = gitlab.job(id).token;
+        let (pods, limit, client) = (pods.clone(), Arc::clone(&limit), http_client.clone());
+        let url = format!("{}api/v4/jobs/{id}", gitlab.url());
+        tasks.spawn(async move {
+            let _slot = limit.acquire_owned().await;
+            let body = json!({"token": token, "state": "success", "exit_code": 0});
+            let answer = client.put(&url).json(&body).send().await;
+            assert!(
+                answer.as_ref().is_ok_and(|a| a.status() == 200),
+                "finishing job {id} in GitLab: {answer:?}"
+            );
+            patch_status(&pods, &format!("kiln-gl-{id}"), &finished_status()).await;
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = {
+            let snapshot = kube.snapshot();
+            snapshot.pods.len() + snapshot.secrets.len()
+        };
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} pods and Secrets left after {timeout:?}:\n{}",
+            kiln.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The status page with `status_builds` finished builds in its history: each URL timed
+/// `status_requests` times, one request after another; then as many builds again run at once
+/// while RSS is measured, the history still full.
+pub(crate) async fn run_status(options: &Options) -> StatusFigures {
+    let jobs = options.status_builds.max(1);
+    progress(&format!("status page: {jobs} builds into the history"));
+    let gitlab = gitlab(options).await;
+    let kube = KubeServer::start().await;
+    kube.set_kubelet(false);
+    kube.set_latency(Duration::from_millis(options.latency_ms));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.kubeconfig(&kubeconfig, NAMESPACE);
+    let http = free_addr();
+    let section = format!(
+        "[kubernetes]\nkubeconfig = \"{}\"\nhelper_image = \"{HELPER_IMAGE}\"\npending_timeout = \"1h\"\nqps = {:?}\nburst = {}\n\n[status]\nhistory = {jobs}\n\n[cost]\nprice_per_vcpu_hour = 0.04\nprice_per_gib_hour = 0.005\n",
+        kubeconfig.display(),
+        options.qps,
+        options.burst
+    );
+    let text = config(&gitlab, options, &http, "kubernetes", &section);
+    let kiln = Coordinator::start(&options.kiln_path(), &text, &http);
+    let pods: Api<Pod> = Api::namespaced(kube.client(NAMESPACE), NAMESPACE);
+
+    // Round one: `jobs` builds run and finish; the history is then full.
+    let round = |prefix: &'static str| {
+        (0..jobs)
+            .map(|i| gitlab.enqueue(job_json(&format!("{prefix}-{i}"), &["echo hello"])))
+            .collect::<Vec<u64>>()
+    };
+    let first = round("history");
+    run_pods(
+        &kube,
+        &kiln,
+        &pods,
+        &first.iter().copied().collect(),
+        create_timeout(options, jobs),
+    )
+    .await;
+    finish_pods(
+        &gitlab,
+        &kube,
+        &kiln,
+        &pods,
+        &first,
+        cleanup_timeout(options, jobs),
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let base = format!("http://{http}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer: Value = client
+            .get(format!("{base}/api/v1/builds"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let kept = answer["builds"].as_array().map_or(0, Vec::len);
+        if kept >= jobs {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the history holds {kept} of {jobs} builds:\n{}",
+            kiln.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, rss_history_only_kib) = kiln.memory();
+
+    progress(&format!(
+        "status page: timing {} requests of each URL",
+        options.status_requests
+    ));
+    let mut pages = Vec::new();
+    for path in [
+        "/".to_owned(),
+        format!("/?show={jobs}"),
+        "/api/v1/builds".to_owned(),
+        "/api/v1/sources".to_owned(),
+    ] {
+        let mut samples = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..options.status_requests.max(1) {
+            let sent = Instant::now();
+            let response = client.get(format!("{base}{path}")).send().await.unwrap();
+            assert_eq!(response.status(), 200, "GET {path}");
+            bytes = response.bytes().await.unwrap().len();
+            samples.push(sent.elapsed());
+        }
+        pages.push(PageTiming {
+            path,
+            latency: Spread::of(samples),
+            bytes,
+        });
+    }
+
+    // Round two: as many builds run at once, the history still full.
+    progress(&format!(
+        "status page: {jobs} concurrent builds with the history full"
+    ));
+    let second = round("concurrent");
+    run_pods(
+        &kube,
+        &kiln,
+        &pods,
+        &second.iter().copied().collect(),
+        create_timeout(options, jobs),
+    )
+    .await;
+    wait_quiet(&kube, create_timeout(options, jobs)).await;
+    let (hwm_kib, rss_kib) = kiln.memory();
+    StatusFigures {
+        history: jobs,
+        pages,
+        concurrent: jobs,
+        rss_kib,
+        hwm_kib,
+        rss_history_only_kib,
+    }
 }
 
 /// Waits until the API server saw no request for 2 s (at most `timeout`).
@@ -1267,6 +1466,40 @@ impl Report {
                 .collect();
             let _ = writeln!(out, "    GitHub calls: {}", kinds.join(", "));
         }
+        if let Some(status) = &self.status {
+            out.push('\n');
+            out.push_str(&status.render());
+        }
+        out
+    }
+}
+
+impl StatusFigures {
+    /// The status page's figures as text.
+    pub(crate) fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "## status page ({} finished builds in the history)",
+            self.history
+        );
+        for page in &self.pages {
+            let _ = writeln!(
+                out,
+                "GET {:<22} {} ({} KiB)",
+                page.path,
+                spread(&page.latency),
+                page.bytes / 1024
+            );
+        }
+        let _ = writeln!(
+            out,
+            "RSS with the history full: {} idle; {} with {} builds running (peak {})",
+            mib(self.rss_history_only_kib),
+            mib(self.rss_kib),
+            self.concurrent,
+            mib(self.hwm_kib)
+        );
         out
     }
 }

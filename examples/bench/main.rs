@@ -3,8 +3,9 @@
 //! Starts the GitLab test server with queued jobs, the Kubernetes test server (kubelet off: the
 //! benchmark itself moves each pod to Running and then to "agent reported") and a real
 //! `kiln run` (release build, `target/release/kiln` unless `--kiln PATH`), and prints dispatch
-//! overhead, burst throughput, footprint, idle traffic, local executor start latency and the GitHub
-//! Actions level (webhook → runner pod, API calls per job).
+//! overhead, burst throughput, footprint, idle traffic, local executor start latency, the GitHub
+//! Actions level (webhook → runner pod, API calls per job) and the status page's latency with a
+//! full history (`--only-status` measures only that).
 
 use clap::Parser;
 
@@ -40,6 +41,16 @@ async fn main() {
         eprintln!(
             "[bench] this benchmark binary is a debug build; the servers it runs are slower (build with --release)"
         );
+    }
+    if options.only_status {
+        let kiln = options.kiln_path();
+        assert!(
+            kiln.exists(),
+            "no kiln binary at {} (build it first: cargo build --release --bin kiln)",
+            kiln.display()
+        );
+        println!("{}", harness::run_status(&options).await.render());
+        return;
     }
     let report = harness::run(&options).await;
     println!("{}", report.render());

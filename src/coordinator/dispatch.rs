@@ -10,12 +10,15 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::cost::Prices;
+use super::history::{BuildRecord, End, History};
 use super::limiter::Limiter;
 use crate::build::{About, Build, BuildKey, Ending, FailureReason, Outcome};
-use crate::executor::{Executor, LaunchError, OnRunning, StillWanted, Watch};
+use crate::executor::{Executor, Footprint, LaunchError, OnRunning, StillWanted, Watch};
 use crate::sources::{Chain, Slot, Source};
 use crate::telemetry::{
-    DurationLabels, FinishedLabels, Metrics, OutcomeLabels, PhaseLabels, RunnerLabels, SourceLabels,
+    CostLabels, DurationLabels, FinishedLabels, Metrics, OutcomeLabels, PhaseLabels, RunnerLabels,
+    SourceLabels,
 };
 
 /// Where a build is, as the coordinator tracks it.
@@ -49,6 +52,28 @@ pub struct Alive {
     pub phase: Phase,
     /// When the coordinator launched (or adopted) it.
     pub since: SystemTime,
+    /// Its size and resource class, when the executor sizes builds.
+    pub footprint: Option<Footprint>,
+    /// When its pod (or process) was created; `None` before, and for adopted builds.
+    pub created: Option<SystemTime>,
+    /// When its main container (or process) started running.
+    pub running: Option<SystemTime>,
+}
+
+impl Alive {
+    /// The build as the status page shows it, with how it ended if it did.
+    pub(crate) fn record(&self, end: Option<End>) -> BuildRecord {
+        BuildRecord {
+            key: self.key.clone(),
+            name: self.name.clone(),
+            about: self.about.clone(),
+            footprint: self.footprint.clone(),
+            launched: self.since,
+            created: self.created,
+            running: self.running,
+            end,
+        }
+    }
 }
 
 /// The builds alive now, by name.
@@ -61,6 +86,10 @@ pub(crate) struct Dispatcher {
     pub(crate) executor: Arc<dyn Executor>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) table: Table,
+    /// The builds that finished lately, for the status page.
+    pub(crate) history: Arc<History>,
+    /// What a vCPU-hour and a GiB-hour cost by default.
+    pub(crate) prices: Prices,
     /// Cancels every build's watch (shutdown).
     pub(crate) cancel: CancellationToken,
 }
@@ -102,6 +131,9 @@ impl Dispatcher {
         } = start;
         let kind = key.source.name().to_owned();
         let launched = Instant::now();
+        let footprint = launch
+            .as_ref()
+            .and_then(|build| self.executor.footprint(build));
         let duplicate = {
             let mut table = self.table_lock();
             let duplicate = table.contains_key(&name);
@@ -114,6 +146,9 @@ impl Dispatcher {
                         about: about.clone(),
                         phase: Phase::Pending,
                         since: SystemTime::now(),
+                        footprint,
+                        created: None,
+                        running: None,
                     },
                 );
             }
@@ -137,20 +172,60 @@ impl Dispatcher {
         let ending = self
             .launch_and_watch(&source, &key, &name, &about, launch)
             .await;
+        let ended_at = SystemTime::now();
         if ending.outcome != Outcome::Lost {
             self.executor.delete(&name).await;
         }
         self.log_ending(&key, &name, &ending);
         source.ended(&key, &name, &ending).await;
 
-        let phase = self
-            .table_lock()
-            .remove(&name)
-            .map_or(Phase::Pending, |alive| alive.phase);
+        let alive = self.table_lock().remove(&name);
+        let phase = alive.as_ref().map_or(Phase::Pending, |alive| alive.phase);
         self.phase_gauge(&kind, phase, -1);
         self.metrics.jobs_running.dec();
         self.count_ending(&key, &ending, launched);
+        if let Some(alive) = alive {
+            self.remember(&alive, ending, ended_at);
+        }
         drop(slot);
+    }
+
+    /// Puts a finished build into the history, with its cost, and counts the cost.
+    fn remember(&self, alive: &Alive, ending: Ending, at: SystemTime) {
+        let mut record = alive.record(None);
+        // Only a pod that was created costs anything. A build kiln stopped following (Lost)
+        // runs on after this coordinator: it is not charged for a part of its life here, and
+        // the coordinator that adopts it does not know its size (documented in [cost]).
+        let cost = match (&record.footprint, record.created, ending.outcome) {
+            (_, _, Outcome::Lost) | (None, _, _) | (_, None, _) => None,
+            (Some(footprint), Some(_), _) => {
+                let seconds = at
+                    .duration_since(record.billed_from())
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                self.prices.cost(footprint, seconds)
+            }
+        };
+        if let (Some(cost), Some(footprint)) = (cost, &record.footprint)
+            && cost > 0.0
+        {
+            self.metrics
+                .build_cost
+                .get_or_create(&CostLabels {
+                    source: record.key.source.name().to_owned(),
+                    project: record.about.project.clone(),
+                    class: footprint.class.clone().unwrap_or_default(),
+                })
+                .inc_by(cost);
+        }
+        record.end = Some(End {
+            at,
+            outcome: ending.outcome,
+            detail: ending.detail,
+            exit_code: ending.exit_code,
+            cost,
+        });
+        self.history.push(record);
     }
 
     async fn launch_and_watch(
@@ -166,7 +241,11 @@ impl Dispatcher {
             // A running build keeps neither its spec nor its secrets in kiln's memory.
             drop(build);
             match launched {
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(alive) = self.table_lock().get_mut(name) {
+                        alive.created = Some(SystemTime::now());
+                    }
+                }
                 Err(LaunchError::Exists(_)) => {
                     tracing::info!(build = %key, name, "another coordinator runs this build already; leaving it to that one");
                     return Ending::lost("another coordinator runs this build");
@@ -211,7 +290,10 @@ impl Dispatcher {
             .table_lock()
             .get_mut(name)
             .filter(|alive| alive.phase == Phase::Pending)
-            .map(|alive| alive.phase = Phase::Running)
+            .map(|alive| {
+                alive.phase = Phase::Running;
+                alive.running = Some(SystemTime::now());
+            })
             .is_some();
         if moved {
             self.phase_gauge(kind, Phase::Pending, -1);

@@ -4,7 +4,9 @@
 //! graceful shutdown, and the chain's metrics and status.
 
 mod adoption;
+mod cost;
 mod dispatch;
+mod history;
 pub mod limiter;
 mod status;
 
@@ -18,10 +20,13 @@ use tokio_util::task::TaskTracker;
 use crate::executor::Executor;
 use crate::sources::{Chain, Source};
 use crate::telemetry::Metrics;
+pub use cost::{CostConfig, Prices};
 pub use dispatch::{Alive, Phase};
 use dispatch::{Dispatcher, SourceChain};
+use history::History;
+pub use history::{BuildRecord, End};
 use limiter::Limiter;
-pub use status::Status;
+pub use status::{SourceView, Status};
 
 /// How long stopped builds get to report before the coordinator stops waiting.
 const CANCEL_WAIT: Duration = Duration::from_secs(120);
@@ -35,6 +40,10 @@ pub struct Settings {
     pub concurrent: usize,
     /// How long shutdown waits for builds that do not survive it (local processes).
     pub shutdown_timeout: Duration,
+    /// Finished builds the status page keeps (`status.history`).
+    pub history: usize,
+    /// What a vCPU-hour and a GiB-hour cost unless a resource class says otherwise.
+    pub prices: Prices,
 }
 
 /// The coordinator of one `kiln run`.
@@ -60,6 +69,8 @@ impl Coordinator {
                 executor,
                 metrics,
                 table: Arc::new(Mutex::new(HashMap::new())),
+                history: Arc::new(History::new(settings.history)),
+                prices: settings.prices,
                 cancel: CancellationToken::new(),
             },
             settings,
@@ -72,6 +83,7 @@ impl Coordinator {
         Status::new(
             self.sources.clone(),
             Arc::clone(&self.dispatcher.table),
+            Arc::clone(&self.dispatcher.history),
             self.settings.concurrent,
         )
     }

@@ -1,16 +1,18 @@
-//! What the HTTP server shows of the chain: readiness, capacity in use and the builds alive,
-//! for every source (never a secret).
+//! What the HTTP server shows of the chain: readiness, capacity in use, every source's health,
+//! and the builds alive and lately finished — one history for every source, never a secret.
 
 use std::sync::Arc;
 
-use super::dispatch::{Alive, Table};
+use super::dispatch::Table;
+use super::history::{BuildRecord, History};
 use crate::sources::{Health, Source};
 
-/// A view of the coordinator for `/readyz` and the status page.
+/// A view of the coordinator for `/readyz`, the status page and its JSON API.
 #[derive(Clone)]
 pub struct Status {
     sources: Vec<Arc<dyn Source>>,
     table: Table,
+    history: Arc<History>,
     concurrent: usize,
 }
 
@@ -25,13 +27,21 @@ pub struct SourceView {
     pub health: Health,
     /// Its builds alive now.
     pub builds: usize,
+    /// Builds it may run at once besides `concurrent` (0: no own limit).
+    pub limit: usize,
 }
 
 impl Status {
-    pub(crate) fn new(sources: Vec<Arc<dyn Source>>, table: Table, concurrent: usize) -> Self {
+    pub(crate) fn new(
+        sources: Vec<Arc<dyn Source>>,
+        table: Table,
+        history: Arc<History>,
+        concurrent: usize,
+    ) -> Self {
         Self {
             sources,
             table,
+            history,
             concurrent,
         }
     }
@@ -54,6 +64,7 @@ impl Status {
                     .values()
                     .filter(|b| b.key.source == source.kind() && b.key.runner == source.name())
                     .count(),
+                limit: source.limit(),
             })
             .collect()
     }
@@ -64,16 +75,41 @@ impl Status {
         (alive, self.concurrent)
     }
 
-    /// The builds alive now, oldest first.
-    pub fn builds(&self) -> Vec<Alive> {
-        let mut builds: Vec<Alive> = self
+    /// The builds alive now (latest launch first), then the finished ones the history keeps
+    /// (latest end first).
+    pub fn builds(&self) -> Vec<Arc<BuildRecord>> {
+        let mut alive: Vec<Arc<BuildRecord>> = self
             .table
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .cloned()
+            .map(|alive| Arc::new(alive.record(None)))
             .collect();
-        builds.sort_by_key(|b| b.since);
-        builds
+        alive.sort_by_key(|record| std::cmp::Reverse(record.launched));
+        alive.extend(self.history.newest_first());
+        alive
+    }
+
+    /// How many finished builds the history keeps at most (`status.history`).
+    pub fn history_limit(&self) -> usize {
+        self.history.limit()
+    }
+}
+
+#[cfg(test)]
+impl Status {
+    /// A view of `sources` with no build alive and `finished` (oldest first) in a history of
+    /// `limit`, for the HTTP server's tests.
+    pub(crate) fn with_history(
+        sources: Vec<Arc<dyn Source>>,
+        finished: Vec<BuildRecord>,
+        limit: usize,
+        concurrent: usize,
+    ) -> Self {
+        let history = Arc::new(History::new(limit));
+        for record in finished {
+            history.push(record);
+        }
+        Self::new(sources, Table::default(), history, concurrent)
     }
 }

@@ -9,11 +9,11 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Coordinator, Settings, Status};
+use super::{Coordinator, Prices, Settings, Status};
 use crate::build::{
     About, Build, BuildKey, Ending, FailureReason, Found, JOB_FILE, Outcome, SourceKind, Workload,
 };
-use crate::executor::{Executor, ExecutorError, LaunchError, Watch};
+use crate::executor::{Executor, ExecutorError, Footprint, LaunchError, Watch};
 use crate::sources::{Adoption, Chain, Health, Source};
 use crate::telemetry::Metrics;
 
@@ -72,6 +72,16 @@ impl Executor for FakeExecutor {
 
     fn survives_restart(&self) -> bool {
         true
+    }
+
+    fn footprint(&self, _build: &Build) -> Option<Footprint> {
+        Some(Footprint {
+            class: Some("spot".into()),
+            vcpu: 2.0,
+            gib: 4.0,
+            price_per_vcpu_hour: None,
+            price_per_gib_hour: Some(0.0),
+        })
     }
 
     fn launch<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>> {
@@ -190,6 +200,7 @@ impl Source for FakeSource {
             state: "ready".into(),
             url: "http://ci.example.com/".into(),
             last_error: None,
+            last_success: None,
         }
     }
 }
@@ -220,6 +231,9 @@ fn build(id: u64) -> Build {
     }
 }
 
+/// Finished builds the test coordinators keep.
+const HISTORY: usize = 3;
+
 fn succeeded() -> Ending {
     Ending {
         outcome: Outcome::Succeeded,
@@ -230,6 +244,7 @@ fn succeeded() -> Ending {
 }
 
 struct Harness {
+    metrics: Arc<Metrics>,
     executor: Arc<FakeExecutor>,
     source: Arc<FakeSource>,
     status: Status,
@@ -243,12 +258,19 @@ async fn start(concurrent: usize, before: impl FnOnce(&FakeExecutor)) -> Harness
     let executor = Arc::new(FakeExecutor::default());
     before(&executor);
     let source = Arc::new(FakeSource::default());
+    let metrics = Metrics::new();
     let coordinator = Coordinator::new(
         Settings {
             concurrent,
             shutdown_timeout: Duration::from_secs(1),
+            history: HISTORY,
+            // A vCPU-second costs 1, so a build of milliseconds costs something.
+            prices: Prices {
+                per_vcpu_hour: 3600.0,
+                per_gib_hour: 1000.0,
+            },
         },
-        Metrics::new(),
+        Arc::clone(&metrics),
         Arc::clone(&executor) as Arc<dyn Executor>,
         vec![Arc::clone(&source) as Arc<dyn Source>],
     );
@@ -263,6 +285,7 @@ async fn start(concurrent: usize, before: impl FnOnce(&FakeExecutor)) -> Harness
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Harness {
+        metrics,
         executor,
         source,
         status,
@@ -388,4 +411,66 @@ async fn a_restart_adopts_running_builds_and_counts_them_against_concurrent() {
     assert_eq!(ended[1].0, "kiln-gl-22");
     assert_eq!(ended[1].1.outcome, Outcome::Lost);
     assert!(!h.executor.lock().deletes.contains(&"kiln-gl-22".to_owned()));
+}
+
+#[tokio::test]
+async fn finished_builds_are_kept_in_a_bounded_history_with_their_cost() {
+    let h = start(8, |_| {}).await;
+    let chain = h.source.chain();
+    for id in 1..=4 {
+        let slot = chain.slot().await.unwrap();
+        let mut build = build(id);
+        build.about.project = "group/demo".into();
+        chain.launch(slot, build);
+    }
+    until("all four run", || h.status.capacity().0 == 4).await;
+    let alive = h.status.builds();
+    assert_eq!(alive.len(), 4);
+    assert!(alive.iter().all(|b| b.end.is_none() && b.running.is_some()));
+    for id in 1..=4 {
+        let ending = if id == 3 {
+            Ending::failed(
+                FailureReason::ImagePullFailure,
+                "the image alpine:nope does not exist",
+            )
+        } else {
+            succeeded()
+        };
+        h.executor.finish(&key(id).resource_name(), ending);
+        until("the build is in the history", || {
+            h.status
+                .builds()
+                .iter()
+                .any(|b| b.key.id == id && b.end.is_some())
+        })
+        .await;
+    }
+    until("nothing is alive", || h.status.capacity().0 == 0).await;
+    let kept: Vec<u64> = h.status.builds().iter().map(|b| b.key.id).collect();
+    assert_eq!(kept, [4, 3, 2], "the newest {HISTORY} builds, newest first");
+    let failed = &h.status.builds()[1];
+    let end = failed.end.as_ref().unwrap();
+    assert_eq!(
+        end.outcome,
+        Outcome::Failed(FailureReason::ImagePullFailure)
+    );
+    assert_eq!(end.detail, "the image alpine:nope does not exist");
+    assert!(failed.created.is_some() && failed.created <= failed.running);
+    // The class prices memory at 0 over the default: only the 2 vCPUs cost, 1 a second each.
+    let seconds = end
+        .at
+        .duration_since(failed.created.unwrap())
+        .unwrap()
+        .as_secs_f64();
+    let cost = end.cost.unwrap();
+    assert!((cost - 2.0 * seconds).abs() < 1e-9, "{cost} for {seconds}s");
+    let metrics = h.metrics.encode();
+    assert!(
+        metrics.contains(
+            r#"kiln_build_cost_total{source="gitlab",project="group/demo",class="spot"}"#
+        ),
+        "{metrics}"
+    );
+    h.shutdown.cancel();
+    h.task.await.unwrap();
 }

@@ -97,6 +97,22 @@ pub enum ExecutorError {
     },
 }
 
+/// What a build occupies while it runs, and what its resource class costs: the base of the
+/// build's cost (pod-seconds × size × price), as serverless clusters bill it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Footprint {
+    /// The resource class it runs in, if any.
+    pub class: Option<String>,
+    /// vCPUs its containers request (their limit where they request none).
+    pub vcpu: f64,
+    /// GiB of memory its containers request (their limit where they request none).
+    pub gib: f64,
+    /// The class's own price of a vCPU-hour (spot, GPU), over `[cost]`'s.
+    pub price_per_vcpu_hour: Option<f64>,
+    /// The class's own price of a GiB-hour, over `[cost]`'s.
+    pub price_per_gib_hour: Option<f64>,
+}
+
 /// Runs builds.
 pub trait Executor: Send + Sync {
     /// The executor's name, as shown in traces and sent to GitLab.
@@ -116,6 +132,13 @@ pub trait Executor: Send + Sync {
     /// waits in the CI server's queue, not inside kiln.
     fn ready(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+
+    /// What `build` will occupy once launched (its size and its class's prices); `None` when
+    /// the executor does not size builds (child processes).
+    fn footprint(&self, build: &Build) -> Option<Footprint> {
+        let _ = build;
+        None
     }
 
     /// Starts `build` under its name.

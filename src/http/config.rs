@@ -1,4 +1,5 @@
-//! `[http]`: where the coordinator's HTTP server listens and the limits it holds strangers to.
+//! `[http]`: where the coordinator's HTTP server listens and the limits it holds strangers to;
+//! `[status]`: the status page and its JSON API.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -53,6 +54,55 @@ impl HttpConfig {
             if value.is_zero() {
                 problems.push(Problem::new(field, "must be longer than 0s"));
             }
+        }
+        problems
+    }
+}
+
+/// The most finished builds `status.history` may keep: each takes a few hundred bytes.
+const MAX_HISTORY: usize = 100_000;
+
+/// `[status]`: the status page (`/`) and its JSON API (`/api/v1/…`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusConfig {
+    /// Finished builds kept for the page and the API, across all sources: a ring, the oldest
+    /// forgotten first, so memory stays bounded.
+    pub history: usize,
+    /// A token the page and the API require from every client (`Authorization: Bearer …`, or
+    /// as the password of HTTP Basic auth for browsers). Unset: they answer only to clients on
+    /// the loopback interface (`kubectl port-forward`, a shell in the pod).
+    pub token: Option<String>,
+    /// How often the page reloads itself in a browser (0s: never).
+    #[serde(with = "humantime_serde")]
+    pub refresh: Duration,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        Self {
+            history: 1000,
+            token: None,
+            refresh: Duration::from_secs(15),
+        }
+    }
+}
+
+impl StatusConfig {
+    /// Every problem of `[status]`.
+    pub(crate) fn problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if self.history > MAX_HISTORY {
+            problems.push(Problem::new(
+                "status.history",
+                format!("must be at most {MAX_HISTORY}"),
+            ));
+        }
+        if self.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            problems.push(Problem::new(
+                "status.token",
+                "must not be empty; leave it out to serve the page on localhost only",
+            ));
         }
         problems
     }

@@ -1,8 +1,10 @@
-//! The coordinator's HTTP server: `/healthz`, `/readyz`, `/metrics`, the Jenkins webhook and
-//! a small status page.
+//! The coordinator's HTTP server: `/healthz`, `/readyz`, `/metrics`, the Jenkins and GitHub
+//! webhooks, and the status page with its JSON API.
 
 mod config;
 mod serve;
+mod status_api;
+mod status_page;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,15 +13,16 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 use crate::coordinator::Status;
 use crate::sources::github::{Delivery, GitHubHook};
 use crate::sources::jenkins::Wake;
 use crate::telemetry::Metrics;
-pub use config::HttpConfig;
+pub use config::{HttpConfig, StatusConfig};
 pub use serve::{ServeLimits, serve};
+pub use status_api::{StatusAccess, StatusPage};
 
 /// The largest webhook body kiln reads; senders post a few KiB at most.
 const WEBHOOK_BODY_LIMIT: usize = 64 * 1024;
@@ -37,12 +40,25 @@ pub struct AppState {
     pub github_hooks: Vec<GitHubHook>,
     /// How long a webhook sender may take to send its body.
     pub body_timeout: Duration,
+    /// Who may read the status page and how it looks.
+    pub status_page: StatusPage,
 }
 
 /// The router; tests call it without a socket.
 pub fn router(state: AppState) -> Router {
+    // The status page and its API show what runs where: only to whoever `status.token` or
+    // the loopback interface lets in.
+    let status = Router::new()
+        .route("/", get(status_page::page))
+        .route("/api/v1/builds", get(status_api::builds))
+        .route("/api/v1/sources", get(status_api::sources))
+        .route("/api/v1/costs", get(status_api::costs))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            status_api::guard,
+        ));
     Router::new()
-        .route("/", get(status_page))
+        .merge(status)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -247,33 +263,5 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Source names, redacted URLs and states only: tokens never appear here.
-async fn status_page(State(state): State<AppState>) -> Html<String> {
-    let (running, capacity) = state.status.capacity();
-    let rows: String = state
-        .status
-        .sources()
-        .into_iter()
-        .map(|s| {
-            format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                s.kind,
-                escape(&s.name),
-                escape(&s.health.url),
-                escape(&s.health.state),
-                s.builds
-            )
-        })
-        .collect();
-    Html(format!(
-        "<!doctype html><title>kiln</title><h1>kiln {}</h1><p>{running} of {capacity} build slots in use</p>\
-         <table><tr><th>source</th><th>name</th><th>URL</th><th>state</th><th>builds</th></tr>{rows}</table>",
-        crate::VERSION
-    ))
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
+#[cfg(test)]
+mod tests;

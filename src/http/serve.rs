@@ -7,7 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::{Extension, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -68,8 +69,8 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: pause instead of spinning.
                 tracing::warn!(error = %e, "cannot accept an HTTP connection");
@@ -84,7 +85,11 @@ pub async fn serve(
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
             .max_buf_size(MAX_HEAD_BYTES)
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+            .serve_connection(
+                TokioIo::new(stream),
+                // The peer's address, for handlers that serve loopback clients only.
+                TowerToHyperService::new(app.clone().layer(Extension(ConnectInfo(peer)))),
+            );
         let connection = graceful.watch(connection);
         connections.spawn(async move {
             // Errors here are the client's (a reset, a header timeout): nothing to report.

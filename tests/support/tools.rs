@@ -136,3 +136,33 @@ impl Tools {
         Command::new(&self.kubernetes_validate)
     }
 }
+
+/// Headless Chromium for the status page test: `TEST_CHROMIUM`, else `chromium` on `PATH`.
+/// Unlike the chart tools it is a system package (it needs its shared libraries), so a test
+/// does not install it: `.ci/install-test-tools` does, with apt-get.
+///
+/// # Panics
+/// When neither is there: the message says how to install it.
+pub fn chromium() -> PathBuf {
+    if let Some(path) = std::env::var_os("TEST_CHROMIUM").map(PathBuf::from) {
+        assert!(
+            path.is_file(),
+            "TEST_CHROMIUM={} does not exist; unset it to use `chromium` from PATH",
+            path.display()
+        );
+        return path;
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("chromium"))
+            .find(|candidate| candidate.is_file())
+    });
+    on_path.unwrap_or_else(|| {
+        panic!(
+            "the status page test needs headless Chromium and there is no `chromium` on PATH: \
+             run {} (it installs Debian's chromium with apt-get), or point TEST_CHROMIUM at a \
+             Chromium or Chrome binary",
+            repo().join(".ci/install-test-tools").display()
+        )
+    })
+}

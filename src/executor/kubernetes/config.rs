@@ -282,6 +282,10 @@ pub struct ResourceClass {
     pub runtime_class: Option<String>,
     /// `priorityClassName`.
     pub priority_class: Option<String>,
+    /// What a vCPU-hour costs in this class (spot, GPU), over `[cost] price_per_vcpu_hour`.
+    pub price_per_vcpu_hour: Option<f64>,
+    /// What a GiB-hour of memory costs in this class, over `[cost] price_per_gib_hour`.
+    pub price_per_gib_hour: Option<f64>,
 }
 
 /// Built-in resource class presets for serverless and autoscaled clusters.
@@ -380,6 +384,8 @@ impl ResourceClass {
         out.labels.extend(self.labels.clone());
         out.runtime_class = self.runtime_class.clone().or(out.runtime_class);
         out.priority_class = self.priority_class.clone().or(out.priority_class);
+        out.price_per_vcpu_hour = self.price_per_vcpu_hour.or(out.price_per_vcpu_hour);
+        out.price_per_gib_hour = self.price_per_gib_hour.or(out.price_per_gib_hour);
         out.preset = None;
         out
     }
@@ -496,6 +502,19 @@ impl KubernetesConfig {
                     format!("kubernetes.resource_classes.{name}.{path}"),
                     message,
                 );
+            }
+            for (field, price) in [
+                ("price_per_vcpu_hour", class.price_per_vcpu_hour),
+                ("price_per_gib_hour", class.price_per_gib_hour),
+            ] {
+                if let Some(price) = price
+                    && !(price.is_finite() && price >= 0.0)
+                {
+                    problem(
+                        format!("kubernetes.resource_classes.{name}.{field}"),
+                        "must be a price of 0 or more".into(),
+                    );
+                }
             }
         }
         let known = |name: &str| self.resource_classes.contains_key(name);

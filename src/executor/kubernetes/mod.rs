@@ -22,7 +22,7 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
 use tokio_util::sync::CancellationToken;
 
-use super::{Executor, ExecutorError, LaunchError, Watch};
+use super::{Executor, ExecutorError, Footprint, LaunchError, Watch};
 use crate::build::{Build, BuildKey, Ending, Found, SourceKind};
 use classify::{Limits, Memory, PodEnd, Verdict};
 pub use client::ClusterError;
@@ -469,6 +469,10 @@ impl Executor for KubernetesExecutor {
         // Room for two starts: the previous build's pod create and Secret patch may still be
         // on their way, and must not make this build's pod create wait.
         Box::pin(self.cluster.until_free(2.0 * START_CALLS))
+    }
+
+    fn footprint(&self, build: &Build) -> Option<Footprint> {
+        podspec::footprint(build, &self.config)
     }
 
     fn launch<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>> {

@@ -21,6 +21,7 @@ use crate::build::{
     Build, ClassChoice, EnvValue, ForeignAgent, Image, JOB_FILE, PullPolicy, Request, Requested,
     Service, Workload,
 };
+use crate::executor::Footprint;
 
 /// Where the init container puts the agent binary.
 pub(crate) const BIN_DIR: &str = "/kiln/bin";
@@ -206,6 +207,46 @@ pub(crate) fn pod(
         ..Pod::default()
     };
     apply_patch(pod, config)
+}
+
+/// What the pod of `build` occupies: the requests of the containers that run together (the
+/// init container runs before them and is not counted), a container's limit where it requests
+/// nothing, and the prices of its resource class. `None` when the build cannot get a pod.
+pub(crate) fn footprint(build: &Build, config: &KubernetesConfig) -> Option<Footprint> {
+    let pod = pod(build, config, "default").ok()?;
+    let class = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(LABEL_CLASS))
+        .cloned();
+    let prices = class
+        .as_deref()
+        .and_then(|name| config.resource_classes.get(name))
+        .map(ResourceClass::resolved)
+        .unwrap_or_default();
+    let (mut cpu, mut memory) = (0.0, 0.0);
+    for container in pod.spec.iter().flat_map(|spec| spec.containers.iter()) {
+        let Some(resources) = &container.resources else {
+            continue;
+        };
+        let amount = |key: &str| {
+            [&resources.requests, &resources.limits]
+                .into_iter()
+                .find_map(|set| set.as_ref()?.get(key))
+                .and_then(|q| quantity::parse(&q.0))
+                .unwrap_or(0.0)
+        };
+        cpu += amount("cpu");
+        memory += amount("memory");
+    }
+    Some(Footprint {
+        class,
+        vcpu: cpu,
+        gib: memory / 1024f64.powi(3),
+        price_per_vcpu_hour: prices.price_per_vcpu_hour,
+        price_per_gib_hour: prices.price_per_gib_hour,
+    })
 }
 
 /// The pod of the kiln agent: `prepare` installs the agent and fetches the sources, `build`
@@ -945,6 +986,52 @@ mod tests {
         );
         let err = pod(&evil, &config, "ci").unwrap_err();
         assert!(err.0.contains("does not match"), "{err}");
+    }
+
+    #[test]
+    fn the_footprint_sums_what_the_running_containers_request_and_carries_class_prices() {
+        let mut config = KubernetesConfig::default();
+        config.resource_classes.insert(
+            "gpu".into(),
+            ResourceClass {
+                resources: Resources {
+                    cpu_request: Some("4".into()),
+                    memory_request: Some("16Gi".into()),
+                    memory_limit: Some("16Gi".into()),
+                    ..Resources::default()
+                },
+                price_per_vcpu_hour: Some(0.5),
+                ..ResourceClass::default()
+            },
+        );
+        let with_service = Build {
+            workload: Workload::KilnAgent {
+                image: None,
+                services: vec![Service {
+                    image: Image {
+                        name: "postgres:16".into(),
+                        ..Image::default()
+                    },
+                    ..Service::default()
+                }],
+            },
+            class: Some(ClassChoice {
+                name: "gpu".into(),
+                origin: "KILN_RESOURCE_CLASS".into(),
+            }),
+            ..build()
+        };
+        let footprint = footprint(&with_service, &config).unwrap();
+        assert_eq!(footprint.class.as_deref(), Some("gpu"));
+        // The build container (4 vCPU, 16 GiB) and the service (250m, 256Mi); not the init
+        // container, which runs before them.
+        assert!((footprint.vcpu - 4.25).abs() < 1e-9, "{footprint:?}");
+        assert!((footprint.gib - 16.25).abs() < 1e-9, "{footprint:?}");
+        assert_eq!(footprint.price_per_vcpu_hour, Some(0.5));
+        assert_eq!(footprint.price_per_gib_hour, None);
+        // The default class: the `[kubernetes.build]` requests, no class prices.
+        let plain = super::footprint(&build(), &KubernetesConfig::default()).unwrap();
+        assert_eq!((plain.class, plain.vcpu, plain.gib), (None, 1.0, 2.0));
     }
 
     #[test]

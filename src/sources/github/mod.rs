@@ -72,7 +72,7 @@ pub struct GitHubSource {
 #[derive(Debug, Default, Clone)]
 struct HealthState {
     connected: bool,
-    last_error: Option<String>,
+    contact: crate::sources::Contact,
 }
 
 /// The webhook's way into a GitHub source.
@@ -225,7 +225,7 @@ impl GitHubSource {
         if let Some(connected) = connected {
             health.connected = connected;
         }
-        health.last_error = last_error;
+        health.contact.record(last_error);
     }
 
     /// Whether a job with these `runs-on` labels runs on kiln's runners, and its class.
@@ -756,6 +756,7 @@ impl GitHubSource {
                 job: queued
                     .map(|q| q.job.name.clone())
                     .unwrap_or_else(|| "warm runner".into()),
+                pipeline: queued.map(|q| q.job.run_id.to_string()),
                 url: queued.map(|q| q.job.url.clone()).filter(|u| !u.is_empty()),
                 queued_at: queued.and_then(|q| q.job.created_at),
             },
@@ -880,6 +881,7 @@ impl Source for GitHubSource {
             Adoption::Follow(About {
                 project: String::new(),
                 job: format!("runner {}", found.name),
+                pipeline: None,
                 url: None,
                 queued_at: None,
             })
@@ -912,13 +914,14 @@ impl Source for GitHubSource {
             .clone();
         Health {
             ready: health.connected,
-            state: match (health.connected, health.last_error.is_some()) {
+            state: match (health.connected, health.contact.last_error.is_some()) {
                 (false, _) => "signing in".into(),
                 (true, true) => "backing off".into(),
                 (true, false) => "ready".into(),
             },
             url: crate::net::redact_url(&self.config.api_url),
-            last_error: health.last_error,
+            last_error: health.contact.last_error,
+            last_success: health.contact.last_success,
         }
     }
 }

@@ -115,6 +115,7 @@ pub(crate) fn about(job: &JobPayload) -> About {
             .clone()
             .unwrap_or_else(|| job.job_info.project_name.clone()),
         job: job.job_info.name.clone(),
+        pipeline: job.job_info.pipeline_id.map(|id| id.to_string()),
         url: job.variable("CI_JOB_URL").map(str::to_owned),
         queued_at: job
             .job_info

@@ -216,6 +216,7 @@ impl Source for GitLabSource {
             state: state.to_owned(),
             url: crate::net::redact_url(self.runner.url()),
             last_error: self.runner.last_error(),
+            last_success: self.runner.last_success(),
         }
     }
 }

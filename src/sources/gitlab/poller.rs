@@ -37,8 +37,9 @@ pub struct Runner {
     paused: AtomicBool,
     verify_gate: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
-    /// The last failed request, in plain words; cleared by the next answer.
-    last_error: std::sync::Mutex<Option<String>>,
+    /// The last failed request, in plain words (cleared by the next answer), and when one
+    /// last succeeded.
+    contact: std::sync::Mutex<crate::sources::Contact>,
 }
 
 /// A job GitLab assigned to this coordinator, holding its capacity until dropped.
@@ -84,7 +85,7 @@ impl Runner {
             paused: AtomicBool::new(false),
             verify_gate: tokio::sync::Mutex::new(()),
             metrics,
-            last_error: std::sync::Mutex::new(None),
+            contact: std::sync::Mutex::new(crate::sources::Contact::default()),
         }))
     }
 
@@ -110,14 +111,20 @@ impl Runner {
 
     /// The last failed request, in plain words, if the last request failed.
     pub fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.contact_lock().last_error.clone()
+    }
+
+    /// When a request to GitLab last got an answer.
+    pub fn last_success(&self) -> Option<std::time::SystemTime> {
+        self.contact_lock().last_success
     }
 
     fn set_last_error(&self, error: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+        self.contact_lock().record(error);
+    }
+
+    fn contact_lock(&self) -> std::sync::MutexGuard<'_, crate::sources::Contact> {
+        self.contact.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn labels(&self) -> RunnerLabels {

@@ -150,6 +150,7 @@ impl AgentSpec<'_> {
             about: About {
                 project: self.job.to_owned(),
                 job: format!("{} (agent {})", self.label, self.node),
+                pipeline: None,
                 url: Some(format!("{}queue/item/{}/", self.url, self.queue_id)),
                 queued_at: None,
             },

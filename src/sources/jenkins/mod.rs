@@ -49,8 +49,8 @@ pub struct JenkinsSource {
     /// What the coordinator tells the poll loop (adopted agents, ended builds).
     events: mpsc::UnboundedSender<Event>,
     inbox: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
-    /// The last failed look at Jenkins, in plain words.
-    last_error: Mutex<Option<String>>,
+    /// The last failed look at Jenkins, in plain words, and when one last succeeded.
+    contact: Mutex<crate::sources::Contact>,
 }
 
 /// News for the poll loop from the coordinator.
@@ -135,7 +135,7 @@ impl JenkinsSource {
             wake: Arc::new(Notify::new()),
             events,
             inbox: Mutex::new(Some(inbox)),
-            last_error: Mutex::new(None),
+            contact: Mutex::new(crate::sources::Contact::default()),
         })
     }
 
@@ -253,7 +253,10 @@ impl JenkinsSource {
     }
 
     fn set_last_error(&self, error: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+        self.contact
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(error);
     }
 
     /// Sets `kiln_jenkins_agents` for every label kiln serves.
@@ -663,6 +666,7 @@ impl Source for JenkinsSource {
                 let about = About {
                     project: String::new(),
                     job: format!("{label} (agent {node})"),
+                    pipeline: None,
                     url: None,
                     queued_at: None,
                 };
@@ -694,11 +698,12 @@ impl Source for JenkinsSource {
     }
 
     fn health(&self) -> Health {
-        let last_error = self
-            .last_error
+        let contact = self
+            .contact
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let last_error = contact.last_error;
         Health {
             // Jenkins needs no token check before work can be taken: a failing Jenkins is
             // shown (and backed off from), not a reason to mark kiln unready.
@@ -710,6 +715,7 @@ impl Source for JenkinsSource {
             },
             url: crate::net::redact_url(self.api.url().as_str()),
             last_error,
+            last_success: contact.last_success,
         }
     }
 }
