@@ -330,6 +330,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = kiln::coordinator::Settings {
         concurrent: config.concurrent,
         shutdown_timeout: config.shutdown_timeout,
+        leases: kiln::coordinator::LeaseTiming {
+            duration: config.kubernetes.lease_duration,
+            renew: config.kubernetes.lease_renew,
+        },
     };
     let coordinator =
         kiln::coordinator::Coordinator::new(settings, Arc::clone(&metrics), executor, sources);

@@ -247,6 +247,7 @@ async fn start(concurrent: usize, before: impl FnOnce(&FakeExecutor)) -> Harness
         Settings {
             concurrent,
             shutdown_timeout: Duration::from_secs(1),
+            leases: super::LeaseTiming::default(),
         },
         Metrics::new(),
         Arc::clone(&executor) as Arc<dyn Executor>,
@@ -304,6 +305,8 @@ async fn a_build_is_never_launched_twice_for_one_job() {
         secrets: BTreeMap::new(),
         labels: BTreeMap::new(),
         annotations: BTreeMap::new(),
+        replica: None,
+        version: None,
     });
     let slot = chain.slot().await.unwrap();
     chain.launch(slot, build(8));
@@ -356,6 +359,8 @@ async fn a_restart_adopts_running_builds_and_counts_them_against_concurrent() {
                 secrets: BTreeMap::new(),
                 labels: BTreeMap::new(),
                 annotations: BTreeMap::new(),
+                replica: None,
+                version: None,
             });
         }
     })

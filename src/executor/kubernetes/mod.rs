@@ -6,6 +6,7 @@
 mod classify;
 mod client;
 pub mod config;
+mod lease;
 pub(crate) mod podspec;
 mod quantity;
 mod watch;
@@ -22,7 +23,7 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use tokio_util::sync::CancellationToken;
 
-use super::{Executor, ExecutorError, LaunchError, Watch};
+use super::{Claim, Executor, ExecutorError, LaunchError, Leases, Watch};
 use crate::build::{Build, BuildKey, Ending, Found, SourceKind};
 use classify::{Limits, Memory, PodEnd, Verdict};
 pub use client::ClusterError;
@@ -30,7 +31,7 @@ use client::{Cluster, is_status};
 pub use config::KubernetesConfig;
 use podspec::{
     ANNOTATION_MAIN, ANNOTATION_RUNNER, BUILD_CONTAINER, LABEL_COORDINATOR, LABEL_JOB_ID,
-    LABEL_RUNNER, LABEL_SOURCE, OWN_LABELS,
+    LABEL_REPLICA, LABEL_RUNNER, LABEL_SOURCE, OWN_LABELS,
 };
 use watch::{PodSeen, PodWatch, Subscription};
 
@@ -67,10 +68,13 @@ impl KubernetesExecutor {
         cluster.check_permissions().await?;
         let selector = format!("{LABEL_COORDINATOR}={}", config.coordinator);
         let pods = PodWatch::start(cluster.api(), selector.clone(), shutdown);
-        tracing::info!(namespace = cluster.namespace(), selector = %selector, "connected to Kubernetes");
+        let mut config = config.clone();
+        let replica = config.replica_id();
+        config.replica = Some(replica.clone());
+        tracing::info!(namespace = cluster.namespace(), selector = %selector, %replica, "connected to Kubernetes");
         Ok(Self {
             cluster: Arc::new(cluster),
-            config: Arc::new(config.clone()),
+            config: Arc::new(config),
             pods,
             selector,
         })
@@ -144,12 +148,23 @@ impl KubernetesExecutor {
 
     async fn watch_build(&self, name: &str, watch: Watch) -> Ending {
         let mut subscription = self.pods.subscribe(name);
-        let Some(mut end) = self.follow(name, &mut subscription, &watch).await else {
-            tracing::info!(
-                pod = name,
-                "coordinator stopping; the build pod keeps running and will be adopted"
-            );
-            return Ending::lost("the coordinator stopped following the build");
+        let mut end = match self.follow(name, &mut subscription, &watch).await {
+            Followed::Ended(end) => end,
+            Followed::Canceled => {
+                tracing::info!(
+                    pod = name,
+                    "coordinator stopping; the build pod keeps running and will be adopted"
+                );
+                return Ending::lost("the coordinator stopped following the build");
+            }
+            Followed::Claimed(replica) => {
+                tracing::info!(
+                    pod = name,
+                    %replica,
+                    "another replica took the build over; no longer following it"
+                );
+                return Ending::lost(format!("replica {replica} follows the build now"));
+            }
         };
         if end.stuck_pending {
             end.detail = format!("{}{}", end.detail, self.warning_events(name).await);
@@ -157,13 +172,9 @@ impl KubernetesExecutor {
         end.into_ending()
     }
 
-    /// Follows the pod until its build ends; `None` when `watch.cancel` fires first.
-    async fn follow(
-        &self,
-        name: &str,
-        subscription: &mut Subscription,
-        watch: &Watch,
-    ) -> Option<PodEnd> {
+    /// Follows the pod until its build ends, `watch.cancel` fires, or another replica claims
+    /// it.
+    async fn follow(&self, name: &str, subscription: &mut Subscription, watch: &Watch) -> Followed {
         let mut main = BUILD_CONTAINER.to_owned();
         let mut memory = Memory::default();
         let mut last: Option<Arc<Pod>> = None;
@@ -185,17 +196,17 @@ impl KubernetesExecutor {
                             classify::classify(pod, Timestamp::now(), limits, &mut memory)
                             && end.result.as_ref().is_some_and(|r| r.reported)
                         {
-                            return Some(end);
+                            return Followed::Ended(end);
                         }
                     }
-                    return Some(classify::deleted(final_state.as_deref()));
+                    return Followed::Ended(classify::deleted(final_state.as_deref()));
                 }
                 PodSeen::Unknown if unseen_checks > 0 => {
                     // The watch has not shown the pod yet (or is failing): read it directly.
                     let pods: Api<Pod> = self.cluster.api();
                     match self.cluster.call(|| pods.get_opt(name)).await {
                         Ok(Some(pod)) => Some(Arc::new(pod)),
-                        Ok(None) => return Some(classify::deleted(last.as_deref())),
+                        Ok(None) => return Followed::Ended(classify::deleted(last.as_deref())),
                         Err(e) => {
                             tracing::warn!(pod = name, error = %e, "cannot read the build pod");
                             None
@@ -206,6 +217,9 @@ impl KubernetesExecutor {
             };
             let mut recheck = match snapshot {
                 Some(pod) => {
+                    if let Some(replica) = self.claimed_by_other(&pod) {
+                        return Followed::Claimed(replica);
+                    }
                     if let Some(named) = main_container(&pod) {
                         named.clone_into(&mut main);
                     }
@@ -219,7 +233,7 @@ impl KubernetesExecutor {
                     }
                     last = Some(pod);
                     match verdict {
-                        Verdict::Ended(end) => return Some(end),
+                        Verdict::Ended(end) => return Followed::Ended(end),
                         Verdict::Wait { recheck } => recheck.unwrap_or(IDLE_RECHECK),
                     }
                 }
@@ -234,7 +248,7 @@ impl KubernetesExecutor {
                 let now = tokio::time::Instant::now();
                 if now >= next_wanted_check {
                     if !still_wanted.ask().await {
-                        return Some(classify::canceled_before_start());
+                        return Followed::Ended(classify::canceled_before_start());
                     }
                     next_wanted_check = now + wanted_every;
                 }
@@ -243,8 +257,58 @@ impl KubernetesExecutor {
             tokio::select! {
                 _ = subscription.changes.changed() => unseen_checks = 0,
                 () = tokio::time::sleep(recheck) => {}
-                () = watch.cancel.cancelled() => return None,
+                () = watch.cancel.cancelled() => return Followed::Canceled,
             }
+        }
+    }
+
+    /// The replica the pod is labelled with when that is not this one: another replica has
+    /// taken the build over.
+    fn claimed_by_other(&self, pod: &Pod) -> Option<String> {
+        let mine = self.config.replica.as_deref()?;
+        let labelled = pod.metadata.labels.as_ref()?.get(LABEL_REPLICA)?;
+        (labelled != mine).then(|| labelled.clone())
+    }
+
+    /// Labels build `found` (its pod, else its Secret) with this replica, on the condition
+    /// that it is still as it was listed (its resourceVersion): of replicas claiming it at
+    /// once, exactly one wins.
+    async fn claim_build(&self, found: &Found) -> Claim {
+        let Some(replica) = self.config.replica.as_deref() else {
+            return Claim::Won;
+        };
+        let patch = serde_json::json!({
+            "metadata": {
+                "resourceVersion": found.version,
+                "labels": {LABEL_REPLICA: replica},
+            }
+        });
+        let params = PatchParams::default();
+        let patch = Patch::Merge(&patch);
+        let result = if found.exists {
+            let pods: Api<Pod> = self.cluster.api();
+            self.cluster
+                .call(|| pods.patch(&found.name, &params, &patch))
+                .await
+                // Following starts from the claimed state, not from the listed one (which
+                // names the replica the build is taken from).
+                .map(|pod| self.pods.written(pod))
+        } else {
+            let secrets: Api<Secret> = self.cluster.api();
+            self.cluster
+                .call(|| secrets.patch(&found.name, &params, &patch))
+                .await
+                .map(|_| ())
+        };
+        match result {
+            Ok(()) => Claim::Won,
+            Err(e) if is_status(&e, 409) || is_status(&e, 404) => Claim::Lost,
+            Err(e) => Claim::Failed(format!(
+                "cannot label build {} with replica {replica} in namespace `{}`: {}",
+                found.name,
+                self.cluster.namespace(),
+                describe(&e)
+            )),
         }
     }
 
@@ -380,6 +444,8 @@ impl KubernetesExecutor {
                 secrets: data.remove(&name).unwrap_or_default(),
                 labels: foreign_labels(&pod.metadata),
                 annotations: pod.metadata.annotations.clone().unwrap_or_default(),
+                replica: replica_of(&pod.metadata),
+                version: pod.metadata.resource_version.clone(),
             });
             // The coordinator follows it next: let it start from this state.
             self.pods.seed(pod);
@@ -392,6 +458,8 @@ impl KubernetesExecutor {
             };
             found.push(Found {
                 key,
+                replica: replica_of(&metadata),
+                version: metadata.resource_version.clone(),
                 labels: foreign_labels(&metadata),
                 annotations: metadata.annotations.unwrap_or_default(),
                 secrets: data.remove(&name).unwrap_or_default(),
@@ -426,6 +494,23 @@ fn key_of(
         .or_else(|| labels.get(LABEL_RUNNER))?
         .clone();
     Some(BuildKey { source, runner, id })
+}
+
+/// The replica a kiln object is labelled with.
+fn replica_of(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<String> {
+    metadata.labels.as_ref()?.get(LABEL_REPLICA).cloned()
+}
+
+/// How following a pod ended.
+enum Followed {
+    /// Its build ended.
+    Ended(PodEnd),
+    /// The coordinator stopped following (shutdown).
+    Canceled,
+    /// Another replica (named) took it over.
+    Claimed(String),
 }
 
 /// The labels a source put on a build, without kiln's own.
@@ -487,6 +572,18 @@ impl Executor for KubernetesExecutor {
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<Found>, ExecutorError>> {
         Box::pin(self.list_builds())
+    }
+
+    fn leases(&self) -> Option<Arc<dyn Leases>> {
+        Some(Arc::new(lease::ClusterLeases {
+            cluster: Arc::clone(&self.cluster),
+            coordinator: self.config.coordinator.clone(),
+            replica: self.config.replica.clone().unwrap_or_default(),
+        }))
+    }
+
+    fn claim<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Claim> {
+        Box::pin(self.claim_build(found))
     }
 
     fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, ()> {
