@@ -88,6 +88,46 @@ pub(crate) fn live_replicas(
         .collect()
 }
 
+/// The replicas whose own Lease is there but expired at `now`.
+pub(crate) fn expired_replicas(
+    leases: &[LeaseRecord],
+    coordinator: &str,
+    now: SystemTime,
+) -> BTreeSet<String> {
+    leases
+        .iter()
+        .filter_map(|lease| {
+            let holder = lease.holder.as_deref()?;
+            (lease.name == replica_lease(coordinator, holder) && expired(lease, now))
+                .then(|| holder.to_owned())
+        })
+        .collect()
+}
+
+/// How long after it expired a replica's Lease is removed, in Lease durations.
+const FORGET_AFTER: u32 = 20;
+
+/// The replica Leases expired for [`FORGET_AFTER`] Lease durations at `now`.
+pub(crate) fn long_dead<'a>(
+    leases: &'a [LeaseRecord],
+    coordinator: &str,
+    timing: Timing,
+    now: SystemTime,
+) -> Vec<&'a LeaseRecord> {
+    let forget = timing.duration * FORGET_AFTER;
+    leases
+        .iter()
+        .filter(|lease| {
+            lease.holder.as_deref().is_some_and(|holder| {
+                lease.name == replica_lease(coordinator, holder)
+                    && now
+                        .checked_sub(forget)
+                        .is_some_and(|then| expired(lease, then))
+            })
+        })
+        .collect()
+}
+
 /// Whose a build is, as replica `me` sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Owner {
@@ -184,6 +224,8 @@ struct State {
     leader: Option<(LeaseRecord, Instant)>,
     /// The replicas alive at the last look.
     live: BTreeSet<String>,
+    /// The replicas whose Lease was there but expired at the last look.
+    expired: BTreeSet<String>,
     /// Whether the replicas' Leases have been read at all: until then every other replica's
     /// build counts as a live one's.
     known: bool,
@@ -292,10 +334,18 @@ impl Replicas {
                 return Round::default();
             }
         };
-        let mut live = live_replicas(&listed, leases.coordinator(), self.clock.now());
+        let now = self.clock.now();
+        let mut live = live_replicas(&listed, leases.coordinator(), now);
         live.insert(leases.replica().to_owned());
+        let expired_now = expired_replicas(&listed, leases.coordinator(), now);
+        if self.leading() {
+            self.forget_long_dead(leases.as_ref(), &listed, now).await;
+        }
         let mut state = self.lock();
-        let died: Vec<String> = state.live.difference(&live).cloned().collect();
+        // Dead: alive at the last round and not now, or found with an expired Lease not seen
+        // expired before (a replica that died before this one ever saw it alive).
+        let mut died: BTreeSet<String> = state.live.difference(&live).cloned().collect();
+        died.extend(expired_now.difference(&state.expired).cloned());
         for replica in &live {
             if !state.live.contains(replica) && replica != leases.replica() {
                 tracing::info!(%replica, "a replica joined");
@@ -305,8 +355,23 @@ impl Replicas {
             tracing::info!(%replica, "a replica's Lease expired or is gone; taking over its builds");
         }
         state.live = live;
+        state.expired = expired_now;
         state.known = true;
+        let died = died.into_iter().collect();
         Round { read: true, died }
+    }
+
+    /// Deletes the Leases of replicas dead for long (killed, never to renew again: every
+    /// rollout names its pods anew), so they do not pile up. Their builds, if any are left,
+    /// are free all the same: a replica without a Lease is dead.
+    async fn forget_long_dead(&self, leases: &dyn Leases, listed: &[LeaseRecord], now: SystemTime) {
+        for lease in long_dead(listed, leases.coordinator(), self.timing, now) {
+            if let Some(version) = lease.version.as_deref()
+                && let Err(e) = leases.delete(&lease.name, version).await
+            {
+                tracing::debug!(lease = %lease.name, error = %e, "cannot delete the Lease of a replica long gone");
+            }
+        }
     }
 
     /// Creates or renews this replica's Lease.
@@ -517,6 +582,27 @@ mod tests {
         let live = live_replicas(&leases, "ci", at(101));
         assert_eq!(live, BTreeSet::from(["a".to_owned()]));
         assert!(live_replicas(&leases, "ci", at(200)).is_empty());
+    }
+
+    #[test]
+    fn expired_replicas_and_long_dead_ones() {
+        let leases = [
+            lease("kiln-ci-a", Some("a"), Some(100), 15),
+            lease("kiln-ci-b", Some("b"), Some(80), 15),
+            lease("kiln-ci-leader", Some("c"), Some(0), 15),
+        ];
+        assert_eq!(
+            expired_replicas(&leases, "ci", at(101)),
+            BTreeSet::from(["b".to_owned()])
+        );
+        let timing = Timing::default();
+        // b expired at 95; it is forgotten 20 durations (300 s) later.
+        assert!(long_dead(&leases, "ci", timing, at(395)).is_empty());
+        let names: Vec<&str> = long_dead(&leases, "ci", timing, at(396))
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect();
+        assert_eq!(names, ["kiln-ci-b"]);
     }
 
     #[test]
