@@ -16,12 +16,15 @@ use tokio::time::Instant;
 use super::config::KubernetesConfig;
 
 /// What kiln needs to do in its namespace, as `(verb, resource)`; `docs/kubernetes.md` lists
-/// the same as a Role.
+/// the same as a Role, and Leases besides: without those kiln runs as a single replica (the
+/// coordinator says so) instead of refusing to start.
 pub(crate) const PERMISSIONS: &[(&str, &str)] = &[
     ("create", "pods"),
     ("get", "pods"),
     ("list", "pods"),
     ("watch", "pods"),
+    // Claiming a build of a replica that died: its `kiln.dev/replica` label.
+    ("patch", "pods"),
     ("delete", "pods"),
     ("create", "secrets"),
     ("get", "secrets"),
