@@ -530,7 +530,7 @@ pub(crate) struct Round {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use futures::future::BoxFuture;
     use std::collections::BTreeMap;
@@ -541,7 +541,12 @@ mod tests {
         SystemTime::UNIX_EPOCH + T0 + Duration::from_secs(seconds)
     }
 
-    fn lease(name: &str, holder: Option<&str>, renewed: Option<u64>, duration: u64) -> LeaseRecord {
+    pub(crate) fn lease(
+        name: &str,
+        holder: Option<&str>,
+        renewed: Option<u64>,
+        duration: u64,
+    ) -> LeaseRecord {
         LeaseRecord {
             name: name.into(),
             holder: holder.map(Into::into),
@@ -662,10 +667,14 @@ mod tests {
         assert_eq!(leader_lease("ci"), "kiln-ci-leader");
     }
 
+    /// Leases in memory (the last resourceVersion given out, and the Leases by name), shared
+    /// by the replicas of a test.
+    pub(crate) type LeaseStore = Arc<Mutex<(u64, BTreeMap<String, LeaseRecord>)>>;
+
     /// Leases in memory, with the API server's resourceVersion rules.
-    struct MemoryLeases {
-        replica: String,
-        store: Arc<Mutex<(u64, BTreeMap<String, LeaseRecord>)>>,
+    pub(crate) struct MemoryLeases {
+        pub(crate) replica: String,
+        pub(crate) store: LeaseStore,
     }
 
     impl Leases for MemoryLeases {
