@@ -40,8 +40,14 @@ fn pods_by_replica(snapshot: &Snapshot) -> BTreeMap<String, BTreeSet<String>> {
     by
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_killed_replicas_builds_are_taken_over_and_every_job_ends_once() {
+struct Setup {
+    gitlab: GitLabServer,
+    kube: KubeServer,
+    _dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+}
+
+async fn setup() -> Setup {
     let gitlab = GitLabServer::start().await;
     gitlab.add_runner_token(TOKEN);
     gitlab.set_long_poll_timeout(Duration::from_secs(2));
@@ -51,6 +57,51 @@ async fn a_killed_replicas_builds_are_taken_over_and_every_job_ends_once() {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     kube.kubeconfig(&kubeconfig, "ci");
+    Setup {
+        gitlab,
+        kube,
+        _dir: dir,
+        kubeconfig,
+    }
+}
+
+impl Setup {
+    fn config(&self, concurrent: usize) -> String {
+        config(
+            &self.gitlab.url(),
+            TOKEN,
+            &format!(
+                r#"executor = "kubernetes"
+concurrent = {concurrent}
+
+[kubernetes]
+kubeconfig = "{}"
+helper_image = "{HELPER_IMAGE}"
+pending_timeout = "120s"
+"#,
+                self.kubeconfig.display()
+            ),
+        )
+    }
+
+    /// A replica named `replica` with Leases of 3 s renewed every second.
+    fn replica(&self, concurrent: usize, replica: &str, system_id: &str) -> KilnProcess {
+        KilnProcess::start_with_env(
+            &self.config(concurrent),
+            &[
+                ("KILN_KUBERNETES__REPLICA", replica),
+                ("KILN_KUBERNETES__LEASE_DURATION", "3s"),
+                ("KILN_KUBERNETES__LEASE_RENEW", "1s"),
+                ("KILN_SOURCES__GITLAB__0__SYSTEM_ID", system_id),
+            ],
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_replicas_builds_are_taken_over_and_every_job_ends_once() {
+    let s = setup().await;
+    let (gitlab, kube) = (&s.gitlab, &s.kube);
     let ids: Vec<u64> = (0..JOBS)
         .map(|n| gitlab.enqueue(job_json(&format!("burst-{n}"), &["echo built"])))
         .collect();
@@ -58,31 +109,8 @@ async fn a_killed_replicas_builds_are_taken_over_and_every_job_ends_once() {
     // the victim is busy, so no job it was handed is lost with it (a killed process cannot
     // hand back a job GitLab assigned it in a request still on the wire).
     kube.hold(PodMatch::All);
-    let text = config(
-        &gitlab.url(),
-        TOKEN,
-        &format!(
-            r#"executor = "kubernetes"
-concurrent = {CONCURRENT}
-
-[kubernetes]
-kubeconfig = "{}"
-helper_image = "{HELPER_IMAGE}"
-pending_timeout = "120s"
-"#,
-            kubeconfig.display()
-        ),
-    );
-    let lease_env = |replica: &'static str, system_id: &'static str| {
-        [
-            ("KILN_KUBERNETES__REPLICA", replica),
-            ("KILN_KUBERNETES__LEASE_DURATION", "3s"),
-            ("KILN_KUBERNETES__LEASE_RENEW", "1s"),
-            ("KILN_SOURCES__GITLAB__0__SYSTEM_ID", system_id),
-        ]
-    };
-    let mut a = KilnProcess::start_with_env(&text, &lease_env("replica-a", "s_00000000000a"));
-    let b = KilnProcess::start_with_env(&text, &lease_env("replica-b", "s_00000000000b"));
+    let mut a = s.replica(CONCURRENT, "replica-a", "s_00000000000a");
+    let b = s.replica(CONCURRENT, "replica-b", "s_00000000000b");
 
     // Both fill their capacity with held builds, each labelled with its replica.
     let full = kube
@@ -171,4 +199,96 @@ pending_timeout = "120s"
         "{logs}"
     );
     assert!(gitlab.violations().is_empty(), "{:?}", gitlab.violations());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_whose_build_is_claimed_by_another_stops_following_it_quietly() {
+    let s = setup().await;
+    s.kube.hold(PodMatch::All);
+    let id = s.gitlab.enqueue(job_json("claimed", &["echo built"]));
+    let a = s.replica(2, "replica-a", "s_00000000000a");
+    let name = format!("kiln-gl-{id}");
+    s.kube
+        .wait_for(Duration::from_secs(30), |snap| {
+            replica_of(snap, &name).as_deref() == Some("replica-a")
+        })
+        .await;
+    // Another replica claims the build (as it would one of a replica taken for dead).
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(s.kube.client("ci"), "ci");
+    let patch = serde_json::json!({"metadata": {"labels": {"kiln.dev/replica": "replica-b"}}});
+    pods.patch(
+        &name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !a.logs().contains("another replica took the build over") {
+        assert!(Instant::now() < deadline, "{}", a.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // It leaves the pod alone and reports nothing.
+    assert!(s.kube.pod(&name).is_some());
+    assert!(s.gitlab.job(id).final_updates.is_empty());
+
+    // The replica it belongs to now starts, follows it and reports it, once.
+    let b = s.replica(2, "replica-b", "s_00000000000b");
+    s.kube.release_hold();
+    let job = s
+        .gitlab
+        .wait_for_state(id, &["success", "failed"], Duration::from_secs(60))
+        .await;
+    assert_eq!(job.state, "success", "{}\n{}", job.trace, b.logs());
+    assert_eq!(job.final_updates.len(), 1, "{:?}", job.final_updates);
+    s.kube
+        .wait_for(Duration::from_secs(20), |snap| {
+            snap.pods.is_empty() && snap.secrets.is_empty()
+        })
+        .await;
+    assert_eq!(s.kube.creations(), [name]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_lease_permissions_kiln_runs_as_the_only_replica() {
+    let s = setup().await;
+    for verb in ["get", "list", "create", "update", "delete"] {
+        s.kube.deny(verb, "leases");
+    }
+    s.kube.hold(PodMatch::All);
+    let id = s.gitlab.enqueue(job_json("alone", &["echo built"]));
+    let name = format!("kiln-gl-{id}");
+    // A replica launches the build and is killed; the next one, alone, takes it over.
+    let mut first = s.replica(2, "replica-b", "s_00000000000b");
+    s.kube
+        .wait_for(Duration::from_secs(30), |snap| {
+            replica_of(snap, &name).as_deref() == Some("replica-b")
+        })
+        .await;
+    support::kiln::send_signal(first.pid(), "KILL");
+    assert!(first.wait_exit(Duration::from_secs(10)));
+    let kiln = s.replica(2, "replica-a", "s_00000000000a");
+    s.kube.release_hold();
+    let job = s
+        .gitlab
+        .wait_for_state(id, &["success", "failed"], Duration::from_secs(60))
+        .await;
+    assert_eq!(job.state, "success", "{}\n{}", job.trace, kiln.logs());
+    assert_eq!(job.final_updates.len(), 1, "{:?}", job.final_updates);
+    assert_eq!(s.kube.creations(), [name]);
+    assert!(kiln.logs().contains("claimed the build"), "{}", kiln.logs());
+    let logs = kiln.logs();
+    let errors: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("kiln cannot use Leases"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one clear error:\n{logs}");
+    assert!(errors[0].contains("may not"), "{}", errors[0]);
+    assert!(
+        errors[0].contains("leases (coordination.k8s.io)"),
+        "{}",
+        errors[0]
+    );
+    assert!(s.kube.leases().is_empty());
 }

@@ -269,6 +269,12 @@ impl Replicas {
         self.shared().map(|l| l.replica())
     }
 
+    /// The identity the executor labels this replica's builds with, also when it runs as the
+    /// only replica because Leases are forbidden (`None` without Leases at all).
+    pub(crate) fn identity(&self) -> Option<&str> {
+        self.leases.as_ref().map(|l| l.replica())
+    }
+
     /// Whether this replica runs the singleton chores now.
     pub(crate) fn leading(&self) -> bool {
         *self.leading.borrow()
