@@ -292,3 +292,70 @@ async fn without_lease_permissions_kiln_runs_as_the_only_replica() {
     );
     assert!(s.kube.leases().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_survives_a_status_change_and_loses_to_another_replicas_claim() {
+    use kiln::executor::{Claim, Executor};
+    let kube = KubeServer::start().await;
+    kube.set_kubelet(false);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.kubeconfig(&kubeconfig, "ci");
+    for (id, replica) in [(1, "dead"), (2, "dead")] {
+        kube.insert(
+            "ci",
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {
+                    "name": format!("kiln-gl-{id}"),
+                    "labels": {
+                        "kiln.dev/coordinator": "kiln", "kiln.dev/replica": replica,
+                        "kiln.dev/source": "gitlab", "kiln.dev/job-id": id.to_string(),
+                        "kiln.dev/runner": "test",
+                    },
+                },
+                "spec": { "containers": [{ "name": "build", "image": "alpine:3" }] },
+            }),
+        );
+    }
+    let config = kiln::executor::kubernetes::KubernetesConfig {
+        kubeconfig: Some(kubeconfig),
+        replica: Some("me".into()),
+        ..Default::default()
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let executor =
+        kiln::executor::kubernetes::KubernetesExecutor::connect(&config, shutdown.clone())
+            .await
+            .unwrap();
+    let found = executor.list().await.unwrap();
+    assert_eq!(found.len(), 2);
+    assert!(found.iter().all(|f| f.replica.as_deref() == Some("dead")));
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(kube.client("ci"), "ci");
+    let patch = |labels: serde_json::Value| {
+        let pods = pods.clone();
+        async move {
+            pods.patch(
+                &labels["name"].as_str().unwrap().to_owned(),
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&serde_json::json!({"metadata": labels["metadata"]})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    // The kubelet moved pod 1 on (a new resourceVersion, same owner): the claim still wins.
+    patch(serde_json::json!({"name": "kiln-gl-1", "metadata": {"annotations": {"moved": "on"}}}))
+        .await;
+    // Another replica claimed pod 2 first: this one loses.
+    patch(serde_json::json!({"name": "kiln-gl-2", "metadata": {"labels": {"kiln.dev/replica": "other"}}})).await;
+    let by_name = |name: &str| found.iter().find(|f| f.name == name).unwrap();
+    assert_eq!(executor.claim(by_name("kiln-gl-1")).await, Claim::Won);
+    assert_eq!(executor.claim(by_name("kiln-gl-2")).await, Claim::Lost);
+    let label =
+        |name: &str| kube.pod(name).unwrap().metadata.labels.unwrap()["kiln.dev/replica"].clone();
+    assert_eq!(label("kiln-gl-1"), "me");
+    assert_eq!(label("kiln-gl-2"), "other");
+    shutdown.cancel();
+}

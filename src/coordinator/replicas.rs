@@ -390,8 +390,11 @@ impl Replicas {
                 own.renewed = Some(now);
                 match leases.update(&own).await {
                     Ok(written) => written,
-                    Err(LeaseError::Conflict(_) | LeaseError::Missing(_)) => {
-                        // Someone changed or removed it (taken for dead): take it back.
+                    Err(e @ (LeaseError::Conflict(_) | LeaseError::Missing(_))) => {
+                        if matches!(e, LeaseError::Conflict(_)) {
+                            tracing::warn!(lease = %name, "someone else wrote this replica's Lease; replica ids (kubernetes.replica, POD_NAME, the hostname) must be unique");
+                        }
+                        // Changed or removed (taken for dead): take it back.
                         self.acquire_own(leases, &name, now).await?
                     }
                     Err(e) => return Err(e),

@@ -44,6 +44,8 @@ const UNSEEN_RECHECK: Duration = Duration::from_secs(10);
 const WANTED_CHECK: Duration = Duration::from_secs(30);
 /// How often a build with no pending timeout is looked at even without changes.
 const IDLE_RECHECK: Duration = Duration::from_secs(300);
+/// How often a claim is made again when only the build's status moved on meanwhile.
+const CLAIM_ATTEMPTS: usize = 3;
 /// API calls that start a build: create the Secret, create the pod, make the pod its owner.
 const START_CALLS: f64 = 3.0;
 
@@ -190,6 +192,13 @@ impl KubernetesExecutor {
                 PodSeen::Present(pod) => Some(pod),
                 PodSeen::Gone(final_state) => {
                     let final_state = final_state.or_else(|| last.clone());
+                    // Deleted by the replica that took it over: its end is that one's.
+                    if let Some(replica) = final_state
+                        .as_deref()
+                        .and_then(|pod| self.claimed_by_other(pod))
+                    {
+                        return Followed::Claimed(replica);
+                    }
                     if let Some(pod) = final_state.as_deref() {
                         let limits = self.limits(main_container(pod).unwrap_or(&main));
                         if let Verdict::Ended(end) =
@@ -272,44 +281,94 @@ impl KubernetesExecutor {
 
     /// Labels build `found` (its pod, else its Secret) with this replica, on the condition
     /// that it is still as it was listed (its resourceVersion): of replicas claiming it at
-    /// once, exactly one wins.
+    /// once, exactly one wins. A conflict is read again: when the replica label is still the
+    /// listed one, only the status moved on (the kubelet), and the claim is made again.
     async fn claim_build(&self, found: &Found) -> Claim {
         let Some(replica) = self.config.replica.as_deref() else {
             return Claim::Won;
         };
+        let mut version = found.version.clone();
+        for _ in 0..CLAIM_ATTEMPTS {
+            match self.try_claim(found, replica, version.as_deref()).await {
+                Ok(()) => return Claim::Won,
+                Err(e) if is_status(&e, 404) => return Claim::Lost,
+                Err(e) if is_status(&e, 409) => match self.current(found).await {
+                    Ok(Some((labelled, current))) if labelled == found.replica => {
+                        version = current;
+                    }
+                    Ok(_) => return Claim::Lost,
+                    Err(e) => return self.claim_failed(found, replica, &e),
+                },
+                Err(e) => return self.claim_failed(found, replica, &e),
+            }
+        }
+        Claim::Failed(format!(
+            "build {} kept changing while replica {replica} claimed it",
+            found.name
+        ))
+    }
+
+    /// One claim of `found` as of `version`.
+    async fn try_claim(
+        &self,
+        found: &Found,
+        replica: &str,
+        version: Option<&str>,
+    ) -> Result<(), kube::Error> {
         let patch = serde_json::json!({
             "metadata": {
-                "resourceVersion": found.version,
+                "resourceVersion": version,
                 "labels": {LABEL_REPLICA: replica},
             }
         });
         let params = PatchParams::default();
         let patch = Patch::Merge(&patch);
-        let result = if found.exists {
+        if found.exists {
             let pods: Api<Pod> = self.cluster.api();
-            self.cluster
+            let pod = self
+                .cluster
                 .call(|| pods.patch(&found.name, &params, &patch))
-                .await
-                // Following starts from the claimed state, not from the listed one (which
-                // names the replica the build is taken from).
-                .map(|pod| self.pods.written(pod))
+                .await?;
+            // Following starts from the claimed state, not from the listed one (which names
+            // the replica the build is taken from).
+            self.pods.written(pod);
         } else {
             let secrets: Api<Secret> = self.cluster.api();
             self.cluster
                 .call(|| secrets.patch(&found.name, &params, &patch))
-                .await
-                .map(|_| ())
-        };
-        match result {
-            Ok(()) => Claim::Won,
-            Err(e) if is_status(&e, 409) || is_status(&e, 404) => Claim::Lost,
-            Err(e) => Claim::Failed(format!(
-                "cannot label build {} with replica {replica} in namespace `{}`: {}",
-                found.name,
-                self.cluster.namespace(),
-                describe(&e)
-            )),
+                .await?;
         }
+        Ok(())
+    }
+
+    /// The replica label and resourceVersion of `found` now (`None`: it is gone).
+    async fn current(
+        &self,
+        found: &Found,
+    ) -> Result<Option<(Option<String>, Option<String>)>, kube::Error> {
+        let metadata = if found.exists {
+            let pods: Api<Pod> = self.cluster.api();
+            self.cluster
+                .call(|| pods.get_opt(&found.name))
+                .await?
+                .map(|p| p.metadata)
+        } else {
+            let secrets: Api<Secret> = self.cluster.api();
+            self.cluster
+                .call(|| secrets.get_opt(&found.name))
+                .await?
+                .map(|s| s.metadata)
+        };
+        Ok(metadata.map(|m| (replica_of(&m), m.resource_version)))
+    }
+
+    fn claim_failed(&self, found: &Found, replica: &str, error: &kube::Error) -> Claim {
+        Claim::Failed(format!(
+            "cannot label build {} with replica {replica} in namespace `{}`: {}",
+            found.name,
+            self.cluster.namespace(),
+            describe(error)
+        ))
     }
 
     /// Sets the pod as the owner of the build's Secret, so Kubernetes deletes the Secret with
