@@ -337,7 +337,7 @@ async fn a_claim_survives_a_status_change_and_loses_to_another_replicas_claim() 
         let pods = pods.clone();
         async move {
             pods.patch(
-                &labels["name"].as_str().unwrap().to_owned(),
+                labels["name"].as_str().unwrap(),
                 &kube::api::PatchParams::default(),
                 &kube::api::Patch::Merge(&serde_json::json!({"metadata": labels["metadata"]})),
             )
