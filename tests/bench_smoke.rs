@@ -33,9 +33,17 @@ async fn the_benchmark_measures_every_figure_at_a_tiny_size() {
         "1",
         "--github-jobs",
         "3",
+        "--failover-jobs",
+        "4",
+        "--failover-rounds",
+        "1",
+        "--lease-secs",
+        "2",
+        "--renew-secs",
+        "1",
     ])
     .unwrap();
-    let report = tokio::time::timeout(Duration::from_secs(60), harness::run(&options))
+    let report = tokio::time::timeout(Duration::from_secs(90), harness::run(&options))
         .await
         .expect("the benchmark finishes");
 
@@ -91,4 +99,16 @@ async fn the_benchmark_measures_every_figure_at_a_tiny_size() {
         report.render()
     );
     assert!(github.github_calls_per_job >= 1.0 && github.kube_calls_per_job >= 2.0);
+
+    // Failover: the killed replica's builds were taken over within Lease + renew (and a bit).
+    let failover = report.failover.as_ref().expect("the failover level ran");
+    assert_eq!(failover.taken_over.count, 1, "{}", report.render());
+    assert!(failover.builds_moved >= 2, "{}", report.render());
+    assert_eq!(failover.duplicates, 0);
+    assert!(
+        failover.taken_over.max <= Duration::from_secs(2 + 1 + 3),
+        "{}",
+        report.render()
+    );
+    assert!(report.render().contains("## failover"));
 }
