@@ -1184,7 +1184,11 @@ async fn run_failover(options: &Options) -> Failover {
         let start = |replica: &str, system_id: &str| {
             let http = free_addr();
             let mut text = config(&gitlab, options, &http, "kubernetes", &kube_section);
-            text = text.replace("s_0123456789ab", system_id);
+            text = text.replace("s_0123456789ab", system_id).replacen(
+                &format!("concurrent = {}\n", options.jobs.max(1)),
+                &format!("concurrent = {jobs}\n"),
+                1,
+            );
             Coordinator::start_with_env(
                 &options.kiln_path(),
                 &text,
@@ -1210,8 +1214,10 @@ async fn run_failover(options: &Options) -> Failover {
             kube.creations().len() == jobs
         })
         .await;
-        // b has seen a alive (a Lease round of each) before a dies.
-        tokio::time::sleep(Duration::from_secs(2 * options.renew_secs)).await;
+        // b has seen a alive (a Lease round of each) before a dies, at a random point of a's
+        // renew period (the failover time depends on it).
+        let jitter = Duration::from_secs(options.renew_secs).mul_f64(rand::random::<f64>());
+        tokio::time::sleep(Duration::from_secs(2 * options.renew_secs) + jitter).await;
         let victims: Vec<String> = replicas_of_pods(&kube)
             .into_iter()
             .filter(|(_, replica)| *replica == a_name)
