@@ -125,7 +125,7 @@ impl Leases for ClusterLeases {
             let params = ListParams::default().labels(&self.selector());
             let list = self
                 .cluster
-                .call(|| api.list(&params))
+                .call_unthrottled(|| api.list(&params))
                 .await
                 .map_err(|e| self.error("list", "", &e))?;
             Ok(list.items.into_iter().map(record).collect())
@@ -137,7 +137,7 @@ impl Leases for ClusterLeases {
             let api = self.api();
             let lease = self
                 .cluster
-                .call(|| api.get_opt(name))
+                .call_unthrottled(|| api.get_opt(name))
                 .await
                 .map_err(|e| self.error("get", name, &e))?;
             Ok(lease.map(record))
@@ -155,7 +155,7 @@ impl Leases for ClusterLeases {
             let params = PostParams::default();
             let created = self
                 .cluster
-                .call(|| api.create(&params, &body))
+                .call_unthrottled(|| api.create(&params, &body))
                 .await
                 .map_err(|e| self.error("create", &lease.name, &e))?;
             Ok(record(created))
@@ -172,7 +172,7 @@ impl Leases for ClusterLeases {
             let params = PostParams::default();
             let replaced = self
                 .cluster
-                .call(|| api.replace(&lease.name, &params, &body))
+                .call_unthrottled(|| api.replace(&lease.name, &params, &body))
                 .await
                 .map_err(|e| self.error("update", &lease.name, &e))?;
             Ok(record(replaced))
@@ -193,7 +193,11 @@ impl Leases for ClusterLeases {
                 }),
                 ..DeleteParams::default()
             };
-            match self.cluster.call(|| api.delete(name, &params)).await {
+            match self
+                .cluster
+                .call_unthrottled(|| api.delete(name, &params))
+                .await
+            {
                 Ok(_) => Ok(()),
                 Err(e) if is_status(&e, 404) => Ok(()),
                 Err(e) => Err(self.error("delete", name, &e)),
