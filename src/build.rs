@@ -527,6 +527,12 @@ pub struct Found {
     pub labels: BTreeMap<String, String>,
     /// Its annotations.
     pub annotations: BTreeMap<String, String>,
+    /// The replica that follows it (`kiln.dev/replica`); `None` for builds of a kiln without
+    /// replicas, and for executors whose builds are the process's own.
+    pub replica: Option<String>,
+    /// The version of the build's state it was listed in (a resourceVersion): a claim made
+    /// from an older state fails.
+    pub version: Option<String>,
 }
 
 #[cfg(test)]

@@ -332,6 +332,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         shutdown_timeout: config.shutdown_timeout,
         history: config.status.history,
         prices: config.cost.prices(),
+        leases: kiln::coordinator::LeaseTiming {
+            duration: config.kubernetes.lease_duration,
+            renew: config.kubernetes.lease_renew,
+        },
     };
     let coordinator =
         kiln::coordinator::Coordinator::new(settings, Arc::clone(&metrics), executor, sources);

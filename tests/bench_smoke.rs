@@ -37,9 +37,17 @@ async fn the_benchmark_measures_every_figure_at_a_tiny_size() {
         "3",
         "--status-requests",
         "5",
+        "--failover-jobs",
+        "4",
+        "--failover-rounds",
+        "1",
+        "--lease-secs",
+        "2",
+        "--renew-secs",
+        "1",
     ])
     .unwrap();
-    let report = tokio::time::timeout(Duration::from_secs(120), harness::run(&options))
+    let report = tokio::time::timeout(Duration::from_secs(150), harness::run(&options))
         .await
         .expect("the benchmark finishes");
 
@@ -119,4 +127,16 @@ async fn the_benchmark_measures_every_figure_at_a_tiny_size() {
     }
     assert!(status.rss_kib > 1024 && status.hwm_kib >= status.rss_kib);
     assert!(report.render().contains("## status page"));
+
+    // Failover: the killed replica's builds were taken over within Lease + renew (and a bit).
+    let failover = report.failover.as_ref().expect("the failover level ran");
+    assert_eq!(failover.taken_over.count, 1, "{}", report.render());
+    assert!(failover.builds_moved >= 2, "{}", report.render());
+    assert_eq!(failover.duplicates, 0);
+    assert!(
+        failover.taken_over.max <= Duration::from_secs(2 + 1 + 3),
+        "{}",
+        report.render()
+    );
+    assert!(report.render().contains("## failover"));
 }

@@ -276,10 +276,16 @@ impl Rendered {
         &self.deployment()["spec"]["template"]["spec"]["containers"][0]
     }
 
+    /// The names of the coordinator's variables but `POD_NAME` (which every pod has).
     fn env_names(&self) -> Vec<&str> {
         self.container()["env"]
             .as_array()
-            .map(|env| env.iter().map(|v| v["name"].as_str().unwrap()).collect())
+            .map(|env| {
+                env.iter()
+                    .map(|v| v["name"].as_str().unwrap())
+                    .filter(|name| *name != "POD_NAME")
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -299,6 +305,10 @@ impl Rendered {
             let name = var["name"].as_str().unwrap().to_owned();
             if let Some(value) = var["value"].as_str() {
                 env.push((name, value.to_owned()));
+                continue;
+            }
+            if var["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name" {
+                env.push((name, "kiln-5d8f9c7b6-x2x9q".to_owned()));
                 continue;
             }
             let r = &var["valueFrom"]["secretKeyRef"];
@@ -644,6 +654,7 @@ fn matrix_gitlab_only_is_a_hardened_coordinator_with_builds_in_their_own_namespa
             "ConfigMap",
             "Deployment",
             "Namespace",
+            "PodDisruptionBudget",
             "Role",
             "RoleBinding",
             "Secret",
@@ -652,9 +663,42 @@ fn matrix_gitlab_only_is_a_hardened_coordinator_with_builds_in_their_own_namespa
         ]
     );
     let deployment = out.deployment();
-    assert_eq!(deployment["spec"]["replicas"], 1);
-    assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
+    // Two replicas share the work through Leases: they roll one at a time, keep one up
+    // through drains, and spread over nodes and zones.
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    assert_eq!(deployment["spec"]["strategy"]["type"], "RollingUpdate");
+    assert_eq!(
+        deployment["spec"]["strategy"]["rollingUpdate"],
+        serde_json::json!({"maxSurge": 1, "maxUnavailable": 0})
+    );
+    assert_eq!(out.object("PodDisruptionBudget")["spec"]["minAvailable"], 1);
     let pod = &deployment["spec"]["template"]["spec"];
+    let spread = pod["topologySpreadConstraints"].as_array().unwrap();
+    let keys: Vec<&str> = spread
+        .iter()
+        .map(|c| c["topologyKey"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+    );
+    for constraint in spread {
+        assert_eq!(constraint["whenUnsatisfiable"], "ScheduleAnyway");
+        assert_eq!(
+            constraint["labelSelector"]["matchLabels"],
+            deployment["spec"]["selector"]["matchLabels"]
+        );
+    }
+    let pod_name = out.container()["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "POD_NAME")
+        .expect("the replica's identity from the downward API");
+    assert_eq!(
+        pod_name["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
     assert_eq!(pod["serviceAccountName"], "kiln");
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(
@@ -938,6 +982,7 @@ fn matrix_existing_secret_replaces_the_charts_secret() {
     let env = out.container()["env"].as_array().unwrap();
     let refs: Vec<(&str, &str, &str)> = env
         .iter()
+        .filter(|v| v["name"] != "POD_NAME")
         .map(|v| {
             let r = &v["valueFrom"]["secretKeyRef"];
             (
@@ -1032,7 +1077,29 @@ fn matrix_dashboard_is_a_configmap_for_grafanas_sidecar() {
 fn matrix_replicas_zero_stops_taking_jobs() {
     let out = check_case(&Values::file("replicas-values.yaml"));
     assert_eq!(out.deployment()["spec"]["replicas"], 0);
+    assert_eq!(out.deployment()["spec"]["strategy"]["type"], "Recreate");
+    assert!(out.deployment()["spec"]["template"]["spec"]["topologySpreadConstraints"].is_null());
     assert_eq!(out.object("PodDisruptionBudget")["spec"]["minAvailable"], 1);
+}
+
+#[test]
+fn one_replica_is_recreated_without_a_budget_unless_asked() {
+    let gitlab = Values::file("gitlab-values.yaml");
+    let out = check_case(&gitlab.clone().and("replicas: 1"));
+    let deployment = out.deployment();
+    assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
+    assert!(out.all("PodDisruptionBudget").is_empty());
+    assert!(deployment["spec"]["template"]["spec"]["topologySpreadConstraints"].is_null());
+    // Own constraints replace the default ones and get the pods' selector.
+    let out = template(&gitlab.and(
+        "topologySpread: {constraints: [{maxSkew: 2, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: DoNotSchedule}]}\npodDisruptionBudget: {enabled: false}",
+    ));
+    assert!(out.all("PodDisruptionBudget").is_empty());
+    let spread = &out.deployment()["spec"]["template"]["spec"]["topologySpreadConstraints"];
+    assert_eq!(spread.as_array().unwrap().len(), 1);
+    assert_eq!(spread[0]["maxSkew"], 2);
+    assert_eq!(spread[0]["whenUnsatisfiable"], "DoNotSchedule");
+    assert!(spread[0]["labelSelector"]["matchLabels"].is_object());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1043,8 +1110,8 @@ fn matrix_replicas_zero_stops_taking_jobs() {
 fn kubernetes_validate_strict_rejects_unknown_fields() {
     // The validator is not a no-op: a typo in a Deployment's spec is an error for both versions.
     let mut out = template(&Values::file("gitlab-values.yaml"));
-    out.text = out.text.replace("  replicas: 1\n", "  replica: 1\n");
-    assert!(out.text.contains("replica: 1"));
+    out.text = out.text.replace("  replicas: 2\n", "  replica: 2\n");
+    assert!(out.text.contains("replica: 2"));
     for version in KUBE_VERSIONS {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.yaml");
@@ -1342,8 +1409,10 @@ fn the_chart_refuses_what_kiln_would_reject_with_a_message() {
             "agent.trace_interval: must be longer than 0s",
         ),
         (
-            gitlab.clone().and("replicas: 2"),
-            "replicas: 2 coordinators of one installation would each take jobs",
+            gitlab
+                .clone()
+                .and("kubernetes: {lease_duration: 10s, lease_renew: 10s}"),
+            "kubernetes.lease_renew: must be above 0 and below kubernetes.lease_duration",
         ),
         // The schema: typos, types, enums, patterns (Helm's own wording).
         (

@@ -1011,3 +1011,130 @@ async fn access_reviews_and_forbidden() {
     );
     assert!(server.pods().is_empty());
 }
+
+#[tokio::test]
+async fn leases_follow_resource_version_rules() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let server = KubeServer::start().await;
+    let leases: Api<Lease> = Api::namespaced(server.client("ci"), "ci");
+    let lease: Lease = serde_json::from_value(json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": { "name": "kiln-ci-a", "labels": { "kiln.dev/coordinator": "ci" } },
+        "spec": { "holderIdentity": "a", "leaseDurationSeconds": 15,
+                  "renewTime": "2026-01-01T00:00:00.000000Z" },
+    }))
+    .unwrap();
+    let created = leases.create(&PostParams::default(), &lease).await.unwrap();
+    let rv = created.metadata.resource_version.clone().unwrap();
+    assert_eq!(
+        created.spec.as_ref().unwrap().holder_identity.as_deref(),
+        Some("a")
+    );
+
+    let again = api_error(
+        leases
+            .create(&PostParams::default(), &lease)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((again.code, again.reason.as_str()), (409, "AlreadyExists"));
+    assert!(
+        again
+            .message
+            .contains("leases.coordination.k8s.io \"kiln-ci-a\" already exists")
+    );
+
+    // PUT with the current resourceVersion wins; with the old one it conflicts.
+    let mut renewed = created.clone();
+    renewed.spec.as_mut().unwrap().renew_time =
+        Some(serde_json::from_value(json!("2026-01-01T00:00:05.000000Z")).unwrap());
+    let replaced = leases
+        .replace("kiln-ci-a", &PostParams::default(), &renewed)
+        .await
+        .unwrap();
+    assert_ne!(
+        replaced.metadata.resource_version.as_deref(),
+        Some(rv.as_str())
+    );
+    let stale = api_error(
+        leases
+            .replace("kiln-ci-a", &PostParams::default(), &renewed)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((stale.code, stale.reason.as_str()), (409, "Conflict"));
+
+    // A merge patch carrying a stale resourceVersion conflicts too; without one it applies.
+    let patch = json!({ "metadata": { "resourceVersion": rv }, "spec": { "holderIdentity": "b" } });
+    let stale = api_error(
+        leases
+            .patch("kiln-ci-a", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(stale.code, 409);
+    let patch = json!({ "spec": { "holderIdentity": "b" } });
+    let patched = leases
+        .patch("kiln-ci-a", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    assert_eq!(patched.spec.unwrap().holder_identity.as_deref(), Some("b"));
+
+    let invalid: Lease = serde_json::from_value(json!({
+        "metadata": { "name": "bad" }, "spec": { "leaseDurationSeconds": 0 },
+    }))
+    .unwrap();
+    let invalid = api_error(
+        leases
+            .create(&PostParams::default(), &invalid)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(invalid.code, 422);
+
+    let listed = leases
+        .list(&ListParams::default().labels("kiln.dev/coordinator=ci"))
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 1);
+    assert_eq!(server.leases().len(), 1);
+
+    // Delete with a stale resourceVersion precondition conflicts; then it goes.
+    let stale = DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            resource_version: Some(rv),
+            uid: None,
+        }),
+        ..DeleteParams::default()
+    };
+    assert_eq!(
+        api_error(leases.delete("kiln-ci-a", &stale).await.unwrap_err()).code,
+        409
+    );
+    leases
+        .delete("kiln-ci-a", &DeleteParams::default())
+        .await
+        .unwrap();
+    let gone = api_error(leases.get("kiln-ci-a").await.unwrap_err());
+    assert_eq!(gone.code, 404);
+    assert!(
+        gone.message
+            .contains("leases.coordination.k8s.io \"kiln-ci-a\" not found")
+    );
+
+    server.deny("create", "leases");
+    let denied = api_error(
+        leases
+            .create(&PostParams::default(), &lease)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(denied.code, 403);
+    assert!(
+        denied
+            .message
+            .contains("in API group \"coordination.k8s.io\""),
+        "{}",
+        denied.message
+    );
+}

@@ -15,11 +15,12 @@ const TOKEN: &str = "glrt-fake-token";
 async fn sigterm_during_a_long_poll_runs_the_job_it_brings() {
     let gitlab = GitLabServer::start().await;
     gitlab.add_runner_token(TOKEN);
-    gitlab.set_long_poll_timeout(Duration::from_secs(6));
+    gitlab.set_long_poll_timeout(Duration::from_secs(20));
     gitlab.set_trace_interval(1);
     let mut kiln = KilnProcess::start(&config(&gitlab.url(), TOKEN, ""));
 
-    // Wait for a request GitLab holds (one that carries the current X-GitLab-Last-Update).
+    // Wait for a request GitLab holds (one that carries the current X-GitLab-Last-Update),
+    // young enough that its hold does not run out before the job comes.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let held = gitlab.polls().iter().any(|p| {

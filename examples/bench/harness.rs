@@ -84,6 +84,18 @@ pub(crate) struct Options {
     /// Measure only the status page (skip the levels and the local executor).
     #[arg(long)]
     pub(crate) only_status: bool,
+    /// Builds running when one of two replicas is killed, for the failover level (0: skip it).
+    #[arg(long, default_value_t = 100)]
+    pub(crate) failover_jobs: usize,
+    /// Times the failover is measured, each with fresh replicas.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) failover_rounds: usize,
+    /// `[kubernetes] lease_duration` of the replicas, in seconds.
+    #[arg(long, default_value_t = 15)]
+    pub(crate) lease_secs: u64,
+    /// `[kubernetes] lease_renew` of the replicas, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) renew_secs: u64,
 }
 
 /// The idle coordinator.
@@ -234,6 +246,19 @@ pub(crate) struct StatusFigures {
     pub(crate) rss_history_only_kib: u64,
 }
 
+/// Two replicas; one is killed while builds of both run (Pending: the benchmark plays no
+/// kubelet here), and the other takes the victim's builds over.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Failover {
+    pub(crate) jobs: usize,
+    /// SIGKILL → every build of the killed replica labelled with the survivor, per round.
+    pub(crate) taken_over: Spread,
+    /// Builds of the killed replica, over all rounds.
+    pub(crate) builds_moved: usize,
+    /// Builds created more than once, over all rounds (must be 0).
+    pub(crate) duplicates: usize,
+}
+
 /// Everything measured.
 #[derive(Debug, Clone)]
 pub(crate) struct Report {
@@ -245,6 +270,7 @@ pub(crate) struct Report {
     pub(crate) local: Local,
     pub(crate) github: Option<GitHubLevel>,
     pub(crate) status: Option<StatusFigures>,
+    pub(crate) failover: Option<Failover>,
 }
 
 impl Options {
@@ -308,6 +334,15 @@ pub(crate) async fn run(options: &Options) -> Report {
     } else {
         None
     };
+    let failover = if options.failover_jobs > 0 && options.failover_rounds > 0 {
+        progress(&format!(
+            "failover: {} builds, {} rounds",
+            options.failover_jobs, options.failover_rounds
+        ));
+        Some(run_failover(options).await)
+    } else {
+        None
+    };
     Report {
         machine: machine(),
         options: options.clone(),
@@ -317,6 +352,7 @@ pub(crate) async fn run(options: &Options) -> Report {
         local,
         github,
         status,
+        failover,
     }
 }
 
@@ -332,6 +368,10 @@ struct Coordinator {
 
 impl Coordinator {
     fn start(kiln: &Path, config: &str, http: &str) -> Self {
+        Self::start_with_env(kiln, config, http, &[])
+    }
+
+    fn start_with_env(kiln: &Path, config: &str, http: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kiln.toml");
         std::fs::write(&path, config).unwrap();
@@ -340,6 +380,7 @@ impl Coordinator {
             .arg("--config")
             .arg(&path)
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.path().join("kiln.log")).unwrap())
             .stderr(std::fs::File::create(dir.path().join("kiln.err")).unwrap())
@@ -540,8 +581,11 @@ async fn patch_status(pods: &Api<Pod>, name: &str, status: &Value) {
 }
 
 /// kiln's own requests: everything but the benchmark's status writes.
+/// A call kiln made for its builds: not the benchmark's own status writes, and not the
+/// replica's Lease renewals (a few per renew period, outside the client's rate limit).
 fn is_kiln_call(r: &RequestRecord) -> bool {
-    !(r.method == "PATCH" && r.path.contains("/status"))
+    let status_write = r.method == "PATCH" && r.path.contains("/status");
+    !(status_write || r.path.contains("/leases"))
 }
 
 /// `METHOD resource[/subresource]`, e.g. `PATCH secrets`.
@@ -1304,6 +1348,114 @@ webhook_secret = "{GITHUB_HOOK_SECRET}"
 }
 
 /// CPU model, core count and memory, from `/proc`.
+/// The replica label of every pod, by pod name.
+fn replicas_of_pods(kube: &KubeServer) -> HashMap<String, String> {
+    kube.pods()
+        .into_iter()
+        .filter_map(|pod| {
+            let name = pod.metadata.name?;
+            let replica = pod.metadata.labels?.get("kiln.dev/replica")?.clone();
+            Some((name, replica))
+        })
+        .collect()
+}
+
+/// Each round: replica a takes half the jobs, replica b the rest; a is killed, and the time
+/// until b has claimed every build of a is measured.
+async fn run_failover(options: &Options) -> Failover {
+    let jobs = options.failover_jobs;
+    let mut samples = Vec::new();
+    let mut moved = 0;
+    let mut duplicates = 0;
+    for round in 0..options.failover_rounds {
+        let gitlab = gitlab(options).await;
+        let kube = KubeServer::start().await;
+        kube.set_kubelet(false);
+        kube.set_latency(Duration::from_millis(options.latency_ms));
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        kube.kubeconfig(&kubeconfig, NAMESPACE);
+        let kube_section = format!(
+            "[kubernetes]\nkubeconfig = \"{}\"\nhelper_image = \"{HELPER_IMAGE}\"\npending_timeout = \"1h\"\nqps = {:?}\nburst = {}\nlease_duration = \"{}s\"\nlease_renew = \"{}s\"\n",
+            kubeconfig.display(),
+            options.qps,
+            options.burst,
+            options.lease_secs,
+            options.renew_secs
+        );
+        let start = |replica: &str, system_id: &str| {
+            let http = free_addr();
+            let mut text = config(&gitlab, options, &http, "kubernetes", &kube_section);
+            text = text.replace("s_0123456789ab", system_id).replacen(
+                &format!("concurrent = {}\n", options.jobs.max(1)),
+                &format!("concurrent = {jobs}\n"),
+                1,
+            );
+            Coordinator::start_with_env(
+                &options.kiln_path(),
+                &text,
+                &http,
+                &[("KILN_KUBERNETES__REPLICA", replica)],
+            )
+        };
+        let (a_name, b_name) = (format!("bench-a-{round}"), format!("bench-b-{round}"));
+        let first = jobs.div_ceil(2);
+        let mut a = start(&a_name, "s_00000000000a");
+        for i in 0..first {
+            gitlab.enqueue(job_json(&format!("failover-{i}"), &["echo hello"]));
+        }
+        wait_until("replica a's builds", Duration::from_secs(120), &a, || {
+            kube.creations().len() == first
+        })
+        .await;
+        let b = start(&b_name, "s_00000000000b");
+        for i in first..jobs {
+            gitlab.enqueue(job_json(&format!("failover-{i}"), &["echo hello"]));
+        }
+        wait_until("replica b's builds", Duration::from_secs(120), &b, || {
+            kube.creations().len() == jobs
+        })
+        .await;
+        // b has seen a alive (a Lease round of each) before a dies, at a random point of a's
+        // renew period (the failover time depends on it).
+        let jitter = Duration::from_secs(options.renew_secs).mul_f64(rand::random::<f64>());
+        tokio::time::sleep(Duration::from_secs(2 * options.renew_secs) + jitter).await;
+        let victims: Vec<String> = replicas_of_pods(&kube)
+            .into_iter()
+            .filter(|(_, replica)| *replica == a_name)
+            .map(|(name, _)| name)
+            .collect();
+        let _ = a.child.kill();
+        let killed = Instant::now();
+        let _ = a.child.wait();
+        let limit = Duration::from_secs(options.lease_secs + options.renew_secs) * 3;
+        wait_until("the take-over", limit, &b, || {
+            let now = replicas_of_pods(&kube);
+            victims
+                .iter()
+                .all(|name| now.get(name).is_some_and(|r| *r == b_name))
+        })
+        .await;
+        samples.push(killed.elapsed());
+        moved += victims.len();
+        let created = kube.creations();
+        let unique: HashSet<&String> = created.iter().collect();
+        duplicates += created.len() - unique.len();
+        progress(&format!(
+            "failover round {round}: {} builds taken over in {}",
+            victims.len(),
+            ms(killed.elapsed())
+        ));
+        drop(b);
+    }
+    Failover {
+        jobs,
+        taken_over: Spread::of(samples),
+        builds_moved: moved,
+        duplicates,
+    }
+}
+
 pub(crate) fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -1465,6 +1617,18 @@ impl Report {
                 .map(|(k, n)| format!("{k} {n}"))
                 .collect();
             let _ = writeln!(out, "    GitHub calls: {}", kinds.join(", "));
+        }
+        if let Some(f) = &self.failover {
+            let _ = writeln!(
+                out,
+                "\n## failover (2 replicas, {} builds, Lease {}s / renew {}s)\nkill -> every build of the killed replica taken over: {}; {} builds moved, {} created twice",
+                f.jobs,
+                o.lease_secs,
+                o.renew_secs,
+                spread(&f.taken_over),
+                f.builds_moved,
+                f.duplicates
+            );
         }
         if let Some(status) = &self.status {
             out.push('\n');

@@ -1,38 +1,100 @@
-//! Restart adoption and orphan cleanup, once for every source: the builds an earlier
-//! coordinator left are listed from the executor in one go, each is handed to the source it
-//! belongs to, which says whether to follow it, start it again or remove it; builds of no
-//! configured source are removed.
+//! Restart adoption, take-over and orphan cleanup, once for every source: the builds an
+//! earlier coordinator (or a replica that died) left are listed from the executor in one go,
+//! each is handed to the source it belongs to, which says whether to follow it, start it again
+//! or remove it; builds of no configured source are removed (by the leading replica).
+//!
+//! Of the builds listed, a replica takes only its own (at start-up), those labelled with no
+//! replica, and those of dead replicas — each after claiming it, so that of several replicas
+//! exactly one follows it. A live replica's builds are never touched.
 
 use std::sync::Arc;
 
 use super::dispatch::{Dispatcher, Start};
 use super::limiter::Limiter;
+use super::replicas::{Owner, Replicas};
 use crate::build::Found;
+use crate::executor::Claim;
 use crate::sources::{Adoption, Slot, Source};
 
-/// Adopts every build the executor lists. Followed builds take their slot of capacity first
-/// (before any source asks for work), so they count against `concurrent`.
+/// Why the builds are looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pass {
+    /// At start-up: this replica's own builds (of its earlier run) are adopted too.
+    Start,
+    /// While running: the builds of replicas that died, and of none.
+    TakeOver,
+}
+
+/// Adopts the builds the executor lists that are this replica's to follow. Followed builds
+/// take their slot of capacity first (before any source asks for work), so they count against
+/// `concurrent`. Returns whether the builds could be listed.
 pub(crate) async fn adopt_all(
     dispatcher: &Dispatcher,
     limiter: &Limiter,
     sources: &[Arc<dyn Source>],
-) {
+    replicas: &Replicas,
+    pass: Pass,
+) -> bool {
     let found = match dispatcher.executor.list().await {
         Ok(found) => found,
         Err(e) => {
-            tracing::error!(error = %e, "cannot list the builds of an earlier run; they are adopted at the next start");
-            return;
+            tracing::error!(error = %e, "cannot list the builds of an earlier run; they are adopted later");
+            return false;
         }
     };
-    if !found.is_empty() {
-        tracing::info!(
-            builds = found.len(),
-            "adopting the builds of an earlier run"
-        );
-    }
+    let mut taken = Vec::new();
     for found in found {
+        if dispatcher.follows(&found.name) {
+            continue;
+        }
+        let owner = replicas.owner(found.replica.as_deref());
+        match (owner, pass) {
+            (Owner::Live, _) | (Owner::Mine, Pass::TakeOver) => continue,
+            (Owner::Mine, Pass::Start) | (Owner::Free, _) => {}
+        }
+        let configured = sources
+            .iter()
+            .any(|s| s.kind() == found.key.source && s.name() == found.key.runner);
+        if !configured && !replicas.leading() {
+            // Orphan cleanup is the leader's chore (its configuration may still have the
+            // source, in the middle of a rollout).
+            tracing::debug!(build = %found.key, name = %found.name, "a build of a source this replica does not have; leaving it to the leader");
+            continue;
+        }
+        // A build labelled with another replica (or none) is claimed first: of replicas
+        // taking it at once one wins, and the executor follows only builds labelled with this
+        // replica (also when, without Leases, this one takes every build).
+        let labelled_other = replicas
+            .identity()
+            .is_some_and(|me| found.replica.as_deref() != Some(me));
+        if labelled_other {
+            match dispatcher.executor.claim(&found).await {
+                Claim::Won => {
+                    tracing::info!(build = %found.key, name = %found.name, from = found.replica.as_deref().unwrap_or("no replica"), "claimed the build");
+                }
+                Claim::Lost => {
+                    tracing::debug!(build = %found.key, name = %found.name, "another replica claimed the build first");
+                    continue;
+                }
+                Claim::Failed(message) => {
+                    tracing::warn!(build = %found.key, name = %found.name, error = %message, "cannot claim the build; trying again later");
+                    continue;
+                }
+            }
+        }
+        taken.push(found);
+    }
+    if !taken.is_empty() {
+        let what = match pass {
+            Pass::Start => "adopting the builds of an earlier run",
+            Pass::TakeOver => "taking over the builds of replicas that are gone",
+        };
+        tracing::info!(builds = taken.len(), "{what}");
+    }
+    for found in taken {
         adopt(dispatcher, limiter, sources, found).await;
     }
+    true
 }
 
 async fn adopt(

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use super::cost::Prices;
 use super::history::{BuildRecord, End, History};
 use super::limiter::Limiter;
+use super::replicas::Replicas;
 use crate::build::{About, Build, BuildKey, Ending, FailureReason, Outcome};
 use crate::executor::{Executor, Footprint, LaunchError, OnRunning, StillWanted, Watch};
 use crate::sources::{Chain, Slot, Source};
@@ -115,6 +116,11 @@ impl Start {
 }
 
 impl Dispatcher {
+    /// Whether build `name` is followed (or being started) now.
+    pub(crate) fn follows(&self, name: &str) -> bool {
+        self.table_lock().contains_key(name)
+    }
+
     /// Follows `start` in a task of its own, holding `slot` until the build ends.
     pub(crate) fn spawn(&self, source: Arc<dyn Source>, slot: Option<Slot>, start: Start) {
         let this = self.clone();
@@ -379,9 +385,14 @@ pub(crate) struct SourceChain {
     pub(crate) dispatcher: Dispatcher,
     pub(crate) limiter: Limiter,
     pub(crate) shutdown: CancellationToken,
+    pub(crate) replicas: Arc<Replicas>,
 }
 
 impl Chain for SourceChain {
+    fn leading(&self) -> bool {
+        self.replicas.leading()
+    }
+
     fn slot(&self) -> BoxFuture<'_, Option<Slot>> {
         Box::pin(async move {
             let permit = tokio::select! {

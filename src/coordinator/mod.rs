@@ -8,6 +8,7 @@ mod cost;
 mod dispatch;
 mod history;
 pub mod limiter;
+mod replicas;
 mod status;
 
 use std::collections::HashMap;
@@ -20,18 +21,24 @@ use tokio_util::task::TaskTracker;
 use crate::executor::Executor;
 use crate::sources::{Chain, Source};
 use crate::telemetry::Metrics;
+use adoption::Pass;
 pub use cost::{CostConfig, Prices};
 pub use dispatch::{Alive, Phase};
 use dispatch::{Dispatcher, SourceChain};
 use history::History;
 pub use history::{BuildRecord, End};
 use limiter::Limiter;
+use replicas::Replicas;
+pub use replicas::Timing as LeaseTiming;
 pub use status::{SourceView, Status};
 
 /// How long stopped builds get to report before the coordinator stops waiting.
 const CANCEL_WAIT: Duration = Duration::from_secs(120);
 /// How long detaching from builds that outlive the coordinator may take.
 const DETACH_WAIT: Duration = Duration::from_secs(10);
+/// How often a replica looks for builds no live replica follows even when no replica died
+/// (a build a dead replica launched while its Lease was unreadable, an orphan for a new leader).
+const SAFETY_SCAN: Duration = Duration::from_secs(60);
 
 /// How the coordinator runs.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +51,8 @@ pub struct Settings {
     pub history: usize,
     /// What a vCPU-hour and a GiB-hour cost unless a resource class says otherwise.
     pub prices: Prices,
+    /// The replicas' Leases (with an executor that has them).
+    pub leases: LeaseTiming,
 }
 
 /// The coordinator of one `kiln run`.
@@ -94,7 +103,29 @@ impl Coordinator {
     /// then stopped and reported.
     pub async fn run(self, shutdown: CancellationToken) {
         let dispatcher = &self.dispatcher;
-        adoption::adopt_all(dispatcher, &self.limiter, &self.sources).await;
+        let replicas = Arc::new(Replicas::new(
+            dispatcher.executor.leases(),
+            self.settings.leases,
+        ));
+        // Renew this replica's Lease and read the others' before looking at any build.
+        let first = replicas.round().await;
+        let listed = adoption::adopt_all(
+            dispatcher,
+            &self.limiter,
+            &self.sources,
+            &replicas,
+            Pass::Start,
+        )
+        .await;
+        let stop_replicas = CancellationToken::new();
+        let keeper = tokio::spawn(keep_replicas(
+            Arc::clone(&replicas),
+            dispatcher.clone(),
+            self.limiter.clone(),
+            self.sources.clone(),
+            stop_replicas.clone(),
+            !(listed && (first.read || !replicas.shared_builds())),
+        ));
         let mut sources = tokio::task::JoinSet::new();
         for source in &self.sources {
             let chain: Arc<dyn Chain> = Arc::new(SourceChain {
@@ -102,6 +133,7 @@ impl Coordinator {
                 dispatcher: dispatcher.clone(),
                 limiter: self.limiter.clone(),
                 shutdown: shutdown.clone(),
+                replicas: Arc::clone(&replicas),
             });
             sources.spawn(Arc::clone(source).run(chain, shutdown.clone()));
         }
@@ -113,6 +145,9 @@ impl Coordinator {
         );
         shutdown.cancelled().await;
         while sources.join_next().await.is_some() {}
+        // No take-overs while stopping; the Leases are given up once the builds are let go.
+        stop_replicas.cancel();
+        let _ = keeper.await;
         let tracker = &dispatcher.tracker;
         tracker.close();
         let running = tracker.len();
@@ -127,6 +162,8 @@ impl Coordinator {
             }
             dispatcher.cancel.cancel();
             let _ = tokio::time::timeout(DETACH_WAIT, tracker.wait()).await;
+            // The other replicas take the builds over at their next round.
+            replicas.leave().await;
             tracing::info!("coordinator stopped");
             return;
         }
@@ -153,7 +190,56 @@ impl Coordinator {
                 tracing::error!(running = tracker.len(), "some builds did not stop in time");
             }
         }
+        replicas.leave().await;
         tracing::info!("coordinator stopped");
+    }
+}
+
+/// Renews the Leases every renew period and takes over the builds of replicas that died (and
+/// of none) until `stop`. `scan` says the start-up adoption could not tell whose builds are
+/// whose, so it is done again as soon as it can.
+async fn keep_replicas(
+    replicas: Arc<Replicas>,
+    dispatcher: Dispatcher,
+    limiter: Limiter,
+    sources: Vec<Arc<dyn Source>>,
+    stop: CancellationToken,
+    mut scan: bool,
+) {
+    let timing = replicas.timing();
+    let mut last_scan = tokio::time::Instant::now();
+    let mut leading = replicas.leading();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(timing.renew) => {}
+            () = stop.cancelled() => return,
+        }
+        if !replicas.shared_builds() {
+            if scan {
+                // The Leases turned out forbidden before the builds could be sorted.
+                scan = !adoption::adopt_all(
+                    &dispatcher,
+                    &limiter,
+                    &sources,
+                    &replicas,
+                    Pass::TakeOver,
+                )
+                .await;
+            }
+            continue;
+        }
+        let round = replicas.round().await;
+        if !round.read {
+            continue;
+        }
+        // A new leader takes over the orphans the last one may have left.
+        let became_leader = replicas.leading() && !leading;
+        leading = replicas.leading();
+        if scan || became_leader || !round.died.is_empty() || last_scan.elapsed() >= SAFETY_SCAN {
+            scan = !adoption::adopt_all(&dispatcher, &limiter, &sources, &replicas, Pass::TakeOver)
+                .await;
+            last_scan = tokio::time::Instant::now();
+        }
     }
 }
 

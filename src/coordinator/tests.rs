@@ -13,7 +13,9 @@ use super::{Coordinator, Prices, Settings, Status};
 use crate::build::{
     About, Build, BuildKey, Ending, FailureReason, Found, JOB_FILE, Outcome, SourceKind, Workload,
 };
-use crate::executor::{Executor, ExecutorError, Footprint, LaunchError, Watch};
+use crate::executor::{
+    Claim, Executor, ExecutorError, Footprint, LaunchError, LeaseRecord, Leases, Watch,
+};
 use crate::sources::{Adoption, Chain, Health, Source};
 use crate::telemetry::Metrics;
 
@@ -33,6 +35,12 @@ struct ExecutorState {
     live: HashMap<String, watch::Sender<Option<Ending>>>,
     /// What `list` returns (an earlier coordinator's builds).
     left_over: Vec<Found>,
+    /// The installation's Leases (none: one replica).
+    leases: Option<Arc<dyn Leases>>,
+    /// Every claim, in order.
+    claims: Vec<String>,
+    /// Builds whose claim another replica wins.
+    claimed_by_others: Vec<String>,
 }
 
 impl FakeExecutor {
@@ -126,6 +134,26 @@ impl Executor for FakeExecutor {
     fn list(&self) -> BoxFuture<'_, Result<Vec<Found>, ExecutorError>> {
         let found = self.lock().left_over.clone();
         Box::pin(async move { Ok(found) })
+    }
+
+    fn leases(&self) -> Option<Arc<dyn Leases>> {
+        self.lock().leases.clone()
+    }
+
+    fn claim<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Claim> {
+        let mut state = self.lock();
+        state.claims.push(found.name.clone());
+        let claim = if state.claimed_by_others.contains(&found.name) {
+            Claim::Lost
+        } else {
+            for left in &mut state.left_over {
+                if left.name == found.name {
+                    left.replica = Some("me".into());
+                }
+            }
+            Claim::Won
+        };
+        Box::pin(async move { claim })
     }
 
     fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, ()> {
@@ -255,6 +283,15 @@ struct Harness {
 /// A coordinator with `concurrent` slots over a fake source and executor; `before` runs on
 /// the executor before the coordinator starts (builds left by an earlier run).
 async fn start(concurrent: usize, before: impl FnOnce(&FakeExecutor)) -> Harness {
+    start_with(concurrent, super::LeaseTiming::default(), before).await
+}
+
+/// [`start`] with Lease timing `leases`.
+async fn start_with(
+    concurrent: usize,
+    leases: super::LeaseTiming,
+    before: impl FnOnce(&FakeExecutor),
+) -> Harness {
     let executor = Arc::new(FakeExecutor::default());
     before(&executor);
     let source = Arc::new(FakeSource::default());
@@ -269,6 +306,7 @@ async fn start(concurrent: usize, before: impl FnOnce(&FakeExecutor)) -> Harness
                 per_vcpu_hour: 3600.0,
                 per_gib_hour: 1000.0,
             },
+            leases,
         },
         Arc::clone(&metrics),
         Arc::clone(&executor) as Arc<dyn Executor>,
@@ -327,6 +365,8 @@ async fn a_build_is_never_launched_twice_for_one_job() {
         secrets: BTreeMap::new(),
         labels: BTreeMap::new(),
         annotations: BTreeMap::new(),
+        replica: None,
+        version: None,
     });
     let slot = chain.slot().await.unwrap();
     chain.launch(slot, build(8));
@@ -379,6 +419,8 @@ async fn a_restart_adopts_running_builds_and_counts_them_against_concurrent() {
                 secrets: BTreeMap::new(),
                 labels: BTreeMap::new(),
                 annotations: BTreeMap::new(),
+                replica: None,
+                version: None,
             });
         }
     })
@@ -473,4 +515,108 @@ async fn finished_builds_are_kept_in_a_bounded_history_with_their_cost() {
     );
     h.shutdown.cancel();
     h.task.await.unwrap();
+}
+
+/// A build of work `id` labelled with `replica`, found at start-up.
+fn labelled(id: u64, runner: &str, replica: Option<&str>) -> Found {
+    let key = BuildKey {
+        source: SourceKind::GitLab,
+        runner: runner.into(),
+        id,
+    };
+    Found {
+        name: key.resource_name(),
+        key,
+        exists: true,
+        secrets: BTreeMap::new(),
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+        replica: replica.map(Into::into),
+        version: Some("7".into()),
+    }
+}
+
+#[tokio::test]
+async fn a_replica_takes_its_own_unlabelled_and_dead_replicas_builds_never_a_live_ones() {
+    use super::replicas::tests::{LeaseStore, MemoryLeases};
+    let store: LeaseStore = Arc::default();
+    let now = std::time::SystemTime::now();
+    let lease =
+        |name: &str, holder: &str, renewed: std::time::SystemTime, seconds: u64| LeaseRecord {
+            name: name.into(),
+            holder: Some(holder.into()),
+            acquired: Some(renewed),
+            renewed: Some(renewed),
+            duration: Some(Duration::from_secs(seconds)),
+            transitions: 0,
+            version: Some("1".into()),
+        };
+    {
+        let mut store = store.lock().unwrap();
+        // `alive` renews (for one more second), `dead` stopped long ago; `alive` leads.
+        for lease in [
+            lease("kiln-ci-alive", "alive", now, 1),
+            lease("kiln-ci-dead", "dead", now - Duration::from_secs(60), 15),
+            lease("kiln-ci-leader", "alive", now, 1),
+        ] {
+            store.1.insert(lease.name.clone(), lease);
+        }
+    }
+    let timing = super::LeaseTiming {
+        duration: Duration::from_secs(1),
+        renew: Duration::from_millis(100),
+    };
+    let h = start_with(8, timing, |executor| {
+        executor.lock().leases = Some(Arc::new(MemoryLeases {
+            replica: "me".into(),
+            store: Arc::clone(&store),
+        }));
+        executor.leave(labelled(31, "fake", Some("alive")));
+        executor.leave(labelled(32, "fake", Some("dead")));
+        executor.leave(labelled(33, "fake", None));
+        executor.leave(labelled(34, "fake", Some("me")));
+        executor.leave(labelled(35, "fake", Some("dead")));
+        executor.leave(labelled(36, "gone", Some("dead")));
+        executor.lock().claimed_by_others.push("kiln-gl-35".into());
+    })
+    .await;
+    assert_eq!(
+        h.source.adopted.lock().unwrap().as_slice(),
+        ["kiln-gl-32", "kiln-gl-33", "kiln-gl-34"],
+        "its own, an unlabelled one and a dead replica's; not a live one's, not one claimed by another"
+    );
+    assert_eq!(
+        h.executor.lock().claims,
+        ["kiln-gl-32", "kiln-gl-33", "kiln-gl-35"],
+        "its own builds need no claim; a live replica's and (not leading) an orphan are not claimed"
+    );
+    assert!(
+        h.executor.lock().deletes.is_empty(),
+        "orphans are the leader's to remove"
+    );
+    assert!(!h.source.chain().leading(), "`alive` leads");
+
+    // `alive` stops renewing: its Lease expires, and this replica takes over its build, its
+    // leadership, and with it the orphan of the source no longer configured.
+    until("the live replica's build is taken over", || {
+        h.source.adopted.lock().unwrap().len() == 4
+    })
+    .await;
+    assert_eq!(h.source.adopted.lock().unwrap()[3], "kiln-gl-31");
+    until("the orphan is removed by the new leader", || {
+        h.executor.lock().deletes.contains(&"kiln-gl-36".to_owned())
+    })
+    .await;
+    assert!(h.source.chain().leading());
+    assert!(
+        !h.executor.lock().deletes.contains(&"kiln-gl-35".to_owned()),
+        "the build another replica claimed is left to it"
+    );
+    h.shutdown.cancel();
+    h.task.await.unwrap();
+    let left: Vec<String> = store.lock().unwrap().1.keys().cloned().collect();
+    assert!(
+        !left.contains(&"kiln-ci-me".to_owned()) && !left.contains(&"kiln-ci-leader".to_owned()),
+        "a stopping replica gives up its Leases: {left:?}"
+    );
 }

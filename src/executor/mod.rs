@@ -6,6 +6,7 @@ pub mod kubernetes;
 pub mod local;
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
@@ -113,6 +114,88 @@ pub struct Footprint {
     pub price_per_gib_hour: Option<f64>,
 }
 
+/// One Lease (`coordination.k8s.io/v1`) as the coordinator reads and writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRecord {
+    /// Its name.
+    pub name: String,
+    /// `holderIdentity`: the replica holding it.
+    pub holder: Option<String>,
+    /// `acquireTime`.
+    pub acquired: Option<SystemTime>,
+    /// `renewTime`.
+    pub renewed: Option<SystemTime>,
+    /// `leaseDurationSeconds`.
+    pub duration: Option<Duration>,
+    /// `leaseTransitions`.
+    pub transitions: i32,
+    /// `metadata.resourceVersion`: an update with a stale one is refused.
+    pub version: Option<String>,
+}
+
+/// Why a Lease call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// kiln may not do this (no RBAC for Leases); the message names the missing permission.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Someone else wrote it first: a stale resourceVersion, or it exists already.
+    #[error("the Lease {0} was changed by someone else")]
+    Conflict(String),
+    /// It does not exist.
+    #[error("the Lease {0} does not exist")]
+    Missing(String),
+    /// Anything else (the API server unreachable, …).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The Leases of one installation (all its replicas), where its builds live.
+pub trait Leases: Send + Sync {
+    /// This replica's identity (the `kiln.dev/replica` label of the builds it launches).
+    fn replica(&self) -> &str;
+
+    /// The installation's name (`kiln.dev/coordinator`), which every Lease name starts from.
+    fn coordinator(&self) -> &str;
+
+    /// Every Lease of the installation.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<LeaseRecord>, LeaseError>>;
+
+    /// Lease `name`, `None` when it does not exist.
+    fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<LeaseRecord>, LeaseError>>;
+
+    /// Creates `lease` ([`LeaseError::Conflict`] when it exists already).
+    fn create<'a>(
+        &'a self,
+        lease: &'a LeaseRecord,
+    ) -> BoxFuture<'a, Result<LeaseRecord, LeaseError>>;
+
+    /// Replaces `lease`, whose `version` must be the stored one ([`LeaseError::Conflict`]
+    /// otherwise).
+    fn update<'a>(
+        &'a self,
+        lease: &'a LeaseRecord,
+    ) -> BoxFuture<'a, Result<LeaseRecord, LeaseError>>;
+
+    /// Deletes Lease `name` if its resourceVersion is still `version`; a missing one is fine.
+    fn delete<'a>(
+        &'a self,
+        name: &'a str,
+        version: &'a str,
+    ) -> BoxFuture<'a, Result<(), LeaseError>>;
+}
+
+/// How claiming a build of another replica went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// It is this replica's now.
+    Won,
+    /// Another replica changed it first (it claimed it, or its owner is alive after all).
+    Lost,
+    /// The claim could not be made (the message says why); try again later.
+    Failed(String),
+}
+
 /// Runs builds.
 pub trait Executor: Send + Sync {
     /// The executor's name, as shown in traces and sent to GitLab.
@@ -158,6 +241,20 @@ pub trait Executor: Send + Sync {
     /// The listing failed.
     fn list(&self) -> BoxFuture<'_, Result<Vec<Found>, ExecutorError>> {
         Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// The Leases that let replicas share the builds (`None`: builds are this process's
+    /// alone — the local executor — and there is one replica).
+    fn leases(&self) -> Option<Arc<dyn Leases>> {
+        None
+    }
+
+    /// Makes this replica the one following `found` (a build of a replica that is gone, or
+    /// of none), as of the state `found` was listed in: of several replicas claiming it, one
+    /// wins.
+    fn claim<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Claim> {
+        let _ = found;
+        Box::pin(async { Claim::Won })
     }
 
     /// Removes build `name` and everything kiln created for it; a missing one is fine.

@@ -53,6 +53,12 @@ pub trait Chain: Send + Sync {
     /// still comes back through [`Source::ended`].
     fn stop(&self, name: &str) -> BoxFuture<'_, ()>;
 
+    /// Whether this replica of kiln runs the singleton chores now (reconciles, provisioning
+    /// from a queue, removing stale registrations): one replica at a time does. Always true
+    /// when there is one replica. Work a source is handed directly (a webhook) may still be
+    /// launched by any replica: launches are idempotent by the build's name.
+    fn leading(&self) -> bool;
+
     /// Why build `name` has not got going, as far as the executor can tell (`; events: …`),
     /// for the source's own messages; empty when nothing is known.
     fn explain(&self, name: &str) -> BoxFuture<'_, String>;

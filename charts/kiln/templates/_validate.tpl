@@ -10,8 +10,13 @@ needs several values at once or kiln's wording. Included by configmap.yaml.
 {{- if and (not $runners) (not $v.jenkins.enabled) (not $v.github.enabled) }}
 {{- fail "no CI server configured: set gitlab.url and gitlab.runnerToken, list gitlab.runners, or enable jenkins or github" }}
 {{- end }}
-{{- if gt (int $v.replicas) 1 }}
-{{- fail (printf "replicas: %d coordinators of one installation would each take jobs and adopt the other's builds; this kiln runs one (replicas 1, or 0 to stop taking jobs), and a restart loses no job" (int $v.replicas)) }}
+{{- $duration := include "kiln.seconds" ($v.kubernetes.lease_duration | default "15s") | float64 }}
+{{- $renew := include "kiln.seconds" ($v.kubernetes.lease_renew | default "5s") | float64 }}
+{{- if lt $duration 1.0 }}
+{{- fail (printf "kubernetes.lease_duration: must be at least 1s (kubernetes.lease_duration is %s)" $v.kubernetes.lease_duration) }}
+{{- end }}
+{{- if or (le $renew 0.0) (ge $renew $duration) }}
+{{- fail (printf "kubernetes.lease_renew: must be above 0 and below kubernetes.lease_duration (kubernetes.lease_renew is %s, kubernetes.lease_duration %s)" ($v.kubernetes.lease_renew | default "5s") ($v.kubernetes.lease_duration | default "15s")) }}
 {{- end }}
 
 {{- with $v.kubernetes.pending_timeout }}

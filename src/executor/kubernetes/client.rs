@@ -16,12 +16,15 @@ use tokio::time::Instant;
 use super::config::KubernetesConfig;
 
 /// What kiln needs to do in its namespace, as `(verb, resource)`; `docs/kubernetes.md` lists
-/// the same as a Role.
+/// the same as a Role, and Leases besides: without those kiln runs as a single replica (the
+/// coordinator says so) instead of refusing to start.
 pub(crate) const PERMISSIONS: &[(&str, &str)] = &[
     ("create", "pods"),
     ("get", "pods"),
     ("list", "pods"),
     ("watch", "pods"),
+    // Claiming a build of a replica that died: its `kiln.dev/replica` label.
+    ("patch", "pods"),
     ("delete", "pods"),
     ("create", "secrets"),
     ("get", "secrets"),
@@ -151,6 +154,29 @@ impl Cluster {
         .when(is_transient)
         .notify(|e, after| tracing::warn!(error = %e, "Kubernetes API call failed; retrying in {after:?}"))
         .await
+    }
+
+    /// Runs one API call outside the QPS limit, with the retries of [`Cluster::call`]: for
+    /// the Leases, a few calls a renew period that must not queue behind a burst of pod
+    /// creates or deletes (a Lease renewed late makes the other replicas take this one for
+    /// dead).
+    ///
+    /// # Errors
+    /// The call's last error.
+    pub(crate) async fn call_unthrottled<T, F, Fut>(&self, op: F) -> Result<T, kube::Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(3)
+            .with_jitter();
+        op.retry(backoff)
+            .when(is_transient)
+            .notify(|e, after| tracing::warn!(error = %e, "Kubernetes API call failed; retrying in {after:?}"))
+            .await
     }
 
     /// Waits until `calls` API calls could go out at once under the QPS limit (without taking

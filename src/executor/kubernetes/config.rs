@@ -25,6 +25,17 @@ pub struct KubernetesConfig {
     /// Value of the `kiln.dev/coordinator` label on everything kiln creates. Replicas of one
     /// installation share it; a restarted coordinator adopts the pods carrying it.
     pub coordinator: String,
+    /// This replica's identity, the `kiln.dev/replica` label of the builds it launches and the
+    /// name of its Lease `kiln-<coordinator>-<replica>` (default: the `POD_NAME` environment
+    /// variable, else the hostname).
+    pub replica: Option<String>,
+    /// How long a replica's Lease (and the leader Lease) holds without renewal: a replica that
+    /// has not renewed for this long is dead, and the others take over its builds.
+    #[serde(with = "humantime_serde")]
+    pub lease_duration: Duration,
+    /// How often each replica renews its Leases and looks at the others'.
+    #[serde(with = "humantime_serde")]
+    pub lease_renew: Duration,
     /// The kiln image of the init container that installs the agent and clones the sources.
     pub helper_image: String,
     /// Image of jobs that name none.
@@ -105,6 +116,9 @@ impl Default for KubernetesConfig {
             kubeconfig: None,
             context: None,
             coordinator: "kiln".into(),
+            replica: None,
+            lease_duration: Duration::from_secs(15),
+            lease_renew: Duration::from_secs(5),
             helper_image: format!("ghcr.io/kiln-ci/kiln:{}", crate::VERSION),
             default_image: "alpine:3".into(),
             image_pull_secrets: Vec::new(),
@@ -392,6 +406,21 @@ impl ResourceClass {
 }
 
 impl KubernetesConfig {
+    /// This replica's identity: `replica`, else `POD_NAME`, else the hostname, as a label value.
+    pub fn replica_id(&self) -> String {
+        let named = self
+            .replica
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok().filter(|n| !n.is_empty()))
+            .or_else(|| {
+                nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+            })
+            .unwrap_or_default();
+        as_label_value(&named)
+    }
+
     /// The pod patch as JSON, or why it is not one.
     pub(crate) fn pod_patch_json(&self) -> Result<Option<serde_json::Value>, String> {
         match &self.pod_patch {
@@ -414,6 +443,27 @@ impl KubernetesConfig {
             problem(
                 "kubernetes.coordinator".into(),
                 "must be a valid label value (letters, digits, `-_.`, at most 63)".into(),
+            );
+        }
+        if let Some(replica) = &self.replica
+            && (replica.is_empty() || !is_label_value(replica) || replica == "leader")
+        {
+            problem(
+                "kubernetes.replica".into(),
+                "must be a valid label value (letters, digits, `-_.`, at most 63) other than `leader`"
+                    .into(),
+            );
+        }
+        if self.lease_duration < Duration::from_secs(1) {
+            problem(
+                "kubernetes.lease_duration".into(),
+                "must be at least 1s".into(),
+            );
+        }
+        if self.lease_renew.is_zero() || self.lease_renew >= self.lease_duration {
+            problem(
+                "kubernetes.lease_renew".into(),
+                "must be above 0 and below kubernetes.lease_duration".into(),
             );
         }
         if let Some(ns) = &self.namespace
@@ -581,6 +631,28 @@ pub(crate) fn is_label_value(value: &str) -> bool {
             .is_none_or(|c| c.is_ascii_alphanumeric())
 }
 
+/// `value` made a valid label value: characters other than alphanumerics and `-_.` become
+/// `-`, at most 63 characters, alphanumeric at both ends (`kiln` when nothing is left).
+pub(crate) fn as_label_value(value: &str) -> String {
+    let mapped: String = value
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    let trimmed = mapped.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+    if trimmed.is_empty() {
+        "kiln".into()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
 /// A DNS-1123 label (namespace names).
 fn is_dns_label(value: &str) -> bool {
     !value.is_empty()
@@ -653,6 +725,32 @@ mod tests {
                 "kubernetes.pod_patch",
             ]
         );
+    }
+
+    #[test]
+    fn replica_ids_are_label_values() {
+        assert_eq!(as_label_value("kiln-7d9f-abcde"), "kiln-7d9f-abcde");
+        assert_eq!(as_label_value("host.example.com"), "host.example.com");
+        assert_eq!(as_label_value("-my host/1-"), "my-host-1");
+        assert_eq!(as_label_value("///"), "kiln");
+        assert_eq!(as_label_value(&"a".repeat(80)).len(), 63);
+        let config = KubernetesConfig {
+            replica: Some("r1".into()),
+            ..KubernetesConfig::default()
+        };
+        assert_eq!(config.replica_id(), "r1");
+    }
+
+    #[test]
+    fn lease_timing_is_checked() {
+        let config = KubernetesConfig {
+            replica: Some("leader".into()),
+            lease_duration: Duration::from_secs(5),
+            lease_renew: Duration::from_secs(5),
+            ..KubernetesConfig::default()
+        };
+        let problems: Vec<String> = config.problems(&[]).into_iter().map(|p| p.path).collect();
+        assert_eq!(problems, ["kubernetes.replica", "kubernetes.lease_renew"]);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 mod classify;
 mod client;
 pub mod config;
+mod lease;
 pub(crate) mod podspec;
 mod quantity;
 mod watch;
@@ -19,10 +20,10 @@ use k8s_openapi::api::core::v1::{Event, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use tokio_util::sync::CancellationToken;
 
-use super::{Executor, ExecutorError, Footprint, LaunchError, Watch};
+use super::{Claim, Executor, ExecutorError, Footprint, LaunchError, Leases, Watch};
 use crate::build::{Build, BuildKey, Ending, Found, SourceKind};
 use classify::{Limits, Memory, PodEnd, Verdict};
 pub use client::ClusterError;
@@ -30,7 +31,7 @@ use client::{Cluster, is_status};
 pub use config::KubernetesConfig;
 use podspec::{
     ANNOTATION_MAIN, ANNOTATION_RUNNER, BUILD_CONTAINER, LABEL_COORDINATOR, LABEL_JOB_ID,
-    LABEL_RUNNER, LABEL_SOURCE, OWN_LABELS,
+    LABEL_REPLICA, LABEL_RUNNER, LABEL_SOURCE, OWN_LABELS,
 };
 use watch::{PodSeen, PodWatch, Subscription};
 
@@ -43,6 +44,8 @@ const UNSEEN_RECHECK: Duration = Duration::from_secs(10);
 const WANTED_CHECK: Duration = Duration::from_secs(30);
 /// How often a build with no pending timeout is looked at even without changes.
 const IDLE_RECHECK: Duration = Duration::from_secs(300);
+/// How often a claim is made again when only the build's status moved on meanwhile.
+const CLAIM_ATTEMPTS: usize = 3;
 /// API calls that start a build: create the Secret, create the pod, make the pod its owner.
 const START_CALLS: f64 = 3.0;
 
@@ -67,10 +70,13 @@ impl KubernetesExecutor {
         cluster.check_permissions().await?;
         let selector = format!("{LABEL_COORDINATOR}={}", config.coordinator);
         let pods = PodWatch::start(cluster.api(), selector.clone(), shutdown);
-        tracing::info!(namespace = cluster.namespace(), selector = %selector, "connected to Kubernetes");
+        let mut config = config.clone();
+        let replica = config.replica_id();
+        config.replica = Some(replica.clone());
+        tracing::info!(namespace = cluster.namespace(), selector = %selector, %replica, "connected to Kubernetes");
         Ok(Self {
             cluster: Arc::new(cluster),
-            config: Arc::new(config.clone()),
+            config: Arc::new(config),
             pods,
             selector,
         })
@@ -163,12 +169,23 @@ impl KubernetesExecutor {
 
     async fn watch_build(&self, name: &str, watch: Watch) -> Ending {
         let mut subscription = self.pods.subscribe(name);
-        let Some(mut end) = self.follow(name, &mut subscription, &watch).await else {
-            tracing::info!(
-                pod = name,
-                "coordinator stopping; the build pod keeps running and will be adopted"
-            );
-            return Ending::lost("the coordinator stopped following the build");
+        let mut end = match self.follow(name, &mut subscription, &watch).await {
+            Followed::Ended(end) => end,
+            Followed::Canceled => {
+                tracing::info!(
+                    pod = name,
+                    "coordinator stopping; the build pod keeps running and will be adopted"
+                );
+                return Ending::lost("the coordinator stopped following the build");
+            }
+            Followed::Claimed(replica) => {
+                tracing::info!(
+                    pod = name,
+                    %replica,
+                    "another replica took the build over; no longer following it"
+                );
+                return Ending::lost(format!("replica {replica} follows the build now"));
+            }
         };
         if end.stuck_pending {
             end.detail = format!("{}{}", end.detail, self.warning_events(name).await);
@@ -176,13 +193,9 @@ impl KubernetesExecutor {
         end.into_ending()
     }
 
-    /// Follows the pod until its build ends; `None` when `watch.cancel` fires first.
-    async fn follow(
-        &self,
-        name: &str,
-        subscription: &mut Subscription,
-        watch: &Watch,
-    ) -> Option<PodEnd> {
+    /// Follows the pod until its build ends, `watch.cancel` fires, or another replica claims
+    /// it.
+    async fn follow(&self, name: &str, subscription: &mut Subscription, watch: &Watch) -> Followed {
         let mut main = BUILD_CONTAINER.to_owned();
         let mut memory = Memory::default();
         let mut last: Option<Arc<Pod>> = None;
@@ -198,23 +211,30 @@ impl KubernetesExecutor {
                 PodSeen::Present(pod) => Some(pod),
                 PodSeen::Gone(final_state) => {
                     let final_state = final_state.or_else(|| last.clone());
+                    // Deleted by the replica that took it over: its end is that one's.
+                    if let Some(replica) = final_state
+                        .as_deref()
+                        .and_then(|pod| self.claimed_by_other(pod))
+                    {
+                        return Followed::Claimed(replica);
+                    }
                     if let Some(pod) = final_state.as_deref() {
                         let limits = self.limits(main_container(pod).unwrap_or(&main));
                         if let Verdict::Ended(end) =
                             classify::classify(pod, Timestamp::now(), limits, &mut memory)
                             && end.result.as_ref().is_some_and(|r| r.reported)
                         {
-                            return Some(end);
+                            return Followed::Ended(end);
                         }
                     }
-                    return Some(classify::deleted(final_state.as_deref()));
+                    return Followed::Ended(classify::deleted(final_state.as_deref()));
                 }
                 PodSeen::Unknown if unseen_checks > 0 => {
                     // The watch has not shown the pod yet (or is failing): read it directly.
                     let pods: Api<Pod> = self.cluster.api();
                     match self.cluster.call(|| pods.get_opt(name)).await {
                         Ok(Some(pod)) => Some(Arc::new(pod)),
-                        Ok(None) => return Some(classify::deleted(last.as_deref())),
+                        Ok(None) => return Followed::Ended(classify::deleted(last.as_deref())),
                         Err(e) => {
                             tracing::warn!(pod = name, error = %e, "cannot read the build pod");
                             None
@@ -225,6 +245,9 @@ impl KubernetesExecutor {
             };
             let mut recheck = match snapshot {
                 Some(pod) => {
+                    if let Some(replica) = self.claimed_by_other(&pod) {
+                        return Followed::Claimed(replica);
+                    }
                     if let Some(named) = main_container(&pod) {
                         named.clone_into(&mut main);
                     }
@@ -238,7 +261,7 @@ impl KubernetesExecutor {
                     }
                     last = Some(pod);
                     match verdict {
-                        Verdict::Ended(end) => return Some(end),
+                        Verdict::Ended(end) => return Followed::Ended(end),
                         Verdict::Wait { recheck } => recheck.unwrap_or(IDLE_RECHECK),
                     }
                 }
@@ -253,7 +276,7 @@ impl KubernetesExecutor {
                 let now = tokio::time::Instant::now();
                 if now >= next_wanted_check {
                     if !still_wanted.ask().await {
-                        return Some(classify::canceled_before_start());
+                        return Followed::Ended(classify::canceled_before_start());
                     }
                     next_wanted_check = now + wanted_every;
                 }
@@ -262,9 +285,109 @@ impl KubernetesExecutor {
             tokio::select! {
                 _ = subscription.changes.changed() => unseen_checks = 0,
                 () = tokio::time::sleep(recheck) => {}
-                () = watch.cancel.cancelled() => return None,
+                () = watch.cancel.cancelled() => return Followed::Canceled,
             }
         }
+    }
+
+    /// The replica the pod is labelled with when that is not this one: another replica has
+    /// taken the build over.
+    fn claimed_by_other(&self, pod: &Pod) -> Option<String> {
+        let mine = self.config.replica.as_deref()?;
+        let labelled = pod.metadata.labels.as_ref()?.get(LABEL_REPLICA)?;
+        (labelled != mine).then(|| labelled.clone())
+    }
+
+    /// Labels build `found` (its pod, else its Secret) with this replica, on the condition
+    /// that it is still as it was listed (its resourceVersion): of replicas claiming it at
+    /// once, exactly one wins. A conflict is read again: when the replica label is still the
+    /// listed one, only the status moved on (the kubelet), and the claim is made again.
+    async fn claim_build(&self, found: &Found) -> Claim {
+        let Some(replica) = self.config.replica.as_deref() else {
+            return Claim::Won;
+        };
+        let mut version = found.version.clone();
+        for _ in 0..CLAIM_ATTEMPTS {
+            match self.try_claim(found, replica, version.as_deref()).await {
+                Ok(()) => return Claim::Won,
+                Err(e) if is_status(&e, 404) => return Claim::Lost,
+                Err(e) if is_status(&e, 409) => match self.current(found).await {
+                    Ok(Some((labelled, current))) if labelled == found.replica => {
+                        version = current;
+                    }
+                    Ok(_) => return Claim::Lost,
+                    Err(e) => return self.claim_failed(found, replica, &e),
+                },
+                Err(e) => return self.claim_failed(found, replica, &e),
+            }
+        }
+        Claim::Failed(format!(
+            "build {} kept changing while replica {replica} claimed it",
+            found.name
+        ))
+    }
+
+    /// One claim of `found` as of `version`.
+    async fn try_claim(
+        &self,
+        found: &Found,
+        replica: &str,
+        version: Option<&str>,
+    ) -> Result<(), kube::Error> {
+        let patch = serde_json::json!({
+            "metadata": {
+                "resourceVersion": version,
+                "labels": {LABEL_REPLICA: replica},
+            }
+        });
+        let params = PatchParams::default();
+        let patch = Patch::Merge(&patch);
+        if found.exists {
+            let pods: Api<Pod> = self.cluster.api();
+            let pod = self
+                .cluster
+                .call(|| pods.patch(&found.name, &params, &patch))
+                .await?;
+            // Following starts from the claimed state, not from the listed one (which names
+            // the replica the build is taken from).
+            self.pods.written(pod);
+        } else {
+            let secrets: Api<Secret> = self.cluster.api();
+            self.cluster
+                .call(|| secrets.patch(&found.name, &params, &patch))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The replica label and resourceVersion of `found` now (`None`: it is gone).
+    async fn current(
+        &self,
+        found: &Found,
+    ) -> Result<Option<(Option<String>, Option<String>)>, kube::Error> {
+        let metadata = if found.exists {
+            let pods: Api<Pod> = self.cluster.api();
+            self.cluster
+                .call(|| pods.get_opt(&found.name))
+                .await?
+                .map(|p| p.metadata)
+        } else {
+            let secrets: Api<Secret> = self.cluster.api();
+            self.cluster
+                .call(|| secrets.get_opt(&found.name))
+                .await?
+                .map(|s| s.metadata)
+        };
+        Ok(metadata.map(|m| (replica_of(&m), m.resource_version)))
+    }
+
+    fn claim_failed(&self, found: &Found, replica: &str, error: &kube::Error) -> Claim {
+        Claim::Failed(format!(
+            "cannot label build {} with replica {replica} in namespace `{}`: {}",
+            found.name,
+            self.cluster.namespace(),
+            describe(error)
+        ))
     }
 
     /// Deletes the pod and its Secret; missing ones are fine.
@@ -374,6 +497,8 @@ impl KubernetesExecutor {
                 secrets: data.remove(&name).unwrap_or_default(),
                 labels: foreign_labels(&pod.metadata),
                 annotations: pod.metadata.annotations.clone().unwrap_or_default(),
+                replica: replica_of(&pod.metadata),
+                version: pod.metadata.resource_version.clone(),
             });
             // The coordinator follows it next: let it start from this state.
             self.pods.seed(pod);
@@ -386,6 +511,8 @@ impl KubernetesExecutor {
             };
             found.push(Found {
                 key,
+                replica: replica_of(&metadata),
+                version: metadata.resource_version.clone(),
                 labels: foreign_labels(&metadata),
                 annotations: metadata.annotations.unwrap_or_default(),
                 secrets: data.remove(&name).unwrap_or_default(),
@@ -420,6 +547,23 @@ fn key_of(
         .or_else(|| labels.get(LABEL_RUNNER))?
         .clone();
     Some(BuildKey { source, runner, id })
+}
+
+/// The replica a kiln object is labelled with.
+fn replica_of(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<String> {
+    metadata.labels.as_ref()?.get(LABEL_REPLICA).cloned()
+}
+
+/// How following a pod ended.
+enum Followed {
+    /// Its build ended.
+    Ended(PodEnd),
+    /// The coordinator stopped following (shutdown).
+    Canceled,
+    /// Another replica (named) took it over.
+    Claimed(String),
 }
 
 /// The labels a source put on a build, without kiln's own.
@@ -485,6 +629,18 @@ impl Executor for KubernetesExecutor {
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<Found>, ExecutorError>> {
         Box::pin(self.list_builds())
+    }
+
+    fn leases(&self) -> Option<Arc<dyn Leases>> {
+        Some(Arc::new(lease::ClusterLeases {
+            cluster: Arc::clone(&self.cluster),
+            coordinator: self.config.coordinator.clone(),
+            replica: self.config.replica.clone().unwrap_or_default(),
+        }))
+    }
+
+    fn claim<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Claim> {
+        Box::pin(self.claim_build(found))
     }
 
     fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, ()> {

@@ -42,6 +42,9 @@ pub(crate) const TERMINATION_LOG: &str = "/dev/termination-log";
 
 /// Labels every object kiln creates carries.
 pub(crate) const LABEL_COORDINATOR: &str = "kiln.dev/coordinator";
+/// The replica of the installation that follows the build (the coordinator label names the
+/// installation, which all its replicas share).
+pub(crate) const LABEL_REPLICA: &str = "kiln.dev/replica";
 /// The CI server (`gitlab`, `jenkins`, `github`).
 pub(crate) const LABEL_SOURCE: &str = "kiln.dev/source";
 /// The CI server's id of the work.
@@ -58,6 +61,7 @@ pub(crate) const ANNOTATION_MAIN: &str = "kiln.dev/main-container";
 pub(crate) const OWN_LABELS: &[&str] = &[
     "app.kubernetes.io/managed-by",
     LABEL_COORDINATOR,
+    LABEL_REPLICA,
     LABEL_SOURCE,
     LABEL_JOB_ID,
     LABEL_RUNNER,
@@ -82,6 +86,9 @@ pub(crate) fn identity_labels(
         (LABEL_JOB_ID.to_owned(), build.key.id.to_string()),
         (LABEL_RUNNER.to_owned(), label_value(&build.key.runner)),
     ]);
+    if let Some(replica) = &config.replica {
+        labels.insert(LABEL_REPLICA.to_owned(), label_value(replica));
+    }
     for (key, value) in &build.labels {
         labels.insert(key.clone(), label_value(value));
     }

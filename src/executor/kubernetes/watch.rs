@@ -149,6 +149,37 @@ impl PodWatch {
     }
 }
 
+impl PodWatch {
+    /// Records a pod as kiln itself just wrote it (a claim's patch), unless the watch knows a
+    /// newer state of it already.
+    pub(crate) fn written(&self, pod: Pod) {
+        let Some(name) = pod.metadata.name.clone() else {
+            return;
+        };
+        let version = |pod: &Pod| {
+            pod.metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let sender = registry
+            .entry(name)
+            .or_insert_with(|| watch::channel(PodSeen::Unknown).0);
+        let newer_known = match &*sender.borrow() {
+            PodSeen::Present(known) => matches!(
+                (version(known), version(&pod)),
+                (Some(known), Some(written)) if known > written
+            ),
+            PodSeen::Gone(_) => true,
+            PodSeen::Unknown => false,
+        };
+        if !newer_known {
+            sender.send_replace(PodSeen::Present(Arc::new(slim(pod))));
+        }
+    }
+}
+
 /// Sets the latest state of `name`; a pod gone with nobody following it is forgotten.
 fn update(registry: &Registry, name: &str, seen: PodSeen) {
     let mut registry = registry.lock().unwrap_or_else(|e| e.into_inner());

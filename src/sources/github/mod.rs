@@ -302,6 +302,12 @@ impl GitHubSource {
                     }
                 }
             }
+            // Reconciling (finding queued jobs webhooks missed, removing stale registrations) is
+            // a singleton chore: one replica of kiln at a time does it. Webhooks any replica
+            // receives still start runners; their names make the launches idempotent.
+            if state.api.is_some() && Instant::now() >= next_reconcile && !state.chain.leading() {
+                next_reconcile = Instant::now() + self.config.reconcile_interval;
+            }
             if state.api.is_some() && Instant::now() >= next_reconcile {
                 match self.reconcile(&mut state).await {
                     Ok(()) => {

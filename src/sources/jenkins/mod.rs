@@ -296,6 +296,11 @@ impl JenkinsSource {
         for node in nodes {
             self.advance(state, &node, computers.get(&node)).await;
         }
+        if !state.chain.leading() {
+            // Another replica of kiln provisions from the queue; this one only sees its own
+            // agents through their lives.
+            return Ok(());
+        }
         let mut items = self.api.queue().await?;
         let agent_nodes = computers.keys().filter(|name| !is_built_in(name)).count();
         if agent_nodes == 0
@@ -606,7 +611,9 @@ impl JenkinsSource {
                 .description
                 .as_deref()
                 .is_some_and(|d| d.starts_with(&format!("{NODE_DESCRIPTION} ({},", self.name)));
-            if ours && !state.agents.contains_key(&computer.display_name) {
+            // Only the leading replica provisions, so only it knows that a node of kiln's
+            // without an agent of its own is left over.
+            if ours && !state.agents.contains_key(&computer.display_name) && state.chain.leading() {
                 tracing::info!(jenkins = %self.name, node = %computer.display_name, "node of an earlier run without its agent; deleting it");
                 if let Err(e) = self.api.delete_node(&computer.display_name).await {
                     tracing::warn!(jenkins = %self.name, node = %computer.display_name, error = %e, "cannot delete the node");

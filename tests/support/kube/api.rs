@@ -142,6 +142,64 @@ async fn route(inner: &Arc<Inner>, req: Request) -> Response {
                 "selfsubjectaccessreviews",
             ],
         ) => access_review(inner, &body),
+        (&Method::GET, ["apis", "coordination.k8s.io"]) => {
+            Ok(json_response(200, &api_groups()["groups"][1]))
+        }
+        (&Method::GET, ["apis", "coordination.k8s.io", "v1"]) => {
+            Ok(json_response(200, &coordination_resources()))
+        }
+        (_, ["apis", "coordination.k8s.io", "v1", resource]) => {
+            match Res::parse_coordination(resource) {
+                Some(res) if method == Method::GET => {
+                    collection_get(inner, res, None, &query).await
+                }
+                Some(_) => Err(method_not_allowed(&method)),
+                None => Err(not_served()),
+            }
+        }
+        (
+            _,
+            [
+                "apis",
+                "coordination.k8s.io",
+                "v1",
+                "namespaces",
+                ns,
+                resource,
+            ],
+        ) => match Res::parse_coordination(resource) {
+            Some(res) => match method {
+                Method::GET => collection_get(inner, res, Some(ns), &query).await,
+                Method::POST => create(inner, res, ns, &body),
+                Method::DELETE => delete_collection(inner, res, ns, &query, &body),
+                _ => Err(method_not_allowed(&method)),
+            },
+            None => Err(not_served()),
+        },
+        (
+            _,
+            [
+                "apis",
+                "coordination.k8s.io",
+                "v1",
+                "namespaces",
+                ns,
+                resource,
+                name,
+            ],
+        ) => match Res::parse_coordination(resource) {
+            Some(res) => {
+                let key: Key = (res, (*ns).to_owned(), (*name).to_owned());
+                match method {
+                    Method::GET => get(inner, &key, query.contains_key(TABLE)),
+                    Method::PUT => update(inner, &key, &body, None),
+                    Method::PATCH => update(inner, &key, &body, Some(&content_type)),
+                    Method::DELETE => delete(inner, &key, &query, &body),
+                    _ => Err(method_not_allowed(&method)),
+                }
+            }
+            None => Err(not_served()),
+        },
         (_, ["api", "v1", resource]) => match Res::parse(resource) {
             Some(res) if method == Method::GET => collection_get(inner, res, None, &query).await,
             Some(_) => Err(method_not_allowed(&method)),
@@ -241,9 +299,23 @@ fn core_resources() -> Value {
 
 fn api_groups() -> Value {
     let version = json!({ "groupVersion": "authorization.k8s.io/v1", "version": "v1" });
+    let coordination = json!({ "groupVersion": "coordination.k8s.io/v1", "version": "v1" });
     json!({
         "kind": "APIGroupList", "apiVersion": "v1",
-        "groups": [{ "name": "authorization.k8s.io", "versions": [version], "preferredVersion": version }],
+        "groups": [
+            { "name": "authorization.k8s.io", "versions": [version], "preferredVersion": version },
+            { "name": "coordination.k8s.io", "versions": [coordination], "preferredVersion": coordination },
+        ],
+    })
+}
+
+fn coordination_resources() -> Value {
+    json!({
+        "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "coordination.k8s.io/v1",
+        "resources": [
+            { "name": "leases", "singularName": "lease", "namespaced": true, "kind": "Lease",
+              "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"] },
+        ],
     })
 }
 
@@ -279,6 +351,7 @@ fn authorize(
     }
     let user = inner.lock().user.clone();
     let (plural, _) = resource.split_once('/').unwrap_or((resource, ""));
+    let group = Res::parse_coordination(plural).map_or("", Res::group);
     let subject = match name {
         Some(name) => format!("{plural} \"{name}\""),
         None => plural.to_owned(),
@@ -296,7 +369,7 @@ fn authorize(
         403,
         "Forbidden",
         format!(
-            "{subject} is forbidden: User \"{user}\" cannot {verb} resource \"{resource}\" in API group \"\" {scope}"
+            "{subject} is forbidden: User \"{user}\" cannot {verb} resource \"{resource}\" in API group \"{group}\" {scope}"
         ),
     )
     .details(details))
@@ -311,7 +384,9 @@ fn access_review(inner: &Inner, body: &Bytes) -> Result<Response, ApiError> {
         resource = format!("{resource}/{sub}");
     }
     let group = attrs["group"].as_str().unwrap_or("");
-    let served = group.is_empty() && Res::parse(resource.split('/').next().unwrap_or("")).is_some();
+    let plural = resource.split('/').next().unwrap_or("");
+    let served = (group.is_empty() && Res::parse(plural).is_some())
+        || Res::parse_coordination(plural).is_some_and(|r| r.group() == group);
     let allowed = !denied(inner, verb, &resource);
     review["kind"] = json!("SelfSubjectAccessReview");
     review["apiVersion"] = json!("authorization.k8s.io/v1");
@@ -543,7 +618,7 @@ fn delete_collection(
     });
     Ok(json_response(
         200,
-        &json!({ "kind": format!("{}List", res.kind()), "apiVersion": "v1",
+        &json!({ "kind": format!("{}List", res.kind()), "apiVersion": res.api_version(),
                  "metadata": { "resourceVersion": rv.to_string() }, "items": items }),
     ))
 }
@@ -621,7 +696,7 @@ async fn collection_get(
     }
     Ok(json_response(
         200,
-        &json!({ "kind": format!("{}List", res.kind()), "apiVersion": "v1",
+        &json!({ "kind": format!("{}List", res.kind()), "apiVersion": res.api_version(),
                  "metadata": metadata, "items": items }),
     ))
 }
@@ -646,7 +721,7 @@ fn bookmark(res: Res, rv: u64, initial_end: bool) -> Value {
     if initial_end {
         meta["annotations"] = json!({ "k8s.io/initial-events-end": "true" });
     }
-    json!({ "kind": res.kind(), "apiVersion": "v1", "metadata": meta })
+    json!({ "kind": res.kind(), "apiVersion": res.api_version(), "metadata": meta })
 }
 
 /// `?watch=true`: replays the history after `resourceVersion` (or sends the current objects
@@ -1083,6 +1158,23 @@ fn as_table(res: Res, items: &[Value], rv: u64) -> Value {
                         object,
                         e["message"],
                         e["metadata"]["name"]
+                    ])
+                })
+                .collect(),
+        ),
+        Res::Leases => (
+            vec![
+                column("Name", "string", 0),
+                column("Holder", "string", 0),
+                column("Age", "string", 0),
+            ],
+            items
+                .iter()
+                .map(|l| {
+                    json!([
+                        l["metadata"]["name"],
+                        l["spec"]["holderIdentity"].as_str().unwrap_or(""),
+                        age(&l["metadata"]["creationTimestamp"])
                     ])
                 })
                 .collect(),

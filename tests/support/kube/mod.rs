@@ -1,4 +1,5 @@
-//! A Kubernetes API test server (core v1 pods, secrets, events on 127.0.0.1) whose built-in kubelet runs pods as local processes.
+//! A Kubernetes API test server (core v1 pods, secrets, events, and `coordination.k8s.io/v1`
+//! leases, on 127.0.0.1) whose built-in kubelet runs pods as local processes.
 
 // Tests script the kubelet (image pull failures, unschedulable pods, evictions, …).
 // Snapshots (`pods()`, `secrets()`, `events()`, [`Snapshot`]) are `k8s_openapi` types; the
@@ -306,9 +307,14 @@ impl KubeServer {
         self.snapshot().pod(name).cloned()
     }
 
+    /// Every `coordination.k8s.io/v1` Lease.
+    pub fn leases(&self) -> Vec<k8s_openapi::api::coordination::v1::Lease> {
+        self.inner.lock().store.typed(Res::Leases)
+    }
+
     /// The stored JSON of `resource` (`pods`, `secrets`, `events`) `namespace`/`name`.
     pub fn object(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
-        let res = Res::parse(resource)?;
+        let res = Res::parse(resource).or_else(|| Res::parse_coordination(resource))?;
         let state = self.inner.lock();
         state
             .store
@@ -324,6 +330,7 @@ impl KubeServer {
             Some("Pod") => Res::Pods,
             Some("Secret") => Res::Secrets,
             Some("Event") => Res::Events,
+            Some("Lease") => Res::Leases,
             other => panic!("cannot insert a {other:?}"),
         };
         let inner = self.inner.clone();
@@ -569,9 +576,9 @@ impl ApiError {
         Self::new(
             404,
             "NotFound",
-            format!("{} \"{name}\" not found", res.plural()),
+            format!("{} \"{name}\" not found", res.qualified()),
         )
-        .details(json!({ "name": name, "kind": res.plural() }))
+        .details(json!({ "name": name, "group": res.group(), "kind": res.plural() }))
     }
 
     pub(crate) fn conflict(res: Res, name: &str, why: &str) -> Self {
@@ -580,10 +587,10 @@ impl ApiError {
             "Conflict",
             format!(
                 "Operation cannot be fulfilled on {} \"{name}\": {why}",
-                res.plural()
+                res.qualified()
             ),
         )
-        .details(json!({ "name": name, "kind": res.plural() }))
+        .details(json!({ "name": name, "group": res.group(), "kind": res.plural() }))
     }
 
     pub(crate) fn bad_request(message: impl Into<String>) -> Self {

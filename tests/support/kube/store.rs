@@ -12,6 +12,8 @@ pub(crate) enum Res {
     Pods,
     Secrets,
     Events,
+    /// `coordination.k8s.io/v1` Leases (served under `/apis/coordination.k8s.io/v1`).
+    Leases,
 }
 
 impl Res {
@@ -24,11 +26,17 @@ impl Res {
         }
     }
 
+    /// A resource of the `coordination.k8s.io` group.
+    pub(crate) fn parse_coordination(plural: &str) -> Option<Self> {
+        (plural == "leases").then_some(Self::Leases)
+    }
+
     pub(crate) fn plural(self) -> &'static str {
         match self {
             Self::Pods => "pods",
             Self::Secrets => "secrets",
             Self::Events => "events",
+            Self::Leases => "leases",
         }
     }
 
@@ -37,6 +45,31 @@ impl Res {
             Self::Pods => "Pod",
             Self::Secrets => "Secret",
             Self::Events => "Event",
+            Self::Leases => "Lease",
+        }
+    }
+
+    /// The API group (`""` for core).
+    pub(crate) fn group(self) -> &'static str {
+        match self {
+            Self::Leases => "coordination.k8s.io",
+            _ => "",
+        }
+    }
+
+    /// `apiVersion` of its objects.
+    pub(crate) fn api_version(self) -> &'static str {
+        match self {
+            Self::Leases => "coordination.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+
+    /// How the API server names the resource in messages: `pods`, `leases.coordination.k8s.io`.
+    pub(crate) fn qualified(self) -> String {
+        match self.group() {
+            "" => self.plural().to_owned(),
+            group => format!("{}.{group}", self.plural()),
         }
     }
 }
@@ -204,7 +237,7 @@ impl Store {
             }
         }
         obj["kind"] = json!(res.kind());
-        obj["apiVersion"] = json!("v1");
+        obj["apiVersion"] = json!(res.api_version());
         if res == Res::Secrets {
             merge_string_data(&mut obj)?;
             if obj["type"].as_str().is_none_or(str::is_empty) {
@@ -219,9 +252,9 @@ impl Store {
             return Err(ApiError::new(
                 409,
                 "AlreadyExists",
-                format!("{} \"{name}\" already exists", res.plural()),
+                format!("{} \"{name}\" already exists", res.qualified()),
             )
-            .details(json!({ "name": name, "kind": res.plural() })));
+            .details(json!({ "name": name, "group": res.group(), "kind": res.plural() })));
         }
         let rv = self.next_rv();
         {
@@ -529,21 +562,22 @@ impl State {
 }
 
 fn check_type(res: Res, obj: &Value) -> Result<(), ApiError> {
+    let expected = res.api_version();
     if let Some(kind) = obj["kind"].as_str()
         && !kind.is_empty()
         && kind != res.kind()
     {
         return Err(ApiError::bad_request(format!(
-            "the API version in the data (v1) does not match the expected API version (v1) or the kind {kind} is not {}",
+            "the API version in the data ({expected}) does not match the expected API version ({expected}) or the kind {kind} is not {}",
             res.kind()
         )));
     }
     if let Some(version) = obj["apiVersion"].as_str()
         && !version.is_empty()
-        && version != "v1"
+        && version != expected
     {
         return Err(ApiError::bad_request(format!(
-            "the API version in the data ({version}) does not match the expected API version (v1)"
+            "the API version in the data ({version}) does not match the expected API version ({expected})"
         )));
     }
     Ok(())
@@ -613,6 +647,48 @@ fn default_pod(pod: &mut Value) {
     }
     if pod["status"].is_null() {
         pod["status"] = json!({ "phase": "Pending", "qosClass": "BestEffort" });
+    }
+}
+
+/// What the API server checks of a Lease's spec (`ValidateLeaseSpec`).
+fn validate_lease_spec(spec: &Value, causes: &mut Vec<Value>) {
+    for field in ["leaseDurationSeconds", "leaseTransitions"] {
+        let Some(value) = spec.get(field).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let Some(n) = value.as_i64() else {
+            causes.push(cause(
+                "FieldValueInvalid",
+                &format!("spec.{field}"),
+                &format!("Invalid value: {value}: must be an integer"),
+            ));
+            continue;
+        };
+        let (ok, must) = if field == "leaseDurationSeconds" {
+            (n > 0, "must be greater than 0")
+        } else {
+            (n >= 0, "must be greater than or equal to 0")
+        };
+        if !ok {
+            causes.push(cause(
+                "FieldValueInvalid",
+                &format!("spec.{field}"),
+                &format!("Invalid value: {n}: {must}"),
+            ));
+        }
+    }
+    for field in ["acquireTime", "renewTime"] {
+        if let Some(value) = spec.get(field).filter(|v| !v.is_null())
+            && value
+                .as_str()
+                .is_none_or(|t| chrono::DateTime::parse_from_rfc3339(t).is_err())
+        {
+            causes.push(cause(
+                "FieldValueInvalid",
+                &format!("spec.{field}"),
+                &format!("Invalid value: {value}: must be an RFC 3339 time"),
+            ));
+        }
     }
 }
 
@@ -767,6 +843,9 @@ fn validate(res: Res, obj: &Value) -> Result<(), ApiError> {
     }
     if res == Res::Pods {
         validate_pod_spec(&obj["spec"], &mut causes);
+    }
+    if res == Res::Leases {
+        validate_lease_spec(&obj["spec"], &mut causes);
     }
     if causes.is_empty() {
         Ok(())
@@ -963,6 +1042,7 @@ impl Selector {
                     "status.podIP",
                 ],
                 Res::Secrets => &["metadata.name", "metadata.namespace", "type"],
+                Res::Leases => &["metadata.name", "metadata.namespace"],
                 Res::Events => &[
                     "metadata.name",
                     "metadata.namespace",

@@ -1,0 +1,361 @@
+//! End to end: two `kiln run` replicas of one installation (`executor = "kubernetes"`) share
+//! the GitLab test server's queue and the Kubernetes test server. One is killed mid-burst; the
+//! other takes its builds over through their Leases, and every job ends exactly once.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use support::gitlab::{GitLabServer, job_json};
+use support::kiln::{KilnProcess, config, kiln_bin};
+use support::kube::{KubeServer, PodMatch, Snapshot};
+
+const TOKEN: &str = "glrt-fake-token";
+const HELPER_IMAGE: &str = "kiln-test/kiln:dev";
+const JOBS: u64 = 100;
+/// Builds each replica runs at once (capacity is per replica).
+const CONCURRENT: usize = 10;
+const LEASE_DURATION: Duration = Duration::from_secs(3);
+const LEASE_RENEW: Duration = Duration::from_secs(1);
+
+fn replica_of(snapshot: &Snapshot, name: &str) -> Option<String> {
+    snapshot
+        .pod(name)?
+        .metadata
+        .labels
+        .as_ref()?
+        .get("kiln.dev/replica")
+        .cloned()
+}
+
+/// Pod names by the replica label they carry.
+fn pods_by_replica(snapshot: &Snapshot) -> BTreeMap<String, BTreeSet<String>> {
+    let mut by = BTreeMap::<String, BTreeSet<String>>::new();
+    for pod in &snapshot.pods {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let replica = replica_of(snapshot, &name).unwrap_or_default();
+        by.entry(replica).or_default().insert(name);
+    }
+    by
+}
+
+struct Setup {
+    gitlab: GitLabServer,
+    kube: KubeServer,
+    _dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+}
+
+async fn setup() -> Setup {
+    let gitlab = GitLabServer::start().await;
+    gitlab.add_runner_token(TOKEN);
+    gitlab.set_long_poll_timeout(Duration::from_secs(2));
+    gitlab.set_trace_interval(1);
+    let kube = KubeServer::start().await;
+    kube.alias_binary("/usr/local/bin/kiln", kiln_bin());
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.kubeconfig(&kubeconfig, "ci");
+    Setup {
+        gitlab,
+        kube,
+        _dir: dir,
+        kubeconfig,
+    }
+}
+
+impl Setup {
+    fn config(&self, concurrent: usize) -> String {
+        config(
+            &self.gitlab.url(),
+            TOKEN,
+            &format!(
+                r#"executor = "kubernetes"
+concurrent = {concurrent}
+
+[kubernetes]
+kubeconfig = "{}"
+helper_image = "{HELPER_IMAGE}"
+pending_timeout = "120s"
+"#,
+                self.kubeconfig.display()
+            ),
+        )
+    }
+
+    /// A replica named `replica` with Leases of 3 s renewed every second.
+    fn replica(&self, concurrent: usize, replica: &str, system_id: &str) -> KilnProcess {
+        KilnProcess::start_with_env(
+            &self.config(concurrent),
+            &[
+                ("KILN_KUBERNETES__REPLICA", replica),
+                ("KILN_KUBERNETES__LEASE_DURATION", "3s"),
+                ("KILN_KUBERNETES__LEASE_RENEW", "1s"),
+                ("KILN_SOURCES__GITLAB__0__SYSTEM_ID", system_id),
+            ],
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_replicas_builds_are_taken_over_and_every_job_ends_once() {
+    let s = setup().await;
+    let (gitlab, kube) = (&s.gitlab, &s.kube);
+    let ids: Vec<u64> = (0..JOBS)
+        .map(|n| gitlab.enqueue(job_json(&format!("burst-{n}"), &["echo built"])))
+        .collect();
+    // The first builds of both replicas wait to start: the kill comes while every slot of
+    // the victim is busy, so no job it was handed is lost with it (a killed process cannot
+    // hand back a job GitLab assigned it in a request still on the wire).
+    kube.hold(PodMatch::All);
+    let mut a = s.replica(CONCURRENT, "replica-a", "s_00000000000a");
+    let b = s.replica(CONCURRENT, "replica-b", "s_00000000000b");
+
+    // Both fill their capacity with held builds, each labelled with its replica.
+    let full = kube
+        .wait_for(Duration::from_secs(30), |s| {
+            let by = pods_by_replica(s);
+            ["replica-a", "replica-b"]
+                .iter()
+                .all(|r| by.get(*r).map_or(0, BTreeSet::len) == CONCURRENT)
+        })
+        .await;
+    let victims = pods_by_replica(&full)["replica-a"].clone();
+    // Both Leases are there, and each replica has seen the other.
+    let names: BTreeSet<String> = kube
+        .leases()
+        .iter()
+        .filter_map(|l| l.metadata.name.clone())
+        .collect();
+    assert!(
+        names.contains("kiln-kiln-replica-a") && names.contains("kiln-kiln-replica-b"),
+        "{names:?}"
+    );
+    assert!(names.contains("kiln-kiln-leader"), "{names:?}");
+    tokio::time::sleep(2 * LEASE_RENEW).await;
+
+    support::kiln::send_signal(a.pid(), "KILL");
+    let killed = Instant::now();
+    assert!(a.wait_exit(Duration::from_secs(10)));
+    kube.wait_for(
+        LEASE_DURATION + LEASE_RENEW + Duration::from_secs(10),
+        |s| {
+            victims
+                .iter()
+                .all(|name| replica_of(s, name).as_deref() == Some("replica-b"))
+        },
+    )
+    .await;
+    let failover = killed.elapsed();
+    println!(
+        "failover: {} builds of the killed replica taken over {:.2}s after the kill (Lease {}s + renew {}s)",
+        victims.len(),
+        failover.as_secs_f64(),
+        LEASE_DURATION.as_secs(),
+        LEASE_RENEW.as_secs()
+    );
+    assert!(
+        failover <= LEASE_DURATION + LEASE_RENEW + Duration::from_secs(2),
+        "taken over after {failover:?}\n{}",
+        b.logs()
+    );
+
+    kube.release_hold();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for id in &ids {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let job = gitlab
+            .wait_for_state(*id, &["success", "failed", "canceled"], left)
+            .await;
+        assert_eq!(
+            job.state,
+            "success",
+            "job {id}: {}\n{}",
+            job.trace,
+            b.logs()
+        );
+    }
+    for id in &ids {
+        let job = gitlab.job(*id);
+        assert_eq!(
+            job.final_updates.len(),
+            1,
+            "job {id} ended more than once: {:?}",
+            job.final_updates
+        );
+    }
+    let creations = kube.creations();
+    let unique: BTreeSet<&String> = creations.iter().collect();
+    assert_eq!(unique.len(), creations.len(), "a build was created twice");
+    assert_eq!(creations.len(), JOBS as usize, "one pod per job");
+    kube.wait_for(Duration::from_secs(20), |s| {
+        s.pods.is_empty() && s.secrets.is_empty()
+    })
+    .await;
+    let logs = b.logs();
+    assert!(
+        logs.contains("taking over the builds of replicas that are gone"),
+        "{logs}"
+    );
+    assert!(gitlab.violations().is_empty(), "{:?}", gitlab.violations());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_whose_build_is_claimed_by_another_stops_following_it_quietly() {
+    let s = setup().await;
+    s.kube.hold(PodMatch::All);
+    let id = s.gitlab.enqueue(job_json("claimed", &["echo built"]));
+    let a = s.replica(2, "replica-a", "s_00000000000a");
+    let name = format!("kiln-gl-{id}");
+    s.kube
+        .wait_for(Duration::from_secs(30), |snap| {
+            replica_of(snap, &name).as_deref() == Some("replica-a")
+        })
+        .await;
+    // Another replica claims the build (as it would one of a replica taken for dead).
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(s.kube.client("ci"), "ci");
+    let patch = serde_json::json!({"metadata": {"labels": {"kiln.dev/replica": "replica-b"}}});
+    pods.patch(
+        &name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !a.logs().contains("another replica took the build over") {
+        assert!(Instant::now() < deadline, "{}", a.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // It leaves the pod alone and reports nothing.
+    assert!(s.kube.pod(&name).is_some());
+    assert!(s.gitlab.job(id).final_updates.is_empty());
+
+    // The replica it belongs to now starts, follows it and reports it, once.
+    let b = s.replica(2, "replica-b", "s_00000000000b");
+    s.kube.release_hold();
+    let job = s
+        .gitlab
+        .wait_for_state(id, &["success", "failed"], Duration::from_secs(60))
+        .await;
+    assert_eq!(job.state, "success", "{}\n{}", job.trace, b.logs());
+    assert_eq!(job.final_updates.len(), 1, "{:?}", job.final_updates);
+    s.kube
+        .wait_for(Duration::from_secs(20), |snap| {
+            snap.pods.is_empty() && snap.secrets.is_empty()
+        })
+        .await;
+    assert_eq!(s.kube.creations(), [name]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_lease_permissions_kiln_runs_as_the_only_replica() {
+    let s = setup().await;
+    for verb in ["get", "list", "create", "update", "delete"] {
+        s.kube.deny(verb, "leases");
+    }
+    s.kube.hold(PodMatch::All);
+    let id = s.gitlab.enqueue(job_json("alone", &["echo built"]));
+    let name = format!("kiln-gl-{id}");
+    // A replica launches the build and is killed; the next one, alone, takes it over.
+    let mut first = s.replica(2, "replica-b", "s_00000000000b");
+    s.kube
+        .wait_for(Duration::from_secs(30), |snap| {
+            replica_of(snap, &name).as_deref() == Some("replica-b")
+        })
+        .await;
+    support::kiln::send_signal(first.pid(), "KILL");
+    assert!(first.wait_exit(Duration::from_secs(10)));
+    let kiln = s.replica(2, "replica-a", "s_00000000000a");
+    s.kube.release_hold();
+    let job = s
+        .gitlab
+        .wait_for_state(id, &["success", "failed"], Duration::from_secs(60))
+        .await;
+    assert_eq!(job.state, "success", "{}\n{}", job.trace, kiln.logs());
+    assert_eq!(job.final_updates.len(), 1, "{:?}", job.final_updates);
+    assert_eq!(s.kube.creations(), [name]);
+    assert!(kiln.logs().contains("claimed the build"), "{}", kiln.logs());
+    let logs = kiln.logs();
+    let errors: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("kiln cannot use Leases"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one clear error:\n{logs}");
+    assert!(errors[0].contains("may not"), "{}", errors[0]);
+    assert!(
+        errors[0].contains("leases (coordination.k8s.io)"),
+        "{}",
+        errors[0]
+    );
+    assert!(s.kube.leases().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_survives_a_status_change_and_loses_to_another_replicas_claim() {
+    use kiln::executor::{Claim, Executor};
+    let kube = KubeServer::start().await;
+    kube.set_kubelet(false);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.kubeconfig(&kubeconfig, "ci");
+    for (id, replica) in [(1, "dead"), (2, "dead")] {
+        kube.insert(
+            "ci",
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {
+                    "name": format!("kiln-gl-{id}"),
+                    "labels": {
+                        "kiln.dev/coordinator": "kiln", "kiln.dev/replica": replica,
+                        "kiln.dev/source": "gitlab", "kiln.dev/job-id": id.to_string(),
+                        "kiln.dev/runner": "test",
+                    },
+                },
+                "spec": { "containers": [{ "name": "build", "image": "alpine:3" }] },
+            }),
+        );
+    }
+    let config = kiln::executor::kubernetes::KubernetesConfig {
+        kubeconfig: Some(kubeconfig),
+        replica: Some("me".into()),
+        ..Default::default()
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let executor =
+        kiln::executor::kubernetes::KubernetesExecutor::connect(&config, shutdown.clone())
+            .await
+            .unwrap();
+    let found = executor.list().await.unwrap();
+    assert_eq!(found.len(), 2);
+    assert!(found.iter().all(|f| f.replica.as_deref() == Some("dead")));
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(kube.client("ci"), "ci");
+    let patch = |labels: serde_json::Value| {
+        let pods = pods.clone();
+        async move {
+            pods.patch(
+                labels["name"].as_str().unwrap(),
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&serde_json::json!({"metadata": labels["metadata"]})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    // The kubelet moved pod 1 on (a new resourceVersion, same owner): the claim still wins.
+    patch(serde_json::json!({"name": "kiln-gl-1", "metadata": {"annotations": {"moved": "on"}}}))
+        .await;
+    // Another replica claimed pod 2 first: this one loses.
+    patch(serde_json::json!({"name": "kiln-gl-2", "metadata": {"labels": {"kiln.dev/replica": "other"}}})).await;
+    let by_name = |name: &str| found.iter().find(|f| f.name == name).unwrap();
+    assert_eq!(executor.claim(by_name("kiln-gl-1")).await, Claim::Won);
+    assert_eq!(executor.claim(by_name("kiln-gl-2")).await, Claim::Lost);
+    let label =
+        |name: &str| kube.pod(name).unwrap().metadata.labels.unwrap()["kiln.dev/replica"].clone();
+    assert_eq!(label("kiln-gl-1"), "me");
+    assert_eq!(label("kiln-gl-2"), "other");
+    shutdown.cancel();
+}
