@@ -427,4 +427,11 @@ impl Chain for SourceChain {
         let name = name.to_owned();
         Box::pin(async move { self.dispatcher.executor.explain(&name).await })
     }
+
+    fn exists(&self, name: &str) -> BoxFuture<'_, bool> {
+        let name = name.to_owned();
+        Box::pin(async move {
+            self.dispatcher.follows(&name) || self.dispatcher.executor.exists(&name).await
+        })
+    }
 }

@@ -266,6 +266,15 @@ pub trait Executor: Send + Sync {
         let _ = name;
         Box::pin(async { String::new() })
     }
+
+    /// Whether build `name` exists, launched by any replica of this installation (a pod in the
+    /// cluster). True when the executor cannot tell: callers use it to decide that something
+    /// is left over, and must not remove what may still be starting. Builds that live only in
+    /// this process (local ones) are what the coordinator follows, so the default is false.
+    fn exists<'a>(&'a self, name: &'a str) -> BoxFuture<'a, bool> {
+        let _ = name;
+        Box::pin(async { false })
+    }
 }
 
 /// Launches `build`, watches it to its end and deletes it: one build's whole life, for callers

@@ -62,6 +62,10 @@ pub trait Chain: Send + Sync {
     /// Why build `name` has not got going, as far as the executor can tell (`; events: …`),
     /// for the source's own messages; empty when nothing is known.
     fn explain(&self, name: &str) -> BoxFuture<'_, String>;
+
+    /// Whether build `name` runs, on this replica or another one of the installation (true
+    /// when that cannot be told): what a leftover check asks before it removes anything.
+    fn exists(&self, name: &str) -> BoxFuture<'_, bool>;
 }
 
 /// What a source says about a build found at start-up.

@@ -650,4 +650,17 @@ impl Executor for KubernetesExecutor {
     fn explain<'a>(&'a self, name: &'a str) -> BoxFuture<'a, String> {
         Box::pin(self.warning_events(name))
     }
+
+    fn exists<'a>(&'a self, name: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            let pods: Api<Pod> = self.cluster.api();
+            match self.cluster.call(|| pods.get_opt(name)).await {
+                Ok(pod) => pod.is_some(),
+                Err(e) => {
+                    tracing::warn!(pod = name, error = %e, "cannot tell whether the build pod exists; assuming it does");
+                    true
+                }
+            }
+        })
+    }
 }

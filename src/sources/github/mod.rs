@@ -453,8 +453,12 @@ impl GitHubSource {
                     }
                 }
                 None if registration.status == "offline" && !registration.busy => {
-                    // Registered, but no build of kiln's runs it: its pod died while no
-                    // coordinator ran, or kiln died between the JIT config and the pod.
+                    // Registered, but no build of this replica's runs it: its pod died while
+                    // no coordinator ran, kiln died between the JIT config and the pod — or
+                    // another replica started it and its pod is still on the way.
+                    if state.chain.exists(&registration.name).await {
+                        continue;
+                    }
                     tracing::info!(github = %self.name, runner = %registration.name, "removing a runner registration that has no runner");
                     if let Err(e) = api.delete_runner(registration.id).await {
                         tracing::warn!(github = %self.name, runner = %registration.name, error = %e, "cannot remove the runner registration");
