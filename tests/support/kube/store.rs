@@ -534,12 +534,25 @@ impl State {
     /// Deletes every object all of whose owners are gone, as the garbage collector does.
     pub(crate) fn collect_garbage(&mut self) {
         loop {
+            // One pass over the uids, not one per owner reference: with thousands of objects
+            // the collector would otherwise be quadratic, and the benchmark would time it.
+            let uids: std::collections::HashSet<&str> = self
+                .store
+                .objects
+                .values()
+                .filter_map(|o| o["metadata"]["uid"].as_str())
+                .collect();
             let orphans: Vec<Key> = self
                 .store
                 .objects
                 .iter()
                 .filter(|(_, o)| {
-                    self.store.orphaned(o) && !o["metadata"]["deletionTimestamp"].is_string()
+                    o["metadata"]["ownerReferences"].as_array().is_some_and(|refs| {
+                        !refs.is_empty()
+                            && refs
+                                .iter()
+                                .all(|r| !r["uid"].as_str().is_some_and(|u| uids.contains(u)))
+                    }) && !o["metadata"]["deletionTimestamp"].is_string()
                 })
                 .map(|(k, _)| k.clone())
                 .collect();
