@@ -18,8 +18,8 @@ pub use crate::executor::kubernetes::KubernetesConfig;
 pub use crate::executor::local::LocalConfig;
 pub use crate::http::HttpConfig;
 pub use crate::problem::Problem;
-pub use crate::sources::gitlab::{GitLabRunnerConfig, is_system_id};
 pub use crate::sources::github::GitHubConfig;
+pub use crate::sources::gitlab::{GitLabRunnerConfig, is_system_id};
 pub use crate::sources::jenkins::JenkinsConfig;
 pub use crate::telemetry::{LogConfig, LogFormat};
 

@@ -70,7 +70,12 @@ reconcile_interval = "5s"
         self.kube
             .pods()
             .iter()
-            .filter(|p| p.metadata.name.as_deref().is_some_and(|n| n.starts_with("kiln-gh-")))
+            .filter(|p| {
+                p.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("kiln-gh-"))
+            })
             .count()
     }
 
@@ -121,11 +126,8 @@ async fn ready(kiln: &KilnProcess) {
 }
 
 fn completed(github: &GitHubServer, ids: &[u64]) -> bool {
-    ids.iter().all(|id| {
-        github
-            .job(*id)
-            .is_some_and(|j| j.status == "completed")
-    })
+    ids.iter()
+        .all(|id| github.job(*id).is_some_and(|j| j.status == "completed"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -150,7 +152,10 @@ async fn twenty_queued_jobs_get_twenty_runner_pods_each_used_once() {
         );
         ids.extend(run.job_ids);
     }
-    until(60, "all twenty jobs completed", || completed(&s.github, &ids)).await;
+    until(60, "all twenty jobs completed", || {
+        completed(&s.github, &ids)
+    })
+    .await;
     for id in &ids {
         let job = s.github.job(*id).unwrap();
         assert_eq!(job.conclusion.as_deref(), Some("success"), "{job:?}");
@@ -172,10 +177,7 @@ async fn twenty_queued_jobs_get_twenty_runner_pods_each_used_once() {
     assert_eq!(taken.len(), 20, "no job ran twice");
     assert_eq!(s.pods_created(), 20, "{:?}", s.kube.creations());
     s.nothing_left(30).await;
-    assert!(
-        !kiln.logs().contains(PAT),
-        "the token is never logged"
-    );
+    assert!(!kiln.logs().contains(PAT), "the token is never logged");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -323,9 +325,10 @@ async fn a_job_lost_with_an_evicted_runner_is_rerun_once_with_app_auth() {
     s.github.lose_runner(record.runner_id.unwrap());
     until(60, "a second attempt succeeded", || {
         s.github.run_attempt(run.run_id) == Some(2)
-            && s.github.jobs().iter().any(|j| {
-                j.run_id == run.run_id && j.run_attempt == 2 && j.status == "in_progress"
-            })
+            && s.github
+                .jobs()
+                .iter()
+                .any(|j| j.run_id == run.run_id && j.run_attempt == 2 && j.status == "in_progress")
     })
     .await;
     let second = s
@@ -336,7 +339,9 @@ async fn a_job_lost_with_an_evicted_runner_is_rerun_once_with_app_auth() {
         .unwrap();
     s.github.finish_job(second.id, "success");
     until(30, "the re-run completed", || {
-        s.github.job(second.id).is_some_and(|j| j.status == "completed")
+        s.github
+            .job(second.id)
+            .is_some_and(|j| j.status == "completed")
     })
     .await;
     let logs = kiln.logs();

@@ -195,7 +195,9 @@ impl GitHubApi {
                         .page(page)
                         .send()
                         .await
-                        .map_err(|e| GitHubError::from("list the organization's repositories", e))?;
+                        .map_err(|e| {
+                            GitHubError::from("list the organization's repositories", e)
+                        })?;
                     let count = listed.items.len();
                     repos.extend(listed.items.into_iter().map(|r| (org.clone(), r.name)));
                     if count < usize::from(PER_PAGE) {
@@ -226,7 +228,12 @@ impl GitHubApi {
                         .page(page)
                         .send()
                         .await
-                        .map_err(|e| GitHubError::from(&format!("list the {status} runs of {owner}/{repo}"), e))?;
+                        .map_err(|e| {
+                            GitHubError::from(
+                                &format!("list the {status} runs of {owner}/{repo}"),
+                                e,
+                            )
+                        })?;
                     let count = runs.items.len();
                     for run in runs.items {
                         jobs.extend(self.run_jobs(&owner, &repo, run.id).await?);
@@ -242,7 +249,12 @@ impl GitHubApi {
         Ok(jobs)
     }
 
-    async fn run_jobs(&self, owner: &str, repo: &str, run: RunId) -> Result<Vec<JobView>, GitHubError> {
+    async fn run_jobs(
+        &self,
+        owner: &str,
+        repo: &str,
+        run: RunId,
+    ) -> Result<Vec<JobView>, GitHubError> {
         let mut jobs = Vec::new();
         for page in 1..=MAX_PAGES {
             let listed = self
@@ -254,14 +266,19 @@ impl GitHubApi {
                 .page(page)
                 .send()
                 .await
-                .map_err(|e| GitHubError::from(&format!("list the jobs of run {run} of {owner}/{repo}"), e))?;
+                .map_err(|e| {
+                    GitHubError::from(&format!("list the jobs of run {run} of {owner}/{repo}"), e)
+                })?;
             let count = listed.items.len();
             for job in listed.items {
                 let status = serde_json::to_value(&job.status)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))
                     .unwrap_or_default();
-                if !matches!(status.as_str(), "queued" | "in_progress" | "waiting" | "pending") {
+                if !matches!(
+                    status.as_str(),
+                    "queued" | "in_progress" | "waiting" | "pending"
+                ) {
                     continue;
                 }
                 jobs.push(JobView {
@@ -299,18 +316,20 @@ impl GitHubApi {
     ) -> Result<(u64, String), GitHubError> {
         let actions = self.client.actions();
         let builder = match &self.scope {
-            Scope::Repo { owner, repo } => {
-                actions.create_repo_jit_runner_config(owner, repo, name, RunnerGroupId(group), labels)
-            }
+            Scope::Repo { owner, repo } => actions.create_repo_jit_runner_config(
+                owner,
+                repo,
+                name,
+                RunnerGroupId(group),
+                labels,
+            ),
             Scope::Org(org) => {
                 actions.create_org_jit_runner_config(org, name, RunnerGroupId(group), labels)
             }
         };
-        let config = builder
-            .work_folder(work_folder)
-            .send()
-            .await
-            .map_err(|e| GitHubError::from(&format!("generate a JIT config for runner {name}"), e))?;
+        let config = builder.work_folder(work_folder).send().await.map_err(|e| {
+            GitHubError::from(&format!("generate a JIT config for runner {name}"), e)
+        })?;
         Ok((*config.runner.id, config.encoded_jit_config))
     }
 
@@ -353,7 +372,9 @@ impl GitHubApi {
     pub(crate) async fn delete_runner(&self, id: u64) -> Result<Deleted, GitHubError> {
         let actions = self.client.actions();
         let result = match &self.scope {
-            Scope::Repo { owner, repo } => actions.delete_repo_runner(owner, repo, RunnerId(id)).await,
+            Scope::Repo { owner, repo } => {
+                actions.delete_repo_runner(owner, repo, RunnerId(id)).await
+            }
             Scope::Org(org) => actions.delete_org_runner(org, RunnerId(id)).await,
         };
         match result.map_err(|e| GitHubError::from(&format!("delete runner {id}"), e)) {
@@ -393,7 +414,12 @@ impl GitHubApi {
             .workflows(owner, name)
             .rerun_failed_jobs(RunId(run_id))
             .await
-            .map_err(|e| GitHubError::from(&format!("re-run the failed jobs of run {run_id} of {repo}"), e))
+            .map_err(|e| {
+                GitHubError::from(
+                    &format!("re-run the failed jobs of run {run_id} of {repo}"),
+                    e,
+                )
+            })
     }
 
     /// How much of the API rate limit is used (0..1), if GitHub says.

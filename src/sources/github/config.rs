@@ -150,7 +150,8 @@ impl GitHubConfig {
     pub(crate) fn problems(&self, index: usize, classes: &[String]) -> Vec<Problem> {
         let mut problems = Vec::new();
         let at = |field: &str| format!("sources.github[{index}].{field}");
-        let mut problem = |path: String, message: String| problems.push(Problem::new(path, message));
+        let mut problem =
+            |path: String, message: String| problems.push(Problem::new(path, message));
         match url::Url::parse(&self.api_url) {
             Ok(url) if matches!(url.scheme(), "http" | "https") => {}
             Ok(url) => problem(
@@ -203,14 +204,16 @@ impl GitHubConfig {
             );
         }
         if self.runner_command.is_empty() {
-            problem(at("runner_command"), "must name the runner's program".into());
+            problem(
+                at("runner_command"),
+                "must name the runner's program".into(),
+            );
         }
-        if self
-            .webhook_secret
-            .as_deref()
-            .is_some_and(|s| s.len() < 16)
-        {
-            problem(at("webhook_secret"), "must be at least 16 characters".into());
+        if self.webhook_secret.as_deref().is_some_and(|s| s.len() < 16) {
+            problem(
+                at("webhook_secret"),
+                "must be at least 16 characters".into(),
+            );
         }
         if self.reconcile_interval < Duration::from_secs(5) {
             problem(at("reconcile_interval"), "must be at least 5s".into());

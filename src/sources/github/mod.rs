@@ -28,8 +28,8 @@ use crate::build::{
 use crate::sources::{Adoption, Chain, Health, Slot, Source};
 use crate::telemetry::{GitHubLabels, GitHubReasonLabels, Metrics};
 use api::{Deleted, GitHubApi, GitHubError, JobView};
-pub use config::{GITHUB_API, GitHubConfig};
 use config::Scope;
+pub use config::{GITHUB_API, GitHubConfig};
 use webhook::{Deliveries, WorkflowJobEvent};
 
 /// The prefix of every runner kiln registers.
@@ -510,7 +510,11 @@ impl GitHubSource {
                 .values()
                 .filter(|r| r.class == class && r.job.is_none())
                 .count();
-            let floor = if class.is_none() { self.config.min_idle } else { 0 };
+            let floor = if class.is_none() {
+                self.config.min_idle
+            } else {
+                0
+            };
             let wanted = jobs.len() + floor;
             let mut missing = wanted.saturating_sub(idle);
             for job in &jobs {
@@ -534,7 +538,10 @@ impl GitHubSource {
                 let Some(queued) = state.queued.get(job).cloned() else {
                     continue;
                 };
-                if !self.start_runner(state, &name, *job, Some(&queued), slot).await {
+                if !self
+                    .start_runner(state, &name, *job, Some(&queued), slot)
+                    .await
+                {
                     return;
                 }
                 missing -= 1;
@@ -636,7 +643,12 @@ impl GitHubSource {
         labels.sort();
         labels.dedup();
         let (runner_id, jit) = match api
-            .jit_config(name, self.config.runner_group_id, labels, &self.config.work_folder)
+            .jit_config(
+                name,
+                self.config.runner_group_id,
+                labels,
+                &self.config.work_folder,
+            )
             .await
         {
             Ok(registered) => registered,
@@ -710,10 +722,8 @@ impl GitHubSource {
                 missing_program: "set runner_command to the Actions runner's run.sh on this machine (https://github.com/actions/runner/releases), or use executor = \"kubernetes\"".into(),
             }),
         };
-        let mut annotations = BTreeMap::from([(
-            ANNOTATION_RUNNER_ID.to_owned(),
-            runner_id.to_string(),
-        )]);
+        let mut annotations =
+            BTreeMap::from([(ANNOTATION_RUNNER_ID.to_owned(), runner_id.to_string())]);
         if let Some(class) = &class {
             annotations.insert(ANNOTATION_CLASS.to_owned(), class.clone());
         }
@@ -753,21 +763,21 @@ impl GitHubSource {
         }
         let mut took_job = runner.job.is_some();
         let clean_exit = ending.outcome == Outcome::Succeeded;
-        if !clean_exit || !took_job {
-            if let (Some(api), Some(id)) = (&state.api, runner.id) {
-                match api.delete_runner(id).await {
-                    Ok(Deleted::Busy) => took_job = true,
-                    Ok(Deleted::Gone) => {
-                        if !took_job {
-                            self.metrics
-                                .github_registrations_removed
-                                .get_or_create(&self.labels())
-                                .inc();
-                        }
+        if (!clean_exit || !took_job)
+            && let (Some(api), Some(id)) = (&state.api, runner.id)
+        {
+            match api.delete_runner(id).await {
+                Ok(Deleted::Busy) => took_job = true,
+                Ok(Deleted::Gone) => {
+                    if !took_job {
+                        self.metrics
+                            .github_registrations_removed
+                            .get_or_create(&self.labels())
+                            .inc();
                     }
-                    Err(e) => {
-                        tracing::warn!(github = %self.name, runner = name, error = %e, "cannot remove the runner's registration; the next reconcile retries")
-                    }
+                }
+                Err(e) => {
+                    tracing::warn!(github = %self.name, runner = name, error = %e, "cannot remove the runner's registration; the next reconcile retries")
                 }
             }
         }
@@ -802,7 +812,10 @@ impl GitHubSource {
                     && reason.is_infrastructure()
                     && let Some((repo, run_id, attempt, _)) = job
                     && !state.reran.contains(&(run_id, attempt))
-                    && !state.reruns.iter().any(|(_, r, a)| *r == run_id && *a == attempt)
+                    && !state
+                        .reruns
+                        .iter()
+                        .any(|(_, r, a)| *r == run_id && *a == attempt)
                 {
                     tracing::info!(github = %self.name, repo = %repo, run = run_id, "the run's failed jobs are re-run once it completes (rerun_on_infrastructure_failure)");
                     state.reruns.push((repo, run_id, attempt));
