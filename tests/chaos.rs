@@ -266,3 +266,18 @@ async fn gitlab_gone_and_back_is_waited_out_with_backoff_and_reported_by_readyz(
         support::chaos::gitlab_outage(support::faults::seed(17), Duration::from_secs(40)).await;
     assert!(outcome.requests_per_minute <= 12.0, "{outcome:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jenkins_agents_survive_faults_on_both_apis_and_two_sigkills() {
+    let seed = support::faults::seed(17);
+    support::chaos::jenkins_kubernetes(&support::chaos::JenkinsChaos {
+        seed,
+        items: 10,
+        concurrency: 6,
+        fault_rate: 0.2,
+        kills: 2,
+        stall: Duration::from_secs(7),
+        deadline: Duration::from_secs(110),
+    })
+    .await;
+}

@@ -1,7 +1,7 @@
 //! `cargo run --example chaos -- --seed 1 --seed 2 --seed 3`: the long chaos runs of
 //! `docs/reliability.md` — by default 1,000 GitLab jobs on the Kubernetes test server with
-//! concurrency 50, 20 % faults on both APIs and 10 SIGKILLs of the coordinator, then GitLab gone
-//! for 5 minutes and back. The short variants of the same scenarios run in `cargo test --test
+//! concurrency 50, 20 % faults on both APIs and 10 SIGKILLs of the coordinator, 200 Jenkins
+//! queue items the same way, then GitLab gone for 5 minutes and back. The short variants of the same scenarios run in `cargo test --test
 //! chaos`. Uses `target/debug/kiln` (build it with `cargo build`) unless `KILN_BIN` is set.
 
 use std::time::Duration;
@@ -18,6 +18,9 @@ mod faults;
 #[allow(dead_code, unreachable_pub)]
 #[path = "../../tests/support/gitlab.rs"]
 mod gitlab;
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../tests/support/jenkins.rs"]
+mod jenkins;
 #[allow(dead_code, unreachable_pub)]
 #[path = "../../tests/support/kiln.rs"]
 mod kiln;
@@ -49,6 +52,9 @@ struct Options {
     /// How long GitLab is gone in the outage scenario, seconds (0 skips it).
     #[arg(long, default_value_t = 300)]
     outage: u64,
+    /// Jenkins queue items per run (0 skips the Jenkins scenario).
+    #[arg(long, default_value_t = 200)]
+    jenkins_items: usize,
     /// Skip the GitLab-on-Kubernetes scenario.
     #[arg(long)]
     no_jobs: bool,
@@ -67,6 +73,19 @@ async fn main() {
                 kills: options.kills,
                 stall: Duration::from_secs(options.stall),
                 deadline: Duration::from_secs(60 + options.jobs as u64 * 3),
+            })
+            .await;
+            println!("{}", outcome.line());
+        }
+        if options.jenkins_items > 0 {
+            let outcome = chaos::jenkins_kubernetes(&chaos::JenkinsChaos {
+                seed: *seed,
+                items: options.jenkins_items,
+                concurrency: options.concurrency,
+                fault_rate: options.fault_rate,
+                kills: options.kills,
+                stall: Duration::from_secs(options.stall),
+                deadline: Duration::from_secs(60 + options.jenkins_items as u64 * 3),
             })
             .await;
             println!("{}", outcome.line());

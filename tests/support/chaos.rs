@@ -232,7 +232,9 @@ image_pull_grace = "10s"
     let deadline = started + p.deadline;
     loop {
         let done = finished(&gitlab);
-        if done == expected.len() {
+        // Every kill happens, even when the jobs outran the last kill moment: a restart with
+        // nothing left to adopt is a restart too.
+        if done == expected.len() && kills == kill_at.len() {
             break;
         }
         if kills == kill_at.len()
@@ -571,5 +573,261 @@ pub async fn gitlab_outage(seed: u64, outage: Duration) -> OutageOutcome {
         "/readyz during the outage: {said:?}"
     );
     assert!(refused.len() >= 2, "kiln kept trying: {refused:?}");
+    outcome
+}
+
+/// Parameters of the Jenkins-agents chaos run.
+#[derive(Debug, Clone)]
+pub struct JenkinsChaos {
+    pub seed: u64,
+    pub items: usize,
+    pub concurrency: usize,
+    pub fault_rate: f64,
+    pub kills: usize,
+    pub stall: Duration,
+    pub deadline: Duration,
+}
+
+const JENKINS_USER: &str = "kiln";
+const JENKINS_TOKEN: &str = "jenkins-chaos-api-token-0123456789";
+const JENKINS_HOOK: &str = "jenkins-chaos-hook-secret-0123456789";
+
+/// Jenkins queue items served by one-shot agent pods, faults on the Jenkins and Kubernetes APIs,
+/// the coordinator SIGKILLed `kills` times. The test plays `jenkins/inbound-agent`: each agent
+/// pod connects with the secret from its Secret, and each build that starts on it finishes.
+/// Every queue item must run exactly once, on an agent of its own, and no pod, Secret or
+/// agent node may be left.
+pub async fn jenkins_kubernetes(p: &JenkinsChaos) -> Outcome {
+    use super::jenkins::JenkinsServer;
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(p.seed);
+    let jenkins = JenkinsServer::start().await;
+    jenkins.add_user(JENKINS_USER, JENKINS_TOKEN, "unused-password");
+    let kube = KubeServer::start().await;
+    kube.alias_binary("/usr/local/bin/kiln", kiln_bin());
+    let jenkins_proxy = FaultProxy::start(
+        jenkins.url().trim_end_matches('/'),
+        FaultPlan::new(p.seed, p.fault_rate).stall(p.stall),
+    )
+    .await;
+    let kube_proxy = FaultProxy::start(
+        kube.url(),
+        FaultPlan::new(p.seed.wrapping_add(1), p.fault_rate).stall(p.stall),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    kubeconfig_via(&kube, &kubeconfig, kube_proxy.url());
+    let text = format!(
+        r#"executor = "kubernetes"
+concurrent = {concurrency}
+
+[kubernetes]
+kubeconfig = "{kubeconfig}"
+image_pull_grace = "10s"
+
+[[sources.jenkins]]
+name = "ci"
+url = "{url}/"
+user = "{JENKINS_USER}"
+token = "{JENKINS_TOKEN}"
+labels = ["maven"]
+webhook_secret = "{JENKINS_HOOK}"
+poll_interval = "1s"
+connect_timeout = "1m"
+"#,
+        concurrency = p.concurrency,
+        kubeconfig = kubeconfig.display(),
+        url = jenkins_proxy.url(),
+    );
+    let items: Vec<u64> = (0..p.items)
+        .map(|i| jenkins.enqueue(&format!("app-{i}"), "maven"))
+        .collect();
+    let mut kill_at: Vec<usize> = (0..p.kills)
+        .map(|_| rng.random_range(p.items / 10..=(p.items * 8 / 10).max(p.items / 10 + 1)))
+        .collect();
+    kill_at.sort_unstable();
+
+    let finished = |jenkins: &JenkinsServer| {
+        let builds = jenkins.builds();
+        items
+            .iter()
+            .filter(|id| {
+                builds
+                    .iter()
+                    .any(|b| b.queue_id == **id && b.result.is_some())
+            })
+            .count()
+    };
+    let env = [("RUST_LOG", "kiln=trace,info")];
+    let mut kiln = KilnProcess::start_with_env(&text, &env);
+    let mut outputs = String::new();
+    let mut kills: usize = 0;
+    let mut recovery = Duration::ZERO;
+    let mut restarted: Option<Instant> = None;
+    let deadline = started + p.deadline;
+    let mut connected = std::collections::BTreeSet::new();
+    let mut build_started: BTreeMap<(String, u64), Instant> = BTreeMap::new();
+    loop {
+        // The inbound agents: connect each agent pod's node once, finish what runs on it.
+        for pod in kube.pods() {
+            let Some(name) = pod.metadata.name.clone() else {
+                continue;
+            };
+            if !name.starts_with("kiln-jk-") || connected.contains(&name) {
+                continue;
+            }
+            let node = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.containers.first())
+                .and_then(|c| c.env.as_ref())
+                .and_then(|env| env.iter().find(|e| e.name == "JENKINS_AGENT_NAME"))
+                .and_then(|e| e.value.clone());
+            let secret = kube.snapshot().secret(&name).and_then(|s| s.data.clone());
+            if let (Some(node), Some(data)) = (node, secret)
+                && let Some(value) = data.get("secret")
+                && jenkins.connect_agent(&node, &String::from_utf8_lossy(&value.0))
+            {
+                connected.insert(name);
+            }
+        }
+        // A build takes 3 s, as a real one takes a while: kiln sees builds start by polling
+        // (every second here), and one that ends before kiln saw it leaves the one-shot node
+        // online for the next queue item (see docs/reliability.md).
+        for node in jenkins.nodes() {
+            if let Some(build) = node.running.first() {
+                let since = *build_started
+                    .entry(build.clone())
+                    .or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_secs(3) {
+                    jenkins.finish_build(&node.name, "SUCCESS");
+                }
+            }
+        }
+        let done = finished(&jenkins);
+        if let Some(at) = restarted
+            && done > kill_at.get(kills.saturating_sub(1)).copied().unwrap_or(0)
+        {
+            recovery = recovery.max(at.elapsed());
+            restarted = None;
+        }
+        let nodes_left = jenkins
+            .nodes()
+            .iter()
+            .filter(|n| !n.name.starts_with("kiln-anchor-"))
+            .count();
+        if done == items.len()
+            && kills == kill_at.len()
+            && kube.pods().is_empty()
+            && kube.secrets().is_empty()
+            && nodes_left == 0
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            outputs.push_str(&kiln.logs());
+            save_logs("jenkins-kubernetes", p.seed, &outputs);
+            panic!(
+                "[chaos seed {}] {done} of {} queue items built within {:?}; pods {:?}, nodes left {nodes_left}; kiln's last log:\n{}",
+                p.seed,
+                items.len(),
+                p.deadline,
+                kube.pods()
+                    .iter()
+                    .map(|p| p.metadata.name.clone())
+                    .collect::<Vec<_>>(),
+                tail(&kiln.logs(), 60)
+            );
+        }
+        if kills < kill_at.len() && done >= kill_at[kills] {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..3000))).await;
+            send_signal(kiln.pid(), "KILL");
+            kiln.wait_exit(Duration::from_secs(10));
+            outputs.push_str(&kiln.logs());
+            kills += 1;
+            eprintln!(
+                "[chaos seed {}] SIGKILL {kills} after {done} builds",
+                p.seed
+            );
+            kiln = KilnProcess::start_with_env(&text, &env);
+            restarted = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for path in ["/metrics", "/"] {
+        let (status, body) = kiln.get(path).await;
+        outputs.push_str(&format!("\n--- GET {path} ({status})\n{body}\n"));
+    }
+    outputs.push_str(&kiln.logs());
+
+    let mut problems = Vec::new();
+    let builds = jenkins.builds();
+    let creations = kube.creations();
+    let mut duplicates = 0;
+    for id in &items {
+        let runs = builds.iter().filter(|b| b.queue_id == *id).count();
+        if runs != 1 {
+            problems.push(format!("queue item {id} ran {runs} times"));
+        }
+    }
+    // Never more agents than queue items. Which item's agent serves which build is Jenkins'
+    // choice (agents of a label are interchangeable), so one item may see two agents named
+    // after it while another sees none; the count is what must hold.
+    if creations.len() > items.len() {
+        duplicates = creations.len() - items.len();
+        problems.push(format!(
+            "{} agent pods for {} queue items: {creations:?}",
+            creations.len(),
+            items.len()
+        ));
+    }
+    // Agents that ran more than one build. kiln makes an agent one-shot from outside, by
+    // taking its node offline once it sees the build start; while the coordinator is down (or
+    // its toggleOffline fails) a quick build ends and Jenkins hands the idle node the next item.
+    // Measured and reported, not asserted: see "Found, not fixed" in docs/reliability.md.
+    let mut per_node: BTreeMap<&str, usize> = BTreeMap::new();
+    for build in &builds {
+        *per_node.entry(build.node.as_str()).or_insert(0) += 1;
+    }
+    let reused = per_node.values().filter(|runs| **runs > 1).count();
+    eprintln!(
+        "[chaos seed {}] {} agent pods for {} queue items; {reused} agents ran more than one build",
+        p.seed,
+        creations.len(),
+        items.len()
+    );
+    for secret in [JENKINS_TOKEN, JENKINS_HOOK, super::kube::TOKEN] {
+        if outputs.contains(secret) {
+            problems.push(format!("a secret ({}…) is in kiln's output", &secret[..6]));
+        }
+    }
+    let mut faults = BTreeMap::new();
+    faults.insert("jenkins".to_owned(), jenkins_proxy.summary());
+    faults.insert("kubernetes".to_owned(), kube_proxy.summary());
+    let outcome = Outcome {
+        scenario: "jenkins-kubernetes",
+        seed: p.seed,
+        jobs: items.len(),
+        lost: items.len() - finished(&jenkins),
+        claim_window: 0,
+        duplicates,
+        leaked: 0,
+        kills,
+        recovery,
+        took: started.elapsed(),
+        faults,
+        outputs,
+    };
+    eprintln!("[chaos] {}", outcome.line());
+    save_logs("jenkins-kubernetes", p.seed, &outcome.outputs);
+    assert!(
+        problems.is_empty(),
+        "[chaos seed {} — replay with KILN_CHAOS_SEED={}] {} problems:\n{}",
+        p.seed,
+        p.seed,
+        problems.len(),
+        problems.join("\n")
+    );
     outcome
 }

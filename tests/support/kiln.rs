@@ -86,6 +86,9 @@ impl KilnProcess {
             .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "kiln=debug,info")
+            // The chaos tests' replay seed is for the tests; kiln reads every `KILN_…`
+            // variable as a config override and would refuse it.
+            .env_remove("KILN_CHAOS_SEED")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
