@@ -24,9 +24,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The path of the built `kiln` binary.
+/// The path of the built `kiln` binary: Cargo's for integration tests; for the examples that
+/// reuse these helpers (which Cargo gives no binary path), `KILN_BIN` or `target/debug/kiln`.
 pub fn kiln_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_kiln")
+    match option_env!("CARGO_BIN_EXE_kiln") {
+        Some(path) => path,
+        None => {
+            static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+            PATH.get_or_init(|| {
+                std::env::var("KILN_BIN").unwrap_or_else(|_| {
+                    concat!(env!("CARGO_MANIFEST_DIR"), "/target/debug/kiln").to_owned()
+                })
+            })
+        }
+    }
 }
 
 /// A config for one GitLab runner at `url` with `token`; `extra` is appended at the top level.
@@ -75,13 +86,16 @@ impl KilnProcess {
             .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "kiln=debug,info")
+            // The chaos tests' replay seed is for the tests; kiln reads every `KILN_…`
+            // variable as a config override and would refuse it.
+            .env_remove("KILN_CHAOS_SEED")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::create(dir.path().join("kiln.err")).unwrap())
             .spawn()
             .unwrap();
-        let process = Self {
+        let mut process = Self {
             child: Some(child),
             dir,
             http,
@@ -91,11 +105,23 @@ impl KilnProcess {
         process
     }
 
-    fn wait_http(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    fn wait_http(&mut self) {
+        // Generous: behind a fault proxy kiln's start-up checks (permissions, first list)
+        // retry through injected faults before it listens.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(&self.http).is_ok() {
                 return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "kiln exited ({status}) before it listened; log:\n{}",
+                    self.logs()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

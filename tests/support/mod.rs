@@ -1,6 +1,8 @@
 //! Test servers and helpers shared by the end-to-end tests.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod chaos;
+pub mod faults;
 pub mod github;
 pub mod gitlab;
 pub mod jenkins;

@@ -69,6 +69,10 @@ pub enum ClusterError {
     },
 }
 
+/// How long one Kubernetes API call (not a watch) may take before it is retried: the API
+/// server's own limit for a non-long-running request is 60 s; kiln's calls are small.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A rate-limited, retrying handle on one namespace of the cluster.
 pub(crate) struct Cluster {
     client: Client,
@@ -147,7 +151,13 @@ impl Cluster {
             let call = op();
             async move {
                 self.bucket.acquire().await;
-                call.await
+                // kube's own read timeout is 295 s (sized for watches), so an API server (or a
+                // proxy in front of it) that accepts a request and never answers would hold
+                // this build's launch, delete or list for five minutes. One call gets
+                // CALL_TIMEOUT, then counts as a transient failure and is retried.
+                tokio::time::timeout(CALL_TIMEOUT, call)
+                    .await
+                    .unwrap_or_else(|elapsed| Err(kube::Error::Service(Box::new(elapsed))))
             }
         })
         .retry(backoff)

@@ -38,6 +38,8 @@ use watch::{PodSeen, PodWatch, Subscription};
 /// Grace period when kiln deletes a pod whose build container has ended: only sidecars are
 /// left, and they must not keep the pod (and its bill) alive.
 const DELETE_GRACE_SECONDS: u32 = 2;
+/// The annotation holding the id of the launch attempt that created a pod (see `create`).
+const ANNOTATION_LAUNCH: &str = "kiln.dev/launch";
 /// How long a created pod may stay unseen by the watch before kiln reads it directly.
 const UNSEEN_RECHECK: Duration = Duration::from_secs(10);
 /// How often kiln asks the CI server about a build whose pod has not started yet (at most).
@@ -135,12 +137,34 @@ impl KubernetesExecutor {
             }]);
         }
         let pods: Api<Pod> = self.cluster.api();
+        // A create whose answer was lost (connection reset after the API server stored the
+        // pod) is retried and then gets 409 for kiln's own pod; without a mark of this attempt
+        // kiln took it for another coordinator's and left it running unwatched. The mark tells
+        // the two apart.
+        let launch_id = format!("{:016x}", rand::random::<u64>());
+        pod.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(ANNOTATION_LAUNCH.to_owned(), launch_id.clone());
         match self.cluster.call(|| pods.create(&create, &pod)).await {
             Ok(_) => {
                 tracing::info!(pod = %name, namespace = self.cluster.namespace(), "pod created");
                 Ok(())
             }
-            Err(e) if is_status(&e, 409) => Err(LaunchError::Exists(name)),
+            Err(e) if is_status(&e, 409) => match self.cluster.call(|| pods.get(&name)).await {
+                Ok(existing)
+                    if existing
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(ANNOTATION_LAUNCH))
+                        == Some(&launch_id) =>
+                {
+                    tracing::info!(pod = %name, namespace = self.cluster.namespace(), "pod created (its create was retried after the first answer was lost)");
+                    Ok(())
+                }
+                _ => Err(LaunchError::Exists(name)),
+            },
             Err(kube::Error::Api(status)) if matches!(status.code, 400 | 422) => {
                 if !secret_was_there {
                     self.remove(&name).await;

@@ -13,7 +13,7 @@ use crate::problem::Problem;
 pub const GITHUB_API: &str = "https://api.github.com";
 
 /// One repository or organization.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GitHubConfig {
     /// A name for logs, metrics and labels (default: the repository or organization).
@@ -248,5 +248,26 @@ impl GitHubConfig {
             }
         }
         problems
+    }
+}
+
+// By hand, not derived: `Debug` output ends up in logs and panic messages, and the token and
+// webhook secret must not (a derived `Debug` printed them whole).
+impl std::fmt::Debug for GitHubConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |set: bool| if set { "[redacted]" } else { "None" };
+        f.debug_struct("GitHubConfig")
+            .field("name", &self.name)
+            .field("api_url", &crate::net::redact_url(&self.api_url))
+            .field("owner", &self.owner)
+            .field("repo", &self.repo)
+            .field("org", &self.org)
+            .field("token", &redacted(self.token.is_some()))
+            .field("app_id", &self.app_id)
+            .field("private_key_file", &self.private_key_file)
+            .field("installation_id", &self.installation_id)
+            .field("labels", &self.labels)
+            .field("webhook_secret", &redacted(self.webhook_secret.is_some()))
+            .finish_non_exhaustive()
     }
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::problem::Problem;
 
 /// One GitLab runner kiln acts as.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GitLabRunnerConfig {
     /// A name for logs and metrics (default: the URL's host and the index).
@@ -145,5 +145,20 @@ impl GitLabRunnerConfig {
             );
         }
         problems
+    }
+}
+
+// By hand, not derived: `Debug` output ends up in logs and panic messages, and the runner
+// token must not (a derived `Debug` printed it whole).
+impl std::fmt::Debug for GitLabRunnerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitLabRunnerConfig")
+            .field("name", &self.name)
+            .field("url", &crate::net::redact_url(&self.url))
+            .field("token", &"[redacted]")
+            .field("system_id", &self.system_id)
+            .field("limit", &self.limit)
+            .field("request_concurrency", &self.request_concurrency)
+            .finish_non_exhaustive()
     }
 }

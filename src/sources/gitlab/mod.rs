@@ -12,6 +12,7 @@ pub mod report;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +23,10 @@ use crate::sources::{Adoption, Chain, ExecutorInfo, Health, Source};
 use crate::telemetry::Metrics;
 pub use config::{GitLabRunnerConfig, is_system_id};
 use payload::JobPayload;
+
+/// How often adoption asks GitLab (0.5 s, 1 s, 2 s, 4 s apart) whether the job of a build
+/// whose pod is gone still runs, before it leaves the job to GitLab's timeout.
+const GONE_POD_ASKS: u32 = 5;
 use poller::{ClaimedJob, Runner};
 use report::JobReporter;
 
@@ -91,9 +96,29 @@ impl GitLabSource {
             return Adoption::Discard("its job file cannot be read".into());
         };
         let reporter = self.runner.reporter(&job);
-        match reporter.is_running().await {
+        // A Secret without its pod is a build whose pod was never created or was deleted
+        // (kiln died between the two creates or the two deletes, or someone deleted the pod
+        // while no coordinator ran). Whether its job still runs only GitLab can say, so that
+        // answer is waited for (a few tries) before the job is failed; a pod that exists is
+        // merely followed, which is harmless either way.
+        let attempts = if found.exists { 1 } else { GONE_POD_ASKS };
+        let mut answer = reporter.is_running().await;
+        for attempt in 1..attempts {
+            if answer.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500) * 2u32.pow(attempt - 1)).await;
+            answer = reporter.is_running().await;
+        }
+        match answer {
             Ok(false) => return Adoption::Discard("GitLab no longer runs this job".into()),
             Ok(true) => {}
+            Err(e) if !found.exists => {
+                tracing::error!(build = %found.key, error = %e, "cannot ask GitLab whether the job of a build whose pod is gone still runs; leaving the job to GitLab's timeout");
+                return Adoption::Discard(
+                    "GitLab could not be asked whether the job still runs".into(),
+                );
+            }
             Err(e) => {
                 tracing::warn!(build = %found.key, error = %e, "cannot ask GitLab about an adopted job; following its build anyway");
             }
@@ -206,6 +231,8 @@ impl Source for GitLabSource {
     fn health(&self) -> Health {
         let state = if self.runner.is_paused() {
             "paused: token rejected"
+        } else if self.runner.is_unreachable() {
+            "GitLab unreachable"
         } else if self.runner.is_ready() {
             "ready"
         } else {

@@ -3,7 +3,7 @@
 //! pauses the runner loudly when GitLab rejects its token.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -20,6 +20,8 @@ use crate::telemetry::{Metrics, RequestLabels, RunnerLabels};
 
 /// How often a paused runner checks whether its token works again.
 const PAUSED_RECHECK: Duration = Duration::from_secs(60);
+/// Failed job requests in a row after which the runner counts as cut off from GitLab.
+const UNREACHABLE_AFTER: u32 = 3;
 /// The longest wait between retries after errors.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -35,6 +37,8 @@ pub struct Runner {
     last_update: std::sync::Mutex<Option<String>>,
     verified: AtomicBool,
     paused: AtomicBool,
+    /// `jobs/request`s in a row that got no answer from GitLab (transport errors, 5xx).
+    unanswered: AtomicU32,
     verify_gate: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
     /// The last failed request, in plain words (cleared by the next answer), and when one
@@ -83,6 +87,7 @@ impl Runner {
             last_update: std::sync::Mutex::new(None),
             verified: AtomicBool::new(false),
             paused: AtomicBool::new(false),
+            unanswered: AtomicU32::new(0),
             verify_gate: tokio::sync::Mutex::new(()),
             metrics,
             contact: std::sync::Mutex::new(crate::sources::Contact::default()),
@@ -99,9 +104,22 @@ impl Runner {
         self.config.limit
     }
 
-    /// Whether GitLab accepted the token (and the runner is not paused).
+    /// Whether GitLab accepted the token (and the runner is not paused), and GitLab answers.
     pub fn is_ready(&self) -> bool {
+        self.is_verified() && !self.is_unreachable()
+    }
+
+    /// Whether GitLab accepted the token and the runner is not paused (whether or not GitLab
+    /// answers right now).
+    fn is_verified(&self) -> bool {
         self.verified.load(Ordering::Relaxed) && !self.paused.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last [`UNREACHABLE_AFTER`] job requests in a row got no answer: GitLab is
+    /// down (or unreachable), not just one request unlucky. `/readyz` then says so with
+    /// [`Self::last_error`] instead of claiming a runner that cannot take jobs is ready.
+    pub fn is_unreachable(&self) -> bool {
+        self.unanswered.load(Ordering::Relaxed) >= UNREACHABLE_AFTER
     }
 
     /// Whether the runner is paused because its token was rejected.
@@ -161,7 +179,7 @@ impl Runner {
             () = shutdown.cancelled() => return false,
         };
         let mut backoff = Duration::from_secs(1);
-        while !self.is_ready() {
+        while !self.is_verified() {
             match register::verify(&self.config.url, &self.config.token, &self.system_id).await {
                 Ok(_) => {
                     self.verified.store(true, Ordering::Relaxed);
@@ -239,7 +257,7 @@ pub async fn poll(
 ) {
     let mut backoff = Duration::from_secs(1);
     loop {
-        if !runner.is_ready() && !runner.ensure_verified(&shutdown).await {
+        if !runner.is_verified() && !runner.ensure_verified(&shutdown).await {
             return;
         }
         let Some(permit) = chain.slot().await else {
@@ -296,6 +314,11 @@ pub async fn poll(
             Ok(JobRequest::Job { .. } | JobRequest::NoJob { .. })
         ) {
             runner.verified.store(true, Ordering::Relaxed);
+        }
+        if answer.is_err() {
+            runner.unanswered.fetch_add(1, Ordering::Relaxed);
+        } else {
+            runner.unanswered.store(0, Ordering::Relaxed);
         }
         runner.set_last_error(match &answer {
             Ok(JobRequest::RateLimited { .. }) => {

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::problem::Problem;
 
 /// One Jenkins controller.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JenkinsConfig {
     /// A name for logs, metrics and node descriptions (default: the URL's host).
@@ -180,5 +180,22 @@ impl JenkinsConfig {
             }
         }
         problems
+    }
+}
+
+// By hand, not derived: `Debug` output ends up in logs and panic messages, and the API token,
+// password and webhook secret must not (a derived `Debug` printed them whole).
+impl std::fmt::Debug for JenkinsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |set: bool| if set { "[redacted]" } else { "None" };
+        f.debug_struct("JenkinsConfig")
+            .field("name", &self.name)
+            .field("url", &crate::net::redact_url(&self.url))
+            .field("user", &self.user)
+            .field("token", &redacted(self.token.is_some()))
+            .field("password", &redacted(self.password.is_some()))
+            .field("labels", &self.labels)
+            .field("webhook_secret", &redacted(self.webhook_secret.is_some()))
+            .finish_non_exhaustive()
     }
 }

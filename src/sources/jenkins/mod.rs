@@ -8,7 +8,7 @@ pub mod api;
 pub mod config;
 mod queue;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -158,6 +158,7 @@ impl JenkinsSource {
             agents: BTreeMap::new(),
             attempts: HashMap::new(),
             given_up: HashMap::new(),
+            undeleted: BTreeSet::new(),
             chain,
         };
         let mut pacer = Pacer::new(self.config.poll_interval, MAX_BACKOFF);
@@ -292,6 +293,14 @@ impl JenkinsSource {
     /// builds.
     async fn tick(&self, state: &mut State) -> Result<(), JenkinsError> {
         let computers = self.api.computers_by_name().await?;
+        // Nodes this run failed to delete (a 429 or 5xx on doDelete, a create whose answer was
+        // lost) would stay, offline, until the next start of kiln: every look retries them.
+        // Only this run's own nodes — another replica's are none of its business.
+        for node in std::mem::take(&mut state.undeleted) {
+            if computers.contains_key(&node) {
+                self.delete_node(state, &node).await;
+            }
+        }
         let nodes: Vec<String> = state.agents.keys().cloned().collect();
         for node in nodes {
             self.advance(state, &node, computers.get(&node)).await;
@@ -412,9 +421,7 @@ impl JenkinsSource {
         let Some(agent) = state.agents.remove(node) else {
             return;
         };
-        if let Err(e) = self.api.delete_node(node).await {
-            tracing::warn!(jenkins = %self.name, node, error = %e, "cannot delete the node; the next start retries");
-        }
+        self.delete_node(state, node).await;
         state.chain.stop(&agent.build).await;
         self.count_agents(state);
     }
@@ -539,6 +546,8 @@ impl JenkinsSource {
         let description = format!("{NODE_DESCRIPTION} ({}, queue item {queue_id})", self.name);
         if let Err(e) = self.api.create_node(&node, label, &description).await {
             tracing::error!(jenkins = %self.name, node, error = %e, "cannot create the agent node");
+            // The create may have reached Jenkins even so (the answer was lost): make sure.
+            state.undeleted.insert(node.clone());
             self.failed(label, "provision_error");
             return;
         }
@@ -546,7 +555,7 @@ impl JenkinsSource {
             Ok(secret) => secret,
             Err(e) => {
                 tracing::error!(jenkins = %self.name, node, error = %e, "cannot read the agent secret; deleting the node");
-                let _ = self.api.delete_node(&node).await;
+                self.delete_node(state, &node).await;
                 self.failed(label, "provision_error");
                 return;
             }
@@ -586,6 +595,22 @@ impl JenkinsSource {
         state.chain.launch(slot, build);
     }
 
+    /// Deletes an agent node; one that cannot be deleted now is retried at the next look.
+    async fn delete_node(&self, state: &mut State, node: &str) {
+        if let Err(e) = self.api.delete_node(node).await {
+            tracing::warn!(jenkins = %self.name, node, error = %e, "cannot delete the node; the next poll retries");
+            state.undeleted.insert(node.to_owned());
+        }
+    }
+
+    /// Whether `computer` is an agent node this source created (by its description).
+    fn is_our_node(&self, computer: &api::Computer) -> bool {
+        computer
+            .description
+            .as_deref()
+            .is_some_and(|d| d.starts_with(&format!("{NODE_DESCRIPTION} ({},", self.name)))
+    }
+
     /// After a restart: adopted agents whose node is gone are deleted, the others take their
     /// state from their node; kiln-described nodes with no agent are deleted.
     async fn recover(&self, state: &mut State) -> Result<(), JenkinsError> {
@@ -607,13 +632,12 @@ impl JenkinsSource {
             }
         }
         for computer in computers.values() {
-            let ours = computer
-                .description
-                .as_deref()
-                .is_some_and(|d| d.starts_with(&format!("{NODE_DESCRIPTION} ({},", self.name)));
             // Only the leading replica provisions, so only it knows that a node of kiln's
             // without an agent of its own is left over.
-            if ours && !state.agents.contains_key(&computer.display_name) && state.chain.leading() {
+            if self.is_our_node(computer)
+                && !state.agents.contains_key(&computer.display_name)
+                && state.chain.leading()
+            {
                 tracing::info!(jenkins = %self.name, node = %computer.display_name, "node of an earlier run without its agent; deleting it");
                 if let Err(e) = self.api.delete_node(&computer.display_name).await {
                     tracing::warn!(jenkins = %self.name, node = %computer.display_name, error = %e, "cannot delete the node");
@@ -632,6 +656,8 @@ struct State {
     attempts: HashMap<u64, u32>,
     /// Items kiln gave up on (logged once).
     given_up: HashMap<u64, ()>,
+    /// Nodes of this run whose delete failed (or whose create may have succeeded unseen).
+    undeleted: BTreeSet<String>,
     /// The coordinator.
     chain: Arc<dyn Chain>,
 }

@@ -437,11 +437,17 @@ fn get_unchecked(inner: &Inner, key: &Key) -> Result<Response, ApiError> {
 fn create(inner: &Arc<Inner>, res: Res, ns: &str, body: &Bytes) -> Result<Response, ApiError> {
     authorize(inner, "create", res.plural(), ns, None)?;
     let obj = parse_json(body)?;
-    let created = inner.with(|s| s.store.create(res, ns, obj))?;
-    after_write(inner, &created);
-    if res == Res::Pods {
+    let created = if res == Res::Pods {
+        // The pod and its kubelet runtime appear together: a test woken by the create (waiting
+        // for the pod) may script the pod at once (evict, oom_kill), which needs the runtime.
+        // `on_created` registers it and then wakes the waiters.
+        let created = inner.lock().store.create(res, ns, obj)?;
         kubelet::on_created(inner, &created);
-    }
+        created
+    } else {
+        inner.with(|s| s.store.create(res, ns, obj))?
+    };
+    after_write(inner, &created);
     Ok(json_response(201, &created))
 }
 

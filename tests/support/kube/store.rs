@@ -547,12 +547,15 @@ impl State {
                 .objects
                 .iter()
                 .filter(|(_, o)| {
-                    o["metadata"]["ownerReferences"].as_array().is_some_and(|refs| {
-                        !refs.is_empty()
-                            && refs
-                                .iter()
-                                .all(|r| !r["uid"].as_str().is_some_and(|u| uids.contains(u)))
-                    }) && !o["metadata"]["deletionTimestamp"].is_string()
+                    o["metadata"]["ownerReferences"]
+                        .as_array()
+                        .is_some_and(|refs| {
+                            !refs.is_empty()
+                                && refs
+                                    .iter()
+                                    .all(|r| !r["uid"].as_str().is_some_and(|u| uids.contains(u)))
+                        })
+                        && !o["metadata"]["deletionTimestamp"].is_string()
                 })
                 .map(|(k, _)| k.clone())
                 .collect();
