@@ -521,6 +521,11 @@ pub struct Found {
     /// Whether it still runs (or has ended but is not cleaned up); false when only its
     /// secrets are left (the coordinator died between creating them and the build).
     pub exists: bool,
+    /// When only its secrets are left: whether its pod (or process) ever existed, as far as the
+    /// executor can tell — `Some(false)`: never created (the coordinator died between the
+    /// creates; safe to start), `Some(true)`: it existed and is gone (starting it could run the
+    /// work twice), `None`: unknown. `None` for a build that exists.
+    pub ran: Option<bool>,
     /// Its secret data.
     pub secrets: BTreeMap<String, Vec<u8>>,
     /// Its labels beyond kiln's own.

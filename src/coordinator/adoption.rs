@@ -130,6 +130,10 @@ async fn adopt(
             dispatcher.executor.delete(&found.name).await;
             return;
         }
+        Adoption::Relaunch(build) => {
+            tracing::info!(build = %found.key, name = %found.name, "the build of an earlier run never started; starting it now");
+            Start::launch(*build)
+        }
     };
     tracing::info!(build = %found.key, name = %found.name, "adopted a build of an earlier run");
     // Adopted builds count against capacity; when there are more than `concurrent` (it was

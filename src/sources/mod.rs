@@ -73,6 +73,8 @@ pub trait Chain: Send + Sync {
 pub enum Adoption {
     /// Follow it to its end (it counts against capacity meanwhile); what people see about it.
     Follow(About),
+    /// Only its secrets were left and its pod never existed: start it now, as this build.
+    Relaunch(Box<Build>),
     /// Remove it, for this reason.
     Discard(String),
 }

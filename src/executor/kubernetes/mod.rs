@@ -470,6 +470,26 @@ impl KubernetesExecutor {
         }
     }
 
+    /// Whether pod `name` ever existed, from the events the scheduler and kubelet recorded
+    /// about it (`Scheduled`, `FailedScheduling`, `Pulled`, `Killing`, …; kept an hour by
+    /// default): asked only of a build whose Secret outlived its pod. `None` when the events
+    /// cannot be read.
+    async fn pod_had_events(&self, name: &str) -> Option<bool> {
+        let events: Api<Event> = self.cluster.api();
+        let params = ListParams::default().fields(&format!("involvedObject.name={name}"));
+        match self.cluster.call(|| events.list(&params)).await {
+            Ok(list) => Some(
+                list.items
+                    .iter()
+                    .any(|e| e.involved_object.kind.as_deref().is_none_or(|k| k == "Pod")),
+            ),
+            Err(e) => {
+                tracing::warn!(pod = name, error = %e, "cannot read the events of a build whose pod is gone");
+                None
+            }
+        }
+    }
+
     /// kiln's pods and Secrets, as builds: one list of each.
     async fn list_builds(&self) -> Result<Vec<Found>, ExecutorError> {
         let params = ListParams::default().labels(&self.selector);
@@ -518,6 +538,7 @@ impl KubernetesExecutor {
                 key,
                 name: name.clone(),
                 exists: true,
+                ran: None,
                 secrets: data.remove(&name).unwrap_or_default(),
                 labels: foreign_labels(&pod.metadata),
                 annotations: pod.metadata.annotations.clone().unwrap_or_default(),
@@ -533,6 +554,7 @@ impl KubernetesExecutor {
                 self.remove(&name).await;
                 continue;
             };
+            let ran = self.pod_had_events(&name).await;
             found.push(Found {
                 key,
                 replica: replica_of(&metadata),
@@ -542,6 +564,7 @@ impl KubernetesExecutor {
                 secrets: data.remove(&name).unwrap_or_default(),
                 name,
                 exists: false,
+                ran,
             });
         }
         Ok(found)

@@ -91,8 +91,11 @@ impl GitLabSource {
         };
         let parsed = serde_json::from_slice::<AgentJob>(bytes)
             .ok()
-            .and_then(|file| serde_json::from_value::<JobPayload>(file.job).ok());
-        let Some(job) = parsed else {
+            .and_then(|file| {
+                let job: JobPayload = serde_json::from_value(file.job.clone()).ok()?;
+                Some((file, job))
+            });
+        let Some((file, job)) = parsed else {
             return Adoption::Discard("its job file cannot be read".into());
         };
         let reporter = self.runner.reporter(&job);
@@ -123,12 +126,17 @@ impl GitLabSource {
                 tracing::warn!(build = %found.key, error = %e, "cannot ask GitLab about an adopted job; following its build anyway");
             }
         }
+        if !found.exists && found.ran == Some(false) {
+            // Its pod was never created (an earlier coordinator died between the creates):
+            // nothing of the job ran, so it starts now.
+            self.lock().insert(job.id, reporter);
+            return Adoption::Relaunch(Box::new(build::build(&job, &file.job, &self.context())));
+        }
         if !found.exists {
-            // Only its Secret is left: its pod was never created (an earlier coordinator died
-            // in between) or was deleted while no coordinator ran. Which one, nobody can tell,
-            // and starting the job again could run its steps twice; fail it as the
+            // Its pod existed and is gone (deleted while no coordinator ran), or nobody can
+            // tell: starting the job again could run its steps twice. Fail it as the
             // infrastructure failure it is, so `retry: when: runner_system_failure` re-runs it.
-            let message = "the job's build pod is gone: it was deleted while no kiln coordinator ran, or never created; kiln marks it as runner_system_failure so `retry: when: runner_system_failure` can re-run it";
+            let message = "the job's build pod is gone (deleted while no kiln coordinator ran); kiln marks it as runner_system_failure so `retry: when: runner_system_failure` can re-run it";
             tracing::warn!(build = %found.key, "failing a job whose build pod is gone");
             if let Err(e) = reporter
                 .fail(FailureReason::RunnerSystemFailure, message)
