@@ -35,7 +35,18 @@ pub(crate) async fn adopt_all(
     replicas: &Replicas,
     pass: Pass,
 ) -> bool {
-    let found = match dispatcher.executor.list().await {
+    // A take-over reads only the builds of replicas not known to be alive (and unlabelled
+    // ones): listing every live replica's builds with their secrets each time would cost the
+    // API server and kiln's memory in proportion to all builds running.
+    let live = match pass {
+        Pass::TakeOver => replicas.live(),
+        Pass::Start => None,
+    };
+    let listed = match &live {
+        Some(live) => dispatcher.executor.list_except(live).await,
+        None => dispatcher.executor.list().await,
+    };
+    let found = match listed {
         Ok(found) => found,
         Err(e) => {
             tracing::error!(error = %e, "cannot list the builds of an earlier run; they are adopted later");

@@ -275,6 +275,19 @@ impl Replicas {
         self.leases.as_ref().map(|l| l.replica())
     }
 
+    /// The replicas known to be alive, this one among them; `None` while that is not known
+    /// (or when this is the only replica).
+    pub(crate) fn live(&self) -> Option<Vec<String>> {
+        let me = self.me()?;
+        let state = self.lock();
+        if !state.known {
+            return None;
+        }
+        let mut live: BTreeSet<String> = state.live.clone();
+        live.insert(me.to_owned());
+        Some(live.into_iter().collect())
+    }
+
     /// Whether this replica runs the singleton chores now.
     pub(crate) fn leading(&self) -> bool {
         *self.leading.borrow()

@@ -243,6 +243,19 @@ pub trait Executor: Send + Sync {
         Box::pin(async { Ok(Vec::new()) })
     }
 
+    /// The builds that exist and are not labelled with one of `replicas` (the live ones): what
+    /// a take-over pass may claim, without reading every live replica's builds and secrets.
+    ///
+    /// # Errors
+    /// The listing failed.
+    fn list_except<'a>(
+        &'a self,
+        replicas: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Found>, ExecutorError>> {
+        let _ = replicas;
+        self.list()
+    }
+
     /// The Leases that let replicas share the builds (`None`: builds are this process's
     /// alone — the local executor — and there is one replica).
     fn leases(&self) -> Option<Arc<dyn Leases>> {

@@ -491,8 +491,8 @@ impl KubernetesExecutor {
     }
 
     /// kiln's pods and Secrets, as builds: one list of each.
-    async fn list_builds(&self) -> Result<Vec<Found>, ExecutorError> {
-        let params = ListParams::default().labels(&self.selector);
+    async fn list_builds(&self, selector: &str) -> Result<Vec<Found>, ExecutorError> {
+        let params = ListParams::default().labels(selector);
         let secrets: Api<Secret> = self.cluster.api();
         let pods: Api<Pod> = self.cluster.api();
         let list_error = |what: &str, e: kube::Error| ExecutorError::List {
@@ -675,7 +675,25 @@ impl Executor for KubernetesExecutor {
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<Found>, ExecutorError>> {
-        Box::pin(self.list_builds())
+        Box::pin(self.list_builds(&self.selector))
+    }
+
+    fn list_except<'a>(
+        &'a self,
+        replicas: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Found>, ExecutorError>> {
+        Box::pin(async move {
+            if replicas.is_empty() {
+                return self.list_builds(&self.selector).await;
+            }
+            // `notin` also selects objects without the label (builds of an older kiln).
+            let selector = format!(
+                "{},{LABEL_REPLICA} notin ({})",
+                self.selector,
+                replicas.join(",")
+            );
+            self.list_builds(&selector).await
+        })
     }
 
     fn leases(&self) -> Option<Arc<dyn Leases>> {
