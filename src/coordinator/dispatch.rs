@@ -395,19 +395,26 @@ impl Chain for SourceChain {
 
     fn slot(&self) -> BoxFuture<'_, Option<Slot>> {
         Box::pin(async move {
+            // `biased`: once shutdown has begun no slot is handed out, even when one is free
+            // (an unbiased select picks a ready branch at random).
             let permit = tokio::select! {
-                permit = self.limiter.acquire(self.source.name(), self.source.limit()) => permit,
+                biased;
                 () = self.shutdown.cancelled() => return None,
+                permit = self.limiter.acquire(self.source.name(), self.source.limit()) => permit,
             };
             tokio::select! {
-                () = self.dispatcher.executor.ready() => {}
+                biased;
                 () = self.shutdown.cancelled() => return None,
+                () = self.dispatcher.executor.ready() => {}
             }
             Some(Slot::new(permit))
         })
     }
 
     fn try_slot(&self) -> Option<Slot> {
+        if self.shutdown.is_cancelled() {
+            return None;
+        }
         self.limiter
             .try_acquire(self.source.name(), self.source.limit())
             .map(Slot::new)

@@ -260,6 +260,9 @@ pub async fn poll(
         if !runner.is_verified() && !runner.ensure_verified(&shutdown).await {
             return;
         }
+        if shutdown.is_cancelled() {
+            return;
+        }
         let Some(permit) = chain.slot().await else {
             return;
         };
