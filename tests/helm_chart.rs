@@ -811,11 +811,9 @@ fn matrix_github_app_runs_organization_runners_with_the_key_from_the_secret() {
     );
     assert_eq!(github["label_classes"]["big"].as_str(), Some("no-evict"));
     let secret = &out.object("Secret")["stringData"];
-    assert!(
-        secret["github-private-key"]
-            .as_str()
-            .unwrap()
-            .starts_with("-----BEGIN RSA PRIVATE KEY-----\n")
+    assert_eq!(
+        secret["github-private-key"].as_str(),
+        Some("fake-app-private-key-pem\n")
     );
     assert!(secret.get("github-token").is_none());
 

@@ -4,7 +4,7 @@
 
 use kiln::config::Config;
 
-const GITLAB_TOKEN: &str = "glrt-debug-secret-0123456789";
+const GITLAB_TOKEN: &str = "glrt-fake-debug-1";
 const JENKINS_TOKEN: &str = "jenkins-api-token-0123456789abcdef";
 const JENKINS_HOOK: &str = "jenkins-webhook-secret-0123456789";
 const GITHUB_TOKEN: &str = "github_pat_debugsecret0123456789";

@@ -17,7 +17,7 @@ use support::gitlab::{GitLabServer, job_json};
 use support::kiln::{KilnProcess, config, kiln_bin};
 use support::kube::KubeServer;
 
-const RUNNER_TOKEN: &str = "glrt-status-page-runner-token";
+const RUNNER_TOKEN: &str = "glrt-fake-status-1";
 /// The value of a masked CI/CD variable of both jobs.
 const MASKED_VALUE: &str = "hunter2-masked-deploy-password";
 /// How long Chromium may take to load and render the page.

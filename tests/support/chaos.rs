@@ -89,7 +89,7 @@ const BEFORE_THE_SERVER: &[Fault] = &[
 const CLAIM_WINDOW: Duration = Duration::from_secs(60);
 
 /// The runner token of the chaos runs.
-pub const RUNNER_TOKEN: &str = "glrt-chaos-runner-token-0123456789";
+pub const RUNNER_TOKEN: &str = "glrt-fake-chaos-1";
 
 /// Writes a kubeconfig for `kube` that points at `server` instead (the fault proxy).
 pub fn kubeconfig_via(kube: &KubeServer, path: &Path, server: &str) {
