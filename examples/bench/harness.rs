@@ -608,6 +608,35 @@ fn is_watch(r: &RequestRecord) -> bool {
     r.path.contains("watch=true") || r.path.contains("watch=1")
 }
 
+/// A Kubernetes test server the benchmark plays kubelet for (its own kubelet off), with the
+/// configured latency, its kubeconfig in a temporary directory and the `[kubernetes]` section
+/// that points kiln at it (callers append their own fields).
+struct DrivenCluster {
+    kube: KubeServer,
+    section: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn driven_cluster(options: &Options) -> DrivenCluster {
+    let kube = KubeServer::start().await;
+    kube.set_kubelet(false);
+    kube.set_latency(Duration::from_millis(options.latency_ms));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.kubeconfig(&kubeconfig, NAMESPACE);
+    let section = format!(
+        "[kubernetes]\nkubeconfig = \"{}\"\nhelper_image = \"{HELPER_IMAGE}\"\npending_timeout = \"1h\"\nqps = {:?}\nburst = {}\n",
+        kubeconfig.display(),
+        options.qps,
+        options.burst
+    );
+    DrivenCluster {
+        kube,
+        section,
+        _dir: dir,
+    }
+}
+
 async fn run_level(
     options: &Options,
     jobs: usize,
@@ -615,20 +644,14 @@ async fn run_level(
     measure_burst: bool,
 ) -> (Option<Idle>, Level, Option<Burst>) {
     let gitlab = gitlab(options).await;
-    let kube = KubeServer::start().await;
-    kube.set_kubelet(false);
-    kube.set_latency(Duration::from_millis(options.latency_ms));
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    kube.kubeconfig(&kubeconfig, NAMESPACE);
+    // `_dir` holds the kubeconfig for as long as the level runs.
+    let DrivenCluster {
+        kube,
+        section,
+        _dir,
+    } = driven_cluster(options).await;
     let http = free_addr();
-    let kube_section = format!(
-        "[kubernetes]\nkubeconfig = \"{}\"\nhelper_image = \"{HELPER_IMAGE}\"\npending_timeout = \"1h\"\nqps = {:?}\nburst = {}\n",
-        kubeconfig.display(),
-        options.qps,
-        options.burst
-    );
-    let text = config(&gitlab, options, &http, "kubernetes", &kube_section);
+    let text = config(&gitlab, options, &http, "kubernetes", &section);
     let kiln = Coordinator::start(&options.kiln_path(), &text, &http);
     wait_until(
         "kiln's first jobs/request",
@@ -843,18 +866,14 @@ pub(crate) async fn run_status(options: &Options) -> StatusFigures {
     let jobs = options.status_builds.max(1);
     progress(&format!("status page: {jobs} builds into the history"));
     let gitlab = gitlab(options).await;
-    let kube = KubeServer::start().await;
-    kube.set_kubelet(false);
-    kube.set_latency(Duration::from_millis(options.latency_ms));
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    kube.kubeconfig(&kubeconfig, NAMESPACE);
+    let DrivenCluster {
+        kube,
+        section,
+        _dir,
+    } = driven_cluster(options).await;
     let http = free_addr();
     let section = format!(
-        "[kubernetes]\nkubeconfig = \"{}\"\nhelper_image = \"{HELPER_IMAGE}\"\npending_timeout = \"1h\"\nqps = {:?}\nburst = {}\n\n[status]\nhistory = {jobs}\n\n[cost]\nprice_per_vcpu_hour = 0.04\nprice_per_gib_hour = 0.005\n",
-        kubeconfig.display(),
-        options.qps,
-        options.burst
+        "{section}\n[status]\nhistory = {jobs}\n\n[cost]\nprice_per_vcpu_hour = 0.04\nprice_per_gib_hour = 0.005\n"
     );
     let text = config(&gitlab, options, &http, "kubernetes", &section);
     let kiln = Coordinator::start(&options.kiln_path(), &text, &http);
@@ -1369,19 +1388,14 @@ async fn run_failover(options: &Options) -> Failover {
     let mut duplicates = 0;
     for round in 0..options.failover_rounds {
         let gitlab = gitlab(options).await;
-        let kube = KubeServer::start().await;
-        kube.set_kubelet(false);
-        kube.set_latency(Duration::from_millis(options.latency_ms));
-        let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = dir.path().join("kubeconfig");
-        kube.kubeconfig(&kubeconfig, NAMESPACE);
+        let DrivenCluster {
+            kube,
+            section,
+            _dir,
+        } = driven_cluster(options).await;
         let kube_section = format!(
-            "[kubernetes]\nkubeconfig = \"{}\"\nhelper_image = \"{HELPER_IMAGE}\"\npending_timeout = \"1h\"\nqps = {:?}\nburst = {}\nlease_duration = \"{}s\"\nlease_renew = \"{}s\"\n",
-            kubeconfig.display(),
-            options.qps,
-            options.burst,
-            options.lease_secs,
-            options.renew_secs
+            "{section}lease_duration = \"{}s\"\nlease_renew = \"{}s\"\n",
+            options.lease_secs, options.renew_secs
         );
         let start = |replica: &str, system_id: &str| {
             let http = free_addr();

@@ -693,6 +693,18 @@ pub(crate) mod tests {
     /// by the replicas of a test.
     pub(crate) type LeaseStore = Arc<Mutex<(u64, BTreeMap<String, LeaseRecord>)>>;
 
+    /// Stores `lease` under the next resourceVersion, as the API server writes it.
+    fn store_write(
+        store: &mut (u64, BTreeMap<String, LeaseRecord>),
+        lease: &LeaseRecord,
+    ) -> LeaseRecord {
+        store.0 += 1;
+        let mut written = lease.clone();
+        written.version = Some(store.0.to_string());
+        store.1.insert(lease.name.clone(), written.clone());
+        written
+    }
+
     /// Leases in memory, with the API server's resourceVersion rules.
     pub(crate) struct MemoryLeases {
         pub(crate) replica: String,
@@ -729,11 +741,7 @@ pub(crate) mod tests {
             let result = if store.1.contains_key(&lease.name) {
                 Err(LeaseError::Conflict(lease.name.clone()))
             } else {
-                store.0 += 1;
-                let mut written = lease.clone();
-                written.version = Some(store.0.to_string());
-                store.1.insert(lease.name.clone(), written.clone());
-                Ok(written)
+                Ok(store_write(&mut store, lease))
             };
             Box::pin(async move { result })
         }
@@ -748,13 +756,7 @@ pub(crate) mod tests {
                 Some(stored) if stored.version != lease.version => {
                     Err(LeaseError::Conflict(lease.name.clone()))
                 }
-                Some(_) => {
-                    store.0 += 1;
-                    let mut written = lease.clone();
-                    written.version = Some(store.0.to_string());
-                    store.1.insert(lease.name.clone(), written.clone());
-                    Ok(written)
-                }
+                Some(_) => Ok(store_write(&mut store, lease)),
             };
             Box::pin(async move { result })
         }
