@@ -27,6 +27,9 @@ pub use crate::telemetry::{LogConfig, LogFormat};
 /// The environment variable that names the config file (the one name `KILN_` reserves).
 pub const CONFIG_ENV: &str = "KILN_CONFIG";
 const ENV_PREFIX: &str = "KILN_";
+/// The most builds `concurrent` (and any per-source limit) may allow: far beyond what one
+/// coordinator runs, far below what its semaphores can count.
+pub const MAX_CONCURRENT: usize = 100_000;
 
 /// The whole coordinator configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -272,8 +275,60 @@ impl Config {
             );
         }
         match config {
-            Some(config) if problems.is_empty() => Ok(config),
+            Some(mut config) if problems.is_empty() => {
+                config.trim_secrets();
+                Ok(config)
+            }
             _ => Err(ConfigError::Invalid { origin, problems }),
+        }
+    }
+
+    /// A warning when the file at `path`, which this configuration was read from, holds a
+    /// token, password or secret and other users of the machine can read it.
+    pub fn exposure_warning(&self, path: &Path) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        let text = std::fs::read_to_string(path).ok()?;
+        let table = text.parse::<toml::Table>().ok()?;
+        (mode & 0o044 != 0 && holds_secret(&toml::Value::Table(table))).then(|| {
+            format!(
+                "{} holds tokens or secrets and other users can read it (mode {:o}): `chmod 600` it, \
+                 or keep the secrets in KILN_… environment variables (a Kubernetes Secret)",
+                path.display(),
+                mode & 0o777
+            )
+        })
+    }
+
+    /// Takes the line break off the end of every token, password and secret: a Kubernetes
+    /// Secret made from a file (`kubectl create secret --from-file`, `echo … >`) carries one,
+    /// and a token that ends in `\n` can never match what a client presents.
+    fn trim_secrets(&mut self) {
+        fn trim(secret: &mut String) {
+            let kept = secret.trim_end_matches(['\n', '\r']).len();
+            secret.truncate(kept);
+        }
+        let optional = self
+            .status
+            .token
+            .iter_mut()
+            .chain(self.sources.jenkins.iter_mut().flat_map(|j| {
+                j.token
+                    .iter_mut()
+                    .chain(j.password.iter_mut())
+                    .chain(j.webhook_secret.iter_mut())
+            }))
+            .chain(
+                self.sources
+                    .github
+                    .iter_mut()
+                    .flat_map(|g| g.token.iter_mut().chain(g.webhook_secret.iter_mut())),
+            );
+        for secret in optional {
+            trim(secret);
+        }
+        for runner in &mut self.sources.gitlab {
+            trim(&mut runner.token);
         }
     }
 
@@ -299,6 +354,35 @@ impl Config {
         };
         if self.concurrent == 0 {
             problem("concurrent".into(), "must be at least 1");
+        } else if self.concurrent > MAX_CONCURRENT {
+            problem(
+                "concurrent".into(),
+                &format!("must be at most {MAX_CONCURRENT} (builds at once)"),
+            );
+        }
+        let limits = self
+            .sources
+            .gitlab
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("sources.gitlab[{i}].limit"), r.limit))
+            .chain(self.sources.jenkins.iter().enumerate().flat_map(|(i, j)| {
+                std::iter::once((format!("sources.jenkins[{i}].limit"), j.limit)).chain(
+                    j.label_limits.iter().map(move |(label, limit)| {
+                        (format!("sources.jenkins[{i}].label_limits.{label}"), *limit)
+                    }),
+                )
+            }))
+            .chain(self.sources.github.iter().enumerate().flat_map(|(i, g)| {
+                [
+                    (format!("sources.github[{i}].max_runners"), g.max_runners),
+                    (format!("sources.github[{i}].min_idle"), g.min_idle),
+                ]
+            }));
+        for (path, limit) in limits {
+            if limit > MAX_CONCURRENT {
+                problem(path, &format!("must be at most {MAX_CONCURRENT}"));
+            }
         }
         problems.extend(self.http.problems());
         problems.extend(self.status.problems());
@@ -670,6 +754,27 @@ pub fn remove_gitlab_runner(path: &Path, url: &str, token: &str) -> Result<bool,
     Ok(removed)
 }
 
+/// Whether a config file's value sets a secret: a non-empty key named like one.
+fn holds_secret(value: &toml::Value) -> bool {
+    const SECRET_KEYS: &[&str] = &[
+        "token",
+        "password",
+        "webhook_secret",
+        "private_key",
+        "secret_key",
+        "access_key_secret",
+        "account_key",
+    ];
+    match value {
+        toml::Value::Table(table) => table.iter().any(|(key, value)| {
+            (SECRET_KEYS.contains(&key.as_str()) && value.as_str().is_some_and(|v| !v.is_empty()))
+                || holds_secret(value)
+        }),
+        toml::Value::Array(items) => items.iter().any(holds_secret),
+        _ => false,
+    }
+}
+
 /// Writes a file readable only by its owner: it holds runner tokens.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -713,6 +818,71 @@ system_id = "x"
         assert!(err.contains("sources.gitlab[0].url: not a URL"), "{err}");
         assert!(err.contains("sources.gitlab[0].token: is empty"), "{err}");
         assert!(err.contains("sources.gitlab[0].system_id"), "{err}");
+    }
+
+    #[test]
+    fn a_status_token_from_a_file_matches_without_its_line_break() {
+        let config = load(
+            "[status]\ntoken = \"s3cret\\n\"\n[[sources.gitlab]]\nurl = \"https://gitlab.example.com\"\ntoken = \"t\\r\\n\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.status.token.as_deref(), Some("s3cret"));
+        assert_eq!(config.sources.gitlab[0].token, "t");
+        let config = load("", &[("KILN_STATUS__TOKEN", "from-env\n")]).unwrap();
+        assert_eq!(config.status.token.as_deref(), Some("from-env"));
+    }
+
+    #[test]
+    fn a_config_others_can_read_is_flagged_only_when_it_holds_a_secret() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        let with_token =
+            "[[sources.gitlab]]\nurl = \"https://gitlab.example.com\"\ntoken = \"t\"\n";
+        std::fs::write(&path, with_token).unwrap();
+        let config = Config::load_with_env(Some(&path), Vec::new()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let warning = config.exposure_warning(&path).expect("a warning");
+        assert!(
+            warning.contains("mode 644") && warning.contains("chmod 600"),
+            "{warning}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(config.exposure_warning(&path), None);
+        // The chart's ConfigMap: readable, but the token comes from the environment.
+        std::fs::write(&path, "concurrent = 4\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(config.exposure_warning(&path), None);
+    }
+
+    /// Numbers that passed check-config once and then panicked `kiln run` (a semaphore of
+    /// 2^63 permits) are refused with the field named.
+    #[test]
+    fn numbers_that_would_crash_kiln_run_are_refused_by_name() {
+        let err = load(
+            r#"
+concurrent = 9223372036854775807
+[http]
+max_connections = 9223372036854775807
+[[sources.gitlab]]
+url = "https://gitlab.example.com"
+token = "t"
+limit = 9223372036854775807
+"#,
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("concurrent: must be at most 100000"), "{err}");
+        assert!(
+            err.contains("http.max_connections: must be at most 65536"),
+            "{err}"
+        );
+        assert!(
+            err.contains("sources.gitlab[0].limit: must be at most 100000"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -270,6 +270,14 @@ fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(args.config.config.as_deref())?;
     kiln::telemetry::init_logging(config.log.format, &config.log.level);
+    if let Some(warning) = args
+        .config
+        .config
+        .as_deref()
+        .and_then(|p| config.exposure_warning(p))
+    {
+        tracing::warn!("{warning}");
+    }
     if let Some(problem) = config.no_sources() {
         bail!("{}", problem.message);
     }
@@ -424,7 +432,15 @@ async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         agent,
     };
     let cancel = shutdown_on_signal()?;
-    let outcome = kiln::exec::run(options, cancel).await?;
+    let outcome = match kiln::exec::run(options, cancel).await {
+        Ok(outcome) => outcome,
+        Err(kiln::exec::ExecError::Interrupted) => {
+            eprintln!("interrupted");
+            // A file read still blocked on a thread must not keep the process alive.
+            std::process::exit(130);
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(if outcome.success {
         ExitCode::SUCCESS
     } else {
@@ -599,12 +615,22 @@ fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
                 eprintln!("{origin} has 1 problem(s):\n  {problem}");
                 return Ok(ExitCode::FAILURE);
             }
+            if let Some(warning) = args
+                .file
+                .as_deref()
+                .and_then(|p| config.exposure_warning(p))
+            {
+                eprintln!("warning: {warning}");
+            }
             let mut sources = vec![format!("{} GitLab runner(s)", config.sources.gitlab.len())];
             if !config.sources.jenkins.is_empty() {
                 sources.push(format!(
                     "{} Jenkins controller(s)",
                     config.sources.jenkins.len()
                 ));
+            }
+            if !config.sources.github.is_empty() {
+                sources.push(format!("{} GitHub source(s)", config.sources.github.len()));
             }
             println!(
                 "{origin}: ok ({}, concurrent = {})",

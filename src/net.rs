@@ -67,17 +67,23 @@ pub fn take_credentials(url: &mut Url) -> Option<UrlCredentials> {
 
 /// The wait a `Retry-After` header asks for: delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
 /// A date in the past means "now"; anything unreadable is `None`.
+///
+/// At most [`MAX_RETRY_AFTER`]: a server (or whatever answers in its name) asking for an hour
+/// or a year must not stop kiln from asking again for good.
 pub fn retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let when = httpdate::parse_http_date(value).ok()?;
-    Some(
+    let wait = if let Ok(seconds) = value.parse::<u64>() {
+        Duration::from_secs(seconds)
+    } else {
+        let when = httpdate::parse_http_date(value).ok()?;
         when.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+            .unwrap_or(Duration::ZERO)
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
+
+/// The longest wait a `Retry-After` can impose.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// An error and its causes as one line (`cannot reach GitLab at …: connection refused`), for
 /// places that show errors to people (the status page).
@@ -187,6 +193,12 @@ mod tests {
     #[test]
     fn retry_after_reads_seconds_and_http_dates() {
         assert_eq!(retry_after(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after("18446744073709551615"), Some(MAX_RETRY_AFTER));
+        let next_year = SystemTime::now() + Duration::from_secs(365 * 24 * 3600);
+        assert_eq!(
+            retry_after(&httpdate::fmt_http_date(next_year)),
+            Some(MAX_RETRY_AFTER)
+        );
         let soon = SystemTime::now() + Duration::from_secs(30);
         let wait = retry_after(&httpdate::fmt_http_date(soon)).unwrap();
         assert!(

@@ -345,3 +345,34 @@ fn unreachable_gitlab_is_a_clear_error() {
         text(&out)
     );
 }
+
+/// check-config names every kind of source it read, and warns when the file holds a token
+/// that other users of the machine can read.
+#[test]
+fn check_config_counts_github_sources_and_warns_of_a_readable_token() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.toml");
+    std::fs::write(
+        &path,
+        "[[sources.gitlab]]\nurl = \"https://gitlab.example.com\"\ntoken = \"glrt-x\"\n\n\
+         [[sources.jenkins]]\nurl = \"https://jenkins.example.com\"\nuser = \"kiln\"\ntoken = \"t\"\nlabels = [\"linux\"]\n\n\
+         [[sources.github]]\norg = \"acme\"\ntoken = \"g\"\nlabels = [\"kiln\"]\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = kiln(&["check-config", path.to_str().unwrap()]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("1 GitLab runner(s), 1 Jenkins controller(s), 1 GitHub source(s)"),
+        "{said}"
+    );
+    assert!(
+        said.contains("warning:") && said.contains("chmod 600"),
+        "{said}"
+    );
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let said = text(&kiln(&["check-config", path.to_str().unwrap()]));
+    assert!(!said.contains("warning:"), "{said}");
+}

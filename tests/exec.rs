@@ -411,3 +411,37 @@ fn a_typo_in_a_key_stops_before_running_and_names_file_line_and_key() {
     );
     assert!(!run.stdout.contains("Running"), "{}", run.stdout);
 }
+
+/// A FIFO in the project (a dev server's control pipe, a `mkfifo` left behind) is left out of
+/// what jobs see instead of hanging `kiln exec` forever; a symlink stays a symlink.
+#[test]
+fn a_fifo_in_the_project_is_left_out_not_waited_for() {
+    let dir = project(
+        "job:\n  script:\n    - test -L link && test \"$(cat link)\" = hello && test ! -e pipe\n",
+    );
+    std::fs::write(dir.path().join("file.txt"), "hello").unwrap();
+    std::os::unix::fs::symlink("file.txt", dir.path().join("link")).unwrap();
+    let made = Command::new("mkfifo")
+        .arg(dir.path().join("pipe"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = dir.path().to_path_buf();
+    std::thread::spawn(move || tx.send(kiln_exec(&path, &[])));
+    let run = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("kiln exec finishes instead of blocking on the FIFO");
+    assert_eq!(
+        run.status("job"),
+        "passed",
+        "{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("pipe"),
+        "the FIFO is named: {}",
+        run.stderr
+    );
+}

@@ -658,9 +658,11 @@ async fn run_step(ctx: &mut Context, step: &Step, is_after: bool) -> StepEnd {
             .min(ctx.settings.after_script_timeout);
         Instant::now() + limit
     } else {
+        // A step's timeout is the payload's number: past the job's deadline (or past what an
+        // Instant can hold) it is the job's deadline.
         step_timeout
-            .map(|t| (Instant::now() + t).min(ctx.deadline))
-            .unwrap_or(ctx.deadline)
+            .and_then(|t| Instant::now().checked_add(t))
+            .map_or(ctx.deadline, |step| step.min(ctx.deadline))
     };
     let script = match process::write_script(
         &ctx.tmp_dir,

@@ -25,7 +25,9 @@ impl Limiter {
     /// A limiter for `concurrent` jobs.
     pub fn new(concurrent: usize) -> Self {
         Self {
-            global: Arc::new(Semaphore::new(concurrent)),
+            // Validation caps `concurrent` far below this; the clamp only keeps a config that
+            // skipped validation from panicking the semaphore.
+            global: Arc::new(Semaphore::new(concurrent.min(Semaphore::MAX_PERMITS))),
             per_runner: Arc::default(),
             concurrent,
         }
@@ -71,7 +73,7 @@ impl Limiter {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .entry(runner.to_owned())
-                    .or_insert_with(|| Arc::new(Semaphore::new(limit))),
+                    .or_insert_with(|| Arc::new(Semaphore::new(limit.min(Semaphore::MAX_PERMITS)))),
             )
         })
     }

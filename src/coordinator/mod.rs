@@ -10,6 +10,7 @@ mod history;
 pub mod limiter;
 mod replicas;
 mod status;
+mod supervise;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,7 @@ use limiter::Limiter;
 use replicas::Replicas;
 pub use replicas::Timing as LeaseTiming;
 pub use status::{SourceView, Status};
+use supervise::Crashes;
 
 /// How long stopped builds get to report before the coordinator stops waiting.
 const CANCEL_WAIT: Duration = Duration::from_secs(120);
@@ -61,6 +63,8 @@ pub struct Coordinator {
     sources: Vec<Arc<dyn Source>>,
     limiter: Limiter,
     dispatcher: Dispatcher,
+    /// Panics of the sources' loops, for `/readyz` and the status page.
+    crashes: Arc<Crashes>,
 }
 
 impl Coordinator {
@@ -83,6 +87,7 @@ impl Coordinator {
                 cancel: CancellationToken::new(),
             },
             settings,
+            crashes: Arc::new(Crashes::new(sources.len())),
             sources,
         }
     }
@@ -94,6 +99,7 @@ impl Coordinator {
             Arc::clone(&self.dispatcher.table),
             Arc::clone(&self.dispatcher.history),
             self.settings.concurrent,
+            Arc::clone(&self.crashes),
         )
     }
 
@@ -127,7 +133,7 @@ impl Coordinator {
             !(listed && (first.read || !replicas.shared_builds())),
         ));
         let mut sources = tokio::task::JoinSet::new();
-        for source in &self.sources {
+        for (index, source) in self.sources.iter().enumerate() {
             let chain: Arc<dyn Chain> = Arc::new(SourceChain {
                 source: Arc::clone(source),
                 dispatcher: dispatcher.clone(),
@@ -135,7 +141,13 @@ impl Coordinator {
                 shutdown: shutdown.clone(),
                 replicas: Arc::clone(&replicas),
             });
-            sources.spawn(Arc::clone(source).run(chain, shutdown.clone()));
+            sources.spawn(supervise::supervise(
+                index,
+                Arc::clone(source),
+                chain,
+                Arc::clone(&self.crashes),
+                shutdown.clone(),
+            ));
         }
         tracing::info!(
             sources = self.sources.len(),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::dispatch::Table;
 use super::history::{BuildRecord, History};
+use super::supervise::Crashes;
 use crate::sources::{Health, Source};
 
 /// A view of the coordinator for `/readyz`, the status page and its JSON API.
@@ -14,6 +15,7 @@ pub struct Status {
     table: Table,
     history: Arc<History>,
     concurrent: usize,
+    crashes: Arc<Crashes>,
 }
 
 /// One source as the status page shows it.
@@ -37,18 +39,20 @@ impl Status {
         table: Table,
         history: Arc<History>,
         concurrent: usize,
+        crashes: Arc<Crashes>,
     ) -> Self {
         Self {
             sources,
             table,
             history,
             concurrent,
+            crashes,
         }
     }
 
-    /// Ready when every source can take work.
+    /// Ready when every source can take work (and its loop runs).
     pub fn ready(&self) -> bool {
-        self.sources.iter().all(|s| s.health().ready)
+        !self.crashes.any_down() && self.sources.iter().all(|s| s.health().ready)
     }
 
     /// Every source with its health and builds alive.
@@ -56,10 +60,11 @@ impl Status {
         let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         self.sources
             .iter()
-            .map(|source| SourceView {
+            .enumerate()
+            .map(|(index, source)| SourceView {
                 kind: source.kind().name(),
                 name: source.name().to_owned(),
-                health: source.health(),
+                health: self.crashes.overlay(index, source.health()),
                 builds: table
                     .values()
                     .filter(|b| b.key.source == source.kind() && b.key.runner == source.name())
@@ -110,6 +115,7 @@ impl Status {
         for record in finished {
             history.push(record);
         }
-        Self::new(sources, Table::default(), history, concurrent)
+        let crashes = Arc::new(Crashes::new(sources.len()));
+        Self::new(sources, Table::default(), history, concurrent, crashes)
     }
 }

@@ -168,6 +168,10 @@ impl Executor for FakeExecutor {
 #[derive(Default)]
 struct FakeSource {
     chain: Mutex<Option<Arc<dyn Chain>>>,
+    /// How many more times `run` panics (a bug meeting input nobody foresaw).
+    panics: std::sync::atomic::AtomicU32,
+    /// How many times `run` was called.
+    runs: std::sync::atomic::AtomicU32,
     adopted: Mutex<Vec<String>>,
     ended: Mutex<Vec<(String, Ending)>>,
 }
@@ -200,8 +204,19 @@ impl Source for FakeSource {
         chain: Arc<dyn Chain>,
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, ()> {
+        use std::sync::atomic::Ordering;
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        let panics = self
+            .panics
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
         *self.chain.lock().unwrap() = Some(chain);
-        Box::pin(async move { shutdown.cancelled().await })
+        Box::pin(async move {
+            if panics {
+                panic!("time_in_queue_seconds out of range");
+            }
+            shutdown.cancelled().await;
+        })
     }
 
     fn adopt<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Adoption> {
@@ -292,9 +307,19 @@ async fn start_with(
     leases: super::LeaseTiming,
     before: impl FnOnce(&FakeExecutor),
 ) -> Harness {
+    start_source(concurrent, leases, FakeSource::default(), before).await
+}
+
+/// [`start_with`] over `source`.
+async fn start_source(
+    concurrent: usize,
+    leases: super::LeaseTiming,
+    source: FakeSource,
+    before: impl FnOnce(&FakeExecutor),
+) -> Harness {
     let executor = Arc::new(FakeExecutor::default());
     before(&executor);
-    let source = Arc::new(FakeSource::default());
+    let source = Arc::new(source);
     let metrics = Metrics::new();
     let coordinator = Coordinator::new(
         Settings {
@@ -622,4 +647,51 @@ async fn a_replica_takes_its_own_unlabelled_and_dead_replicas_builds_never_a_liv
         !left.contains(&"kiln-ci-me".to_owned()) && !left.contains(&"kiln-ci-leader".to_owned()),
         "a stopping replica gives up its Leases: {left:?}"
     );
+}
+
+/// A source whose loop panics is restarted; while it is down `/readyz` says so with the panic,
+/// and afterwards the status page still tells that it happened.
+#[tokio::test]
+async fn a_panicking_source_loop_is_restarted_and_shown_unready_meanwhile() {
+    use std::sync::atomic::Ordering;
+    let source = FakeSource::default();
+    source.panics.store(2, Ordering::SeqCst);
+    let harness = start_source(1, super::LeaseTiming::default(), source, |_| {}).await;
+    // The first panic: down until the restart a second later.
+    let mut seen_down = None;
+    for _ in 0..100 {
+        let view = harness.status.sources().remove(0);
+        if !view.health.ready {
+            seen_down = Some(view);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let down = seen_down.expect("the source shows as down after its loop panicked");
+    assert!(!harness.status.ready());
+    assert_eq!(down.health.state, "restarting after a panic");
+    let said = down.health.last_error.unwrap();
+    assert!(
+        said.contains("time_in_queue_seconds out of range"),
+        "{said}"
+    );
+    // Two panics (1 s, then 2 s of backoff), then a loop that keeps running.
+    for _ in 0..600 {
+        if harness.source.runs.load(Ordering::SeqCst) == 3 && harness.status.ready() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(harness.source.runs.load(Ordering::SeqCst), 3);
+    assert!(harness.status.ready());
+    let said = harness
+        .status
+        .sources()
+        .remove(0)
+        .health
+        .last_error
+        .unwrap();
+    assert!(said.contains("panicked 2 time(s)"), "{said}");
+    harness.shutdown.cancel();
+    harness.task.await.unwrap();
 }

@@ -185,28 +185,63 @@ fn walk_files(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Zips `files` under `root`, keeping their modes; unreadable files are left out and named in
-/// the second value.
+/// Zips `files` under `root`, keeping their modes and symlinks (as git does); files that
+/// cannot be read, and anything that is neither a regular file nor a symlink (a FIFO, a
+/// socket, a device: opening one can block forever), are left out and named in the second
+/// value.
 pub(crate) fn archive(root: &Path, files: &[PathBuf]) -> std::io::Result<(Vec<u8>, Vec<PathBuf>)> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let mut skipped = Vec::new();
     for file in files {
         let full = root.join(file);
-        let opened = std::fs::File::open(&full).and_then(|f| f.metadata().map(|m| (f, m)));
+        let name = file.to_string_lossy();
+        let Ok(meta) = std::fs::symlink_metadata(&full) else {
+            skipped.push(file.clone());
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            let Ok(target) = std::fs::read_link(&full) else {
+                skipped.push(file.clone());
+                continue;
+            };
+            writer
+                .add_symlink(
+                    name.as_ref(),
+                    target.to_string_lossy().as_ref(),
+                    zip::write::SimpleFileOptions::default(),
+                )
+                .map_err(std::io::Error::other)?;
+            continue;
+        }
+        if meta.is_dir() {
+            continue;
+        }
+        if !meta.is_file() {
+            skipped.push(file.clone());
+            continue;
+        }
+        // O_NONBLOCK and O_NOFOLLOW: should the file have become a FIFO or a link since it was
+        // looked at, opening it neither blocks nor follows; the type is checked again below.
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
+            .open(&full)
+            .and_then(|f| f.metadata().map(|m| (f, m)));
         let Ok((mut source, meta)) = opened else {
             skipped.push(file.clone());
             continue;
         };
-        if meta.is_dir() {
+        if !meta.is_file() {
+            skipped.push(file.clone());
             continue;
         }
         let options = zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Deflated)
-            .unix_permissions(meta.permissions().mode() & 0o7777)
+            .unix_permissions(meta.permissions().mode() & 0o777)
             .large_file(meta.len() > u64::from(u32::MAX));
         writer
-            .start_file(file.to_string_lossy().as_ref(), options)
+            .start_file(name.as_ref(), options)
             .map_err(std::io::Error::other)?;
         std::io::copy(&mut source, &mut writer)?;
     }
@@ -217,6 +252,32 @@ pub(crate) fn archive(root: &Path, files: &[PathBuf]) -> std::io::Result<(Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A FIFO in the project is left out (and named), not opened: opening one for reading
+    /// blocks until someone writes, so `kiln exec` hung forever.
+    #[test]
+    fn a_fifo_in_the_project_is_skipped_not_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.txt"), "a").unwrap();
+        let made = Command::new("mkfifo")
+            .arg(dir.path().join("pipe"))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        std::os::unix::fs::symlink("a.txt", dir.path().join("link")).unwrap();
+        let files = walk_files(dir.path());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let root = dir.path().to_path_buf();
+        std::thread::spawn(move || tx.send(archive(&root, &files).unwrap()));
+        let (zip, skipped) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("archive() returns instead of blocking on the FIFO");
+        assert_eq!(skipped, vec![PathBuf::from("pipe")]);
+        let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip)).unwrap();
+        assert_eq!(archive.len(), 2);
+        let link = archive.by_name("link").unwrap();
+        assert!(link.is_symlink(), "symlinks stay symlinks");
+    }
 
     #[test]
     fn slugs_follow_gitlab() {

@@ -99,6 +99,9 @@ pub enum ExecError {
         #[source]
         source: std::io::Error,
     },
+    /// Ctrl-C (or SIGTERM) came before any job started.
+    #[error("interrupted before any job started")]
+    Interrupted,
     /// The directory for kept work directories cannot be created.
     #[error("cannot create the work directory {}", path.display())]
     WorkDir {
@@ -272,11 +275,20 @@ pub async fn run(
     let stop_server = CancellationToken::new();
     let _stop_server = stop_server.clone().drop_guard();
     let url = server.start(stop_server).await.map_err(ExecError::Server)?;
-    let (archive, skipped) =
-        checkout::archive(&project_dir, &checkout.files).map_err(|source| ExecError::Sources {
-            path: project_dir.clone(),
-            source,
-        })?;
+    // Packing reads every file of the tree: off the async threads, and given up on Ctrl-C
+    // (a file on a stuck network mount must not make kiln deaf to signals).
+    let packing = tokio::task::spawn_blocking({
+        let (dir, files) = (project_dir.clone(), checkout.files.clone());
+        move || checkout::archive(&dir, &files)
+    });
+    let packed = tokio::select! {
+        packed = packing => packed.map_err(|e| std::io::Error::other(e.to_string())).and_then(|r| r),
+        () = cancel.cancelled() => return Err(ExecError::Interrupted),
+    };
+    let (archive, skipped) = packed.map_err(|source| ExecError::Sources {
+        path: project_dir.clone(),
+        source,
+    })?;
     for path in skipped {
         eprintln!(
             "warning: {} cannot be read; jobs will not see it",
@@ -290,12 +302,17 @@ pub async fn run(
     }
 
     let work_dir = if options.keep_work_dirs {
-        let dir = std::env::temp_dir().join(format!("kiln-exec-{pipeline_id}"));
-        std::fs::create_dir_all(&dir).map_err(|source| ExecError::WorkDir {
-            path: dir.clone(),
-            source,
-        })?;
-        Some(dir)
+        // A fresh directory of a random name, created 0700 and never an existing one: a
+        // predictable name in a shared /tmp is one another user can plant a link at.
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("kiln-exec-{pipeline_id}-"))
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir()
+            .map_err(|source| ExecError::WorkDir {
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        Some(dir.keep())
     } else {
         None
     };

@@ -131,8 +131,10 @@ impl LocalExecutor {
         };
         std::fs::create_dir_all(&self.work_root)
             .map_err(|e| failed("create", &self.work_root, e))?;
+        // 0700: other users of the machine read neither scripts nor results.
         let work = tempfile::Builder::new()
             .prefix(&format!("{}-", build.name))
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir_in(&self.work_root)
             .map_err(|e| failed("create a work directory in", &self.work_root, e))?;
         for (key, value) in &build.secrets {
@@ -196,45 +198,84 @@ impl LocalExecutor {
 
     /// Fetches each file a process needs into its work directory, through a cache shared by
     /// builds (an agent jar is the same for every build).
+    ///
+    /// The cache is trusted only as far as kiln made it: a directory of kiln's own user that
+    /// nobody else can write, holding regular files (never links) kiln wrote, each revalidated
+    /// with the server (`If-None-Match`/`If-Modified-Since`) before it is used, so a file
+    /// another user planted is never run and a new Jenkins' agent jar replaces the old one.
     async fn download(&self, downloads: &[Download], work: &Path) -> Result<(), LaunchError> {
-        let cache = self.work_root.join("kiln-downloads");
-        std::fs::create_dir_all(&cache)
-            .map_err(|e| LaunchError::Failed(format!("cannot create {}: {e}", cache.display())))?;
+        let cache = private_dir(&self.work_root.join("kiln-downloads"));
+        if let Err(problem) = &cache {
+            tracing::warn!(%problem, "not caching downloads");
+        }
         for download in downloads {
-            let cached = cache.join(hex::encode(sha2_of(download.url.as_bytes())));
-            if !cached.exists() {
-                let shown = crate::net::redact_url(&download.url);
-                let response = self
-                    .http
-                    .get(&download.url)
-                    .send()
-                    .await
-                    .and_then(reqwest::Response::error_for_status)
-                    .map_err(|e| {
-                        LaunchError::Failed(format!("cannot download {shown}: {}", e.without_url()))
-                    })?;
-                let bytes = response.bytes().await.map_err(|e| {
-                    LaunchError::Failed(format!("cannot download {shown}: {}", e.without_url()))
-                })?;
-                let partial = cached.with_extension("partial");
-                std::fs::write(&partial, &bytes)
-                    .and_then(|()| std::fs::rename(&partial, &cached))
-                    .map_err(|e| {
-                        LaunchError::Failed(format!("cannot store {}: {e}", cached.display()))
-                    })?;
-            }
-            if download.file.contains('/') {
+            if download.file.contains('/') || download.file.starts_with('.') {
                 return Err(LaunchError::Rejected(format!(
                     "download `{}` cannot be a file name",
                     download.file
                 )));
             }
             let target = work.join(&download.file);
-            std::fs::copy(&cached, &target).map_err(|e| {
-                LaunchError::Failed(format!("cannot copy to {}: {e}", target.display()))
+            let cached = cache
+                .as_ref()
+                .ok()
+                .map(|dir| dir.join(hex::encode(sha2_of(download.url.as_bytes()))));
+            let bytes = self.fetch(&download.url, cached.as_deref()).await?;
+            write_private(&target, &bytes).map_err(|e| {
+                LaunchError::Failed(format!("cannot write {}: {e}", target.display()))
             })?;
         }
         Ok(())
+    }
+
+    /// The content at `url`: the cached copy at `cached` when the server says it is current,
+    /// else a fresh download (stored at `cached` with its validators).
+    async fn fetch(&self, url: &str, cached: Option<&Path>) -> Result<Vec<u8>, LaunchError> {
+        let shown = crate::net::redact_url(url);
+        let failed = |e: reqwest::Error| {
+            LaunchError::Failed(format!("cannot download {shown}: {}", e.without_url()))
+        };
+        let entry = cached.and_then(CachedDownload::read);
+        let mut request = self.http.get(url);
+        if let Some(entry) = &entry {
+            if let Some(etag) = &entry.etag {
+                request = request.header(reqwest::header::IF_NONE_MATCH, etag);
+            }
+            if let Some(modified) = &entry.last_modified {
+                request = request.header(reqwest::header::IF_MODIFIED_SINCE, modified);
+            }
+        }
+        let response = request.send().await.map_err(failed)?;
+        if response.status() == reqwest::StatusCode::NOT_MODIFIED
+            && let Some(entry) = entry
+        {
+            return Ok(entry.bytes);
+        }
+        let response = response.error_for_status().map_err(failed)?;
+        let header = |name| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let etag = header(reqwest::header::ETAG);
+        let last_modified = header(reqwest::header::LAST_MODIFIED);
+        let bytes = response.bytes().await.map_err(failed)?.to_vec();
+        if let Some(path) = cached
+            && (etag.is_some() || last_modified.is_some())
+        {
+            let entry = CachedDownload {
+                etag,
+                last_modified,
+                bytes,
+            };
+            if let Err(e) = entry.write(path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot cache a download");
+            }
+            return Ok(entry.bytes);
+        }
+        Ok(bytes)
     }
 
     async fn watch_build(&self, name: &str, watch: Watch) -> Ending {
@@ -445,6 +486,89 @@ fn describe(status: Option<std::process::ExitStatus>) -> String {
     }
 }
 
+/// A download kept between builds, with what the server said identifies its version.
+struct CachedDownload {
+    etag: Option<String>,
+    last_modified: Option<String>,
+    bytes: Vec<u8>,
+}
+
+impl CachedDownload {
+    /// The entry at `path` (`path` and `path.meta`), if both are regular files of kiln's own
+    /// user that nobody else can write.
+    fn read(path: &Path) -> Option<Self> {
+        let meta_path = path.with_extension("meta");
+        let bytes = read_own_file(path)?;
+        let meta: serde_json::Value = serde_json::from_slice(&read_own_file(&meta_path)?).ok()?;
+        let field = |key: &str| meta.get(key).and_then(|v| v.as_str()).map(str::to_owned);
+        Some(Self {
+            etag: field("etag"),
+            last_modified: field("last_modified"),
+            bytes,
+        })
+    }
+
+    /// Stores the entry at `path`, replacing any earlier one atomically.
+    fn write(&self, path: &Path) -> std::io::Result<()> {
+        let meta = serde_json::json!({"etag": self.etag, "last_modified": self.last_modified});
+        for (target, bytes) in [
+            (path.to_path_buf(), self.bytes.clone()),
+            (path.with_extension("meta"), meta.to_string().into_bytes()),
+        ] {
+            let dir = target.parent().unwrap_or(Path::new("."));
+            let mut file = tempfile::NamedTempFile::new_in(dir)?;
+            std::io::Write::write_all(&mut file, &bytes)?;
+            file.persist(&target).map_err(|e| e.error)?;
+        }
+        Ok(())
+    }
+}
+
+/// `dir`, created 0700 if missing; an error when it is a link, not kiln's own, or open to
+/// others' writes or reads.
+fn private_dir(dir: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory", dir.display()));
+    }
+    if meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} belongs to uid {} with mode {:o}; kiln uses only a directory of its own that nobody else can open",
+            dir.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// The content of `path` if it is a regular file (not a link) of kiln's own user that nobody
+/// else can write.
+fn read_own_file(path: &Path) -> Option<Vec<u8>> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    let own =
+        meta.is_file() && meta.uid() == nix::unistd::geteuid().as_raw() && meta.mode() & 0o022 == 0;
+    if !own {
+        tracing::warn!(path = %path.display(), "ignoring a cached download kiln did not write");
+        return None;
+    }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut &file, &mut bytes).ok()?;
+    Some(bytes)
+}
+
 fn sha2_of(bytes: &[u8]) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).into()
@@ -486,5 +610,132 @@ impl Executor for LocalExecutor {
                 running.stop.cancel();
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::http::{HeaderMap, StatusCode};
+
+    use super::*;
+
+    /// A server of one file with an ETag, counting full downloads.
+    async fn jar_server(body: &'static str) -> (String, Arc<AtomicUsize>) {
+        let full = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&full);
+        let app = axum::Router::new().route(
+            "/agent.jar",
+            axum::routing::get(move |headers: HeaderMap| {
+                let counted = Arc::clone(&counted);
+                async move {
+                    if headers.get("if-none-match").is_some_and(|v| v == "\"v1\"") {
+                        return (StatusCode::NOT_MODIFIED, [("etag", "\"v1\"")], "");
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    (StatusCode::OK, [("etag", "\"v1\"")], body)
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}/agent.jar"), full)
+    }
+
+    fn executor(root: &Path) -> LocalExecutor {
+        LocalExecutor::new(
+            PathBuf::from("/bin/true"),
+            &LocalConfig {
+                work_dir: Some(root.to_path_buf()),
+                ..LocalConfig::default()
+            },
+        )
+    }
+
+    /// A file planted in the download cache by someone else is never what a build runs; the
+    /// cache is revalidated, so a current copy costs a 304, not a download.
+    #[tokio::test]
+    async fn a_planted_download_is_never_used_and_the_cache_is_revalidated() {
+        use std::os::unix::fs::PermissionsExt;
+        let (url, downloads) = jar_server("the real agent").await;
+        let root = tempfile::tempdir().unwrap();
+        let cache = root.path().join("kiln-downloads");
+        std::fs::create_dir(&cache).unwrap();
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let planted = cache.join(hex::encode(sha2_of(url.as_bytes())));
+        std::fs::write(&planted, "a planted agent").unwrap();
+        std::fs::write(planted.with_extension("meta"), r#"{"etag":"\"v1\""}"#).unwrap();
+        // Writable by others: not a file kiln wrote.
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let local = executor(root.path());
+        let wanted = [Download {
+            url: url.clone(),
+            file: "agent.jar".into(),
+        }];
+        for round in 1..=3 {
+            let work = tempfile::tempdir().unwrap();
+            local.download(&wanted, work.path()).await.unwrap();
+            let got = std::fs::read_to_string(work.path().join("agent.jar")).unwrap();
+            assert_eq!(got, "the real agent", "round {round}");
+        }
+        // One full download; the other two rounds were answered 304 from kiln's own copy.
+        assert_eq!(downloads.load(Ordering::SeqCst), 1);
+
+        // A cache directory others can write is not used at all.
+        let open_root = tempfile::tempdir().unwrap();
+        let open_cache = open_root.path().join("kiln-downloads");
+        std::fs::create_dir(&open_cache).unwrap();
+        std::fs::set_permissions(&open_cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let planted = open_cache.join(hex::encode(sha2_of(url.as_bytes())));
+        std::fs::write(&planted, "a planted agent").unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(planted.with_extension("meta"), r#"{"etag":"\"v1\""}"#).unwrap();
+        let work = tempfile::tempdir().unwrap();
+        executor(open_root.path())
+            .download(&wanted, work.path())
+            .await
+            .unwrap();
+        let got = std::fs::read_to_string(work.path().join("agent.jar")).unwrap();
+        assert_eq!(got, "the real agent");
+    }
+
+    fn agent_build() -> Build {
+        use crate::build::{About, BuildKey, SourceKind};
+        let key = BuildKey {
+            source: SourceKind::GitLab,
+            runner: "r".into(),
+            id: 1,
+        };
+        Build {
+            name: key.resource_name(),
+            key,
+            workload: Workload::KilnAgent {
+                image: None,
+                services: Vec::new(),
+            },
+            secrets: std::collections::BTreeMap::from([(JOB_FILE.to_owned(), b"{}".to_vec())]),
+            class: None,
+            requests: Vec::new(),
+            timeout: None,
+            labels: std::collections::BTreeMap::new(),
+            annotations: std::collections::BTreeMap::new(),
+            about: About::default(),
+        }
+    }
+
+    /// Work directories are private to kiln's user.
+    #[tokio::test]
+    async fn work_directories_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let spawn = executor(root.path()).prepare(&agent_build()).await.unwrap();
+        let mode = std::fs::metadata(spawn.work.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
     }
 }

@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::problem::Problem;
 
+/// The most connections `http.max_connections` may allow: far more than any file-descriptor
+/// limit lets a process hold.
+pub(crate) const MAX_CONNECTIONS: usize = 65_536;
+
 /// `[http]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -46,6 +50,11 @@ impl HttpConfig {
         let mut problems = Vec::new();
         if self.max_connections == 0 {
             problems.push(Problem::new("http.max_connections", "must be at least 1"));
+        } else if self.max_connections > MAX_CONNECTIONS {
+            problems.push(Problem::new(
+                "http.max_connections",
+                format!("must be at most {MAX_CONNECTIONS} (each open connection holds a file descriptor)"),
+            ));
         }
         for (field, value) in [
             ("http.header_timeout", self.header_timeout),

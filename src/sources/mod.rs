@@ -175,3 +175,12 @@ pub(crate) fn entry_name(name: Option<&str>, url: &str, fallback: &str, index: u
         .unwrap_or_else(|| fallback.into());
     format!("{host}-{index}")
 }
+
+/// A panic's payload in words (`panic!` with a string or a format).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}

@@ -180,7 +180,7 @@ pub(crate) fn pod(
     }
     spec.restart_policy = Some("Never".into());
     spec.active_deadline_seconds = build.timeout.map(|timeout| {
-        i64::try_from((timeout + config.deadline_margin).as_secs()).unwrap_or(i64::MAX)
+        i64::try_from(timeout.saturating_add(config.deadline_margin).as_secs()).unwrap_or(i64::MAX)
     });
     spec.termination_grace_period_seconds =
         Some(i64::try_from(config.termination_grace.as_secs()).unwrap_or(30));

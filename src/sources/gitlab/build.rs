@@ -102,12 +102,13 @@ pub(crate) fn build(job: &JobPayload, raw: &serde_json::Value, context: &Context
         timeout: Some(job.timeout()),
         labels: BTreeMap::new(),
         annotations: annotations(job),
-        about: about(job),
+        about: about(job, context.gitlab_url),
     }
 }
 
-/// What people see about a job.
-pub(crate) fn about(job: &JobPayload) -> About {
+/// What people see about a job; its link is made from GitLab's URL (`gitlab_url`) and the
+/// project, never from what the job's variables say.
+pub(crate) fn about(job: &JobPayload, gitlab_url: &str) -> About {
     About {
         project: job
             .job_info
@@ -116,12 +117,28 @@ pub(crate) fn about(job: &JobPayload) -> About {
             .unwrap_or_else(|| job.job_info.project_name.clone()),
         job: job.job_info.name.clone(),
         pipeline: job.job_info.pipeline_id.map(|id| id.to_string()),
-        url: job.variable("CI_JOB_URL").map(str::to_owned),
+        url: job_url(job, gitlab_url),
         queued_at: job
             .job_info
             .time_in_queue_seconds
             .filter(|s| s.is_finite() && *s >= 0.0)
-            .and_then(|s| SystemTime::now().checked_sub(Duration::from_secs_f64(s))),
+            // `try_`: GitLab's number is outside data; 1e20 seconds must not panic the poller.
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .and_then(|waited| SystemTime::now().checked_sub(waited)),
+    }
+}
+
+/// The job's page in GitLab: `<gitlab>/<project path>/-/jobs/<id>`, or, when GitLab did not
+/// send the project's path, the `CI_JOB_URL` GitLab defined (its first definition).
+fn job_url(job: &JobPayload, gitlab_url: &str) -> Option<String> {
+    match &job.job_info.project_full_path {
+        Some(path) if !path.is_empty() => Some(format!(
+            "{}/{}/-/jobs/{}",
+            crate::net::redact_url(gitlab_url).trim_end_matches('/'),
+            path.trim_matches('/'),
+            job.id
+        )),
+        _ => job.predefined_variable("CI_JOB_URL").map(str::to_owned),
     }
 }
 
@@ -312,6 +329,73 @@ mod tests {
             resource_class: class,
             settings: &SETTINGS,
             executor: "kubernetes",
+        }
+    }
+
+    #[test]
+    fn a_job_queued_for_1e20_seconds_is_built_without_a_panic() {
+        let (mut job, raw) = job(&[]);
+        for waited in [1e20, f64::MAX, f64::INFINITY, f64::NAN, -5.0] {
+            job.job_info.time_in_queue_seconds = Some(waited);
+            let build = build(&job, &raw, &context(None));
+            assert_eq!(build.about.queued_at, None, "{waited}");
+        }
+    }
+
+    #[test]
+    fn the_status_link_is_gitlabs_not_a_job_variable() {
+        let (first, _) = job(&[
+            (
+                "CI_JOB_URL",
+                "https://gitlab.example.com/group/demo/-/jobs/42",
+            ),
+            ("CI_JOB_URL", "https://evil.example/phish"),
+        ]);
+        assert_eq!(
+            about(&first, "https://gitlab.example.com/").url.as_deref(),
+            Some("https://gitlab.example.com/group/demo/-/jobs/42")
+        );
+        let (mut pathless, _) = job(&[
+            (
+                "CI_JOB_URL",
+                "https://gitlab.example.com/group/demo/-/jobs/42",
+            ),
+            ("CI_JOB_URL", "https://evil.example/phish"),
+        ]);
+        pathless.job_info.project_full_path = None;
+        assert_eq!(
+            about(&pathless, "https://gitlab.example.com")
+                .url
+                .as_deref(),
+            Some("https://gitlab.example.com/group/demo/-/jobs/42")
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever numbers GitLab sends (ids, timeouts, queue times, step timeouts), a job is
+        /// described as a build without a panic, and its timeout stays within GitLab's month.
+        #[test]
+        fn any_numbers_in_a_payload_make_a_build(
+            id in proptest::num::u64::ANY,
+            timeout in proptest::option::of(proptest::num::u64::ANY),
+            queued in proptest::option::of(proptest::num::f64::ANY),
+            step_timeout in proptest::option::of(proptest::num::u64::ANY),
+            pipeline in proptest::option::of(proptest::num::u64::ANY),
+        ) {
+            let raw = serde_json::json!({
+                "id": id, "token": "t",
+                "job_info": {"name": "j", "stage": "s", "project_name": "p",
+                             "pipeline_id": pipeline, "time_in_queue_seconds": queued},
+                "git_info": {"repo_url": "https://gitlab.example.com/p.git", "sha": "abc"},
+                "runner_info": {"timeout": timeout},
+                "steps": [{"name": "script", "script": ["true"], "timeout": step_timeout}],
+            });
+            if let Ok(job) = serde_json::from_value::<JobPayload>(raw.clone()) {
+                let build = build(&job, &raw, &context(None));
+                let timeout = build.timeout.unwrap_or_default();
+                proptest::prop_assert!(timeout <= Duration::from_secs(31 * 24 * 3600));
+                proptest::prop_assert!(!timeout.is_zero());
+            }
         }
     }
 

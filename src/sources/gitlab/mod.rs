@@ -72,11 +72,36 @@ impl GitLabSource {
     }
 
     /// Hands a claimed job to the chain as a build.
+    ///
+    /// A job whose payload makes describing it panic (a bug meeting input nobody foresaw) is
+    /// failed in GitLab with the reason, not left running there with the poller dead.
     fn claimed(&self, chain: &dyn Chain, claimed: ClaimedJob) {
-        let build = build::build(&claimed.job, &claimed.raw, &self.context());
-        self.lock()
-            .insert(claimed.job.id, claimed.runner.reporter(&claimed.job));
-        chain.launch(claimed.slot, build);
+        let described = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            build::build(&claimed.job, &claimed.raw, &self.context())
+        }));
+        let reporter = claimed.runner.reporter(&claimed.job);
+        match described {
+            Ok(build) => {
+                self.lock().insert(claimed.job.id, reporter);
+                chain.launch(claimed.slot, build);
+            }
+            Err(panic) => {
+                let message = format!(
+                    "kiln could not turn this job into a build (a bug in kiln: {}); please report it",
+                    crate::sources::panic_message(panic.as_ref())
+                );
+                tracing::error!(job = %claimed.key, %message, "failing a job kiln could not describe");
+                let key = claimed.key;
+                tokio::spawn(async move {
+                    if let Err(e) = reporter
+                        .fail(FailureReason::RunnerSystemFailure, &message)
+                        .await
+                    {
+                        tracing::error!(job = %key, error = %e, "could not fail the job in GitLab; GitLab will time it out");
+                    }
+                });
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, JobReporter>> {
@@ -147,7 +172,7 @@ impl GitLabSource {
             return Adoption::Discard("its build pod is gone".into());
         }
         self.lock().insert(job.id, reporter);
-        Adoption::Follow(build::about(&job))
+        Adoption::Follow(build::about(&job, self.runner.url()))
     }
 
     async fn report_ending(&self, key: &BuildKey, ending: &Ending) {
@@ -208,7 +233,15 @@ impl Source for GitLabSource {
                     shutdown.clone(),
                 ));
             }
-            while pollers.join_next().await.is_some() {}
+            while let Some(ended) = pollers.join_next().await {
+                // A poller's panic is the source's: the coordinator's supervisor restarts the
+                // source (and says so on /readyz) instead of leaving this runner one poller short.
+                if let Err(e) = ended
+                    && e.is_panic()
+                {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
         })
     }
 

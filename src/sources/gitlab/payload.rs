@@ -5,6 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// GitLab's longest job timeout (one month); a payload asking for more gets this.
+const MAX_JOB_TIMEOUT_SECS: u64 = 31 * 24 * 3600;
+
 /// One job as GitLab hands it to a runner.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -236,7 +239,23 @@ pub struct JobFeatures {
 impl JobPayload {
     /// The job timeout, defaulting to GitLab's one hour.
     pub fn timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(self.runner_info.timeout.unwrap_or(3600).max(1))
+        // Clamped to GitLab's own ceiling, so deadlines computed from it cannot overflow.
+        std::time::Duration::from_secs(
+            self.runner_info
+                .timeout
+                .unwrap_or(3600)
+                .clamp(1, MAX_JOB_TIMEOUT_SECS),
+        )
+    }
+
+    /// The value GitLab itself gave variable `key`: its first definition. GitLab lists its
+    /// predefined variables before any the project or the job defines, so a job's own
+    /// `CI_JOB_URL` cannot stand in for the real one where kiln shows it.
+    pub fn predefined_variable(&self, key: &str) -> Option<&str> {
+        self.variables
+            .iter()
+            .find(|v| v.key == key)
+            .map(|v| v.value.as_str())
     }
 
     /// The value of variable `key`, the last definition winning as in GitLab.

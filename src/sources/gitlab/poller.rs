@@ -339,7 +339,11 @@ pub async fn poll(
                     runner: runner.name.clone(),
                     id: job.id,
                 };
-                if let Some(queued) = job.job_info.time_in_queue_seconds {
+                if let Some(queued) = job
+                    .job_info
+                    .time_in_queue_seconds
+                    .filter(|s| s.is_finite() && *s >= 0.0)
+                {
                     runner
                         .metrics
                         .queue_time
