@@ -171,6 +171,10 @@ pub struct Build {
     pub annotations: BTreeMap<String, String>,
     /// What people see about it (status page, metrics); never secret.
     pub about: About,
+    /// Whether the work may come from people outside the CI server's trusted users (a public
+    /// GitLab project, a GitHub workflow a fork's pull request can run): an executor whose
+    /// builds could reach kiln's own secrets refuses it.
+    pub untrusted: bool,
 }
 
 /// What people see about a build.

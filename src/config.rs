@@ -304,10 +304,24 @@ impl Config {
     /// Secret made from a file (`kubectl create secret --from-file`, `echo … >`) carries one,
     /// and a token that ends in `\n` can never match what a client presents.
     fn trim_secrets(&mut self) {
-        fn trim(secret: &mut String) {
+        self.each_secret(|secret| {
             let kept = secret.trim_end_matches(['\n', '\r']).len();
             secret.truncate(kept);
-        }
+        });
+    }
+
+    /// Fingerprints of every credential of this configuration, for build traces to mask
+    /// without any build holding the credentials.
+    pub fn credential_fingerprints(&self) -> Vec<crate::agent::Fingerprint> {
+        let mut fingerprints = Vec::new();
+        self.clone().each_secret(|secret| {
+            fingerprints.extend(crate::agent::Fingerprint::of(secret));
+        });
+        fingerprints
+    }
+
+    /// Calls `f` with every token, password, key and secret of the configuration.
+    fn each_secret(&mut self, mut f: impl FnMut(&mut String)) {
         let optional = self
             .status
             .token
@@ -318,17 +332,17 @@ impl Config {
                     .chain(j.password.iter_mut())
                     .chain(j.webhook_secret.iter_mut())
             }))
-            .chain(
-                self.sources
-                    .github
+            .chain(self.sources.github.iter_mut().flat_map(|g| {
+                g.token
                     .iter_mut()
-                    .flat_map(|g| g.token.iter_mut().chain(g.webhook_secret.iter_mut())),
-            );
+                    .chain(g.webhook_secret.iter_mut())
+                    .chain(g.private_key.iter_mut())
+            }));
         for secret in optional {
-            trim(secret);
+            f(secret);
         }
         for runner in &mut self.sources.gitlab {
-            trim(&mut runner.token);
+            f(&mut runner.token);
         }
     }
 

@@ -37,6 +37,33 @@ enum Command {
     Exec(ExecArgs),
     /// Deploy a jar, war or image to Alibaba SAE or Knative and wait for the rollout.
     Deploy(kiln::deploy::DeployCommand),
+    /// Start a local build in a session of its own, as its user (started by the local
+    /// executor, not by hand).
+    #[command(hide = true)]
+    Sandbox(SandboxArgs),
+}
+
+#[derive(Debug, Args)]
+struct SandboxArgs {
+    /// Run as this `uid:gid` (kiln must be root).
+    #[arg(long)]
+    user: Option<String>,
+    /// The program.
+    program: String,
+    /// Its arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+/// `kiln sandbox`: returns only when the build could not be started.
+fn sandbox(args: SandboxArgs) -> ExitCode {
+    use kiln::executor::sandbox::{BuildUser, Failure, exec};
+    let failure = match args.user.as_deref().map(BuildUser::resolve).transpose() {
+        Ok(user) => exec(user, &args.program, &args.args),
+        Err(why) => Failure::Other(why),
+    };
+    failure.report();
+    ExitCode::from(u8::try_from(failure.code()).unwrap_or(1))
 }
 
 #[derive(Debug, Args)]
@@ -210,6 +237,11 @@ struct UnregisterArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread exists: the sandbox changes its user and replaces itself.
+    let cli = match cli.command {
+        Command::Sandbox(args) => return sandbox(args),
+        command => Cli { command },
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -247,6 +279,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::CheckConfig(args) => check_config(args),
         Command::Exec(args) => exec(args).await,
         Command::Deploy(command) => deploy(command).await,
+        Command::Sandbox(_) => Ok(ExitCode::FAILURE),
     }
 }
 
@@ -287,10 +320,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         kiln::config::ExecutorKind::Local => {
             let agent =
                 std::env::current_exe().context("cannot find the kiln binary for the agent")?;
-            Arc::new(kiln::executor::local::LocalExecutor::new(
-                agent,
-                &config.local,
-            ))
+            let local = kiln::executor::local::LocalExecutor::new(agent, &config.local);
+            local.describe_isolation();
+            Arc::new(local)
         }
         kiln::config::ExecutorKind::Kubernetes => Arc::new(
             kiln::executor::kubernetes::KubernetesExecutor::connect(
@@ -306,6 +338,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         runs_images: executor.runs_images(),
     };
     let mut sources: Vec<Arc<dyn kiln::sources::Source>> = Vec::new();
+    let fingerprints = config.credential_fingerprints();
     for (index, runner) in config.sources.gitlab.iter().enumerate() {
         let source = kiln::sources::gitlab::GitLabSource::new(
             runner,
@@ -314,7 +347,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             info,
             Arc::clone(&metrics),
         )
-        .with_context(|| format!("sources.gitlab[{index}]"))?;
+        .with_context(|| format!("sources.gitlab[{index}]"))?
+        .masking(fingerprints.clone());
         sources.push(Arc::new(source));
     }
     let mut jenkins_hooks = Vec::new();

@@ -504,6 +504,16 @@ async fn clones_the_repository_at_the_jobs_commit() {
         "two",
     ]);
     let sha = git(&["rev-parse", "HEAD"]);
+    if nix::unistd::geteuid().is_root() {
+        // kiln as root runs builds as `nobody`, and git clones only repositories of the
+        // user it runs as (as a GitLab's repositories are, seen through its HTTP server).
+        let chowned = std::process::Command::new("chown")
+            .args(["-R", "65534:65534"])
+            .arg(repo.path())
+            .status()
+            .unwrap();
+        assert!(chowned.success());
+    }
     let mut job = job_json("clone", &["cat hello.txt", "git log --oneline | wc -l"]);
     job["git_info"]["repo_url"] = json!(format!("file://{}", repo.path().display()));
     job["git_info"]["sha"] = json!(sha);
@@ -518,4 +528,53 @@ async fn clones_the_repository_at_the_jobs_commit() {
         "depth 1 gives one commit:\n{}",
         job.trace
     );
+}
+
+/// A job on the local executor goes after kiln's secrets the way a hostile workflow would:
+/// up `$PPID` to kiln, then its environment, its command line's config file, and a signal.
+/// As root kiln runs the build as `nobody`, which gets none of it; in every case the runner
+/// token (here in kiln's environment) is masked in the trace, though the build never held it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_local_build_cannot_read_or_signal_kiln_and_never_shows_its_token() {
+    const LONG_TOKEN: &str = "glrt-isolation_0123456789abcdef";
+    let gitlab = GitLabServer::start().await;
+    gitlab.add_runner_token(LONG_TOKEN);
+    gitlab.set_long_poll_timeout(Duration::from_secs(2));
+    gitlab.set_trace_interval(1);
+    // Outcomes are printed through `$NO`/`$YES`, so the echoed commands never match them.
+    let probe = [
+        "NO=refused; YES=allowed",
+        "KILN_PID=$(cut -d' ' -f4 /proc/$PPID/stat)",
+        "echo \"kiln is $KILN_PID\"",
+        "tr '\\0' '\\n' < /proc/$KILN_PID/environ || echo \"environ $NO\"",
+        "CONFIG=$(tr '\\0' '\\n' < /proc/$KILN_PID/cmdline | tail -n 1)",
+        "cat \"$CONFIG\" || echo \"config $NO\"",
+        "kill -0 $KILN_PID && echo \"signal $YES\" || echo \"signal $NO\"",
+        &format!("echo \"and the token, literally: {LONG_TOKEN}\""),
+        "echo \"uid $(id -u)\"",
+    ];
+    let id = gitlab.enqueue(job_json("probe", &probe));
+    let _kiln = KilnProcess::start_with_env(
+        &config(&gitlab.url(), "set-by-the-environment", ""),
+        &[("KILN_SOURCES__GITLAB__0__TOKEN", LONG_TOKEN)],
+    );
+    let job = finished(&gitlab, id, 60).await;
+    assert_eq!(job.state, "success", "{}", job.trace);
+    assert!(!job.trace.contains(LONG_TOKEN), "{}", job.trace);
+    assert!(
+        job.trace.contains("and the token, literally: [MASKED]"),
+        "{}",
+        job.trace
+    );
+    if nix::unistd::geteuid().is_root() {
+        for seen in [
+            "environ refused",
+            "config refused",
+            "signal refused",
+            "uid 65534",
+        ] {
+            assert!(job.trace.contains(seen), "no {seen:?} in:\n{}", job.trace);
+        }
+        assert!(!job.trace.contains("signal allowed"), "{}", job.trace);
+    }
 }

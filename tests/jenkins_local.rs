@@ -47,6 +47,12 @@ impl Laptop {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("bin")).unwrap();
         std::fs::create_dir_all(dir.path().join("log")).unwrap();
+        // The stand-in reports here as the build's user (`nobody` when kiln runs as root).
+        std::fs::set_permissions(
+            dir.path().join("log"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+        )
+        .unwrap();
         Self { jenkins, dir }
     }
 

@@ -22,6 +22,10 @@ pub struct AgentJob {
     /// The runner's name, shown in the trace.
     #[serde(default)]
     pub runner: String,
+    /// Fingerprints of the coordinator's credentials (runner tokens, source tokens, keys),
+    /// masked in the trace though the build never holds them.
+    #[serde(default)]
+    pub masked: Vec<super::Fingerprint>,
 }
 
 fn local() -> String {

@@ -12,11 +12,52 @@ const MASK: &[u8] = b"[MASKED]";
 /// make the masker hold output back forever.
 const MAX_TOKEN_LEN: usize = 512;
 
+/// The modulus of [`Fingerprint`]'s polynomial hash (a Mersenne prime, 2^61 - 1).
+const FINGERPRINT_MOD: u128 = (1 << 61) - 1;
+/// Its base.
+const FINGERPRINT_BASE: u128 = 1_000_003;
+/// The shortest credential masked by fingerprint: shorter ones would say too much of
+/// themselves through 61 bits.
+const MIN_FINGERPRINTED: usize = 16;
+
+/// A credential the build must never show but must never hold either (the runner token, the
+/// coordinator's other credentials): its length and a 61-bit polynomial hash of it. The hash
+/// tells the masker where the value appears in the output; it cannot give the value back (a
+/// 16-byte credential has over 2^90 values, 2^29 or more of which share each hash, and none
+/// can be tried except against the CI server itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Fingerprint {
+    /// The value's length in bytes.
+    pub len: usize,
+    /// Its hash.
+    pub hash: u64,
+}
+
+impl Fingerprint {
+    /// The fingerprint of `value`; `None` for values too short to be fingerprinted safely.
+    pub fn of(value: &str) -> Option<Self> {
+        (value.len() >= MIN_FINGERPRINTED).then(|| Self {
+            len: value.len(),
+            hash: poly_hash(value.as_bytes()),
+        })
+    }
+}
+
+fn poly_hash(bytes: &[u8]) -> u64 {
+    let hash = bytes.iter().fold(0u128, |h, b| {
+        (h * FINGERPRINT_BASE + u128::from(*b)) % FINGERPRINT_MOD
+    });
+    // Below 2^61: fits.
+    u64::try_from(hash).unwrap_or(u64::MAX)
+}
+
 /// A streaming masker for one trace.
 #[derive(Debug, Default)]
 pub(crate) struct Masker {
     secrets: Vec<Vec<u8>>,
     prefixes: Vec<Vec<u8>>,
+    /// Fingerprinted credentials, with BASE^len for the rolling hash.
+    fingerprints: Vec<(Fingerprint, u128)>,
     pending: Vec<u8>,
 }
 
@@ -59,8 +100,24 @@ impl Masker {
         Self {
             secrets,
             prefixes,
+            fingerprints: Vec::new(),
             pending: Vec::new(),
         }
+    }
+
+    /// Also masks the values behind `fingerprints`.
+    pub(crate) fn with_fingerprints(mut self, fingerprints: &[Fingerprint]) -> Self {
+        self.fingerprints = fingerprints
+            .iter()
+            .filter(|f| f.len >= MIN_FINGERPRINTED)
+            .map(|f| {
+                let power = (0..f.len).fold(1u128, |p, _| p * FINGERPRINT_BASE % FINGERPRINT_MOD);
+                (*f, power)
+            })
+            .collect();
+        // Longer first, as for plain secrets.
+        self.fingerprints.sort_by(|a, b| b.0.len.cmp(&a.0.len));
+        self
     }
 
     /// Masks `input`, returning what can be released now.
@@ -76,10 +133,26 @@ impl Masker {
 
     fn drain(&mut self, at_end: bool) -> Vec<u8> {
         let data = std::mem::take(&mut self.pending);
+        // Prefix hashes of `data`, for the fingerprints' rolling hash (only when there are any).
+        let prefix_hashes = if self.fingerprints.is_empty() {
+            Vec::new()
+        } else {
+            let mut hashes = Vec::with_capacity(data.len() + 1);
+            hashes.push(0u128);
+            for b in &data {
+                let last = hashes.last().copied().unwrap_or(0);
+                hashes.push((last * FINGERPRINT_BASE + u128::from(*b)) % FINGERPRINT_MOD);
+            }
+            hashes
+        };
         let mut out = Vec::with_capacity(data.len());
         let mut i = 0;
         while i < data.len() {
-            match self.match_at(&data[i..], at_end) {
+            let matched = match self.fingerprint_at(&prefix_hashes, i, data.len(), at_end) {
+                Match::None => self.match_at(&data[i..], at_end),
+                found => found,
+            };
+            match matched {
                 Match::Secret(len) => {
                     out.extend_from_slice(MASK);
                     i += len;
@@ -100,6 +173,33 @@ impl Masker {
             }
         }
         out
+    }
+
+    /// Whether a fingerprinted value starts at `i` of data of `len` bytes whose prefix hashes
+    /// are `hashes`.
+    fn fingerprint_at(&self, hashes: &[u128], i: usize, len: usize, at_end: bool) -> Match {
+        let mut undecided = false;
+        for (fingerprint, power) in &self.fingerprints {
+            let end = i + fingerprint.len;
+            if end > len {
+                undecided |= !at_end;
+                continue;
+            }
+            let (Some(start), Some(stop)) = (hashes.get(i), hashes.get(end)) else {
+                continue;
+            };
+            // Both below 2^61, so their product fits in u128.
+            let window =
+                (stop + FINGERPRINT_MOD - start * power % FINGERPRINT_MOD) % FINGERPRINT_MOD;
+            if u64::try_from(window).ok() == Some(fingerprint.hash) {
+                return Match::Secret(fingerprint.len);
+            }
+        }
+        if undecided {
+            Match::Undecided
+        } else {
+            Match::None
+        }
     }
 
     fn match_at(&self, rest: &[u8], at_end: bool) -> Match {
@@ -222,6 +322,36 @@ mod tests {
             run(&mut m, &["path /Ab%2B", "%2Fcd%3D%20x/ and Ab+/cd= x"]),
             "path /[MASKED]/ and [MASKED]"
         );
+    }
+
+    /// A credential the agent never holds, only its fingerprint, is masked however the
+    /// output is split, and output that merely resembles it is not.
+    #[test]
+    fn fingerprinted_credentials_are_masked_without_being_held() {
+        let token = "glrt-t1_0123456789abcdefXYZ";
+        let legacy = "Zq8xv2KpL0mN4rT7";
+        let fingerprints = [
+            Fingerprint::of(token).unwrap(),
+            Fingerprint::of(legacy).unwrap(),
+        ];
+        let make = || {
+            Masker::new(Vec::<String>::new(), Vec::<String>::new()).with_fingerprints(&fingerprints)
+        };
+        assert_eq!(
+            run(&mut make(), &[&format!("token={token}; legacy {legacy}.")]),
+            "token=[MASKED]; legacy [MASKED]."
+        );
+        assert_eq!(
+            run(
+                &mut make(),
+                &["token=glrt-t1_012", "3456789ab", "cdefXYZ end"]
+            ),
+            "token=[MASKED] end"
+        );
+        let near = "glrt-t1_0123456789abcdefXYz";
+        assert_eq!(run(&mut make(), &[near]), near);
+        // Too short to fingerprint safely.
+        assert_eq!(Fingerprint::of("short"), None);
     }
 
     #[test]

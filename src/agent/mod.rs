@@ -33,6 +33,7 @@ use crate::sources::gitlab::payload::{Artifact, JobPayload, Step, When};
 use crate::variables::{Definition, Variables};
 pub use config::AgentConfig;
 pub use job_file::AgentJob;
+pub use mask::Fingerprint;
 use process::{Exit, Interrupts};
 use trace::{Remote, Trace, Uplink};
 
@@ -290,7 +291,8 @@ fn context(
     // Masked values as expanded too: an expansion can put a secret anywhere.
     let secrets =
         std::iter::once(job.token.clone()).chain(job_variables(&job, &env, &tmp_dir).secrets());
-    let masker = mask::Masker::new(secrets, job.features.token_mask_prefixes.clone());
+    let masker = mask::Masker::new(secrets, job.features.token_mask_prefixes.clone())
+        .with_fingerprints(&spec.masked);
     let limit =
         usize::try_from(spec.settings.output_limit.saturating_mul(1024)).unwrap_or(usize::MAX);
     let trace = Arc::new(Trace::new(masker, limit, false));

@@ -271,6 +271,7 @@ fn build(id: u64) -> Build {
         labels: BTreeMap::new(),
         annotations: BTreeMap::new(),
         about: About::default(),
+        untrusted: false,
     }
 }
 

@@ -291,7 +291,7 @@ pub async fn run(
     })?;
     for path in skipped {
         eprintln!(
-            "warning: {} cannot be read; jobs will not see it",
+            "warning: {} is neither a readable file nor a symlink; jobs will not see it",
             path.display()
         );
     }
@@ -322,6 +322,10 @@ pub async fn run(
             work_dir: work_dir.clone(),
             keep_work_dirs: options.keep_work_dirs,
             pass_env: Vec::new(),
+            // The user runs their own pipeline: jobs run as they do, and hold nothing of theirs
+            // they could not read anyway.
+            user: Some(nix::unistd::geteuid().as_raw().to_string()),
+            allow_untrusted: true,
         },
     ));
 
@@ -575,6 +579,7 @@ fn launch(
         settings: settings.clone(),
         executor: "local".into(),
         runner: "kiln exec".into(),
+        masked: Vec::new(),
     };
     let key = BuildKey {
         source: SourceKind::GitLab,
@@ -599,6 +604,7 @@ fn launch(
         labels: std::collections::BTreeMap::new(),
         annotations: std::collections::BTreeMap::new(),
         about: About::default(),
+        untrusted: false,
     }
 }
 

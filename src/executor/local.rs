@@ -10,17 +10,18 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::sandbox::{self, BuildUser};
 use super::{Executor, LaunchError, Watch};
 use crate::build::{
-    AGENT_PGID_FILE, AGENT_RESULT_FILE, AgentReport, Build, Download, Ending, EnvValue,
-    FailureReason, ForeignAgent, JOB_FILE, Process, Workload,
+    AGENT_RESULT_FILE, AgentReport, Build, Download, Ending, EnvValue, FailureReason, ForeignAgent,
+    JOB_FILE, Workload,
 };
 
 /// How long an agent gets to report after SIGTERM before it is killed.
@@ -50,6 +51,37 @@ pub struct LocalConfig {
     pub keep_work_dirs: bool,
     /// Extra environment variables passed from the coordinator's environment to builds.
     pub pass_env: Vec<String>,
+    /// The user builds run as when kiln runs as root (a name, a uid or `uid:gid`; default
+    /// `nobody`), so a build cannot read kiln's configuration, environment or memory, nor
+    /// signal it. `root` runs builds as kiln's own user. Without root, builds run as kiln's
+    /// user whatever this says.
+    pub user: Option<String>,
+    /// Run builds of work from outside contributors (GitHub workflows, public GitLab
+    /// projects) even when builds share kiln's user, which lets them read kiln's secrets.
+    pub allow_untrusted: bool,
+}
+
+/// The user the local executor's builds run as, when kiln's own user is `euid` and the config
+/// says `configured`: `Ok(None)` for kiln's own user.
+fn build_user(configured: Option<&str>, euid: u32) -> Result<Option<BuildUser>, String> {
+    if euid != 0 {
+        return match configured.map(BuildUser::resolve).transpose()? {
+            Some(user) if user.uid != euid => Err(format!(
+                "local.user is uid {}, but kiln runs as uid {euid}: only a kiln running as root can run builds as another user",
+                user.uid
+            )),
+            _ => Ok(None),
+        };
+    }
+    let user = match configured {
+        Some(spec) => BuildUser::resolve(spec)?,
+        // `nobody` where the machine has it, else its usual numbers.
+        None => BuildUser::resolve("nobody").unwrap_or(BuildUser {
+            uid: 65_534,
+            gid: 65_534,
+        }),
+    };
+    Ok((user.uid != 0).then_some(user))
 }
 
 /// Runs each build as a child process on this machine.
@@ -58,6 +90,9 @@ pub struct LocalExecutor {
     work_root: PathBuf,
     keep_work_dirs: bool,
     pass_env: Vec<String>,
+    /// Who builds run as (`None`: kiln's own user), or why that cannot be.
+    user: Result<Option<BuildUser>, String>,
+    allow_untrusted: bool,
     http: reqwest::Client,
     builds: Mutex<HashMap<String, Running>>,
 }
@@ -78,6 +113,8 @@ struct Spawn {
     kiln_agent: bool,
     /// What to say when the program cannot be started because it is missing.
     missing_program: Option<String>,
+    /// The build's program, for messages.
+    program: String,
     timeout: Option<Duration>,
 }
 
@@ -89,6 +126,8 @@ impl LocalExecutor {
             work_root: config.work_dir.clone().unwrap_or_else(std::env::temp_dir),
             keep_work_dirs: config.keep_work_dirs,
             pass_env: config.pass_env.clone(),
+            user: build_user(config.user.as_deref(), nix::unistd::geteuid().as_raw()),
+            allow_untrusted: config.allow_untrusted,
             http: reqwest::Client::builder()
                 .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
                 .connect_timeout(Duration::from_secs(15))
@@ -96,6 +135,22 @@ impl LocalExecutor {
                 .build()
                 .unwrap_or_default(),
             builds: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// What builds can reach, for the log at start-up: the user they run as, or a warning
+    /// that they share kiln's.
+    pub fn describe_isolation(&self) {
+        match &self.user {
+            Ok(Some(user)) => tracing::info!(
+                uid = user.uid,
+                gid = user.gid,
+                "local builds run as their own unprivileged user: they cannot read kiln's config, environment or memory, nor signal it"
+            ),
+            Ok(None) => tracing::warn!(
+                "local builds run as kiln's own user and can read its config, environment and memory (run kiln as root to give them a user of their own, or use the Kubernetes executor); work from outside contributors is refused unless local.allow_untrusted = true"
+            ),
+            Err(problem) => tracing::error!(%problem, "local builds cannot start"),
         }
     }
 
@@ -129,6 +184,13 @@ impl LocalExecutor {
         let failed = |what: &str, path: &Path, e: std::io::Error| {
             LaunchError::Failed(format!("cannot {what} {}: {e}", path.display()))
         };
+        let user = self.user.clone().map_err(LaunchError::Rejected)?;
+        if build.untrusted && user.is_none() && !self.allow_untrusted {
+            return Err(LaunchError::Rejected(format!(
+                "{} is work from outside contributors, and local builds run as kiln's own user, where they could read kiln's secrets; run kiln as root (builds then get a user of their own), use the Kubernetes executor, or set local.allow_untrusted = true",
+                build.key
+            )));
+        }
         std::fs::create_dir_all(&self.work_root)
             .map_err(|e| failed("create", &self.work_root, e))?;
         // 0700: other users of the machine read neither scripts nor results.
@@ -146,16 +208,18 @@ impl LocalExecutor {
             let path = work.path().join(key);
             write_private(&path, value).map_err(|e| failed("write", &path, e))?;
         }
-        let (mut command, kiln_agent, missing_program) = match &build.workload {
-            Workload::KilnAgent { .. } => {
-                let mut command = tokio::process::Command::new(&self.agent);
-                command
-                    .env_clear()
-                    .arg("agent")
-                    .arg("--job")
-                    .arg(work.path().join(JOB_FILE));
-                (command, true, None)
-            }
+        let (program, args, env, kiln_agent, missing_program) = match &build.workload {
+            Workload::KilnAgent { .. } => (
+                self.agent.clone().into_os_string(),
+                vec![
+                    "agent".into(),
+                    "--job".into(),
+                    work.path().join(JOB_FILE).into_os_string(),
+                ],
+                Vec::new(),
+                true,
+                None,
+            ),
             Workload::Foreign(agent) => {
                 let Some(process) = &agent.process else {
                     return Err(LaunchError::Rejected(format!(
@@ -165,19 +229,34 @@ impl LocalExecutor {
                 };
                 self.download(&process.downloads, work.path()).await?;
                 (
-                    foreign_command(agent, process, build, work.path()),
+                    process.program.clone().into(),
+                    process.args.iter().map(Into::into).collect(),
+                    foreign_env(agent, build, work.path()),
                     false,
                     Some(process.missing_program.clone()),
                 )
             }
         };
-        command
-            .current_dir(work.path())
-            .env("HOME", work.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        if let Some(user) = user {
+            // The build's directory and every file kiln put there are the build user's alone.
+            for entry in std::iter::once(work.path().to_path_buf()).chain(
+                std::fs::read_dir(work.path())
+                    .map_err(|e| failed("read", work.path(), e))?
+                    .flatten()
+                    .map(|e| e.path()),
+            ) {
+                user.own(&entry)
+                    .map_err(|e| failed("give the build user", &entry, e))?;
+            }
+        }
+        // The sandbox (this very binary) starts the build in a session of its own, as its
+        // user; see `executor::sandbox`.
+        let mut command = tokio::process::Command::new(&self.agent);
+        command.arg("sandbox");
+        if let Some(user) = user {
+            command.arg("--user").arg(user.arg());
+        }
+        command.arg("--").arg(&program).args(&args).env_clear();
         for name in PASS_ENV
             .iter()
             .copied()
@@ -187,11 +266,27 @@ impl LocalExecutor {
                 command.env(name, value);
             }
         }
+        if let Some(user) = user {
+            let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(user.uid))
+                .ok()
+                .flatten()
+                .map_or_else(|| user.uid.to_string(), |u| u.name);
+            command.env("USER", &name).env("LOGNAME", &name);
+        }
+        command
+            .envs(env)
+            .current_dir(work.path())
+            .env("HOME", work.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
         Ok(Spawn {
             command,
             work,
             kiln_agent,
             missing_program,
+            program: program.to_string_lossy().into_owned(),
             timeout: build.timeout,
         })
     }
@@ -323,29 +418,26 @@ impl LocalExecutor {
     }
 }
 
-/// The command of a foreign agent's process: its program and arguments, its plain and secret
-/// environment.
-fn foreign_command(
-    agent: &ForeignAgent,
-    process: &Process,
-    build: &Build,
-    work: &Path,
-) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(&process.program);
-    command.args(&process.args).env_clear();
-    for var in &agent.env {
-        let value = match &var.value {
-            EnvValue::Plain(value) => value.clone(),
-            EnvValue::Secret(key) => build
-                .secrets
-                .get(key)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default(),
-        };
-        command.env(&var.name, value);
-    }
-    command.env("KILN_WORK_DIR", work);
-    command
+/// The environment of a foreign agent's process: its plain and secret variables, and where
+/// its work directory is.
+fn foreign_env(agent: &ForeignAgent, build: &Build, work: &Path) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = agent
+        .env
+        .iter()
+        .map(|var| {
+            let value = match &var.value {
+                EnvValue::Plain(value) => value.clone(),
+                EnvValue::Secret(key) => build
+                    .secrets
+                    .get(key)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default(),
+            };
+            (var.name.clone(), value)
+        })
+        .collect();
+    env.push(("KILN_WORK_DIR".into(), work.display().to_string()));
+    env
 }
 
 /// Runs a prepared build to its end (or until `stop`), then tidies up its work directory.
@@ -361,32 +453,21 @@ async fn run(
         work,
         kiln_agent,
         missing_program,
+        program,
         timeout,
     } = spawn;
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
-            let program = command
+            let sandbox = command
                 .as_std()
                 .get_program()
                 .to_string_lossy()
                 .into_owned();
-            let ending = if e.kind() == std::io::ErrorKind::NotFound {
-                Ending::failed(
-                    FailureReason::RunnerConfigurationError,
-                    format!(
-                        "`{program}` is not on the PATH of kiln's local executor{}",
-                        missing_program
-                            .map(|hint| format!(": {hint}"))
-                            .unwrap_or_default()
-                    ),
-                )
-            } else {
-                Ending::failed(
-                    FailureReason::RunnerSystemFailure,
-                    format!("cannot start `{program}`: {e}"),
-                )
-            };
+            let ending = Ending::failed(
+                FailureReason::RunnerSystemFailure,
+                format!("cannot start `{sandbox}` (the sandbox of `{program}`): {e}"),
+            );
             tracing::warn!(build = name, detail = %ending.detail, "build could not start");
             return ending;
         }
@@ -423,12 +504,28 @@ async fn run(
             child.wait().await.ok()
         }
     };
-    // Whatever happened to the agent, its step must not outlive it.
-    if let Some(pgid) = std::fs::read_to_string(work.path().join(AGENT_PGID_FILE))
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-    {
-        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    // Whatever happened to the agent, nothing of its build outlives it: every process left
+    // in the build's session (whose id kiln knows from the spawn, not from the build).
+    if let Some(pid) = pid {
+        sandbox::kill_session(pid);
+    }
+    if let Some(failure) = sandbox::Failure::left_in(work.path()) {
+        let ending = match (failure, missing_program) {
+            (sandbox::Failure::NotFound(_), Some(hint)) => Ending::failed(
+                FailureReason::RunnerConfigurationError,
+                format!("`{program}` is not on the PATH of kiln's local executor: {hint}"),
+            ),
+            (sandbox::Failure::NotFound(_), None) => Ending::failed(
+                FailureReason::RunnerConfigurationError,
+                format!("`{program}` is not on the PATH of kiln's local executor"),
+            ),
+            (sandbox::Failure::Other(why), _) => Ending::failed(
+                FailureReason::RunnerSystemFailure,
+                format!("the build could not be started: {why}"),
+            ),
+        };
+        tracing::warn!(build = name, detail = %ending.detail, "build could not start");
+        return ending;
     }
     let ending = if kiln_agent {
         let unreported = Ending::failed(
@@ -723,6 +820,7 @@ mod tests {
             labels: std::collections::BTreeMap::new(),
             annotations: std::collections::BTreeMap::new(),
             about: About::default(),
+            untrusted: false,
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod kubernetes;
 pub mod local;
+pub mod sandbox;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

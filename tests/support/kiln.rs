@@ -80,6 +80,9 @@ impl KilnProcess {
         let (top, tables) = split_top_level(&text, config);
         let path = dir.path().join("kiln.toml");
         std::fs::write(&path, format!("{top}\n{tables}")).unwrap();
+        // It holds tokens: readable by kiln's user only, as docs/security.md asks.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let log = dir.path().join("kiln.log");
         let child = Command::new(kiln_bin())
             .arg("run")

@@ -808,6 +808,7 @@ mod tests {
                 "abc123".to_owned(),
             )]),
             about: About::default(),
+            untrusted: false,
         }
     }
 

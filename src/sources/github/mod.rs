@@ -770,6 +770,8 @@ impl GitHubSource {
                 url: queued.map(|q| q.job.url.clone()).filter(|u| !u.is_empty()),
                 queued_at: queued.and_then(|q| q.job.created_at),
             },
+            // A repository's workflows can run code from a fork's pull request.
+            untrusted: true,
         }
     }
 

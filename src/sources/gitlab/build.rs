@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use super::payload::{Image as JobImage, JobPayload};
-use crate::agent::{AgentConfig, AgentJob};
+use crate::agent::{AgentConfig, AgentJob, Fingerprint};
 use crate::build::{
     About, Build, BuildKey, ClassChoice, Image, JOB_FILE, PullPolicy, Request, Requested,
     ResourceField, Service, SourceKind, Workload,
@@ -51,6 +51,8 @@ pub(crate) struct Context<'a> {
     pub(crate) settings: &'a AgentConfig,
     /// The executor's name, shown in the trace.
     pub(crate) executor: &'a str,
+    /// Fingerprints of the coordinator's credentials, for the agent to mask.
+    pub(crate) masked: &'a [Fingerprint],
 }
 
 /// The build of `job` (`raw`: the job JSON exactly as GitLab sent it, for the agent).
@@ -66,6 +68,7 @@ pub(crate) fn build(job: &JobPayload, raw: &serde_json::Value, context: &Context
         settings: context.settings.clone(),
         executor: context.executor.to_owned(),
         runner: context.runner.to_owned(),
+        masked: context.masked.to_vec(),
     };
     Build {
         name: key.resource_name(),
@@ -103,6 +106,8 @@ pub(crate) fn build(job: &JobPayload, raw: &serde_json::Value, context: &Context
         labels: BTreeMap::new(),
         annotations: annotations(job),
         about: about(job, context.gitlab_url),
+        // Anyone can run a public project's pipeline (a fork's merge request).
+        untrusted: job.predefined_variable("CI_PROJECT_VISIBILITY") == Some("public"),
     }
 }
 
@@ -329,6 +334,7 @@ mod tests {
             resource_class: class,
             settings: &SETTINGS,
             executor: "kubernetes",
+            masked: &[],
         }
     }
 

@@ -38,6 +38,8 @@ pub struct GitLabSource {
     executor: ExecutorInfo,
     /// Who reports each of this runner's jobs that has a build now, by job id.
     reporters: Mutex<HashMap<u64, JobReporter>>,
+    /// Fingerprints of the coordinator's credentials, which every trace masks.
+    masked: Vec<crate::agent::Fingerprint>,
 }
 
 impl GitLabSource {
@@ -58,7 +60,16 @@ impl GitLabSource {
             settings: settings.clone(),
             executor,
             reporters: Mutex::new(HashMap::new()),
+            masked: Vec::new(),
         })
+    }
+
+    /// Has every trace of this runner's jobs mask the credentials behind `fingerprints` (the
+    /// runner's own token among them), which no build holds.
+    #[must_use]
+    pub fn masking(mut self, fingerprints: Vec<crate::agent::Fingerprint>) -> Self {
+        self.masked = fingerprints;
+        self
     }
 
     fn context(&self) -> build::Context<'_> {
@@ -68,6 +79,7 @@ impl GitLabSource {
             resource_class: self.config.resource_class.as_deref(),
             settings: &self.settings,
             executor: self.executor.name,
+            masked: &self.masked,
         }
     }
 

@@ -154,6 +154,7 @@ impl AgentSpec<'_> {
                 url: Some(format!("{}queue/item/{}/", self.url, self.queue_id)),
                 queued_at: None,
             },
+            untrusted: false,
         }
     }
 }
