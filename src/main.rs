@@ -381,7 +381,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let coordinator =
         kiln::coordinator::Coordinator::new(settings, Arc::clone(&metrics), executor, sources);
-    let app = kiln::http::router(kiln::http::AppState {
+    let app_state = kiln::http::AppState {
         metrics,
         status: coordinator.status(),
         jenkins_hooks,
@@ -394,20 +394,48 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             refresh: config.status.refresh,
             currency: config.cost.currency.clone(),
         },
-    });
+    };
+    let app = kiln::http::router(app_state.clone());
     let listener = tokio::net::TcpListener::bind(http.listen)
         .await
         .with_context(|| format!("cannot listen on {} (http.listen)", http.listen))?;
     tracing::info!(address = %listener.local_addr().unwrap_or(http.listen), "HTTP server listening");
     let limits = kiln::http::ServeLimits {
         max_connections: http.max_connections,
+        max_connections_per_peer: http.max_connections_per_peer,
         header_timeout: http.header_timeout,
         shutdown_grace: http.shutdown_grace,
+    };
+    let probe_server = match http.probe_listen {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address} (http.probe_listen)"))?;
+            tracing::info!(%address, "probe server listening (/healthz, /readyz)");
+            // Probes send one small request every few seconds: few connections, short waits.
+            let limits = kiln::http::ServeLimits {
+                max_connections: 32,
+                max_connections_per_peer: 8,
+                header_timeout: std::time::Duration::from_secs(2),
+                shutdown_grace: http.shutdown_grace,
+            };
+            let app = kiln::http::probe_router(app_state.clone());
+            Some(tokio::spawn(kiln::http::serve(
+                listener,
+                app,
+                limits,
+                shutdown.clone(),
+            )))
+        }
+        None => None,
     };
     let server = tokio::spawn(kiln::http::serve(listener, app, limits, shutdown.clone()));
     coordinator.run(shutdown.clone()).await;
     shutdown.cancel();
     server.await.context("HTTP server task failed")?;
+    if let Some(probe_server) = probe_server {
+        probe_server.await.context("probe server task failed")?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

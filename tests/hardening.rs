@@ -31,6 +31,77 @@ fn rss_mib(pid: u32) -> f64 {
     kib / 1024.0
 }
 
+/// A blocking connection to `addr` from local address `ip` (any of 127.0.0.0/8 is this
+/// machine), as a client on another host would make it.
+async fn connect_from(ip: &str, addr: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    let stream = socket.connect(addr.parse().unwrap()).await.unwrap();
+    let stream = stream.into_std().unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream
+}
+
+/// Headers sent a byte at a time, never finished: what a slowloris client sends.
+fn slow_headers(stream: &mut TcpStream) {
+    let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: kiln\r\nX-Slow: a");
+}
+
+/// Strangers who take every connection they can, slowly, starve neither the health checks
+/// of the main port (no peer gets more than http.max_connections_per_peer) nor those of the
+/// probe port (connections of its own).
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_strangers_cannot_starve_the_health_checks() {
+    let gitlab = gitlab().await;
+    let probe = format!("127.0.0.1:{}", support::kiln::free_port());
+    let kiln = KilnProcess::start_with_env(
+        &config(&gitlab.url(), TOKEN, ""),
+        &[("KILN_HTTP__PROBE_LISTEN", probe.as_str())],
+    );
+    let mut held = Vec::new();
+    for _ in 0..600 {
+        let mut stream = connect_from("127.0.0.2", &kiln.http).await;
+        slow_headers(&mut stream);
+        held.push(stream);
+    }
+    // Another 300 from the same address as the health checks, on the main port only.
+    for _ in 0..300 {
+        let mut stream = connect_from("127.0.0.1", &kiln.http).await;
+        slow_headers(&mut stream);
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    for _ in 0..7 {
+        let probed = client
+            .get(format!("http://{probe}/healthz"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16());
+        assert_eq!(probed.ok(), Some(200), "the probe port's /healthz");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The main port from a peer of its own.
+    let mut own = connect_from("127.0.0.3", &kiln.http).await;
+    own.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    own.write_all(b"GET /healthz HTTP/1.1\r\nHost: kiln\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = own.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    // The probe port serves nothing else.
+    let other = client
+        .get(format!("http://{probe}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status().as_u16(), 404);
+    drop(held);
+}
+
 async fn gitlab() -> GitLabServer {
     let server = GitLabServer::start().await;
     server.add_runner_token(TOKEN);
@@ -63,7 +134,8 @@ async fn stalled_http_clients_neither_pin_memory_nor_hold_up_shutdown() {
     let before = rss_mib(kiln.pid());
     let mut stalled = Vec::new();
     for i in 0..200 {
-        let mut stream = TcpStream::connect(&kiln.http).unwrap();
+        // From four peers, each within http.max_connections_per_peer (64).
+        let mut stream = connect_from(&format!("127.0.0.{}", 2 + i % 4), &kiln.http).await;
         if i % 2 == 0 {
             // Headers that never end, announcing a body that never comes.
             stream

@@ -714,6 +714,10 @@ fn matrix_gitlab_only_is_a_hardened_coordinator_with_builds_in_their_own_namespa
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(container["ports"][0]["containerPort"], 9252);
+    // The kubelet probes a port of their own, which strangers on 9252 cannot starve.
+    assert_eq!(container["ports"][1]["containerPort"], 9253);
+    assert_eq!(container["livenessProbe"]["httpGet"]["port"], "probe");
+    assert_eq!(container["readinessProbe"]["httpGet"]["port"], "probe");
     assert_eq!(out.env_names(), ["KILN_SOURCES__GITLAB__0__TOKEN"]);
     assert_eq!(
         out.object("Secret")["stringData"]["gitlab-token-0"],

@@ -146,6 +146,8 @@ async fn mangled_job_payloads_from_gitlab_end_every_job_and_kiln_stays_up() {
         json!([1, "a"]),
         json!({"x": {}}),
         json!(-1.5e300),
+        json!(1e20),
+        json!(18_446_744_073_709_551_615u64),
     ];
     let mut ids = Vec::new();
     for i in 0..30 {
@@ -234,4 +236,100 @@ async fn webhook_endpoints_refuse_request_heads_over_the_limit() {
     }
     let (status, _) = kiln.get("/healthz").await;
     assert_eq!(status, 200);
+}
+
+/// `workflow_job` and Jenkins webhook deliveries, signed with the right secret but mangled the
+/// way a buggy proxy or a malicious insider would (wrong types, huge numbers, unknown actions,
+/// unicode, truncation), go through the real handlers and the GitHub source's loop: each is
+/// answered with a status below 500, and kiln stays up without a panic.
+#[tokio::test(flavor = "multi_thread")]
+async fn mangled_webhook_deliveries_are_answered_and_kiln_stays_up() {
+    use hmac::{Hmac, Mac};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use serde_json::json;
+    use support::github::{Access, GitHubServer};
+    use support::gitlab::GitLabServer;
+    use support::kiln::{KilnProcess, config};
+
+    const SECRET: &str = "hostile-webhook-secret-0123456789";
+    let seed = support::faults::seed(29);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let github = GitHubServer::start().await;
+    github.add_repo("acme/widgets");
+    github.add_pat("github_pat_hostile_0123456789", "acme", Access::all());
+    let gitlab = GitLabServer::start().await;
+    gitlab.add_runner_token("glrt-hostile-token");
+    let kiln = KilnProcess::start(&config(
+        &gitlab.url(),
+        "glrt-hostile-token",
+        &format!(
+            "[[sources.github]]\napi_url = \"{}\"\nowner = \"acme\"\nrepo = \"widgets\"\ntoken = \"github_pat_hostile_0123456789\"\nlabels = [\"kiln\"]\nwebhook_secret = \"{SECRET}\"\n\n[[sources.jenkins]]\nurl = \"http://127.0.0.1:9/\"\nuser = \"kiln\"\ntoken = \"t\"\nlabels = [\"linux\"]\nwebhook_secret = \"{SECRET}\"\n",
+            github.url()
+        ),
+    ));
+    let wrong = [
+        json!(null),
+        json!(-1),
+        json!(1e20),
+        json!(18_446_744_073_709_551_615u64),
+        json!("é\u{0}\u{202e}"),
+        json!([1, "a", {}]),
+        json!({"x": {}}),
+    ];
+    let client = reqwest::Client::new();
+    for i in 0..150u64 {
+        let action =
+            ["queued", "in_progress", "completed", "waiting", "??"][rng.random_range(0..5)];
+        let mut event = json!({
+            "action": action,
+            "workflow_job": {"id": 1000 + i, "run_id": 7, "run_attempt": 1, "labels": ["self-hosted", "nope"],
+                             "runner_name": format!("kiln-gh-{}", 1000 + i), "name": "build", "html_url": "https://github.com/acme/widgets/actions/runs/7"},
+            "repository": {"full_name": "acme/widgets"},
+            "organization": {"login": "acme"},
+        });
+        for _ in 0..rng.random_range(0..=3) {
+            let section = ["workflow_job", "repository", "organization"][rng.random_range(0..3)];
+            let keys: Vec<String> = event[section]
+                .as_object()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            if keys.is_empty() {
+                continue;
+            }
+            let key = keys[rng.random_range(0..keys.len())].clone();
+            event[section][&key] = wrong[rng.random_range(0..wrong.len())].clone();
+        }
+        let mut body = serde_json::to_vec(&event).unwrap();
+        if rng.random_bool(0.1) {
+            body.truncate(rng.random_range(0..body.len()));
+        }
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(&body);
+        let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        let answer = client
+            .post(format!("http://{}/hooks/github", kiln.http))
+            .header("X-GitHub-Event", "workflow_job")
+            .header("X-GitHub-Delivery", format!("delivery-{i}"))
+            .header("X-Hub-Signature-256", signature)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = answer.status().as_u16();
+        assert!(status < 500, "[seed {seed}] delivery {i}: {status}");
+        let answer = client
+            .post(format!("http://{}/hooks/jenkins", kiln.http))
+            .header("X-Kiln-Webhook-Secret", SECRET)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().as_u16() < 500, "[seed {seed}] jenkins {i}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, _) = kiln.get("/healthz").await;
+    assert_eq!(status, 200);
+    let logs = kiln.logs();
+    assert!(!logs.contains("panicked"), "[seed {seed}] {logs}");
 }

@@ -20,6 +20,11 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Connections open at once; more wait until one closes.
     pub max_connections: usize,
+    /// Connections open at once from one peer address; more are closed at once.
+    pub max_connections_per_peer: usize,
+    /// A second listener that serves only `/healthz` and `/readyz`, for the kubelet's probes:
+    /// its own connections, which no client of the main port can take (unset: none).
+    pub probe_listen: Option<SocketAddr>,
     /// How long a client may take to send its request headers (and stay idle between
     /// requests on a kept-alive connection).
     #[serde(with = "humantime_serde")]
@@ -37,6 +42,8 @@ impl Default for HttpConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 9252)),
             max_connections: 256,
+            max_connections_per_peer: 64,
+            probe_listen: None,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(2),
@@ -54,6 +61,18 @@ impl HttpConfig {
             problems.push(Problem::new(
                 "http.max_connections",
                 format!("must be at most {MAX_CONNECTIONS} (each open connection holds a file descriptor)"),
+            ));
+        }
+        if self.max_connections_per_peer == 0 {
+            problems.push(Problem::new(
+                "http.max_connections_per_peer",
+                "must be at least 1",
+            ));
+        }
+        if self.probe_listen.is_some_and(|probe| probe == self.listen) {
+            problems.push(Problem::new(
+                "http.probe_listen",
+                "must differ from http.listen",
             ));
         }
         for (field, value) in [

@@ -69,6 +69,15 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The router of `http.probe_listen`: `/healthz` and `/readyz` only.
+pub fn probe_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(0))
+        .with_state(state)
+}
+
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.status.ready() {
         (StatusCode::OK, "ready\n").into_response()

@@ -1,10 +1,13 @@
 //! Serving the router to the network without letting strangers hold kiln's memory or its
-//! shutdown: a cap on open connections, a deadline for request headers, small header buffers,
+//! shutdown: a cap on open connections and on those of any one peer (so one client cannot
+//! take the pool a health check needs), a deadline for request headers, small header buffers,
 //! and a shutdown that gives open connections a short grace and then closes them.
 //!
 //! `axum::serve` has none of these knobs; hyper's connection builder has them all.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -25,6 +28,8 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 pub struct ServeLimits {
     /// Connections open at once; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Connections open at once from one peer address; more are closed at once.
+    pub max_connections_per_peer: usize,
     /// How long a client may take to send a request's headers (also the idle time allowed on
     /// a kept-alive connection before its next request).
     pub header_timeout: Duration,
@@ -43,6 +48,7 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(
         limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
     ));
+    let peers = Peers::default();
     let graceful = GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
     let mut full_since_logged = false;
@@ -83,6 +89,12 @@ pub async fn serve(
         if slots.available_permits() > 0 {
             full_since_logged = false;
         }
+        let Some(peer_slot) = peers.enter(peer.ip(), limits.max_connections_per_peer) else {
+            // Closed at once: one peer holding the pool would starve the health checks.
+            tracing::debug!(peer = %peer.ip(), "closing a connection past the per-peer limit");
+            drop(stream);
+            continue;
+        };
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
@@ -96,6 +108,7 @@ pub async fn serve(
         connections.spawn(async move {
             // Errors here are the client's (a reset, a header timeout): nothing to report.
             let _ = connection.await;
+            drop(peer_slot);
             drop(slot);
         });
     }
@@ -110,4 +123,46 @@ pub async fn serve(
         );
     }
     connections.abort_all();
+}
+
+/// Connections open per peer address.
+#[derive(Debug, Clone, Default)]
+struct Peers(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One open connection of a peer; counted down when dropped.
+struct PeerSlot {
+    peers: Peers,
+    ip: IpAddr,
+}
+
+impl Peers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot for `ip` if it has fewer than `limit` connections open.
+    fn enter(&self, ip: IpAddr, limit: usize) -> Option<PeerSlot> {
+        let mut open = self.lock();
+        let count = open.entry(ip).or_default();
+        if *count >= limit.max(1) {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            peers: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.peers.lock();
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }

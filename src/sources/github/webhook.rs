@@ -118,6 +118,23 @@ mod tests {
         assert!(!verify(secret, b"Hello, World!", ""));
     }
 
+    proptest::proptest! {
+        /// Any body with any signature header: a verdict, never a panic; a body signed with
+        /// the secret verifies and parses or is refused with a reason.
+        #[test]
+        fn any_body_and_signature_get_a_verdict(
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+            signature in "(sha256=)?[0-9a-fA-Fz\u{e9}]{0,70}",
+        ) {
+            let _ = verify("secret", &body, &signature);
+            let mut mac = Hmac::<Sha256>::new_from_slice(b"secret").unwrap();
+            mac.update(&body);
+            let signed = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+            proptest::prop_assert!(verify("secret", &body, &signed));
+            let _ = serde_json::from_slice::<WorkflowJobEvent>(&body);
+        }
+    }
+
     #[test]
     fn redeliveries_are_recognized_and_memory_stays_bounded() {
         let mut deliveries = Deliveries::default();

@@ -32,6 +32,18 @@ pub(crate) fn waiting_for(why: &str) -> Option<&str> {
 mod tests {
     use super::waiting_for;
 
+    proptest::proptest! {
+        /// Any `why` text, quotes and all: a label that is a piece of it, or none; no panic.
+        #[test]
+        fn any_why_text_gives_a_piece_of_itself_or_nothing(
+            why in "(There are no nodes with the label |All nodes of label |Waiting for next available executor on )?[\u{2018}\u{2019}a-z\u{e9} ]{0,40}( is offline| doesn\u{2019}t have label| are offline)?",
+        ) {
+            if let Some(label) = waiting_for(&why) {
+                proptest::prop_assert!(!label.is_empty() && why.contains(label));
+            }
+        }
+    }
+
     #[test]
     fn reads_the_label_from_each_why_text() {
         assert_eq!(
