@@ -766,7 +766,17 @@ async fn get_sources(ctx: &mut Context) -> Option<JobEnd> {
         ctx.job.git_info.git_ref,
         short(&ctx.job.git_info.sha),
     ));
-    for line in git::commands(&ctx.job.git_info, &ctx.project_dir, strategy, depth) {
+    let lines = match git::commands(&ctx.job.git_info, &ctx.project_dir, strategy, depth) {
+        Ok(lines) => lines,
+        Err(e) => {
+            // A value from the project or pipeline that git would take as an option (or no git
+            // name can be): the job's problem, not the runner's, so no system failure (which
+            // GitLab may retry, on another runner, with the same value).
+            trace.section_end("get_sources");
+            return Some(JobEnd::failed(FailureReason::ScriptFailure, e.to_string()));
+        }
+    };
+    for line in lines {
         let mut command = tokio::process::Command::new(&line[0]);
         command
             .args(&line[1..])
@@ -787,7 +797,7 @@ async fn get_sources(ctx: &mut Context) -> Option<JobEnd> {
                 FailureReason::RunnerSystemFailure,
                 format!(
                     "fetching the sources failed: `git {}` exited with {code}",
-                    line.get(5).map(String::as_str).unwrap_or(&line[1])
+                    line.get(7).map(String::as_str).unwrap_or(&line[1])
                 ),
             ),
             Ok(Exit::TimedOut) => JobEnd::failed(
