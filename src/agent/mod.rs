@@ -949,21 +949,16 @@ async fn upload_one(ctx: &Context, artifact: &Artifact) -> Result<(), JobEnd> {
                     files[0].display()
                 ));
             }
-            let path = ctx.project_dir.join(&files[0]);
             let name = files[0]
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            // One file, no archive to hold a link: a link is followed only while it stays in
+            // the project (`read_inside`), so `report.xml -> /etc/shadow` is refused.
             if format == "gzip" {
-                artifacts::gzip(&path).map(|d| (d, format!("{name}.gz")))
+                artifacts::gzip(&ctx.project_dir, &files[0]).map(|d| (d, format!("{name}.gz")))
             } else {
-                std::fs::read(&path).map(|d| (d, name)).map_err(|source| {
-                    artifacts::ArtifactError::Io {
-                        action: "read",
-                        path,
-                        source,
-                    }
-                })
+                artifacts::read_inside(&ctx.project_dir, &files[0]).map(|d| (d, name))
             }
         }
         other => {
