@@ -991,7 +991,7 @@ mod tests {
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
-            std::env::var("KILN_UNZIP_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(2000)
+            std::env::var("KILN_UNZIP_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(1000)
         ))]
 
         /// Make the class impossible: any archive — `..`, absolute names, backslashes, unicode,
