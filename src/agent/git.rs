@@ -1,9 +1,86 @@
 //! Fetching the job's sources: init or reuse the checkout, fetch the refspecs GitLab sent (at
 //! the requested depth), check out the exact commit, and clean it.
+//!
+//! Every value from the payload reaches git as an argument, so each is checked first (a sha is
+//! hex, a refspec, ref or URL does not start with `-`, none holds a control character) and every
+//! command ends its options with `--end-of-options`: a payload value can never become an option
+//! such as `--upload-pack=<command>` (which runs the command) or `--orphan=<branch>`.
 
 use std::path::Path;
 
 use crate::sources::gitlab::payload::GitInfo;
+
+/// A payload value git must not be given. The job fails as a script/config problem (the value
+/// comes from the project or the pipeline, not from the runner), naming the value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(crate) enum GitError {
+    /// A value that git would read as an option, or one that no git name can hold.
+    #[error("refusing the job's {field} `{value}`: {reason}")]
+    Refused {
+        /// Which field of `git_info` (`sha`, `refspec`, `ref`, `repo_url`).
+        field: &'static str,
+        /// The value, with control characters escaped so it cannot forge trace lines.
+        value: String,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+fn refuse(field: &'static str, value: &str, reason: &'static str) -> GitError {
+    GitError::Refused {
+        field,
+        value: value.escape_debug().to_string(),
+        reason,
+    }
+}
+
+/// A name git takes as a positional argument: not empty, no leading `-` (it would be read as an
+/// option without `--end-of-options`, and no ref, refspec or URL GitLab sends starts with one),
+/// no control characters (NUL cannot be passed at all; newlines forge trace lines).
+fn check_name(field: &'static str, value: &str) -> Result<(), GitError> {
+    if value.is_empty() {
+        return Err(refuse(field, value, "it is empty"));
+    }
+    if value.starts_with('-') {
+        return Err(refuse(
+            field,
+            value,
+            "it starts with `-`, like a git option",
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(refuse(field, value, "it holds a control character"));
+    }
+    Ok(())
+}
+
+/// Checks every value of `info` that reaches a git command line.
+///
+/// # Errors
+/// The first value refused, named.
+pub(crate) fn validate(info: &GitInfo) -> Result<(), GitError> {
+    check_name("repo_url", &info.repo_url)?;
+    // An empty sha means "what was fetched" (FETCH_HEAD); anything else must be a commit id:
+    // SHA-1 (40) or SHA-256 (64) hex digits, or an abbreviation of one.
+    if !info.sha.is_empty()
+        && (info.sha.len() > 64 || !info.sha.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(refuse(
+            "sha",
+            &info.sha,
+            "a commit sha is at most 64 hexadecimal digits",
+        ));
+    }
+    if info.refspecs.is_empty() {
+        // The ref goes into the default refspec after `refs/heads/`, so a leading `-` is harmless
+        // there, but it is no branch or tag name git allows either.
+        check_name("ref", &info.git_ref)?;
+    }
+    for refspec in &info.refspecs {
+        check_name("refspec", refspec)?;
+    }
+    Ok(())
+}
 
 /// How to get the sources (`GIT_STRATEGY`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,18 +106,25 @@ impl Strategy {
 
 /// The git command lines that check out `info` into `dir`, in order. `depth` overrides the
 /// job's depth (`GIT_DEPTH`).
+///
+/// # Errors
+/// A payload value refused by [`validate`]; then no git command runs at all.
 pub(crate) fn commands(
     info: &GitInfo,
     dir: &Path,
     strategy: Strategy,
     depth: Option<u32>,
-) -> Vec<Vec<String>> {
+) -> Result<Vec<Vec<String>>, GitError> {
+    validate(info)?;
     let dir = dir.to_string_lossy().into_owned();
     let git = |args: &[&str]| -> Vec<String> {
         let mut line = vec![
             "git".to_owned(),
             "-c".to_owned(),
             "advice.detachedHead=false".to_owned(),
+            // `ext::` URLs run commands; git refuses them by default, kiln says so as well.
+            "-c".to_owned(),
+            "protocol.ext.allow=never".to_owned(),
             "-C".to_owned(),
             dir.clone(),
         ];
@@ -50,15 +134,29 @@ pub(crate) fn commands(
     let mut lines = Vec::new();
     let fresh = strategy == Strategy::Clone || !Path::new(&dir).join(".git").is_dir();
     if fresh {
+        // `--` because the directory is kiln's own path, never an option.
         lines.push(vec![
             "git".to_owned(),
             "init".to_owned(),
             "-q".to_owned(),
+            "--".to_owned(),
             dir.clone(),
         ]);
-        lines.push(git(&["remote", "add", "origin", &info.repo_url]));
+        lines.push(git(&[
+            "remote",
+            "add",
+            "--end-of-options",
+            "origin",
+            &info.repo_url,
+        ]));
     } else {
-        lines.push(git(&["remote", "set-url", "origin", &info.repo_url]));
+        lines.push(git(&[
+            "remote",
+            "set-url",
+            "--end-of-options",
+            "origin",
+            &info.repo_url,
+        ]));
     }
     let mut refspecs = info.refspecs.clone();
     if refspecs.is_empty() {
@@ -74,6 +172,7 @@ pub(crate) fn commands(
     if depth > 0 {
         fetch.push(&depth_arg);
     }
+    fetch.push("--end-of-options");
     fetch.push("origin");
     let mut fetch = git(&fetch);
     fetch.extend(refspecs);
@@ -83,9 +182,9 @@ pub(crate) fn commands(
     } else {
         info.sha.as_str()
     };
-    lines.push(git(&["checkout", "-f", "-q", target]));
+    lines.push(git(&["checkout", "-f", "-q", "--end-of-options", target]));
     lines.push(git(&["clean", "-ffdx", "-q"]));
-    lines
+    Ok(lines)
 }
 
 #[cfg(test)]
@@ -103,7 +202,7 @@ mod tests {
             ..Default::default()
         };
         let dir = tempfile::tempdir().unwrap();
-        let lines = commands(&info, &dir.path().join("p"), Strategy::Fetch, None);
+        let lines = commands(&info, &dir.path().join("p"), Strategy::Fetch, None).unwrap();
         assert_eq!(lines[0][1], "init");
         let fetch = lines
             .iter()
@@ -111,6 +210,105 @@ mod tests {
             .unwrap();
         assert!(fetch.contains(&"--depth=20".to_owned()));
         assert!(fetch.contains(&"+refs/heads/main:refs/remotes/origin/main".to_owned()));
-        assert!(lines[3].ends_with(&["checkout".into(), "-f".into(), "-q".into(), "abc".into()]));
+        assert!(lines[3].ends_with(&[
+            "checkout".into(),
+            "-f".into(),
+            "-q".into(),
+            "--end-of-options".into(),
+            "abc".into()
+        ]));
+    }
+
+    fn info(refspec: &str, sha: &str) -> GitInfo {
+        GitInfo {
+            repo_url: "https://example.com/g/p.git".into(),
+            git_ref: "main".into(),
+            sha: sha.into(),
+            refspecs: vec![refspec.into()],
+            ..Default::default()
+        }
+    }
+
+    /// Finding 10 of issue #25: a refspec `--upload-pack=<command>` made `git fetch` run the
+    /// command, and a sha `--orphan=x` was passed to `git checkout` as an option.
+    #[test]
+    fn payload_values_that_look_like_options_are_refused_naming_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = "+refs/heads/main:refs/remotes/origin/main";
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        for (info, field, value) in [
+            (
+                info("--upload-pack=touch /tmp/x", sha),
+                "refspec",
+                "--upload-pack=touch /tmp/x",
+            ),
+            (info(good, "--orphan=x"), "sha", "--orphan=x"),
+            (info(good, "main"), "sha", "main"),
+            (info(good, "HEAD~1"), "sha", "HEAD~1"),
+            (info("-c", sha), "refspec", "-c"),
+            (
+                info("refs/heads/a\nrefs/heads/b", sha),
+                "refspec",
+                "refs/heads/a\\nrefs/heads/b",
+            ),
+            (
+                GitInfo {
+                    repo_url: "--upload-pack=sh".into(),
+                    ..info(good, sha)
+                },
+                "repo_url",
+                "--upload-pack=sh",
+            ),
+            (
+                GitInfo {
+                    refspecs: Vec::new(),
+                    git_ref: "-x".into(),
+                    ..info(good, sha)
+                },
+                "ref",
+                "-x",
+            ),
+        ] {
+            let err = commands(&info, dir.path(), Strategy::Fetch, None).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                message.contains(field) && message.contains(value),
+                "{message} names neither {field} nor {value}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_git_command_ends_its_options_before_payload_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let info = info(
+            "+refs/heads/main:refs/remotes/origin/main",
+            "0123456789abcdef0123456789abcdef01234567",
+        );
+        for strategy in [Strategy::Clone, Strategy::Fetch] {
+            for line in commands(&info, dir.path(), strategy, Some(3)).unwrap() {
+                let payload_at = line
+                    .iter()
+                    .position(|a| *a == info.repo_url || *a == info.sha || *a == info.refspecs[0]);
+                if let Some(at) = payload_at {
+                    assert!(
+                        line[..at].contains(&"--end-of-options".to_owned()),
+                        "{line:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A refused value yields no command line at all, so no git runs for the job (the end-to-end
+    /// test `payload_values_that_git_would_take_as_options_are_refused_by_name` runs a real git).
+    #[test]
+    fn an_upload_pack_refspec_runs_no_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("pwned");
+        let refspec = format!("--upload-pack=touch {}", marker.display());
+        let info = info(&refspec, "");
+        assert!(commands(&info, &dir.path().join("p"), Strategy::Clone, None).is_err());
+        assert!(!marker.exists());
     }
 }

@@ -770,7 +770,17 @@ async fn get_sources(ctx: &mut Context) -> Option<JobEnd> {
         ctx.job.git_info.git_ref,
         short(&ctx.job.git_info.sha),
     ));
-    for line in git::commands(&ctx.job.git_info, &ctx.project_dir, strategy, depth) {
+    let lines = match git::commands(&ctx.job.git_info, &ctx.project_dir, strategy, depth) {
+        Ok(lines) => lines,
+        Err(e) => {
+            // A value from the project or pipeline that git would take as an option (or no git
+            // name can be): the job's problem, not the runner's, so no system failure (which
+            // GitLab may retry, on another runner, with the same value).
+            trace.section_end("get_sources");
+            return Some(JobEnd::failed(FailureReason::ScriptFailure, e.to_string()));
+        }
+    };
+    for line in lines {
         let mut command = tokio::process::Command::new(&line[0]);
         command
             .args(&line[1..])
@@ -791,7 +801,7 @@ async fn get_sources(ctx: &mut Context) -> Option<JobEnd> {
                 FailureReason::RunnerSystemFailure,
                 format!(
                     "fetching the sources failed: `git {}` exited with {code}",
-                    line.get(5).map(String::as_str).unwrap_or(&line[1])
+                    line.get(7).map(String::as_str).unwrap_or(&line[1])
                 ),
             ),
             Ok(Exit::TimedOut) => JobEnd::failed(
@@ -943,21 +953,16 @@ async fn upload_one(ctx: &Context, artifact: &Artifact) -> Result<(), JobEnd> {
                     files[0].display()
                 ));
             }
-            let path = ctx.project_dir.join(&files[0]);
             let name = files[0]
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            // One file, no archive to hold a link: a link is followed only while it stays in
+            // the project (`read_inside`), so `report.xml -> /etc/shadow` is refused.
             if format == "gzip" {
-                artifacts::gzip(&path).map(|d| (d, format!("{name}.gz")))
+                artifacts::gzip(&ctx.project_dir, &files[0]).map(|d| (d, format!("{name}.gz")))
             } else {
-                std::fs::read(&path).map(|d| (d, name)).map_err(|source| {
-                    artifacts::ArtifactError::Io {
-                        action: "read",
-                        path,
-                        source,
-                    }
-                })
+                artifacts::read_inside(&ctx.project_dir, &files[0]).map(|d| (d, name))
             }
         }
         other => {
