@@ -434,7 +434,7 @@ fn a_fifo_in_the_project_is_left_out_not_waited_for() {
         .expect("kiln exec finishes instead of blocking on the FIFO");
     assert_eq!(
         run.status("job"),
-        "passed",
+        "success",
         "{}\n{}",
         run.stdout,
         run.stderr
