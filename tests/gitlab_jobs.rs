@@ -504,16 +504,7 @@ async fn clones_the_repository_at_the_jobs_commit() {
         "two",
     ]);
     let sha = git(&["rev-parse", "HEAD"]);
-    if nix::unistd::geteuid().is_root() {
-        // kiln as root runs builds as `nobody`, and git clones only repositories of the
-        // user it runs as (as a GitLab's repositories are, seen through its HTTP server).
-        let chowned = std::process::Command::new("chown")
-            .args(["-R", "65534:65534"])
-            .arg(repo.path())
-            .status()
-            .unwrap();
-        assert!(chowned.success());
-    }
+    support::kiln::give_repository_to_builds(repo.path());
     let mut job = job_json("clone", &["cat hello.txt", "git log --oneline | wc -l"]);
     job["git_info"]["repo_url"] = json!(format!("file://{}", repo.path().display()));
     job["git_info"]["sha"] = json!(sha);

@@ -60,7 +60,9 @@ fn repository(dir: &Path, files: &[(&str, &str)], links: &[(&str, &Path)]) -> St
     }
     git(&["add", "-A"]);
     git(&["commit", "-q", "--allow-empty", "-m", "one"]);
-    git(&["rev-parse", "HEAD"])
+    let sha = git(&["rev-parse", "HEAD"]);
+    support::kiln::give_repository_to_builds(dir);
+    sha
 }
 
 /// A stored zip of (name, Unix mode, content) entries, made by "Unix" the way gitlab-runner

@@ -116,7 +116,8 @@ impl Masker {
             })
             .collect();
         // Longer first, as for plain secrets.
-        self.fingerprints.sort_by_key(|f| std::cmp::Reverse(f.0.len));
+        self.fingerprints
+            .sort_by_key(|f| std::cmp::Reverse(f.0.len));
         self
     }
 

@@ -824,6 +824,50 @@ mod tests {
         }
     }
 
+    #[test]
+    fn builds_get_a_user_of_their_own_only_under_root() {
+        let nobody = build_user(None, 0).unwrap().unwrap();
+        assert_ne!(nobody.uid, 0);
+        assert_eq!(build_user(Some("root"), 0).unwrap(), None);
+        assert_eq!(
+            build_user(Some("4321:99"), 0).unwrap(),
+            Some(BuildUser { uid: 4321, gid: 99 })
+        );
+        assert_eq!(build_user(None, 1000).unwrap(), None);
+        assert_eq!(build_user(Some("1000"), 1000).unwrap(), None);
+        let err = build_user(Some("1234"), 1000).unwrap_err();
+        assert!(err.contains("only a kiln running as root"), "{err}");
+    }
+
+    /// Work from outside contributors is refused where builds share kiln's user, unless the
+    /// config says so.
+    #[tokio::test]
+    async fn untrusted_work_is_refused_on_kiln_own_user_unless_allowed() {
+        let root = tempfile::tempdir().unwrap();
+        let own_user = nix::unistd::geteuid().as_raw().to_string();
+        let config = |allow_untrusted| LocalConfig {
+            work_dir: Some(root.path().to_path_buf()),
+            user: Some(own_user.clone()),
+            allow_untrusted,
+            ..LocalConfig::default()
+        };
+        let mut build = agent_build();
+        build.untrusted = true;
+        let refused = LocalExecutor::new(PathBuf::from("/bin/true"), &config(false))
+            .prepare(&build)
+            .await
+            .err()
+            .expect("refused");
+        let LaunchError::Rejected(why) = refused else {
+            panic!("{refused:?}");
+        };
+        assert!(why.contains("local.allow_untrusted"), "{why}");
+        LocalExecutor::new(PathBuf::from("/bin/true"), &config(true))
+            .prepare(&build)
+            .await
+            .expect("allowed");
+    }
+
     /// Work directories are private to kiln's user.
     #[tokio::test]
     async fn work_directories_are_private() {

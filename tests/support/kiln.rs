@@ -190,6 +190,21 @@ impl Drop for KilnProcess {
     }
 }
 
+/// Gives the git repository at `dir` to the user local builds run as when the tests run as
+/// root (`nobody`): git clones only repositories of the user it runs as, as a GitLab's are,
+/// seen through its HTTP server. Nothing to do for a non-root run.
+pub fn give_repository_to_builds(dir: &Path) {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let chowned = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(chowned.success(), "chown {}", dir.display());
+}
+
 /// Sends `signal` (`"TERM"`, `"KILL"`) to process `pid`.
 pub fn send_signal(pid: u32, signal: &str) {
     let signal = match signal {

@@ -493,6 +493,54 @@ fn first_argument(jnlp: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// Any JSON value, nested a few levels, of every JSON type.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<u64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            "[a-zA-Z\u{2018}\u{2019}\u{0} ]{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("items".to_owned()),
+                        Just("id".to_owned()),
+                        Just("why".to_owned()),
+                        Just("task".to_owned()),
+                        Just("name".to_owned()),
+                        Just("computer".to_owned()),
+                        Just("displayName".to_owned()),
+                        "[a-z]{1,6}",
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Any queue or computer listing Jenkins (or whatever answers in its name) sends is
+        /// read or refused, never a panic.
+        #[test]
+        fn any_queue_json_is_read_or_refused(value in any_json()) {
+            let text = value.to_string();
+            if let Ok(queue) = serde_json::from_str::<Queue>(&text) {
+                for item in queue.items {
+                    let _ = item.why.as_deref().map(super::super::queue::waiting_for);
+                }
+            }
+            let _ = serde_json::from_str::<Computers>(&text);
+        }
+    }
+
     #[test]
     fn the_secret_is_the_first_application_argument() {
         let jnlp = r#"<?xml version="1.0" encoding="UTF-8"?>
