@@ -466,43 +466,12 @@ async fn artifacts_respect_when_exclude_and_expire_in() {
 async fn clones_the_repository_at_the_jobs_commit() {
     let gitlab = server().await;
     let repo = tempfile::tempdir().unwrap();
-    let git = |args: &[&str]| {
-        let out = std::process::Command::new("git")
-            .args(args)
-            .current_dir(repo.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    let git = |args: &[&str]| support::kiln::git(repo.path(), args);
     git(&["init", "-q", "-b", "main"]);
-    git(&[
-        "-c",
-        "user.name=t",
-        "-c",
-        "user.email=t@example.com",
-        "commit",
-        "-q",
-        "--allow-empty",
-        "-m",
-        "one",
-    ]);
+    git(&["commit", "-q", "--allow-empty", "-m", "one"]);
     std::fs::write(repo.path().join("hello.txt"), "v2").unwrap();
     git(&["add", "hello.txt"]);
-    git(&[
-        "-c",
-        "user.name=t",
-        "-c",
-        "user.email=t@example.com",
-        "commit",
-        "-q",
-        "-m",
-        "two",
-    ]);
+    git(&["commit", "-q", "-m", "two"]);
     let sha = git(&["rev-parse", "HEAD"]);
     support::kiln::give_repository_to_builds(repo.path());
     let mut job = job_json("clone", &["cat hello.txt", "git log --oneline | wc -l"]);

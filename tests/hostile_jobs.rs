@@ -37,20 +37,7 @@ fn kiln(server: &GitLabServer) -> KilnProcess {
 /// A git repository with one commit holding `files` (name, content) and `links` (name, target);
 /// returns the commit's sha.
 fn repository(dir: &Path, files: &[(&str, &str)], links: &[(&str, &Path)]) -> String {
-    let git = |args: &[&str]| {
-        let out = std::process::Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    let git = |args: &[&str]| support::kiln::git(dir, args);
     git(&["init", "-q", "-b", "main"]);
     for (name, content) in files {
         std::fs::write(dir.join(name), content).unwrap();

@@ -190,6 +190,22 @@ impl Drop for KilnProcess {
     }
 }
 
+/// Runs `git ARGS` in `dir` as the tests' committer; its output, trimmed.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// Gives the git repository at `dir` to the user local builds run as when the tests run as
 /// root (`nobody`): git clones only repositories of the user it runs as, as a GitLab's are,
 /// seen through its HTTP server. Nothing to do for a non-root run.
