@@ -150,7 +150,7 @@ async fn adopt(
     // Adopted builds count against capacity; when there are more than `concurrent` (it was
     // lowered), the surplus is followed anyway and new work waits until enough have ended.
     let slot = limiter
-        .try_acquire(source.name(), source.limit())
+        .try_acquire(source.kind(), source.name(), source.limit())
         .map(Slot::new);
     if slot.is_none() {
         tracing::warn!(build = %found.key, "more builds run than `concurrent` allows; new work waits until enough of them end");

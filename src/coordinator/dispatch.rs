@@ -400,7 +400,7 @@ impl Chain for SourceChain {
             let permit = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => return None,
-                permit = self.limiter.acquire(self.source.name(), self.source.limit()) => permit,
+                permit = self.limiter.acquire(self.source.kind(), self.source.name(), self.source.limit()) => permit,
             };
             tokio::select! {
                 biased;
@@ -416,7 +416,7 @@ impl Chain for SourceChain {
             return None;
         }
         self.limiter
-            .try_acquire(self.source.name(), self.source.limit())
+            .try_acquire(self.source.kind(), self.source.name(), self.source.limit())
             .map(Slot::new)
     }
 
