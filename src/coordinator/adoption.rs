@@ -72,13 +72,12 @@ pub(crate) async fn adopt_all(
             tracing::debug!(build = %found.key, name = %found.name, "a build of a source this replica does not have; leaving it to the leader");
             continue;
         }
-        // A build labelled with another replica (or none) is claimed first: of replicas
-        // taking it at once one wins, and the executor follows only builds labelled with this
-        // replica (also when, without Leases, this one takes every build).
-        let labelled_other = replicas
-            .identity()
-            .is_some_and(|me| found.replica.as_deref() != Some(me));
-        if labelled_other {
+        // A build owned by another replica (or none) is claimed first: of replicas taking it
+        // at once one wins, and the executor follows only builds labelled with this replica
+        // (also when, without Leases, this one takes every build). One of its own whose pod
+        // still names the replica it came from (a claim stopped half way) is brought in line.
+        let needs_claim = replicas.identity().is_some_and(|me| found.needs_claim(me));
+        if needs_claim {
             match dispatcher.executor.claim(&found).await {
                 Claim::Won => {
                     tracing::info!(build = %found.key, name = %found.name, from = found.replica.as_deref().unwrap_or("no replica"), "claimed the build");

@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Coordinator, Prices, Settings, Status};
 use crate::build::{
-    About, Build, BuildKey, Ending, FailureReason, Found, JOB_FILE, Outcome, SourceKind, Workload,
+    About, Build, BuildKey, Ending, FailureReason, Found, JOB_FILE, Outcome, Recorded, SourceKind,
+    Workload,
 };
 use crate::executor::{
     Claim, Executor, ExecutorError, Footprint, LaunchError, LeaseRecord, Leases, Watch,
@@ -368,6 +369,7 @@ async fn a_build_is_never_launched_twice_for_one_job() {
         annotations: BTreeMap::new(),
         replica: None,
         version: None,
+        recorded: Recorded::OnBuild,
     });
     let slot = chain.slot().await.unwrap();
     chain.launch(slot, build(8));
@@ -423,6 +425,7 @@ async fn a_restart_adopts_running_builds_and_counts_them_against_concurrent() {
                 annotations: BTreeMap::new(),
                 replica: None,
                 version: None,
+                recorded: Recorded::OnBuild,
             });
         }
     })
@@ -536,6 +539,7 @@ fn labelled(id: u64, runner: &str, replica: Option<&str>) -> Found {
         annotations: BTreeMap::new(),
         replica: replica.map(Into::into),
         version: Some("7".into()),
+        recorded: Recorded::OnBuild,
     }
 }
 
