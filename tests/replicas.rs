@@ -86,15 +86,25 @@ pending_timeout = "120s"
 
     /// A replica named `replica` with Leases of 3 s renewed every second.
     fn replica(&self, concurrent: usize, replica: &str, system_id: &str) -> KilnProcess {
-        KilnProcess::start_with_env(
-            &self.config(concurrent),
-            &[
-                ("KILN_KUBERNETES__REPLICA", replica),
-                ("KILN_KUBERNETES__LEASE_DURATION", "3s"),
-                ("KILN_KUBERNETES__LEASE_RENEW", "1s"),
-                ("KILN_SOURCES__GITLAB__0__SYSTEM_ID", system_id),
-            ],
-        )
+        self.replica_with(concurrent, replica, system_id, &[])
+    }
+
+    /// [`Self::replica`] with more `KILN_…` overrides.
+    fn replica_with(
+        &self,
+        concurrent: usize,
+        replica: &str,
+        system_id: &str,
+        extra: &[(&str, &str)],
+    ) -> KilnProcess {
+        let mut env = vec![
+            ("KILN_KUBERNETES__REPLICA", replica),
+            ("KILN_KUBERNETES__LEASE_DURATION", "3s"),
+            ("KILN_KUBERNETES__LEASE_RENEW", "1s"),
+            ("KILN_SOURCES__GITLAB__0__SYSTEM_ID", system_id),
+        ];
+        env.extend_from_slice(extra);
+        KilnProcess::start_with_env(&self.config(concurrent), &env)
     }
 }
 
@@ -638,4 +648,86 @@ async fn a_rolling_update_hands_every_build_over_once_and_touches_no_live_replic
         assert!(!logs.contains("without its job file"), "{name}: {logs}");
     }
     assert!(gitlab.violations().is_empty(), "{:?}", gitlab.violations());
+}
+
+/// When Lease `kiln-kiln-<replica>` lapses (`renewTime + leaseDurationSeconds`), if it exists.
+fn lease_lapses(kube: &KubeServer, replica: &str) -> Option<std::time::SystemTime> {
+    let name = format!("kiln-kiln-{replica}");
+    let lease = kube
+        .leases()
+        .into_iter()
+        .find(|l| l.metadata.name.as_deref() == Some(name.as_str()))?;
+    let spec = lease.spec?;
+    let renewed = std::time::SystemTime::from(spec.renew_time?.0);
+    let duration = u64::try_from(spec.lease_duration_seconds?).ok()?;
+    Some(renewed + Duration::from_secs(duration))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_take_over_of_200_builds_against_a_slow_gitlab_lets_no_lease_lapse() {
+    const BUILDS: usize = 200;
+    let s = setup().await;
+    let (gitlab, kube) = (&s.gitlab, &s.kube);
+    kube.hold(PodMatch::All);
+    let ids: Vec<u64> = (0..BUILDS)
+        .map(|n| gitlab.enqueue(job_json(&format!("many-{n}"), &["echo built"])))
+        .collect();
+    let fast = [
+        ("KILN_KUBERNETES__QPS", "200"),
+        ("KILN_KUBERNETES__BURST", "100"),
+    ];
+    let mut a = s.replica_with(BUILDS, "replica-a", "s_00000000000a", &fast);
+    kube.wait_for(Duration::from_secs(120), |snap| {
+        pods_by_replica(snap)
+            .get("replica-a")
+            .map_or(0, BTreeSet::len)
+            == BUILDS
+    })
+    .await;
+    let b = s.replica_with(BUILDS, "replica-b", "s_00000000000b", &fast);
+    wait_for_lease(kube, "replica-b").await;
+    tokio::time::sleep(2 * LEASE_RENEW).await;
+
+    // GitLab now answers every call about a job in 1 s, and a stops cleanly: b takes over 200
+    // builds, asking GitLab about each.
+    gitlab.set_job_latency(Duration::from_secs(1));
+    assert!(a.terminate(Duration::from_secs(30)), "{}", a.logs());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let lapses = lease_lapses(kube, "replica-b").expect("b's Lease exists");
+        assert!(
+            lapses >= std::time::SystemTime::now(),
+            "b's own Lease lapsed during the take-over\n{}",
+            b.logs()
+        );
+        let snap = kube.snapshot();
+        let taken = snap
+            .pods
+            .iter()
+            .filter(|p| {
+                p.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("kiln.dev/replica"))
+                    .is_some_and(|r| r == "replica-b")
+            })
+            .count();
+        let adopted = b
+            .logs()
+            .matches("adopted a build of an earlier run")
+            .count();
+        if taken == BUILDS && adopted >= BUILDS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{taken} builds claimed, {adopted} adopted\n{}",
+            b.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gitlab.set_job_latency(Duration::ZERO);
+    kube.release_hold();
+    every_job_ends_once(gitlab, &ids, |_| ("success", None), || b.logs()).await;
+    one_pod_per_job_and_nothing_left(kube, BUILDS).await;
 }

@@ -42,6 +42,8 @@ struct ExecutorState {
     claims: Vec<String>,
     /// Builds whose claim another replica wins.
     claimed_by_others: Vec<String>,
+    /// What `parallel_calls` says (0: the default).
+    parallel: usize,
 }
 
 impl FakeExecutor {
@@ -141,6 +143,10 @@ impl Executor for FakeExecutor {
         self.lock().leases.clone()
     }
 
+    fn parallel_calls(&self) -> usize {
+        self.lock().parallel.max(1)
+    }
+
     fn claim<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Claim> {
         let mut state = self.lock();
         state.claims.push(found.name.clone());
@@ -171,6 +177,10 @@ struct FakeSource {
     chain: Mutex<Option<Arc<dyn Chain>>>,
     adopted: Mutex<Vec<String>>,
     ended: Mutex<Vec<(String, Ending)>>,
+    /// How long its CI server takes to answer about a build being adopted.
+    adopt_delay: Duration,
+    /// Adoptions under way now, and the most there ever were at once.
+    adopting: Mutex<(usize, usize)>,
 }
 
 impl FakeSource {
@@ -207,7 +217,16 @@ impl Source for FakeSource {
 
     fn adopt<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Adoption> {
         self.adopted.lock().unwrap().push(found.name.clone());
-        Box::pin(async { Adoption::Follow(About::default()) })
+        Box::pin(async {
+            {
+                let mut adopting = self.adopting.lock().unwrap();
+                adopting.0 += 1;
+                adopting.1 = adopting.1.max(adopting.0);
+            }
+            tokio::time::sleep(self.adopt_delay).await;
+            self.adopting.lock().unwrap().0 -= 1;
+            Adoption::Follow(About::default())
+        })
     }
 
     fn ended<'a>(
@@ -293,9 +312,19 @@ async fn start_with(
     leases: super::LeaseTiming,
     before: impl FnOnce(&FakeExecutor),
 ) -> Harness {
+    start_source(concurrent, leases, FakeSource::default(), before).await
+}
+
+/// [`start_with`] with `source`.
+async fn start_source(
+    concurrent: usize,
+    leases: super::LeaseTiming,
+    source: FakeSource,
+    before: impl FnOnce(&FakeExecutor),
+) -> Harness {
     let executor = Arc::new(FakeExecutor::default());
     before(&executor);
-    let source = Arc::new(FakeSource::default());
+    let source = Arc::new(source);
     let metrics = Metrics::new();
     let coordinator = Coordinator::new(
         Settings {
@@ -626,4 +655,75 @@ async fn a_replica_takes_its_own_unlabelled_and_dead_replicas_builds_never_a_liv
         !left.contains(&"kiln-ci-me".to_owned()) && !left.contains(&"kiln-ci-leader".to_owned()),
         "a stopping replica gives up its Leases: {left:?}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_take_over_never_delays_a_lease_renewal() {
+    use super::replicas::tests::{LeaseStore, MemoryLeases};
+    const BUILDS: u64 = 200;
+    const PARALLEL: usize = 16;
+    let store: LeaseStore = Arc::default();
+    let wall = std::time::SystemTime::now();
+    let started = tokio::time::Instant::now();
+    let now = || wall + started.elapsed();
+    {
+        // `other` is alive for one more second, then dies with 200 builds.
+        let lease = LeaseRecord {
+            name: "kiln-ci-other".into(),
+            holder: Some("other".into()),
+            acquired: Some(wall),
+            renewed: Some(wall),
+            duration: Some(Duration::from_secs(1)),
+            transitions: 0,
+            version: Some("1".into()),
+        };
+        store.lock().unwrap().1.insert(lease.name.clone(), lease);
+    }
+    let timing = super::LeaseTiming {
+        duration: Duration::from_secs(3),
+        renew: Duration::from_secs(1),
+    };
+    // Its CI server answers each look at a build in 1 s.
+    let source = FakeSource {
+        adopt_delay: Duration::from_secs(1),
+        ..FakeSource::default()
+    };
+    let h = start_source(2 * BUILDS as usize, timing, source, |executor| {
+        executor.lock().leases = Some(Arc::new(MemoryLeases {
+            replica: "me".into(),
+            store: Arc::clone(&store),
+        }));
+        executor.lock().parallel = PARALLEL;
+        for id in 0..BUILDS {
+            executor.leave(labelled(id, "fake", Some("other")));
+        }
+    })
+    .await;
+    assert!(
+        h.source.adopted.lock().unwrap().is_empty(),
+        "a live replica's builds are left"
+    );
+    // Until every build is taken over (and a while after), this replica's own Lease never
+    // lapses: the others would take it for dead and its builds with it.
+    let mut checks = 0;
+    while h.source.adopted.lock().unwrap().len() < BUILDS as usize || checks < 100 {
+        let own = store.lock().unwrap().1.get("kiln-ci-me").cloned();
+        let own = own.expect("this replica's Lease exists");
+        assert!(
+            !super::replicas::expired(&own, now()),
+            "this replica's Lease lapsed {:?} into the take-over ({} of {BUILDS} builds adopted)",
+            started.elapsed(),
+            h.source.adopted.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        checks += 1;
+        assert!(checks < 10_000, "the take-over never ended");
+    }
+    let most = h.source.adopting.lock().unwrap().1;
+    assert_eq!(
+        most, PARALLEL,
+        "builds are taken over side by side, as many as the executor's rate limit lets go out at once"
+    );
+    h.shutdown.cancel();
+    h.task.await.unwrap();
 }

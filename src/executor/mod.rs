@@ -256,6 +256,12 @@ pub trait Executor: Send + Sync {
         self.list()
     }
 
+    /// How many builds a take-over handles at once: as many API calls as the executor's rate
+    /// limit lets go out without waiting (its burst). One for executors without a limit.
+    fn parallel_calls(&self) -> usize {
+        1
+    }
+
     /// The Leases that let replicas share the builds (`None`: builds are this process's
     /// alone — the local executor — and there is one replica).
     fn leases(&self) -> Option<Arc<dyn Leases>> {

@@ -813,6 +813,10 @@ impl Executor for KubernetesExecutor {
         })
     }
 
+    fn parallel_calls(&self) -> usize {
+        usize::try_from(self.config.burst).unwrap_or(1)
+    }
+
     fn leases(&self) -> Option<Arc<dyn Leases>> {
         Some(Arc::new(lease::ClusterLeases {
             cluster: Arc::clone(&self.cluster),
