@@ -731,3 +731,35 @@ async fn a_take_over_of_200_builds_against_a_slow_gitlab_lets_no_lease_lapse() {
     every_job_ends_once(gitlab, &ids, |_| ("success", None), || b.logs()).await;
     one_pod_per_job_and_nothing_left(kube, BUILDS).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_is_written_down_before_it_is_acknowledged_so_a_kill_in_between_loses_nothing() {
+    let s = setup().await;
+    let (gitlab, kube) = (&s.gitlab, &s.kube);
+    // GitLab takes 5 s over every call about a job: the acknowledge is on its way that long.
+    gitlab.set_job_latency(Duration::from_secs(5));
+    let id = gitlab.enqueue(job_json("acknowledged", &["echo built"]));
+    let name = format!("kiln-gl-{id}");
+    let mut a = s.replica(1, "replica-a", "s_00000000000a");
+    kube.wait_for(Duration::from_secs(30), |snap| snap.secret(&name).is_some())
+        .await;
+    let path = format!("/api/v4/jobs/{id}");
+    let acknowledged = gitlab
+        .requests()
+        .iter()
+        .any(|r| r.method == "PUT" && r.path == path && r.status.is_some());
+    assert!(
+        !acknowledged,
+        "the build was written down only after GitLab answered the acknowledge\n{}",
+        a.logs()
+    );
+    // kiln is killed while the acknowledge is still on its way.
+    support::kiln::send_signal(a.pid(), "KILL");
+    assert!(a.wait_exit(Duration::from_secs(10)));
+    gitlab.set_job_latency(Duration::ZERO);
+    // The next replica finds the build, whose pod never existed, and starts it.
+    let b = s.replica(1, "replica-b", "s_00000000000b");
+    every_job_ends_once(gitlab, &[id], |_| ("success", None), || b.logs()).await;
+    one_pod_per_job_and_nothing_left(kube, 1).await;
+    assert!(gitlab.violations().is_empty(), "{:?}", gitlab.violations());
+}

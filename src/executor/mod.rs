@@ -232,6 +232,19 @@ pub trait Executor: Send + Sync {
     /// [`LaunchError::Failed`] when the infrastructure failed (whatever was created is removed).
     fn launch<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>>;
 
+    /// Writes `build` down where it outlives this process, before its source commits to it
+    /// (acknowledges its job): a coordinator that dies before the launch then leaves what the
+    /// next one needs to start or fail it (the Kubernetes executor: the build's Secret, which
+    /// [`Executor::launch`] then uses). Nothing for executors whose builds die with the
+    /// process.
+    ///
+    /// # Errors
+    /// As [`Executor::launch`]; the launch tries again.
+    fn persist<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>> {
+        let _ = build;
+        Box::pin(async { Ok(()) })
+    }
+
     /// Follows build `name` until it ends, or until `watch.cancel` fires.
     fn watch<'a>(&'a self, name: &'a str, watch: Watch) -> BoxFuture<'a, Ending>;
 

@@ -11,7 +11,7 @@ pub(crate) mod podspec;
 mod quantity;
 mod watch;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +57,9 @@ pub struct KubernetesExecutor {
     config: Arc<KubernetesConfig>,
     pods: PodWatch,
     selector: String,
+    /// The uids of Secrets persisted ahead of their build's launch, by build name: the pod is
+    /// created owned by its Secret.
+    persisted: std::sync::Mutex<HashMap<String, Option<String>>>,
 }
 
 impl KubernetesExecutor {
@@ -81,6 +84,7 @@ impl KubernetesExecutor {
             config: Arc::new(config),
             pods,
             selector,
+            persisted: std::sync::Mutex::default(),
         })
     }
 
@@ -108,23 +112,13 @@ impl KubernetesExecutor {
     /// coordinator runs that build.
     async fn create(&self, pod: &Pod, secret: &Secret) -> Result<(), LaunchError> {
         let name = pod.metadata.name.clone().unwrap_or_default();
-        let secrets: Api<Secret> = self.cluster.api();
         let create = PostParams::default();
-        let (secret_uid, secret_was_there) =
-            match self.cluster.call(|| secrets.create(&create, secret)).await {
-                Ok(created) => (created.metadata.uid, false),
-                Err(e) if is_status(&e, 409) => {
-                    // Left by an earlier try: read its uid to own the pod (rare, one call).
-                    let uid = self
-                        .cluster
-                        .call(|| secrets.get(&name))
-                        .await
-                        .ok()
-                        .and_then(|s| s.metadata.uid);
-                    (uid, true)
-                }
-                Err(e) => return Err(self.failed("create the build's Secret", &e)),
-            };
+        let persisted = self.persisted_lock().remove(&name);
+        let (secret_uid, secret_was_there) = match persisted {
+            // Created by `persist` for this very launch: removed with it if the pod fails.
+            Some(uid) => (uid, false),
+            None => self.create_secret(secret).await?,
+        };
         let mut pod = pod.clone();
         if let Some(uid) = secret_uid {
             pod.metadata.owner_references = Some(vec![OwnerReference {
@@ -181,6 +175,40 @@ impl KubernetesExecutor {
                 Err(self.failed("create the pod", &e))
             }
         }
+    }
+
+    /// Creates the build's Secret: its uid, and whether it was there already (left by an
+    /// earlier try).
+    async fn create_secret(&self, secret: &Secret) -> Result<(Option<String>, bool), LaunchError> {
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        let secrets: Api<Secret> = self.cluster.api();
+        let create = PostParams::default();
+        match self.cluster.call(|| secrets.create(&create, secret)).await {
+            Ok(created) => Ok((created.metadata.uid, false)),
+            Err(e) if is_status(&e, 409) => {
+                // Left by an earlier try: read its uid to own the pod (rare, one call).
+                let uid = self
+                    .cluster
+                    .call(|| secrets.get(&name))
+                    .await
+                    .ok()
+                    .and_then(|s| s.metadata.uid);
+                Ok((uid, true))
+            }
+            Err(e) => Err(self.failed("create the build's Secret", &e)),
+        }
+    }
+
+    /// Creates `build`'s Secret ahead of its launch (see [`Executor::persist`]).
+    async fn persist_build(&self, build: &Build) -> Result<(), LaunchError> {
+        let secret = podspec::secret(build, &self.config, self.cluster.namespace());
+        let (uid, _) = self.create_secret(&secret).await?;
+        self.persisted_lock().insert(build.name.clone(), uid);
+        Ok(())
+    }
+
+    fn persisted_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<String>>> {
+        self.persisted.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn failed(&self, what: &str, error: &kube::Error) -> LaunchError {
@@ -463,6 +491,7 @@ impl KubernetesExecutor {
 
     /// Deletes the pod and its Secret; missing ones are fine.
     async fn remove(&self, name: &str) {
+        self.persisted_lock().remove(name);
         let params = DeleteParams {
             grace_period_seconds: Some(DELETE_GRACE_SECONDS),
             propagation_policy: Some(PropagationPolicy::Background),
@@ -781,6 +810,10 @@ impl Executor for KubernetesExecutor {
 
     fn footprint(&self, build: &Build) -> Option<Footprint> {
         podspec::footprint(build, &self.config)
+    }
+
+    fn persist<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>> {
+        Box::pin(self.persist_build(build))
     }
 
     fn launch<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>> {

@@ -71,9 +71,23 @@ impl GitLabSource {
         }
     }
 
-    /// Hands a claimed job to the chain as a build.
-    fn claimed(&self, chain: &dyn Chain, claimed: ClaimedJob) {
+    /// Hands a claimed job to the chain as a build: written down first, then acknowledged,
+    /// then launched.
+    ///
+    /// GitLab assigned the job with its answer to `jobs/request`; from then on a coordinator
+    /// killed before the build exists where it outlives the coordinator (its Secret) loses the
+    /// job, which stays `running` in GitLab until GitLab gives up on it. So the build is
+    /// persisted before anything else, the acknowledge (a round trip to GitLab, slow when GitLab
+    /// is) included: the next coordinator finds it and starts it. What remains of the window
+    /// is GitLab's answer on the wire and the persisting call (docs/operations.md).
+    async fn claimed(&self, chain: &dyn Chain, claimed: ClaimedJob) {
         let build = build::build(&claimed.job, &claimed.raw, &self.context());
+        chain.persist(&build).await;
+        if !claimed.runner.acknowledge(&claimed.job).await {
+            tracing::warn!(job = %claimed.key, "GitLab withdrew the job before it started");
+            chain.stop(&build.name).await;
+            return;
+        }
         self.lock()
             .insert(claimed.job.id, claimed.runner.reporter(&claimed.job));
         chain.launch(claimed.slot, build);
@@ -204,7 +218,11 @@ impl Source for GitLabSource {
                 pollers.spawn(poller::poll(
                     Arc::clone(&self.runner),
                     Arc::clone(&chain),
-                    move |claimed| this.claimed(dispatch_chain.as_ref(), claimed),
+                    move |claimed| {
+                        let this = Arc::clone(&this);
+                        let chain = Arc::clone(&dispatch_chain);
+                        async move { this.claimed(chain.as_ref(), claimed).await }
+                    },
                     shutdown.clone(),
                 ));
             }
