@@ -268,12 +268,17 @@ async fn take_over(
             () = tokio::time::sleep(wait) => {}
             () = stop.cancelled() => return,
         }
-        if replicas.shared_builds() && !replicas.known() {
+        let look = if replicas.shared_builds() {
             // Whose builds are whose cannot be told before the Leases were read once.
-            continue;
+            replicas.known()
+        } else {
+            // The only replica: its start-up adoption took every build there is.
+            scan
+        };
+        if look {
+            scan = !adoption::adopt_all(&dispatcher, &limiter, &sources, &replicas, Pass::TakeOver)
+                .await;
         }
-        scan =
-            !adoption::adopt_all(&dispatcher, &limiter, &sources, &replicas, Pass::TakeOver).await;
         last_scan = tokio::time::Instant::now();
     }
 }

@@ -44,6 +44,8 @@ struct ExecutorState {
     claimed_by_others: Vec<String>,
     /// What `parallel_calls` says (0: the default).
     parallel: usize,
+    /// `list` calls.
+    lists: usize,
 }
 
 impl FakeExecutor {
@@ -135,6 +137,7 @@ impl Executor for FakeExecutor {
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<Found>, ExecutorError>> {
+        self.lock().lists += 1;
         let found = self.lock().left_over.clone();
         Box::pin(async move { Ok(found) })
     }
@@ -724,6 +727,17 @@ async fn a_long_take_over_never_delays_a_lease_renewal() {
         most, PARALLEL,
         "builds are taken over side by side, as many as the executor's rate limit lets go out at once"
     );
+    h.shutdown.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_only_replica_lists_its_builds_once() {
+    let h = start(2, |_| {}).await;
+    // Minutes later (past several safety-scan periods) it has not listed them again: with no
+    // other replica nothing can have been left for it to take.
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert_eq!(h.executor.lock().lists, 1);
     h.shutdown.cancel();
     h.task.await.unwrap();
 }
