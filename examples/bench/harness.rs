@@ -181,12 +181,12 @@ pub(crate) struct Burst {
     pub(crate) dispatch: Spread,
     /// The same for the jobs whose start did not wait for the client-side rate limit.
     pub(crate) dispatch_unthrottled: Spread,
-    /// 201 → the job's two-phase `PUT jobs/:id {running}` at GitLab.
-    pub(crate) to_ack: Spread,
-    /// Acknowledge → `POST secrets`.
-    pub(crate) ack_to_secret: Spread,
-    /// `POST secrets` → `POST pods`.
-    pub(crate) secret_to_pod: Spread,
+    /// 201 → `POST secrets` (the job written down in the cluster).
+    pub(crate) to_secret: Spread,
+    /// `POST secrets` → the job's two-phase `PUT jobs/:id {running}` at GitLab.
+    pub(crate) secret_to_ack: Spread,
+    /// Acknowledge → `POST pods`.
+    pub(crate) ack_to_pod: Spread,
     /// Pod creates per second, first to last.
     pub(crate) pods_per_sec: f64,
     /// kiln's API calls per second from its first call after the queueing to the last pod
@@ -1099,7 +1099,7 @@ fn burst_figures(
     }
     let mut dispatch = Vec::new();
     let mut unthrottled = Vec::new();
-    let (mut to_ack, mut ack_to_secret, mut secret_to_pod) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut to_secret, mut secret_to_ack, mut ack_to_pod) = (Vec::new(), Vec::new(), Vec::new());
     let mut handouts = Vec::new();
     // Jobs started from the saved-up burst never wait for a token (3 calls each).
     let free_starts = (options.burst / 3) as usize;
@@ -1114,9 +1114,9 @@ fn burst_figures(
         by_handout.push((handed, id));
         dispatch.push(pod.saturating_duration_since(handed));
         if let (Some(ack), Some(secret)) = (acks.get(&id), secret_posts.get(&name)) {
-            to_ack.push(ack.saturating_duration_since(handed));
-            ack_to_secret.push(secret.saturating_duration_since(*ack));
-            secret_to_pod.push(pod.saturating_duration_since(*secret));
+            to_secret.push(secret.saturating_duration_since(handed));
+            secret_to_ack.push(ack.saturating_duration_since(*secret));
+            ack_to_pod.push(pod.saturating_duration_since(*ack));
         }
     }
     by_handout.sort();
@@ -1164,9 +1164,9 @@ fn burst_figures(
         jobs: ids.len(),
         dispatch: Spread::of(dispatch),
         dispatch_unthrottled: Spread::of(unthrottled),
-        to_ack: Spread::of(to_ack),
-        ack_to_secret: Spread::of(ack_to_secret),
-        secret_to_pod: Spread::of(secret_to_pod),
+        to_secret: Spread::of(to_secret),
+        secret_to_ack: Spread::of(secret_to_ack),
+        ack_to_pod: Spread::of(ack_to_pod),
         pods_per_sec,
         calls_per_sec,
         budget_used,
@@ -1504,6 +1504,14 @@ pub(crate) async fn run_failover(options: &Options) -> Failover {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let exited = Instant::now();
+        if std::env::var_os("BENCH_SHOW_EXIT").is_some() {
+            let logs = b.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(40).collect();
+            progress(&format!(
+                "b's last log lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
+        }
         rolling_exit.push(exited - terminated);
         let all: Vec<String> = replicas_of_pods(&kube).into_keys().collect();
         let deadline = Instant::now() + limit * 4;
@@ -1638,18 +1646,18 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "  201 -> acknowledge at GitLab:   {}",
-            spread(&b.to_ack)
+            "  201 -> POST secrets:            {}",
+            spread(&b.to_secret)
         );
         let _ = writeln!(
             out,
-            "  acknowledge -> POST secrets:    {}",
-            spread(&b.ack_to_secret)
+            "  POST secrets -> acknowledge:    {}",
+            spread(&b.secret_to_ack)
         );
         let _ = writeln!(
             out,
-            "  POST secrets -> POST pods:      {}",
-            spread(&b.secret_to_pod)
+            "  acknowledge -> POST pods:       {}",
+            spread(&b.ack_to_pod)
         );
         let _ = writeln!(out, "GitLab handed out {:.0} jobs/s", b.handout_per_sec);
         let _ = writeln!(
