@@ -539,9 +539,42 @@ pub struct Found {
     /// The replica that follows it (`kiln.dev/replica`); `None` for builds of a kiln without
     /// replicas, and for executors whose builds are the process's own.
     pub replica: Option<String>,
-    /// The version of the build's state it was listed in (a resourceVersion): a claim made
-    /// from an older state fails.
+    /// The version of the object holding `replica` as it was listed (a resourceVersion): a
+    /// claim made from an older state fails.
     pub version: Option<String>,
+    /// Where `replica` and `version` were read from.
+    pub recorded: Recorded,
+}
+
+/// Where a found build's owner is recorded. Whose a build is must be one fact for its whole
+/// life, not two labels that can disagree: an executor that keeps a build's secrets apart from
+/// the build (a Kubernetes Secret beside its pod) records it on the secrets, which exist from
+/// before the build starts until after it is removed; the build's own label only mirrors it,
+/// for the replica following it to notice a hand-over.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Recorded {
+    /// On the build itself (a local process; a pod whose Secret is gone).
+    #[default]
+    OnBuild,
+    /// On the build's secrets; `build` is the replica label the build itself (its pod)
+    /// carries, `None` when it carries none or does not exist.
+    OnSecrets {
+        /// The mirror on the build.
+        build: Option<String>,
+    },
+}
+
+impl Found {
+    /// Whether replica `me` must claim this build before following it: another replica (or
+    /// none) owns it, or its pod's label has not followed its owner yet (a claim stopped half
+    /// way, or an older kiln that relabelled pods only).
+    pub fn needs_claim(&self, me: &str) -> bool {
+        let mirror_behind = matches!(
+            &self.recorded,
+            Recorded::OnSecrets { build } if self.exists && build.as_deref() != Some(me)
+        );
+        self.replica.as_deref() != Some(me) || mirror_behind
+    }
 }
 
 #[cfg(test)]

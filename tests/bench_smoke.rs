@@ -55,7 +55,7 @@ async fn the_benchmark_measures_every_figure_at_a_tiny_size() {
     let burst = &report.burst;
     assert_eq!(burst.jobs, 5);
     assert_eq!(burst.dispatch.count, 5, "{}", report.render());
-    assert_eq!(burst.to_ack.count, 5);
+    assert_eq!(burst.to_secret.count, 5);
     assert!(burst.dispatch.p50 > Duration::ZERO && burst.dispatch.p50 <= burst.dispatch.max);
     assert!(burst.pods_per_sec > 0.0, "{}", report.render());
     // A Secret and a pod per job, nothing more (the pod is owned by the Secret: no patch).
@@ -139,4 +139,7 @@ async fn the_benchmark_measures_every_figure_at_a_tiny_size() {
         report.render()
     );
     assert!(report.render().contains("## failover"));
+    // The rolling update after it handed every build over, and no live replica's Lease lapsed.
+    assert_eq!(failover.rolling_handed_over.count, 1, "{}", report.render());
+    assert_eq!(failover.lease_lapses, 0, "{}", report.render());
 }

@@ -1138,3 +1138,129 @@ async fn leases_follow_resource_version_rules() {
         denied.message
     );
 }
+
+/// What replicas of kiln rely on: a claim (a merge patch carrying the `resourceVersion` it
+/// listed the object at) conflicts once the object moved on, on pods and Secrets alike; a
+/// `notin` selector also selects objects without the label; and a watch with a selector sees
+/// an object that is relabelled out of it as DELETED and back into it as ADDED.
+#[tokio::test]
+async fn claims_conflict_when_stale_and_selector_watches_follow_relabels() {
+    let server = KubeServer::start().await;
+    server.set_kubelet(false);
+    let client = server.client("ci");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "ci");
+    let secrets: Api<Secret> = Api::namespaced(client, "ci");
+    let labels = json!({"kiln.dev/coordinator": "kiln", "kiln.dev/replica": "a"});
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "kiln-gl-1",
+            labels.clone(),
+            never(json!([sh("main", "sleep 60")])),
+        ),
+    )
+    .await
+    .unwrap();
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "kiln-gl-1", "labels": labels},
+        "stringData": {"job.json": "{}"},
+    }))
+    .unwrap();
+    let listed = secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let unlabelled: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "kiln-gl-2", "labels": {"kiln.dev/coordinator": "kiln"}},
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &unlabelled)
+        .await
+        .unwrap();
+
+    let claim = |rv: &str, replica: &str| {
+        Patch::Merge(json!({
+            "metadata": {"resourceVersion": rv, "labels": {"kiln.dev/replica": replica}}
+        }))
+    };
+    // Two replicas claim the Secret as listed: the first wins, the second gets 409.
+    let rv = listed.metadata.resource_version.unwrap();
+    secrets
+        .patch("kiln-gl-1", &PatchParams::default(), &claim(&rv, "b"))
+        .await
+        .unwrap();
+    let stale = secrets
+        .patch("kiln-gl-1", &PatchParams::default(), &claim(&rv, "c"))
+        .await
+        .map_err(api_error)
+        .unwrap_err();
+    assert_eq!((stale.code, stale.reason.as_str()), (409, "Conflict"));
+    // `notin` selects the Secrets of other replicas and those without the label.
+    let names = |list: kube::core::ObjectList<Secret>| -> Vec<String> {
+        list.items
+            .into_iter()
+            .filter_map(|s| s.metadata.name)
+            .collect()
+    };
+    let selector = "kiln.dev/coordinator=kiln,kiln.dev/replica notin (a,c)";
+    let found = names(
+        secrets
+            .list(&ListParams::default().labels(selector))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(found, ["kiln-gl-1", "kiln-gl-2"]);
+    let selector = "kiln.dev/coordinator=kiln,kiln.dev/replica notin (b)";
+    let found = names(
+        secrets
+            .list(&ListParams::default().labels(selector))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(found, ["kiln-gl-2"]);
+
+    // A watch of the pods not labelled b: the pod leaves it when relabelled b, and comes back.
+    let rv = pods
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let stream = pods
+        .watch(&WatchParams::default().labels(selector).timeout(2), &rv)
+        .await
+        .unwrap();
+    let current = pods.get("kiln-gl-1").await.unwrap();
+    let old_rv = current.metadata.resource_version.unwrap();
+    pods.patch("kiln-gl-1", &PatchParams::default(), &claim(&old_rv, "b"))
+        .await
+        .unwrap();
+    let stale = pods
+        .patch("kiln-gl-1", &PatchParams::default(), &claim(&old_rv, "c"))
+        .await
+        .map_err(api_error)
+        .unwrap_err();
+    assert_eq!((stale.code, stale.reason.as_str()), (409, "Conflict"));
+    pods.patch(
+        "kiln-gl-1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"kiln.dev/replica": "a"}}})),
+    )
+    .await
+    .unwrap();
+    let events: Vec<String> = stream
+        .take(2)
+        .map(|e| match e.unwrap() {
+            WatchEvent::Added(p) => format!("ADDED {}", p.metadata.name.unwrap()),
+            WatchEvent::Modified(p) => format!("MODIFIED {}", p.metadata.name.unwrap()),
+            WatchEvent::Deleted(p) => format!("DELETED {}", p.metadata.name.unwrap()),
+            other => format!("{other:?}"),
+        })
+        .collect()
+        .await;
+    assert_eq!(events, ["DELETED kiln-gl-1", "ADDED kiln-gl-1"]);
+}

@@ -96,6 +96,13 @@ pub(crate) struct Options {
     /// `[kubernetes] lease_renew` of the replicas, in seconds.
     #[arg(long, default_value_t = 5)]
     pub(crate) renew_secs: u64,
+    /// How long GitLab takes over every call about a job during the failover level's
+    /// take-overs (each adopted build is one such call), in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) failover_gitlab_ms: u64,
+    /// Run only the failover level (kill, then a rolling update).
+    #[arg(long)]
+    pub(crate) only_failover: bool,
 }
 
 /// The idle coordinator.
@@ -174,12 +181,12 @@ pub(crate) struct Burst {
     pub(crate) dispatch: Spread,
     /// The same for the jobs whose start did not wait for the client-side rate limit.
     pub(crate) dispatch_unthrottled: Spread,
-    /// 201 → the job's two-phase `PUT jobs/:id {running}` at GitLab.
-    pub(crate) to_ack: Spread,
-    /// Acknowledge → `POST secrets`.
-    pub(crate) ack_to_secret: Spread,
-    /// `POST secrets` → `POST pods`.
-    pub(crate) secret_to_pod: Spread,
+    /// 201 → `POST secrets` (the job written down in the cluster).
+    pub(crate) to_secret: Spread,
+    /// `POST secrets` → the job's two-phase `PUT jobs/:id {running}` at GitLab.
+    pub(crate) secret_to_ack: Spread,
+    /// Acknowledge → `POST pods`.
+    pub(crate) ack_to_pod: Spread,
     /// Pod creates per second, first to last.
     pub(crate) pods_per_sec: f64,
     /// kiln's API calls per second from its first call after the queueing to the last pod
@@ -257,6 +264,14 @@ pub(crate) struct Failover {
     pub(crate) builds_moved: usize,
     /// Builds created more than once, over all rounds (must be 0).
     pub(crate) duplicates: usize,
+    /// Rolling update after the kill (a new replica c starts, the survivor b gets SIGTERM):
+    /// SIGTERM → b has exited (its in-flight long poll ends, its Leases are given up).
+    pub(crate) rolling_exit: Spread,
+    /// … b's exit → every build (all of them, b's now) labelled with c.
+    pub(crate) rolling_handed_over: Spread,
+    /// Times a live replica's own Lease was seen lapsed (read every 20 ms), over all rounds
+    /// (must be 0).
+    pub(crate) lease_lapses: usize,
 }
 
 /// Everything measured.
@@ -1084,7 +1099,7 @@ fn burst_figures(
     }
     let mut dispatch = Vec::new();
     let mut unthrottled = Vec::new();
-    let (mut to_ack, mut ack_to_secret, mut secret_to_pod) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut to_secret, mut secret_to_ack, mut ack_to_pod) = (Vec::new(), Vec::new(), Vec::new());
     let mut handouts = Vec::new();
     // Jobs started from the saved-up burst never wait for a token (3 calls each).
     let free_starts = (options.burst / 3) as usize;
@@ -1099,9 +1114,9 @@ fn burst_figures(
         by_handout.push((handed, id));
         dispatch.push(pod.saturating_duration_since(handed));
         if let (Some(ack), Some(secret)) = (acks.get(&id), secret_posts.get(&name)) {
-            to_ack.push(ack.saturating_duration_since(handed));
-            ack_to_secret.push(secret.saturating_duration_since(*ack));
-            secret_to_pod.push(pod.saturating_duration_since(*secret));
+            to_secret.push(secret.saturating_duration_since(handed));
+            secret_to_ack.push(ack.saturating_duration_since(*secret));
+            ack_to_pod.push(pod.saturating_duration_since(*ack));
         }
     }
     by_handout.sort();
@@ -1149,9 +1164,9 @@ fn burst_figures(
         jobs: ids.len(),
         dispatch: Spread::of(dispatch),
         dispatch_unthrottled: Spread::of(unthrottled),
-        to_ack: Spread::of(to_ack),
-        ack_to_secret: Spread::of(ack_to_secret),
-        secret_to_pod: Spread::of(secret_to_pod),
+        to_secret: Spread::of(to_secret),
+        secret_to_ack: Spread::of(secret_to_ack),
+        ack_to_pod: Spread::of(ack_to_pod),
         pods_per_sec,
         calls_per_sec,
         budget_used,
@@ -1380,12 +1395,16 @@ fn replicas_of_pods(kube: &KubeServer) -> HashMap<String, String> {
 }
 
 /// Each round: replica a takes half the jobs, replica b the rest; a is killed, and the time
-/// until b has claimed every build of a is measured.
-async fn run_failover(options: &Options) -> Failover {
+/// until b has claimed every build of a is measured; then a rolling update: c starts, b gets
+/// SIGTERM, and the time until c has every build is measured.
+pub(crate) async fn run_failover(options: &Options) -> Failover {
     let jobs = options.failover_jobs;
     let mut samples = Vec::new();
     let mut moved = 0;
     let mut duplicates = 0;
+    let mut rolling_exit = Vec::new();
+    let mut rolling_handed_over = Vec::new();
+    let mut lapses = 0;
     for round in 0..options.failover_rounds {
         let gitlab = gitlab(options).await;
         let DrivenCluster {
@@ -1439,11 +1458,14 @@ async fn run_failover(options: &Options) -> Failover {
             .filter(|(_, replica)| *replica == a_name)
             .map(|(name, _)| name)
             .collect();
+        gitlab.set_job_latency(Duration::from_millis(options.failover_gitlab_ms));
         let _ = a.child.kill();
         let killed = Instant::now();
         let _ = a.child.wait();
-        let limit = Duration::from_secs(options.lease_secs + options.renew_secs) * 3;
+        let limit = Duration::from_secs(options.lease_secs + options.renew_secs) * 3
+            + Duration::from_secs(jobs as u64 / 10);
         wait_until("the take-over", limit, &b, || {
+            lapses += usize::from(lease_lapsed(&kube, &b_name));
             let now = replicas_of_pods(&kube);
             victims
                 .iter()
@@ -1452,22 +1474,106 @@ async fn run_failover(options: &Options) -> Failover {
         .await;
         samples.push(killed.elapsed());
         moved += victims.len();
-        let created = kube.creations();
-        let unique: HashSet<&String> = created.iter().collect();
-        duplicates += created.len() - unique.len();
         progress(&format!(
             "failover round {round}: {} builds taken over in {}",
             victims.len(),
             ms(killed.elapsed())
         ));
-        drop(b);
+
+        // The rolling update the chart performs (maxSurge 1): a new replica c starts, then
+        // the old one, b, gets SIGTERM; c takes every build over.
+        let c_name = format!("bench-c-{round}");
+        let c = start(&c_name, "s_00000000000c");
+        tokio::time::sleep(Duration::from_secs(2 * options.renew_secs)).await;
+        let mut b = b;
+        let terminated = Instant::now();
+        let _ = Command::new("kill")
+            .args(["-TERM", &b.pid().to_string()])
+            .status();
+        let exit_limit = Duration::from_secs(options.hold_secs + 60);
+        loop {
+            if b.child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            assert!(
+                terminated.elapsed() < exit_limit,
+                "b did not exit:\n{}",
+                b.logs()
+            );
+            lapses += usize::from(lease_lapsed(&kube, &c_name));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let exited = Instant::now();
+        if std::env::var_os("BENCH_SHOW_EXIT").is_some() {
+            let logs = b.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(40).collect();
+            progress(&format!(
+                "b's last log lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
+        }
+        rolling_exit.push(exited - terminated);
+        let all: Vec<String> = replicas_of_pods(&kube).into_keys().collect();
+        let deadline = Instant::now() + limit * 4;
+        loop {
+            let now = replicas_of_pods(&kube);
+            if all
+                .iter()
+                .all(|name| now.get(name).is_some_and(|r| *r == c_name))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the hand-over to c:\n{}",
+                c.logs()
+            );
+            lapses += usize::from(lease_lapsed(&kube, &c_name));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        rolling_handed_over.push(exited.elapsed());
+        progress(&format!(
+            "rolling update round {round}: b exited {} after SIGTERM; {} builds handed over to c {} after",
+            ms(exited - terminated),
+            all.len(),
+            ms(exited.elapsed())
+        ));
+        let created = kube.creations();
+        let unique: HashSet<&String> = created.iter().collect();
+        duplicates += created.len() - unique.len();
+        gitlab.set_job_latency(Duration::ZERO);
+        drop(c);
     }
     Failover {
         jobs,
         taken_over: Spread::of(samples),
         builds_moved: moved,
         duplicates,
+        rolling_exit: Spread::of(rolling_exit),
+        rolling_handed_over: Spread::of(rolling_handed_over),
+        lease_lapses: lapses,
     }
+}
+
+/// Whether Lease `<replica>`'s own Lease has lapsed now (`renewTime + leaseDurationSeconds`
+/// passed); false when it does not exist (yet).
+fn lease_lapsed(kube: &KubeServer, replica: &str) -> bool {
+    let suffix = format!("-{replica}");
+    kube.leases()
+        .into_iter()
+        .filter(|l| {
+            l.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.ends_with(&suffix))
+        })
+        .filter_map(|l| {
+            let spec = l.spec?;
+            let renewed = std::time::SystemTime::from(spec.renew_time?.0);
+            let duration = u64::try_from(spec.lease_duration_seconds?).ok()?;
+            Some(renewed + Duration::from_secs(duration))
+        })
+        .any(|lapses| lapses < std::time::SystemTime::now())
 }
 
 pub(crate) fn machine() -> String {
@@ -1540,18 +1646,18 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "  201 -> acknowledge at GitLab:   {}",
-            spread(&b.to_ack)
+            "  201 -> POST secrets:            {}",
+            spread(&b.to_secret)
         );
         let _ = writeln!(
             out,
-            "  acknowledge -> POST secrets:    {}",
-            spread(&b.ack_to_secret)
+            "  POST secrets -> acknowledge:    {}",
+            spread(&b.secret_to_ack)
         );
         let _ = writeln!(
             out,
-            "  POST secrets -> POST pods:      {}",
-            spread(&b.secret_to_pod)
+            "  acknowledge -> POST pods:       {}",
+            spread(&b.ack_to_pod)
         );
         let _ = writeln!(out, "GitLab handed out {:.0} jobs/s", b.handout_per_sec);
         let _ = writeln!(
@@ -1633,16 +1739,7 @@ impl Report {
             let _ = writeln!(out, "    GitHub calls: {}", kinds.join(", "));
         }
         if let Some(f) = &self.failover {
-            let _ = writeln!(
-                out,
-                "\n## failover (2 replicas, {} builds, Lease {}s / renew {}s)\nkill -> every build of the killed replica taken over: {}; {} builds moved, {} created twice",
-                f.jobs,
-                o.lease_secs,
-                o.renew_secs,
-                spread(&f.taken_over),
-                f.builds_moved,
-                f.duplicates
-            );
+            out.push_str(&render_failover(o, f));
         }
         if let Some(status) = &self.status {
             out.push('\n');
@@ -1680,4 +1777,34 @@ impl StatusFigures {
         );
         out
     }
+}
+
+/// The failover level's figures as text.
+pub(crate) fn render_failover(o: &Options, f: &Failover) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n## failover (2 replicas, {} builds, Lease {}s / renew {}s, qps {} / burst {})\nkill -> every build of the killed replica taken over: {}; {} builds moved, {} created twice",
+        f.jobs,
+        o.lease_secs,
+        o.renew_secs,
+        o.qps,
+        o.burst,
+        spread(&f.taken_over),
+        f.builds_moved,
+        f.duplicates
+    );
+    let _ = writeln!(
+        out,
+        "rolling update (new replica c starts, b gets SIGTERM; all {} builds): SIGTERM -> b exited {}; b exited -> every build handed over to c {}",
+        f.jobs,
+        spread(&f.rolling_exit),
+        spread(&f.rolling_handed_over)
+    );
+    let _ = writeln!(
+        out,
+        "GitLab latency per job call during take-overs: {} ms; a live replica's own Lease seen lapsed: {} times",
+        o.failover_gitlab_ms, f.lease_lapses
+    );
+    out
 }

@@ -52,6 +52,17 @@ async fn main() {
         println!("{}", harness::run_status(&options).await.render());
         return;
     }
+    if options.only_failover {
+        let kiln = options.kiln_path();
+        assert!(
+            kiln.exists(),
+            "no kiln binary at {} (build it first: cargo build --release --bin kiln)",
+            kiln.display()
+        );
+        let failover = harness::run_failover(&options).await;
+        println!("{}", harness::render_failover(&options, &failover));
+        return;
+    }
     let report = harness::run(&options).await;
     println!("{}", report.render());
 }

@@ -9,6 +9,8 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt;
+
 use super::dispatch::{Dispatcher, Start};
 use super::limiter::Limiter;
 use super::replicas::{Owner, Replicas};
@@ -53,7 +55,7 @@ pub(crate) async fn adopt_all(
             return false;
         }
     };
-    let mut taken = Vec::new();
+    let mut candidates = Vec::new();
     for found in found {
         if dispatcher.follows(&found.name) {
             continue;
@@ -72,40 +74,55 @@ pub(crate) async fn adopt_all(
             tracing::debug!(build = %found.key, name = %found.name, "a build of a source this replica does not have; leaving it to the leader");
             continue;
         }
-        // A build labelled with another replica (or none) is claimed first: of replicas
-        // taking it at once one wins, and the executor follows only builds labelled with this
-        // replica (also when, without Leases, this one takes every build).
-        let labelled_other = replicas
-            .identity()
-            .is_some_and(|me| found.replica.as_deref() != Some(me));
-        if labelled_other {
-            match dispatcher.executor.claim(&found).await {
-                Claim::Won => {
-                    tracing::info!(build = %found.key, name = %found.name, from = found.replica.as_deref().unwrap_or("no replica"), "claimed the build");
-                }
-                Claim::Lost => {
-                    tracing::debug!(build = %found.key, name = %found.name, "another replica claimed the build first");
-                    continue;
-                }
-                Claim::Failed(message) => {
-                    tracing::warn!(build = %found.key, name = %found.name, error = %message, "cannot claim the build; trying again later");
-                    continue;
-                }
-            }
-        }
-        taken.push(found);
+        candidates.push(found);
     }
-    if !taken.is_empty() {
+    if !candidates.is_empty() {
         let what = match pass {
             Pass::Start => "adopting the builds of an earlier run",
             Pass::TakeOver => "taking over the builds of replicas that are gone",
         };
-        tracing::info!(builds = taken.len(), "{what}");
+        tracing::info!(builds = candidates.len(), "{what}");
     }
-    for found in taken {
-        adopt(dispatcher, limiter, sources, found).await;
-    }
+    // Builds are taken over side by side: each is a claim (an API call under the executor's
+    // rate limit) and its source's look at it (a call to its CI server, which may be slow),
+    // and a thousand of them one after another would leave the dead replica's failures
+    // unreported for minutes. As many at once as the executor's rate limit lets go out at once.
+    let parallel = dispatcher.executor.parallel_calls().max(1);
+    futures::stream::iter(candidates)
+        .for_each_concurrent(parallel, |found| async move {
+            if claim(dispatcher, replicas, &found).await {
+                adopt(dispatcher, limiter, sources, found).await;
+            }
+        })
+        .await;
     true
+}
+
+/// Claims `found` for this replica when it must (see [`Found::needs_claim`]); whether this
+/// replica follows it now.
+async fn claim(dispatcher: &Dispatcher, replicas: &Replicas, found: &Found) -> bool {
+    // A build owned by another replica (or none) is claimed first: of replicas taking it at
+    // once one wins, and the executor follows only builds labelled with this replica (also
+    // when, without Leases, this one takes every build). One of its own whose pod still names
+    // the replica it came from (a claim stopped half way) is brought in line.
+    let needs_claim = replicas.identity().is_some_and(|me| found.needs_claim(me));
+    if !needs_claim {
+        return true;
+    }
+    match dispatcher.executor.claim(found).await {
+        Claim::Won => {
+            tracing::info!(build = %found.key, name = %found.name, from = found.replica.as_deref().unwrap_or("no replica"), "claimed the build");
+            true
+        }
+        Claim::Lost => {
+            tracing::debug!(build = %found.key, name = %found.name, "another replica claimed the build first");
+            false
+        }
+        Claim::Failed(message) => {
+            tracing::warn!(build = %found.key, name = %found.name, error = %message, "cannot claim the build; trying again later");
+            false
+        }
+    }
 }
 
 async fn adopt(

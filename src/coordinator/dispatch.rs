@@ -420,6 +420,14 @@ impl Chain for SourceChain {
             .map(Slot::new)
     }
 
+    fn persist<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Err(e) = self.dispatcher.executor.persist(build).await {
+                tracing::warn!(build = %build.key, name = %build.name, error = %e, "cannot write the build down before its work is acknowledged; the launch tries again");
+            }
+        })
+    }
+
     fn launch(&self, slot: Slot, build: Build) {
         self.dispatcher
             .spawn(Arc::clone(&self.source), Some(slot), Start::launch(build));

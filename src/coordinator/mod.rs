@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -115,6 +116,17 @@ impl Coordinator {
         ));
         // Renew this replica's Lease and read the others' before looking at any build.
         let first = replicas.round().await;
+        let stop_replicas = CancellationToken::new();
+        let wanted = Arc::new(Notify::new());
+        // From here on the Leases are renewed by a task of their own, which nothing awaits
+        // behind: a take-over of many builds (each a claim and a call to its CI server) takes
+        // longer than a Lease lasts, and a replica that stops renewing meanwhile is taken for
+        // dead by the others.
+        let renewer = tokio::spawn(renew_leases(
+            Arc::clone(&replicas),
+            stop_replicas.clone(),
+            Arc::clone(&wanted),
+        ));
         let listed = adoption::adopt_all(
             dispatcher,
             &self.limiter,
@@ -123,13 +135,13 @@ impl Coordinator {
             Pass::Start,
         )
         .await;
-        let stop_replicas = CancellationToken::new();
-        let keeper = tokio::spawn(keep_replicas(
+        let keeper = tokio::spawn(take_over(
             Arc::clone(&replicas),
             dispatcher.clone(),
             self.limiter.clone(),
             self.sources.clone(),
             stop_replicas.clone(),
+            wanted,
             !(listed && (first.read || !replicas.shared_builds())),
         ));
         let mut sources = tokio::task::JoinSet::new();
@@ -160,6 +172,7 @@ impl Coordinator {
         // No take-overs while stopping; the Leases are given up once the builds are let go.
         stop_replicas.cancel();
         let _ = keeper.await;
+        let _ = renewer.await;
         let tracker = &dispatcher.tracker;
         tracker.close();
         let running = tracker.len();
@@ -207,37 +220,25 @@ impl Coordinator {
     }
 }
 
-/// Renews the Leases every renew period and takes over the builds of replicas that died (and
-/// of none) until `stop`. `scan` says the start-up adoption could not tell whose builds are
-/// whose, so it is done again as soon as it can.
-async fn keep_replicas(
-    replicas: Arc<Replicas>,
-    dispatcher: Dispatcher,
-    limiter: Limiter,
-    sources: Vec<Arc<dyn Source>>,
-    stop: CancellationToken,
-    mut scan: bool,
-) {
-    let timing = replicas.timing();
-    let mut last_scan = tokio::time::Instant::now();
+/// Renews this replica's Leases and reads the others' every renew period until `stop`, and
+/// wakes the take-over when a replica died or this one became the leader. It awaits nothing
+/// but the Lease calls (outside the executor's rate limit), so nothing delays a renewal.
+async fn renew_leases(replicas: Arc<Replicas>, stop: CancellationToken, wanted: Arc<Notify>) {
+    let renew = replicas.timing().renew;
     let mut leading = replicas.leading();
+    let mut next = tokio::time::Instant::now() + renew;
     loop {
         tokio::select! {
-            () = tokio::time::sleep(timing.renew) => {}
+            () = tokio::time::sleep_until(next) => {}
             () = stop.cancelled() => return,
         }
+        // A steady beat: a slow round does not push the next one later.
+        next += renew;
+        let now = tokio::time::Instant::now();
+        if next < now {
+            next = now + renew;
+        }
         if !replicas.shared_builds() {
-            if scan {
-                // The Leases turned out forbidden before the builds could be sorted.
-                scan = !adoption::adopt_all(
-                    &dispatcher,
-                    &limiter,
-                    &sources,
-                    &replicas,
-                    Pass::TakeOver,
-                )
-                .await;
-            }
             continue;
         }
         let round = replicas.round().await;
@@ -247,11 +248,50 @@ async fn keep_replicas(
         // A new leader takes over the orphans the last one may have left.
         let became_leader = replicas.leading() && !leading;
         leading = replicas.leading();
-        if scan || became_leader || !round.died.is_empty() || last_scan.elapsed() >= SAFETY_SCAN {
+        if became_leader || !round.died.is_empty() {
+            wanted.notify_one();
+        }
+    }
+}
+
+/// Takes over the builds of replicas that died (and of none) when [`renew_leases`] says so,
+/// and every [`SAFETY_SCAN`] anyway, until `stop`; one pass at a time, beside the renewals.
+/// `scan` says the start-up adoption could not tell whose builds are whose, so it is done
+/// again as soon as it can.
+async fn take_over(
+    replicas: Arc<Replicas>,
+    dispatcher: Dispatcher,
+    limiter: Limiter,
+    sources: Vec<Arc<dyn Source>>,
+    stop: CancellationToken,
+    wanted: Arc<Notify>,
+    mut scan: bool,
+) {
+    let renew = replicas.timing().renew;
+    let mut last_scan = tokio::time::Instant::now();
+    loop {
+        let wait = if scan {
+            renew
+        } else {
+            SAFETY_SCAN.saturating_sub(last_scan.elapsed())
+        };
+        tokio::select! {
+            () = wanted.notified() => {}
+            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => return,
+        }
+        let look = if replicas.shared_builds() {
+            // Whose builds are whose cannot be told before the Leases were read once.
+            replicas.known()
+        } else {
+            // The only replica: its start-up adoption took every build there is.
+            scan
+        };
+        if look {
             scan = !adoption::adopt_all(&dispatcher, &limiter, &sources, &replicas, Pass::TakeOver)
                 .await;
-            last_scan = tokio::time::Instant::now();
         }
+        last_scan = tokio::time::Instant::now();
     }
 }
 

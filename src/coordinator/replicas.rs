@@ -288,6 +288,12 @@ impl Replicas {
         Some(live.into_iter().collect())
     }
 
+    /// Whether the replicas' Leases have been read at least once (always, when this is the
+    /// only replica).
+    pub(crate) fn known(&self) -> bool {
+        self.me().is_none() || self.lock().known
+    }
+
     /// Whether this replica runs the singleton chores now.
     pub(crate) fn leading(&self) -> bool {
         *self.leading.borrow()

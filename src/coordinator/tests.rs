@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Coordinator, Prices, Settings, Status};
 use crate::build::{
-    About, Build, BuildKey, Ending, FailureReason, Found, JOB_FILE, Outcome, SourceKind, Workload,
+    About, Build, BuildKey, Ending, FailureReason, Found, JOB_FILE, Outcome, Recorded, SourceKind,
+    Workload,
 };
 use crate::executor::{
     Claim, Executor, ExecutorError, Footprint, LaunchError, LeaseRecord, Leases, Watch,
@@ -41,6 +42,10 @@ struct ExecutorState {
     claims: Vec<String>,
     /// Builds whose claim another replica wins.
     claimed_by_others: Vec<String>,
+    /// What `parallel_calls` says (0: the default).
+    parallel: usize,
+    /// `list` calls.
+    lists: usize,
 }
 
 impl FakeExecutor {
@@ -132,12 +137,17 @@ impl Executor for FakeExecutor {
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<Found>, ExecutorError>> {
+        self.lock().lists += 1;
         let found = self.lock().left_over.clone();
         Box::pin(async move { Ok(found) })
     }
 
     fn leases(&self) -> Option<Arc<dyn Leases>> {
         self.lock().leases.clone()
+    }
+
+    fn parallel_calls(&self) -> usize {
+        self.lock().parallel.max(1)
     }
 
     fn claim<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Claim> {
@@ -174,6 +184,10 @@ struct FakeSource {
     runs: std::sync::atomic::AtomicU32,
     adopted: Mutex<Vec<String>>,
     ended: Mutex<Vec<(String, Ending)>>,
+    /// How long its CI server takes to answer about a build being adopted.
+    adopt_delay: Duration,
+    /// Adoptions under way now, and the most there ever were at once.
+    adopting: Mutex<(usize, usize)>,
 }
 
 impl FakeSource {
@@ -221,7 +235,16 @@ impl Source for FakeSource {
 
     fn adopt<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Adoption> {
         self.adopted.lock().unwrap().push(found.name.clone());
-        Box::pin(async { Adoption::Follow(About::default()) })
+        Box::pin(async {
+            {
+                let mut adopting = self.adopting.lock().unwrap();
+                adopting.0 += 1;
+                adopting.1 = adopting.1.max(adopting.0);
+            }
+            tokio::time::sleep(self.adopt_delay).await;
+            self.adopting.lock().unwrap().0 -= 1;
+            Adoption::Follow(About::default())
+        })
     }
 
     fn ended<'a>(
@@ -311,7 +334,7 @@ async fn start_with(
     start_source(concurrent, leases, FakeSource::default(), before).await
 }
 
-/// [`start_with`] over `source`.
+/// [`start_with`] with `source`.
 async fn start_source(
     concurrent: usize,
     leases: super::LeaseTiming,
@@ -394,6 +417,7 @@ async fn a_build_is_never_launched_twice_for_one_job() {
         annotations: BTreeMap::new(),
         replica: None,
         version: None,
+        recorded: Recorded::OnBuild,
     });
     let slot = chain.slot().await.unwrap();
     chain.launch(slot, build(8));
@@ -449,6 +473,7 @@ async fn a_restart_adopts_running_builds_and_counts_them_against_concurrent() {
                 annotations: BTreeMap::new(),
                 replica: None,
                 version: None,
+                recorded: Recorded::OnBuild,
             });
         }
     })
@@ -562,6 +587,7 @@ fn labelled(id: u64, runner: &str, replica: Option<&str>) -> Found {
         annotations: BTreeMap::new(),
         replica: replica.map(Into::into),
         version: Some("7".into()),
+        recorded: Recorded::OnBuild,
     }
 }
 
@@ -695,4 +721,86 @@ async fn a_panicking_source_loop_is_restarted_and_shown_unready_meanwhile() {
     assert!(said.contains("panicked 2 time(s)"), "{said}");
     harness.shutdown.cancel();
     harness.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_take_over_never_delays_a_lease_renewal() {
+    use super::replicas::tests::{LeaseStore, MemoryLeases};
+    const BUILDS: u64 = 200;
+    const PARALLEL: usize = 16;
+    let store: LeaseStore = Arc::default();
+    let wall = std::time::SystemTime::now();
+    let started = tokio::time::Instant::now();
+    let now = || wall + started.elapsed();
+    {
+        // `other` is alive for one more second, then dies with 200 builds.
+        let lease = LeaseRecord {
+            name: "kiln-ci-other".into(),
+            holder: Some("other".into()),
+            acquired: Some(wall),
+            renewed: Some(wall),
+            duration: Some(Duration::from_secs(1)),
+            transitions: 0,
+            version: Some("1".into()),
+        };
+        store.lock().unwrap().1.insert(lease.name.clone(), lease);
+    }
+    let timing = super::LeaseTiming {
+        duration: Duration::from_secs(3),
+        renew: Duration::from_secs(1),
+    };
+    // Its CI server answers each look at a build in 1 s.
+    let source = FakeSource {
+        adopt_delay: Duration::from_secs(1),
+        ..FakeSource::default()
+    };
+    let h = start_source(2 * BUILDS as usize, timing, source, |executor| {
+        executor.lock().leases = Some(Arc::new(MemoryLeases {
+            replica: "me".into(),
+            store: Arc::clone(&store),
+        }));
+        executor.lock().parallel = PARALLEL;
+        for id in 0..BUILDS {
+            executor.leave(labelled(id, "fake", Some("other")));
+        }
+    })
+    .await;
+    assert!(
+        h.source.adopted.lock().unwrap().is_empty(),
+        "a live replica's builds are left"
+    );
+    // Until every build is taken over (and a while after), this replica's own Lease never
+    // lapses: the others would take it for dead and its builds with it.
+    let mut checks = 0;
+    while h.source.adopted.lock().unwrap().len() < BUILDS as usize || checks < 100 {
+        let own = store.lock().unwrap().1.get("kiln-ci-me").cloned();
+        let own = own.expect("this replica's Lease exists");
+        assert!(
+            !super::replicas::expired(&own, now()),
+            "this replica's Lease lapsed {:?} into the take-over ({} of {BUILDS} builds adopted)",
+            started.elapsed(),
+            h.source.adopted.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        checks += 1;
+        assert!(checks < 10_000, "the take-over never ended");
+    }
+    let most = h.source.adopting.lock().unwrap().1;
+    assert_eq!(
+        most, PARALLEL,
+        "builds are taken over side by side, as many as the executor's rate limit lets go out at once"
+    );
+    h.shutdown.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_only_replica_lists_its_builds_once() {
+    let h = start(2, |_| {}).await;
+    // Minutes later (past several safety-scan periods) it has not listed them again: with no
+    // other replica nothing can have been left for it to take.
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert_eq!(h.executor.lock().lists, 1);
+    h.shutdown.cancel();
+    h.task.await.unwrap();
 }

@@ -233,6 +233,19 @@ pub trait Executor: Send + Sync {
     /// [`LaunchError::Failed`] when the infrastructure failed (whatever was created is removed).
     fn launch<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>>;
 
+    /// Writes `build` down where it outlives this process, before its source commits to it
+    /// (acknowledges its job): a coordinator that dies before the launch then leaves what the
+    /// next one needs to start or fail it (the Kubernetes executor: the build's Secret, which
+    /// [`Executor::launch`] then uses). Nothing for executors whose builds die with the
+    /// process.
+    ///
+    /// # Errors
+    /// As [`Executor::launch`]; the launch tries again.
+    fn persist<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>> {
+        let _ = build;
+        Box::pin(async { Ok(()) })
+    }
+
     /// Follows build `name` until it ends, or until `watch.cancel` fires.
     fn watch<'a>(&'a self, name: &'a str, watch: Watch) -> BoxFuture<'a, Ending>;
 
@@ -255,6 +268,12 @@ pub trait Executor: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<Found>, ExecutorError>> {
         let _ = replicas;
         self.list()
+    }
+
+    /// How many builds a take-over handles at once: as many API calls as the executor's rate
+    /// limit lets go out without waiting (its burst). One for executors without a limit.
+    fn parallel_calls(&self) -> usize {
+        1
     }
 
     /// The Leases that let replicas share the builds (`None`: builds are this process's

@@ -45,12 +45,18 @@ pub trait Chain: Send + Sync {
     /// A slot if one is free now (for sources that decide per tick).
     fn try_slot(&self) -> Option<Slot>;
 
+    /// Writes `build` down where it outlives this coordinator, before the source commits to
+    /// its work (acknowledges a job): if kiln dies before the launch, the next coordinator
+    /// finds it and starts or fails it. A failure is logged; the launch tries again.
+    fn persist<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, ()>;
+
     /// Starts `build` in `slot`'s capacity and follows it; how it ended comes back through
     /// [`Source::ended`], always — also when it could not start.
     fn launch(&self, slot: Slot, build: Build);
 
-    /// Stops and removes a build of this source (an agent no longer needed); its ending
-    /// still comes back through [`Source::ended`].
+    /// Stops and removes a build of this source (an agent no longer needed, or a persisted
+    /// build whose work the CI server withdrew before its launch); the ending of a launched
+    /// build still comes back through [`Source::ended`].
     fn stop(&self, name: &str) -> BoxFuture<'_, ()>;
 
     /// Whether this replica of kiln runs the singleton chores now (reconciles, provisioning

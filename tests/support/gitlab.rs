@@ -291,6 +291,8 @@ struct ServerState {
     queue: VecDeque<u64>,
     next_job_id: u64,
     long_poll_timeout: Duration,
+    /// Added before GitLab answers any call about one job (`jobs/:id…`, not `jobs/request`).
+    job_latency: Duration,
     trace_interval: u64,
     request_injection: Option<RequestInjection>,
     artifact_redirect: bool,
@@ -644,6 +646,13 @@ impl GitLabServer {
         self.lock().long_poll_timeout = timeout;
     }
 
+    /// Makes GitLab take `latency` before it handles any call about one job (`PUT jobs/:id`,
+    /// trace patches, artifacts; not `jobs/request`): a slow or loaded GitLab. The call is
+    /// recorded when it arrives.
+    pub(crate) fn set_job_latency(&self, latency: Duration) {
+        self.lock().job_latency = latency;
+    }
+
     /// The `X-GitLab-Trace-Update-Interval` of trace answers.
     pub(crate) fn set_trace_interval(&self, secs: u64) {
         self.lock().trace_interval = secs;
@@ -862,8 +871,13 @@ async fn record_request(State(s): Srv, request: Request, next: Next) -> Response
             has_job_token: request.headers().contains_key("job-token"),
             status: None,
         });
-        st.requests.len() - 1
+        (st.requests.len() - 1, st.job_latency)
     };
+    let (index, latency) = index;
+    let path = request.uri().path();
+    if !latency.is_zero() && path.starts_with("/api/v4/jobs/") && path != "/api/v4/jobs/request" {
+        tokio::time::sleep(latency).await;
+    }
     let mut response = next.run(request).await;
     let status = response.status();
     {

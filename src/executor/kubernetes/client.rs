@@ -23,12 +23,14 @@ pub(crate) const PERMISSIONS: &[(&str, &str)] = &[
     ("get", "pods"),
     ("list", "pods"),
     ("watch", "pods"),
-    // Claiming a build of a replica that died: its `kiln.dev/replica` label.
+    // Claiming a build of a replica that died: its pod's `kiln.dev/replica` label follows.
     ("patch", "pods"),
     ("delete", "pods"),
     ("create", "secrets"),
     ("get", "secrets"),
     ("list", "secrets"),
+    // Claiming a build: its Secret's `kiln.dev/replica` label says whose the build is.
+    ("patch", "secrets"),
     ("delete", "secrets"),
     ("list", "events"),
 ];

@@ -7,6 +7,7 @@ mod classify;
 mod client;
 pub mod config;
 mod lease;
+mod ownership;
 pub(crate) mod podspec;
 mod quantity;
 mod watch;
@@ -20,7 +21,7 @@ use k8s_openapi::api::core::v1::{Event, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
 use tokio_util::sync::CancellationToken;
 
 use super::{Claim, Executor, ExecutorError, Footprint, LaunchError, Leases, Watch};
@@ -57,6 +58,9 @@ pub struct KubernetesExecutor {
     config: Arc<KubernetesConfig>,
     pods: PodWatch,
     selector: String,
+    /// The uids of Secrets persisted ahead of their build's launch, by build name: the pod is
+    /// created owned by its Secret.
+    persisted: std::sync::Mutex<HashMap<String, Option<String>>>,
 }
 
 impl KubernetesExecutor {
@@ -81,6 +85,7 @@ impl KubernetesExecutor {
             config: Arc::new(config),
             pods,
             selector,
+            persisted: std::sync::Mutex::default(),
         })
     }
 
@@ -108,23 +113,13 @@ impl KubernetesExecutor {
     /// coordinator runs that build.
     async fn create(&self, pod: &Pod, secret: &Secret) -> Result<(), LaunchError> {
         let name = pod.metadata.name.clone().unwrap_or_default();
-        let secrets: Api<Secret> = self.cluster.api();
         let create = PostParams::default();
-        let (secret_uid, secret_was_there) =
-            match self.cluster.call(|| secrets.create(&create, secret)).await {
-                Ok(created) => (created.metadata.uid, false),
-                Err(e) if is_status(&e, 409) => {
-                    // Left by an earlier try: read its uid to own the pod (rare, one call).
-                    let uid = self
-                        .cluster
-                        .call(|| secrets.get(&name))
-                        .await
-                        .ok()
-                        .and_then(|s| s.metadata.uid);
-                    (uid, true)
-                }
-                Err(e) => return Err(self.failed("create the build's Secret", &e)),
-            };
+        let persisted = self.persisted_lock().remove(&name);
+        let (secret_uid, secret_was_there) = match persisted {
+            // Created by `persist` for this very launch: removed with it if the pod fails.
+            Some(uid) => (uid, false),
+            None => self.create_secret(secret).await?,
+        };
         let mut pod = pod.clone();
         if let Some(uid) = secret_uid {
             pod.metadata.owner_references = Some(vec![OwnerReference {
@@ -181,6 +176,40 @@ impl KubernetesExecutor {
                 Err(self.failed("create the pod", &e))
             }
         }
+    }
+
+    /// Creates the build's Secret: its uid, and whether it was there already (left by an
+    /// earlier try).
+    async fn create_secret(&self, secret: &Secret) -> Result<(Option<String>, bool), LaunchError> {
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        let secrets: Api<Secret> = self.cluster.api();
+        let create = PostParams::default();
+        match self.cluster.call(|| secrets.create(&create, secret)).await {
+            Ok(created) => Ok((created.metadata.uid, false)),
+            Err(e) if is_status(&e, 409) => {
+                // Left by an earlier try: read its uid to own the pod (rare, one call).
+                let uid = self
+                    .cluster
+                    .call(|| secrets.get(&name))
+                    .await
+                    .ok()
+                    .and_then(|s| s.metadata.uid);
+                Ok((uid, true))
+            }
+            Err(e) => Err(self.failed("create the build's Secret", &e)),
+        }
+    }
+
+    /// Creates `build`'s Secret ahead of its launch (see [`Executor::persist`]).
+    async fn persist_build(&self, build: &Build) -> Result<(), LaunchError> {
+        let secret = podspec::secret(build, &self.config, self.cluster.namespace());
+        let (uid, _) = self.create_secret(&secret).await?;
+        self.persisted_lock().insert(build.name.clone(), uid);
+        Ok(())
+    }
+
+    fn persisted_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<String>>> {
+        self.persisted.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn failed(&self, what: &str, error: &kube::Error) -> LaunchError {
@@ -322,100 +351,9 @@ impl KubernetesExecutor {
         (labelled != mine).then(|| labelled.clone())
     }
 
-    /// Labels build `found` (its pod, else its Secret) with this replica, on the condition
-    /// that it is still as it was listed (its resourceVersion): of replicas claiming it at
-    /// once, exactly one wins. A conflict is read again: when the replica label is still the
-    /// listed one, only the status moved on (the kubelet), and the claim is made again.
-    async fn claim_build(&self, found: &Found) -> Claim {
-        let Some(replica) = self.config.replica.as_deref() else {
-            return Claim::Won;
-        };
-        let mut version = found.version.clone();
-        for _ in 0..CLAIM_ATTEMPTS {
-            match self.try_claim(found, replica, version.as_deref()).await {
-                Ok(()) => return Claim::Won,
-                Err(e) if is_status(&e, 404) => return Claim::Lost,
-                Err(e) if is_status(&e, 409) => match self.current(found).await {
-                    Ok(Some((labelled, current))) if labelled == found.replica => {
-                        version = current;
-                    }
-                    Ok(_) => return Claim::Lost,
-                    Err(e) => return self.claim_failed(found, replica, &e),
-                },
-                Err(e) => return self.claim_failed(found, replica, &e),
-            }
-        }
-        Claim::Failed(format!(
-            "build {} kept changing while replica {replica} claimed it",
-            found.name
-        ))
-    }
-
-    /// One claim of `found` as of `version`.
-    async fn try_claim(
-        &self,
-        found: &Found,
-        replica: &str,
-        version: Option<&str>,
-    ) -> Result<(), kube::Error> {
-        let patch = serde_json::json!({
-            "metadata": {
-                "resourceVersion": version,
-                "labels": {LABEL_REPLICA: replica},
-            }
-        });
-        let params = PatchParams::default();
-        let patch = Patch::Merge(&patch);
-        if found.exists {
-            let pods: Api<Pod> = self.cluster.api();
-            let pod = self
-                .cluster
-                .call(|| pods.patch(&found.name, &params, &patch))
-                .await?;
-            // Following starts from the claimed state, not from the listed one (which names
-            // the replica the build is taken from).
-            self.pods.written(pod);
-        } else {
-            let secrets: Api<Secret> = self.cluster.api();
-            self.cluster
-                .call(|| secrets.patch(&found.name, &params, &patch))
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// The replica label and resourceVersion of `found` now (`None`: it is gone).
-    async fn current(
-        &self,
-        found: &Found,
-    ) -> Result<Option<(Option<String>, Option<String>)>, kube::Error> {
-        let metadata = if found.exists {
-            let pods: Api<Pod> = self.cluster.api();
-            self.cluster
-                .call(|| pods.get_opt(&found.name))
-                .await?
-                .map(|p| p.metadata)
-        } else {
-            let secrets: Api<Secret> = self.cluster.api();
-            self.cluster
-                .call(|| secrets.get_opt(&found.name))
-                .await?
-                .map(|s| s.metadata)
-        };
-        Ok(metadata.map(|m| (replica_of(&m), m.resource_version)))
-    }
-
-    fn claim_failed(&self, found: &Found, replica: &str, error: &kube::Error) -> Claim {
-        Claim::Failed(format!(
-            "cannot label build {} with replica {replica} in namespace `{}`: {}",
-            found.name,
-            self.cluster.namespace(),
-            describe(error)
-        ))
-    }
-
     /// Deletes the pod and its Secret; missing ones are fine.
     async fn remove(&self, name: &str) {
+        self.persisted_lock().remove(name);
         let params = DeleteParams {
             grace_period_seconds: Some(DELETE_GRACE_SECONDS),
             propagation_policy: Some(PropagationPolicy::Background),
@@ -488,86 +426,6 @@ impl KubernetesExecutor {
                 None
             }
         }
-    }
-
-    /// kiln's pods and Secrets, as builds: one list of each.
-    async fn list_builds(&self, selector: &str) -> Result<Vec<Found>, ExecutorError> {
-        let params = ListParams::default().labels(selector);
-        let secrets: Api<Secret> = self.cluster.api();
-        let pods: Api<Pod> = self.cluster.api();
-        let list_error = |what: &str, e: kube::Error| ExecutorError::List {
-            message: format!(
-                "cannot list {what} in namespace `{}`: {}",
-                self.cluster.namespace(),
-                describe(&e)
-            ),
-        };
-        let secrets = self
-            .cluster
-            .call(|| secrets.list(&params))
-            .await
-            .map_err(|e| list_error("the builds' Secrets", e))?;
-        let pods = self
-            .cluster
-            .call(|| pods.list(&params))
-            .await
-            .map_err(|e| list_error("the build pods", e))?;
-        let mut data: HashMap<String, BTreeMap<String, Vec<u8>>> = HashMap::new();
-        let mut secret_meta = HashMap::new();
-        for secret in secrets.items {
-            let name = secret.metadata.name.clone().unwrap_or_default();
-            let values = secret
-                .data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(key, value)| (key, value.0))
-                .collect();
-            data.insert(name.clone(), values);
-            secret_meta.insert(name, secret.metadata);
-        }
-        let mut found = Vec::new();
-        for pod in pods.items {
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            secret_meta.remove(&name);
-            let Some(key) = key_of(&pod.metadata) else {
-                tracing::warn!(pod = %name, "a kiln pod without a readable source and job id; deleting it");
-                self.remove(&name).await;
-                continue;
-            };
-            found.push(Found {
-                key,
-                name: name.clone(),
-                exists: true,
-                ran: None,
-                secrets: data.remove(&name).unwrap_or_default(),
-                labels: foreign_labels(&pod.metadata),
-                annotations: pod.metadata.annotations.clone().unwrap_or_default(),
-                replica: replica_of(&pod.metadata),
-                version: pod.metadata.resource_version.clone(),
-            });
-            // The coordinator follows it next: let it start from this state.
-            self.pods.seed(pod);
-        }
-        for (name, metadata) in secret_meta {
-            let Some(key) = key_of(&metadata) else {
-                tracing::warn!(secret = %name, "a kiln Secret without a readable source and job id; deleting it");
-                self.remove(&name).await;
-                continue;
-            };
-            let ran = self.pod_had_events(&name).await;
-            found.push(Found {
-                key,
-                replica: replica_of(&metadata),
-                version: metadata.resource_version.clone(),
-                labels: foreign_labels(&metadata),
-                annotations: metadata.annotations.unwrap_or_default(),
-                secrets: data.remove(&name).unwrap_or_default(),
-                name,
-                exists: false,
-                ran,
-            });
-        }
-        Ok(found)
     }
 }
 
@@ -666,6 +524,10 @@ impl Executor for KubernetesExecutor {
         podspec::footprint(build, &self.config)
     }
 
+    fn persist<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>> {
+        Box::pin(self.persist_build(build))
+    }
+
     fn launch<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>> {
         Box::pin(self.launch_build(build))
     }
@@ -694,6 +556,10 @@ impl Executor for KubernetesExecutor {
             );
             self.list_builds(&selector).await
         })
+    }
+
+    fn parallel_calls(&self) -> usize {
+        usize::try_from(self.config.burst).unwrap_or(1)
     }
 
     fn leases(&self) -> Option<Arc<dyn Leases>> {

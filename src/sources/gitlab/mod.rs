@@ -83,37 +83,49 @@ impl GitLabSource {
         }
     }
 
-    /// Hands a claimed job to the chain as a build.
+    /// Hands a claimed job to the chain as a build: written down first, then acknowledged,
+    /// then launched.
+    ///
+    /// GitLab assigned the job with its answer to `jobs/request`; from then on a coordinator
+    /// killed before the build exists where it outlives the coordinator (its Secret) loses the
+    /// job, which stays `running` in GitLab until GitLab gives up on it. So the build is
+    /// persisted before anything else, the acknowledge (a round trip to GitLab, slow when GitLab
+    /// is) included: the next coordinator finds it and starts it. What remains of the window
+    /// is GitLab's answer on the wire and the persisting call (docs/operations.md).
     ///
     /// A job whose payload makes describing it panic (a bug meeting input nobody foresaw) is
     /// failed in GitLab with the reason, not left running there with the poller dead.
-    fn claimed(&self, chain: &dyn Chain, claimed: ClaimedJob) {
+    async fn claimed(&self, chain: &dyn Chain, claimed: ClaimedJob) {
         let described = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             build::build(&claimed.job, &claimed.raw, &self.context())
         }));
-        let reporter = claimed.runner.reporter(&claimed.job);
-        match described {
-            Ok(build) => {
-                self.lock().insert(claimed.job.id, reporter);
-                chain.launch(claimed.slot, build);
-            }
+        let build = match described {
+            Ok(build) => build,
             Err(panic) => {
                 let message = format!(
                     "kiln could not turn this job into a build (a bug in kiln: {}); please report it",
                     crate::sources::panic_message(panic.as_ref())
                 );
                 tracing::error!(job = %claimed.key, %message, "failing a job kiln could not describe");
-                let key = claimed.key;
-                tokio::spawn(async move {
-                    if let Err(e) = reporter
-                        .fail(FailureReason::RunnerSystemFailure, &message)
-                        .await
-                    {
-                        tracing::error!(job = %key, error = %e, "could not fail the job in GitLab; GitLab will time it out");
-                    }
-                });
+                let reporter = claimed.runner.reporter(&claimed.job);
+                if let Err(e) = reporter
+                    .fail(FailureReason::RunnerSystemFailure, &message)
+                    .await
+                {
+                    tracing::error!(job = %claimed.key, error = %e, "could not fail the job in GitLab; GitLab will time it out");
+                }
+                return;
             }
+        };
+        chain.persist(&build).await;
+        if !claimed.runner.acknowledge(&claimed.job).await {
+            tracing::warn!(job = %claimed.key, "GitLab withdrew the job before it started");
+            chain.stop(&build.name).await;
+            return;
         }
+        self.lock()
+            .insert(claimed.job.id, claimed.runner.reporter(&claimed.job));
+        chain.launch(claimed.slot, build);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, JobReporter>> {
@@ -241,7 +253,11 @@ impl Source for GitLabSource {
                 pollers.spawn(poller::poll(
                     Arc::clone(&self.runner),
                     Arc::clone(&chain),
-                    move |claimed| this.claimed(dispatch_chain.as_ref(), claimed),
+                    move |claimed| {
+                        let this = Arc::clone(&this);
+                        let chain = Arc::clone(&dispatch_chain);
+                        async move { this.claimed(chain.as_ref(), claimed).await }
+                    },
                     shutdown.clone(),
                 ));
             }

@@ -213,7 +213,7 @@ impl Runner {
 
     /// Two-phase commit: tells GitLab the runner really started the job. Returns false when
     /// GitLab says the job is no longer ours (then it must not run).
-    async fn acknowledge(&self, job: &JobPayload) -> bool {
+    pub(crate) async fn acknowledge(&self, job: &JobPayload) -> bool {
         let update = JobUpdate {
             token: &job.token,
             state: "running",
@@ -249,12 +249,14 @@ impl Runner {
 /// Capacity comes first: no request is sent without a free slot, because GitLab assigns the
 /// job the moment it answers; and the slot comes only when the executor can start a build at
 /// once, so a burst waits in GitLab's queue (where other runners may take it), not in kiln.
-pub async fn poll(
+pub async fn poll<F>(
     runner: Arc<Runner>,
     chain: Arc<dyn Chain>,
-    dispatch: impl Fn(ClaimedJob) + Send + Sync,
+    dispatch: impl Fn(ClaimedJob) -> F + Send + Sync,
     shutdown: CancellationToken,
-) {
+) where
+    F: Future<Output = ()> + Send,
+{
     let mut backoff = Duration::from_secs(1);
     loop {
         if !runner.is_verified() && !runner.ensure_verified(&shutdown).await {
@@ -351,17 +353,15 @@ pub async fn poll(
                         .observe(queued);
                 }
                 tracing::info!(job = %key, name = %job.job_info.name, project = %job.job_info.project_name, "received job");
-                if !runner.acknowledge(&job).await {
-                    tracing::warn!(job = %key, "GitLab withdrew the job before it started");
-                    continue;
-                }
+                // The source writes the job down, acknowledges it, and launches it.
                 dispatch(ClaimedJob {
                     key,
                     runner: Arc::clone(&runner),
                     job,
                     raw,
                     slot: permit,
-                });
+                })
+                .await;
             }
             Ok(JobRequest::NoJob { last_update }) => {
                 backoff = Duration::from_secs(1);
