@@ -496,7 +496,7 @@ async fn clones_the_repository_at_the_jobs_commit() {
 /// token (here in kiln's environment) is masked in the trace, though the build never held it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_local_build_cannot_read_or_signal_kiln_and_never_shows_its_token() {
-    const LONG_TOKEN: &str = "glrt-isolation_0123456789abcdef";
+    const LONG_TOKEN: &str = "runner-isolation_0123456789abcdef";
     let gitlab = GitLabServer::start().await;
     gitlab.add_runner_token(LONG_TOKEN);
     gitlab.set_long_poll_timeout(Duration::from_secs(2));

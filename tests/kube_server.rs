@@ -397,12 +397,7 @@ async fn watch_replays_from_resource_version_and_expires() {
         .unwrap();
     let events: Vec<String> = stream
         .take(3)
-        .map(|e| match e.unwrap() {
-            WatchEvent::Added(p) => format!("ADDED {}", p.metadata.name.unwrap()),
-            WatchEvent::Modified(p) => format!("MODIFIED {}", p.metadata.name.unwrap()),
-            WatchEvent::Deleted(p) => format!("DELETED {}", p.metadata.name.unwrap()),
-            other => format!("{other:?}"),
-        })
+        .map(|e| event_name(e.unwrap()))
         .collect()
         .await;
     // The relabelled pod left the selector: a DELETED for this watcher.
@@ -1254,13 +1249,18 @@ async fn claims_conflict_when_stale_and_selector_watches_follow_relabels() {
     .unwrap();
     let events: Vec<String> = stream
         .take(2)
-        .map(|e| match e.unwrap() {
-            WatchEvent::Added(p) => format!("ADDED {}", p.metadata.name.unwrap()),
-            WatchEvent::Modified(p) => format!("MODIFIED {}", p.metadata.name.unwrap()),
-            WatchEvent::Deleted(p) => format!("DELETED {}", p.metadata.name.unwrap()),
-            other => format!("{other:?}"),
-        })
+        .map(|e| event_name(e.unwrap()))
         .collect()
         .await;
     assert_eq!(events, ["DELETED kiln-gl-1", "ADDED kiln-gl-1"]);
+}
+
+/// A watch event as `ADDED name`, `MODIFIED name`, `DELETED name`.
+fn event_name(event: WatchEvent<Pod>) -> String {
+    match event {
+        WatchEvent::Added(p) => format!("ADDED {}", p.metadata.name.unwrap()),
+        WatchEvent::Modified(p) => format!("MODIFIED {}", p.metadata.name.unwrap()),
+        WatchEvent::Deleted(p) => format!("DELETED {}", p.metadata.name.unwrap()),
+        other => format!("{other:?}"),
+    }
 }

@@ -329,7 +329,7 @@ mod tests {
     /// output is split, and output that merely resembles it is not.
     #[test]
     fn fingerprinted_credentials_are_masked_without_being_held() {
-        let token = "glrt-t1_0123456789abcdefXYZ";
+        let token = "runner-t1_0123456789abcdefXYZ";
         let legacy = "Zq8xv2KpL0mN4rT7";
         let fingerprints = [
             Fingerprint::of(token).unwrap(),
@@ -345,11 +345,11 @@ mod tests {
         assert_eq!(
             run(
                 &mut make(),
-                &["token=glrt-t1_012", "3456789ab", "cdefXYZ end"]
+                &["token=runner-t1_012", "3456789ab", "cdefXYZ end"]
             ),
             "token=[MASKED] end"
         );
-        let near = "glrt-t1_0123456789abcdefXYz";
+        let near = "runner-t1_0123456789abcdefXYz";
         assert_eq!(run(&mut make(), &[near]), near);
         // Too short to fingerprint safely.
         assert_eq!(Fingerprint::of("short"), None);
