@@ -19,6 +19,9 @@ const FINGERPRINT_BASE: u128 = 1_000_003;
 /// The shortest credential masked by fingerprint: shorter ones would say too much of
 /// themselves through 61 bits.
 const MIN_FINGERPRINTED: usize = 16;
+/// The longest: the masker holds back as many bytes of output as the longest fingerprinted
+/// value, and a key file (a GitHub App's PEM) is not something a trace shows whole anyway.
+const MAX_FINGERPRINTED: usize = 256;
 
 /// A credential the build must never show but must never hold either (the runner token, the
 /// coordinator's other credentials): its length and a 61-bit polynomial hash of it. The hash
@@ -36,10 +39,12 @@ pub struct Fingerprint {
 impl Fingerprint {
     /// The fingerprint of `value`; `None` for values too short to be fingerprinted safely.
     pub fn of(value: &str) -> Option<Self> {
-        (value.len() >= MIN_FINGERPRINTED).then(|| Self {
-            len: value.len(),
-            hash: poly_hash(value.as_bytes()),
-        })
+        (MIN_FINGERPRINTED..=MAX_FINGERPRINTED)
+            .contains(&value.len())
+            .then(|| Self {
+                len: value.len(),
+                hash: poly_hash(value.as_bytes()),
+            })
     }
 }
 
@@ -109,7 +114,7 @@ impl Masker {
     pub(crate) fn with_fingerprints(mut self, fingerprints: &[Fingerprint]) -> Self {
         self.fingerprints = fingerprints
             .iter()
-            .filter(|f| f.len >= MIN_FINGERPRINTED)
+            .filter(|f| (MIN_FINGERPRINTED..=MAX_FINGERPRINTED).contains(&f.len))
             .map(|f| {
                 let power = (0..f.len).fold(1u128, |p, _| p * FINGERPRINT_BASE % FINGERPRINT_MOD);
                 (*f, power)
@@ -351,8 +356,9 @@ mod tests {
         );
         let near = "runner-t1_0123456789abcdefXYz";
         assert_eq!(run(&mut make(), &[near]), near);
-        // Too short to fingerprint safely.
+        // Too short to fingerprint safely; too long to hold output back for.
         assert_eq!(Fingerprint::of("short"), None);
+        assert_eq!(Fingerprint::of(&"k".repeat(1700)), None);
     }
 
     #[test]
