@@ -156,6 +156,33 @@ impl KubernetesExecutor {
         ))
     }
 
+    /// Reads by name the `kind` (pod or Secret) of each build in `names`, whose other half a
+    /// list held without it, into `found`; a build whose half cannot be read goes to `unsure`
+    /// (looked at again later, never judged from half a pair).
+    async fn read_other_halves<K>(
+        &self,
+        api: &Api<K>,
+        names: Vec<String>,
+        found: &mut BTreeMap<String, K>,
+        unsure: &mut HashSet<String>,
+        kind: &str,
+    ) where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        for name in names {
+            match self.cluster.call(|| api.get_opt(&name)).await {
+                Ok(Some(object)) => {
+                    found.insert(name, object);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(build = %name, error = %describe(&e), "cannot read the {kind} of a build; looking at the build again later");
+                    unsure.insert(name);
+                }
+            }
+        }
+    }
+
     /// kiln's pods and Secrets selected by `selector`, as builds: one list of each, paired by
     /// name. A pod or Secret whose other half is not in the other list is never judged from
     /// the lists alone: a filtered list can hold one of a pair and not the other (an older
@@ -199,35 +226,21 @@ impl KubernetesExecutor {
             .filter(|name| !pods.contains_key(*name))
             .cloned()
             .collect();
-        for name in lonely_secrets {
-            match self.cluster.call(|| pods_api.get_opt(&name)).await {
-                Ok(Some(pod)) => {
-                    pods.insert(name, pod);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(secret = %name, error = %describe(&e), "cannot read the pod of a build's Secret; looking at the build again later");
-                    unsure.insert(name);
-                }
-            }
-        }
+        self.read_other_halves(&pods_api, lonely_secrets, &mut pods, &mut unsure, "pod")
+            .await;
         let lonely_pods: Vec<String> = pods
             .keys()
             .filter(|name| !secrets.contains_key(*name) && !unsure.contains(*name))
             .cloned()
             .collect();
-        for name in lonely_pods {
-            match self.cluster.call(|| secrets_api.get_opt(&name)).await {
-                Ok(Some(secret)) => {
-                    secrets.insert(name, secret);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(pod = %name, error = %describe(&e), "cannot read the Secret of a build pod; looking at the build again later");
-                    unsure.insert(name);
-                }
-            }
-        }
+        self.read_other_halves(
+            &secrets_api,
+            lonely_pods,
+            &mut secrets,
+            &mut unsure,
+            "Secret",
+        )
+        .await;
         let mut found = Vec::new();
         for (name, pod) in pods {
             if unsure.contains(&name) {
