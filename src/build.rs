@@ -140,9 +140,6 @@ pub const JOB_FILE: &str = "job.json";
 /// The result file the kiln agent leaves next to its job file ([`AgentReport`] as JSON) when it
 /// runs as a child process.
 pub const AGENT_RESULT_FILE: &str = "result.json";
-/// The file, next to the job file, holding the process group id of the agent's running step,
-/// so an executor can stop the step when the agent dies.
-pub const AGENT_PGID_FILE: &str = "script.pgid";
 
 /// One ephemeral build, as a source hands it to the coordinator.
 #[derive(Debug, Clone)]

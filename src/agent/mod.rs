@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::build::AgentReport;
-use crate::build::{AGENT_PGID_FILE, AGENT_RESULT_FILE, FailureReason};
+use crate::build::{AGENT_RESULT_FILE, FailureReason};
 use crate::sources::gitlab::api::{
     ApiError, ArtifactUpload, JobUpdate, RunnerApi, TraceOutput, UpdateAck, UploadAck,
 };
@@ -107,7 +107,6 @@ struct Context {
     api: RunnerApi,
     project_dir: PathBuf,
     tmp_dir: PathBuf,
-    pgid_file: PathBuf,
     sources_file: PathBuf,
     env: BTreeMap<String, String>,
     shell: String,
@@ -311,7 +310,6 @@ fn context(
         trace,
         api,
         project_dir,
-        pgid_file: work.join(AGENT_PGID_FILE),
         sources_file: work.join(SOURCES_FILE),
         tmp_dir,
         env,
@@ -688,14 +686,7 @@ async fn run_step(ctx: &mut Context, step: &Step, is_after: bool) -> StepEnd {
         .current_dir(&ctx.project_dir)
         .env_clear()
         .envs(&ctx.env);
-    let exit = process::run(
-        command,
-        &trace,
-        deadline,
-        &mut ctx.interrupts,
-        &ctx.pgid_file,
-    )
-    .await;
+    let exit = process::run(command, &trace, deadline, &mut ctx.interrupts).await;
     trace.section_end(&section);
     match exit {
         Ok(Exit::Code(code)) => StepEnd::Exited(code),
@@ -787,14 +778,7 @@ async fn get_sources(ctx: &mut Context) -> Option<JobEnd> {
             .current_dir(&ctx.tmp_dir)
             .env_clear()
             .envs(&ctx.env);
-        let end = process::run(
-            command,
-            &trace,
-            ctx.deadline,
-            &mut ctx.interrupts,
-            &ctx.pgid_file,
-        )
-        .await;
+        let end = process::run(command, &trace, ctx.deadline, &mut ctx.interrupts).await;
         let failure = match end {
             Ok(Exit::Code(0)) => continue,
             Ok(Exit::Code(code)) => JobEnd::failed(

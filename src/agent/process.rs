@@ -76,8 +76,9 @@ impl Interrupts {
 }
 
 /// Runs `command` until it exits, `deadline` passes or an interrupt arrives. Its stdout and
-/// stderr go to `trace`; its process group id is written to `pgid_file` meanwhile so the
-/// executor can kill it should the agent die.
+/// stderr go to `trace`. The step runs in a process group of its own, killed whole when it
+/// ends; should the agent die, its executor cleans up (the local executor kills the build's
+/// session, a pod dies whole).
 ///
 /// # Errors
 /// The process could not be started.
@@ -86,7 +87,6 @@ pub(crate) async fn run(
     trace: &Arc<Trace>,
     deadline: Instant,
     interrupts: &mut Interrupts,
-    pgid_file: &Path,
 ) -> std::io::Result<Exit> {
     if let Some(exit) = interrupts.pending() {
         return Ok(exit);
@@ -102,9 +102,6 @@ pub(crate) async fn run(
     // The Command holds our copies of the pipe's write end; drop them so the reader sees EOF.
     drop(command);
     let pid = child.id().map(|id| Pid::from_raw(id as i32));
-    if let Some(pid) = pid {
-        let _ = std::fs::write(pgid_file, pid.to_string());
-    }
     let sink = Arc::clone(trace);
     let reader_task = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; 64 * 1024];
@@ -123,7 +120,6 @@ pub(crate) async fn run(
         () = tokio::time::sleep_until(deadline) => None,
         interrupted = interrupts.wait() => {
             stop(&mut child, pid).await;
-            let _ = std::fs::remove_file(pgid_file);
             finish_reader(reader_task).await;
             return Ok(interrupted);
         }
@@ -141,7 +137,6 @@ pub(crate) async fn run(
             Exit::TimedOut
         }
     };
-    let _ = std::fs::remove_file(pgid_file);
     finish_reader(reader_task).await;
     Ok(exit)
 }
