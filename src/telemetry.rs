@@ -2,7 +2,9 @@
 
 use std::io::IsTerminal;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, OnceLock, mpsc};
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -291,11 +293,23 @@ pub struct ApiLabels {
     pub api: String,
 }
 
-/// Every metric the coordinator exports.
-#[derive(Debug)]
+/// The metrics of one stage (a source kind, the coordinator, an executor): a struct of metric
+/// families that registers itself, so adding a metric touches only the stage that owns it.
+///
+/// A stage gets its metrics with [`Metrics::stage`]; every caller in the process shares one
+/// instance, registered on first use (two Jenkins sources count into one family, labelled by
+/// their names).
+pub trait StageMetrics: Send + Sync + 'static {
+    /// Creates the stage's metric families and registers them (names without the `kiln_` prefix).
+    fn register(registry: &mut Registry) -> Self;
+}
+
+/// The process's metrics: the registry `/metrics` encodes and every stage's metrics in it.
 pub struct Metrics {
-    /// The registry `/metrics` encodes.
-    pub registry: Registry,
+    /// The registry `/metrics` encodes; stages register into it on first use.
+    registry: Mutex<Registry>,
+    /// One instance per [`StageMetrics`] type.
+    stages: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
     /// `jobs/request` calls by result.
     pub job_requests: Family<RequestLabels, Counter>,
     /// Jobs taken and handed to the executor.
@@ -455,7 +469,8 @@ impl Metrics {
             api_rate_limit_saturation.clone(),
         );
         Arc::new(Self {
-            registry,
+            registry: Mutex::new(registry),
+            stages: Mutex::new(HashMap::new()),
             builds_finished,
             build_duration,
             build_queue_wait,
@@ -478,11 +493,59 @@ impl Metrics {
         })
     }
 
+    /// The metrics of stage `T`, registered on the first call.
+    pub fn stage<T: StageMetrics>(&self) -> Arc<T> {
+        let mut stages = self.stages.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = stages.get(&TypeId::of::<T>())
+            && let Ok(stage) = Arc::clone(found).downcast::<T>()
+        {
+            return stage;
+        }
+        let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let stage = Arc::new(T::register(&mut registry));
+        stages.insert(TypeId::of::<T>(), Arc::clone(&stage) as Arc<dyn Any + Send + Sync>);
+        stage
+    }
+
     /// The text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Probe {
+        calls: Counter,
+    }
+
+    impl StageMetrics for Probe {
+        fn register(registry: &mut Registry) -> Self {
+            let calls = Counter::default();
+            registry.register("probe_calls", "Calls of the probe", calls.clone());
+            Self { calls }
+        }
+    }
+
+    #[test]
+    fn a_stage_registers_once_and_every_caller_counts_into_it() {
+        let metrics = Metrics::new();
+        metrics.stage::<Probe>().calls.inc();
+        metrics.stage::<Probe>().calls.inc();
+        let text = metrics.encode();
+        assert!(text.contains("kiln_probe_calls_total 2"), "{text}");
+        assert_eq!(text.matches("# TYPE kiln_probe_calls counter").count(), 1, "{text}");
     }
 }
