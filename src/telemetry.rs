@@ -1,9 +1,9 @@
 //! Logging (tracing subscriber) and the Prometheus metrics registry.
 
-use std::io::IsTerminal;
-use std::sync::atomic::AtomicU64;
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -503,7 +503,10 @@ impl Metrics {
         }
         let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let stage = Arc::new(T::register(&mut registry));
-        stages.insert(TypeId::of::<T>(), Arc::clone(&stage) as Arc<dyn Any + Send + Sync>);
+        stages.insert(
+            TypeId::of::<T>(),
+            Arc::clone(&stage) as Arc<dyn Any + Send + Sync>,
+        );
         stage
     }
 
@@ -546,6 +549,10 @@ mod tests {
         metrics.stage::<Probe>().calls.inc();
         let text = metrics.encode();
         assert!(text.contains("kiln_probe_calls_total 2"), "{text}");
-        assert_eq!(text.matches("# TYPE kiln_probe_calls counter").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("# TYPE kiln_probe_calls counter").count(),
+            1,
+            "{text}"
+        );
     }
 }

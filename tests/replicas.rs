@@ -2,7 +2,7 @@
 //! the GitLab test server's queue and the Kubernetes test server. One is killed mid-burst; the
 //! other takes its builds over through their Leases, and every job ends exactly once.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
