@@ -273,17 +273,16 @@ mod tests {
             "ci.example.com / main",
             &[("kiln.dev/jenkins-node", "kiln-maven-3f9a1c2e")],
         );
+        let mut labels = identity_labels("kiln", Some("replica-1"), &build);
+        label_class(&mut labels, "spot");
+        let mut annotations = BTreeMap::new();
+        annotate_runner(&mut annotations, &build.key);
+        annotate_main(&mut annotations, "jnlp");
         let mut metadata = ObjectMeta {
-            labels: Some(identity_labels("kiln", Some("replica-1"), &build)),
-            annotations: Some(BTreeMap::new()),
+            labels: Some(labels),
+            annotations: Some(annotations),
             ..ObjectMeta::default()
         };
-        let mut labels = metadata.labels.take().unwrap_or_default();
-        label_class(&mut labels, "spot");
-        metadata.labels = Some(labels);
-        let annotations = metadata.annotations.get_or_insert_with(BTreeMap::new);
-        annotate_runner(annotations, &build.key);
-        annotate_main(annotations, "jnlp");
         annotate_launch(&mut metadata, "0123456789abcdef");
 
         assert_eq!(key_of(&metadata), Some(build.key.clone()));

@@ -223,3 +223,27 @@ impl std::fmt::Debug for JenkinsConfig {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_containers_read_as_kubernetes_containers_and_keep_every_field() {
+        let template: PodTemplate = toml::from_str(
+            r#"containers = [{ name = "maven", image = "maven:3.9", command = ["sleep", "infinity"], volumeMounts = [{ name = "m2", mountPath = "/root/.m2" }] }]"#,
+        )
+        .unwrap();
+        let maven = &template.containers[0];
+        assert_eq!(maven.name, "maven");
+        assert_eq!(maven.fields["image"], "maven:3.9");
+        assert_eq!(maven.fields["command"][1], "infinity");
+        assert_eq!(maven.fields["volumeMounts"][0]["mountPath"], "/root/.m2");
+        assert!(!maven.fields.contains_key("name"));
+        let mistyped = toml::from_str::<PodTemplate>(
+            r#"containers = [{ name = "maven", command = "sleep" }]"#,
+        )
+        .unwrap_err();
+        assert!(mistyped.to_string().contains("invalid type"), "{mistyped}");
+    }
+}
