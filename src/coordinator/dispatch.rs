@@ -422,7 +422,9 @@ impl Chain for SourceChain {
 
     fn persist<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            if let Err(e) = self.dispatcher.executor.persist(build).await {
+            if let Some(shared) = self.dispatcher.executor.shared()
+                && let Err(e) = shared.persist(build).await
+            {
                 tracing::warn!(build = %build.key, name = %build.name, error = %e, "cannot write the build down before its work is acknowledged; the launch tries again");
             }
         })
@@ -446,7 +448,13 @@ impl Chain for SourceChain {
     fn exists(&self, name: &str) -> BoxFuture<'_, bool> {
         let name = name.to_owned();
         Box::pin(async move {
-            self.dispatcher.follows(&name) || self.dispatcher.executor.exists(&name).await
+            if self.dispatcher.follows(&name) {
+                return true;
+            }
+            match self.dispatcher.executor.shared() {
+                Some(shared) => shared.exists(&name).await,
+                None => false,
+            }
         })
     }
 }
