@@ -1,9 +1,9 @@
 //! Logging (tracing subscriber) and the Prometheus metrics registry.
 
-use std::io::IsTerminal;
-use std::sync::atomic::AtomicU64;
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -176,33 +176,6 @@ impl Drop for LogLine {
     }
 }
 
-/// Labels naming a runner (one `[[sources.gitlab]]` entry).
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RunnerLabels {
-    /// The runner's name.
-    pub runner: String,
-}
-
-/// Labels of a `jobs/request` call's result.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    /// The runner's name.
-    pub runner: String,
-    /// `job`, `no_job`, `rate_limited`, `forbidden` or `error`.
-    pub result: String,
-}
-
-/// Labels of a finished job.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FinishedLabels {
-    /// The runner's name.
-    pub runner: String,
-    /// `success` or `failed`.
-    pub state: String,
-    /// The failure reason, empty on success.
-    pub reason: String,
-}
-
 /// Labels of Jenkins agent metrics.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AgentLabels {
@@ -310,20 +283,6 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     /// One instance per [`StageMetrics`] type.
     stages: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
-    /// `jobs/request` calls by result.
-    pub job_requests: Family<RequestLabels, Counter>,
-    /// Jobs taken and handed to the executor.
-    pub jobs_started: Family<RunnerLabels, Counter>,
-    /// Jobs finished, by state and reason.
-    pub jobs_finished: Family<FinishedLabels, Counter>,
-    /// Jobs running now.
-    pub jobs_running: Gauge,
-    /// Duration of `jobs/request` calls (long polls included).
-    pub poll_duration: Family<RunnerLabels, Histogram>,
-    /// Time jobs waited in GitLab's queue (`time_in_queue_seconds`).
-    pub queue_time: Family<RunnerLabels, Histogram>,
-    /// 1 while a runner is paused because GitLab rejected its token.
-    pub runner_paused: Family<RunnerLabels, Gauge>,
     /// Jenkins agents started.
     pub jenkins_agents_started: Family<AgentLabels, Counter>,
     /// Jenkins agents that never served a build, by reason.
@@ -354,48 +313,6 @@ impl Metrics {
     /// Creates and registers every metric under the `kiln_` prefix.
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("kiln");
-        let job_requests = Family::<RequestLabels, Counter>::default();
-        let jobs_started = Family::<RunnerLabels, Counter>::default();
-        let jobs_finished = Family::<FinishedLabels, Counter>::default();
-        let jobs_running = Gauge::default();
-        let poll_duration = Family::<RunnerLabels, Histogram>::new_with_constructor(
-            (|| Histogram::new(exponential_buckets(0.01, 2.0, 14))) as fn() -> Histogram,
-        );
-        let queue_time = Family::<RunnerLabels, Histogram>::new_with_constructor(
-            (|| Histogram::new(exponential_buckets(0.5, 2.0, 14))) as fn() -> Histogram,
-        );
-        let runner_paused = Family::<RunnerLabels, Gauge>::default();
-        registry.register(
-            "gitlab_job_requests",
-            "jobs/request calls to GitLab by result",
-            job_requests.clone(),
-        );
-        registry.register(
-            "jobs_started",
-            "Jobs taken and started",
-            jobs_started.clone(),
-        );
-        registry.register(
-            "jobs_finished",
-            "Jobs finished, by state and failure reason",
-            jobs_finished.clone(),
-        );
-        registry.register("jobs_running", "Jobs running now", jobs_running.clone());
-        registry.register(
-            "gitlab_poll_duration_seconds",
-            "Duration of jobs/request calls, long polls included",
-            poll_duration.clone(),
-        );
-        registry.register(
-            "job_queue_time_seconds",
-            "Time jobs waited in the CI server's queue before kiln took them",
-            queue_time.clone(),
-        );
-        registry.register(
-            "runner_paused",
-            "1 while a runner is paused because its token was rejected",
-            runner_paused.clone(),
-        );
         let jenkins_agents_started = Family::<AgentLabels, Counter>::default();
         let jenkins_agent_failures = Family::<AgentFailureLabels, Counter>::default();
         let jenkins_agents = Family::<AgentLabels, Gauge>::default();
@@ -483,13 +400,6 @@ impl Metrics {
             jenkins_agents_started,
             jenkins_agent_failures,
             jenkins_agents,
-            job_requests,
-            jobs_started,
-            jobs_finished,
-            jobs_running,
-            poll_duration,
-            queue_time,
-            runner_paused,
         })
     }
 
@@ -503,7 +413,10 @@ impl Metrics {
         }
         let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let stage = Arc::new(T::register(&mut registry));
-        stages.insert(TypeId::of::<T>(), Arc::clone(&stage) as Arc<dyn Any + Send + Sync>);
+        stages.insert(
+            TypeId::of::<T>(),
+            Arc::clone(&stage) as Arc<dyn Any + Send + Sync>,
+        );
         stage
     }
 
@@ -546,6 +459,10 @@ mod tests {
         metrics.stage::<Probe>().calls.inc();
         let text = metrics.encode();
         assert!(text.contains("kiln_probe_calls_total 2"), "{text}");
-        assert_eq!(text.matches("# TYPE kiln_probe_calls counter").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("# TYPE kiln_probe_calls counter").count(),
+            1,
+            "{text}"
+        );
     }
 }
