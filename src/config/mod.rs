@@ -5,7 +5,7 @@
 mod env;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -18,7 +18,7 @@ pub use crate::executor::local::LocalConfig;
 pub use crate::gitlab::register::is_system_id;
 pub use crate::http::{HttpConfig, StatusConfig};
 pub use crate::job_file::AgentConfig;
-pub use crate::problem::Problem;
+pub use crate::problem::{ConfigError, Problem};
 pub use crate::sources::github::GitHubConfig;
 pub use crate::sources::gitlab::GitLabRunnerConfig;
 pub use crate::sources::jenkins::JenkinsConfig;
@@ -120,43 +120,6 @@ pub struct Sources {
     pub jenkins: Vec<JenkinsConfig>,
     /// GitHub repositories or organizations (`[[sources.github]]`) kiln runs JIT runners for.
     pub github: Vec<GitHubConfig>,
-}
-
-/// Why a configuration could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {}: {source}", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error (in the message: `check-config` prints it).
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML.
-    #[error("{path}: {message}")]
-    Syntax {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message, with line and column.
-        message: String,
-    },
-    /// The configuration parsed but has problems (every one is listed).
-    #[error("{origin} has {} problem(s):\n{}", problems.len(), list(problems))]
-    Invalid {
-        /// The file (or `environment`).
-        origin: String,
-        /// Every problem found.
-        problems: Vec<Problem>,
-    },
-}
-
-fn list(problems: &[Problem]) -> String {
-    problems
-        .iter()
-        .map(|p| format!("  {p}"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 impl Config {

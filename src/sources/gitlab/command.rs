@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use clap::{ArgGroup, Args, ValueEnum};
 
 use super::config::GitLabRunnerConfig;
-use super::runner_file::{self, RunnerFileError};
+use super::runner_file;
 use crate::gitlab::register::{
     self, LegacyOptions, PatOptions, RegisterError, RunnerScope, RunnerToken,
 };
+use crate::problem::ConfigError;
 
 /// Why a runner command failed.
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +21,7 @@ pub enum CommandError {
     GitLab(#[from] RegisterError),
     /// The config file could not be updated.
     #[error(transparent)]
-    RunnerFile(#[from] RunnerFileError),
+    ConfigFile(#[from] ConfigError),
     /// `--runner-type group` without the group.
     #[error("--runner-type group needs --group-id")]
     NoGroupId,

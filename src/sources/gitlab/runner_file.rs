@@ -2,48 +2,10 @@
 //! `kiln unregister`: comments and layout are kept, and the file is rewritten readable only by
 //! its owner (it holds runner tokens).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::config::GitLabRunnerConfig;
-
-/// Why a config file's runners could not be edited. The messages are those of loading the
-/// config file (`config::ConfigError`), which an operator sees for the same file.
-#[derive(Debug, thiserror::Error)]
-pub enum RunnerFileError {
-    /// The file could not be read.
-    #[error("cannot read config file {}: {source}", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML.
-    #[error("{path}: {message}")]
-    Syntax {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message, with line and column.
-        message: String,
-    },
-    /// The file's `sources` or `sources.gitlab` is not what a runner entry goes into.
-    #[error("{} has 1 problem(s):\n  sources.gitlab: {message}", path.display())]
-    Shape {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: &'static str,
-    },
-    /// The file could not be written back.
-    #[error("cannot write config file {}", path.display())]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-}
+use crate::problem::{ConfigError, Problem};
 
 /// Adds or updates the `[[sources.gitlab]]` entry of `runner` in the config file at `path`
 /// (created if missing). An entry with the same URL and name (or the same URL and token) is
@@ -51,12 +13,12 @@ pub enum RunnerFileError {
 ///
 /// # Errors
 /// Unreadable or unparsable file, a `sources` that holds no runner list, or a failed write.
-pub(crate) fn upsert(path: &Path, runner: &GitLabRunnerConfig) -> Result<(), RunnerFileError> {
+pub(crate) fn upsert(path: &Path, runner: &GitLabRunnerConfig) -> Result<(), ConfigError> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(source) => {
-            return Err(RunnerFileError::Read {
+            return Err(ConfigError::Read {
                 path: path.to_owned(),
                 source,
             });
@@ -68,9 +30,9 @@ pub(crate) fn upsert(path: &Path, runner: &GitLabRunnerConfig) -> Result<(), Run
         t.set_implicit(true);
         toml_edit::Item::Table(t)
     });
-    let shape = |message: &'static str| RunnerFileError::Shape {
-        path: path.to_owned(),
-        message,
+    let shape = |message: &str| ConfigError::Invalid {
+        origin: path.display().to_string(),
+        problems: vec![Problem::new("sources.gitlab", message)],
     };
     let sources = sources
         .as_table_like_mut()
@@ -114,8 +76,8 @@ pub(crate) fn upsert(path: &Path, runner: &GitLabRunnerConfig) -> Result<(), Run
 ///
 /// # Errors
 /// Unreadable or unparsable file, or a failed write.
-pub(crate) fn remove(path: &Path, url: &str, token: &str) -> Result<bool, RunnerFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RunnerFileError::Read {
+pub(crate) fn remove(path: &Path, url: &str, token: &str) -> Result<bool, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
     })?;
@@ -139,16 +101,16 @@ pub(crate) fn remove(path: &Path, url: &str, token: &str) -> Result<bool, Runner
     Ok(removed)
 }
 
-fn parse(path: &Path, text: &str) -> Result<toml_edit::DocumentMut, RunnerFileError> {
+fn parse(path: &Path, text: &str) -> Result<toml_edit::DocumentMut, ConfigError> {
     text.parse::<toml_edit::DocumentMut>()
-        .map_err(|e| RunnerFileError::Syntax {
+        .map_err(|e| ConfigError::Syntax {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })
 }
 
 /// Writes the file readable only by its owner: it holds runner tokens.
-fn write_private(path: &Path, doc: &toml_edit::DocumentMut) -> Result<(), RunnerFileError> {
+fn write_private(path: &Path, doc: &toml_edit::DocumentMut) -> Result<(), ConfigError> {
     use std::io::Write;
     let write = || -> std::io::Result<()> {
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
@@ -159,7 +121,7 @@ fn write_private(path: &Path, doc: &toml_edit::DocumentMut) -> Result<(), Runner
         tmp.persist(path).map_err(|e| e.error)?;
         Ok(())
     };
-    write().map_err(|source| RunnerFileError::Write {
+    write().map_err(|source| ConfigError::Write {
         path: path.to_owned(),
         source,
     })
