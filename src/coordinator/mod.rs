@@ -81,6 +81,7 @@ impl Coordinator {
             dispatcher: Dispatcher {
                 tracker: TaskTracker::new(),
                 executor,
+                jobs: metrics.stage(),
                 metrics,
                 table: Arc::new(Mutex::new(HashMap::new())),
                 history: Arc::new(History::new(settings.history)),
