@@ -10,7 +10,6 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing_subscriber::EnvFilter;
 
@@ -196,53 +195,6 @@ pub struct AgentFailureLabels {
     pub reason: String,
 }
 
-/// Labels naming a source kind (`gitlab`, `jenkins`, `github`).
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SourceLabels {
-    /// The kind of CI server.
-    pub source: String,
-}
-
-/// Labels of a finished build.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabels {
-    /// The kind of CI server.
-    pub source: String,
-    /// `succeeded`, `failed`, `canceled` or `lost`.
-    pub outcome: String,
-    /// The failure reason, empty unless failed.
-    pub reason: String,
-}
-
-/// Labels of a build's duration.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DurationLabels {
-    /// The kind of CI server.
-    pub source: String,
-    /// `succeeded`, `failed`, `canceled` or `lost`.
-    pub outcome: String,
-}
-
-/// Labels of the builds alive now.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PhaseLabels {
-    /// The kind of CI server.
-    pub source: String,
-    /// `pending` or `running`.
-    pub phase: String,
-}
-
-/// Labels of what builds cost.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CostLabels {
-    /// The kind of CI server.
-    pub source: String,
-    /// The project (`group/project`, `owner/repo`, a Jenkins job).
-    pub project: String,
-    /// The resource class, empty without one.
-    pub class: String,
-}
-
 /// Labels naming a GitHub source.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GitHubLabels {
@@ -289,16 +241,6 @@ pub struct Metrics {
     pub jenkins_agent_failures: Family<AgentFailureLabels, Counter>,
     /// Jenkins agents alive now.
     pub jenkins_agents: Family<AgentLabels, Gauge>,
-    /// Builds finished, by source, outcome and reason.
-    pub builds_finished: Family<OutcomeLabels, Counter>,
-    /// How long builds took from launch to end.
-    pub build_duration: Family<DurationLabels, Histogram>,
-    /// How long work waited from being queued on its CI server until its build ran.
-    pub build_queue_wait: Family<SourceLabels, Histogram>,
-    /// Builds alive now, by phase.
-    pub builds: Family<PhaseLabels, Gauge>,
-    /// What finished builds cost (pod-seconds × size × price), in `[cost] currency`.
-    pub build_cost: Family<CostLabels, Counter<f64, AtomicU64>>,
     /// GitHub runners started.
     pub github_runners_started: Family<GitHubLabels, Counter>,
     /// GitHub runner registrations removed because no runner served them.
@@ -331,36 +273,6 @@ impl Metrics {
             "Jenkins agents alive now",
             jenkins_agents.clone(),
         );
-        let builds_finished = Family::<OutcomeLabels, Counter>::default();
-        let build_duration = Family::<DurationLabels, Histogram>::new_with_constructor(
-            (|| Histogram::new(exponential_buckets(1.0, 2.0, 16))) as fn() -> Histogram,
-        );
-        let build_queue_wait = Family::<SourceLabels, Histogram>::new_with_constructor(
-            (|| Histogram::new(exponential_buckets(0.25, 2.0, 16))) as fn() -> Histogram,
-        );
-        let builds = Family::<PhaseLabels, Gauge>::default();
-        registry.register(
-            "builds_finished",
-            "Builds finished, by source, outcome and failure reason",
-            builds_finished.clone(),
-        );
-        registry.register(
-            "build_duration_seconds",
-            "Time from a build's launch to its end",
-            build_duration.clone(),
-        );
-        registry.register(
-            "build_queue_wait_seconds",
-            "Time from work being queued on its CI server until its build ran",
-            build_queue_wait.clone(),
-        );
-        registry.register("builds", "Builds alive now, by phase", builds.clone());
-        let build_cost = Family::<CostLabels, Counter<f64, AtomicU64>>::default();
-        registry.register(
-            "build_cost",
-            "What finished builds cost: pod-seconds times vCPU and GiB times their prices",
-            build_cost.clone(),
-        );
         let github_runners_started = Family::<GitHubLabels, Counter>::default();
         let github_registrations_removed = Family::<GitHubLabels, Counter>::default();
         let github_jobs_lost = Family::<GitHubReasonLabels, Counter>::default();
@@ -388,11 +300,6 @@ impl Metrics {
         Arc::new(Self {
             registry: Mutex::new(registry),
             stages: Mutex::new(HashMap::new()),
-            builds_finished,
-            build_duration,
-            build_queue_wait,
-            builds,
-            build_cost,
             github_runners_started,
             github_registrations_removed,
             github_jobs_lost,

@@ -1,8 +1,12 @@
 //! What a build cost: the seconds its pod existed × its size × the price of its resource class,
 //! the way serverless clusters (Alibaba ECI, GKE Autopilot, EKS Fargate) bill pods.
 
+use std::time::SystemTime;
+
 use serde::{Deserialize, Serialize};
 
+use super::history::BuildRecord;
+use crate::build::Outcome;
 use crate::executor::Footprint;
 use crate::problem::Problem;
 
@@ -71,6 +75,30 @@ impl Prices {
         let hours = seconds.max(0.0) / 3600.0;
         Some(hours * (footprint.vcpu * per_vcpu + footprint.gib * per_gib))
     }
+
+    /// What build `record`, ended as `outcome` at `at`, cost; `None` when nothing is known to
+    /// have cost anything.
+    ///
+    /// # Caveats
+    /// Only a pod that was created costs anything. A build kiln stopped following (`Lost`)
+    /// runs on after this coordinator: it is not charged for a part of its life here, and the
+    /// coordinator that adopts it does not know its size (documented in `[cost]`).
+    pub(crate) fn of_build(
+        &self,
+        record: &BuildRecord,
+        outcome: Outcome,
+        at: SystemTime,
+    ) -> Option<f64> {
+        let footprint = record.footprint.as_ref()?;
+        if outcome == Outcome::Lost || record.created.is_none() {
+            return None;
+        }
+        let seconds = at
+            .duration_since(record.billed_from())
+            .unwrap_or_default()
+            .as_secs_f64();
+        self.cost(footprint, seconds)
+    }
 }
 
 #[cfg(test)]
@@ -109,6 +137,49 @@ mod tests {
         };
         let cost = prices.cost(&spot, 3600.0).unwrap();
         assert!((cost - 0.01).abs() < 1e-12, "{cost}");
+    }
+
+    #[test]
+    fn a_build_costs_from_its_pod_creation_unless_it_was_lost() {
+        use crate::build::{About, BuildKey, FailureReason, SourceKind};
+        let prices = Prices {
+            per_vcpu_hour: 3600.0,
+            per_gib_hour: 0.0,
+        };
+        let launched = SystemTime::UNIX_EPOCH;
+        let created = launched + std::time::Duration::from_secs(10);
+        let ended = created + std::time::Duration::from_secs(5);
+        let record = BuildRecord {
+            key: BuildKey {
+                source: SourceKind::GitLab,
+                runner: "r".into(),
+                id: 1,
+            },
+            name: "kiln-gl-1".into(),
+            about: About::default(),
+            footprint: Some(footprint(2.0, 4.0)),
+            launched,
+            created: Some(created),
+            running: None,
+            end: None,
+        };
+        // 5 s of 2 vCPUs at a vCPU-second each.
+        let failed = Outcome::Failed(FailureReason::ScriptFailure);
+        assert_eq!(prices.of_build(&record, failed, ended), Some(10.0));
+        assert_eq!(prices.of_build(&record, Outcome::Lost, ended), None);
+        let never_created = BuildRecord {
+            created: None,
+            ..record.clone()
+        };
+        assert_eq!(
+            prices.of_build(&never_created, Outcome::Succeeded, ended),
+            None
+        );
+        let not_sized = BuildRecord {
+            footprint: None,
+            ..record
+        };
+        assert_eq!(prices.of_build(&not_sized, Outcome::Succeeded, ended), None);
     }
 
     #[test]

@@ -4,44 +4,41 @@
 //! graceful shutdown, and the chain's metrics and status.
 
 mod adoption;
+mod chain;
 mod cost;
-mod dispatch;
 mod history;
+mod launch;
 pub mod limiter;
+mod metrics;
 mod replicas;
 mod status;
 mod supervise;
+mod table;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::executor::{Executor, SharedBuilds};
 use crate::sources::{Chain, Source};
 use crate::telemetry::Metrics;
-use adoption::Pass;
+use adoption::{Backlog, Pass, TakeOver};
+use chain::SourceChain;
 pub use cost::{CostConfig, Prices};
-pub use dispatch::{Alive, Phase};
-use dispatch::{Dispatcher, SourceChain};
-use history::History;
 pub use history::{BuildRecord, End};
+use launch::Launcher;
 use limiter::Limiter;
 use replicas::Replicas;
 pub use replicas::Timing as LeaseTiming;
 pub use status::{SourceView, Status};
 use supervise::Crashes;
+pub use table::{Alive, Phase};
 
 /// How long stopped builds get to report before the coordinator stops waiting.
 const CANCEL_WAIT: Duration = Duration::from_secs(120);
 /// How long detaching from builds that outlive the coordinator may take.
 const DETACH_WAIT: Duration = Duration::from_secs(10);
-/// How often a replica looks for builds no live replica follows even when no replica died
-/// (a build a dead replica launched while its Lease was unreadable, an orphan for a new leader).
-const SAFETY_SCAN: Duration = Duration::from_secs(60);
 
 /// How the coordinator runs.
 #[derive(Debug, Clone, Copy)]
@@ -63,7 +60,7 @@ pub struct Coordinator {
     settings: Settings,
     sources: Vec<Arc<dyn Source>>,
     limiter: Limiter,
-    dispatcher: Dispatcher,
+    launcher: Launcher,
     /// Panics of the sources' loops, for `/readyz` and the status page.
     crashes: Arc<Crashes>,
 }
@@ -78,16 +75,7 @@ impl Coordinator {
     ) -> Self {
         Self {
             limiter: Limiter::new(settings.concurrent),
-            dispatcher: Dispatcher {
-                tracker: TaskTracker::new(),
-                executor,
-                jobs: metrics.stage(),
-                metrics,
-                table: Arc::new(Mutex::new(HashMap::new())),
-                history: Arc::new(History::new(settings.history)),
-                prices: settings.prices,
-                cancel: CancellationToken::new(),
-            },
+            launcher: Launcher::new(executor, metrics, settings.history, settings.prices),
             settings,
             crashes: Arc::new(Crashes::new(sources.len())),
             sources,
@@ -98,8 +86,8 @@ impl Coordinator {
     pub fn status(&self) -> Status {
         Status::new(
             self.sources.clone(),
-            Arc::clone(&self.dispatcher.table),
-            Arc::clone(&self.dispatcher.history),
+            self.launcher.table.clone(),
+            Arc::clone(&self.launcher.history),
             self.settings.concurrent,
             Arc::clone(&self.crashes),
         )
@@ -110,49 +98,48 @@ impl Coordinator {
     /// next one; builds that do not (local processes) get `shutdown_timeout` to finish and are
     /// then stopped and reported.
     pub async fn run(self, shutdown: CancellationToken) {
-        let dispatcher = &self.dispatcher;
+        let launcher = &self.launcher;
         let replicas = Arc::new(Replicas::new(
-            dispatcher.executor.shared().and_then(SharedBuilds::leases),
+            launcher.executor.shared().and_then(SharedBuilds::leases),
             self.settings.leases,
         ));
         // Renew this replica's Lease and read the others' before looking at any build.
-        let first = replicas.round().await;
+        replicas.round().await;
+        // Made before the membership loop runs, so the take-over hears of every replica that
+        // dies from now on.
+        let membership = replicas.membership();
+        // Whether the start-up adoption can tell whose builds are whose.
+        let at_start = membership.view();
         let stop_replicas = CancellationToken::new();
-        let wanted = Arc::new(Notify::new());
-        // From here on the Leases are renewed by a task of their own, which nothing awaits
-        // behind: a take-over of many builds (each a claim and a call to its CI server) takes
-        // longer than a Lease lasts, and a replica that stops renewing meanwhile is taken for
-        // dead by the others.
-        let renewer = tokio::spawn(renew_leases(
-            Arc::clone(&replicas),
-            stop_replicas.clone(),
-            Arc::clone(&wanted),
-        ));
+        let keeper = tokio::spawn(Arc::clone(&replicas).keep(stop_replicas.clone()));
         let listed = adoption::adopt_all(
-            dispatcher,
+            launcher,
             &self.limiter,
             &self.sources,
-            &replicas,
+            &membership,
             Pass::Start,
         )
         .await;
-        let keeper = tokio::spawn(take_over(
-            Arc::clone(&replicas),
-            dispatcher.clone(),
-            self.limiter.clone(),
-            self.sources.clone(),
+        let take_over = TakeOver {
+            launcher: launcher.clone(),
+            limiter: self.limiter.clone(),
+            sources: self.sources.clone(),
+            membership: membership.clone(),
+            renew: self.settings.leases.renew,
+        };
+        let adopter = tokio::spawn(adoption::take_over(
+            take_over,
+            Backlog::after(listed, &at_start),
             stop_replicas.clone(),
-            wanted,
-            !(listed && (first.read || !replicas.shared_builds())),
         ));
         let mut sources = tokio::task::JoinSet::new();
         for (index, source) in self.sources.iter().enumerate() {
             let chain: Arc<dyn Chain> = Arc::new(SourceChain {
                 source: Arc::clone(source),
-                dispatcher: dispatcher.clone(),
+                launcher: launcher.clone(),
                 limiter: self.limiter.clone(),
                 shutdown: shutdown.clone(),
-                replicas: Arc::clone(&replicas),
+                membership: membership.clone(),
             });
             sources.spawn(supervise::supervise(
                 index,
@@ -165,19 +152,19 @@ impl Coordinator {
         tracing::info!(
             sources = self.sources.len(),
             concurrent = self.settings.concurrent,
-            executor = dispatcher.executor.name(),
+            executor = launcher.executor.name(),
             "coordinator started"
         );
         shutdown.cancelled().await;
         while sources.join_next().await.is_some() {}
         // No take-overs while stopping; the Leases are given up once the builds are let go.
         stop_replicas.cancel();
+        let _ = adopter.await;
         let _ = keeper.await;
-        let _ = renewer.await;
-        let tracker = &dispatcher.tracker;
+        let tracker = &launcher.tracker;
         tracker.close();
         let running = tracker.len();
-        if dispatcher.executor.shared().is_some() {
+        if launcher.executor.shared().is_some() {
             // Builds run on without the coordinator and report themselves; the next
             // coordinator adopts them. Draining would only delay the restart.
             if running > 0 {
@@ -186,7 +173,7 @@ impl Coordinator {
                     "shutting down: running builds keep going and are adopted by the next start"
                 );
             }
-            dispatcher.cancel.cancel();
+            launcher.cancel.cancel();
             let _ = tokio::time::timeout(DETACH_WAIT, tracker.wait()).await;
             // The other replicas take the builds over at their next round.
             replicas.leave().await;
@@ -208,7 +195,7 @@ impl Coordinator {
                 running = tracker.len(),
                 "shutdown timeout reached; stopping running builds"
             );
-            dispatcher.cancel.cancel();
+            launcher.cancel.cancel();
             if tokio::time::timeout(CANCEL_WAIT, tracker.wait())
                 .await
                 .is_err()
@@ -218,81 +205,6 @@ impl Coordinator {
         }
         replicas.leave().await;
         tracing::info!("coordinator stopped");
-    }
-}
-
-/// Renews this replica's Leases and reads the others' every renew period until `stop`, and
-/// wakes the take-over when a replica died or this one became the leader. It awaits nothing
-/// but the Lease calls (outside the executor's rate limit), so nothing delays a renewal.
-async fn renew_leases(replicas: Arc<Replicas>, stop: CancellationToken, wanted: Arc<Notify>) {
-    let renew = replicas.timing().renew;
-    let mut leading = replicas.leading();
-    let mut next = tokio::time::Instant::now() + renew;
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep_until(next) => {}
-            () = stop.cancelled() => return,
-        }
-        // A steady beat: a slow round does not push the next one later.
-        next += renew;
-        let now = tokio::time::Instant::now();
-        if next < now {
-            next = now + renew;
-        }
-        if !replicas.shared_builds() {
-            continue;
-        }
-        let round = replicas.round().await;
-        if !round.read {
-            continue;
-        }
-        // A new leader takes over the orphans the last one may have left.
-        let became_leader = replicas.leading() && !leading;
-        leading = replicas.leading();
-        if became_leader || !round.died.is_empty() {
-            wanted.notify_one();
-        }
-    }
-}
-
-/// Takes over the builds of replicas that died (and of none) when [`renew_leases`] says so,
-/// and every [`SAFETY_SCAN`] anyway, until `stop`; one pass at a time, beside the renewals.
-/// `scan` says the start-up adoption could not tell whose builds are whose, so it is done
-/// again as soon as it can.
-async fn take_over(
-    replicas: Arc<Replicas>,
-    dispatcher: Dispatcher,
-    limiter: Limiter,
-    sources: Vec<Arc<dyn Source>>,
-    stop: CancellationToken,
-    wanted: Arc<Notify>,
-    mut scan: bool,
-) {
-    let renew = replicas.timing().renew;
-    let mut last_scan = tokio::time::Instant::now();
-    loop {
-        let wait = if scan {
-            renew
-        } else {
-            SAFETY_SCAN.saturating_sub(last_scan.elapsed())
-        };
-        tokio::select! {
-            () = wanted.notified() => {}
-            () = tokio::time::sleep(wait) => {}
-            () = stop.cancelled() => return,
-        }
-        let look = if replicas.shared_builds() {
-            // Whose builds are whose cannot be told before the Leases were read once.
-            replicas.known()
-        } else {
-            // The only replica: its start-up adoption took every build there is.
-            scan
-        };
-        if look {
-            scan = !adoption::adopt_all(&dispatcher, &limiter, &sources, &replicas, Pass::TakeOver)
-                .await;
-        }
-        last_scan = tokio::time::Instant::now();
     }
 }
 

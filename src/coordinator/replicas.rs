@@ -8,15 +8,18 @@
 //! build and always leads.
 //!
 //! The decisions are pure functions of the Leases and a time ([`expired`], [`live_replicas`],
-//! [`owner`], [`leader_step`]); [`Replicas`] does the calls.
+//! [`owner`], [`leader_step`]); [`Replicas`] does the calls, in one membership loop
+//! ([`Replicas::keep`]) that publishes what it found as a [`View`]: who this replica is, who
+//! else is alive, whether it leads, and when builds were left behind. Adoption and the
+//! sources' chains read that view through a [`Membership`]; nothing else calls the Leases.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::executor::{LeaseError, LeaseRecord, Leases};
 
@@ -205,14 +208,127 @@ impl Clock {
     }
 }
 
+/// Who else there is, as this replica knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Peers {
+    /// No Leases, or no permission for them: this is the only replica; it owns every build
+    /// and leads.
+    Alone,
+    /// The Leases have not been read yet: every other replica's build counts as a live one's.
+    Unknown,
+    /// The replicas alive at the last read, this one among them.
+    Live(Arc<BTreeSet<String>>),
+}
+
+/// This replica among the installation's replicas, as the membership loop last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct View {
+    /// See [`View::identity`].
+    identity: Option<Arc<str>>,
+    peers: Peers,
+    /// Whether this replica runs the singleton chores now.
+    leading: bool,
+    /// Counts the times builds may have been left without a follower: a replica died, or this
+    /// one became the leader (the last leader's orphans are its to remove).
+    left_behind: u64,
+}
+
+impl View {
+    fn new(identity: Option<&str>) -> Self {
+        let alone = identity.is_none();
+        Self {
+            identity: identity.map(Arc::from),
+            peers: if alone { Peers::Alone } else { Peers::Unknown },
+            leading: alone,
+            left_behind: 0,
+        }
+    }
+
+    /// Whether this replica runs the singleton chores now.
+    pub(crate) fn leading(&self) -> bool {
+        self.leading
+    }
+
+    /// The identity the executor labels this replica's builds with, also when it runs as the
+    /// only replica because Leases are forbidden (`None` without Leases at all).
+    pub(crate) fn identity(&self) -> Option<&str> {
+        self.identity.as_deref()
+    }
+
+    /// Whether there are other replicas to reckon with.
+    pub(crate) fn shared_builds(&self) -> bool {
+        self.peers != Peers::Alone
+    }
+
+    /// Whether whose builds are whose can be told: the Leases have been read at least once
+    /// (always, when this is the only replica).
+    pub(crate) fn known(&self) -> bool {
+        self.peers != Peers::Unknown
+    }
+
+    /// The replicas known to be alive, this one among them; `None` while that is not known
+    /// (or when this is the only replica).
+    pub(crate) fn live(&self) -> Option<Vec<String>> {
+        match &self.peers {
+            Peers::Live(live) => Some(live.iter().cloned().collect()),
+            Peers::Alone | Peers::Unknown => None,
+        }
+    }
+
+    /// Whose a build labelled `labelled` is (every build is this replica's when it is the
+    /// only one).
+    pub(crate) fn owner(&self, labelled: Option<&str>) -> Owner {
+        match (&self.peers, self.identity()) {
+            (Peers::Alone, _) | (_, None) => Owner::Mine,
+            (Peers::Unknown, Some(me)) if labelled == Some(me) => Owner::Mine,
+            (Peers::Unknown, Some(_)) => Owner::Live,
+            (Peers::Live(live), Some(me)) => owner(labelled, me, live),
+        }
+    }
+}
+
+/// A reader of this replica's [`View`].
+#[derive(Debug, Clone)]
+pub(crate) struct Membership {
+    view: watch::Receiver<View>,
+    /// [`View::left_behind`] when [`Membership::left_behind`] last returned.
+    seen: u64,
+}
+
+impl Membership {
+    /// The view now.
+    pub(crate) fn view(&self) -> View {
+        self.view.borrow().clone()
+    }
+
+    /// Whether this replica runs the singleton chores now.
+    pub(crate) fn leading(&self) -> bool {
+        self.view.borrow().leading
+    }
+
+    /// Waits until builds were left behind since this reader was made or last returned here
+    /// (a replica died, or this one became the leader). Never returns once the membership
+    /// loop's [`Replicas`] is gone.
+    pub(crate) async fn left_behind(&mut self) {
+        loop {
+            if self.view.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let left_behind = self.view.borrow_and_update().left_behind;
+            if left_behind != self.seen {
+                self.seen = left_behind;
+                return;
+            }
+        }
+    }
+}
+
 /// One replica's Leases: its own, and the leader Lease when it holds it.
 pub(crate) struct Replicas {
     leases: Option<Arc<dyn Leases>>,
-    /// Set when the Lease API turned out to be forbidden: one replica from then on.
-    alone: AtomicBool,
     timing: Timing,
     clock: Clock,
-    leading: watch::Sender<bool>,
+    view: watch::Sender<View>,
     state: Mutex<State>,
 }
 
@@ -222,94 +338,57 @@ struct State {
     own: Option<LeaseRecord>,
     /// The leader Lease as last written by this replica, and when (while it leads).
     leader: Option<(LeaseRecord, Instant)>,
-    /// The replicas alive at the last look.
-    live: BTreeSet<String>,
     /// The replicas whose Lease was there but expired at the last look.
     expired: BTreeSet<String>,
-    /// Whether the replicas' Leases have been read at all: until then every other replica's
-    /// build counts as a live one's.
-    known: bool,
 }
 
 impl Replicas {
     /// The replicas of an installation whose builds live where `leases` are; `None`: one
     /// replica, always leading.
     pub(crate) fn new(leases: Option<Arc<dyn Leases>>, timing: Timing) -> Self {
-        let alone = leases.is_none();
+        let view = View::new(leases.as_ref().map(|l| l.replica()));
         Self {
             leases,
-            alone: AtomicBool::new(alone),
             timing,
             clock: Clock::new(),
-            leading: watch::Sender::new(alone),
+            view: watch::Sender::new(view),
             state: Mutex::new(State::default()),
         }
     }
 
-    pub(crate) fn timing(&self) -> Timing {
-        self.timing
+    /// A reader of this replica's view, which hears of builds left behind from now on.
+    pub(crate) fn membership(&self) -> Membership {
+        let view = self.view.subscribe();
+        let seen = view.borrow().left_behind;
+        Membership { view, seen }
     }
 
     /// The Leases, unless this is the only replica.
     fn shared(&self) -> Option<&Arc<dyn Leases>> {
-        if self.alone.load(Ordering::Relaxed) {
-            None
-        } else {
+        if self.shared_builds() {
             self.leases.as_ref()
+        } else {
+            None
         }
     }
 
     /// Whether there are other replicas to reckon with.
     pub(crate) fn shared_builds(&self) -> bool {
-        self.shared().is_some()
-    }
-
-    /// This replica's identity (`None` when it is the only one).
-    pub(crate) fn me(&self) -> Option<&str> {
-        self.shared().map(|l| l.replica())
-    }
-
-    /// The identity the executor labels this replica's builds with, also when it runs as the
-    /// only replica because Leases are forbidden (`None` without Leases at all).
-    pub(crate) fn identity(&self) -> Option<&str> {
-        self.leases.as_ref().map(|l| l.replica())
-    }
-
-    /// The replicas known to be alive, this one among them; `None` while that is not known
-    /// (or when this is the only replica).
-    pub(crate) fn live(&self) -> Option<Vec<String>> {
-        let me = self.me()?;
-        let state = self.lock();
-        if !state.known {
-            return None;
-        }
-        let mut live: BTreeSet<String> = state.live.clone();
-        live.insert(me.to_owned());
-        Some(live.into_iter().collect())
-    }
-
-    /// Whether the replicas' Leases have been read at least once (always, when this is the
-    /// only replica).
-    pub(crate) fn known(&self) -> bool {
-        self.me().is_none() || self.lock().known
+        self.view.borrow().shared_builds()
     }
 
     /// Whether this replica runs the singleton chores now.
     pub(crate) fn leading(&self) -> bool {
-        *self.leading.borrow()
+        self.view.borrow().leading
     }
 
-    /// Whose a build labelled `labelled` is (every build is this replica's when it is the
-    /// only one).
-    pub(crate) fn owner(&self, labelled: Option<&str>) -> Owner {
-        let Some(me) = self.me() else {
-            return Owner::Mine;
-        };
-        let state = self.lock();
-        if !state.known && labelled != Some(me) {
-            return Owner::Live;
-        }
-        owner(labelled, me, &state.live)
+    /// Sets whether this replica leads; whether that changed.
+    fn set_leading(&self, leading: bool) -> bool {
+        self.view.send_if_modified(|view| {
+            let changed = view.leading != leading;
+            view.leading = leading;
+            changed
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -319,8 +398,47 @@ impl Replicas {
     /// The Lease API is forbidden: go on as the only replica.
     fn forbidden(&self, error: &LeaseError) {
         tracing::error!(error = %error, "kiln cannot use Leases (coordination.k8s.io, verbs get, list, watch, create, update, patch, delete on leases); running as the only replica: it adopts every build and runs every chore. Do not run more than one replica like this");
-        self.alone.store(true, Ordering::Relaxed);
-        self.leading.send_replace(true);
+        self.view.send_modify(|view| {
+            view.peers = Peers::Alone;
+            view.leading = true;
+        });
+    }
+
+    /// The membership loop: renews this replica's Leases and reads the others' every renew
+    /// period until `stop`, and publishes in the view when builds were left behind (a replica
+    /// died, or this one became the leader). It awaits nothing but the Lease calls (outside
+    /// the executor's rate limit), so nothing delays a renewal; a take-over of many builds
+    /// (each a claim and a call to its CI server) takes longer than a Lease lasts, and a
+    /// replica that stopped renewing meanwhile would be taken for dead by the others.
+    pub(crate) async fn keep(self: Arc<Self>, stop: CancellationToken) {
+        let renew = self.timing.renew;
+        let mut leading = self.leading();
+        let mut next = Instant::now() + renew;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = stop.cancelled() => return,
+            }
+            // A steady beat: a slow round does not push the next one later.
+            next += renew;
+            let now = Instant::now();
+            if next < now {
+                next = now + renew;
+            }
+            if !self.shared_builds() {
+                continue;
+            }
+            let round = self.round().await;
+            if !round.read {
+                continue;
+            }
+            // A new leader takes over the orphans the last one may have left.
+            let became_leader = self.leading() && !leading;
+            leading = self.leading();
+            if became_leader || !round.died.is_empty() {
+                self.view.send_modify(|view| view.left_behind += 1);
+            }
+        }
     }
 
     /// One round: renews this replica's Lease, takes or renews the leader Lease, and reads
@@ -366,22 +484,31 @@ impl Replicas {
         if self.leading() {
             self.forget_long_dead(leases.as_ref(), &listed, now).await;
         }
+        let before = match &self.view.borrow().peers {
+            Peers::Live(before) => Arc::clone(before),
+            Peers::Alone | Peers::Unknown => Arc::default(),
+        };
         let mut state = self.lock();
         // Dead: alive at the last round and not now, or found with an expired Lease not seen
         // expired before (a replica that died before this one ever saw it alive).
-        let mut died: BTreeSet<String> = state.live.difference(&live).cloned().collect();
+        let mut died: BTreeSet<String> = before.difference(&live).cloned().collect();
         died.extend(expired_now.difference(&state.expired).cloned());
         for replica in &live {
-            if !state.live.contains(replica) && replica != leases.replica() {
+            if !before.contains(replica) && replica != leases.replica() {
                 tracing::info!(%replica, "a replica joined");
             }
         }
         for replica in &died {
             tracing::info!(%replica, "a replica's Lease expired or is gone; taking over its builds");
         }
-        state.live = live;
         state.expired = expired_now;
-        state.known = true;
+        drop(state);
+        let live = Peers::Live(Arc::new(live));
+        self.view.send_if_modified(|view| {
+            let changed = view.peers != live;
+            view.peers = live;
+            changed
+        });
         let died = died.into_iter().collect();
         Round { read: true, died }
     }
@@ -494,7 +621,7 @@ impl Replicas {
         match written {
             Ok(written) => {
                 self.lock().leader = Some((written, Instant::now()));
-                if !self.leading.send_replace(true) {
+                if self.set_leading(true) {
                     tracing::info!(replica = %me, "this replica leads now: it runs the singleton chores");
                 }
                 Ok(())
@@ -520,7 +647,7 @@ impl Replicas {
 
     fn lose_leadership(&self) {
         self.lock().leader = None;
-        if self.leading.send_replace(false) {
+        if self.set_leading(false) {
             tracing::info!("another replica leads now");
         }
     }
@@ -536,7 +663,7 @@ impl Replicas {
             let mut state = self.lock();
             (state.own.take(), state.leader.take())
         };
-        self.leading.send_replace(false);
+        self.set_leading(false);
         for lease in [leader.map(|(lease, _)| lease), own].into_iter().flatten() {
             let Some(version) = lease.version.as_deref() else {
                 continue;
@@ -564,6 +691,13 @@ pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     const T0: Duration = Duration::from_secs(1_800_000_000);
+
+    impl Replicas {
+        /// Whose a build labelled `labelled` is, by the view now.
+        fn owner(&self, labelled: Option<&str>) -> Owner {
+            self.view.borrow().owner(labelled)
+        }
+    }
 
     fn at(seconds: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + T0 + Duration::from_secs(seconds)

@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use super::dispatch::Table;
 use super::history::{BuildRecord, History};
 use super::supervise::Crashes;
+use super::table::Table;
 use crate::sources::{Health, Source};
 
 /// A view of the coordinator for `/readyz`, the status page and its JSON API.
@@ -57,7 +57,6 @@ impl Status {
 
     /// Every source with its health and builds alive.
     pub fn sources(&self) -> Vec<SourceView> {
-        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         self.sources
             .iter()
             .enumerate()
@@ -65,10 +64,7 @@ impl Status {
                 kind: source.kind().name(),
                 name: source.name().to_owned(),
                 health: self.crashes.overlay(index, source.health()),
-                builds: table
-                    .values()
-                    .filter(|b| b.key.source == source.kind() && b.key.runner == source.name())
-                    .count(),
+                builds: self.table.count(source.kind(), source.name()),
                 limit: source.limit(),
             })
             .collect()
@@ -76,23 +72,15 @@ impl Status {
 
     /// (builds alive, `concurrent`): builds only, not requests waiting for work.
     pub fn capacity(&self) -> (usize, usize) {
-        let alive = self.table.lock().unwrap_or_else(|e| e.into_inner()).len();
-        (alive, self.concurrent)
+        (self.table.len(), self.concurrent)
     }
 
     /// The builds alive now (latest launch first), then the finished ones the history keeps
     /// (latest end first).
     pub fn builds(&self) -> Vec<Arc<BuildRecord>> {
-        let mut alive: Vec<Arc<BuildRecord>> = self
-            .table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|alive| Arc::new(alive.record(None)))
-            .collect();
-        alive.sort_by_key(|record| std::cmp::Reverse(record.launched));
-        alive.extend(self.history.newest_first());
-        alive
+        let mut builds = self.table.records();
+        builds.extend(self.history.newest_first());
+        builds
     }
 
     /// How many finished builds the history keeps at most (`status.history`).
