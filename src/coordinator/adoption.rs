@@ -268,3 +268,53 @@ async fn adopt(launcher: &Launcher, limiter: &Limiter, sources: &[Arc<dyn Source
     }
     launcher.spawn(Arc::clone(source), slot, start);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::replicas::Replicas;
+    use crate::coordinator::replicas::tests::{LeaseStore, MemoryLeases};
+
+    const RENEW: Duration = Duration::from_secs(5);
+
+    fn shared() -> Replicas {
+        let store: LeaseStore = Arc::default();
+        let leases = MemoryLeases {
+            replica: "a".into(),
+            store,
+        };
+        Replicas::new(Some(Arc::new(leases)), Default::default())
+    }
+
+    #[test]
+    fn the_only_replica_looks_again_only_when_its_start_up_could_not_list() {
+        let alone = Replicas::new(None, Default::default()).membership().view();
+        let clear = Backlog::after(true, &alone);
+        assert_eq!(clear, Backlog::Clear);
+        assert!(!clear.worth_a_look(&alone));
+        assert_eq!(clear.next_look(RENEW), SAFETY_SCAN);
+        let unsorted = Backlog::after(false, &alone);
+        assert_eq!(unsorted, Backlog::Unsorted);
+        assert!(unsorted.worth_a_look(&alone));
+        assert_eq!(unsorted.next_look(RENEW), RENEW);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replicas_look_once_whose_builds_are_whose_is_known() {
+        let replicas = shared();
+        let unknown = replicas.membership().view();
+        assert_eq!(
+            Backlog::after(true, &unknown),
+            Backlog::Unsorted,
+            "a start-up before the Leases were read took only its own builds"
+        );
+        assert!(!Backlog::Unsorted.worth_a_look(&unknown));
+        assert!(!Backlog::Clear.worth_a_look(&unknown));
+        replicas.round().await;
+        let known = replicas.membership().view();
+        assert_eq!(Backlog::after(true, &known), Backlog::Clear);
+        assert_eq!(Backlog::after(false, &known), Backlog::Unsorted);
+        assert!(Backlog::Clear.worth_a_look(&known));
+        assert!(Backlog::Unsorted.worth_a_look(&known));
+    }
+}

@@ -247,4 +247,37 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn the_outcome_label_is_the_outcome_as_logged() {
+        let metrics = Metrics::new();
+        let stage = metrics.stage::<CoordinatorMetrics>();
+        let outcomes = [
+            Outcome::Succeeded,
+            Outcome::Failed(FailureReason::ScriptFailure),
+            Outcome::Canceled,
+            Outcome::Lost,
+        ];
+        for outcome in outcomes {
+            let ending = Ending {
+                outcome,
+                detail: String::new(),
+                reported: true,
+                exit_code: None,
+            };
+            stage.launched(SourceKind::GitLab);
+            stage.ended(SourceKind::GitLab, Phase::Pending, &ending, Duration::ZERO);
+        }
+        let text = metrics.encode();
+        for outcome in outcomes {
+            let series = format!(
+                r#"kiln_build_duration_seconds_count{{source="gitlab",outcome="{}"}} 1"#,
+                outcome.as_str()
+            );
+            assert!(
+                text.lines().any(|l| l == series),
+                "{series} missing from:\n{text}"
+            );
+        }
+    }
 }

@@ -982,6 +982,73 @@ pub(crate) mod tests {
         assert!(a.leading());
     }
 
+    #[test]
+    fn the_view_says_whose_a_build_is_as_far_as_it_knows() {
+        let alone = View::new(None);
+        assert!(alone.leading() && alone.known() && !alone.shared_builds());
+        assert_eq!(alone.owner(Some("b")), Owner::Mine);
+        assert_eq!(alone.live(), None);
+
+        let mut view = View::new(Some("a"));
+        assert!(!view.leading() && !view.known() && view.shared_builds());
+        assert_eq!(view.identity(), Some("a"));
+        assert_eq!(view.owner(Some("a")), Owner::Mine);
+        assert_eq!(view.owner(Some("gone")), Owner::Live, "not known yet");
+        assert_eq!(view.owner(None), Owner::Live);
+        assert_eq!(view.live(), None);
+
+        view.peers = Peers::Live(Arc::new(BTreeSet::from(["a".into(), "b".into()])));
+        assert!(view.known());
+        assert_eq!(view.owner(Some("b")), Owner::Live);
+        assert_eq!(view.owner(Some("gone")), Owner::Free);
+        assert_eq!(view.owner(None), Owner::Free);
+        assert_eq!(view.live(), Some(vec!["a".to_owned(), "b".to_owned()]));
+
+        // Forbidden Leases: the only replica, still labelling its builds with its identity.
+        view.peers = Peers::Alone;
+        assert_eq!(view.owner(Some("b")), Owner::Mine);
+        assert_eq!(view.identity(), Some("a"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_membership_loop_says_when_a_replica_left_builds_behind() {
+        let store = Arc::default();
+        let timing = Timing {
+            duration: Duration::from_secs(3),
+            renew: Duration::from_secs(1),
+        };
+        let replica = |name: &str| {
+            Arc::new(Replicas::new(
+                Some(Arc::new(MemoryLeases {
+                    replica: name.into(),
+                    store: Arc::clone(&store),
+                })),
+                timing,
+            ))
+        };
+        let (a, b) = (replica("a"), replica("b"));
+        a.round().await;
+        b.round().await;
+        a.round().await;
+        let mut membership = b.membership();
+        let stop = CancellationToken::new();
+        let keeper = tokio::spawn(Arc::clone(&b).keep(stop.clone()));
+        // `a` is killed: `b` hears of it once a's Leases expired, at a round of its own.
+        let killed = Instant::now();
+        membership.left_behind().await;
+        let heard = killed.elapsed();
+        assert!(
+            heard >= timing.duration && heard <= timing.duration + 2 * timing.renew,
+            "heard after {heard:?}"
+        );
+        assert_eq!(membership.view().owner(Some("a")), Owner::Free);
+        // Once heard, nothing more until the next replica leaves.
+        let again = tokio::time::timeout(10 * timing.renew, membership.left_behind()).await;
+        assert!(again.is_err(), "builds left behind once, heard once");
+        stop.cancel();
+        keeper.await.unwrap();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn without_leases_one_replica_owns_everything_and_leads() {
         let alone = Replicas::new(None, Timing::default());

@@ -1,5 +1,8 @@
 //! The coordinator's logic with both neighbours faked: a source that hands over whatever the
 //! test says, an executor whose builds end when the test says. No HTTP, no cluster.
+//!
+//! Every test runs on tokio's paused clock: waits (Lease expiry, restart backoff, the polls of
+//! [`until`]) take no real time, and the clock moves only when every task is idle.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -409,7 +412,7 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
     panic!("timed out waiting until {what}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_build_is_never_launched_twice_for_one_job() {
     let h = start(4, |_| {}).await;
     let chain = h.source.chain();
@@ -452,7 +455,7 @@ async fn a_build_is_never_launched_twice_for_one_job() {
     h.task.await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn capacity_returns_when_a_build_ends() {
     let h = start(1, |_| {}).await;
     let chain = h.source.chain();
@@ -477,7 +480,7 @@ async fn capacity_returns_when_a_build_ends() {
     h.task.await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_restart_adopts_running_builds_and_counts_them_against_concurrent() {
     let h = start(2, |executor| {
         for id in [21, 22] {
@@ -526,7 +529,7 @@ async fn a_restart_adopts_running_builds_and_counts_them_against_concurrent() {
     assert!(!h.executor.lock().deletes.contains(&"kiln-gl-22".to_owned()));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn finished_builds_are_kept_in_a_bounded_history_with_their_cost() {
     let h = start(8, |_| {}).await;
     let chain = h.source.chain();
@@ -609,7 +612,7 @@ fn labelled(id: u64, runner: &str, replica: Option<&str>) -> Found {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_replica_takes_its_own_unlabelled_and_dead_replicas_builds_never_a_live_ones() {
     use super::replicas::tests::{LeaseStore, MemoryLeases};
     let store: LeaseStore = Arc::default();
@@ -696,7 +699,7 @@ async fn a_replica_takes_its_own_unlabelled_and_dead_replicas_builds_never_a_liv
 
 /// A source whose loop panics is restarted; while it is down `/readyz` says so with the panic,
 /// and afterwards the status page still tells that it happened.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_panicking_source_loop_is_restarted_and_shown_unready_meanwhile() {
     use std::sync::atomic::Ordering;
     let source = FakeSource::default();
