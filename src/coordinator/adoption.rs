@@ -273,18 +273,9 @@ async fn adopt(launcher: &Launcher, limiter: &Limiter, sources: &[Arc<dyn Source
 mod tests {
     use super::*;
     use crate::coordinator::replicas::Replicas;
-    use crate::coordinator::replicas::tests::{LeaseStore, MemoryLeases};
+    use crate::coordinator::replicas::tests::sharing;
 
     const RENEW: Duration = Duration::from_secs(5);
-
-    fn shared() -> Replicas {
-        let store: LeaseStore = Arc::default();
-        let leases = MemoryLeases {
-            replica: "a".into(),
-            store,
-        };
-        Replicas::new(Some(Arc::new(leases)), Default::default())
-    }
 
     #[test]
     fn the_only_replica_looks_again_only_when_its_start_up_could_not_list() {
@@ -301,7 +292,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn replicas_look_once_whose_builds_are_whose_is_known() {
-        let replicas = shared();
+        let replicas = sharing(&Arc::default(), "a", Default::default());
         let unknown = replicas.membership().view();
         assert_eq!(
             Backlog::after(true, &unknown),

@@ -920,22 +920,26 @@ pub(crate) mod tests {
         }
     }
 
+    /// Leases that expire in seconds.
+    const QUICK: Timing = Timing {
+        duration: Duration::from_secs(3),
+        renew: Duration::from_secs(1),
+    };
+
+    /// Replica `name` of an installation whose Leases are in `store`.
+    pub(crate) fn sharing(store: &LeaseStore, name: &str, timing: Timing) -> Replicas {
+        let leases = MemoryLeases {
+            replica: name.into(),
+            store: Arc::clone(store),
+        };
+        Replicas::new(Some(Arc::new(leases)), timing)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_replica_that_stops_renewing_is_taken_over() {
-        let store = Arc::default();
-        let timing = Timing {
-            duration: Duration::from_secs(3),
-            renew: Duration::from_secs(1),
-        };
-        let replica = |name: &str| {
-            Replicas::new(
-                Some(Arc::new(MemoryLeases {
-                    replica: name.into(),
-                    store: Arc::clone(&store),
-                })),
-                timing,
-            )
-        };
+        let store = LeaseStore::default();
+        let timing = QUICK;
+        let replica = |name: &str| sharing(&store, name, timing);
         let (a, b) = (replica("a"), replica("b"));
         a.round().await;
         b.round().await;
@@ -1012,20 +1016,9 @@ pub(crate) mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_membership_loop_says_when_a_replica_left_builds_behind() {
-        let store = Arc::default();
-        let timing = Timing {
-            duration: Duration::from_secs(3),
-            renew: Duration::from_secs(1),
-        };
-        let replica = |name: &str| {
-            Arc::new(Replicas::new(
-                Some(Arc::new(MemoryLeases {
-                    replica: name.into(),
-                    store: Arc::clone(&store),
-                })),
-                timing,
-            ))
-        };
+        let store = LeaseStore::default();
+        let timing = QUICK;
+        let replica = |name: &str| Arc::new(sharing(&store, name, timing));
         let (a, b) = (replica("a"), replica("b"));
         a.round().await;
         b.round().await;
