@@ -3,6 +3,7 @@
 //!
 //! [`Metrics::stage`]: crate::telemetry::Metrics::stage
 
+use std::fmt::Write;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -40,31 +41,30 @@ impl From<Outcome> for Ended {
 impl EncodeLabelValue for Ended {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
         // The words of `Outcome::as_str`.
-        let outcome = match self {
+        encoder.write_str(match self {
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
             Self::Canceled => "canceled",
             Self::Lost => "lost",
-        };
-        EncodeLabelValue::encode(&outcome, encoder)
+        })
     }
 }
 
 impl EncodeLabelValue for SourceKind {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        EncodeLabelValue::encode(&self.name(), encoder)
+        encoder.write_str(self.name())
     }
 }
 
 impl EncodeLabelValue for FailureReason {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        EncodeLabelValue::encode(&self.as_str(), encoder)
+        encoder.write_str(self.as_str())
     }
 }
 
 impl EncodeLabelValue for Phase {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        EncodeLabelValue::encode(&self.as_str(), encoder)
+        encoder.write_str(self.as_str())
     }
 }
 
