@@ -1,9 +1,9 @@
 //! Logging (tracing subscriber) and the Prometheus metrics registry.
 
-use std::io::IsTerminal;
-use std::sync::atomic::AtomicU64;
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -203,26 +203,6 @@ pub struct FinishedLabels {
     pub reason: String,
 }
 
-/// Labels of Jenkins agent metrics.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AgentLabels {
-    /// The Jenkins source's name.
-    pub jenkins: String,
-    /// The Jenkins label.
-    pub label: String,
-}
-
-/// Labels of a Jenkins agent that never served a build.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AgentFailureLabels {
-    /// The Jenkins source's name.
-    pub jenkins: String,
-    /// The Jenkins label.
-    pub label: String,
-    /// `connect_timeout`, `image_pull_failure`, `pod_failed`, `provision_error`, …
-    pub reason: String,
-}
-
 /// Labels naming a source kind (`gitlab`, `jenkins`, `github`).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
@@ -270,22 +250,6 @@ pub struct CostLabels {
     pub class: String,
 }
 
-/// Labels naming a GitHub source.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct GitHubLabels {
-    /// The GitHub source's name.
-    pub github: String,
-}
-
-/// Labels of a GitHub job lost with its runner.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct GitHubReasonLabels {
-    /// The GitHub source's name.
-    pub github: String,
-    /// The failure reason of the runner's build.
-    pub reason: String,
-}
-
 /// Labels naming an API kiln calls.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
@@ -324,12 +288,6 @@ pub struct Metrics {
     pub queue_time: Family<RunnerLabels, Histogram>,
     /// 1 while a runner is paused because GitLab rejected its token.
     pub runner_paused: Family<RunnerLabels, Gauge>,
-    /// Jenkins agents started.
-    pub jenkins_agents_started: Family<AgentLabels, Counter>,
-    /// Jenkins agents that never served a build, by reason.
-    pub jenkins_agent_failures: Family<AgentFailureLabels, Counter>,
-    /// Jenkins agents alive now.
-    pub jenkins_agents: Family<AgentLabels, Gauge>,
     /// Builds finished, by source, outcome and reason.
     pub builds_finished: Family<OutcomeLabels, Counter>,
     /// How long builds took from launch to end.
@@ -340,12 +298,6 @@ pub struct Metrics {
     pub builds: Family<PhaseLabels, Gauge>,
     /// What finished builds cost (pod-seconds × size × price), in `[cost] currency`.
     pub build_cost: Family<CostLabels, Counter<f64, AtomicU64>>,
-    /// GitHub runners started.
-    pub github_runners_started: Family<GitHubLabels, Counter>,
-    /// GitHub runner registrations removed because no runner served them.
-    pub github_registrations_removed: Family<GitHubLabels, Counter>,
-    /// GitHub jobs lost with their runner (evicted, OOM-killed, spot reclaim).
-    pub github_jobs_lost: Family<GitHubReasonLabels, Counter>,
     /// How much of each API's rate limit is used (0..1).
     pub api_rate_limit_saturation: Family<ApiLabels, Gauge<f64, AtomicU64>>,
 }
@@ -396,24 +348,6 @@ impl Metrics {
             "1 while a runner is paused because its token was rejected",
             runner_paused.clone(),
         );
-        let jenkins_agents_started = Family::<AgentLabels, Counter>::default();
-        let jenkins_agent_failures = Family::<AgentFailureLabels, Counter>::default();
-        let jenkins_agents = Family::<AgentLabels, Gauge>::default();
-        registry.register(
-            "jenkins_agents_started",
-            "One-shot Jenkins agents started (node + pod)",
-            jenkins_agents_started.clone(),
-        );
-        registry.register(
-            "jenkins_agent_failures",
-            "Jenkins agents deleted before serving a build, by reason",
-            jenkins_agent_failures.clone(),
-        );
-        registry.register(
-            "jenkins_agents",
-            "Jenkins agents alive now",
-            jenkins_agents.clone(),
-        );
         let builds_finished = Family::<OutcomeLabels, Counter>::default();
         let build_duration = Family::<DurationLabels, Histogram>::new_with_constructor(
             (|| Histogram::new(exponential_buckets(1.0, 2.0, 16))) as fn() -> Histogram,
@@ -444,25 +378,7 @@ impl Metrics {
             "What finished builds cost: pod-seconds times vCPU and GiB times their prices",
             build_cost.clone(),
         );
-        let github_runners_started = Family::<GitHubLabels, Counter>::default();
-        let github_registrations_removed = Family::<GitHubLabels, Counter>::default();
-        let github_jobs_lost = Family::<GitHubReasonLabels, Counter>::default();
         let api_rate_limit_saturation = Family::<ApiLabels, Gauge<f64, AtomicU64>>::default();
-        registry.register(
-            "github_runners_started",
-            "GitHub just-in-time runners started",
-            github_runners_started.clone(),
-        );
-        registry.register(
-            "github_registrations_removed",
-            "GitHub runner registrations removed because no runner served them",
-            github_registrations_removed.clone(),
-        );
-        registry.register(
-            "github_jobs_lost",
-            "GitHub jobs lost with their runner, by the runner build's failure reason",
-            github_jobs_lost.clone(),
-        );
         registry.register(
             "api_rate_limit_saturation",
             "How much of an API's rate limit is used, 0 to 1",
@@ -476,13 +392,7 @@ impl Metrics {
             build_queue_wait,
             builds,
             build_cost,
-            github_runners_started,
-            github_registrations_removed,
-            github_jobs_lost,
             api_rate_limit_saturation,
-            jenkins_agents_started,
-            jenkins_agent_failures,
-            jenkins_agents,
             job_requests,
             jobs_started,
             jobs_finished,
@@ -503,7 +413,10 @@ impl Metrics {
         }
         let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let stage = Arc::new(T::register(&mut registry));
-        stages.insert(TypeId::of::<T>(), Arc::clone(&stage) as Arc<dyn Any + Send + Sync>);
+        stages.insert(
+            TypeId::of::<T>(),
+            Arc::clone(&stage) as Arc<dyn Any + Send + Sync>,
+        );
         stage
     }
 
@@ -546,6 +459,10 @@ mod tests {
         metrics.stage::<Probe>().calls.inc();
         let text = metrics.encode();
         assert!(text.contains("kiln_probe_calls_total 2"), "{text}");
-        assert_eq!(text.matches("# TYPE kiln_probe_calls counter").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("# TYPE kiln_probe_calls counter").count(),
+            1,
+            "{text}"
+        );
     }
 }

@@ -3,10 +3,13 @@
 //! to the rest of kiln through the [`Chain`] the coordinator hands it, and the coordinator
 //! talks to it through [`Source`]; no source knows an executor.
 
+mod driver;
 pub mod github;
 pub mod gitlab;
+mod health;
 pub mod jenkins;
 mod pacer;
+mod pool;
 
 use std::sync::Arc;
 
@@ -98,26 +101,6 @@ pub struct Health {
     pub last_error: Option<String>,
     /// When a request to the CI server last succeeded.
     pub last_success: Option<std::time::SystemTime>,
-}
-
-/// The outcome of a source's latest request to its CI server: the error of the last one if it
-/// failed, and when one last succeeded.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Contact {
-    /// The last failed request, in plain words; cleared by the next success.
-    pub(crate) last_error: Option<String>,
-    /// When a request last succeeded.
-    pub(crate) last_success: Option<std::time::SystemTime>,
-}
-
-impl Contact {
-    /// Records a request's outcome: `None` for a success.
-    pub(crate) fn record(&mut self, error: Option<String>) {
-        if error.is_none() {
-            self.last_success = Some(std::time::SystemTime::now());
-        }
-        self.last_error = error;
-    }
 }
 
 /// One configured CI server entry, as the coordinator drives it.

@@ -3,7 +3,6 @@
 //! pauses the runner loudly when GitLab rejects its token.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -15,15 +14,26 @@ use super::payload::JobPayload;
 use super::register::{self, RegisterError};
 use super::report::JobReporter;
 use crate::build::{BuildKey, SourceKind};
-use crate::sources::{Chain, Slot};
+use crate::sources::health::{Access, Failing, HealthTracker, Words};
+use crate::sources::pacer::Pacer;
+use crate::sources::{Chain, Health, Slot};
 use crate::telemetry::{Metrics, RequestLabels, RunnerLabels};
 
 /// How often a paused runner checks whether its token works again.
 const PAUSED_RECHECK: Duration = Duration::from_secs(60);
-/// Failed job requests in a row after which the runner counts as cut off from GitLab.
-const UNREACHABLE_AFTER: u32 = 3;
-/// The longest wait between retries after errors.
+/// The first wait between retries after errors, and the longest.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How a runner's health shows: after three job requests in a row without an answer from
+/// GitLab (transport errors, 5xx), the runner counts as cut off from GitLab.
+const WORDS: Words = Words {
+    checking: "verifying",
+    rejected: "paused: token rejected",
+    failing: Failing::UnreachableAfter {
+        after: 3,
+        state: "GitLab unreachable",
+    },
+};
 
 /// One configured GitLab runner and its live state.
 #[derive(Debug)]
@@ -35,15 +45,10 @@ pub struct Runner {
     api: RunnerApi,
     info: RunnerInfo,
     last_update: std::sync::Mutex<Option<String>>,
-    verified: AtomicBool,
-    paused: AtomicBool,
-    /// `jobs/request`s in a row that got no answer from GitLab (transport errors, 5xx).
-    unanswered: AtomicU32,
     verify_gate: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
-    /// The last failed request, in plain words (cleared by the next answer), and when one
-    /// last succeeded.
-    contact: std::sync::Mutex<crate::sources::Contact>,
+    /// Whether GitLab accepted the token (paused when it rejected it) and answers.
+    health: HealthTracker,
 }
 
 /// A job GitLab assigned to this coordinator, holding its capacity until dropped.
@@ -85,12 +90,9 @@ impl Runner {
             system_id,
             info: RunnerInfo::new(executor, images),
             last_update: std::sync::Mutex::new(None),
-            verified: AtomicBool::new(false),
-            paused: AtomicBool::new(false),
-            unanswered: AtomicU32::new(0),
             verify_gate: tokio::sync::Mutex::new(()),
             metrics,
-            contact: std::sync::Mutex::new(crate::sources::Contact::default()),
+            health: HealthTracker::new(&config.url, WORDS, Access::Checking),
         }))
     }
 
@@ -104,45 +106,15 @@ impl Runner {
         self.config.limit
     }
 
-    /// Whether GitLab accepted the token (and the runner is not paused), and GitLab answers.
-    pub fn is_ready(&self) -> bool {
-        self.is_verified() && !self.is_unreachable()
-    }
-
     /// Whether GitLab accepted the token and the runner is not paused (whether or not GitLab
     /// answers right now).
     fn is_verified(&self) -> bool {
-        self.verified.load(Ordering::Relaxed) && !self.paused.load(Ordering::Relaxed)
+        self.health.access() == Access::Accepted
     }
 
-    /// Whether the last [`UNREACHABLE_AFTER`] job requests in a row got no answer: GitLab is
-    /// down (or unreachable), not just one request unlucky. `/readyz` then says so with
-    /// [`Self::last_error`] instead of claiming a runner that cannot take jobs is ready.
-    pub fn is_unreachable(&self) -> bool {
-        self.unanswered.load(Ordering::Relaxed) >= UNREACHABLE_AFTER
-    }
-
-    /// Whether the runner is paused because its token was rejected.
-    pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::Relaxed)
-    }
-
-    /// The last failed request, in plain words, if the last request failed.
-    pub fn last_error(&self) -> Option<String> {
-        self.contact_lock().last_error.clone()
-    }
-
-    /// When a request to GitLab last got an answer.
-    pub fn last_success(&self) -> Option<std::time::SystemTime> {
-        self.contact_lock().last_success
-    }
-
-    fn set_last_error(&self, error: Option<String>) {
-        self.contact_lock().record(error);
-    }
-
-    fn contact_lock(&self) -> std::sync::MutexGuard<'_, crate::sources::Contact> {
-        self.contact.lock().unwrap_or_else(|e| e.into_inner())
+    /// The runner's state: paused, GitLab unreachable, ready or verifying.
+    pub fn health(&self) -> Health {
+        self.health.health()
     }
 
     fn labels(&self) -> RunnerLabels {
@@ -152,7 +124,12 @@ impl Runner {
     }
 
     fn set_paused(&self, paused: bool) {
-        let was = self.paused.swap(paused, Ordering::Relaxed);
+        let before = if paused {
+            self.health.reject()
+        } else {
+            self.health.accept()
+        };
+        let was = before == Access::Rejected;
         self.metrics
             .runner_paused
             .get_or_create(&self.labels())
@@ -178,11 +155,10 @@ impl Runner {
             gate = self.verify_gate.lock() => gate,
             () = shutdown.cancelled() => return false,
         };
-        let mut backoff = Duration::from_secs(1);
+        let mut pacer = Pacer::new(FIRST_BACKOFF, MAX_BACKOFF);
         while !self.is_verified() {
             match register::verify(&self.config.url, &self.config.token, &self.system_id).await {
                 Ok(_) => {
-                    self.verified.store(true, Ordering::Relaxed);
                     self.set_paused(false);
                     tracing::info!(runner = %self.name, url = %crate::net::redact_url(&self.config.url), system_id = %self.system_id, "runner token verified");
                     return true;
@@ -200,11 +176,11 @@ impl Runner {
                     }
                 }
                 Err(e) => {
+                    let backoff = pacer.failed();
                     tracing::warn!(runner = %self.name, error = %e, "cannot verify the runner token; retrying in {}s", backoff.as_secs());
                     if sleep_or_shutdown(jitter(backoff), shutdown).await {
                         return false;
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
@@ -257,7 +233,7 @@ pub async fn poll<F>(
 ) where
     F: Future<Output = ()> + Send,
 {
-    let mut backoff = Duration::from_secs(1);
+    let mut pacer = Pacer::new(FIRST_BACKOFF, MAX_BACKOFF);
     loop {
         if !runner.is_verified() && !runner.ensure_verified(&shutdown).await {
             return;
@@ -318,24 +294,21 @@ pub async fn poll<F>(
             answer,
             Ok(JobRequest::Job { .. } | JobRequest::NoJob { .. })
         ) {
-            runner.verified.store(true, Ordering::Relaxed);
+            runner.health.accept_unless_rejected();
         }
-        if answer.is_err() {
-            runner.unanswered.fetch_add(1, Ordering::Relaxed);
-        } else {
-            runner.unanswered.store(0, Ordering::Relaxed);
+        match &answer {
+            Ok(JobRequest::RateLimited { .. }) => runner
+                .health
+                .answered(Some("GitLab rate-limits this runner (429)".to_owned())),
+            Ok(JobRequest::Forbidden) => runner
+                .health
+                .answered(Some("GitLab rejected the runner token (403)".to_owned())),
+            Ok(_) => runner.health.succeeded(),
+            Err(e) => runner.health.failed(crate::net::error_chain(e)),
         }
-        runner.set_last_error(match &answer {
-            Ok(JobRequest::RateLimited { .. }) => {
-                Some("GitLab rate-limits this runner (429)".to_owned())
-            }
-            Ok(JobRequest::Forbidden) => Some("GitLab rejected the runner token (403)".to_owned()),
-            Ok(_) => None,
-            Err(e) => Some(crate::net::error_chain(e)),
-        });
         match answer {
             Ok(JobRequest::Job { job, raw }) => {
-                backoff = Duration::from_secs(1);
+                pacer.succeeded();
                 let key = BuildKey {
                     source: SourceKind::GitLab,
                     runner: runner.name.clone(),
@@ -364,7 +337,7 @@ pub async fn poll<F>(
                 .await;
             }
             Ok(JobRequest::NoJob { last_update }) => {
-                backoff = Duration::from_secs(1);
+                pacer.succeeded();
                 if last_update.is_some() {
                     *runner.last_update.lock().unwrap_or_else(|e| e.into_inner()) = last_update;
                 }
@@ -385,7 +358,7 @@ pub async fn poll<F>(
                 reason,
                 problem,
             }) => {
-                backoff = Duration::from_secs(1);
+                pacer.succeeded();
                 drop(permit);
                 let key = BuildKey {
                     source: SourceKind::GitLab,
@@ -412,7 +385,6 @@ pub async fn poll<F>(
             }
             Ok(JobRequest::Forbidden) => {
                 drop(permit);
-                runner.verified.store(false, Ordering::Relaxed);
                 runner.set_paused(true);
                 if sleep_or_shutdown(PAUSED_RECHECK, &shutdown).await {
                     return;
@@ -420,20 +392,20 @@ pub async fn poll<F>(
             }
             Ok(JobRequest::RateLimited { retry_after }) => {
                 drop(permit);
+                let backoff = pacer.failed();
                 let wait = retry_after.unwrap_or(backoff).max(Duration::from_secs(1));
                 tracing::warn!(runner = %runner.name, "GitLab rate-limits this runner (429); waiting {}s", wait.as_secs());
                 if sleep_or_shutdown(wait, &shutdown).await {
                     return;
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
             Err(e) => {
                 drop(permit);
+                let backoff = pacer.failed();
                 tracing::warn!(runner = %runner.name, error = %e, "requesting a job failed; retrying in {}s", backoff.as_secs());
                 if sleep_or_shutdown(jitter(backoff), &shutdown).await {
                     return;
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }

@@ -1,0 +1,74 @@
+//! The GitHub source's metrics.
+
+use std::fmt::Write;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use crate::build::FailureReason;
+use crate::telemetry::StageMetrics;
+
+/// Every GitHub source's metrics (labelled by the source's name).
+#[derive(Debug)]
+pub(crate) struct GitHubMetrics {
+    /// Runners started.
+    pub(crate) runners_started: Family<GitHubLabels, Counter>,
+    /// Runner registrations removed because no runner served them.
+    pub(crate) registrations_removed: Family<GitHubLabels, Counter>,
+    /// Jobs lost with their runner (evicted, OOM-killed, spot reclaim).
+    pub(crate) jobs_lost: Family<LostLabels, Counter>,
+}
+
+impl StageMetrics for GitHubMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            runners_started: Family::default(),
+            registrations_removed: Family::default(),
+            jobs_lost: Family::default(),
+        };
+        registry.register(
+            "github_runners_started",
+            "GitHub just-in-time runners started",
+            metrics.runners_started.clone(),
+        );
+        registry.register(
+            "github_registrations_removed",
+            "GitHub runner registrations removed because no runner served them",
+            metrics.registrations_removed.clone(),
+        );
+        registry.register(
+            "github_jobs_lost",
+            "GitHub jobs lost with their runner, by the runner build's failure reason",
+            metrics.jobs_lost.clone(),
+        );
+        metrics
+    }
+}
+
+/// Labels naming a GitHub source.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct GitHubLabels {
+    /// The GitHub source's name.
+    pub(crate) github: String,
+}
+
+/// Labels of a GitHub job lost with its runner.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct LostLabels {
+    /// The GitHub source's name.
+    pub(crate) github: String,
+    /// The failure reason of the runner's build.
+    pub(crate) reason: LostReason,
+}
+
+/// The failure reason of a lost runner's build, as its wire name.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub(crate) struct LostReason(pub(crate) FailureReason);
+
+impl EncodeLabelValue for LostReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        encoder.write_str(self.0.as_str())
+    }
+}
