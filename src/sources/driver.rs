@@ -1,17 +1,20 @@
-//! The one loop shape of a queue-driven source (Jenkins, GitHub): news from the coordinator
-//! and webhooks comes through an [`Inbox`]; a look at the CI server is due on the source's
+//! The one shape of a queue-driven source (Jenkins, GitHub): news from the coordinator and
+//! webhooks comes through an [`Inbox`]; a look at the CI server is due on the source's
 //! [`Pacer`] (every interval, later while backing off after errors, early when a webhook asks);
 //! every look's outcome goes to the source's [`HealthTracker`]. The source says what a look,
-//! a piece of news and the end of a turn do ([`QueueDriven`]).
+//! a piece of news and the end of a turn do ([`QueueDriven`]); being a [`Source`] follows.
 
 use std::sync::{Arc, Mutex};
 
+use futures::future::BoxFuture;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::health::HealthTracker;
 use super::pacer::Pacer;
+use super::{Adoption, Chain, Health, Source};
+use crate::build::{BuildKey, Ending, Found, SourceKind};
 
 /// What a look did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +25,7 @@ pub(crate) enum Looked {
     Skipped,
 }
 
-/// A source driven by [`drive`].
+/// A source driven by [`drive`]: what it does at each step of the loop.
 pub(super) trait QueueDriven: Send + Sync + 'static {
     /// What the loop keeps between turns.
     type State: Send;
@@ -31,14 +34,19 @@ pub(super) trait QueueDriven: Send + Sync + 'static {
     /// Why a look failed.
     type Error: std::error::Error + Send;
 
-    /// The CI server's kind, for logs (`Jenkins`, `GitHub`).
-    const KIND: &'static str;
+    /// What every such source has.
+    fn core(&self) -> &QueueCore<Self::Event>;
 
-    /// The entry's name, for logs.
-    fn entry(&self) -> &str;
+    /// The loop's first state, its schedule, and what wakes it early (a webhook), when it
+    /// starts with `chain`.
+    fn start(&self, chain: Arc<dyn Chain>) -> (Self::State, Pacer, Option<Arc<Notify>>);
 
-    /// Where the outcome of each look goes.
-    fn tracker(&self) -> &HealthTracker;
+    /// What to do with a build of this source found at start-up (news of one to follow goes
+    /// to the inbox).
+    fn adopt_found(&self, found: &Found) -> Adoption;
+
+    /// The news that build `name` ended.
+    fn ended_event(name: &str, ending: &Ending) -> Self::Event;
 
     /// One look at the CI server.
     fn look<'a>(
@@ -58,6 +66,33 @@ pub(super) trait QueueDriven: Send + Sync + 'static {
 
     /// Kiln shuts down; the loop ends after this.
     fn stopped(&self, state: &Self::State);
+}
+
+/// What every queue-driven source has: its name, limit, inbox and health.
+#[derive(Debug)]
+pub(super) struct QueueCore<E> {
+    /// The CI server's kind.
+    kind: SourceKind,
+    /// The entry's name (unique per kind).
+    pub(super) name: String,
+    /// Builds it may run at once besides `concurrent` (0: no own limit).
+    limit: usize,
+    /// Where news for the loop goes.
+    pub(super) inbox: Inbox<E>,
+    /// Where the outcome of each look goes.
+    pub(super) health: HealthTracker,
+}
+
+impl<E> QueueCore<E> {
+    pub(super) fn new(kind: SourceKind, name: String, limit: usize, health: HealthTracker) -> Self {
+        Self {
+            kind,
+            name,
+            limit,
+            inbox: Inbox::new(),
+            health,
+        }
+    }
 }
 
 /// The channel news comes through: sent to from anywhere, received by the one loop.
@@ -90,19 +125,55 @@ impl<E> Inbox<E> {
     }
 }
 
-/// Runs `source`'s loop from `state` until `shutdown`: news from `inbox`, looks on `pacer`,
-/// early looks when `wake` is notified (a webhook).
-pub(crate) async fn drive<S: QueueDriven>(
-    source: &S,
-    mut state: S::State,
-    inbox: &Inbox<S::Event>,
-    mut pacer: Pacer,
-    wake: Option<Arc<Notify>>,
-    shutdown: CancellationToken,
-) {
-    let Some(mut inbox) = inbox.take() else {
+impl<S: QueueDriven> Source for S {
+    fn kind(&self) -> SourceKind {
+        self.core().kind
+    }
+
+    fn name(&self) -> &str {
+        &self.core().name
+    }
+
+    fn limit(&self) -> usize {
+        self.core().limit
+    }
+
+    fn run(
+        self: Arc<Self>,
+        chain: Arc<dyn Chain>,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move { drive(&*self, chain, shutdown).await })
+    }
+
+    fn adopt<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Adoption> {
+        let adoption = self.adopt_found(found);
+        Box::pin(async move { adoption })
+    }
+
+    fn ended<'a>(
+        &'a self,
+        _key: &'a BuildKey,
+        name: &'a str,
+        ending: &'a Ending,
+    ) -> BoxFuture<'a, ()> {
+        self.core().inbox.send(S::ended_event(name, ending));
+        Box::pin(async {})
+    }
+
+    fn health(&self) -> Health {
+        self.core().health.health()
+    }
+}
+
+/// Runs `source`'s loop until `shutdown`: news from its inbox, looks on its pacer, early
+/// looks when a webhook wakes it.
+async fn drive<S: QueueDriven>(source: &S, chain: Arc<dyn Chain>, shutdown: CancellationToken) {
+    let core = source.core();
+    let Some(mut inbox) = core.inbox.take() else {
         return;
     };
+    let (mut state, mut pacer, wake) = source.start(chain);
     let mut look_now = true;
     loop {
         while let Ok(event) = inbox.try_recv() {
@@ -112,15 +183,15 @@ pub(crate) async fn drive<S: QueueDriven>(
             look_now = false;
             match source.look(&mut state).await {
                 Ok(Looked::Talked) => {
-                    source.tracker().succeeded();
+                    core.health.succeeded();
                     pacer.succeeded();
                 }
                 Ok(Looked::Skipped) => pacer.skipped(),
                 Err(e) => {
                     let wait = pacer.failed();
                     let error = crate::net::error_chain(&e);
-                    tracing::warn!(source = %source.entry(), error = %error, "looking at {} failed; retrying in {}s", S::KIND, wait.as_secs());
-                    source.tracker().failed(error);
+                    tracing::warn!(source = %core.name, kind = core.kind.name(), error = %error, "looking at the CI server failed; retrying in {}s", wait.as_secs());
+                    core.health.failed(error);
                 }
             }
         }
@@ -138,10 +209,10 @@ pub(crate) async fn drive<S: QueueDriven>(
                 () = tokio::time::sleep_until(pacer.next()) => break,
                 () = woken => {
                     if pacer.wake() {
-                        tracing::debug!(source = %source.entry(), "woken by webhook");
+                        tracing::debug!(source = %core.name, "woken by webhook");
                         break;
                     }
-                    tracing::debug!(source = %source.entry(), "webhook folded into the next scheduled look");
+                    tracing::debug!(source = %core.name, "webhook folded into the next scheduled look");
                 }
                 Some(event) = inbox.recv() => {
                     look_now |= source.handle(&mut state, event).await;

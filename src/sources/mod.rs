@@ -165,6 +165,30 @@ pub(crate) fn entry_name(name: Option<&str>, url: &str, fallback: &str, index: u
     format!("{host}-{index}")
 }
 
+/// What is wrong with `url` as a CI server's URL, if anything.
+pub(crate) fn url_problem(url: &str) -> Option<String> {
+    match url::Url::parse(url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => None,
+        Ok(url) => Some(format!("scheme `{}` is not http or https", url.scheme())),
+        Err(e) => Some(format!("not a URL ({e})")),
+    }
+}
+
+/// A metric family of a source's stage metrics, registered under `name` (after the `kiln_`
+/// prefix) with `help`.
+pub(crate) fn registered<M>(
+    registry: &mut prometheus_client::registry::Registry,
+    name: &str,
+    help: &str,
+) -> M
+where
+    M: prometheus_client::registry::Metric + Default + Clone,
+{
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 /// A panic's payload in words (`panic!` with a string or a format).
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic

@@ -8,43 +8,39 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use crate::build::FailureReason;
+use crate::sources::registered;
 use crate::telemetry::StageMetrics;
-
-/// Every GitHub source's metrics (labelled by the source's name).
-#[derive(Debug)]
-pub(crate) struct GitHubMetrics {
-    /// Runners started.
-    pub(crate) runners_started: Family<GitHubLabels, Counter>,
-    /// Runner registrations removed because no runner served them.
-    pub(crate) registrations_removed: Family<GitHubLabels, Counter>,
-    /// Jobs lost with their runner (evicted, OOM-killed, spot reclaim).
-    pub(crate) jobs_lost: Family<LostLabels, Counter>,
-}
 
 impl StageMetrics for GitHubMetrics {
     fn register(registry: &mut Registry) -> Self {
-        let metrics = Self {
-            runners_started: Family::default(),
-            registrations_removed: Family::default(),
-            jobs_lost: Family::default(),
-        };
-        registry.register(
-            "github_runners_started",
-            "GitHub just-in-time runners started",
-            metrics.runners_started.clone(),
-        );
-        registry.register(
-            "github_registrations_removed",
-            "GitHub runner registrations removed because no runner served them",
-            metrics.registrations_removed.clone(),
-        );
-        registry.register(
-            "github_jobs_lost",
-            "GitHub jobs lost with their runner, by the runner build's failure reason",
-            metrics.jobs_lost.clone(),
-        );
-        metrics
+        Self {
+            runners_started: registered(
+                registry,
+                "github_runners_started",
+                "GitHub just-in-time runners started",
+            ),
+            registrations_removed: registered(
+                registry,
+                "github_registrations_removed",
+                "GitHub runner registrations removed because no runner served them",
+            ),
+            jobs_lost: registered(
+                registry,
+                "github_jobs_lost",
+                "GitHub jobs lost with their runner, by the runner build's failure reason",
+            ),
+        }
     }
+}
+
+/// Every GitHub source's metrics (labelled by the source's name).
+pub(crate) struct GitHubMetrics {
+    /// Runners started.
+    pub(crate) runners_started: Family<GitHubLabels, Counter>,
+    /// Registrations removed because no runner served them.
+    pub(crate) registrations_removed: Family<GitHubLabels, Counter>,
+    /// Jobs lost with their runner (evicted, OOM-killed, spot reclaim).
+    pub(crate) jobs_lost: Family<LostLabels, Counter>,
 }
 
 /// Labels naming a GitHub source.

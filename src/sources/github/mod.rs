@@ -16,20 +16,19 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use futures::future::BoxFuture;
 use rand::Rng;
+use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::build::{
     About, Build, BuildKey, ClassChoice, Ending, EnvValue, EnvVar, FailureReason, ForeignAgent,
     Found, Outcome, Process, SourceKind, Workload,
 };
-use crate::sources::driver::{self, Inbox, Looked, QueueDriven};
+use crate::sources::driver::{Looked, QueueCore, QueueDriven};
 use crate::sources::health::{Access, Failing, HealthTracker, Words};
 use crate::sources::pacer::Pacer;
 use crate::sources::pool::{Demand, Phase, Pool};
-use crate::sources::{Adoption, Chain, Health, Slot, Source};
+use crate::sources::{Adoption, Chain, Slot};
 use crate::telemetry::Metrics;
 use api::{Deleted, GitHubApi, GitHubError, JobStatus, JobView};
 use config::Scope;
@@ -68,7 +67,7 @@ const RUNNER_HOME: &str = "/home/runner";
 
 /// One `[[sources.github]]` entry.
 pub struct GitHubSource {
-    name: String,
+    core: QueueCore<Event>,
     config: GitHubConfig,
     scope: Scope,
     /// The labels a job may ask for, lower-cased: `self-hosted`, the configured labels, and
@@ -77,9 +76,7 @@ pub struct GitHubSource {
     metrics: Arc<GitHubMetrics>,
     /// The process's metrics, for `api_rate_limit_saturation`.
     telemetry: Arc<Metrics>,
-    inbox: Inbox<Event>,
     deliveries: Mutex<Deliveries>,
-    health: HealthTracker,
 }
 
 /// The webhook's way into a GitHub source.
@@ -139,7 +136,10 @@ impl GitHubHook {
         {
             return Ok(Delivery::Duplicate);
         }
-        self.source.inbox.send(Event::Webhook(Box::new(parsed)));
+        self.source
+            .core
+            .inbox
+            .send(Event::Webhook(Box::new(parsed)));
         Ok(Delivery::Accepted)
     }
 }
@@ -250,22 +250,25 @@ impl GitHubSource {
             .collect();
         accepted.insert("self-hosted".into());
         Self {
-            name: config.display_name(index),
             scope: config.scope().unwrap_or(Scope::Org(String::new())),
+            core: QueueCore::new(
+                SourceKind::GitHub,
+                config.display_name(index),
+                config.max_runners,
+                HealthTracker::new(&config.api_url, WORDS, Access::Checking),
+            ),
             config: config.clone(),
             accepted,
             metrics: metrics.stage::<GitHubMetrics>(),
             telemetry: metrics,
-            inbox: Inbox::new(),
             deliveries: Mutex::new(Deliveries::default()),
-            health: HealthTracker::new(&config.api_url, WORDS, Access::Checking),
         }
     }
 
     /// The webhook handle of this source.
     pub fn hook(self: &Arc<Self>) -> GitHubHook {
         GitHubHook {
-            name: self.name.clone(),
+            name: self.core.name.clone(),
             secret: self.config.webhook_secret.clone(),
             source: Arc::clone(self),
         }
@@ -273,7 +276,7 @@ impl GitHubSource {
 
     fn labels(&self) -> GitHubLabels {
         GitHubLabels {
-            github: self.name.clone(),
+            github: self.core.name.clone(),
         }
     }
 
@@ -316,21 +319,6 @@ impl GitHubSource {
         }
     }
 
-    async fn reconcile_loop(self: Arc<Self>, chain: Arc<dyn Chain>, shutdown: CancellationToken) {
-        let state = State {
-            chain,
-            api: None,
-            queued: BTreeMap::new(),
-            runners: Pool::new(MAX_ATTEMPTS),
-            reruns: Vec::new(),
-            reran: HashSet::new(),
-        };
-        let pacer =
-            Pacer::new(self.config.reconcile_interval, MAX_BACKOFF).first_backoff(FIRST_BACKOFF);
-        tracing::info!(github = %self.name, api = %crate::net::redact_url(&self.config.api_url), labels = ?self.config.labels, "GitHub source started");
-        driver::drive(&*self, state, &self.inbox, pacer, None, shutdown).await;
-    }
-
     /// Runner `name` took a job (or GitHub says it is busy: `job` unknown).
     fn took(runners: &mut Pool<RunnerClass, Runner>, name: &str, job: Option<TakenJob>) {
         if let Some(runner) = runners.get_mut(name) {
@@ -349,7 +337,7 @@ impl GitHubSource {
         ) {
             return;
         }
-        tracing::debug!(github = %self.name, action = ?event.action, job = job.id, "workflow_job webhook");
+        tracing::debug!(github = %self.core.name, action = ?event.action, job = job.id, "workflow_job webhook");
         match event.action {
             JobAction::Queued => {
                 if let Some(class) = self.classify(&job.labels) {
@@ -435,9 +423,9 @@ impl GitHubSource {
                     if state.chain.exists(&registration.name).await {
                         continue;
                     }
-                    tracing::info!(github = %self.name, runner = %registration.name, "removing a runner registration that has no runner");
+                    tracing::info!(github = %self.core.name, runner = %registration.name, "removing a runner registration that has no runner");
                     if let Err(e) = api.delete_runner(registration.id).await {
-                        tracing::warn!(github = %self.name, runner = %registration.name, error = %e, "cannot remove the runner registration");
+                        tracing::warn!(github = %self.core.name, runner = %registration.name, error = %e, "cannot remove the runner registration");
                     } else {
                         self.registration_removed();
                     }
@@ -456,18 +444,18 @@ impl GitHubSource {
                 Ok(run) if run.completed && run.attempt <= u64::from(*attempt) => {
                     match api.rerun_failed(repo, *run_id).await {
                         Ok(()) => {
-                            tracing::info!(github = %self.name, repo = %repo, run = run_id, "re-running the failed jobs of a run whose job was lost with its runner");
+                            tracing::info!(github = %self.core.name, repo = %repo, run = run_id, "re-running the failed jobs of a run whose job was lost with its runner");
                             state.reran.insert((*run_id, *attempt));
                         }
                         Err(e) => {
-                            tracing::warn!(github = %self.name, repo = %repo, run = run_id, error = %e, "cannot re-run the run's failed jobs")
+                            tracing::warn!(github = %self.core.name, repo = %repo, run = run_id, error = %e, "cannot re-run the run's failed jobs")
                         }
                     }
                 }
                 Ok(run) if !run.completed => waiting.push(rerun),
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(github = %self.name, run = run_id, error = %e, "cannot read a run to re-run");
+                    tracing::warn!(github = %self.core.name, run = run_id, error = %e, "cannot read a run to re-run");
                     waiting.push(rerun);
                 }
             }
@@ -505,7 +493,7 @@ impl GitHubSource {
             .collect();
         let plan = state.runners.plan(demands);
         for (job, attempts) in plan.given_up {
-            tracing::error!(github = %self.name, job, "{attempts} runners for this job ended before taking a job; kiln stops starting runners for it (see the reasons above)");
+            tracing::error!(github = %self.core.name, job, "{attempts} runners for this job ended before taking a job; kiln stops starting runners for it (see the reasons above)");
         }
         for name in plan.retire {
             self.retire(state, &name).await;
@@ -557,12 +545,12 @@ impl GitHubSource {
                 }
                 Ok(Deleted::Gone) => {}
                 Err(e) => {
-                    tracing::warn!(github = %self.name, runner = %name, error = %e, "cannot remove an idle runner's registration; keeping it");
+                    tracing::warn!(github = %self.core.name, runner = %name, error = %e, "cannot remove an idle runner's registration; keeping it");
                     return;
                 }
             }
         }
-        tracing::info!(github = %self.name, runner = %name, "idle runner with no job waiting for it; stopping it");
+        tracing::info!(github = %self.core.name, runner = %name, "idle runner with no job waiting for it; stopping it");
         state.runners.remove(name);
         state.chain.stop(name).await;
     }
@@ -621,22 +609,22 @@ impl GitHubSource {
             Err(e) if e.status() == Some(409) => {
                 // Registered already: by another coordinator starting it now, or a leftover
                 // of a crash, which the next reconcile removes once it is offline.
-                tracing::info!(github = %self.name, runner = name, "a runner of this name is registered already; leaving it");
+                tracing::info!(github = %self.core.name, runner = name, "a runner of this name is registered already; leaving it");
                 return true;
             }
             Err(e) => {
-                tracing::error!(github = %self.name, runner = name, error = %e, "cannot register a runner");
-                self.health.failed(e.to_string());
+                tracing::error!(github = %self.core.name, runner = name, error = %e, "cannot register a runner");
+                self.core.health.failed(e.to_string());
                 return false;
             }
         };
         let key = BuildKey {
             source: SourceKind::GitHub,
-            runner: self.name.clone(),
+            runner: self.core.name.clone(),
             id,
         };
         let build = self.runner_build(key, name, runner_id, jit, class.name(), queued);
-        tracing::info!(github = %self.name, runner = name, runner_id, job = queued.map(|q| q.job.id), "starting a runner");
+        tracing::info!(github = %self.core.name, runner = name, runner_id, job = queued.map(|q| q.job.id), "starting a runner");
         self.metrics
             .runners_started
             .get_or_create(&self.labels())
@@ -741,7 +729,7 @@ impl GitHubSource {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(github = %self.name, runner = name, error = %e, "cannot remove the runner's registration; the next reconcile retries")
+                    tracing::warn!(github = %self.core.name, runner = name, error = %e, "cannot remove the runner's registration; the next reconcile retries")
                 }
             }
         }
@@ -751,13 +739,13 @@ impl GitHubSource {
         match (clean_exit, took_job) {
             (true, _) => {}
             (false, false) => {
-                tracing::warn!(github = %self.name, runner = name, %reason, detail = %ending.detail, "the runner ended before it took a job; its registration is removed and a new runner replaces it while the job waits");
+                tracing::warn!(github = %self.core.name, runner = name, %reason, detail = %ending.detail, "the runner ended before it took a job; its registration is removed and a new runner replaces it while the job waits");
                 state.runners.attempt_failed(runner.work);
             }
             (false, true) => {
                 let job = runner.detail.took;
                 tracing::error!(
-                    github = %self.name, runner = name, %reason, detail = %ending.detail,
+                    github = %self.core.name, runner = name, %reason, detail = %ending.detail,
                     job = job.as_ref().map(|taken| taken.job_id),
                     "the runner was lost while it ran a job ({}); GitHub fails that job",
                     ending.detail
@@ -765,7 +753,7 @@ impl GitHubSource {
                 self.metrics
                     .jobs_lost
                     .get_or_create(&LostLabels {
-                        github: self.name.clone(),
+                        github: self.core.name.clone(),
                         reason: LostReason(reason),
                     })
                     .inc();
@@ -781,7 +769,7 @@ impl GitHubSource {
                     if !state.reran.contains(&(rerun.run_id, rerun.attempt))
                         && !state.reruns.contains(&rerun)
                     {
-                        tracing::info!(github = %self.name, repo = %rerun.repo, run = rerun.run_id, "the run's failed jobs are re-run once it completes (rerun_on_infrastructure_failure)");
+                        tracing::info!(github = %self.core.name, repo = %rerun.repo, run = rerun.run_id, "the run's failed jobs are re-run once it completes (rerun_on_infrastructure_failure)");
                         state.reruns.push(rerun);
                     }
                 }
@@ -799,30 +787,35 @@ fn runner_name(job: u64, n: u32) -> String {
     }
 }
 
-impl Source for GitHubSource {
-    fn kind(&self) -> SourceKind {
-        SourceKind::GitHub
+impl QueueDriven for GitHubSource {
+    type State = State;
+    type Event = Event;
+    type Error = GitHubError;
+
+    fn core(&self) -> &QueueCore<Event> {
+        &self.core
     }
 
-    fn name(&self) -> &str {
-        &self.name
+    /// Webhooks come as news (each one a pass at once), not as early looks: a look is a
+    /// reconcile, which webhooks make rarely needed.
+    fn start(&self, chain: Arc<dyn Chain>) -> (State, Pacer, Option<Arc<Notify>>) {
+        tracing::info!(github = %self.core.name, api = %crate::net::redact_url(&self.config.api_url), labels = ?self.config.labels, "GitHub source started");
+        let state = State {
+            chain,
+            api: None,
+            queued: BTreeMap::new(),
+            runners: Pool::new(MAX_ATTEMPTS),
+            reruns: Vec::new(),
+            reran: HashSet::new(),
+        };
+        let pacer =
+            Pacer::new(self.config.reconcile_interval, MAX_BACKOFF).first_backoff(FIRST_BACKOFF);
+        (state, pacer, None)
     }
 
-    fn limit(&self) -> usize {
-        self.config.max_runners
-    }
-
-    fn run(
-        self: Arc<Self>,
-        chain: Arc<dyn Chain>,
-        shutdown: CancellationToken,
-    ) -> BoxFuture<'static, ()> {
-        Box::pin(self.reconcile_loop(chain, shutdown))
-    }
-
-    fn adopt<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Adoption> {
-        let adoption = if found.exists {
-            self.inbox.send(Event::Adopted {
+    fn adopt_found(&self, found: &Found) -> Adoption {
+        if found.exists {
+            self.core.inbox.send(Event::Adopted {
                 name: found.name.clone(),
                 runner_id: found
                     .annotations
@@ -842,58 +835,14 @@ impl Source for GitHubSource {
             // Its JIT config was created, its pod never: the registration is removed as a
             // zombie by the first reconcile, and the job gets a fresh runner.
             Adoption::Discard("the runner's pod was never created".into())
-        };
-        Box::pin(async move { adoption })
+        }
     }
 
-    fn ended<'a>(
-        &'a self,
-        _key: &'a BuildKey,
-        name: &'a str,
-        ending: &'a Ending,
-    ) -> BoxFuture<'a, ()> {
-        self.inbox.send(Event::Ended {
+    fn ended_event(name: &str, ending: &Ending) -> Event {
+        Event::Ended {
             name: name.to_owned(),
             ending: ending.clone(),
-        });
-        Box::pin(async {})
-    }
-
-    fn health(&self) -> Health {
-        self.health.health()
-    }
-}
-
-impl QueueDriven for GitHubSource {
-    type State = State;
-    type Event = Event;
-    type Error = GitHubError;
-    const KIND: &'static str = "GitHub";
-
-    fn entry(&self) -> &str {
-        &self.name
-    }
-
-    fn tracker(&self) -> &HealthTracker {
-        &self.health
-    }
-
-    /// Signs in, then reconciles — a singleton chore: one replica of kiln at a time does it.
-    /// Webhooks any replica receives still start runners; their names make the launches
-    /// idempotent.
-    async fn look(&self, state: &mut State) -> Result<Looked, GitHubError> {
-        if state.api.is_none() {
-            let api = GitHubApi::connect(&self.config).await?;
-            tracing::info!(github = %self.name, "signed in to GitHub");
-            state.api = Some(api);
-            self.health.accept();
-            self.health.succeeded();
         }
-        if !state.chain.leading() {
-            return Ok(Looked::Skipped);
-        }
-        self.reconcile(state).await?;
-        Ok(Looked::Talked)
     }
 
     /// News changes the queue or the runners: the pass at the end of the turn acts on it.
@@ -920,6 +869,24 @@ impl QueueDriven for GitHubSource {
         false
     }
 
+    /// Signs in, then reconciles — a singleton chore: one replica of kiln at a time does it.
+    /// Webhooks any replica receives still start runners; their names make the launches
+    /// idempotent.
+    async fn look(&self, state: &mut State) -> Result<Looked, GitHubError> {
+        if state.api.is_none() {
+            let api = GitHubApi::connect(&self.config).await?;
+            tracing::info!(github = %self.core.name, "signed in to GitHub");
+            state.api = Some(api);
+            self.core.health.accept();
+            self.core.health.succeeded();
+        }
+        if !state.chain.leading() {
+            return Ok(Looked::Skipped);
+        }
+        self.reconcile(state).await?;
+        Ok(Looked::Talked)
+    }
+
     async fn settle(&self, state: &mut State) {
         if state.api.is_some() {
             self.scale(state).await;
@@ -927,6 +894,6 @@ impl QueueDriven for GitHubSource {
     }
 
     fn stopped(&self, state: &State) {
-        tracing::info!(github = %self.name, runners = state.runners.len(), "GitHub source stopped; runners keep running and are adopted at the next start");
+        tracing::info!(github = %self.core.name, runners = state.runners.len(), "GitHub source stopped; runners keep running and are adopted at the next start");
     }
 }

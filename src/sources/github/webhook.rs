@@ -70,11 +70,9 @@ pub(crate) struct WorkflowJob {
     /// Its `runs-on` labels, its runner once one took it, its name and page.
     #[serde(default)]
     pub(crate) labels: Vec<String>,
-    #[serde(default)]
     pub(crate) runner_name: Option<String>,
     #[serde(default)]
     pub(crate) name: String,
-    #[serde(default)]
     pub(crate) html_url: Option<String>,
 }
 

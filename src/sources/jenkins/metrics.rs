@@ -9,42 +9,37 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::build::{Ending, FailureReason};
+use crate::sources::registered;
 use crate::telemetry::StageMetrics;
 
-/// Every Jenkins source's metrics (labelled by the source's name).
+/// Every Jenkins source's metrics, labelled by the source's name and the agent's label.
 #[derive(Debug)]
 pub(crate) struct JenkinsMetrics {
-    /// Agents started.
+    /// Agents started; agents alive now.
     pub(crate) agents_started: Family<AgentLabels, Counter>,
+    pub(crate) agents: Family<AgentLabels, Gauge>,
     /// Agents that never served a build, by reason.
     pub(crate) agent_failures: Family<AgentFailureLabels, Counter>,
-    /// Agents alive now.
-    pub(crate) agents: Family<AgentLabels, Gauge>,
 }
 
 impl StageMetrics for JenkinsMetrics {
     fn register(registry: &mut Registry) -> Self {
-        let metrics = Self {
-            agents_started: Family::default(),
-            agent_failures: Family::default(),
-            agents: Family::default(),
-        };
-        registry.register(
+        let agents_started = registered(
+            registry,
             "jenkins_agents_started",
             "One-shot Jenkins agents started (node + pod)",
-            metrics.agents_started.clone(),
         );
-        registry.register(
+        let agent_failures = registered(
+            registry,
             "jenkins_agent_failures",
             "Jenkins agents deleted before serving a build, by reason",
-            metrics.agent_failures.clone(),
         );
-        registry.register(
-            "jenkins_agents",
-            "Jenkins agents alive now",
-            metrics.agents.clone(),
-        );
-        metrics
+        let agents = registered(registry, "jenkins_agents", "Jenkins agents alive now");
+        Self {
+            agents_started,
+            agents,
+            agent_failures,
+        }
     }
 }
 

@@ -13,18 +13,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use rand::Rng;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::build::{About, BuildKey, Ending, Found, Outcome, SourceKind};
-use crate::sources::driver::{self, Inbox, Looked, QueueDriven};
+use crate::build::{About, Ending, Found, Outcome, SourceKind};
+use crate::sources::driver::{Looked, QueueCore, QueueDriven};
 use crate::sources::health::{Access, Failing, HealthTracker, Words};
 use crate::sources::pacer::Pacer;
 use crate::sources::pool::{Demand, Phase, Pool};
-use crate::sources::{Adoption, Chain, Health, Source};
+use crate::sources::{Adoption, Chain};
 use crate::telemetry::Metrics;
 use agent::{ANNOTATION_LABEL, ANNOTATION_NODE, AgentSpec, LABEL_NODE};
 use api::{Computer, Credentials, JenkinsApi, JenkinsError};
@@ -53,14 +51,11 @@ const WORDS: Words = Words {
 
 /// One Jenkins controller kiln provisions agents for.
 pub struct JenkinsSource {
-    name: String,
+    core: QueueCore<Event>,
     config: JenkinsConfig,
     api: JenkinsApi,
     metrics: Arc<JenkinsMetrics>,
     wake: Arc<Notify>,
-    /// What the coordinator tells the poll loop (adopted agents, ended builds).
-    inbox: Inbox<Event>,
-    health: HealthTracker,
 }
 
 /// News for the poll loop from the coordinator.
@@ -132,38 +127,26 @@ impl JenkinsSource {
             },
         };
         Ok(Self {
-            name: config.display_name(index),
             api: JenkinsApi::new(&config.url, credentials)?,
+            core: QueueCore::new(
+                SourceKind::Jenkins,
+                config.display_name(index),
+                config.limit,
+                HealthTracker::new(&config.url, WORDS, Access::Accepted),
+            ),
             config: config.clone(),
             metrics: metrics.stage::<JenkinsMetrics>(),
             wake: Arc::new(Notify::new()),
-            inbox: Inbox::new(),
-            health: HealthTracker::new(&config.url, WORDS, Access::Accepted),
         })
     }
 
     /// The handle the webhook uses.
     pub fn waker(&self) -> Wake {
         Wake {
-            name: self.name.clone(),
+            name: self.core.name.clone(),
             secret: self.config.webhook_secret.clone(),
             notify: Arc::clone(&self.wake),
         }
-    }
-
-    /// Provisions agents until `shutdown`. Agents outlive a shutdown; the next start adopts
-    /// them.
-    async fn provision_loop(self: Arc<Self>, chain: Arc<dyn Chain>, shutdown: CancellationToken) {
-        let state = State {
-            agents: Pool::new(self.config.max_attempts),
-            undeleted: BTreeSet::new(),
-            recovered: false,
-            chain,
-        };
-        let pacer = Pacer::new(self.config.poll_interval, MAX_BACKOFF);
-        tracing::info!(jenkins = %self.name, url = %self.api.url(), labels = ?self.config.labels, "Jenkins source started");
-        let wake = Some(Arc::clone(&self.wake));
-        driver::drive(&*self, state, &self.inbox, pacer, wake, shutdown).await;
     }
 
     fn adopted(
@@ -174,7 +157,7 @@ impl JenkinsSource {
         label: String,
         queue_id: u64,
     ) {
-        tracing::info!(jenkins = %self.name, node = %node, build = %build, "adopted an agent of an earlier run");
+        tracing::info!(jenkins = %self.core.name, node = %node, build = %build, "adopted an agent of an earlier run");
         let agent = Agent {
             build,
             offlined: false,
@@ -198,7 +181,7 @@ impl JenkinsSource {
 
     fn labels(&self, label: &str) -> AgentLabels {
         AgentLabels {
-            jenkins: self.name.clone(),
+            jenkins: self.core.name.clone(),
             label: label.to_owned(),
         }
     }
@@ -207,7 +190,7 @@ impl JenkinsSource {
         self.metrics
             .agent_failures
             .get_or_create(&AgentFailureLabels {
-                jenkins: self.name.clone(),
+                jenkins: self.core.name.clone(),
                 label: label.to_owned(),
                 reason,
             })
@@ -255,9 +238,9 @@ impl JenkinsSource {
     async fn create_anchors(&self) {
         for label in &self.config.labels {
             let name = anchor_name(label);
-            tracing::info!(jenkins = %self.name, node = %name, label, "Jenkins has no agent nodes, so its queue does not say which label builds wait for; creating an offline anchor node for the label");
+            tracing::info!(jenkins = %self.core.name, node = %name, label, "Jenkins has no agent nodes, so its queue does not say which label builds wait for; creating an offline anchor node for the label");
             if let Err(e) = self.api.create_node(&name, label, ANCHOR_DESCRIPTION).await {
-                tracing::warn!(jenkins = %self.name, node = %name, error = %e, "cannot create the label anchor node");
+                tracing::warn!(jenkins = %self.core.name, node = %name, error = %e, "cannot create the label anchor node");
             }
         }
     }
@@ -269,7 +252,7 @@ impl JenkinsSource {
             return;
         };
         let Some(computer) = computer else {
-            tracing::warn!(jenkins = %self.name, node, "the agent's node was deleted in Jenkins; deleting its pod");
+            tracing::warn!(jenkins = %self.core.name, node, "the agent's node was deleted in Jenkins; deleting its pod");
             self.retire(state, node).await;
             return;
         };
@@ -278,14 +261,14 @@ impl JenkinsSource {
         }
         if !computer.idle {
             if agent.phase != Phase::Busy {
-                tracing::info!(jenkins = %self.name, node, "agent took its build; taking it offline so it takes no other");
+                tracing::info!(jenkins = %self.core.name, node, "agent took its build; taking it offline so it takes no other");
             }
             agent.phase = Phase::Busy;
             if !agent.detail.offlined && !computer.temporarily_offline {
                 match self.api.toggle_offline(node, OFFLINE_MESSAGE).await {
                     Ok(()) => agent.detail.offlined = true,
                     Err(e) => {
-                        tracing::warn!(jenkins = %self.name, node, error = %e, "cannot take the agent offline; retrying")
+                        tracing::warn!(jenkins = %self.core.name, node, error = %e, "cannot take the agent offline; retrying")
                     }
                 }
             } else if computer.temporarily_offline {
@@ -294,7 +277,7 @@ impl JenkinsSource {
             return;
         }
         if agent.phase == Phase::Busy {
-            tracing::info!(jenkins = %self.name, node, "agent's build ended; deleting node and pod");
+            tracing::info!(jenkins = %self.core.name, node, "agent's build ended; deleting node and pod");
             self.retire(state, node).await;
             return;
         }
@@ -303,7 +286,7 @@ impl JenkinsSource {
                 (agent.group.clone(), agent.detail.build.clone(), agent.work);
             let events = state.chain.explain(&build).await;
             tracing::error!(
-                jenkins = %self.name, node, build = %build, label = %label,
+                jenkins = %self.core.name, node, build = %build, label = %label,
                 "the agent did not connect within {}{}; deleting it (its build gets a fresh agent)",
                 humantime::format_duration(self.config.connect_timeout),
                 events
@@ -331,10 +314,10 @@ impl JenkinsSource {
             return;
         }
         if connected {
-            tracing::warn!(jenkins = %self.name, node, detail = %ending.detail, "the agent's build ended; deleting the node");
+            tracing::warn!(jenkins = %self.core.name, node, detail = %ending.detail, "the agent's build ended; deleting the node");
         } else {
             let reason = AgentFailure::of(&ending);
-            tracing::error!(jenkins = %self.name, node, reason = reason.as_str(), detail = %ending.detail, "the agent failed before it connected; deleting it (its build gets a fresh agent)");
+            tracing::error!(jenkins = %self.core.name, node, reason = reason.as_str(), detail = %ending.detail, "the agent failed before it connected; deleting it (its build gets a fresh agent)");
             self.failed(&label, reason);
             state.agents.attempt_failed(queue_id);
         }
@@ -397,10 +380,10 @@ impl JenkinsSource {
         };
         for (item, attempts) in plan.given_up {
             let job = job_of(item);
-            tracing::error!(jenkins = %self.name, item, job = %job, attempts, "no agent connected for this build after {attempts} tries; kiln stops starting agents for it (see the failures above)");
+            tracing::error!(jenkins = %self.core.name, item, job = %job, attempts, "no agent connected for this build after {attempts} tries; kiln stops starting agents for it (see the failures above)");
         }
         for node in plan.retire {
-            tracing::info!(jenkins = %self.name, node = %node, "idle agent with no build waiting for it; deleting node and pod");
+            tracing::info!(jenkins = %self.core.name, node = %node, "idle agent with no build waiting for it; deleting node and pod");
             self.retire(state, &node).await;
         }
         for start in plan.start {
@@ -426,9 +409,12 @@ impl JenkinsSource {
     ) {
         let node = node_name(label);
         let attempt = state.agents.attempts(queue_id) + 1;
-        let description = format!("{NODE_DESCRIPTION} ({}, queue item {queue_id})", self.name);
+        let description = format!(
+            "{NODE_DESCRIPTION} ({}, queue item {queue_id})",
+            self.core.name
+        );
         if let Err(e) = self.api.create_node(&node, label, &description).await {
-            tracing::error!(jenkins = %self.name, node, error = %e, "cannot create the agent node");
+            tracing::error!(jenkins = %self.core.name, node, error = %e, "cannot create the agent node");
             // The create may have reached Jenkins even so (the answer was lost): make sure.
             state.undeleted.insert(node.clone());
             self.failed(label, AgentFailure::ProvisionError);
@@ -437,7 +423,7 @@ impl JenkinsSource {
         let secret = match self.api.agent_secret(&node).await {
             Ok(secret) => secret,
             Err(e) => {
-                tracing::error!(jenkins = %self.name, node, error = %e, "cannot read the agent secret; deleting the node");
+                tracing::error!(jenkins = %self.core.name, node, error = %e, "cannot read the agent secret; deleting the node");
                 self.delete_node(state, &node).await;
                 self.failed(label, AgentFailure::ProvisionError);
                 return;
@@ -445,7 +431,7 @@ impl JenkinsSource {
         };
         let url = self.api.url().to_string();
         let build = AgentSpec {
-            jenkins: &self.name,
+            jenkins: &self.core.name,
             url: &url,
             node: &node,
             label,
@@ -456,7 +442,7 @@ impl JenkinsSource {
             template: self.config.pod_templates.get(label),
         }
         .build();
-        tracing::info!(jenkins = %self.name, node, build = %build.name, label, queue_item = queue_id, attempt, "agent started");
+        tracing::info!(jenkins = %self.core.name, node, build = %build.name, label, queue_item = queue_id, attempt, "agent started");
         self.metrics
             .agents_started
             .get_or_create(&self.labels(label))
@@ -481,7 +467,7 @@ impl JenkinsSource {
     /// Deletes an agent node; one that cannot be deleted now is retried at the next look.
     async fn delete_node(&self, state: &mut State, node: &str) {
         if let Err(e) = self.api.delete_node(node).await {
-            tracing::warn!(jenkins = %self.name, node, error = %e, "cannot delete the node; the next poll retries");
+            tracing::warn!(jenkins = %self.core.name, node, error = %e, "cannot delete the node; the next poll retries");
             state.undeleted.insert(node.to_owned());
         }
     }
@@ -491,7 +477,7 @@ impl JenkinsSource {
         computer
             .description
             .as_deref()
-            .is_some_and(|d| d.starts_with(&format!("{NODE_DESCRIPTION} ({},", self.name)))
+            .is_some_and(|d| d.starts_with(&format!("{NODE_DESCRIPTION} ({},", self.core.name)))
     }
 
     /// After a restart: adopted agents whose node is gone are deleted, the others take their
@@ -501,7 +487,7 @@ impl JenkinsSource {
         for node in state.agents.names() {
             match computers.get(&node) {
                 None => {
-                    tracing::info!(jenkins = %self.name, node = %node, "agent of an earlier run without its node; deleting it");
+                    tracing::info!(jenkins = %self.core.name, node = %node, "agent of an earlier run without its node; deleting it");
                     self.retire(state, &node).await;
                 }
                 Some(computer) => {
@@ -525,9 +511,9 @@ impl JenkinsSource {
                 && !state.agents.contains(&computer.display_name)
                 && state.chain.leading()
             {
-                tracing::info!(jenkins = %self.name, node = %computer.display_name, "node of an earlier run without its agent; deleting it");
+                tracing::info!(jenkins = %self.core.name, node = %computer.display_name, "node of an earlier run without its agent; deleting it");
                 if let Err(e) = self.api.delete_node(&computer.display_name).await {
-                    tracing::warn!(jenkins = %self.name, node = %computer.display_name, error = %e, "cannot delete the node");
+                    tracing::warn!(jenkins = %self.core.name, node = %computer.display_name, error = %e, "cannot delete the node");
                 }
             }
         }
@@ -547,34 +533,32 @@ pub(super) struct State {
     chain: Arc<dyn Chain>,
 }
 
-impl Source for JenkinsSource {
-    fn kind(&self) -> SourceKind {
-        SourceKind::Jenkins
+/// Provisions agents until kiln shuts down. Agents outlive a shutdown; the next start adopts
+/// them.
+impl QueueDriven for JenkinsSource {
+    type State = State;
+    type Event = Event;
+    type Error = JenkinsError;
+
+    fn start(&self, chain: Arc<dyn Chain>) -> (State, Pacer, Option<Arc<Notify>>) {
+        tracing::info!(jenkins = %self.core.name, url = %self.api.url(), labels = ?self.config.labels, "Jenkins source started");
+        let state = State {
+            agents: Pool::new(self.config.max_attempts),
+            undeleted: BTreeSet::new(),
+            recovered: false,
+            chain,
+        };
+        let pacer = Pacer::new(self.config.poll_interval, MAX_BACKOFF);
+        (state, pacer, Some(Arc::clone(&self.wake)))
     }
 
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn limit(&self) -> usize {
-        self.config.limit
-    }
-
-    fn run(
-        self: Arc<Self>,
-        chain: Arc<dyn Chain>,
-        shutdown: CancellationToken,
-    ) -> BoxFuture<'static, ()> {
-        Box::pin(self.provision_loop(chain, shutdown))
-    }
-
-    fn adopt<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Adoption> {
+    fn adopt_found(&self, found: &Found) -> Adoption {
         let node = found
             .annotations
             .get(ANNOTATION_NODE)
             .or_else(|| found.labels.get(LABEL_NODE))
             .cloned();
-        let adoption = match node {
+        match node {
             Some(node) if found.exists => {
                 let label = found
                     .annotations
@@ -588,7 +572,7 @@ impl Source for JenkinsSource {
                     url: None,
                     queued_at: None,
                 };
-                self.inbox.send(Event::Adopted {
+                self.core.inbox.send(Event::Adopted {
                     node,
                     build: found.name.clone(),
                     label,
@@ -598,40 +582,14 @@ impl Source for JenkinsSource {
             }
             Some(_) => Adoption::Discard("the agent's pod is gone; its node is deleted".into()),
             None => Adoption::Discard("an agent build without its Jenkins node name".into()),
-        };
-        Box::pin(async move { adoption })
+        }
     }
 
-    fn ended<'a>(
-        &'a self,
-        _key: &'a BuildKey,
-        name: &'a str,
-        ending: &'a Ending,
-    ) -> BoxFuture<'a, ()> {
-        self.inbox.send(Event::Ended {
+    fn ended_event(name: &str, ending: &Ending) -> Event {
+        Event::Ended {
             build: name.to_owned(),
             ending: ending.clone(),
-        });
-        Box::pin(async {})
-    }
-
-    fn health(&self) -> Health {
-        self.health.health()
-    }
-}
-
-impl QueueDriven for JenkinsSource {
-    type State = State;
-    type Event = Event;
-    type Error = JenkinsError;
-    const KIND: &'static str = "Jenkins";
-
-    fn entry(&self) -> &str {
-        &self.name
-    }
-
-    fn tracker(&self) -> &HealthTracker {
-        &self.health
+        }
     }
 
     async fn look(&self, state: &mut State) -> Result<Looked, JenkinsError> {
@@ -671,7 +629,11 @@ impl QueueDriven for JenkinsSource {
     }
 
     fn stopped(&self, state: &State) {
-        tracing::info!(jenkins = %self.name, agents = state.agents.len(), "Jenkins source stopped; agents keep running and are adopted at the next start");
+        tracing::info!(jenkins = %self.core.name, agents = state.agents.len(), "Jenkins source stopped; agents keep running and are adopted at the next start");
+    }
+
+    fn core(&self) -> &QueueCore<Event> {
+        &self.core
     }
 }
 
