@@ -254,11 +254,23 @@ pub struct ForeignAgent {
     pub env: Vec<EnvVar>,
     /// The agent's work directory, shared with every extra container.
     pub workdir: String,
-    /// Containers the user configured next to the agent, in Kubernetes' own terms (Jenkins pod
-    /// templates). Executors that do not run pods run the agent alone.
-    pub extra_containers: Vec<k8s_openapi::api::core::v1::Container>,
+    /// Containers the user configured next to the agent (Jenkins pod templates). Executors
+    /// that do not run pods run the agent alone.
+    pub extra_containers: Vec<ExtraContainer>,
     /// How to run the agent as a child process, if it can be.
     pub process: Option<Process>,
+}
+
+/// A container the user configured next to a foreign agent, sharing its work directory (a
+/// Jenkins pod template's `maven`, which a Jenkinsfile enters with `container('maven')`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExtraContainer {
+    /// Its name.
+    pub name: String,
+    /// Everything else the user set, in Kubernetes' own field names (`image`, `command`,
+    /// `resources`, …) as a JSON object: the source checked that it reads as a container, and
+    /// an executor that runs pods takes it as it is.
+    pub fields: serde_json::Map<String, serde_json::Value>,
 }
 
 /// One environment variable of a foreign agent.

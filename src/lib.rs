@@ -3,6 +3,8 @@
 //!
 //! The binary (`src/main.rs`) only parses arguments; everything it runs lives here, laid out as
 //! the data flow: `sources` → `coordinator` → `executor`, with `agent` running inside each build.
+//! What the two ends of a build share is a contract of its own: `build` (the source-neutral
+//! model), `job_file` (what the agent is handed) and `gitlab` (GitLab's runner protocol).
 
 pub mod agent;
 pub mod build;
@@ -11,7 +13,9 @@ pub mod coordinator;
 pub mod deploy;
 pub mod exec;
 pub mod executor;
+pub mod gitlab;
 pub mod http;
+pub mod job_file;
 pub mod net;
 pub mod pipeline;
 pub mod problem;

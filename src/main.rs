@@ -1,6 +1,6 @@
 //! The `kiln` command line: parses arguments and calls into the library.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -8,8 +8,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use kiln::config::{self, Config, GitLabRunnerConfig};
-use kiln::sources::gitlab::register::{self, LegacyOptions, PatOptions, RunnerScope};
+use kiln::config::{self, Config};
+use kiln::sources::gitlab::command as runner;
 
 /// Self-hosted CI/CD runner autoscaler: one ephemeral pod (or process) per build.
 #[derive(Debug, Parser)]
@@ -26,9 +26,9 @@ enum Command {
     /// Run one job inside its build (started by an executor, not by hand).
     Agent(AgentArgs),
     /// Register kiln as a GitLab runner and store its token in the config file.
-    Register(RegisterArgs),
+    Register(RegisterCommand),
     /// Remove this runner manager (or the whole runner) from GitLab and the config file.
-    Unregister(UnregisterArgs),
+    Unregister(UnregisterCommand),
     /// Check that every configured runner token is accepted by its GitLab.
     Verify(ConfigArg),
     /// Validate a config file and print every problem with its path.
@@ -176,63 +176,21 @@ struct CheckConfigArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group = clap::ArgGroup::new("credential").required(true).args(["token", "registration_token", "pat"]))]
-struct RegisterArgs {
+struct RegisterCommand {
     /// The config file to add the runner to (created if missing).
     #[arg(long, short, env = config::CONFIG_ENV, default_value = "kiln.toml")]
     config: PathBuf,
-    /// GitLab's URL, e.g. https://gitlab.example.com.
-    #[arg(long)]
-    url: String,
-    /// A runner authentication token (glrt-…) created in GitLab's UI.
-    #[arg(long, env = "KILN_REGISTER_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// A legacy registration token (deprecated by GitLab; tags and flags below apply).
-    #[arg(long, env = "KILN_REGISTRATION_TOKEN", hide_env_values = true)]
-    registration_token: Option<String>,
-    /// A personal access token with `create_runner` scope: create the runner, then verify it.
-    #[arg(long, env = "KILN_REGISTER_PAT", hide_env_values = true)]
-    pat: Option<String>,
-    /// With --pat: `instance`, `group` or `project`.
-    #[arg(long, default_value = "instance", requires = "pat")]
-    runner_type: String,
-    /// With --pat and --runner-type group: the group id.
-    #[arg(long)]
-    group_id: Option<u64>,
-    /// With --pat and --runner-type project: the project id.
-    #[arg(long)]
-    project_id: Option<u64>,
-    /// The runner's name in the config (and its description in GitLab).
-    #[arg(long)]
-    name: Option<String>,
-    /// Job tags, comma-separated (legacy and --pat registration only).
-    #[arg(long, value_delimiter = ',')]
-    tag_list: Vec<String>,
-    /// Take untagged jobs too (legacy and --pat registration only).
-    #[arg(long)]
-    run_untagged: bool,
-    /// Lock the runner to the project it was registered in (legacy only).
-    #[arg(long)]
-    locked: bool,
-    /// Only run jobs on protected refs (legacy only).
-    #[arg(long)]
-    protected: bool,
-    /// The longest job timeout this runner accepts, in seconds (legacy only).
-    #[arg(long)]
-    maximum_timeout: Option<u64>,
+    #[command(flatten)]
+    runner: runner::RegisterArgs,
 }
 
 #[derive(Debug, Args)]
-struct UnregisterArgs {
+struct UnregisterCommand {
     /// The config file holding the runner.
     #[arg(long, short, env = config::CONFIG_ENV, default_value = "kiln.toml")]
     config: PathBuf,
-    /// The runner's name in the config (default: the only runner).
-    #[arg(long)]
-    name: Option<String>,
-    /// Delete the whole runner from GitLab, not just this manager.
-    #[arg(long)]
-    all: bool,
+    #[command(flatten)]
+    runner: runner::UnregisterArgs,
 }
 
 fn main() -> ExitCode {
@@ -510,145 +468,29 @@ async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn register(args: RegisterArgs) -> anyhow::Result<ExitCode> {
-    let description = args.name.clone().unwrap_or_else(|| "kiln".into());
-    let token = if let Some(token) = &args.token {
-        token.clone()
-    } else if let Some(registration_token) = &args.registration_token {
-        let options = LegacyOptions {
-            description: description.clone(),
-            tags: args.tag_list.clone(),
-            run_untagged: args.run_untagged,
-            locked: args.locked,
-            protected_only: args.protected,
-            maximum_timeout: args.maximum_timeout,
-            paused: false,
-        };
-        let created = register::register_legacy(&args.url, registration_token, &options).await?;
-        println!("Registered runner {} with a registration token", created.id);
-        created.token
-    } else if let Some(pat) = &args.pat {
-        let scope = match (args.runner_type.as_str(), args.group_id, args.project_id) {
-            ("instance", _, _) => RunnerScope::Instance,
-            ("group", Some(id), _) => RunnerScope::Group(id),
-            ("project", _, Some(id)) => RunnerScope::Project(id),
-            ("group", None, _) => bail!("--runner-type group needs --group-id"),
-            ("project", _, None) => bail!("--runner-type project needs --project-id"),
-            (other, _, _) => bail!("--runner-type `{other}` is not instance, group or project"),
-        };
-        let options = PatOptions {
-            scope,
-            description: description.clone(),
-            tags: args.tag_list.clone(),
-            run_untagged: args.run_untagged,
-        };
-        let created = register::create_with_pat(&args.url, pat, &options).await?;
-        println!(
-            "Created runner {} with the personal access token",
-            created.id
-        );
-        created.token
-    } else {
-        bail!("give one of --token, --registration-token or --pat");
-    };
-    let existing = existing_system_id(&args.config, &args.url, args.name.as_deref());
-    let system_id = existing.unwrap_or_else(register::new_system_id);
-    let verified = register::verify(&args.url, &token, &system_id).await?;
-    let mut entry = GitLabRunnerConfig::new(&args.url, &verified.token);
-    entry.name = args.name.clone();
-    entry.system_id = Some(system_id.clone());
-    config::upsert_gitlab_runner(&args.config, &entry)?;
-    println!(
-        "Runner {} verified (system_id {system_id}); saved to {}",
-        verified.id,
-        args.config.display()
-    );
-    if let Some(expires) = verified.token_expires_at.filter(|e| !e.is_empty()) {
-        println!("The token expires at {expires}.");
-    }
+async fn register(args: RegisterCommand) -> anyhow::Result<ExitCode> {
+    // The file's own entries (no environment overrides, no error if there is no file yet):
+    // re-registering one of them keeps its system id.
+    let saved = Config::load_with_env(Some(&args.config), std::iter::empty())
+        .map(|config| config.sources.gitlab)
+        .unwrap_or_default();
+    runner::register(&args.config, &args.runner, &saved).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// The system id already stored for this runner, so re-registering keeps the same manager.
-fn existing_system_id(path: &Path, url: &str, name: Option<&str>) -> Option<String> {
-    let config = Config::load_with_env(Some(path), std::iter::empty()).ok()?;
-    config
-        .sources
-        .gitlab
-        .into_iter()
-        .find(|r| r.url == url && (name.is_none() || r.name.as_deref() == name))
-        .and_then(|r| r.system_id)
-}
-
-async fn unregister(args: UnregisterArgs) -> anyhow::Result<ExitCode> {
+async fn unregister(args: UnregisterCommand) -> anyhow::Result<ExitCode> {
     let config = Config::load(Some(&args.config))?;
-    let runners = &config.sources.gitlab;
-    let runner = match &args.name {
-        Some(name) => runners
-            .iter()
-            .enumerate()
-            .find(|(i, r)| r.display_name(*i) == *name)
-            .map(|(_, r)| r)
-            .with_context(|| format!("no runner named `{name}` in {}", args.config.display()))?,
-        None if runners.len() == 1 => &runners[0],
-        None => bail!(
-            "{} has {} runners; say which with --name",
-            args.config.display(),
-            runners.len()
-        ),
-    };
-    let system_id = runner
-        .system_id
-        .clone()
-        .context("the runner has no system_id in the config; use --all to delete the whole runner")
-        .or_else(|e| if args.all { Ok(String::new()) } else { Err(e) })?;
-    register::unregister(&runner.url, &runner.token, &system_id, args.all).await?;
-    config::remove_gitlab_runner(&args.config, &runner.url, &runner.token)?;
-    println!(
-        "{} removed from {} and from {}",
-        if args.all { "Runner" } else { "Runner manager" },
-        runner.url,
-        args.config.display()
-    );
+    runner::unregister(&args.config, &args.runner, &config.sources.gitlab).await?;
     Ok(ExitCode::SUCCESS)
 }
 
 async fn verify(args: ConfigArg) -> anyhow::Result<ExitCode> {
     let config = Config::load(args.config.as_deref())?;
-    if config.sources.gitlab.is_empty() {
-        bail!("no GitLab runners configured");
-    }
-    let mut failed = false;
-    for (i, runner) in config.sources.gitlab.iter().enumerate() {
-        let name = runner.display_name(i);
-        let Some(system_id) = runner.system_id.clone() else {
-            println!(
-                "{name}: no system_id stored (run `kiln register`); verifying with a generated one"
-            );
-            failed |= verify_one(&name, runner, &register::new_system_id()).await;
-            continue;
-        };
-        failed |= verify_one(&name, runner, &system_id).await;
-    }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
+    Ok(if runner::verify(&config.sources.gitlab).await? {
         ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
-}
-
-/// Prints the outcome; true on failure.
-async fn verify_one(name: &str, runner: &GitLabRunnerConfig, system_id: &str) -> bool {
-    match register::verify(&runner.url, &runner.token, system_id).await {
-        Ok(token) => {
-            println!("{name}: ok (runner {} at {})", token.id, runner.url);
-            false
-        }
-        Err(e) => {
-            println!("{name}: FAILED: {e}");
-            true
-        }
-    }
 }
 
 async fn deploy(command: kiln::deploy::DeployCommand) -> anyhow::Result<ExitCode> {

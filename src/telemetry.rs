@@ -176,33 +176,6 @@ impl Drop for LogLine {
     }
 }
 
-/// Labels naming a runner (one `[[sources.gitlab]]` entry).
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RunnerLabels {
-    /// The runner's name.
-    pub runner: String,
-}
-
-/// Labels of a `jobs/request` call's result.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    /// The runner's name.
-    pub runner: String,
-    /// `job`, `no_job`, `rate_limited`, `forbidden` or `error`.
-    pub result: String,
-}
-
-/// Labels of a finished job.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FinishedLabels {
-    /// The runner's name.
-    pub runner: String,
-    /// `success` or `failed`.
-    pub state: String,
-    /// The failure reason, empty on success.
-    pub reason: String,
-}
-
 /// Labels naming a source kind (`gitlab`, `jenkins`, `github`).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
@@ -274,20 +247,6 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     /// One instance per [`StageMetrics`] type.
     stages: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
-    /// `jobs/request` calls by result.
-    pub job_requests: Family<RequestLabels, Counter>,
-    /// Jobs taken and handed to the executor.
-    pub jobs_started: Family<RunnerLabels, Counter>,
-    /// Jobs finished, by state and reason.
-    pub jobs_finished: Family<FinishedLabels, Counter>,
-    /// Jobs running now.
-    pub jobs_running: Gauge,
-    /// Duration of `jobs/request` calls (long polls included).
-    pub poll_duration: Family<RunnerLabels, Histogram>,
-    /// Time jobs waited in GitLab's queue (`time_in_queue_seconds`).
-    pub queue_time: Family<RunnerLabels, Histogram>,
-    /// 1 while a runner is paused because GitLab rejected its token.
-    pub runner_paused: Family<RunnerLabels, Gauge>,
     /// Builds finished, by source, outcome and reason.
     pub builds_finished: Family<OutcomeLabels, Counter>,
     /// How long builds took from launch to end.
@@ -306,48 +265,6 @@ impl Metrics {
     /// Creates and registers every metric under the `kiln_` prefix.
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("kiln");
-        let job_requests = Family::<RequestLabels, Counter>::default();
-        let jobs_started = Family::<RunnerLabels, Counter>::default();
-        let jobs_finished = Family::<FinishedLabels, Counter>::default();
-        let jobs_running = Gauge::default();
-        let poll_duration = Family::<RunnerLabels, Histogram>::new_with_constructor(
-            (|| Histogram::new(exponential_buckets(0.01, 2.0, 14))) as fn() -> Histogram,
-        );
-        let queue_time = Family::<RunnerLabels, Histogram>::new_with_constructor(
-            (|| Histogram::new(exponential_buckets(0.5, 2.0, 14))) as fn() -> Histogram,
-        );
-        let runner_paused = Family::<RunnerLabels, Gauge>::default();
-        registry.register(
-            "gitlab_job_requests",
-            "jobs/request calls to GitLab by result",
-            job_requests.clone(),
-        );
-        registry.register(
-            "jobs_started",
-            "Jobs taken and started",
-            jobs_started.clone(),
-        );
-        registry.register(
-            "jobs_finished",
-            "Jobs finished, by state and failure reason",
-            jobs_finished.clone(),
-        );
-        registry.register("jobs_running", "Jobs running now", jobs_running.clone());
-        registry.register(
-            "gitlab_poll_duration_seconds",
-            "Duration of jobs/request calls, long polls included",
-            poll_duration.clone(),
-        );
-        registry.register(
-            "job_queue_time_seconds",
-            "Time jobs waited in the CI server's queue before kiln took them",
-            queue_time.clone(),
-        );
-        registry.register(
-            "runner_paused",
-            "1 while a runner is paused because its token was rejected",
-            runner_paused.clone(),
-        );
         let builds_finished = Family::<OutcomeLabels, Counter>::default();
         let build_duration = Family::<DurationLabels, Histogram>::new_with_constructor(
             (|| Histogram::new(exponential_buckets(1.0, 2.0, 16))) as fn() -> Histogram,
@@ -393,13 +310,6 @@ impl Metrics {
             builds,
             build_cost,
             api_rate_limit_saturation,
-            job_requests,
-            jobs_started,
-            jobs_finished,
-            jobs_running,
-            poll_duration,
-            queue_time,
-            runner_paused,
         })
     }
 

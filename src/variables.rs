@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::sources::gitlab::payload;
+use crate::gitlab::payload;
 
 /// An expanded value is cut off (its remaining references left as written) past this size, so
 /// references that double at every level cannot exhaust memory.

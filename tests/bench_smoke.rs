@@ -1,8 +1,6 @@
 //! Keeps the coordinator benchmark (`examples/bench`) working: runs it at a tiny size against
 //! this build's (debug) kiln and checks that every figure it reports was really measured.
 
-mod support;
-
 #[allow(dead_code)]
 #[path = "../examples/bench/harness.rs"]
 mod harness;

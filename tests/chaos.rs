@@ -3,7 +3,7 @@
 //! the history the test servers recorded. These are the short variants; `examples/chaos` runs
 //! the long ones (`cargo run --example chaos -- --help`). `KILN_CHAOS_SEED` replays a seed.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The command line as an operator uses it: help, check-config, and runner registration
 //! against the GitLab test server.
 
-mod support;
+use crate::support;
 
 use std::process::Output;
 

@@ -1,7 +1,7 @@
 //! End to end: the real `kiln deploy knative` binary against a minimal Kubernetes API server
 //! serving `serving.knative.dev/v1`, whose controller the test drives.
 
-mod support;
+use crate::support;
 
 use std::process::Stdio;
 use std::time::Duration;

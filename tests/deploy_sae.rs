@@ -1,6 +1,6 @@
 //! End to end: the real `kiln deploy sae` binary against the SAE + OSS test server.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::Output;

@@ -3,7 +3,7 @@
 //! runner stand-in, which decodes its JIT config, takes one job and exits, as the real runner
 //! does with `--jitconfig`.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

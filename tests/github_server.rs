@@ -1,6 +1,6 @@
 //! Self-test of the test GitHub in `support::github` and its runner stand-in; doubles as their usage guide.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

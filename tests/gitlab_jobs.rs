@@ -1,7 +1,7 @@
 //! End to end: a real `kiln run` process against the GitLab test server, the agent running each
 //! job as a child process (local executor). Each test pins one behaviour users rely on.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! a real `kiln run` takes a job, the agent runs it as a child process, and GitLab ends up with
 //! the trace, the artifacts and the state.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
 //! Self-test of the test GitLab in `support::gitlab`, driven with plain HTTP; doubles as its usage guide.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! malformed jobs, webhook bursts, credentials in URLs, a closed log pipe. Each test is named
 //! after the defect it pins.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

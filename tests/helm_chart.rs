@@ -10,8 +10,7 @@
 //! kiln's own words, and the Grafana dashboard's queries. The tools come from
 //! `support/tools.rs`, which installs them on first use.
 
-#[path = "support/tools.rs"]
-mod tools;
+use crate::support::tools;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

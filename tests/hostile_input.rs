@@ -3,7 +3,7 @@
 //! error that names the input. Property tests (proptest) for the parsers; end to end for what
 //! arrives over HTTP. The limits each input meets are listed in `docs/reliability.md`.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

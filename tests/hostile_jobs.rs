@@ -5,7 +5,7 @@
 //! property test (any archive) is `any_archive_stays_inside_the_project` in
 //! `src/agent/artifacts.rs`.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

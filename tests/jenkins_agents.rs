@@ -2,7 +2,7 @@
 //! test server, with agent pods on the Kubernetes test server. The agent "connects" the way
 //! `jenkins/inbound-agent` does: with the node name and the secret the pod got from its Secret.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

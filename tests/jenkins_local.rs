@@ -3,7 +3,7 @@
 //! stand-in script that records how it was started; the test connects the agent the way
 //! remoting does, with the node name and the secret the process was given.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! Self-test of the test Jenkins in `support::jenkins`, driven with plain HTTP; doubles as its usage guide.
 
-mod support;
+use crate::support;
 
 use reqwest::header::{ACCEPT_LANGUAGE, AUTHORIZATION, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
 use reqwest::{Client, RequestBuilder, Response, StatusCode, redirect};

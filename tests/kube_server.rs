@@ -19,7 +19,7 @@
 //                                                    server does not decode (kube-rs sends JSON)
 // kubectl is not needed by these tests.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! processes — so the init container really installs the agent and the build container's
 //! agent really runs the job and talks to GitLab. Each test pins one promise of the executor.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! the GitLab test server's queue and the Kubernetes test server. One is killed mid-burst; the
 //! other takes its builds over through their Leases, and every job ends exactly once.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -316,7 +316,7 @@ async fn without_lease_permissions_kiln_runs_as_the_only_replica() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_claim_survives_a_status_change_and_loses_to_another_replicas_claim() {
-    use kiln::executor::{Claim, Executor};
+    use kiln::executor::{Claim, SharedBuilds};
     let kube = KubeServer::start().await;
     kube.set_kubelet(false);
     let dir = tempfile::tempdir().unwrap();

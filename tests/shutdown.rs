@@ -2,7 +2,7 @@
 //! poll in flight finish; a job GitLab hands it in that moment is launched and run, and no new
 //! request follows.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -3,10 +3,10 @@
 //! headless Chromium loads the page; the rendered DOM and the JSON API are checked for the
 //! timeline, the failure reason, the links, and for the absence of every secret.
 //!
-//! `UPDATE_SCREENSHOT=1 cargo test --test status_page` also writes `docs/status-page.png` (from
+//! `UPDATE_SCREENSHOT=1 cargo test --test e2e status_page::` also writes `docs/status-page.png` (from
 //! the Kubernetes test, whose builds have a class and a cost).
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

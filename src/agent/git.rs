@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use crate::sources::gitlab::payload::GitInfo;
+use crate::gitlab::payload::GitInfo;
 
 /// A payload value git must not be given. The job fails as a script/config problem (the value
 /// comes from the project or the pipeline, not from the runner), naming the value.

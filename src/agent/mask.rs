@@ -7,54 +7,12 @@
 //! Each secret is also masked in its URL-encoded forms (as gitlab-runner does), which appear
 //! whenever a script builds a URL from it; other encodings (base64, …) are not, as in GitLab.
 
+use crate::job_file::Fingerprint;
+
 const MASK: &[u8] = b"[MASKED]";
 /// A prefixed token longer than this is cut and masked anyway, so a runaway "token" cannot
 /// make the masker hold output back forever.
 const MAX_TOKEN_LEN: usize = 512;
-
-/// The modulus of [`Fingerprint`]'s polynomial hash (a Mersenne prime, 2^61 - 1).
-const FINGERPRINT_MOD: u128 = (1 << 61) - 1;
-/// Its base.
-const FINGERPRINT_BASE: u128 = 1_000_003;
-/// The shortest credential masked by fingerprint: shorter ones would say too much of
-/// themselves through 61 bits.
-const MIN_FINGERPRINTED: usize = 16;
-/// The longest: the masker holds back as many bytes of output as the longest fingerprinted
-/// value, and a key file (a GitHub App's PEM) is not something a trace shows whole anyway.
-const MAX_FINGERPRINTED: usize = 256;
-
-/// A credential the build must never show but must never hold either (the runner token, the
-/// coordinator's other credentials): its length and a 61-bit polynomial hash of it. The hash
-/// tells the masker where the value appears in the output; it cannot give the value back (a
-/// 16-byte credential has over 2^90 values, 2^29 or more of which share each hash, and none
-/// can be tried except against the CI server itself).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Fingerprint {
-    /// The value's length in bytes.
-    pub len: usize,
-    /// Its hash.
-    pub hash: u64,
-}
-
-impl Fingerprint {
-    /// The fingerprint of `value`; `None` for values too short to be fingerprinted safely.
-    pub fn of(value: &str) -> Option<Self> {
-        (MIN_FINGERPRINTED..=MAX_FINGERPRINTED)
-            .contains(&value.len())
-            .then(|| Self {
-                len: value.len(),
-                hash: poly_hash(value.as_bytes()),
-            })
-    }
-}
-
-fn poly_hash(bytes: &[u8]) -> u64 {
-    let hash = bytes.iter().fold(0u128, |h, b| {
-        (h * FINGERPRINT_BASE + u128::from(*b)) % FINGERPRINT_MOD
-    });
-    // Below 2^61: fits.
-    u64::try_from(hash).unwrap_or(u64::MAX)
-}
 
 /// A streaming masker for one trace.
 #[derive(Debug, Default)]
@@ -114,9 +72,10 @@ impl Masker {
     pub(crate) fn with_fingerprints(mut self, fingerprints: &[Fingerprint]) -> Self {
         self.fingerprints = fingerprints
             .iter()
-            .filter(|f| (MIN_FINGERPRINTED..=MAX_FINGERPRINTED).contains(&f.len))
+            .filter(|f| Fingerprint::LENGTHS.contains(&f.len))
             .map(|f| {
-                let power = (0..f.len).fold(1u128, |p, _| p * FINGERPRINT_BASE % FINGERPRINT_MOD);
+                let power =
+                    (0..f.len).fold(1u128, |p, _| p * Fingerprint::BASE % Fingerprint::MODULUS);
                 (*f, power)
             })
             .collect();
@@ -147,7 +106,7 @@ impl Masker {
             hashes.push(0u128);
             for b in &data {
                 let last = hashes.last().copied().unwrap_or(0);
-                hashes.push((last * FINGERPRINT_BASE + u128::from(*b)) % FINGERPRINT_MOD);
+                hashes.push((last * Fingerprint::BASE + u128::from(*b)) % Fingerprint::MODULUS);
             }
             hashes
         };
@@ -195,8 +154,8 @@ impl Masker {
                 continue;
             };
             // Both below 2^61, so their product fits in u128.
-            let window =
-                (stop + FINGERPRINT_MOD - start * power % FINGERPRINT_MOD) % FINGERPRINT_MOD;
+            let window = (stop + Fingerprint::MODULUS - start * power % Fingerprint::MODULUS)
+                % Fingerprint::MODULUS;
             if u64::try_from(window).ok() == Some(fingerprint.hash) {
                 return Match::Secret(fingerprint.len);
             }

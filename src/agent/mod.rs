@@ -7,9 +7,7 @@
 //! could not report the job, and the coordinator fails it.
 
 mod artifacts;
-mod config;
 mod git;
-pub mod job_file;
 mod mask;
 mod process;
 mod trace;
@@ -26,14 +24,12 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::build::AgentReport;
 use crate::build::{AGENT_RESULT_FILE, FailureReason};
-use crate::sources::gitlab::api::{
+use crate::gitlab::api::{
     ApiError, ArtifactUpload, JobUpdate, RunnerApi, TraceOutput, UpdateAck, UploadAck,
 };
-use crate::sources::gitlab::payload::{Artifact, JobPayload, Step, When};
+use crate::gitlab::payload::{Artifact, JobPayload, Step, When};
+use crate::job_file::{AgentConfig, AgentJob};
 use crate::variables::{Definition, Variables};
-pub use config::AgentConfig;
-pub use job_file::AgentJob;
-pub use mask::Fingerprint;
 use process::{Exit, Interrupts};
 use trace::{Remote, Trace, Uplink};
 

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::mask::Masker;
-use crate::sources::gitlab::api::{ApiError, JobControl, JobUpdate, RunnerApi, TraceAck};
+use crate::gitlab::api::{ApiError, JobControl, JobUpdate, RunnerApi, TraceAck, UpdateAck};
 
 /// Delay of the first trace update: just enough to catch the header lines.
 const FIRST_UPDATE: Duration = Duration::from_millis(100);
@@ -313,13 +313,12 @@ impl Uplink {
             .await?;
         self.last_contact = Instant::now();
         match ack {
-            crate::sources::gitlab::api::UpdateAck::Accepted(control)
-            | crate::sources::gitlab::api::UpdateAck::Pending(control) => self.apply(&control),
-            crate::sources::gitlab::api::UpdateAck::Gone(control) => {
+            UpdateAck::Accepted(control) | UpdateAck::Pending(control) => self.apply(&control),
+            UpdateAck::Gone(control) => {
                 self.apply(&control);
                 self.remote.send_replace(Remote::Canceled);
             }
-            crate::sources::gitlab::api::UpdateAck::ChecksumMismatch => {}
+            UpdateAck::ChecksumMismatch => {}
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use super::dispatch::{Dispatcher, Start};
 use super::limiter::Limiter;
 use super::replicas::{Owner, Replicas};
 use crate::build::Found;
-use crate::executor::Claim;
+use crate::executor::{Claim, SharedBuilds};
 use crate::sources::{Adoption, Slot, Source};
 
 /// Why the builds are looked at.
@@ -44,9 +44,13 @@ pub(crate) async fn adopt_all(
         Pass::TakeOver => replicas.live(),
         Pass::Start => None,
     };
+    let Some(shared) = dispatcher.executor.shared() else {
+        // The executor's builds are this process's alone: none outlived an earlier one.
+        return true;
+    };
     let listed = match &live {
-        Some(live) => dispatcher.executor.list_except(live).await,
-        None => dispatcher.executor.list().await,
+        Some(live) => shared.list_except(live).await,
+        None => shared.list().await,
     };
     let found = match listed {
         Ok(found) => found,
@@ -87,10 +91,10 @@ pub(crate) async fn adopt_all(
     // rate limit) and its source's look at it (a call to its CI server, which may be slow),
     // and a thousand of them one after another would leave the dead replica's failures
     // unreported for minutes. As many at once as the executor's rate limit lets go out at once.
-    let parallel = dispatcher.executor.parallel_calls().max(1);
+    let parallel = shared.parallel_calls().max(1);
     futures::stream::iter(candidates)
         .for_each_concurrent(parallel, |found| async move {
-            if claim(dispatcher, replicas, &found).await {
+            if claim(shared, replicas, &found).await {
                 adopt(dispatcher, limiter, sources, found).await;
             }
         })
@@ -100,7 +104,7 @@ pub(crate) async fn adopt_all(
 
 /// Claims `found` for this replica when it must (see [`Found::needs_claim`]); whether this
 /// replica follows it now.
-async fn claim(dispatcher: &Dispatcher, replicas: &Replicas, found: &Found) -> bool {
+async fn claim(shared: &dyn SharedBuilds, replicas: &Replicas, found: &Found) -> bool {
     // A build owned by another replica (or none) is claimed first: of replicas taking it at
     // once one wins, and the executor follows only builds labelled with this replica (also
     // when, without Leases, this one takes every build). One of its own whose pod still names
@@ -109,7 +113,7 @@ async fn claim(dispatcher: &Dispatcher, replicas: &Replicas, found: &Found) -> b
     if !needs_claim {
         return true;
     }
-    match dispatcher.executor.claim(found).await {
+    match shared.claim(found).await {
         Claim::Won => {
             tracing::info!(build = %found.key, name = %found.name, from = found.replica.as_deref().unwrap_or("no replica"), "claimed the build");
             true

@@ -16,10 +16,10 @@ use super::limiter::Limiter;
 use super::replicas::Replicas;
 use crate::build::{About, Build, BuildKey, Ending, FailureReason, Outcome};
 use crate::executor::{Executor, Footprint, LaunchError, OnRunning, StillWanted, Watch};
+use crate::sources::gitlab::metrics::{FinishedLabels, GitLabMetrics, JobState, RunnerLabels};
 use crate::sources::{Chain, Slot, Source};
 use crate::telemetry::{
-    CostLabels, DurationLabels, FinishedLabels, Metrics, OutcomeLabels, PhaseLabels, RunnerLabels,
-    SourceLabels,
+    CostLabels, DurationLabels, Metrics, OutcomeLabels, PhaseLabels, SourceLabels,
 };
 
 /// Where a build is, as the coordinator tracks it.
@@ -86,6 +86,8 @@ pub(crate) struct Dispatcher {
     pub(crate) tracker: TaskTracker,
     pub(crate) executor: Arc<dyn Executor>,
     pub(crate) metrics: Arc<Metrics>,
+    /// The `kiln_jobs_*` counts, which the GitLab stage owns and every source's builds feed.
+    pub(crate) jobs: Arc<GitLabMetrics>,
     pub(crate) table: Table,
     /// The builds that finished lately, for the status page.
     pub(crate) history: Arc<History>,
@@ -172,8 +174,8 @@ impl Dispatcher {
         let runner = RunnerLabels {
             runner: key.runner.clone(),
         };
-        self.metrics.jobs_started.get_or_create(&runner).inc();
-        self.metrics.jobs_running.inc();
+        self.jobs.jobs_started.get_or_create(&runner).inc();
+        self.jobs.jobs_running.inc();
 
         let ending = self
             .launch_and_watch(&source, &key, &name, &about, launch)
@@ -188,7 +190,7 @@ impl Dispatcher {
         let alive = self.table_lock().remove(&name);
         let phase = alive.as_ref().map_or(Phase::Pending, |alive| alive.phase);
         self.phase_gauge(&kind, phase, -1);
-        self.metrics.jobs_running.dec();
+        self.jobs.jobs_running.dec();
         self.count_ending(&key, &ending, launched);
         if let Some(alive) = alive {
             self.remember(&alive, ending, ended_at);
@@ -359,15 +361,15 @@ impl Dispatcher {
             .observe(launched.elapsed().as_secs_f64());
         if ending.outcome != Outcome::Lost {
             let state = if ending.outcome == Outcome::Succeeded {
-                "success"
+                JobState::Success
             } else {
-                "failed"
+                JobState::Failed
             };
-            self.metrics
+            self.jobs
                 .jobs_finished
                 .get_or_create(&FinishedLabels {
                     runner: key.runner.clone(),
-                    state: state.into(),
+                    state,
                     reason: reason.unwrap_or_default(),
                 })
                 .inc();
@@ -422,7 +424,9 @@ impl Chain for SourceChain {
 
     fn persist<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            if let Err(e) = self.dispatcher.executor.persist(build).await {
+            if let Some(shared) = self.dispatcher.executor.shared()
+                && let Err(e) = shared.persist(build).await
+            {
                 tracing::warn!(build = %build.key, name = %build.name, error = %e, "cannot write the build down before its work is acknowledged; the launch tries again");
             }
         })
@@ -446,7 +450,13 @@ impl Chain for SourceChain {
     fn exists(&self, name: &str) -> BoxFuture<'_, bool> {
         let name = name.to_owned();
         Box::pin(async move {
-            self.dispatcher.follows(&name) || self.dispatcher.executor.exists(&name).await
+            if self.dispatcher.follows(&name) {
+                return true;
+            }
+            match self.dispatcher.executor.shared() {
+                Some(shared) => shared.exists(&name).await,
+                None => false,
+            }
         })
     }
 }

@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::executor::Executor;
+use crate::executor::{Executor, SharedBuilds};
 use crate::sources::{Chain, Source};
 use crate::telemetry::Metrics;
 use adoption::Pass;
@@ -81,6 +81,7 @@ impl Coordinator {
             dispatcher: Dispatcher {
                 tracker: TaskTracker::new(),
                 executor,
+                jobs: metrics.stage(),
                 metrics,
                 table: Arc::new(Mutex::new(HashMap::new())),
                 history: Arc::new(History::new(settings.history)),
@@ -111,7 +112,7 @@ impl Coordinator {
     pub async fn run(self, shutdown: CancellationToken) {
         let dispatcher = &self.dispatcher;
         let replicas = Arc::new(Replicas::new(
-            dispatcher.executor.leases(),
+            dispatcher.executor.shared().and_then(SharedBuilds::leases),
             self.settings.leases,
         ));
         // Renew this replica's Lease and read the others' before looking at any build.
@@ -176,7 +177,7 @@ impl Coordinator {
         let tracker = &dispatcher.tracker;
         tracker.close();
         let running = tracker.len();
-        if dispatcher.executor.survives_restart() {
+        if dispatcher.executor.shared().is_some() {
             // Builds run on without the coordinator and report themselves; the next
             // coordinator adopts them. Draining would only delay the restart.
             if running > 0 {

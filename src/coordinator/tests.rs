@@ -15,7 +15,8 @@ use crate::build::{
     Workload,
 };
 use crate::executor::{
-    Claim, Executor, ExecutorError, Footprint, LaunchError, LeaseRecord, Leases, Watch,
+    Claim, Executor, ExecutorError, Footprint, LaunchError, LeaseRecord, Leases, SharedBuilds,
+    Watch,
 };
 use crate::sources::{Adoption, Chain, Health, Source};
 use crate::telemetry::Metrics;
@@ -83,10 +84,6 @@ impl Executor for FakeExecutor {
         true
     }
 
-    fn survives_restart(&self) -> bool {
-        true
-    }
-
     fn footprint(&self, _build: &Build) -> Option<Footprint> {
         Some(Footprint {
             class: Some("spot".into()),
@@ -136,18 +133,42 @@ impl Executor for FakeExecutor {
         })
     }
 
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, ()> {
+        let mut state = self.lock();
+        state.deletes.push(name.to_owned());
+        state.live.remove(name);
+        Box::pin(async {})
+    }
+
+    fn shared(&self) -> Option<&dyn SharedBuilds> {
+        Some(self)
+    }
+}
+
+impl SharedBuilds for FakeExecutor {
+    fn persist<'a>(&'a self, _build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     fn list(&self) -> BoxFuture<'_, Result<Vec<Found>, ExecutorError>> {
         self.lock().lists += 1;
         let found = self.lock().left_over.clone();
         Box::pin(async move { Ok(found) })
     }
 
-    fn leases(&self) -> Option<Arc<dyn Leases>> {
-        self.lock().leases.clone()
+    fn list_except<'a>(
+        &'a self,
+        _replicas: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Found>, ExecutorError>> {
+        self.list()
     }
 
     fn parallel_calls(&self) -> usize {
         self.lock().parallel.max(1)
+    }
+
+    fn leases(&self) -> Option<Arc<dyn Leases>> {
+        self.lock().leases.clone()
     }
 
     fn claim<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Claim> {
@@ -166,11 +187,8 @@ impl Executor for FakeExecutor {
         Box::pin(async move { claim })
     }
 
-    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, ()> {
-        let mut state = self.lock();
-        state.deletes.push(name.to_owned());
-        state.live.remove(name);
-        Box::pin(async {})
+    fn exists<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async { false })
     }
 }
 

@@ -20,11 +20,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::AgentConfig;
-use crate::agent::AgentJob;
 use crate::build::{About, Build, BuildKey, Ending, JOB_FILE, Outcome, SourceKind, Workload};
 use crate::executor::local::{LocalConfig, LocalExecutor};
 use crate::executor::{Watch, run_to_end};
+use crate::job_file::{AgentConfig, AgentJob};
 use crate::pipeline::{self, JobWhen, PipelineError, PipelineJob};
 use output::{Printer, Row};
 use payload::{DependencyRef, JobContext};

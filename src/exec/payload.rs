@@ -1,11 +1,11 @@
 //! Turns a pipeline job into the job JSON GitLab would hand a runner, so the agent runs it
 //! exactly as it runs a job from GitLab.
 
-use crate::pipeline::{ArtifactsWhen, PipelineJob};
-use crate::sources::gitlab::payload::{
+use crate::gitlab::payload::{
     Artifact, ArtifactsFile, Dependency, Image, ImageVariable, JobInfo, JobPayload, RunnerInfo,
     Step, Variable, When,
 };
+use crate::pipeline::{ArtifactsWhen, PipelineJob};
 
 /// GitLab's default job timeout, used when the job sets none.
 const DEFAULT_TIMEOUT_SECS: u64 = 3600;

@@ -352,7 +352,7 @@ async fn download_artifacts(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::gitlab::api::{
+    use crate::gitlab::api::{
         ArtifactUpload, JobUpdate, RunnerApi, TraceAck, UpdateAck, UploadAck,
     };
 

@@ -1,6 +1,7 @@
-//! Executors run builds and tell how they ended; they know nothing about CI servers. One
-//! trait: launch a [`Build`], list the builds that exist (adoption), watch one to its
-//! [`Ending`], delete it.
+//! Executors run builds and tell how they ended; they know nothing about CI servers.
+//! [`Executor`] is what every executor does: launch a [`Build`], watch it to its [`Ending`],
+//! delete it. [`SharedBuilds`] is what an executor whose builds outlive the coordinator adds:
+//! list them (adoption), claim them for one replica, and the replicas' Leases.
 
 pub mod kubernetes;
 pub mod local;
@@ -197,19 +198,14 @@ pub enum Claim {
     Failed(String),
 }
 
-/// Runs builds.
+/// Runs builds: what every executor does, whether its builds live in this process or
+/// outside it.
 pub trait Executor: Send + Sync {
     /// The executor's name, as shown in traces and sent to GitLab.
     fn name(&self) -> &'static str;
 
     /// Whether it honours a build's image and services.
     fn runs_images(&self) -> bool;
-
-    /// Whether builds keep running when the coordinator stops (pods do; child processes do
-    /// not). Then shutdown detaches from builds instead of draining them.
-    fn survives_restart(&self) -> bool {
-        false
-    }
 
     /// Waits until a build could start at once (the Kubernetes executor: until its API rate
     /// limit has room for a build's calls). Sources ask before they claim work, so a burst
@@ -233,62 +229,8 @@ pub trait Executor: Send + Sync {
     /// [`LaunchError::Failed`] when the infrastructure failed (whatever was created is removed).
     fn launch<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>>;
 
-    /// Writes `build` down where it outlives this process, before its source commits to it
-    /// (acknowledges its job): a coordinator that dies before the launch then leaves what the
-    /// next one needs to start or fail it (the Kubernetes executor: the build's Secret, which
-    /// [`Executor::launch`] then uses). Nothing for executors whose builds die with the
-    /// process.
-    ///
-    /// # Errors
-    /// As [`Executor::launch`]; the launch tries again.
-    fn persist<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>> {
-        let _ = build;
-        Box::pin(async { Ok(()) })
-    }
-
     /// Follows build `name` until it ends, or until `watch.cancel` fires.
     fn watch<'a>(&'a self, name: &'a str, watch: Watch) -> BoxFuture<'a, Ending>;
-
-    /// The builds that exist (an earlier coordinator's, to be adopted).
-    ///
-    /// # Errors
-    /// The listing failed.
-    fn list(&self) -> BoxFuture<'_, Result<Vec<Found>, ExecutorError>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-
-    /// The builds that exist and are not labelled with one of `replicas` (the live ones): what
-    /// a take-over pass may claim, without reading every live replica's builds and secrets.
-    ///
-    /// # Errors
-    /// The listing failed.
-    fn list_except<'a>(
-        &'a self,
-        replicas: &'a [String],
-    ) -> BoxFuture<'a, Result<Vec<Found>, ExecutorError>> {
-        let _ = replicas;
-        self.list()
-    }
-
-    /// How many builds a take-over handles at once: as many API calls as the executor's rate
-    /// limit lets go out without waiting (its burst). One for executors without a limit.
-    fn parallel_calls(&self) -> usize {
-        1
-    }
-
-    /// The Leases that let replicas share the builds (`None`: builds are this process's
-    /// alone — the local executor — and there is one replica).
-    fn leases(&self) -> Option<Arc<dyn Leases>> {
-        None
-    }
-
-    /// Makes this replica the one following `found` (a build of a replica that is gone, or
-    /// of none), as of the state `found` was listed in: of several replicas claiming it, one
-    /// wins.
-    fn claim<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Claim> {
-        let _ = found;
-        Box::pin(async { Claim::Won })
-    }
 
     /// Removes build `name` and everything kiln created for it; a missing one is fine.
     fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, ()>;
@@ -300,14 +242,61 @@ pub trait Executor: Send + Sync {
         Box::pin(async { String::new() })
     }
 
+    /// The part of the executor whose builds outlive this process and are shared by the
+    /// installation's replicas (pods); `None` when builds are this process's alone (child
+    /// processes), which then drains them when it stops instead of detaching from them.
+    fn shared(&self) -> Option<&dyn SharedBuilds> {
+        None
+    }
+}
+
+/// Builds that live outside the coordinator (pods in a cluster), where a restarted
+/// coordinator and every replica of the installation find them: they are written down before
+/// their work is acknowledged, listed, claimed by one replica, and keep running when the
+/// coordinator stops.
+pub trait SharedBuilds: Send + Sync {
+    /// Writes `build` down where it outlives this process, before its source commits to it
+    /// (acknowledges its job): a coordinator that dies before the launch then leaves what the
+    /// next one needs to start or fail it (the Kubernetes executor: the build's Secret, which
+    /// [`Executor::launch`] then uses).
+    ///
+    /// # Errors
+    /// As [`Executor::launch`]; the launch tries again.
+    fn persist<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>>;
+
+    /// The builds that exist (an earlier coordinator's, to be adopted).
+    ///
+    /// # Errors
+    /// The listing failed.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Found>, ExecutorError>>;
+
+    /// The builds that exist and are not labelled with one of `replicas` (the live ones): what
+    /// a take-over pass may claim, without reading every live replica's builds and secrets.
+    ///
+    /// # Errors
+    /// The listing failed.
+    fn list_except<'a>(
+        &'a self,
+        replicas: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Found>, ExecutorError>>;
+
+    /// How many builds a take-over handles at once: as many API calls as the executor's rate
+    /// limit lets go out without waiting (its burst).
+    fn parallel_calls(&self) -> usize;
+
+    /// The Leases that let replicas share the builds (`None`: this process is the only
+    /// replica).
+    fn leases(&self) -> Option<Arc<dyn Leases>>;
+
+    /// Makes this replica the one following `found` (a build of a replica that is gone, or
+    /// of none), as of the state `found` was listed in: of several replicas claiming it, one
+    /// wins.
+    fn claim<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Claim>;
+
     /// Whether build `name` exists, launched by any replica of this installation (a pod in the
     /// cluster). True when the executor cannot tell: callers use it to decide that something
-    /// is left over, and must not remove what may still be starting. Builds that live only in
-    /// this process (local ones) are what the coordinator follows, so the default is false.
-    fn exists<'a>(&'a self, name: &'a str) -> BoxFuture<'a, bool> {
-        let _ = name;
-        Box::pin(async { false })
-    }
+    /// is left over, and must not remove what may still be starting.
+    fn exists<'a>(&'a self, name: &'a str) -> BoxFuture<'a, bool>;
 }
 
 /// Launches `build`, watches it to its end and deletes it: one build's whole life, for callers

@@ -8,6 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Toleration;
 use serde::Deserialize;
 
+use super::labels::{as_label_value, is_label_value};
 use super::quantity;
 use crate::problem::Problem;
 
@@ -613,44 +614,6 @@ fn resource_problems(resources: &Resources) -> Vec<(String, String)> {
             })
         })
         .collect()
-}
-
-/// A Kubernetes label value: at most 63 characters, alphanumerics and `-_.` inside.
-pub(crate) fn is_label_value(value: &str) -> bool {
-    value.len() <= 63
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && value
-            .chars()
-            .next()
-            .is_none_or(|c| c.is_ascii_alphanumeric())
-        && value
-            .chars()
-            .last()
-            .is_none_or(|c| c.is_ascii_alphanumeric())
-}
-
-/// `value` made a valid label value: characters other than alphanumerics and `-_.` become
-/// `-`, at most 63 characters, alphanumeric at both ends (`kiln` when nothing is left).
-pub(crate) fn as_label_value(value: &str) -> String {
-    let mapped: String = value
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(63)
-        .collect();
-    let trimmed = mapped.trim_matches(|c: char| !c.is_ascii_alphanumeric());
-    if trimmed.is_empty() {
-        "kiln".into()
-    } else {
-        trimmed.to_owned()
-    }
 }
 
 /// A DNS-1123 label (namespace names).

@@ -13,12 +13,8 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams, Preconditions};
 
 use super::client::{Cluster, is_status};
-use super::describe;
-use super::podspec::LABEL_COORDINATOR;
+use super::{describe, labels};
 use crate::executor::{LeaseError, LeaseRecord, Leases};
-
-/// Marks kiln's Leases (with the coordinator label, which names the installation).
-const LABEL_LEASE: &str = "kiln.dev/lease";
 
 /// The Leases of one installation, through the executor's connection (its QPS limit and
 /// retries).
@@ -31,13 +27,6 @@ pub(crate) struct ClusterLeases {
 impl ClusterLeases {
     fn api(&self) -> Api<Lease> {
         self.cluster.api()
-    }
-
-    fn selector(&self) -> String {
-        format!(
-            "{LABEL_COORDINATOR}={},{LABEL_LEASE}=true",
-            self.coordinator
-        )
     }
 
     fn error(&self, verb: &str, name: &str, error: &kube::Error) -> LeaseError {
@@ -68,13 +57,7 @@ impl ClusterLeases {
             metadata: ObjectMeta {
                 name: Some(record.name.clone()),
                 namespace: Some(self.cluster.namespace().to_owned()),
-                labels: Some(
-                    [
-                        (LABEL_COORDINATOR.to_owned(), self.coordinator.clone()),
-                        (LABEL_LEASE.to_owned(), "true".to_owned()),
-                    ]
-                    .into(),
-                ),
+                labels: Some(labels::lease_labels(&self.coordinator)),
                 resource_version: record.version.clone(),
                 ..ObjectMeta::default()
             },
@@ -122,7 +105,7 @@ impl Leases for ClusterLeases {
     fn list(&self) -> BoxFuture<'_, Result<Vec<LeaseRecord>, LeaseError>> {
         Box::pin(async move {
             let api = self.api();
-            let params = ListParams::default().labels(&self.selector());
+            let params = ListParams::default().labels(&labels::leases_selector(&self.coordinator));
             let list = self
                 .cluster
                 .call_unthrottled(|| api.list(&params))

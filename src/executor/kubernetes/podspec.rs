@@ -1,112 +1,60 @@
 //! The pod and Secret of one build: for the kiln agent, an init container installing the agent
 //! and cloning the sources, the build container in the job's image and one container per
 //! service; for a foreign agent (Jenkins, GitHub), its container plus the user's extra
-//! containers sharing its workspace. Sizes come from the config, the resource class and the
-//! job's own requests, each checked against the configured caps.
+//! containers sharing its workspace. Sizes come from `sizing.rs`, the labels and annotations
+//! from `labels.rs`.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, HostAlias,
-    LocalObjectReference, Pod, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile,
-    Secret, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    LocalObjectReference, Pod, PodSecurityContext, PodSpec, SeccompProfile, Secret,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::config::{KubernetesConfig, RESOURCE_FIELDS, ResourceClass, Resources, SecurityProfile};
-use super::quantity;
+use super::config::{KubernetesConfig, ResourceClass, Resources, SecurityProfile};
+use super::labels;
+use super::sizing::{Overrides, SpecError, requirements, resource_class};
 use crate::build::{
-    Build, ClassChoice, EnvValue, ForeignAgent, Image, JOB_FILE, PullPolicy, Request, Requested,
-    Service, Workload,
+    Build, EnvValue, ExtraContainer, ForeignAgent, Image, JOB_FILE, PullPolicy, Service, Workload,
 };
-use crate::executor::Footprint;
 
 /// Where the init container puts the agent binary.
-pub(crate) const BIN_DIR: &str = "/kiln/bin";
+const BIN_DIR: &str = "/kiln/bin";
 /// Where the build's Secret is mounted for the kiln agent.
-pub(crate) const JOB_DIR: &str = "/kiln/job";
+const JOB_DIR: &str = "/kiln/job";
 /// The builds volume: projects are checked out below it (`/builds/<group>/<project>`).
-pub(crate) const BUILDS_DIR: &str = "/builds";
+const BUILDS_DIR: &str = "/builds";
 /// The agent's scratch directory, on the builds volume (shared by init and build container).
-pub(crate) const WORK_DIR: &str = "/builds/.kiln";
+const WORK_DIR: &str = "/builds/.kiln";
 /// The kiln binary in the kiln (helper) image.
-pub(crate) const HELPER_BINARY: &str = "/usr/local/bin/kiln";
+const HELPER_BINARY: &str = "/usr/local/bin/kiln";
 /// The build container's name.
-pub(crate) const BUILD_CONTAINER: &str = "build";
+pub(super) const BUILD_CONTAINER: &str = "build";
 /// The init container's name.
-pub(crate) const PREPARE_CONTAINER: &str = "prepare";
+pub(super) const PREPARE_CONTAINER: &str = "prepare";
 /// Where the build container leaves the agent's result (the default termination message path).
-pub(crate) const TERMINATION_LOG: &str = "/dev/termination-log";
-
-/// Labels every object kiln creates carries.
-pub(crate) const LABEL_COORDINATOR: &str = "kiln.dev/coordinator";
-/// The replica of the installation that follows the build (the coordinator label names the
-/// installation, which all its replicas share).
-pub(crate) const LABEL_REPLICA: &str = "kiln.dev/replica";
-/// The CI server (`gitlab`, `jenkins`, `github`).
-pub(crate) const LABEL_SOURCE: &str = "kiln.dev/source";
-/// The CI server's id of the work.
-pub(crate) const LABEL_JOB_ID: &str = "kiln.dev/job-id";
-/// The source entry that took the work.
-pub(crate) const LABEL_RUNNER: &str = "kiln.dev/runner";
-/// The resource class of the pod.
-pub(crate) const LABEL_CLASS: &str = "kiln.dev/resource-class";
-/// The exact source entry name (label values cannot hold every name).
-pub(crate) const ANNOTATION_RUNNER: &str = "kiln.dev/runner";
-/// The container whose end is the build's end.
-pub(crate) const ANNOTATION_MAIN: &str = "kiln.dev/main-container";
-/// kiln's own labels, which [`crate::build::Found::labels`] leaves out.
-pub(crate) const OWN_LABELS: &[&str] = &[
-    "app.kubernetes.io/managed-by",
-    LABEL_COORDINATOR,
-    LABEL_REPLICA,
-    LABEL_SOURCE,
-    LABEL_JOB_ID,
-    LABEL_RUNNER,
-    LABEL_CLASS,
-];
-
-/// A build asks for something the configuration does not allow: it fails with
-/// `runner_configuration_error` and this message.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct SpecError(pub(crate) String);
+const TERMINATION_LOG: &str = "/dev/termination-log";
 
 /// The labels that identify the objects of `build` (pod and Secret).
-pub(crate) fn identity_labels(
-    config: &KubernetesConfig,
-    build: &Build,
-) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::from([
-        ("app.kubernetes.io/managed-by".to_owned(), "kiln".to_owned()),
-        (LABEL_COORDINATOR.to_owned(), config.coordinator.clone()),
-        (LABEL_SOURCE.to_owned(), build.key.source.name().to_owned()),
-        (LABEL_JOB_ID.to_owned(), build.key.id.to_string()),
-        (LABEL_RUNNER.to_owned(), label_value(&build.key.runner)),
-    ]);
-    if let Some(replica) = &config.replica {
-        labels.insert(LABEL_REPLICA.to_owned(), label_value(replica));
-    }
-    for (key, value) in &build.labels {
-        labels.insert(key.clone(), label_value(value));
-    }
-    labels
+fn identity_labels(config: &KubernetesConfig, build: &Build) -> BTreeMap<String, String> {
+    labels::identity_labels(&config.coordinator, config.replica.as_deref(), build)
 }
 
 /// The build's Secret, holding its secret data (the job file with the job token, an agent
 /// secret). Its owner reference to the pod is added once the pod exists.
-pub(crate) fn secret(build: &Build, config: &KubernetesConfig, namespace: &str) -> Secret {
+pub(super) fn secret(build: &Build, config: &KubernetesConfig, namespace: &str) -> Secret {
+    let mut annotations = BTreeMap::new();
+    labels::annotate_runner(&mut annotations, &build.key);
     Secret {
         metadata: ObjectMeta {
             name: Some(build.name.clone()),
             namespace: Some(namespace.to_owned()),
             labels: Some(identity_labels(config, build)),
-            annotations: Some(BTreeMap::from([(
-                ANNOTATION_RUNNER.to_owned(),
-                build.key.runner.clone(),
-            )])),
+            annotations: Some(annotations),
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
@@ -127,7 +75,7 @@ pub(crate) fn secret(build: &Build, config: &KubernetesConfig, namespace: &str) 
 /// The build asks for more than the configuration allows (a request over its cap, an unknown
 /// resource class), or a value is malformed; the message names where the request came from and
 /// the limit.
-pub(crate) fn pod(
+pub(super) fn pod(
     build: &Build,
     config: &KubernetesConfig,
     namespace: &str,
@@ -139,7 +87,7 @@ pub(crate) fn pod(
         labels.extend(extra.clone());
     }
     if let Some(name) = &class_name {
-        labels.insert(LABEL_CLASS.into(), name.clone());
+        labels::label_class(&mut labels, name);
     }
     let mut annotations = build.annotations.clone();
     for extra in [
@@ -149,7 +97,7 @@ pub(crate) fn pod(
     ] {
         annotations.extend(extra.clone());
     }
-    annotations.insert(ANNOTATION_RUNNER.into(), build.key.runner.clone());
+    labels::annotate_runner(&mut annotations, &build.key);
     let (mut node_selector, tolerations) = placement(config, &class);
     node_selector.extend(overrides.node_selector.clone());
     let security = container_security(config);
@@ -160,12 +108,12 @@ pub(crate) fn pod(
 
     let mut spec = match &build.workload {
         Workload::KilnAgent { image, services } => {
-            annotations.insert(ANNOTATION_MAIN.into(), BUILD_CONTAINER.into());
+            labels::annotate_main(&mut annotations, BUILD_CONTAINER);
             kiln_agent_spec(build, image.as_ref(), services, &main_resources, config)
         }
         Workload::Foreign(agent) => {
-            annotations.insert(ANNOTATION_MAIN.into(), agent.container.clone());
-            foreign_spec(build, agent, &main_resources, config)
+            labels::annotate_main(&mut annotations, &agent.container);
+            foreign_spec(build, agent, &main_resources, config)?
         }
     };
     for container in spec
@@ -214,46 +162,6 @@ pub(crate) fn pod(
         ..Pod::default()
     };
     apply_patch(pod, config)
-}
-
-/// What the pod of `build` occupies: the requests of the containers that run together (the
-/// init container runs before them and is not counted), a container's limit where it requests
-/// nothing, and the prices of its resource class. `None` when the build cannot get a pod.
-pub(crate) fn footprint(build: &Build, config: &KubernetesConfig) -> Option<Footprint> {
-    let pod = pod(build, config, "default").ok()?;
-    let class = pod
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|labels| labels.get(LABEL_CLASS))
-        .cloned();
-    let prices = class
-        .as_deref()
-        .and_then(|name| config.resource_classes.get(name))
-        .map(ResourceClass::resolved)
-        .unwrap_or_default();
-    let (mut cpu, mut memory) = (0.0, 0.0);
-    for container in pod.spec.iter().flat_map(|spec| spec.containers.iter()) {
-        let Some(resources) = &container.resources else {
-            continue;
-        };
-        let amount = |key: &str| {
-            [&resources.requests, &resources.limits]
-                .into_iter()
-                .find_map(|set| set.as_ref()?.get(key))
-                .and_then(|q| quantity::parse(&q.0))
-                .unwrap_or(0.0)
-        };
-        cpu += amount("cpu");
-        memory += amount("memory");
-    }
-    Some(Footprint {
-        class,
-        vcpu: cpu,
-        gib: memory / 1024f64.powi(3),
-        price_per_vcpu_hour: prices.price_per_vcpu_hour,
-        price_per_gib_hour: prices.price_per_gib_hour,
-    })
 }
 
 /// The pod of the kiln agent: `prepare` installs the agent and fetches the sources, `build`
@@ -422,12 +330,15 @@ fn kiln_agent_spec(
 
 /// The pod of a foreign agent: its container, with secret values from the build's Secret, and
 /// the user's extra containers, all sharing the agent's work directory.
+///
+/// # Errors
+/// An extra container that is not a Kubernetes container.
 fn foreign_spec(
     build: &Build,
     agent: &ForeignAgent,
     resources: &Resources,
     config: &KubernetesConfig,
-) -> PodSpec {
+) -> Result<PodSpec, SpecError> {
     let workspace = VolumeMount {
         name: "workspace".into(),
         mount_path: agent.workdir.clone(),
@@ -469,7 +380,7 @@ fn foreign_spec(
     };
     let mut containers = vec![main];
     for extra in &agent.extra_containers {
-        let mut container = extra.clone();
+        let mut container = container_of(extra)?;
         let mounts = container.volume_mounts.get_or_insert_with(Vec::new);
         if !mounts.iter().any(|m| m.mount_path == agent.workdir) {
             mounts.push(workspace.clone());
@@ -479,7 +390,7 @@ fn foreign_spec(
         }
         containers.push(container);
     }
-    PodSpec {
+    Ok(PodSpec {
         containers,
         volumes: Some(vec![Volume {
             name: "workspace".into(),
@@ -487,7 +398,19 @@ fn foreign_spec(
             ..Volume::default()
         }]),
         ..PodSpec::default()
-    }
+    })
+}
+
+/// The Kubernetes container the user configured as `extra`.
+fn container_of(extra: &ExtraContainer) -> Result<Container, SpecError> {
+    let mut fields = extra.fields.clone();
+    fields.insert("name".to_owned(), extra.name.clone().into());
+    serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| {
+        SpecError(format!(
+            "extra container `{}` is not a Kubernetes container: {e}",
+            extra.name
+        ))
+    })
 }
 
 fn pull_policy(policy: PullPolicy) -> String {
@@ -500,7 +423,7 @@ fn pull_policy(policy: PullPolicy) -> String {
 }
 
 /// The memory limit of container `container`, for messages about OOM kills.
-pub(crate) fn memory_limit(pod: &Pod, container: &str) -> Option<String> {
+pub(super) fn memory_limit(pod: &Pod, container: &str) -> Option<String> {
     pod.spec
         .as_ref()?
         .containers
@@ -514,7 +437,7 @@ pub(crate) fn memory_limit(pod: &Pod, container: &str) -> Option<String> {
         .map(|q| q.0.clone())
 }
 
-pub(crate) fn apply_patch(pod: Pod, config: &KubernetesConfig) -> Result<Pod, SpecError> {
+fn apply_patch(pod: Pod, config: &KubernetesConfig) -> Result<Pod, SpecError> {
     let Ok(Some(patch)) = config.pod_patch_json() else {
         return Ok(pod);
     };
@@ -552,7 +475,7 @@ fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
 }
 
 /// Node selector and tolerations of the config and a resource class together.
-pub(crate) fn placement(
+fn placement(
     config: &KubernetesConfig,
     class: &ResourceClass,
 ) -> (
@@ -570,153 +493,7 @@ pub(crate) fn placement(
     (node_selector, tolerations)
 }
 
-/// The resource class a build uses: the one its source chose, else the configured default.
-fn resource_class(
-    choice: Option<&ClassChoice>,
-    config: &KubernetesConfig,
-) -> Result<(Option<String>, ResourceClass), SpecError> {
-    let (name, origin) = match (choice, config.default_resource_class.as_deref()) {
-        (Some(choice), _) => (choice.name.as_str(), choice.origin.as_str()),
-        (None, Some(default)) => (default, "kubernetes.default_resource_class"),
-        (None, None) => return Ok((None, ResourceClass::default())),
-    };
-    match config.resource_classes.get(name) {
-        Some(class) => Ok((Some(name.to_owned()), class.resolved())),
-        None => {
-            let known: Vec<&str> = config.resource_classes.keys().map(String::as_str).collect();
-            Err(SpecError(format!(
-                "{origin} names resource class `{name}`, which this runner does not have (configured: {})",
-                if known.is_empty() {
-                    "none".to_owned()
-                } else {
-                    known.join(", ")
-                }
-            )))
-        }
-    }
-}
-
-/// What a build's own requests change in its pod, each checked against its cap.
-#[derive(Debug, Default)]
-struct Overrides {
-    resources: Resources,
-    service_account: Option<String>,
-    node_selector: BTreeMap<String, String>,
-    annotations: BTreeMap<String, String>,
-    labels: BTreeMap<String, String>,
-}
-
-impl Overrides {
-    fn from_requests(requests: &[Requested], config: &KubernetesConfig) -> Result<Self, SpecError> {
-        let mut out = Self::default();
-        for request in requests {
-            let (origin, value) = (request.origin.as_str(), request.value.trim());
-            match request.what {
-                Request::Resource(field) => {
-                    let field = field.as_str();
-                    let requested = quantity::parse(value).ok_or_else(|| {
-                        SpecError(format!(
-                            "{origin}=`{value}` is not a Kubernetes quantity (like 500m, 2, 4Gi)"
-                        ))
-                    })?;
-                    let Some(cap) = config.max.get(field) else {
-                        return Err(SpecError(format!(
-                            "{origin} is not allowed on this runner: set kubernetes.max.{field} to allow it"
-                        )));
-                    };
-                    let cap_value = quantity::parse(cap).unwrap_or(0.0);
-                    if requested > cap_value {
-                        return Err(SpecError(format!(
-                            "{origin}={value} is above this runner's maximum of {cap} (kubernetes.max.{field})"
-                        )));
-                    }
-                    out.resources.set(field, value.to_owned());
-                }
-                Request::ServiceAccount => {
-                    check_allowed(
-                        config.service_account_overwrite_allowed.as_deref(),
-                        origin,
-                        value,
-                        "service_account_overwrite_allowed",
-                    )?;
-                    out.service_account = Some(value.to_owned());
-                }
-                Request::NodeSelector | Request::PodAnnotation | Request::PodLabel => {
-                    let (allowed, setting, target) = match request.what {
-                        Request::NodeSelector => (
-                            config.node_selector_overwrite_allowed.as_deref(),
-                            "node_selector_overwrite_allowed",
-                            &mut out.node_selector,
-                        ),
-                        Request::PodAnnotation => (
-                            config.pod_annotations_overwrite_allowed.as_deref(),
-                            "pod_annotations_overwrite_allowed",
-                            &mut out.annotations,
-                        ),
-                        _ => (
-                            config.pod_labels_overwrite_allowed.as_deref(),
-                            "pod_labels_overwrite_allowed",
-                            &mut out.labels,
-                        ),
-                    };
-                    let Some((key, entry_value)) = value.split_once('=') else {
-                        return Err(SpecError(format!(
-                            "{origin}=`{value}` must have the form key=value"
-                        )));
-                    };
-                    check_allowed(allowed, origin, value, setting)?;
-                    target.insert(key.trim().to_owned(), entry_value.trim().to_owned());
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
-fn check_allowed(
-    pattern: Option<&str>,
-    variable: &str,
-    value: &str,
-    setting: &str,
-) -> Result<(), SpecError> {
-    let Some(pattern) = pattern else {
-        return Err(SpecError(format!(
-            "{variable} is not allowed on this runner: set kubernetes.{setting} to allow it"
-        )));
-    };
-    // Anchored: the whole value must match, not a part of it.
-    let anchored = format!("^(?:{pattern})$");
-    let allowed = regex::Regex::new(&anchored).is_ok_and(|re| re.is_match(value));
-    if allowed {
-        Ok(())
-    } else {
-        Err(SpecError(format!(
-            "{variable}=`{value}` does not match kubernetes.{setting} (`{pattern}`)"
-        )))
-    }
-}
-
-pub(crate) fn requirements(resources: &Resources) -> ResourceRequirements {
-    let mut requests = BTreeMap::new();
-    let mut limits = BTreeMap::new();
-    for (field, _, is_limit, key) in RESOURCE_FIELDS {
-        if let Some(value) = resources.get(field) {
-            let target = if *is_limit {
-                &mut limits
-            } else {
-                &mut requests
-            };
-            target.insert((*key).to_owned(), Quantity(value.clone()));
-        }
-    }
-    ResourceRequirements {
-        requests: (!requests.is_empty()).then_some(requests),
-        limits: (!limits.is_empty()).then_some(limits),
-        ..ResourceRequirements::default()
-    }
-}
-
-pub(crate) fn container_security(config: &KubernetesConfig) -> SecurityContext {
+fn container_security(config: &KubernetesConfig) -> SecurityContext {
     let caps = |add: &[&str]| Capabilities {
         drop: Some(vec!["ALL".into()]),
         add: (!add.is_empty()).then(|| add.iter().map(|s| (*s).to_owned()).collect()),
@@ -744,7 +521,7 @@ pub(crate) fn container_security(config: &KubernetesConfig) -> SecurityContext {
     }
 }
 
-pub(crate) fn pod_security(config: &KubernetesConfig) -> PodSecurityContext {
+fn pod_security(config: &KubernetesConfig) -> PodSecurityContext {
     let run_as_user = match config.security {
         SecurityProfile::Restricted => Some(config.run_as_user.unwrap_or(1000)),
         SecurityProfile::Baseline => config.run_as_user,
@@ -761,30 +538,27 @@ pub(crate) fn pod_security(config: &KubernetesConfig) -> PodSecurityContext {
     }
 }
 
-/// `value` made into a valid label value (runner names may hold any character).
-pub(crate) fn label_value(value: &str) -> String {
-    let cleaned: String = value
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(63)
-        .collect();
-    cleaned
-        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
-        .to_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::build::{About, BuildKey, EnvVar as BuildEnv, ResourceField, SourceKind};
+    use crate::build::{
+        About, BuildKey, ClassChoice, EnvVar as BuildEnv, Request, Requested, ResourceField,
+        SourceKind,
+    };
+    use crate::executor::Footprint;
+
+    /// The wire names of kiln's labels, pinned apart from `labels.rs`.
+    const LABEL_SOURCE: &str = "kiln.dev/source";
+    const LABEL_JOB_ID: &str = "kiln.dev/job-id";
+    const ANNOTATION_MAIN: &str = "kiln.dev/main-container";
+
+    /// What the pod of `build` occupies, as the executor reports it.
+    fn footprint_of(build: &Build, config: &KubernetesConfig) -> Option<Footprint> {
+        let pod = pod(build, config, "default").ok()?;
+        Some(super::super::sizing::footprint(&pod, config))
+    }
 
     fn build() -> Build {
         Build {
@@ -1029,7 +803,7 @@ mod tests {
             }),
             ..build()
         };
-        let footprint = footprint(&with_service, &config).unwrap();
+        let footprint = footprint_of(&with_service, &config).unwrap();
         assert_eq!(footprint.class.as_deref(), Some("gpu"));
         // The build container (4 vCPU, 16 GiB) and the service (250m, 256Mi); not the init
         // container, which runs before them.
@@ -1038,7 +812,7 @@ mod tests {
         assert_eq!(footprint.price_per_vcpu_hour, Some(0.5));
         assert_eq!(footprint.price_per_gib_hour, None);
         // The default class: the `[kubernetes.build]` requests, no class prices.
-        let plain = super::footprint(&build(), &KubernetesConfig::default()).unwrap();
+        let plain = footprint_of(&build(), &KubernetesConfig::default()).unwrap();
         assert_eq!((plain.class, plain.vcpu, plain.gib), (None, 1.0, 2.0));
     }
 
@@ -1155,11 +929,15 @@ mod tests {
                     },
                 ],
                 workdir: "/home/jenkins/agent".into(),
-                extra_containers: vec![Container {
+                extra_containers: vec![ExtraContainer {
                     name: "maven".into(),
-                    image: Some("maven:3.9".into()),
-                    command: Some(vec!["sleep".into(), "infinity".into()]),
-                    ..Container::default()
+                    fields: serde_json::Map::from_iter([
+                        ("image".to_owned(), "maven:3.9".into()),
+                        (
+                            "command".to_owned(),
+                            serde_json::json!(["sleep", "infinity"]),
+                        ),
+                    ]),
                 }],
                 process: None,
             }),

@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use super::payload::{Image as JobImage, JobPayload};
-use crate::agent::{AgentConfig, AgentJob, Fingerprint};
 use crate::build::{
     About, Build, BuildKey, ClassChoice, Image, JOB_FILE, PullPolicy, Request, Requested,
     ResourceField, Service, SourceKind, Workload,
 };
+use crate::gitlab::payload::{Image as JobImage, JobPayload};
+use crate::job_file::{AgentConfig, AgentJob, Fingerprint};
 
 /// The variable that picks a job's resource class.
 pub(crate) const CLASS_VARIABLE: &str = "KILN_RESOURCE_CLASS";
@@ -300,7 +300,7 @@ fn annotations(job: &JobPayload) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::gitlab::payload::{ImageVariable, Variable};
+    use crate::gitlab::payload::{ImageVariable, Variable};
 
     fn job(variables: &[(&str, &str)]) -> (JobPayload, serde_json::Value) {
         let raw = serde_json::json!({

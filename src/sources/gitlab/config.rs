@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::gitlab::register::is_system_id;
 use crate::problem::Problem;
 
 /// One GitLab runner kiln acts as.
@@ -88,14 +89,6 @@ impl GitLabRunnerConfig {
     pub fn display_name(&self, index: usize) -> String {
         crate::sources::entry_name(self.name.as_deref(), &self.url, "gitlab", index)
     }
-}
-
-/// Whether `id` looks like a GitLab runner system id.
-pub fn is_system_id(id: &str) -> bool {
-    let (prefix, rest) = id.split_at(id.len().min(2));
-    matches!(prefix, "s_" | "r_")
-        && rest.len() == 12
-        && rest.chars().all(|c| c.is_ascii_alphanumeric())
 }
 
 impl GitLabRunnerConfig {

@@ -1,14 +1,15 @@
-//! GitLab as a job source: the runner API client, registration, the long-poll request loop,
-//! and each claimed job described as a build for the coordinator. The kiln agent inside the
-//! build reports the job itself; this source fails a job only when its build could not.
+//! GitLab as a job source: the long-poll request loop of each runner, each claimed job described
+//! as a build for the coordinator, and the runner commands (`kiln register`, `unregister`,
+//! `verify`). The protocol itself is the leaf `crate::gitlab`. The kiln agent inside the build
+//! reports the job itself; this source fails a job only when its build could not.
 
-pub mod api;
 mod build;
+pub mod command;
 mod config;
-pub mod payload;
+pub(crate) mod metrics;
 pub mod poller;
-pub mod register;
 pub mod report;
+pub(crate) mod runner_file;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,12 +18,13 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{AgentConfig, AgentJob};
 use crate::build::{About, BuildKey, Ending, FailureReason, Found, JOB_FILE, Outcome, SourceKind};
+use crate::gitlab::api::ApiError;
+use crate::gitlab::payload::JobPayload;
+use crate::job_file::{AgentConfig, AgentJob, Fingerprint};
 use crate::sources::{Adoption, Chain, ExecutorInfo, Health, Source};
 use crate::telemetry::Metrics;
-pub use config::{GitLabRunnerConfig, is_system_id};
-use payload::JobPayload;
+pub use config::GitLabRunnerConfig;
 
 /// How often adoption asks GitLab (0.5 s, 1 s, 2 s, 4 s apart) whether the job of a build
 /// whose pod is gone still runs, before it leaves the job to GitLab's timeout.
@@ -39,7 +41,7 @@ pub struct GitLabSource {
     /// Who reports each of this runner's jobs that has a build now, by job id.
     reporters: Mutex<HashMap<u64, JobReporter>>,
     /// Fingerprints of the coordinator's credentials, which every trace masks.
-    masked: Vec<crate::agent::Fingerprint>,
+    masked: Vec<Fingerprint>,
 }
 
 impl GitLabSource {
@@ -53,7 +55,7 @@ impl GitLabSource {
         settings: &AgentConfig,
         executor: ExecutorInfo,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, api::ApiError> {
+    ) -> Result<Self, ApiError> {
         Ok(Self {
             runner: Runner::new(config, index, executor.name, executor.runs_images, metrics)?,
             config: config.clone(),
@@ -67,7 +69,7 @@ impl GitLabSource {
     /// Has every trace of this runner's jobs mask the credentials behind `fingerprints` (the
     /// runner's own token among them), which no build holds.
     #[must_use]
-    pub fn masking(mut self, fingerprints: Vec<crate::agent::Fingerprint>) -> Self {
+    pub fn masking(mut self, fingerprints: Vec<Fingerprint>) -> Self {
         self.masked = fingerprints;
         self
     }

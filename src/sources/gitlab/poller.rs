@@ -8,16 +8,19 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
-use super::api::{JobRequest, JobUpdate, RunnerApi, RunnerInfo, UpdateAck};
 use super::config::GitLabRunnerConfig;
-use super::payload::JobPayload;
-use super::register::{self, RegisterError};
+use super::metrics::{
+    FinishedLabels, GitLabMetrics, JobState, RequestLabels, RequestResult, RunnerLabels,
+};
 use super::report::JobReporter;
 use crate::build::{BuildKey, SourceKind};
+use crate::gitlab::api::{ApiError, JobRequest, JobUpdate, RunnerApi, RunnerInfo, UpdateAck};
+use crate::gitlab::payload::JobPayload;
+use crate::gitlab::register::{self, RegisterError};
 use crate::sources::health::{Access, Failing, HealthTracker, Words};
 use crate::sources::pacer::Pacer;
 use crate::sources::{Chain, Health, Slot};
-use crate::telemetry::{Metrics, RequestLabels, RunnerLabels};
+use crate::telemetry::Metrics;
 
 /// How often a paused runner checks whether its token works again.
 const PAUSED_RECHECK: Duration = Duration::from_secs(60);
@@ -46,7 +49,7 @@ pub struct Runner {
     info: RunnerInfo,
     last_update: std::sync::Mutex<Option<String>>,
     verify_gate: tokio::sync::Mutex<()>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<GitLabMetrics>,
     /// Whether GitLab accepted the token (paused when it rejected it) and answers.
     health: HealthTracker,
 }
@@ -77,7 +80,7 @@ impl Runner {
         executor: &str,
         images: bool,
         metrics: Arc<Metrics>,
-    ) -> Result<Arc<Self>, super::api::ApiError> {
+    ) -> Result<Arc<Self>, ApiError> {
         let system_id = config.system_id.clone().unwrap_or_else(|| {
             let id = register::new_system_id();
             tracing::warn!(runner = %config.display_name(index), system_id = %id, "no system_id in the config; using a generated one (run `kiln register` to store a stable one)");
@@ -91,7 +94,7 @@ impl Runner {
             info: RunnerInfo::new(executor, images),
             last_update: std::sync::Mutex::new(None),
             verify_gate: tokio::sync::Mutex::new(()),
-            metrics,
+            metrics: metrics.stage(),
             health: HealthTracker::new(&config.url, WORDS, Access::Checking),
         }))
     }
@@ -276,18 +279,18 @@ pub async fn poll<F>(
             .get_or_create(&runner.labels())
             .observe(started.elapsed().as_secs_f64());
         let result = match &answer {
-            Ok(JobRequest::Job { .. } | JobRequest::Unusable { .. }) => "job",
-            Ok(JobRequest::NoJob { .. }) => "no_job",
-            Ok(JobRequest::Forbidden) => "forbidden",
-            Ok(JobRequest::RateLimited { .. }) => "rate_limited",
-            Err(_) => "error",
+            Ok(JobRequest::Job { .. } | JobRequest::Unusable { .. }) => RequestResult::Job,
+            Ok(JobRequest::NoJob { .. }) => RequestResult::NoJob,
+            Ok(JobRequest::Forbidden) => RequestResult::Forbidden,
+            Ok(JobRequest::RateLimited { .. }) => RequestResult::RateLimited,
+            Err(_) => RequestResult::Error,
         };
         runner
             .metrics
             .job_requests
             .get_or_create(&RequestLabels {
                 runner: runner.name.clone(),
-                result: result.into(),
+                result,
             })
             .inc();
         if matches!(
@@ -375,9 +378,9 @@ pub async fn poll<F>(
                     }
                     metrics
                         .jobs_finished
-                        .get_or_create(&crate::telemetry::FinishedLabels {
+                        .get_or_create(&FinishedLabels {
                             runner: runner_name,
-                            state: "failed".into(),
+                            state: JobState::Failed,
                             reason: job.accepted_reason(reason).into(),
                         })
                         .inc();

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use super::api::{ApiError, JobUpdate, RunnerApi, UpdateAck};
-use super::payload::JobPayload;
 use crate::build::FailureReason;
+use crate::gitlab::api::{ApiError, JobUpdate, RunnerApi, UpdateAck};
+use crate::gitlab::payload::JobPayload;
 use crate::sources::pacer::Pacer;
 
 /// Reports on one job with its own token.

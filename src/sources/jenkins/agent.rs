@@ -166,10 +166,9 @@ mod tests {
     #[test]
     fn the_agent_connects_over_websocket_with_its_secret_kept_secret() {
         let template = PodTemplate {
-            containers: vec![k8s_openapi::api::core::v1::Container {
+            containers: vec![crate::build::ExtraContainer {
                 name: "maven".into(),
-                image: Some("maven:3.9".into()),
-                ..Default::default()
+                fields: serde_json::Map::from_iter([("image".to_owned(), "maven:3.9".into())]),
             }],
             resource_class: Some("big".into()),
             ..PodTemplate::default()

@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Container;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
+use crate::build::ExtraContainer;
 use crate::problem::Problem;
 
 /// One Jenkins controller.
@@ -68,7 +69,29 @@ pub struct PodTemplate {
     /// Extra containers, in Kubernetes' own field names, e.g.
     /// `{ name = "maven", image = "maven:3.9", command = ["sleep", "infinity"] }`; a
     /// Jenkinsfile uses them with `container('maven') { … }`.
-    pub containers: Vec<Container>,
+    #[serde(deserialize_with = "kubernetes_containers")]
+    pub containers: Vec<ExtraContainer>,
+}
+
+/// Reads extra containers as Kubernetes containers, so a field of the wrong type is an error
+/// where it is written, and keeps each as the name and fields the build model carries.
+fn kubernetes_containers<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<ExtraContainer>, D::Error> {
+    Vec::<Container>::deserialize(deserializer)?
+        .into_iter()
+        .map(|container| match serde_json::to_value(&container) {
+            Ok(serde_json::Value::Object(mut fields)) => {
+                fields.remove("name");
+                Ok(ExtraContainer {
+                    name: container.name,
+                    fields,
+                })
+            }
+            Ok(_) => Err(serde::de::Error::custom("a container must be a table")),
+            Err(e) => Err(serde::de::Error::custom(e)),
+        })
+        .collect()
 }
 
 fn default_poll_interval() -> Duration {
@@ -158,7 +181,8 @@ impl JenkinsConfig {
                         "must be set and not `jnlp` (the agent container)".into(),
                     );
                 }
-                if container.image.as_deref().is_none_or(str::is_empty) {
+                let image = container.fields.get("image").and_then(|i| i.as_str());
+                if image.is_none_or(str::is_empty) {
                     problem(
                         at(&format!("pod_templates.{label}.containers[{i}].image")),
                         "must be set".into(),
@@ -192,5 +216,29 @@ impl std::fmt::Debug for JenkinsConfig {
             .field("labels", &self.labels)
             .field("webhook_secret", &redacted(self.webhook_secret.is_some()))
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_containers_read_as_kubernetes_containers_and_keep_every_field() {
+        let template: PodTemplate = toml::from_str(
+            r#"containers = [{ name = "maven", image = "maven:3.9", command = ["sleep", "infinity"], volumeMounts = [{ name = "m2", mountPath = "/root/.m2" }] }]"#,
+        )
+        .unwrap();
+        let maven = &template.containers[0];
+        assert_eq!(maven.name, "maven");
+        assert_eq!(maven.fields["image"], "maven:3.9");
+        assert_eq!(maven.fields["command"][1], "infinity");
+        assert_eq!(maven.fields["volumeMounts"][0]["mountPath"], "/root/.m2");
+        assert!(!maven.fields.contains_key("name"));
+        let mistyped = toml::from_str::<PodTemplate>(
+            r#"containers = [{ name = "maven", command = "sleep" }]"#,
+        )
+        .unwrap_err();
+        assert!(mistyped.to_string().contains("invalid type"), "{mistyped}");
     }
 }

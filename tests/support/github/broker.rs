@@ -245,7 +245,7 @@ async fn complete(s: Srv, Path((session, job_id)): Path<(String, u64)>, body: By
 /// --example fake-actions-runner`).
 ///
 /// # Panics
-/// When it is missing or older than its source: a `cargo test --test NAME` run does not build
+/// When it is missing or older than its source: a `cargo test --test e2e` run does not build
 /// examples, so the message says how to.
 pub fn fake_runner_bin() -> PathBuf {
     let bin = target_dir().join("examples").join("fake-actions-runner");

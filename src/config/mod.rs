@@ -1,32 +1,31 @@
-//! Typed configuration: one TOML file, every field overridable by `KILN_…` environment variables,
-//! and validation that reports every problem with its path.
-//!
-//! Environment overrides name the field's path with `__` between segments and array indices as
-//! segments: `KILN_CONCURRENT=8`, `KILN_HTTP__LISTEN=0.0.0.0:9252`,
-//! `KILN_SOURCES__GITLAB__0__TOKEN=glrt-…`. A value is read as a TOML literal when it is one
-//! (`8`, `true`, `["a","b"]`) and as a plain string otherwise; quote it (`'"123"'`) to force a
-//! string that looks like a number.
+//! Typed configuration: one TOML file, every field overridable by `KILN_…` environment variables
+//! (`env.rs`), and validation that reports every problem with its path. Each module owns its
+//! section's type and checks; this module composes them.
+
+mod env;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::agent::AgentConfig;
+use env::Overrides;
+
 pub use crate::coordinator::CostConfig;
 pub use crate::executor::kubernetes::KubernetesConfig;
 pub use crate::executor::local::LocalConfig;
+pub use crate::gitlab::register::is_system_id;
 pub use crate::http::{HttpConfig, StatusConfig};
-pub use crate::problem::Problem;
+pub use crate::job_file::AgentConfig;
+pub use crate::problem::{ConfigError, Problem};
 pub use crate::sources::github::GitHubConfig;
-pub use crate::sources::gitlab::{GitLabRunnerConfig, is_system_id};
+pub use crate::sources::gitlab::GitLabRunnerConfig;
 pub use crate::sources::jenkins::JenkinsConfig;
 pub use crate::telemetry::{LogConfig, LogFormat};
 
 /// The environment variable that names the config file (the one name `KILN_` reserves).
 pub const CONFIG_ENV: &str = "KILN_CONFIG";
-const ENV_PREFIX: &str = "KILN_";
 /// The most builds `concurrent` (and any per-source limit) may allow: far beyond what one
 /// coordinator runs, far below what its semaphores can count.
 pub const MAX_CONCURRENT: usize = 100_000;
@@ -123,52 +122,6 @@ pub struct Sources {
     pub github: Vec<GitHubConfig>,
 }
 
-/// Why a configuration could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {}: {source}", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error (in the message: `check-config` prints it).
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML.
-    #[error("{path}: {message}")]
-    Syntax {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message, with line and column.
-        message: String,
-    },
-    /// The configuration parsed but has problems (every one is listed).
-    #[error("{origin} has {} problem(s):\n{}", problems.len(), list(problems))]
-    Invalid {
-        /// The file (or `environment`).
-        origin: String,
-        /// Every problem found.
-        problems: Vec<Problem>,
-    },
-    /// The file could not be written back (`kiln register`).
-    #[error("cannot write config file {}", path.display())]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-fn list(problems: &[Problem]) -> String {
-    problems
-        .iter()
-        .map(|p| format!("  {p}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 impl Config {
     /// Reads `path` (if given), applies `KILN_…` overrides from the process environment and
     /// validates the result.
@@ -205,25 +158,14 @@ impl Config {
             }
             None => (toml::Table::new(), "the configuration".to_owned(), None),
         };
-        let mut problems = Vec::new();
-        let overrides: BTreeMap<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !is_command_variable(k))
-            .collect();
-        for (name, value) in &overrides {
-            if let Err(message) = apply_override(&mut table, &name[ENV_PREFIX.len()..], value) {
-                problems.push(Problem {
-                    path: name.clone(),
-                    message,
-                });
-            }
-        }
+        let overrides = Overrides::from_env(env);
+        let mut problems = overrides.apply(&mut table);
         if !problems.is_empty() {
             return Err(ConfigError::Invalid { origin, problems });
         }
         let locate = |segments: &[Segment]| {
             let at = path_text(segments);
-            let from_env = env_hint(&at, &overrides);
+            let from_env = overrides.hint(&at);
             if from_env != at {
                 return from_env;
             }
@@ -312,10 +254,10 @@ impl Config {
 
     /// Fingerprints of every credential of this configuration, for build traces to mask
     /// without any build holding the credentials.
-    pub fn credential_fingerprints(&self) -> Vec<crate::agent::Fingerprint> {
+    pub fn credential_fingerprints(&self) -> Vec<crate::job_file::Fingerprint> {
         let mut fingerprints = Vec::new();
         self.clone().each_secret(|secret| {
-            fingerprints.extend(crate::agent::Fingerprint::of(secret));
+            fingerprints.extend(crate::job_file::Fingerprint::of(secret));
         });
         fingerprints
     }
@@ -445,32 +387,6 @@ impl Config {
     }
 }
 
-/// `KILN_` names that are command-line flag fallbacks, not config fields: `KILN_CONFIG`, and
-/// the single-underscore families of `kiln deploy` (`KILN_DEPLOY_REGION`) and `kiln register`
-/// (`KILN_REGISTER_TOKEN`, `KILN_REGISTRATION_TOKEN`). Config overrides of the `[deploy]`
-/// table use `__` (`KILN_DEPLOY__REGION`) and stay overrides.
-fn is_command_variable(name: &str) -> bool {
-    name == CONFIG_ENV
-        || (name.starts_with("KILN_DEPLOY_") && !name.starts_with("KILN_DEPLOY__"))
-        || name.starts_with("KILN_REGISTER_")
-        || name.starts_with("KILN_REGISTRATION_")
-}
-
-/// Names the environment variable behind a failing path, when one set it.
-fn env_hint(path: &str, overrides: &BTreeMap<String, String>) -> String {
-    let env_name = format!(
-        "{ENV_PREFIX}{}",
-        path.replace(['[', '.'], "__")
-            .replace(']', "")
-            .to_uppercase()
-    );
-    if overrides.contains_key(&env_name) {
-        format!("{path} (set by {env_name})")
-    } else {
-        path.to_owned()
-    }
-}
-
 /// One step of a path into the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
@@ -582,192 +498,6 @@ fn span_line(text: &str, span: Option<std::ops::Range<usize>>) -> Option<usize> 
     Some(text.get(..start)?.matches('\n').count() + 1)
 }
 
-/// Sets the field named by an environment variable (without prefix) in the raw TOML table.
-fn apply_override(table: &mut toml::Table, name: &str, raw: &str) -> Result<(), String> {
-    let segments: Vec<String> = name.split("__").map(str::to_lowercase).collect();
-    if segments.iter().any(String::is_empty) {
-        return Err("malformed name; separate path segments with `__`".into());
-    }
-    let value = parse_env_value(raw);
-    let mut slot = Slot::Table(table);
-    for (i, segment) in segments.iter().enumerate() {
-        let last = i + 1 == segments.len();
-        let next_is_index = segments
-            .get(i + 1)
-            .is_some_and(|s| s.parse::<usize>().is_ok());
-        let fresh = || {
-            if next_is_index {
-                toml::Value::Array(Vec::new())
-            } else {
-                toml::Value::Table(toml::Table::new())
-            }
-        };
-        slot = match slot {
-            Slot::Table(t) => {
-                if last {
-                    t.insert(segment.clone(), value);
-                    return Ok(());
-                }
-                Slot::Value(t.entry(segment.clone()).or_insert_with(fresh))
-            }
-            Slot::Value(v) => match v {
-                toml::Value::Table(t) => {
-                    if last {
-                        t.insert(segment.clone(), value);
-                        return Ok(());
-                    }
-                    Slot::Value(t.entry(segment.clone()).or_insert_with(fresh))
-                }
-                toml::Value::Array(items) => {
-                    let index: usize = segment
-                        .parse()
-                        .map_err(|_| format!("`{segment}` is not an array index"))?;
-                    if index > items.len() {
-                        return Err(format!(
-                            "index {index} skips entries; the list has {} so far",
-                            items.len()
-                        ));
-                    }
-                    if index == items.len() {
-                        items.push(fresh());
-                    }
-                    if last {
-                        items[index] = value;
-                        return Ok(());
-                    }
-                    Slot::Value(&mut items[index])
-                }
-                _ => return Err(format!("`{segment}` is inside a value that is not a table")),
-            },
-        };
-    }
-    Ok(())
-}
-
-enum Slot<'a> {
-    Table(&'a mut toml::Table),
-    Value(&'a mut toml::Value),
-}
-
-fn parse_env_value(raw: &str) -> toml::Value {
-    format!("v = {raw}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
-}
-
-/// Adds or updates a `[[sources.gitlab]]` entry in the config file, keeping comments and
-/// layout. An entry with the same URL and name (or the same URL and token) is updated.
-///
-/// # Errors
-/// Unreadable or unparsable file, or a failed write.
-pub fn upsert_gitlab_runner(path: &Path, runner: &GitLabRunnerConfig) -> Result<(), ConfigError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(source) => {
-            return Err(ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            });
-        }
-    };
-    let mut doc = text
-        .parse::<toml_edit::DocumentMut>()
-        .map_err(|e| ConfigError::Syntax {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
-        })?;
-    let sources = doc.entry("sources").or_insert_with(|| {
-        let mut t = toml_edit::Table::new();
-        t.set_implicit(true);
-        toml_edit::Item::Table(t)
-    });
-    let invalid = |message: &str| ConfigError::Invalid {
-        origin: path.display().to_string(),
-        problems: vec![Problem {
-            path: "sources.gitlab".into(),
-            message: message.into(),
-        }],
-    };
-    let sources = sources
-        .as_table_like_mut()
-        .ok_or_else(|| invalid("`sources` is not a table"))?;
-    let gitlab = sources
-        .entry("gitlab")
-        .or_insert(toml_edit::Item::ArrayOfTables(
-            toml_edit::ArrayOfTables::new(),
-        ))
-        .as_array_of_tables_mut()
-        .ok_or_else(|| invalid("must be an array of tables ([[sources.gitlab]])"))?;
-    let same = |t: &toml_edit::Table| {
-        let get = |k: &str| t.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-        get("url").as_deref() == Some(runner.url.as_str())
-            && (get("name") == runner.name || get("token").as_deref() == Some(&runner.token))
-    };
-    let index = gitlab.iter().position(same);
-    let table = match index {
-        Some(i) => gitlab.get_mut(i).ok_or_else(|| invalid("entry vanished"))?,
-        None => {
-            gitlab.push(toml_edit::Table::new());
-            let last = gitlab.len() - 1;
-            gitlab
-                .get_mut(last)
-                .ok_or_else(|| invalid("entry vanished"))?
-        }
-    };
-    if let Some(name) = &runner.name {
-        table["name"] = toml_edit::value(name.as_str());
-    }
-    table["url"] = toml_edit::value(runner.url.as_str());
-    table["token"] = toml_edit::value(runner.token.as_str());
-    if let Some(id) = &runner.system_id {
-        table["system_id"] = toml_edit::value(id.as_str());
-    }
-    write_private(path, doc.to_string().as_bytes()).map_err(|source| ConfigError::Write {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-/// Removes the `[[sources.gitlab]]` entry with this URL and token.
-///
-/// # Errors
-/// Unreadable or unparsable file, or a failed write.
-pub fn remove_gitlab_runner(path: &Path, url: &str, token: &str) -> Result<bool, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut doc = text
-        .parse::<toml_edit::DocumentMut>()
-        .map_err(|e| ConfigError::Syntax {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
-        })?;
-    let Some(gitlab) = doc
-        .get_mut("sources")
-        .and_then(|s| s.get_mut("gitlab"))
-        .and_then(|g| g.as_array_of_tables_mut())
-    else {
-        return Ok(false);
-    };
-    let before = gitlab.len();
-    gitlab.retain(|t| {
-        !(t.get("url").and_then(|v| v.as_str()) == Some(url)
-            && t.get("token").and_then(|v| v.as_str()) == Some(token))
-    });
-    let removed = gitlab.len() != before;
-    if removed {
-        write_private(path, doc.to_string().as_bytes()).map_err(|source| ConfigError::Write {
-            path: path.to_owned(),
-            source,
-        })?;
-    }
-    Ok(removed)
-}
-
 /// Whether a config file's value sets a secret: a non-empty key named like one.
 fn holds_secret(value: &toml::Value) -> bool {
     const SECRET_KEYS: &[&str] = &[
@@ -787,17 +517,6 @@ fn holds_secret(value: &toml::Value) -> bool {
         toml::Value::Array(items) => items.iter().any(holds_secret),
         _ => false,
     }
-}
-
-/// Writes a file readable only by its owner: it holds runner tokens.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-    let mut tmp = tempfile::NamedTempFile::new_in(dir.unwrap_or(Path::new(".")))?;
-    // NamedTempFile is created 0600 already; persist() renames it over the old file atomically.
-    tmp.write_all(bytes)?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -984,29 +703,21 @@ limit = 9223372036854775807
 
     #[test]
     fn register_upserts_and_keeps_comments() {
+        use crate::sources::gitlab::runner_file;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kiln.toml");
         std::fs::write(&path, "# my runners\nconcurrent = 2\n").unwrap();
         let mut runner = GitLabRunnerConfig::new("https://gitlab.example.com", "glrt-one");
         runner.system_id = Some("s_0123456789ab".into());
-        upsert_gitlab_runner(&path, &runner).unwrap();
-        upsert_gitlab_runner(&path, &runner).unwrap();
+        runner_file::upsert(&path, &runner).unwrap();
+        runner_file::upsert(&path, &runner).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with("# my runners"), "{text}");
         let config = Config::load_with_env(Some(&path), []).unwrap();
         assert_eq!(config.sources.gitlab.len(), 1);
         assert_eq!(config.concurrent, 2);
-        assert!(remove_gitlab_runner(&path, &runner.url, &runner.token).unwrap());
+        assert!(runner_file::remove(&path, &runner.url, &runner.token).unwrap());
         let config = Config::load_with_env(Some(&path), []).unwrap();
         assert!(config.sources.gitlab.is_empty());
-    }
-
-    #[test]
-    fn system_id_shape() {
-        use crate::sources::gitlab::is_system_id;
-        assert!(is_system_id("s_0123456789ab"));
-        assert!(is_system_id("r_AbCdEf123456"));
-        assert!(!is_system_id("s_0123"));
-        assert!(!is_system_id("x_0123456789ab"));
     }
 }

@@ -151,6 +151,14 @@ pub fn new_system_id() -> String {
     }
 }
 
+/// Whether `id` looks like a GitLab runner system id.
+pub fn is_system_id(id: &str) -> bool {
+    let (prefix, rest) = id.split_at(id.len().min(2));
+    matches!(prefix, "s_" | "r_")
+        && rest.len() == 12
+        && rest.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
 async fn client(url: &str, token: Option<&str>) -> Result<AsyncGitlab, RegisterError> {
     let parsed = url::Url::parse(url).map_err(|e| RegisterError::BadUrl {
         url: crate::net::redact_url(url),
@@ -432,5 +440,23 @@ pub async fn unregister(
                 .take(200)
                 .collect(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn system_id_shape() {
+        assert!(is_system_id("s_0123456789ab"));
+        assert!(is_system_id("r_AbCdEf123456"));
+        assert!(!is_system_id("s_0123"));
+        assert!(!is_system_id("x_0123456789ab"));
+    }
+
+    #[test]
+    fn a_new_system_id_has_the_shape_gitlab_accepts() {
+        assert!(is_system_id(&new_system_id()));
     }
 }

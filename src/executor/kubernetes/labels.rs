@@ -1,0 +1,338 @@
+//! kiln's contract with the cluster: the labels and annotations it writes on every pod, Secret
+//! and Lease, and reads back to know a build again after a restart. Written and read here
+//! only, so the two cannot drift apart.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::build::{Build, BuildKey, SourceKind};
+
+/// The installation (shared by all its replicas): on every object kiln creates.
+const LABEL_COORDINATOR: &str = "kiln.dev/coordinator";
+/// The replica of the installation that follows the build.
+const LABEL_REPLICA: &str = "kiln.dev/replica";
+/// The CI server (`gitlab`, `jenkins`, `github`).
+const LABEL_SOURCE: &str = "kiln.dev/source";
+/// The CI server's id of the work.
+const LABEL_JOB_ID: &str = "kiln.dev/job-id";
+/// The source entry that took the work (as a label value).
+const LABEL_RUNNER: &str = "kiln.dev/runner";
+/// The resource class of the pod.
+const LABEL_CLASS: &str = "kiln.dev/resource-class";
+/// Marks kiln's Leases (beside the coordinator label).
+const LABEL_LEASE: &str = "kiln.dev/lease";
+/// Who manages the object.
+const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// The exact source entry name (label values cannot hold every name).
+const ANNOTATION_RUNNER: &str = "kiln.dev/runner";
+/// The container whose end is the build's end.
+const ANNOTATION_MAIN: &str = "kiln.dev/main-container";
+/// The id of the launch attempt that created a pod.
+const ANNOTATION_LAUNCH: &str = "kiln.dev/launch";
+/// kiln's own labels, which [`foreign_labels`] leaves out.
+const OWN_LABELS: &[&str] = &[
+    LABEL_MANAGED_BY,
+    LABEL_COORDINATOR,
+    LABEL_REPLICA,
+    LABEL_SOURCE,
+    LABEL_JOB_ID,
+    LABEL_RUNNER,
+    LABEL_CLASS,
+];
+
+/// The label selector of every build of installation `coordinator` (its pods and Secrets).
+pub(super) fn builds_selector(coordinator: &str) -> String {
+    format!("{LABEL_COORDINATOR}={coordinator}")
+}
+
+/// `selector` narrowed to builds labelled with none of `replicas`; `notin` also selects
+/// objects without the label (builds of an older kiln).
+pub(super) fn except_replicas(selector: &str, replicas: &[String]) -> String {
+    if replicas.is_empty() {
+        return selector.to_owned();
+    }
+    format!("{selector},{LABEL_REPLICA} notin ({})", replicas.join(","))
+}
+
+/// The label selector of the Leases of installation `coordinator`.
+pub(super) fn leases_selector(coordinator: &str) -> String {
+    format!("{LABEL_COORDINATOR}={coordinator},{LABEL_LEASE}=true")
+}
+
+/// The labels of a Lease of installation `coordinator`.
+pub(super) fn lease_labels(coordinator: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_COORDINATOR.to_owned(), coordinator.to_owned()),
+        (LABEL_LEASE.to_owned(), "true".to_owned()),
+    ])
+}
+
+/// The labels that identify the objects of `build` (pod and Secret) of installation
+/// `coordinator`, followed by `replica`, with the build's own labels.
+pub(super) fn identity_labels(
+    coordinator: &str,
+    replica: Option<&str>,
+    build: &Build,
+) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
+        (LABEL_MANAGED_BY.to_owned(), "kiln".to_owned()),
+        (LABEL_COORDINATOR.to_owned(), coordinator.to_owned()),
+        (LABEL_SOURCE.to_owned(), build.key.source.name().to_owned()),
+        (LABEL_JOB_ID.to_owned(), build.key.id.to_string()),
+        (LABEL_RUNNER.to_owned(), label_value(&build.key.runner)),
+    ]);
+    if let Some(replica) = replica {
+        labels.insert(LABEL_REPLICA.to_owned(), label_value(replica));
+    }
+    for (key, value) in &build.labels {
+        labels.insert(key.clone(), label_value(value));
+    }
+    labels
+}
+
+/// Annotates the exact name of the source entry of `key` (the label holds it cleaned).
+pub(super) fn annotate_runner(annotations: &mut BTreeMap<String, String>, key: &BuildKey) {
+    annotations.insert(ANNOTATION_RUNNER.to_owned(), key.runner.clone());
+}
+
+/// Labels a pod with its resource class.
+pub(super) fn label_class(labels: &mut BTreeMap<String, String>, class: &str) {
+    labels.insert(LABEL_CLASS.to_owned(), class.to_owned());
+}
+
+/// Annotates the container whose end is the build's end.
+pub(super) fn annotate_main(annotations: &mut BTreeMap<String, String>, container: &str) {
+    annotations.insert(ANNOTATION_MAIN.to_owned(), container.to_owned());
+}
+
+/// Annotates the launch attempt that creates a pod.
+pub(super) fn annotate_launch(metadata: &mut ObjectMeta, launch: &str) {
+    metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(ANNOTATION_LAUNCH.to_owned(), launch.to_owned());
+}
+
+/// The work a kiln object is for, from its labels (and the exact source name annotated).
+pub(super) fn key_of(metadata: &ObjectMeta) -> Option<BuildKey> {
+    let labels = metadata.labels.as_ref()?;
+    let source = SourceKind::from_name(labels.get(LABEL_SOURCE)?)?;
+    let id = labels.get(LABEL_JOB_ID)?.parse().ok()?;
+    let runner = metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_RUNNER))
+        .or_else(|| labels.get(LABEL_RUNNER))?
+        .clone();
+    Some(BuildKey { source, runner, id })
+}
+
+/// The replica a kiln object is labelled with.
+pub(super) fn replica_of(metadata: &ObjectMeta) -> Option<String> {
+    metadata.labels.as_ref()?.get(LABEL_REPLICA).cloned()
+}
+
+/// The resource class a pod is labelled with.
+pub(super) fn class_of(metadata: &ObjectMeta) -> Option<String> {
+    metadata.labels.as_ref()?.get(LABEL_CLASS).cloned()
+}
+
+/// The container whose end is the build's end, as the pod names it.
+pub(super) fn main_container(metadata: &ObjectMeta) -> Option<&str> {
+    metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_MAIN)
+        .map(String::as_str)
+}
+
+/// The launch attempt that created a pod.
+pub(super) fn launch_of(metadata: &ObjectMeta) -> Option<&str> {
+    metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_LAUNCH)
+        .map(String::as_str)
+}
+
+/// The labels a source put on a build, without kiln's own.
+pub(super) fn foreign_labels(metadata: &ObjectMeta) -> BTreeMap<String, String> {
+    let mut labels = metadata.labels.clone().unwrap_or_default();
+    labels.retain(|key, _| !OWN_LABELS.contains(&key.as_str()));
+    labels
+}
+
+/// A merge patch making `replica` the owner, on the condition that the object is still at
+/// `version`.
+pub(super) fn owner_patch(replica: &str, version: Option<&str>) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {
+            "resourceVersion": version,
+            "labels": {LABEL_REPLICA: replica},
+        }
+    })
+}
+
+/// A merge patch making a pod's owner label mirror `replica` (unconditionally: only the
+/// owner writes it).
+pub(super) fn mirror_patch(replica: &str) -> serde_json::Value {
+    serde_json::json!({ "metadata": { "labels": {LABEL_REPLICA: replica} } })
+}
+
+/// A Kubernetes label value: at most 63 characters, alphanumerics and `-_.` inside.
+pub(crate) fn is_label_value(value: &str) -> bool {
+    value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && value
+            .chars()
+            .next()
+            .is_none_or(|c| c.is_ascii_alphanumeric())
+        && value
+            .chars()
+            .last()
+            .is_none_or(|c| c.is_ascii_alphanumeric())
+}
+
+/// `value` made into a valid label value for a build's labels (runner names may hold any
+/// character): others than alphanumerics and `-_.` become `_`.
+pub(super) fn label_value(value: &str) -> String {
+    cleaned(value, '_')
+}
+
+/// `value` made a valid label value for a replica's identity: characters other than
+/// alphanumerics and `-_.` become `-` (`kiln` when nothing is left).
+pub(crate) fn as_label_value(value: &str) -> String {
+    let cleaned = cleaned(value, '-');
+    if cleaned.is_empty() {
+        "kiln".into()
+    } else {
+        cleaned
+    }
+}
+
+/// `value` with characters a label value cannot hold replaced by `replacement`, at most 63
+/// characters, alphanumeric at both ends.
+fn cleaned(value: &str, replacement: char) -> String {
+    let mapped: String = value
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                replacement
+            }
+        })
+        .take(63)
+        .collect();
+    mapped
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::build::{About, Workload};
+
+    fn build(runner: &str, labels: &[(&str, &str)]) -> Build {
+        Build {
+            key: BuildKey {
+                source: SourceKind::Jenkins,
+                runner: runner.into(),
+                id: 17,
+            },
+            name: "kiln-jk-17-3f9a1c2e".into(),
+            workload: Workload::KilnAgent {
+                image: None,
+                services: Vec::new(),
+            },
+            secrets: BTreeMap::new(),
+            class: None,
+            requests: Vec::new(),
+            timeout: None,
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            annotations: BTreeMap::new(),
+            about: About::default(),
+            untrusted: false,
+        }
+    }
+
+    /// What kiln writes on a build's objects, it reads back as the same build: the key (with
+    /// a runner name no label value can hold), the replica, the source's own labels.
+    #[test]
+    fn what_is_written_reads_back_as_the_same_build() {
+        let build = build(
+            "ci.example.com / main",
+            &[("kiln.dev/jenkins-node", "kiln-maven-3f9a1c2e")],
+        );
+        let mut labels = identity_labels("kiln", Some("replica-1"), &build);
+        label_class(&mut labels, "spot");
+        let mut annotations = BTreeMap::new();
+        annotate_runner(&mut annotations, &build.key);
+        annotate_main(&mut annotations, "jnlp");
+        let mut metadata = ObjectMeta {
+            labels: Some(labels),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        };
+        annotate_launch(&mut metadata, "0123456789abcdef");
+
+        assert_eq!(key_of(&metadata), Some(build.key.clone()));
+        assert_eq!(replica_of(&metadata).as_deref(), Some("replica-1"));
+        assert_eq!(class_of(&metadata).as_deref(), Some("spot"));
+        assert_eq!(main_container(&metadata), Some("jnlp"));
+        assert_eq!(launch_of(&metadata), Some("0123456789abcdef"));
+        assert_eq!(foreign_labels(&metadata), build.labels);
+        let selected = metadata.labels.as_ref().unwrap();
+        assert_eq!(builds_selector("kiln"), "kiln.dev/coordinator=kiln");
+        assert_eq!(selected["kiln.dev/coordinator"], "kiln");
+    }
+
+    /// Without the annotation (a label-only object) the cleaned label names the runner.
+    #[test]
+    fn the_runner_label_stands_in_for_a_missing_annotation() {
+        let build = build("ci", &[]);
+        let metadata = ObjectMeta {
+            labels: Some(identity_labels("kiln", None, &build)),
+            ..ObjectMeta::default()
+        };
+        assert_eq!(key_of(&metadata), Some(build.key));
+        assert_eq!(replica_of(&metadata), None);
+    }
+
+    #[test]
+    fn patches_write_the_label_replicas_are_read_from() {
+        let mut metadata = ObjectMeta::default();
+        let patch = owner_patch("me", Some("42"));
+        metadata.labels = serde_json::from_value(patch["metadata"]["labels"].clone()).ok();
+        assert_eq!(replica_of(&metadata).as_deref(), Some("me"));
+        assert_eq!(patch["metadata"]["resourceVersion"], "42");
+        assert_eq!(
+            mirror_patch("me")["metadata"]["labels"],
+            patch["metadata"]["labels"]
+        );
+        assert_eq!(
+            except_replicas("kiln.dev/coordinator=kiln", &["a".into(), "b".into()]),
+            "kiln.dev/coordinator=kiln,kiln.dev/replica notin (a,b)"
+        );
+        assert_eq!(except_replicas("x=y", &[]), "x=y");
+    }
+
+    #[test]
+    fn label_values_are_cleaned() {
+        assert_eq!(
+            label_value("ci.example.com / main"),
+            "ci.example.com___main"
+        );
+        assert_eq!(label_value("///"), "");
+        assert!(is_label_value(&label_value(&"a/".repeat(80))));
+    }
+}

@@ -1,0 +1,163 @@
+//! Starting and removing a build: its Secret first (ahead of the launch when it is persisted),
+//! then its pod owned by the Secret, marked with the launch attempt that created it; removing
+//! deletes both.
+
+use std::collections::HashMap;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Api;
+use kube::api::{DeleteParams, PostParams, PropagationPolicy};
+
+use super::client::is_status;
+use super::{KubernetesExecutor, describe, labels, podspec};
+use crate::build::Build;
+use crate::executor::LaunchError;
+
+/// Grace period when kiln deletes a pod whose build container has ended: only sidecars are
+/// left, and they must not keep the pod (and its bill) alive.
+const DELETE_GRACE_SECONDS: u32 = 2;
+
+impl KubernetesExecutor {
+    pub(super) async fn launch_build(&self, build: &Build) -> Result<(), LaunchError> {
+        let namespace = self.cluster.namespace();
+        let pod =
+            podspec::pod(build, &self.config, namespace).map_err(|e| LaunchError::Rejected(e.0))?;
+        let secret = podspec::secret(build, &self.config, namespace);
+        self.create(&pod, &secret).await
+    }
+
+    /// Creates the Secret, then the pod, owned by the Secret: two API calls per build. The
+    /// Secret comes first, so the pod never waits for its volume, and a coordinator that dies
+    /// right after still leaves the build's secret data (a job token) for the next one to fail
+    /// the job with. Owned by the Secret, the pod is collected with it if kiln's own delete
+    /// never came. A pod of that name that exists already is never touched: another
+    /// coordinator runs that build.
+    async fn create(&self, pod: &Pod, secret: &Secret) -> Result<(), LaunchError> {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let create = PostParams::default();
+        let persisted = self.persisted_lock().remove(&name);
+        let (secret_uid, secret_was_there) = match persisted {
+            // Created by `persist` for this very launch: removed with it if the pod fails.
+            Some(uid) => (uid, false),
+            None => self.create_secret(secret).await?,
+        };
+        let mut pod = pod.clone();
+        if let Some(uid) = secret_uid {
+            pod.metadata.owner_references = Some(vec![OwnerReference {
+                api_version: "v1".into(),
+                kind: "Secret".into(),
+                name: name.clone(),
+                uid,
+                block_owner_deletion: Some(false),
+                controller: Some(false),
+            }]);
+        }
+        let pods: Api<Pod> = self.cluster.api();
+        // A create whose answer was lost (connection reset after the API server stored the
+        // pod) is retried and then gets 409 for kiln's own pod; without a mark of this attempt
+        // kiln took it for another coordinator's and left it running unwatched. The mark tells
+        // the two apart.
+        let launch_id = format!("{:016x}", rand::random::<u64>());
+        labels::annotate_launch(&mut pod.metadata, &launch_id);
+        match self.cluster.call(|| pods.create(&create, &pod)).await {
+            Ok(_) => {
+                tracing::info!(pod = %name, namespace = self.cluster.namespace(), "pod created");
+                Ok(())
+            }
+            Err(e) if is_status(&e, 409) => match self.cluster.call(|| pods.get(&name)).await {
+                Ok(existing) if labels::launch_of(&existing.metadata) == Some(&launch_id) => {
+                    tracing::info!(pod = %name, namespace = self.cluster.namespace(), "pod created (its create was retried after the first answer was lost)");
+                    Ok(())
+                }
+                _ => Err(LaunchError::Exists(name)),
+            },
+            Err(kube::Error::Api(status)) if matches!(status.code, 400 | 422) => {
+                if !secret_was_there {
+                    self.remove(&name).await;
+                }
+                Err(LaunchError::Rejected(format!(
+                    "the Kubernetes API rejected the pod ({}): {}",
+                    status.reason, status.message
+                )))
+            }
+            Err(e) => {
+                if !secret_was_there {
+                    self.remove(&name).await;
+                }
+                Err(self.failed("create the pod", &e))
+            }
+        }
+    }
+
+    /// Creates the build's Secret: its uid, and whether it was there already (left by an
+    /// earlier try).
+    async fn create_secret(&self, secret: &Secret) -> Result<(Option<String>, bool), LaunchError> {
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        let secrets: Api<Secret> = self.cluster.api();
+        let create = PostParams::default();
+        match self.cluster.call(|| secrets.create(&create, secret)).await {
+            Ok(created) => Ok((created.metadata.uid, false)),
+            Err(e) if is_status(&e, 409) => {
+                // Left by an earlier try: read its uid to own the pod (rare, one call).
+                let uid = self
+                    .cluster
+                    .call(|| secrets.get(&name))
+                    .await
+                    .ok()
+                    .and_then(|s| s.metadata.uid);
+                Ok((uid, true))
+            }
+            Err(e) => Err(self.failed("create the build's Secret", &e)),
+        }
+    }
+
+    /// Creates `build`'s Secret ahead of its launch (see [`crate::executor::SharedBuilds::persist`]).
+    pub(super) async fn persist_build(&self, build: &Build) -> Result<(), LaunchError> {
+        let secret = podspec::secret(build, &self.config, self.cluster.namespace());
+        let (uid, _) = self.create_secret(&secret).await?;
+        self.persisted_lock().insert(build.name.clone(), uid);
+        Ok(())
+    }
+
+    pub(super) fn persisted_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Option<String>>> {
+        self.persisted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn failed(&self, what: &str, error: &kube::Error) -> LaunchError {
+        LaunchError::Failed(format!(
+            "cannot {what} in namespace `{}`: {}",
+            self.cluster.namespace(),
+            describe(error)
+        ))
+    }
+
+    /// Deletes the pod and its Secret; missing ones are fine.
+    pub(super) async fn remove(&self, name: &str) {
+        self.persisted_lock().remove(name);
+        let params = DeleteParams {
+            grace_period_seconds: Some(DELETE_GRACE_SECONDS),
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..DeleteParams::default()
+        };
+        let pods: Api<Pod> = self.cluster.api();
+        match self.cluster.call(|| pods.delete(name, &params)).await {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => {
+                tracing::error!(pod = name, error = %e, "cannot delete the build pod; the next start-up of kiln retries")
+            }
+        }
+        let secrets: Api<Secret> = self.cluster.api();
+        let plain = DeleteParams::default();
+        match self.cluster.call(|| secrets.delete(name, &plain)).await {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => {
+                tracing::warn!(secret = name, error = %e, "cannot delete the build's Secret; the next start-up of kiln retries")
+            }
+        }
+    }
+}

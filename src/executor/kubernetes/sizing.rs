@@ -1,0 +1,215 @@
+//! How big a build's pod is and what it may ask for: its resource class, the job's own
+//! requests (each checked against the configured caps and allow patterns), the containers'
+//! resource requirements, and what the finished pod occupies (its [`Footprint`]).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Pod, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+use super::config::{KubernetesConfig, RESOURCE_FIELDS, ResourceClass, Resources};
+use super::labels;
+use super::quantity;
+use crate::build::{ClassChoice, Request, Requested};
+use crate::executor::Footprint;
+
+/// A build asks for something the configuration does not allow: it fails with
+/// `runner_configuration_error` and this message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(super) struct SpecError(pub(super) String);
+
+/// The resource class a build uses: the one its source chose, else the configured default.
+pub(super) fn resource_class(
+    choice: Option<&ClassChoice>,
+    config: &KubernetesConfig,
+) -> Result<(Option<String>, ResourceClass), SpecError> {
+    let (name, origin) = match (choice, config.default_resource_class.as_deref()) {
+        (Some(choice), _) => (choice.name.as_str(), choice.origin.as_str()),
+        (None, Some(default)) => (default, "kubernetes.default_resource_class"),
+        (None, None) => return Ok((None, ResourceClass::default())),
+    };
+    match config.resource_classes.get(name) {
+        Some(class) => Ok((Some(name.to_owned()), class.resolved())),
+        None => {
+            let known: Vec<&str> = config.resource_classes.keys().map(String::as_str).collect();
+            Err(SpecError(format!(
+                "{origin} names resource class `{name}`, which this runner does not have (configured: {})",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            )))
+        }
+    }
+}
+
+/// What a build's own requests change in its pod, each checked against its cap.
+#[derive(Debug, Default)]
+pub(super) struct Overrides {
+    /// Resources of the main container.
+    pub(super) resources: Resources,
+    /// The pod's service account.
+    pub(super) service_account: Option<String>,
+    /// Node selector entries.
+    pub(super) node_selector: BTreeMap<String, String>,
+    /// Pod annotations.
+    pub(super) annotations: BTreeMap<String, String>,
+    /// Pod labels.
+    pub(super) labels: BTreeMap<String, String>,
+}
+
+impl Overrides {
+    /// The overrides `requests` ask for.
+    ///
+    /// # Errors
+    /// A request over its cap, one no allow pattern admits, or a malformed value; the message
+    /// names where the request came from and the limit.
+    pub(super) fn from_requests(
+        requests: &[Requested],
+        config: &KubernetesConfig,
+    ) -> Result<Self, SpecError> {
+        let mut out = Self::default();
+        for request in requests {
+            let (origin, value) = (request.origin.as_str(), request.value.trim());
+            match request.what {
+                Request::Resource(field) => {
+                    let field = field.as_str();
+                    let requested = quantity::parse(value).ok_or_else(|| {
+                        SpecError(format!(
+                            "{origin}=`{value}` is not a Kubernetes quantity (like 500m, 2, 4Gi)"
+                        ))
+                    })?;
+                    let Some(cap) = config.max.get(field) else {
+                        return Err(SpecError(format!(
+                            "{origin} is not allowed on this runner: set kubernetes.max.{field} to allow it"
+                        )));
+                    };
+                    let cap_value = quantity::parse(cap).unwrap_or(0.0);
+                    if requested > cap_value {
+                        return Err(SpecError(format!(
+                            "{origin}={value} is above this runner's maximum of {cap} (kubernetes.max.{field})"
+                        )));
+                    }
+                    out.resources.set(field, value.to_owned());
+                }
+                Request::ServiceAccount => {
+                    check_allowed(
+                        config.service_account_overwrite_allowed.as_deref(),
+                        origin,
+                        value,
+                        "service_account_overwrite_allowed",
+                    )?;
+                    out.service_account = Some(value.to_owned());
+                }
+                Request::NodeSelector | Request::PodAnnotation | Request::PodLabel => {
+                    let (allowed, setting, target) = match request.what {
+                        Request::NodeSelector => (
+                            config.node_selector_overwrite_allowed.as_deref(),
+                            "node_selector_overwrite_allowed",
+                            &mut out.node_selector,
+                        ),
+                        Request::PodAnnotation => (
+                            config.pod_annotations_overwrite_allowed.as_deref(),
+                            "pod_annotations_overwrite_allowed",
+                            &mut out.annotations,
+                        ),
+                        _ => (
+                            config.pod_labels_overwrite_allowed.as_deref(),
+                            "pod_labels_overwrite_allowed",
+                            &mut out.labels,
+                        ),
+                    };
+                    let Some((key, entry_value)) = value.split_once('=') else {
+                        return Err(SpecError(format!(
+                            "{origin}=`{value}` must have the form key=value"
+                        )));
+                    };
+                    check_allowed(allowed, origin, value, setting)?;
+                    target.insert(key.trim().to_owned(), entry_value.trim().to_owned());
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Whether `value` of `variable` matches the whole of the allow pattern of `setting`.
+fn check_allowed(
+    pattern: Option<&str>,
+    variable: &str,
+    value: &str,
+    setting: &str,
+) -> Result<(), SpecError> {
+    let Some(pattern) = pattern else {
+        return Err(SpecError(format!(
+            "{variable} is not allowed on this runner: set kubernetes.{setting} to allow it"
+        )));
+    };
+    // Anchored: the whole value must match, not a part of it.
+    let anchored = format!("^(?:{pattern})$");
+    let allowed = regex::Regex::new(&anchored).is_ok_and(|re| re.is_match(value));
+    if allowed {
+        Ok(())
+    } else {
+        Err(SpecError(format!(
+            "{variable}=`{value}` does not match kubernetes.{setting} (`{pattern}`)"
+        )))
+    }
+}
+
+/// The requests and limits of a container sized `resources`.
+pub(super) fn requirements(resources: &Resources) -> ResourceRequirements {
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    for (field, _, is_limit, key) in RESOURCE_FIELDS {
+        if let Some(value) = resources.get(field) {
+            let target = if *is_limit {
+                &mut limits
+            } else {
+                &mut requests
+            };
+            target.insert((*key).to_owned(), Quantity(value.clone()));
+        }
+    }
+    ResourceRequirements {
+        requests: (!requests.is_empty()).then_some(requests),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..ResourceRequirements::default()
+    }
+}
+
+/// What `pod` occupies: the requests of the containers that run together (the init
+/// container runs before them and is not counted), a container's limit where it requests
+/// nothing, and the prices of its resource class.
+pub(super) fn footprint(pod: &Pod, config: &KubernetesConfig) -> Footprint {
+    let class = labels::class_of(&pod.metadata);
+    let prices = class
+        .as_deref()
+        .and_then(|name| config.resource_classes.get(name))
+        .map(ResourceClass::resolved)
+        .unwrap_or_default();
+    let (mut cpu, mut memory) = (0.0, 0.0);
+    for container in pod.spec.iter().flat_map(|spec| spec.containers.iter()) {
+        let Some(resources) = &container.resources else {
+            continue;
+        };
+        let amount = |key: &str| {
+            [&resources.requests, &resources.limits]
+                .into_iter()
+                .find_map(|set| set.as_ref()?.get(key))
+                .and_then(|q| quantity::parse(&q.0))
+                .unwrap_or(0.0)
+        };
+        cpu += amount("cpu");
+        memory += amount("memory");
+    }
+    Footprint {
+        class,
+        vcpu: cpu,
+        gib: memory / 1024f64.powi(3),
+        price_per_vcpu_hour: prices.price_per_vcpu_hour,
+        price_per_gib_hour: prices.price_per_gib_hour,
+    }
+}
