@@ -68,3 +68,38 @@ impl EncodeLabelValue for LostReason {
         encoder.write_str(self.0.as_str())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::Metrics;
+
+    #[test]
+    fn names_help_texts_and_reasons_read_as_the_dashboard_expects() {
+        let metrics = Metrics::new();
+        let github = metrics.stage::<GitHubMetrics>();
+        github
+            .jobs_lost
+            .get_or_create(&LostLabels {
+                github: "acme".into(),
+                reason: LostReason(FailureReason::RunnerSystemFailure),
+            })
+            .inc();
+        let acme = GitHubLabels {
+            github: "acme".into(),
+        };
+        github.runners_started.get_or_create(&acme).inc();
+        github.registrations_removed.get_or_create(&acme).inc();
+        let text = metrics.encode();
+        for line in [
+            r#"kiln_github_runners_started_total{github="acme"} 1"#,
+            r#"kiln_github_registrations_removed_total{github="acme"} 1"#,
+            r#"kiln_github_jobs_lost_total{github="acme",reason="runner_system_failure"} 1"#,
+            "# HELP kiln_github_jobs_lost GitHub jobs lost with their runner, by the runner build's failure reason.",
+            "# HELP kiln_github_runners_started GitHub just-in-time runners started.",
+            "# HELP kiln_github_registrations_removed GitHub runner registrations removed because no runner served them.",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
+    }
+}

@@ -8,7 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::build::{Ending, FailureReason};
+use crate::build::{Ending, FailureReason, Outcome};
 use crate::sources::registered;
 use crate::telemetry::StageMetrics;
 
@@ -71,8 +71,8 @@ pub(crate) enum AgentFailure {
     ProvisionError,
     /// Its build ended before it connected, for this reason (`image_pull_failure`, …).
     Build(FailureReason),
-    /// Its build ended before it connected with no failure reason: the outcome's name.
-    Ended(&'static str),
+    /// Its build ended before it connected with no failure reason (as the outcome's name).
+    Ended(Outcome),
 }
 
 impl AgentFailure {
@@ -80,7 +80,7 @@ impl AgentFailure {
     pub(crate) fn of(ending: &Ending) -> Self {
         ending
             .reason()
-            .map_or_else(|| Self::Ended(ending.outcome.as_str()), Self::Build)
+            .map_or(Self::Ended(ending.outcome), Self::Build)
     }
 
     /// As in the metric and the log.
@@ -89,7 +89,7 @@ impl AgentFailure {
             Self::ConnectTimeout => "connect_timeout",
             Self::ProvisionError => "provision_error",
             Self::Build(reason) => reason.as_str(),
-            Self::Ended(outcome) => outcome,
+            Self::Ended(outcome) => outcome.as_str(),
         }
     }
 }
@@ -97,5 +97,56 @@ impl AgentFailure {
 impl EncodeLabelValue for AgentFailure {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
         encoder.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::Metrics;
+
+    #[test]
+    fn names_help_texts_and_reasons_read_as_the_dashboard_expects() {
+        let metrics = Metrics::new();
+        let jenkins = metrics.stage::<JenkinsMetrics>();
+        let failed = |reason| AgentFailureLabels {
+            jenkins: "ci".into(),
+            label: "maven".into(),
+            reason,
+        };
+        jenkins
+            .agent_failures
+            .get_or_create(&failed(AgentFailure::ConnectTimeout))
+            .inc();
+        let pulled = Ending::failed(FailureReason::ImagePullFailure, "no such image");
+        jenkins
+            .agent_failures
+            .get_or_create(&failed(AgentFailure::of(&pulled)))
+            .inc();
+        let mut canceled = pulled.clone();
+        canceled.outcome = Outcome::Canceled;
+        jenkins
+            .agent_failures
+            .get_or_create(&failed(AgentFailure::of(&canceled)))
+            .inc();
+        let maven = AgentLabels {
+            jenkins: "ci".into(),
+            label: "maven".into(),
+        };
+        jenkins.agents_started.get_or_create(&maven).inc();
+        jenkins.agents.get_or_create(&maven).set(2);
+        let text = metrics.encode();
+        for line in [
+            r#"kiln_jenkins_agents_started_total{jenkins="ci",label="maven"} 1"#,
+            r#"kiln_jenkins_agents{jenkins="ci",label="maven"} 2"#,
+            "# HELP kiln_jenkins_agent_failures Jenkins agents deleted before serving a build, by reason.",
+            r#"kiln_jenkins_agent_failures_total{jenkins="ci",label="maven",reason="connect_timeout"} 1"#,
+            r#"kiln_jenkins_agent_failures_total{jenkins="ci",label="maven",reason="image_pull_failure"} 1"#,
+            r#"kiln_jenkins_agent_failures_total{jenkins="ci",label="maven",reason="canceled"} 1"#,
+            "# HELP kiln_jenkins_agents Jenkins agents alive now.",
+            "# HELP kiln_jenkins_agents_started One-shot Jenkins agents started (node + pod).",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
     }
 }
