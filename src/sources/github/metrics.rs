@@ -72,11 +72,11 @@ impl EncodeLabelValue for LostReason {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::Metrics;
 
     #[test]
     fn names_help_texts_and_reasons_read_as_the_dashboard_expects() {
-        let metrics = Metrics::new();
+        // As before the metrics moved out of `telemetry::Metrics`: docs/github.md names them.
+        let metrics = crate::telemetry::Metrics::new();
         let github = metrics.stage::<GitHubMetrics>();
         github
             .jobs_lost
