@@ -405,7 +405,7 @@ pub struct Ending {
 }
 
 /// The kinds of ending every source can report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
     /// The work succeeded.
     Succeeded,

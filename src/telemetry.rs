@@ -3,13 +3,8 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tracing_subscriber::EnvFilter;
 
@@ -175,49 +170,6 @@ impl Drop for LogLine {
     }
 }
 
-/// Labels of Jenkins agent metrics.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AgentLabels {
-    /// The Jenkins source's name.
-    pub jenkins: String,
-    /// The Jenkins label.
-    pub label: String,
-}
-
-/// Labels of a Jenkins agent that never served a build.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AgentFailureLabels {
-    /// The Jenkins source's name.
-    pub jenkins: String,
-    /// The Jenkins label.
-    pub label: String,
-    /// `connect_timeout`, `image_pull_failure`, `pod_failed`, `provision_error`, …
-    pub reason: String,
-}
-
-/// Labels naming a GitHub source.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct GitHubLabels {
-    /// The GitHub source's name.
-    pub github: String,
-}
-
-/// Labels of a GitHub job lost with its runner.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct GitHubReasonLabels {
-    /// The GitHub source's name.
-    pub github: String,
-    /// The failure reason of the runner's build.
-    pub reason: String,
-}
-
-/// Labels naming an API kiln calls.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ApiLabels {
-    /// `kubernetes`, `github` or `gitlab`.
-    pub api: String,
-}
-
 /// The metrics of one stage (a source kind, the coordinator, an executor): a struct of metric
 /// families that registers itself, so adding a metric touches only the stage that owns it.
 ///
@@ -235,78 +187,15 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     /// One instance per [`StageMetrics`] type.
     stages: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
-    /// Jenkins agents started.
-    pub jenkins_agents_started: Family<AgentLabels, Counter>,
-    /// Jenkins agents that never served a build, by reason.
-    pub jenkins_agent_failures: Family<AgentFailureLabels, Counter>,
-    /// Jenkins agents alive now.
-    pub jenkins_agents: Family<AgentLabels, Gauge>,
-    /// GitHub runners started.
-    pub github_runners_started: Family<GitHubLabels, Counter>,
-    /// GitHub runner registrations removed because no runner served them.
-    pub github_registrations_removed: Family<GitHubLabels, Counter>,
-    /// GitHub jobs lost with their runner (evicted, OOM-killed, spot reclaim).
-    pub github_jobs_lost: Family<GitHubReasonLabels, Counter>,
-    /// How much of each API's rate limit is used (0..1).
-    pub api_rate_limit_saturation: Family<ApiLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Metrics {
     /// Creates and registers every metric under the `kiln_` prefix.
     pub fn new() -> Arc<Self> {
-        let mut registry = Registry::with_prefix("kiln");
-        let jenkins_agents_started = Family::<AgentLabels, Counter>::default();
-        let jenkins_agent_failures = Family::<AgentFailureLabels, Counter>::default();
-        let jenkins_agents = Family::<AgentLabels, Gauge>::default();
-        registry.register(
-            "jenkins_agents_started",
-            "One-shot Jenkins agents started (node + pod)",
-            jenkins_agents_started.clone(),
-        );
-        registry.register(
-            "jenkins_agent_failures",
-            "Jenkins agents deleted before serving a build, by reason",
-            jenkins_agent_failures.clone(),
-        );
-        registry.register(
-            "jenkins_agents",
-            "Jenkins agents alive now",
-            jenkins_agents.clone(),
-        );
-        let github_runners_started = Family::<GitHubLabels, Counter>::default();
-        let github_registrations_removed = Family::<GitHubLabels, Counter>::default();
-        let github_jobs_lost = Family::<GitHubReasonLabels, Counter>::default();
-        let api_rate_limit_saturation = Family::<ApiLabels, Gauge<f64, AtomicU64>>::default();
-        registry.register(
-            "github_runners_started",
-            "GitHub just-in-time runners started",
-            github_runners_started.clone(),
-        );
-        registry.register(
-            "github_registrations_removed",
-            "GitHub runner registrations removed because no runner served them",
-            github_registrations_removed.clone(),
-        );
-        registry.register(
-            "github_jobs_lost",
-            "GitHub jobs lost with their runner, by the runner build's failure reason",
-            github_jobs_lost.clone(),
-        );
-        registry.register(
-            "api_rate_limit_saturation",
-            "How much of an API's rate limit is used, 0 to 1",
-            api_rate_limit_saturation.clone(),
-        );
+        let registry = Registry::with_prefix("kiln");
         Arc::new(Self {
             registry: Mutex::new(registry),
             stages: Mutex::new(HashMap::new()),
-            github_runners_started,
-            github_registrations_removed,
-            github_jobs_lost,
-            api_rate_limit_saturation,
-            jenkins_agents_started,
-            jenkins_agent_failures,
-            jenkins_agents,
         })
     }
 
@@ -346,6 +235,7 @@ impl std::fmt::Debug for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus_client::metrics::counter::Counter;
 
     struct Probe {
         calls: Counter,

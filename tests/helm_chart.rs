@@ -1573,8 +1573,8 @@ fn schema_and_kiln_agree_on_quantities() {
 // The Grafana dashboard
 // ---------------------------------------------------------------------------------------------
 
-/// kiln's metrics the dashboard may query, with their type and labels (src/telemetry.rs, and
-/// the build-level metrics being added with exactly these names).
+/// kiln's metrics the dashboard may query, with their type and labels (each stage's
+/// `metrics.rs`: `src/coordinator/`, `src/sources/*/`, `src/sources/job_metrics.rs`).
 const METRICS: &[(&str, &str, &[&str])] = &[
     ("kiln_job_queue_time_seconds", "histogram", &["runner"]),
     (

@@ -14,7 +14,7 @@ use super::metrics::CoordinatorMetrics;
 use super::table::{Alive, Phase, Table};
 use crate::build::{About, Build, BuildKey, Ending, FailureReason, Outcome, SourceKind};
 use crate::executor::{Executor, LaunchError, OnRunning, StillWanted, Watch};
-use crate::sources::gitlab::metrics::{FinishedLabels, GitLabMetrics, JobState, RunnerLabels};
+use crate::sources::job_metrics::JobMetrics;
 use crate::sources::{Slot, Source};
 use crate::telemetry::Metrics;
 
@@ -31,8 +31,8 @@ pub(crate) struct Launcher {
     /// Cancels every build's watch (shutdown).
     pub(crate) cancel: CancellationToken,
     metrics: Arc<CoordinatorMetrics>,
-    /// The `kiln_jobs_*` counts, which the GitLab stage owns and every source's builds feed.
-    jobs: Arc<GitLabMetrics>,
+    /// The `kiln_jobs_*` counts, which every source's builds feed.
+    jobs: Arc<JobMetrics>,
     /// What a vCPU-hour and a GiB-hour cost by default.
     prices: Prices,
 }
@@ -114,13 +114,7 @@ impl Launcher {
             return;
         }
         self.metrics.launched(key.source);
-        self.jobs
-            .jobs_started
-            .get_or_create(&RunnerLabels {
-                runner: key.runner.clone(),
-            })
-            .inc();
-        self.jobs.jobs_running.inc();
+        self.jobs.started(&key.runner);
 
         let ending = self
             .launch_and_watch(&source, &key, &name, &about, launch)
@@ -136,8 +130,16 @@ impl Launcher {
         let phase = alive.as_ref().map_or(Phase::Pending, |alive| alive.phase);
         self.metrics
             .ended(key.source, phase, &ending, launched.elapsed());
-        self.jobs.jobs_running.dec();
-        self.count_job(&key, &ending);
+        self.jobs.stopped();
+        // A build kiln stopped following (`Lost`) has not finished as a job.
+        if ending.outcome != Outcome::Lost {
+            let reason = ending.reason().map(FailureReason::as_str);
+            self.jobs.finished(
+                &key.runner,
+                ending.outcome == Outcome::Succeeded,
+                reason.unwrap_or_default(),
+            );
+        }
         if let Some(alive) = alive {
             self.remember(alive, ending, ended_at);
         }
@@ -222,30 +224,6 @@ impl Launcher {
             let waited = queued_at.and_then(|at| at.elapsed().ok());
             self.metrics.running(kind, waited);
         }
-    }
-
-    /// Counts a build that ended into `jobs_finished` (a build kiln stopped following has not
-    /// finished).
-    fn count_job(&self, key: &BuildKey, ending: &Ending) {
-        if ending.outcome == Outcome::Lost {
-            return;
-        }
-        let state = if ending.outcome == Outcome::Succeeded {
-            JobState::Success
-        } else {
-            JobState::Failed
-        };
-        self.jobs
-            .jobs_finished
-            .get_or_create(&FinishedLabels {
-                runner: key.runner.clone(),
-                state,
-                reason: ending
-                    .reason()
-                    .map(|r| r.as_str().to_owned())
-                    .unwrap_or_default(),
-            })
-            .inc();
     }
 }
 

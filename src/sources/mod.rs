@@ -3,10 +3,14 @@
 //! to the rest of kiln through the [`Chain`] the coordinator hands it, and the coordinator
 //! talks to it through [`Source`]; no source knows an executor.
 
+mod driver;
 pub mod github;
 pub mod gitlab;
+mod health;
 pub mod jenkins;
+pub(crate) mod job_metrics;
 mod pacer;
+mod pool;
 
 use std::sync::Arc;
 
@@ -100,26 +104,6 @@ pub struct Health {
     pub last_success: Option<std::time::SystemTime>,
 }
 
-/// The outcome of a source's latest request to its CI server: the error of the last one if it
-/// failed, and when one last succeeded.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Contact {
-    /// The last failed request, in plain words; cleared by the next success.
-    pub(crate) last_error: Option<String>,
-    /// When a request last succeeded.
-    pub(crate) last_success: Option<std::time::SystemTime>,
-}
-
-impl Contact {
-    /// Records a request's outcome: `None` for a success.
-    pub(crate) fn record(&mut self, error: Option<String>) {
-        if error.is_none() {
-            self.last_success = Some(std::time::SystemTime::now());
-        }
-        self.last_error = error;
-    }
-}
-
 /// One configured CI server entry, as the coordinator drives it.
 pub trait Source: Send + Sync {
     /// Which kind of CI server.
@@ -180,6 +164,30 @@ pub(crate) fn entry_name(name: Option<&str>, url: &str, fallback: &str, index: u
         .and_then(|u| u.host_str().map(str::to_owned))
         .unwrap_or_else(|| fallback.into());
     format!("{host}-{index}")
+}
+
+/// What is wrong with `url` as a CI server's URL, if anything.
+pub(crate) fn url_problem(url: &str) -> Option<String> {
+    match url::Url::parse(url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => None,
+        Ok(url) => Some(format!("scheme `{}` is not http or https", url.scheme())),
+        Err(e) => Some(format!("not a URL ({e})")),
+    }
+}
+
+/// A metric family of a source's stage metrics, registered under `name` (after the `kiln_`
+/// prefix) with `help`.
+pub(crate) fn registered<M>(
+    registry: &mut prometheus_client::registry::Registry,
+    name: &str,
+    help: &str,
+) -> M
+where
+    M: prometheus_client::registry::Metric + Default + Clone,
+{
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 /// A panic's payload in words (`panic!` with a string or a format).

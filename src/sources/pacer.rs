@@ -1,6 +1,7 @@
 //! When a polling source looks at its CI server again: every poll interval, later while its
 //! error backoff lasts, and early when a webhook asks — at most once per poll interval, so a
-//! burst of webhooks costs the CI server one extra look, not one per webhook.
+//! burst of webhooks costs the CI server one extra look, not one per webhook. Every backoff of
+//! a source (a loop's looks, a retried request) is a [`Pacer`]: the doubling lives here once.
 
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use tokio::time::Instant;
 #[derive(Debug)]
 pub(crate) struct Pacer {
     interval: Duration,
+    first_backoff: Duration,
     max_backoff: Duration,
     backoff: Duration,
     failing: bool,
@@ -22,12 +24,22 @@ impl Pacer {
     pub(crate) fn new(interval: Duration, max_backoff: Duration) -> Self {
         Self {
             interval,
+            first_backoff: interval,
             max_backoff: max_backoff.max(interval),
             backoff: interval,
             failing: false,
             next: Instant::now(),
             last_early: None,
         }
+    }
+
+    /// The same schedule, whose first wait after an error is `first` instead of an interval
+    /// (a long interval that should not make the first retry as long).
+    pub(crate) fn first_backoff(mut self, first: Duration) -> Self {
+        self.first_backoff = first;
+        self.backoff = first;
+        self.max_backoff = self.max_backoff.max(first);
+        self
     }
 
     /// When the next look is due.
@@ -38,8 +50,19 @@ impl Pacer {
     /// A look succeeded: the next one is an interval away.
     pub(crate) fn succeeded(&mut self) {
         self.failing = false;
-        self.backoff = self.interval;
+        self.backoff = self.first_backoff;
         self.next = Instant::now() + self.interval;
+    }
+
+    /// A look was not this replica's to take: the next one is an interval away, and a backoff
+    /// under way goes on where it was.
+    pub(crate) fn skipped(&mut self) {
+        self.next = Instant::now() + self.interval;
+    }
+
+    /// The wait the next failure gets, without counting one.
+    pub(crate) fn backoff(&self) -> Duration {
+        self.backoff
     }
 
     /// A look failed: the next one waits the backoff, which doubles up to its cap. Returns
@@ -105,5 +128,18 @@ mod tests {
         pacer.succeeded();
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(pacer.wake(), "after a success, a webhook is heard again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_backoff_doubles_to_its_cap_and_a_success_starts_it_over() {
+        let mut pacer = Pacer::new(Duration::from_secs(60), Duration::from_secs(20))
+            .first_backoff(Duration::from_secs(5));
+        let waits: Vec<u64> = (0..4).map(|_| pacer.failed().as_secs()).collect();
+        assert_eq!(waits, [5, 10, 20, 40], "the cap is at least the interval");
+        pacer.skipped();
+        assert_eq!(pacer.backoff(), Duration::from_secs(60));
+        pacer.succeeded();
+        assert_eq!(pacer.backoff(), Duration::from_secs(5));
+        assert_eq!(pacer.next(), Instant::now() + Duration::from_secs(60));
     }
 }

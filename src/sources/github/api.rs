@@ -85,8 +85,8 @@ pub(crate) struct JobView {
     pub(crate) repo: String,
     /// Its `runs-on` labels.
     pub(crate) labels: Vec<String>,
-    /// `queued`, `in_progress`, …
-    pub(crate) status: String,
+    /// Where it is.
+    pub(crate) status: JobStatus,
     /// The runner it runs on, once it runs.
     pub(crate) runner_name: Option<String>,
     /// The job's name, for people.
@@ -97,14 +97,49 @@ pub(crate) struct JobView {
     pub(crate) created_at: Option<std::time::SystemTime>,
 }
 
+/// Where an active job is (GitHub's `status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JobStatus {
+    /// `queued`: waiting for a runner.
+    Queued,
+    /// `in_progress`: a runner took it.
+    InProgress,
+    /// `waiting`: waiting for a deployment protection rule.
+    Waiting,
+    /// `pending`: waiting for a concurrency group.
+    Pending,
+}
+
+impl JobStatus {
+    /// The status GitHub calls `status`; `None` for one no longer active (`completed`).
+    fn parse(status: &str) -> Option<Self> {
+        match status {
+            "queued" => Some(Self::Queued),
+            "in_progress" => Some(Self::InProgress),
+            "waiting" => Some(Self::Waiting),
+            "pending" => Some(Self::Pending),
+            _ => None,
+        }
+    }
+}
+
 /// A runner registration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RunnerView {
     pub(crate) id: u64,
     pub(crate) name: String,
-    /// `online` or `offline`.
-    pub(crate) status: String,
+    /// Whether its runner is connected (GitHub's status `online`, else `offline`).
+    pub(crate) online: bool,
     pub(crate) busy: bool,
+}
+
+/// A workflow run, as far as a re-run needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RunView {
+    /// Whether it completed (GitHub's status `completed`).
+    pub(crate) completed: bool,
+    /// Its latest attempt.
+    pub(crate) attempt: u64,
 }
 
 /// How deleting a registration went.
@@ -278,16 +313,12 @@ impl GitHubApi {
                 })?;
             let count = listed.items.len();
             for job in listed.items {
-                let status = serde_json::to_value(&job.status)
+                let Some(status) = serde_json::to_value(&job.status)
                     .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                if !matches!(
-                    status.as_str(),
-                    "queued" | "in_progress" | "waiting" | "pending"
-                ) {
+                    .and_then(|v| v.as_str().and_then(JobStatus::parse))
+                else {
                     continue;
-                }
+                };
                 jobs.push(JobView {
                     id: *job.id,
                     run_id: *job.run_id,
@@ -362,7 +393,7 @@ impl GitHubApi {
             runners.extend(listed.items.into_iter().map(|r| RunnerView {
                 id: *r.id,
                 name: r.name,
-                status: r.status,
+                online: r.status == "online",
                 busy: r.busy,
             }));
             if count < usize::from(PER_PAGE) {
@@ -392,11 +423,11 @@ impl GitHubApi {
         }
     }
 
-    /// A run's status and attempt.
+    /// A run's state and attempt.
     ///
     /// # Errors
     /// The run could not be read.
-    pub(crate) async fn run(&self, repo: &str, run_id: u64) -> Result<(String, u64), GitHubError> {
+    pub(crate) async fn run(&self, repo: &str, run_id: u64) -> Result<RunView, GitHubError> {
         let (owner, name) = repo.split_once('/').unwrap_or((repo, ""));
         let run = self
             .client
@@ -408,7 +439,10 @@ impl GitHubApi {
             .ok()
             .and_then(|v| v["run_attempt"].as_u64())
             .unwrap_or(1);
-        Ok((run.status, attempt))
+        Ok(RunView {
+            completed: run.status == "completed",
+            attempt,
+        })
     }
 
     /// Re-runs the failed jobs of a completed run.

@@ -156,13 +156,8 @@ impl GitHubConfig {
         let at = |field: &str| format!("sources.github[{index}].{field}");
         let mut problem =
             |path: String, message: String| problems.push(Problem::new(path, message));
-        match url::Url::parse(&self.api_url) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") => {}
-            Ok(url) => problem(
-                at("api_url"),
-                format!("scheme `{}` is not http or https", url.scheme()),
-            ),
-            Err(e) => problem(at("api_url"), format!("not a URL ({e})")),
+        if let Some(message) = crate::sources::url_problem(&self.api_url) {
+            problem(at("api_url"), message);
         }
         if self.scope().is_none() {
             problem(
@@ -257,8 +252,8 @@ impl std::fmt::Debug for GitHubConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let redacted = |set: bool| if set { "[redacted]" } else { "None" };
         f.debug_struct("GitHubConfig")
-            .field("name", &self.name)
             .field("api_url", &crate::net::redact_url(&self.api_url))
+            .field("name", &self.name)
             .field("owner", &self.owner)
             .field("repo", &self.repo)
             .field("org", &self.org)

@@ -9,28 +9,32 @@
 
 mod api;
 mod config;
+mod metrics;
 mod webhook;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use futures::future::BoxFuture;
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::build::{
     About, Build, BuildKey, ClassChoice, Ending, EnvValue, EnvVar, FailureReason, ForeignAgent,
     Found, Outcome, Process, SourceKind, Workload,
 };
-use crate::sources::{Adoption, Chain, Health, Slot, Source};
-use crate::telemetry::{GitHubLabels, GitHubReasonLabels, Metrics};
-use api::{Deleted, GitHubApi, GitHubError, JobView};
+use crate::sources::driver::{Looked, QueueCore, QueueDriven};
+use crate::sources::health::{Access, Failing, HealthTracker, Words};
+use crate::sources::pacer::Pacer;
+use crate::sources::pool::{Demand, Phase, Pool};
+use crate::sources::{Adoption, Chain, Slot};
+use crate::telemetry::Metrics;
+use api::{Deleted, GitHubApi, GitHubError, JobStatus, JobView};
 use config::Scope;
 pub use config::{GITHUB_API, GitHubConfig};
-use webhook::{Deliveries, WorkflowJobEvent};
+use metrics::{Api, ApiLabels, GitHubLabels, GitHubMetrics, LostLabels, LostReason};
+use webhook::{Deliveries, JobAction, WorkflowJobEvent};
 
 /// The prefix of every runner kiln registers.
 const RUNNER_PREFIX: &str = "kiln-gh-";
@@ -47,8 +51,15 @@ const ANNOTATION_RUNNER_ID: &str = "kiln.dev/github-runner-id";
 const ANNOTATION_CLASS: &str = "kiln.dev/github-class";
 /// Runners started for one job that died before taking any job, before kiln stops trying.
 const MAX_ATTEMPTS: u32 = 3;
-/// The longest wait between tries after GitHub errors.
+/// The first wait after a GitHub error, and the longest.
+const FIRST_BACKOFF: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How a GitHub source's health shows: not ready until it signed in.
+const WORDS: Words = Words {
+    checking: "signing in",
+    rejected: "paused: credentials rejected",
+    failing: Failing::BacksOff,
+};
 /// Names a job's runners can have at once (`kiln-gh-<job>`, `kiln-gh-<job>-2`, …).
 const MAX_NAMES: u32 = 4;
 /// The runner's work folder inside the image.
@@ -56,23 +67,14 @@ const RUNNER_HOME: &str = "/home/runner";
 
 /// One `[[sources.github]]` entry.
 pub struct GitHubSource {
-    name: String,
+    core: QueueCore<Event>,
     config: GitHubConfig,
     scope: Scope,
     /// The labels a job may ask for, lower-cased: `self-hosted`, the configured labels, and
     /// the class labels.
     accepted: HashSet<String>,
-    metrics: Arc<Metrics>,
-    events: mpsc::UnboundedSender<Event>,
-    inbox: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
+    metrics: Arc<GitHubMetrics>,
     deliveries: Mutex<Deliveries>,
-    health: Mutex<HealthState>,
-}
-
-#[derive(Debug, Default, Clone)]
-struct HealthState {
-    connected: bool,
-    contact: crate::sources::Contact,
 }
 
 /// The webhook's way into a GitHub source.
@@ -111,13 +113,18 @@ impl GitHubHook {
     /// Takes a delivery whose signature checked out.
     ///
     /// # Errors
-    /// A `workflow_job` body that is not the documented JSON (the message says why).
-    pub fn deliver(&self, delivery: &str, event: &str, body: &[u8]) -> Result<Delivery, String> {
+    /// A `workflow_job` body that is not the documented JSON.
+    pub fn deliver(
+        &self,
+        delivery: &str,
+        event: &str,
+        body: &[u8],
+    ) -> Result<Delivery, DeliveryError> {
         if event != "workflow_job" {
             return Ok(Delivery::Ignored);
         }
         let parsed: WorkflowJobEvent =
-            serde_json::from_slice(body).map_err(|e| format!("not a workflow_job event: {e}"))?;
+            serde_json::from_slice(body).map_err(DeliveryError::NotWorkflowJob)?;
         if !self
             .source
             .deliveries
@@ -127,18 +134,29 @@ impl GitHubHook {
         {
             return Ok(Delivery::Duplicate);
         }
-        let _ = self.source.events.send(Event::Webhook(Box::new(parsed)));
+        self.source
+            .core
+            .inbox
+            .send(Event::Webhook(Box::new(parsed)));
         Ok(Delivery::Accepted)
     }
 }
 
+/// Why a webhook delivery was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// A `workflow_job` body that is not the documented JSON.
+    #[error("not a workflow_job event: {0}")]
+    NotWorkflowJob(#[source] serde_json::Error),
+}
+
 /// News for the loop.
-enum Event {
+pub(super) enum Event {
     /// A runner build of an earlier run, still there.
     Adopted {
         name: String,
         runner_id: Option<u64>,
-        class: Option<String>,
+        class: RunnerClass,
         job_id: u64,
     },
     /// A runner's build ended.
@@ -151,32 +169,70 @@ enum Event {
 #[derive(Debug, Clone)]
 struct Queued {
     job: JobView,
-    class: Option<String>,
+    class: RunnerClass,
 }
 
-/// One of kiln's runners.
+/// The resource class a job's `runs-on` labels ask for: the runners that serve it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum RunnerClass {
+    /// None named: the executor's default size (and the warm floor).
+    Default,
+    /// This one.
+    Named(String),
+}
+
+impl RunnerClass {
+    fn from_name(name: Option<String>) -> Self {
+        name.map_or(Self::Default, Self::Named)
+    }
+
+    fn name(&self) -> Option<&str> {
+        match self {
+            Self::Default => None,
+            Self::Named(name) => Some(name),
+        }
+    }
+}
+
+/// What the loop keeps of one of kiln's runners, besides its class (its group), the job id it
+/// is named after (its work) and whether it took a job (its phase) in the [`Pool`], by name.
 #[derive(Debug, Clone)]
 struct Runner {
+    /// Its registration, once known.
     id: Option<u64>,
-    class: Option<String>,
-    /// The job id it was named after.
-    named_for: u64,
-    /// The job it took, once known: (repo, run id, run attempt, job id).
-    job: Option<(String, u64, u32, u64)>,
-    /// Consecutive passes at which it was idle beyond what the queue needs.
-    surplus_passes: u32,
+    /// The job it took, once known.
+    took: Option<TakenJob>,
+}
+
+/// A job one of kiln's runners took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TakenJob {
+    /// `owner/repo`.
+    repo: String,
+    run_id: u64,
+    run_attempt: u32,
+    job_id: u64,
+}
+
+/// A run whose job was lost with its runner, to re-run once it completes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rerun {
+    /// `owner/repo`.
+    repo: String,
+    run_id: u64,
+    /// The attempt that lost the job.
+    attempt: u32,
 }
 
 /// What the loop knows between passes.
-struct State {
+pub(super) struct State {
     chain: Arc<dyn Chain>,
     api: Option<GitHubApi>,
     queued: BTreeMap<u64, Queued>,
-    runners: BTreeMap<String, Runner>,
-    /// Runners of a job that died before taking one, by the job.
-    attempts: HashMap<u64, u32>,
+    /// Runners by name, by class, for the jobs they are named after.
+    runners: Pool<RunnerClass, Runner>,
     /// Runs whose job was lost with its runner, waiting to complete for their re-run.
-    reruns: Vec<(String, u64, u32)>,
+    reruns: Vec<Rerun>,
     /// Runs re-run already (once each), by (run id, attempt).
     reran: HashSet<(u64, u32)>,
 }
@@ -184,7 +240,6 @@ struct State {
 impl GitHubSource {
     /// The source of entry `index`.
     pub fn new(config: &GitHubConfig, index: usize, metrics: Arc<Metrics>) -> Self {
-        let (events, inbox) = mpsc::unbounded_channel();
         let mut accepted: HashSet<String> = config
             .labels
             .iter()
@@ -193,22 +248,24 @@ impl GitHubSource {
             .collect();
         accepted.insert("self-hosted".into());
         Self {
-            name: config.display_name(index),
             scope: config.scope().unwrap_or(Scope::Org(String::new())),
+            core: QueueCore::new(
+                SourceKind::GitHub,
+                config.display_name(index),
+                config.max_runners,
+                HealthTracker::new(&config.api_url, WORDS, Access::Checking),
+            ),
             config: config.clone(),
             accepted,
-            metrics,
-            events,
-            inbox: Mutex::new(Some(inbox)),
+            metrics: metrics.stage::<GitHubMetrics>(),
             deliveries: Mutex::new(Deliveries::default()),
-            health: Mutex::new(HealthState::default()),
         }
     }
 
     /// The webhook handle of this source.
     pub fn hook(self: &Arc<Self>) -> GitHubHook {
         GitHubHook {
-            name: self.name.clone(),
+            name: self.core.name.clone(),
             secret: self.config.webhook_secret.clone(),
             source: Arc::clone(self),
         }
@@ -216,20 +273,12 @@ impl GitHubSource {
 
     fn labels(&self) -> GitHubLabels {
         GitHubLabels {
-            github: self.name.clone(),
+            github: self.core.name.clone(),
         }
     }
 
-    fn set_health(&self, connected: Option<bool>, last_error: Option<String>) {
-        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(connected) = connected {
-            health.connected = connected;
-        }
-        health.contact.record(last_error);
-    }
-
-    /// Whether a job with these `runs-on` labels runs on kiln's runners, and its class.
-    fn classify(&self, labels: &[String]) -> Option<Option<String>> {
+    /// Whether a job with these `runs-on` labels runs on kiln's runners: its class if so.
+    fn classify(&self, labels: &[String]) -> Option<RunnerClass> {
         let mut class = None;
         for label in labels {
             let lower = label.to_lowercase();
@@ -249,7 +298,7 @@ impl GitHubSource {
                 class.get_or_insert_with(|| named.clone());
             }
         }
-        Some(class)
+        Some(RunnerClass::from_name(class))
     }
 
     /// Whether a job of repository `repo` is in this source's scope.
@@ -267,97 +316,13 @@ impl GitHubSource {
         }
     }
 
-    async fn reconcile_loop(self: Arc<Self>, chain: Arc<dyn Chain>, shutdown: CancellationToken) {
-        let Some(mut inbox) = self.inbox.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-            return;
-        };
-        let mut state = State {
-            chain,
-            api: None,
-            queued: BTreeMap::new(),
-            runners: BTreeMap::new(),
-            attempts: HashMap::new(),
-            reruns: Vec::new(),
-            reran: HashSet::new(),
-        };
-        let mut next_reconcile = Instant::now();
-        let mut backoff = Duration::from_secs(5);
-        tracing::info!(github = %self.name, api = %crate::net::redact_url(&self.config.api_url), labels = ?self.config.labels, "GitHub source started");
-        loop {
-            while let Ok(event) = inbox.try_recv() {
-                self.handle(&mut state, event).await;
+    /// Runner `name` took a job (or GitHub says it is busy: `job` unknown).
+    fn took(runners: &mut Pool<RunnerClass, Runner>, name: &str, job: Option<TakenJob>) {
+        if let Some(runner) = runners.get_mut(name) {
+            runner.phase = Phase::Busy;
+            if job.is_some() {
+                runner.detail.took = job;
             }
-            if state.api.is_none() {
-                match GitHubApi::connect(&self.config).await {
-                    Ok(api) => {
-                        tracing::info!(github = %self.name, "signed in to GitHub");
-                        state.api = Some(api);
-                        self.set_health(Some(true), None);
-                    }
-                    Err(e) => {
-                        tracing::warn!(github = %self.name, error = %e, "cannot sign in to GitHub; retrying in {}s", backoff.as_secs());
-                        self.set_health(Some(false), Some(e.to_string()));
-                        next_reconcile = Instant::now() + backoff;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
-                }
-            }
-            // Reconciling (finding queued jobs webhooks missed, removing stale registrations) is
-            // a singleton chore: one replica of kiln at a time does it. Webhooks any replica
-            // receives still start runners; their names make the launches idempotent.
-            if state.api.is_some() && Instant::now() >= next_reconcile && !state.chain.leading() {
-                next_reconcile = Instant::now() + self.config.reconcile_interval;
-            }
-            if state.api.is_some() && Instant::now() >= next_reconcile {
-                match self.reconcile(&mut state).await {
-                    Ok(()) => {
-                        backoff = Duration::from_secs(5);
-                        self.set_health(None, None);
-                        next_reconcile = Instant::now() + self.config.reconcile_interval;
-                    }
-                    Err(e) => {
-                        tracing::warn!(github = %self.name, error = %e, "reconciling with GitHub failed; retrying in {}s", backoff.as_secs());
-                        self.set_health(None, Some(e.to_string()));
-                        next_reconcile = Instant::now() + backoff;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
-                }
-            }
-            if state.api.is_some() {
-                self.scale(&mut state).await;
-            }
-            tokio::select! {
-                () = tokio::time::sleep_until(next_reconcile) => {}
-                Some(event) = inbox.recv() => self.handle(&mut state, event).await,
-                () = shutdown.cancelled() => {
-                    tracing::info!(github = %self.name, runners = state.runners.len(), "GitHub source stopped; runners keep running and are adopted at the next start");
-                    return;
-                }
-            }
-        }
-    }
-
-    async fn handle(&self, state: &mut State, event: Event) {
-        match event {
-            Event::Adopted {
-                name,
-                runner_id,
-                class,
-                job_id,
-            } => {
-                state.runners.insert(
-                    name,
-                    Runner {
-                        id: runner_id,
-                        class,
-                        named_for: job_id,
-                        job: None,
-                        surplus_passes: 0,
-                    },
-                );
-            }
-            Event::Ended { name, ending } => self.runner_ended(state, &name, &ending).await,
-            Event::Webhook(event) => self.webhook(state, &event),
         }
     }
 
@@ -369,9 +334,9 @@ impl GitHubSource {
         ) {
             return;
         }
-        tracing::debug!(github = %self.name, action = %event.action, job = job.id, "workflow_job webhook");
-        match event.action.as_str() {
-            "queued" => {
+        tracing::debug!(github = %self.core.name, action = ?event.action, job = job.id, "workflow_job webhook");
+        match event.action {
+            JobAction::Queued => {
                 if let Some(class) = self.classify(&job.labels) {
                     state.queued.insert(
                         job.id,
@@ -382,7 +347,7 @@ impl GitHubSource {
                                 run_attempt: job.run_attempt,
                                 repo: event.repository.full_name.clone(),
                                 labels: job.labels.clone(),
-                                status: "queued".into(),
+                                status: JobStatus::Queued,
                                 runner_name: None,
                                 name: job.name.clone(),
                                 url: job.html_url.clone().unwrap_or_default(),
@@ -393,25 +358,22 @@ impl GitHubSource {
                     );
                 }
             }
-            "in_progress" => {
+            JobAction::InProgress => {
                 state.queued.remove(&job.id);
-                if let Some(runner) = job
-                    .runner_name
-                    .as_deref()
-                    .and_then(|name| state.runners.get_mut(name))
-                {
-                    runner.job = Some((
-                        event.repository.full_name.clone(),
-                        job.run_id,
-                        job.run_attempt,
-                        job.id,
-                    ));
+                if let Some(name) = job.runner_name.as_deref() {
+                    let taken = TakenJob {
+                        repo: event.repository.full_name.clone(),
+                        run_id: job.run_id,
+                        run_attempt: job.run_attempt,
+                        job_id: job.id,
+                    };
+                    Self::took(&mut state.runners, name, Some(taken));
                 }
             }
-            "completed" => {
+            JobAction::Completed => {
                 state.queued.remove(&job.id);
             }
-            _ => {}
+            JobAction::Waiting | JobAction::Other => {}
         }
     }
 
@@ -424,209 +386,175 @@ impl GitHubSource {
         let jobs = api.active_jobs().await?;
         let mut queued = BTreeMap::new();
         for job in jobs {
-            if let Some(runner) = job
-                .runner_name
-                .as_deref()
-                .and_then(|name| state.runners.get_mut(name))
-            {
-                runner.job = Some((job.repo.clone(), job.run_id, job.run_attempt, job.id));
+            if let Some(name) = job.runner_name.as_deref() {
+                let taken = TakenJob {
+                    repo: job.repo.clone(),
+                    run_id: job.run_id,
+                    run_attempt: job.run_attempt,
+                    job_id: job.id,
+                };
+                Self::took(&mut state.runners, name, Some(taken));
             }
-            if job.status == "queued"
+            if job.status == JobStatus::Queued
                 && let Some(class) = self.classify(&job.labels)
             {
                 queued.insert(job.id, Queued { job, class });
             }
         }
         state.queued = queued;
-        state
-            .attempts
-            .retain(|job, _| state.queued.contains_key(job));
         for registration in api.runners().await? {
             if !registration.name.starts_with(RUNNER_PREFIX) {
                 continue;
             }
             match state.runners.get_mut(&registration.name) {
                 Some(runner) => {
-                    runner.id.get_or_insert(registration.id);
-                    if registration.busy && runner.job.is_none() {
-                        runner.job = Some((String::new(), 0, 0, 0));
+                    runner.detail.id.get_or_insert(registration.id);
+                    if registration.busy {
+                        Self::took(&mut state.runners, &registration.name, None);
                     }
                 }
-                None if registration.status == "offline" && !registration.busy => {
+                None if !registration.online && !registration.busy => {
                     // Registered, but no build of this replica's runs it: its pod died while
                     // no coordinator ran, kiln died between the JIT config and the pod — or
                     // another replica started it and its pod is still on the way.
                     if state.chain.exists(&registration.name).await {
                         continue;
                     }
-                    tracing::info!(github = %self.name, runner = %registration.name, "removing a runner registration that has no runner");
+                    tracing::info!(github = %self.core.name, runner = %registration.name, "removing a runner registration that has no runner");
                     if let Err(e) = api.delete_runner(registration.id).await {
-                        tracing::warn!(github = %self.name, runner = %registration.name, error = %e, "cannot remove the runner registration");
+                        tracing::warn!(github = %self.core.name, runner = %registration.name, error = %e, "cannot remove the runner registration");
                     } else {
-                        self.metrics
-                            .github_registrations_removed
-                            .get_or_create(&self.labels())
-                            .inc();
+                        self.registration_removed();
                     }
                 }
                 None => {}
             }
         }
         let mut waiting = Vec::new();
-        for (repo, run_id, attempt) in std::mem::take(&mut state.reruns) {
-            match api.run(&repo, run_id).await {
-                Ok((status, now)) if status == "completed" && now <= u64::from(attempt) => {
-                    match api.rerun_failed(&repo, run_id).await {
+        for rerun in std::mem::take(&mut state.reruns) {
+            let Rerun {
+                repo,
+                run_id,
+                attempt,
+            } = &rerun;
+            match api.run(repo, *run_id).await {
+                Ok(run) if run.completed && run.attempt <= u64::from(*attempt) => {
+                    match api.rerun_failed(repo, *run_id).await {
                         Ok(()) => {
-                            tracing::info!(github = %self.name, repo = %repo, run = run_id, "re-running the failed jobs of a run whose job was lost with its runner");
-                            state.reran.insert((run_id, attempt));
+                            tracing::info!(github = %self.core.name, repo = %repo, run = run_id, "re-running the failed jobs of a run whose job was lost with its runner");
+                            state.reran.insert((*run_id, *attempt));
                         }
                         Err(e) => {
-                            tracing::warn!(github = %self.name, repo = %repo, run = run_id, error = %e, "cannot re-run the run's failed jobs")
+                            tracing::warn!(github = %self.core.name, repo = %repo, run = run_id, error = %e, "cannot re-run the run's failed jobs")
                         }
                     }
                 }
-                Ok((status, _)) if status != "completed" => waiting.push((repo, run_id, attempt)),
+                Ok(run) if !run.completed => waiting.push(rerun),
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(github = %self.name, run = run_id, error = %e, "cannot read a run to re-run");
-                    waiting.push((repo, run_id, attempt));
+                    tracing::warn!(github = %self.core.name, run = run_id, error = %e, "cannot read a run to re-run");
+                    waiting.push(rerun);
                 }
             }
         }
         state.reruns = waiting;
         if let Some(used) = api.rate_limit_used().await {
             self.metrics
-                .api_rate_limit_saturation
-                .get_or_create(&crate::telemetry::ApiLabels {
-                    api: "github".into(),
-                })
+                .rate_limit_saturation
+                .get_or_create(&ApiLabels { api: Api::GitHub })
                 .set(used);
         }
         Ok(())
     }
 
     /// Starts runners until every class has as many idle runners as queued jobs (plus the warm
-    /// floor), and retires idle runners beyond that.
+    /// floor), and retires idle runners beyond that (see [`Pool`]).
     async fn scale(&self, state: &mut State) {
-        let mut classes: BTreeMap<Option<String>, Vec<u64>> = BTreeMap::new();
-        classes.entry(None).or_default();
+        let mut classes: BTreeMap<RunnerClass, Vec<u64>> = BTreeMap::new();
+        classes.entry(RunnerClass::Default).or_default();
         for (id, queued) in &state.queued {
             classes.entry(queued.class.clone()).or_default().push(*id);
         }
-        for (class, jobs) in classes {
-            let idle = state
-                .runners
-                .values()
-                .filter(|r| r.class == class && r.job.is_none())
-                .count();
-            let floor = if class.is_none() {
-                self.config.min_idle
-            } else {
-                0
+        let demands = classes
+            .into_iter()
+            .map(|(class, jobs)| Demand {
+                floor: if class == RunnerClass::Default {
+                    self.config.min_idle
+                } else {
+                    0
+                },
+                ..Demand::new(class, jobs)
+            })
+            .collect();
+        let plan = state.runners.plan(demands);
+        for (job, attempts) in plan.given_up {
+            tracing::error!(github = %self.core.name, job, "{attempts} runners for this job ended before taking a job; kiln stops starting runners for it (see the reasons above)");
+        }
+        for name in plan.retire {
+            self.retire(state, &name).await;
+        }
+        for start in plan.start {
+            // Jobs with no idle runner named for them come first, so each job's runner
+            // carries its name (`kiln-gh-<job>`, the same on every coordinator); when that
+            // runner took another job (runners are fungible), the next name in line.
+            let (name, id) = match start.work {
+                Some(job) => {
+                    let Some(name) = (1..=MAX_NAMES)
+                        .map(|n| runner_name(job, n))
+                        .find(|name| !state.runners.contains(name))
+                    else {
+                        continue;
+                    };
+                    (name, job)
+                }
+                // The warm floor: runners named for no job.
+                None => {
+                    let id = u64::from(rand::rng().random::<u32>());
+                    (format!("{RUNNER_PREFIX}idle-{id:08x}"), id)
+                }
             };
-            let wanted = jobs.len() + floor;
-            let mut missing = wanted.saturating_sub(idle);
-            // Jobs with no idle runner named for them first, so each job's runner carries its
-            // name (`kiln-gh-<job>`, the same on every coordinator); suffixed names only when
-            // a job's own runner took another job.
-            let named: HashSet<u64> = state
-                .runners
-                .values()
-                .filter(|r| r.job.is_none())
-                .map(|r| r.named_for)
-                .collect();
-            let (uncovered, covered): (Vec<u64>, Vec<u64>) =
-                jobs.iter().partition(|job| !named.contains(job));
-            for job in uncovered.iter().chain(&covered) {
-                if missing == 0 {
-                    break;
-                }
-                // Named for the job; when that runner took another job (runners are
-                // fungible), the next name in line.
-                let Some(name) = (1..=MAX_NAMES)
-                    .map(|n| runner_name(*job, n))
-                    .find(|name| !state.runners.contains_key(name))
-                else {
-                    continue;
-                };
-                if state.attempts.get(job).copied().unwrap_or(0) >= MAX_ATTEMPTS {
-                    continue;
-                }
-                let Some(slot) = state.chain.try_slot() else {
-                    return;
-                };
-                let Some(queued) = state.queued.get(job).cloned() else {
-                    continue;
-                };
-                if !self
-                    .start_runner(state, &name, *job, Some(&queued), slot)
-                    .await
-                {
-                    return;
-                }
-                missing -= 1;
-            }
-            // The warm floor: runners named for no job.
-            while class.is_none() && missing > 0 && jobs.len() < wanted {
-                let Some(slot) = state.chain.try_slot() else {
-                    return;
-                };
-                let id = u64::from(rand::rng().random::<u32>());
-                let name = format!("{RUNNER_PREFIX}idle-{id:08x}");
-                if !self.start_runner(state, &name, id, None, slot).await {
-                    return;
-                }
-                missing -= 1;
-            }
-            if idle > wanted {
-                self.retire_surplus(state, &class, idle - wanted).await;
-            } else {
-                for runner in state.runners.values_mut().filter(|r| r.class == class) {
-                    runner.surplus_passes = 0;
-                }
+            let Some(slot) = state.chain.try_slot() else {
+                return;
+            };
+            let queued = start.work.and_then(|job| state.queued.get(&job).cloned());
+            if !self
+                .start_runner(state, &name, id, start.group, queued.as_ref(), slot)
+                .await
+            {
+                return;
             }
         }
     }
 
-    /// Idle runners beyond what the queue needs, two passes in a row: their registrations are
-    /// removed (unless GitHub gave them a job meanwhile) and their builds stopped.
-    async fn retire_surplus(&self, state: &mut State, class: &Option<String>, surplus: usize) {
-        let candidates: Vec<String> = state
-            .runners
-            .iter_mut()
-            .filter(|(_, r)| r.class == *class && r.job.is_none())
-            .take(surplus)
-            .map(|(name, runner)| {
-                runner.surplus_passes += 1;
-                (name.clone(), runner.surplus_passes)
-            })
-            .filter(|(_, passes)| *passes >= 2)
-            .map(|(name, _)| name)
-            .collect();
-        for name in candidates {
-            let Some(runner) = state.runners.get(&name).cloned() else {
-                continue;
-            };
-            if let (Some(api), Some(id)) = (&state.api, runner.id) {
-                match api.delete_runner(id).await {
-                    Ok(Deleted::Busy) => {
-                        if let Some(r) = state.runners.get_mut(&name) {
-                            r.job = Some((String::new(), 0, 0, 0));
-                        }
-                        continue;
-                    }
-                    Ok(Deleted::Gone) => {}
-                    Err(e) => {
-                        tracing::warn!(github = %self.name, runner = %name, error = %e, "cannot remove an idle runner's registration; keeping it");
-                        continue;
-                    }
+    /// An idle runner no job waits for: its registration is removed (unless GitHub gave it a
+    /// job meanwhile) and its build stopped.
+    async fn retire(&self, state: &mut State, name: &str) {
+        let Some(id) = state.runners.get(name).map(|r| r.detail.id) else {
+            return;
+        };
+        if let (Some(api), Some(id)) = (&state.api, id) {
+            match api.delete_runner(id).await {
+                Ok(Deleted::Busy) => {
+                    Self::took(&mut state.runners, name, None);
+                    return;
+                }
+                Ok(Deleted::Gone) => {}
+                Err(e) => {
+                    tracing::warn!(github = %self.core.name, runner = %name, error = %e, "cannot remove an idle runner's registration; keeping it");
+                    return;
                 }
             }
-            tracing::info!(github = %self.name, runner = %name, "idle runner with no job waiting for it; stopping it");
-            state.runners.remove(&name);
-            state.chain.stop(&name).await;
         }
+        tracing::info!(github = %self.core.name, runner = %name, "idle runner with no job waiting for it; stopping it");
+        state.runners.remove(name);
+        state.chain.stop(name).await;
+    }
+
+    fn registration_removed(&self) {
+        self.metrics
+            .registrations_removed
+            .get_or_create(&self.labels())
+            .inc();
     }
 
     /// Registers a JIT runner called `name` and hands its build to the chain. False when
@@ -636,13 +564,13 @@ impl GitHubSource {
         state: &mut State,
         name: &str,
         id: u64,
+        class: RunnerClass,
         queued: Option<&Queued>,
         slot: Slot,
     ) -> bool {
         let Some(api) = &state.api else {
             return false;
         };
-        let class = queued.and_then(|q| q.class.clone());
         let mut labels = self.config.labels.clone();
         if let Some(q) = queued {
             labels.extend(
@@ -676,36 +604,34 @@ impl GitHubSource {
             Err(e) if e.status() == Some(409) => {
                 // Registered already: by another coordinator starting it now, or a leftover
                 // of a crash, which the next reconcile removes once it is offline.
-                tracing::info!(github = %self.name, runner = name, "a runner of this name is registered already; leaving it");
+                tracing::info!(github = %self.core.name, runner = name, "a runner of this name is registered already; leaving it");
                 return true;
             }
             Err(e) => {
-                tracing::error!(github = %self.name, runner = name, error = %e, "cannot register a runner");
-                self.set_health(None, Some(e.to_string()));
+                tracing::error!(github = %self.core.name, runner = name, error = %e, "cannot register a runner");
+                self.core.health.failed(e.to_string());
                 return false;
             }
         };
         let key = BuildKey {
             source: SourceKind::GitHub,
-            runner: self.name.clone(),
+            runner: self.core.name.clone(),
             id,
         };
-        let build = self.runner_build(key, name, runner_id, jit, class.clone(), queued);
-        tracing::info!(github = %self.name, runner = name, runner_id, job = queued.map(|q| q.job.id), "starting a runner");
+        let build = self.runner_build(key, name, runner_id, jit, class.name(), queued);
+        tracing::info!(github = %self.core.name, runner = name, runner_id, job = queued.map(|q| q.job.id), "starting a runner");
         self.metrics
-            .github_runners_started
+            .runners_started
             .get_or_create(&self.labels())
             .inc();
-        state.runners.insert(
-            name.to_owned(),
-            Runner {
-                id: Some(runner_id),
-                class,
-                named_for: id,
-                job: None,
-                surplus_passes: 0,
-            },
-        );
+        let runner = Runner {
+            id: Some(runner_id),
+            took: None,
+        };
+        let started = Instant::now();
+        state
+            .runners
+            .insert(name.to_owned(), class, id, started, Phase::Idle, runner);
         state.chain.launch(slot, build);
         true
     }
@@ -716,7 +642,7 @@ impl GitHubSource {
         name: &str,
         runner_id: u64,
         jit: String,
-        class: Option<String>,
+        class: Option<&str>,
         queued: Option<&Queued>,
     ) -> Build {
         let (program, args) = self
@@ -745,8 +671,8 @@ impl GitHubSource {
         };
         let mut annotations =
             BTreeMap::from([(ANNOTATION_RUNNER_ID.to_owned(), runner_id.to_string())]);
-        if let Some(class) = &class {
-            annotations.insert(ANNOTATION_CLASS.to_owned(), class.clone());
+        if let Some(class) = class {
+            annotations.insert(ANNOTATION_CLASS.to_owned(), class.to_owned());
         }
         Build {
             key,
@@ -754,7 +680,7 @@ impl GitHubSource {
             workload: Workload::Foreign(agent),
             secrets: BTreeMap::from([(JIT_KEY.to_owned(), jit.into_bytes())]),
             class: class.map(|name| ClassChoice {
-                name,
+                name: name.to_owned(),
                 origin: "the job's runs-on labels".into(),
             }),
             requests: Vec::new(),
@@ -785,23 +711,20 @@ impl GitHubSource {
         if ending.outcome == Outcome::Lost {
             return;
         }
-        let mut took_job = runner.job.is_some();
+        let mut took_job = runner.phase == Phase::Busy;
         let clean_exit = ending.outcome == Outcome::Succeeded;
         if (!clean_exit || !took_job)
-            && let (Some(api), Some(id)) = (&state.api, runner.id)
+            && let (Some(api), Some(id)) = (&state.api, runner.detail.id)
         {
             match api.delete_runner(id).await {
                 Ok(Deleted::Busy) => took_job = true,
                 Ok(Deleted::Gone) => {
                     if !took_job {
-                        self.metrics
-                            .github_registrations_removed
-                            .get_or_create(&self.labels())
-                            .inc();
+                        self.registration_removed();
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(github = %self.name, runner = name, error = %e, "cannot remove the runner's registration; the next reconcile retries")
+                    tracing::warn!(github = %self.core.name, runner = name, error = %e, "cannot remove the runner's registration; the next reconcile retries")
                 }
             }
         }
@@ -811,38 +734,39 @@ impl GitHubSource {
         match (clean_exit, took_job) {
             (true, _) => {}
             (false, false) => {
-                tracing::warn!(github = %self.name, runner = name, %reason, detail = %ending.detail, "the runner ended before it took a job; its registration is removed and a new runner replaces it while the job waits");
-                *state.attempts.entry(runner.named_for).or_default() += 1;
-                if state.attempts[&runner.named_for] >= MAX_ATTEMPTS {
-                    tracing::error!(github = %self.name, job = runner.named_for, "{MAX_ATTEMPTS} runners for this job ended before taking a job; kiln stops starting runners for it (see the reasons above)");
-                }
+                tracing::warn!(github = %self.core.name, runner = name, %reason, detail = %ending.detail, "the runner ended before it took a job; its registration is removed and a new runner replaces it while the job waits");
+                state.runners.attempt_failed(runner.work);
             }
             (false, true) => {
-                let job = runner.job.clone().filter(|(repo, ..)| !repo.is_empty());
+                let job = runner.detail.took;
                 tracing::error!(
-                    github = %self.name, runner = name, %reason, detail = %ending.detail,
-                    job = job.as_ref().map(|(_, _, _, id)| *id),
+                    github = %self.core.name, runner = name, %reason, detail = %ending.detail,
+                    job = job.as_ref().map(|taken| taken.job_id),
                     "the runner was lost while it ran a job ({}); GitHub fails that job",
                     ending.detail
                 );
                 self.metrics
-                    .github_jobs_lost
-                    .get_or_create(&GitHubReasonLabels {
-                        github: self.name.clone(),
-                        reason: reason.as_str().to_owned(),
+                    .jobs_lost
+                    .get_or_create(&LostLabels {
+                        github: self.core.name.clone(),
+                        reason: LostReason(reason),
                     })
                     .inc();
                 if self.config.rerun_on_infrastructure_failure
                     && reason.is_infrastructure()
-                    && let Some((repo, run_id, attempt, _)) = job
-                    && !state.reran.contains(&(run_id, attempt))
-                    && !state
-                        .reruns
-                        .iter()
-                        .any(|(_, r, a)| *r == run_id && *a == attempt)
+                    && let Some(taken) = job
                 {
-                    tracing::info!(github = %self.name, repo = %repo, run = run_id, "the run's failed jobs are re-run once it completes (rerun_on_infrastructure_failure)");
-                    state.reruns.push((repo, run_id, attempt));
+                    let rerun = Rerun {
+                        repo: taken.repo,
+                        run_id: taken.run_id,
+                        attempt: taken.run_attempt,
+                    };
+                    if !state.reran.contains(&(rerun.run_id, rerun.attempt))
+                        && !state.reruns.contains(&rerun)
+                    {
+                        tracing::info!(github = %self.core.name, repo = %rerun.repo, run = rerun.run_id, "the run's failed jobs are re-run once it completes (rerun_on_infrastructure_failure)");
+                        state.reruns.push(rerun);
+                    }
                 }
             }
         }
@@ -858,36 +782,41 @@ fn runner_name(job: u64, n: u32) -> String {
     }
 }
 
-impl Source for GitHubSource {
-    fn kind(&self) -> SourceKind {
-        SourceKind::GitHub
+impl QueueDriven for GitHubSource {
+    type State = State;
+    type Event = Event;
+    type Error = GitHubError;
+
+    fn core(&self) -> &QueueCore<Event> {
+        &self.core
     }
 
-    fn name(&self) -> &str {
-        &self.name
+    /// Webhooks come as news (each one a pass at once), not as early looks: a look is a
+    /// reconcile, which webhooks make rarely needed.
+    fn start(&self, chain: Arc<dyn Chain>) -> (State, Pacer, Option<Arc<Notify>>) {
+        tracing::info!(github = %self.core.name, api = %crate::net::redact_url(&self.config.api_url), labels = ?self.config.labels, "GitHub source started");
+        let state = State {
+            chain,
+            api: None,
+            queued: BTreeMap::new(),
+            runners: Pool::new(MAX_ATTEMPTS),
+            reruns: Vec::new(),
+            reran: HashSet::new(),
+        };
+        let pacer =
+            Pacer::new(self.config.reconcile_interval, MAX_BACKOFF).first_backoff(FIRST_BACKOFF);
+        (state, pacer, None)
     }
 
-    fn limit(&self) -> usize {
-        self.config.max_runners
-    }
-
-    fn run(
-        self: Arc<Self>,
-        chain: Arc<dyn Chain>,
-        shutdown: CancellationToken,
-    ) -> BoxFuture<'static, ()> {
-        Box::pin(self.reconcile_loop(chain, shutdown))
-    }
-
-    fn adopt<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Adoption> {
-        let adoption = if found.exists {
-            let _ = self.events.send(Event::Adopted {
+    fn adopt_found(&self, found: &Found) -> Adoption {
+        if found.exists {
+            self.core.inbox.send(Event::Adopted {
                 name: found.name.clone(),
                 runner_id: found
                     .annotations
                     .get(ANNOTATION_RUNNER_ID)
                     .and_then(|id| id.parse().ok()),
-                class: found.annotations.get(ANNOTATION_CLASS).cloned(),
+                class: RunnerClass::from_name(found.annotations.get(ANNOTATION_CLASS).cloned()),
                 job_id: found.key.id,
             });
             Adoption::Follow(About {
@@ -901,39 +830,65 @@ impl Source for GitHubSource {
             // Its JIT config was created, its pod never: the registration is removed as a
             // zombie by the first reconcile, and the job gets a fresh runner.
             Adoption::Discard("the runner's pod was never created".into())
-        };
-        Box::pin(async move { adoption })
+        }
     }
 
-    fn ended<'a>(
-        &'a self,
-        _key: &'a BuildKey,
-        name: &'a str,
-        ending: &'a Ending,
-    ) -> BoxFuture<'a, ()> {
-        let _ = self.events.send(Event::Ended {
+    fn ended_event(name: &str, ending: &Ending) -> Event {
+        Event::Ended {
             name: name.to_owned(),
             ending: ending.clone(),
-        });
-        Box::pin(async {})
+        }
     }
 
-    fn health(&self) -> Health {
-        let health = self
-            .health
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        Health {
-            ready: health.connected,
-            state: match (health.connected, health.contact.last_error.is_some()) {
-                (false, _) => "signing in".into(),
-                (true, true) => "backing off".into(),
-                (true, false) => "ready".into(),
-            },
-            url: crate::net::redact_url(&self.config.api_url),
-            last_error: health.contact.last_error,
-            last_success: health.contact.last_success,
+    /// News changes the queue or the runners: the pass at the end of the turn acts on it.
+    async fn handle(&self, state: &mut State, event: Event) -> bool {
+        match event {
+            Event::Adopted {
+                name,
+                runner_id,
+                class,
+                job_id,
+            } => {
+                let runner = Runner {
+                    id: runner_id,
+                    took: None,
+                };
+                let started = Instant::now();
+                state
+                    .runners
+                    .insert(name, class, job_id, started, Phase::Idle, runner);
+            }
+            Event::Ended { name, ending } => self.runner_ended(state, &name, &ending).await,
+            Event::Webhook(event) => self.webhook(state, &event),
         }
+        false
+    }
+
+    /// Signs in, then reconciles — a singleton chore: one replica of kiln at a time does it.
+    /// Webhooks any replica receives still start runners; their names make the launches
+    /// idempotent.
+    async fn look(&self, state: &mut State) -> Result<Looked, GitHubError> {
+        if state.api.is_none() {
+            let api = GitHubApi::connect(&self.config).await?;
+            tracing::info!(github = %self.core.name, "signed in to GitHub");
+            state.api = Some(api);
+            self.core.health.accept();
+            self.core.health.succeeded();
+        }
+        if !state.chain.leading() {
+            return Ok(Looked::Skipped);
+        }
+        self.reconcile(state).await?;
+        Ok(Looked::Talked)
+    }
+
+    async fn settle(&self, state: &mut State) {
+        if state.api.is_some() {
+            self.scale(state).await;
+        }
+    }
+
+    fn stopped(&self, state: &State) {
+        tracing::info!(github = %self.core.name, runners = state.runners.len(), "GitHub source stopped; runners keep running and are adopted at the next start");
     }
 }

@@ -30,8 +30,8 @@ pub(crate) fn verify(secret: &str, body: &[u8], signature: &str) -> bool {
 /// The parts of a `workflow_job` event kiln uses.
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct WorkflowJobEvent {
-    /// `queued`, `waiting`, `in_progress` or `completed`.
-    pub(crate) action: String,
+    /// What happened to the job.
+    pub(crate) action: JobAction,
     /// The job.
     pub(crate) workflow_job: WorkflowJob,
     /// Its repository.
@@ -41,20 +41,38 @@ pub(crate) struct WorkflowJobEvent {
     pub(crate) organization: Option<Organization>,
 }
 
+/// What a `workflow_job` event says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum JobAction {
+    /// It waits for a runner.
+    Queued,
+    /// It waits for a deployment protection rule.
+    Waiting,
+    /// A runner took it.
+    InProgress,
+    /// It ended.
+    Completed,
+    /// An action kiln does not act on.
+    #[serde(other)]
+    Other,
+}
+
 /// `workflow_job`.
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct WorkflowJob {
+    /// The job id.
     pub(crate) id: u64,
+    /// Its run, and the run's attempt (1 unless re-run).
     pub(crate) run_id: u64,
     #[serde(default = "first_attempt")]
     pub(crate) run_attempt: u32,
+    /// Its `runs-on` labels, its runner once one took it, its name and page.
     #[serde(default)]
     pub(crate) labels: Vec<String>,
-    #[serde(default)]
     pub(crate) runner_name: Option<String>,
     #[serde(default)]
     pub(crate) name: String,
-    #[serde(default)]
     pub(crate) html_url: Option<String>,
 }
 

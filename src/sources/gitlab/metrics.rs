@@ -1,6 +1,6 @@
 //! The GitLab runners' metrics: `jobs/request` calls and their duration, the time jobs waited in
-//! GitLab's queue, paused runners, and the job counts (`kiln_jobs_*`) the dashboard has shown
-//! since kiln ran only GitLab jobs; the coordinator counts those for every source's builds.
+//! GitLab's queue, paused runners. (The `kiln_jobs_*` counts, which every source's builds feed,
+//! are the coordinator's: `coordinator/metrics.rs`.)
 
 use std::fmt::Write;
 
@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 
 use crate::telemetry::StageMetrics;
 
-/// Labels naming a runner (one `[[sources.gitlab]]` entry; for `kiln_jobs_*`, any source entry).
+/// Labels naming a runner (one `[[sources.gitlab]]` entry).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RunnerLabels {
     /// The runner's name.
@@ -62,46 +62,11 @@ impl EncodeLabelValue for RequestResult {
     }
 }
 
-/// Labels of a finished job.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct FinishedLabels {
-    /// The runner's name.
-    pub(crate) runner: String,
-    /// How it ended.
-    pub(crate) state: JobState,
-    /// The failure reason, empty on success.
-    pub(crate) reason: String,
-}
-
-/// How a job ended, as GitLab names it.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
-pub(crate) enum JobState {
-    /// `success`.
-    Success,
-    /// `failed` (canceled included).
-    Failed,
-}
-
-impl EncodeLabelValue for JobState {
-    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
-        encoder.write_str(match self {
-            Self::Success => "success",
-            Self::Failed => "failed",
-        })
-    }
-}
-
 /// The GitLab stage's metric families (registered once, shared by every runner).
 #[derive(Debug)]
 pub(crate) struct GitLabMetrics {
     /// `jobs/request` calls by result.
     pub(crate) job_requests: Family<RequestLabels, Counter>,
-    /// Jobs taken and handed to the executor.
-    pub(crate) jobs_started: Family<RunnerLabels, Counter>,
-    /// Jobs finished, by state and reason.
-    pub(crate) jobs_finished: Family<FinishedLabels, Counter>,
-    /// Jobs running now.
-    pub(crate) jobs_running: Gauge,
     /// Duration of `jobs/request` calls (long polls included).
     pub(crate) poll_duration: Family<RunnerLabels, Histogram>,
     /// Time jobs waited in GitLab's queue (`time_in_queue_seconds`).
@@ -114,9 +79,6 @@ impl StageMetrics for GitLabMetrics {
     fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
             job_requests: Family::default(),
-            jobs_started: Family::default(),
-            jobs_finished: Family::default(),
-            jobs_running: Gauge::default(),
             poll_duration: Family::new_with_constructor(
                 (|| Histogram::new(exponential_buckets(0.01, 2.0, 14))) as fn() -> Histogram,
             ),
@@ -129,21 +91,6 @@ impl StageMetrics for GitLabMetrics {
             "gitlab_job_requests",
             "jobs/request calls to GitLab by result",
             metrics.job_requests.clone(),
-        );
-        registry.register(
-            "jobs_started",
-            "Jobs taken and started",
-            metrics.jobs_started.clone(),
-        );
-        registry.register(
-            "jobs_finished",
-            "Jobs finished, by state and failure reason",
-            metrics.jobs_finished.clone(),
-        );
-        registry.register(
-            "jobs_running",
-            "Jobs running now",
-            metrics.jobs_running.clone(),
         );
         registry.register(
             "gitlab_poll_duration_seconds",
@@ -189,19 +136,8 @@ mod tests {
                 })
                 .inc();
         }
-        for state in [JobState::Success, JobState::Failed] {
-            gitlab
-                .jobs_finished
-                .get_or_create(&FinishedLabels {
-                    runner: "r".into(),
-                    state,
-                    reason: String::new(),
-                })
-                .inc();
-        }
         let runner = RunnerLabels { runner: "r".into() };
         gitlab.runner_paused.get_or_create(&runner).set(1);
-        gitlab.jobs_started.get_or_create(&runner).inc();
         gitlab.poll_duration.get_or_create(&runner).observe(0.5);
         gitlab.queue_time.get_or_create(&runner).observe(3.0);
         let text = metrics.encode();
@@ -212,12 +148,6 @@ mod tests {
             "kiln_gitlab_job_requests_total{runner=\"r\",result=\"rate_limited\"} 1",
             "kiln_gitlab_job_requests_total{runner=\"r\",result=\"forbidden\"} 1",
             "kiln_gitlab_job_requests_total{runner=\"r\",result=\"error\"} 1",
-            "# HELP kiln_jobs_started Jobs taken and started.\n# TYPE kiln_jobs_started counter",
-            "kiln_jobs_started_total{runner=\"r\"} 1",
-            "# HELP kiln_jobs_finished Jobs finished, by state and failure reason.",
-            "kiln_jobs_finished_total{runner=\"r\",state=\"success\",reason=\"\"} 1",
-            "kiln_jobs_finished_total{runner=\"r\",state=\"failed\",reason=\"\"} 1",
-            "# HELP kiln_jobs_running Jobs running now.\n# TYPE kiln_jobs_running gauge\nkiln_jobs_running 0",
             "# HELP kiln_runner_paused 1 while a runner is paused because its token was rejected.",
             "kiln_runner_paused{runner=\"r\"} 1",
             "# HELP kiln_gitlab_poll_duration_seconds Duration of jobs/request calls, long polls included.",

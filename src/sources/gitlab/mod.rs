@@ -300,21 +300,6 @@ impl Source for GitLabSource {
     }
 
     fn health(&self) -> Health {
-        let state = if self.runner.is_paused() {
-            "paused: token rejected"
-        } else if self.runner.is_unreachable() {
-            "GitLab unreachable"
-        } else if self.runner.is_ready() {
-            "ready"
-        } else {
-            "verifying"
-        };
-        Health {
-            ready: self.runner.is_ready(),
-            state: state.to_owned(),
-            url: crate::net::redact_url(self.runner.url()),
-            last_error: self.runner.last_error(),
-            last_success: self.runner.last_success(),
-        }
+        self.runner.health()
     }
 }

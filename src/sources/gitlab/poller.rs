@@ -3,30 +3,39 @@
 //! pauses the runner loudly when GitLab rejects its token.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use super::config::GitLabRunnerConfig;
-use super::metrics::{
-    FinishedLabels, GitLabMetrics, JobState, RequestLabels, RequestResult, RunnerLabels,
-};
+use super::metrics::{GitLabMetrics, RequestLabels, RequestResult, RunnerLabels};
 use super::report::JobReporter;
 use crate::build::{BuildKey, SourceKind};
 use crate::gitlab::api::{ApiError, JobRequest, JobUpdate, RunnerApi, RunnerInfo, UpdateAck};
 use crate::gitlab::payload::JobPayload;
 use crate::gitlab::register::{self, RegisterError};
-use crate::sources::{Chain, Slot};
+use crate::sources::health::{Access, Failing, HealthTracker, Words};
+use crate::sources::job_metrics::JobMetrics;
+use crate::sources::pacer::Pacer;
+use crate::sources::{Chain, Health, Slot};
 use crate::telemetry::Metrics;
 
 /// How often a paused runner checks whether its token works again.
 const PAUSED_RECHECK: Duration = Duration::from_secs(60);
-/// Failed job requests in a row after which the runner counts as cut off from GitLab.
-const UNREACHABLE_AFTER: u32 = 3;
-/// The longest wait between retries after errors.
+/// The first wait between retries after errors, and the longest.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How a runner's health shows: after three job requests in a row without an answer from
+/// GitLab (transport errors, 5xx), the runner counts as cut off from GitLab.
+const WORDS: Words = Words {
+    checking: "verifying",
+    rejected: "paused: token rejected",
+    failing: Failing::UnreachableAfter {
+        after: 3,
+        state: "GitLab unreachable",
+    },
+};
 
 /// One configured GitLab runner and its live state.
 #[derive(Debug)]
@@ -38,15 +47,12 @@ pub struct Runner {
     api: RunnerApi,
     info: RunnerInfo,
     last_update: std::sync::Mutex<Option<String>>,
-    verified: AtomicBool,
-    paused: AtomicBool,
-    /// `jobs/request`s in a row that got no answer from GitLab (transport errors, 5xx).
-    unanswered: AtomicU32,
     verify_gate: tokio::sync::Mutex<()>,
     metrics: Arc<GitLabMetrics>,
-    /// The last failed request, in plain words (cleared by the next answer), and when one
-    /// last succeeded.
-    contact: std::sync::Mutex<crate::sources::Contact>,
+    /// The job counts, for jobs this runner fails before any build exists.
+    jobs: Arc<JobMetrics>,
+    /// Whether GitLab accepted the token (paused when it rejected it) and answers.
+    health: HealthTracker,
 }
 
 /// A job GitLab assigned to this coordinator, holding its capacity until dropped.
@@ -88,12 +94,10 @@ impl Runner {
             system_id,
             info: RunnerInfo::new(executor, images),
             last_update: std::sync::Mutex::new(None),
-            verified: AtomicBool::new(false),
-            paused: AtomicBool::new(false),
-            unanswered: AtomicU32::new(0),
             verify_gate: tokio::sync::Mutex::new(()),
             metrics: metrics.stage(),
-            contact: std::sync::Mutex::new(crate::sources::Contact::default()),
+            jobs: metrics.stage(),
+            health: HealthTracker::new(&config.url, WORDS, Access::Checking),
         }))
     }
 
@@ -107,45 +111,15 @@ impl Runner {
         self.config.limit
     }
 
-    /// Whether GitLab accepted the token (and the runner is not paused), and GitLab answers.
-    pub fn is_ready(&self) -> bool {
-        self.is_verified() && !self.is_unreachable()
-    }
-
     /// Whether GitLab accepted the token and the runner is not paused (whether or not GitLab
     /// answers right now).
     fn is_verified(&self) -> bool {
-        self.verified.load(Ordering::Relaxed) && !self.paused.load(Ordering::Relaxed)
+        self.health.access() == Access::Accepted
     }
 
-    /// Whether the last [`UNREACHABLE_AFTER`] job requests in a row got no answer: GitLab is
-    /// down (or unreachable), not just one request unlucky. `/readyz` then says so with
-    /// [`Self::last_error`] instead of claiming a runner that cannot take jobs is ready.
-    pub fn is_unreachable(&self) -> bool {
-        self.unanswered.load(Ordering::Relaxed) >= UNREACHABLE_AFTER
-    }
-
-    /// Whether the runner is paused because its token was rejected.
-    pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::Relaxed)
-    }
-
-    /// The last failed request, in plain words, if the last request failed.
-    pub fn last_error(&self) -> Option<String> {
-        self.contact_lock().last_error.clone()
-    }
-
-    /// When a request to GitLab last got an answer.
-    pub fn last_success(&self) -> Option<std::time::SystemTime> {
-        self.contact_lock().last_success
-    }
-
-    fn set_last_error(&self, error: Option<String>) {
-        self.contact_lock().record(error);
-    }
-
-    fn contact_lock(&self) -> std::sync::MutexGuard<'_, crate::sources::Contact> {
-        self.contact.lock().unwrap_or_else(|e| e.into_inner())
+    /// The runner's state: paused, GitLab unreachable, ready or verifying.
+    pub fn health(&self) -> Health {
+        self.health.health()
     }
 
     fn labels(&self) -> RunnerLabels {
@@ -155,7 +129,12 @@ impl Runner {
     }
 
     fn set_paused(&self, paused: bool) {
-        let was = self.paused.swap(paused, Ordering::Relaxed);
+        let before = if paused {
+            self.health.reject()
+        } else {
+            self.health.accept()
+        };
+        let was = before == Access::Rejected;
         self.metrics
             .runner_paused
             .get_or_create(&self.labels())
@@ -181,11 +160,10 @@ impl Runner {
             gate = self.verify_gate.lock() => gate,
             () = shutdown.cancelled() => return false,
         };
-        let mut backoff = Duration::from_secs(1);
+        let mut pacer = Pacer::new(FIRST_BACKOFF, MAX_BACKOFF);
         while !self.is_verified() {
             match register::verify(&self.config.url, &self.config.token, &self.system_id).await {
                 Ok(_) => {
-                    self.verified.store(true, Ordering::Relaxed);
                     self.set_paused(false);
                     tracing::info!(runner = %self.name, url = %crate::net::redact_url(&self.config.url), system_id = %self.system_id, "runner token verified");
                     return true;
@@ -203,11 +181,11 @@ impl Runner {
                     }
                 }
                 Err(e) => {
+                    let backoff = pacer.failed();
                     tracing::warn!(runner = %self.name, error = %e, "cannot verify the runner token; retrying in {}s", backoff.as_secs());
                     if sleep_or_shutdown(jitter(backoff), shutdown).await {
                         return false;
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
@@ -260,7 +238,7 @@ pub async fn poll<F>(
 ) where
     F: Future<Output = ()> + Send,
 {
-    let mut backoff = Duration::from_secs(1);
+    let mut pacer = Pacer::new(FIRST_BACKOFF, MAX_BACKOFF);
     loop {
         if !runner.is_verified() && !runner.ensure_verified(&shutdown).await {
             return;
@@ -321,24 +299,21 @@ pub async fn poll<F>(
             answer,
             Ok(JobRequest::Job { .. } | JobRequest::NoJob { .. })
         ) {
-            runner.verified.store(true, Ordering::Relaxed);
+            runner.health.accept_unless_rejected();
         }
-        if answer.is_err() {
-            runner.unanswered.fetch_add(1, Ordering::Relaxed);
-        } else {
-            runner.unanswered.store(0, Ordering::Relaxed);
+        match &answer {
+            Ok(JobRequest::RateLimited { .. }) => runner
+                .health
+                .answered(Some("GitLab rate-limits this runner (429)".to_owned())),
+            Ok(JobRequest::Forbidden) => runner
+                .health
+                .answered(Some("GitLab rejected the runner token (403)".to_owned())),
+            Ok(_) => runner.health.succeeded(),
+            Err(e) => runner.health.failed(crate::net::error_chain(e)),
         }
-        runner.set_last_error(match &answer {
-            Ok(JobRequest::RateLimited { .. }) => {
-                Some("GitLab rate-limits this runner (429)".to_owned())
-            }
-            Ok(JobRequest::Forbidden) => Some("GitLab rejected the runner token (403)".to_owned()),
-            Ok(_) => None,
-            Err(e) => Some(crate::net::error_chain(e)),
-        });
         match answer {
             Ok(JobRequest::Job { job, raw }) => {
-                backoff = Duration::from_secs(1);
+                pacer.succeeded();
                 let key = BuildKey {
                     source: SourceKind::GitLab,
                     runner: runner.name.clone(),
@@ -367,7 +342,7 @@ pub async fn poll<F>(
                 .await;
             }
             Ok(JobRequest::NoJob { last_update }) => {
-                backoff = Duration::from_secs(1);
+                pacer.succeeded();
                 if last_update.is_some() {
                     *runner.last_update.lock().unwrap_or_else(|e| e.into_inner()) = last_update;
                 }
@@ -388,7 +363,7 @@ pub async fn poll<F>(
                 reason,
                 problem,
             }) => {
-                backoff = Duration::from_secs(1);
+                pacer.succeeded();
                 drop(permit);
                 let key = BuildKey {
                     source: SourceKind::GitLab,
@@ -397,25 +372,17 @@ pub async fn poll<F>(
                 };
                 tracing::error!(job = %key, %problem, "GitLab assigned a job kiln cannot run; failing it");
                 let reporter = runner.reporter(&job);
-                let metrics = Arc::clone(&runner.metrics);
+                let jobs = Arc::clone(&runner.jobs);
                 let runner_name = runner.name.clone();
                 tokio::spawn(async move {
                     if let Err(e) = reporter.fail(reason, &problem).await {
                         tracing::error!(job = %key, error = %e, "could not fail the job in GitLab; GitLab will time it out");
                     }
-                    metrics
-                        .jobs_finished
-                        .get_or_create(&FinishedLabels {
-                            runner: runner_name,
-                            state: JobState::Failed,
-                            reason: job.accepted_reason(reason).into(),
-                        })
-                        .inc();
+                    jobs.finished(&runner_name, false, job.accepted_reason(reason));
                 });
             }
             Ok(JobRequest::Forbidden) => {
                 drop(permit);
-                runner.verified.store(false, Ordering::Relaxed);
                 runner.set_paused(true);
                 if sleep_or_shutdown(PAUSED_RECHECK, &shutdown).await {
                     return;
@@ -423,20 +390,20 @@ pub async fn poll<F>(
             }
             Ok(JobRequest::RateLimited { retry_after }) => {
                 drop(permit);
+                let backoff = pacer.failed();
                 let wait = retry_after.unwrap_or(backoff).max(Duration::from_secs(1));
                 tracing::warn!(runner = %runner.name, "GitLab rate-limits this runner (429); waiting {}s", wait.as_secs());
                 if sleep_or_shutdown(wait, &shutdown).await {
                     return;
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
             Err(e) => {
                 drop(permit);
+                let backoff = pacer.failed();
                 tracing::warn!(runner = %runner.name, error = %e, "requesting a job failed; retrying in {}s", backoff.as_secs());
                 if sleep_or_shutdown(jitter(backoff), &shutdown).await {
                     return;
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }

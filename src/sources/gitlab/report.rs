@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::build::FailureReason;
 use crate::gitlab::api::{ApiError, JobUpdate, RunnerApi, UpdateAck};
 use crate::gitlab::payload::JobPayload;
+use crate::sources::pacer::Pacer;
 
 /// Reports on one job with its own token.
 #[derive(Debug, Clone)]
@@ -48,16 +49,15 @@ impl JobReporter {
             exit_code: None,
             output: None,
         };
-        let mut backoff = Duration::from_secs(1);
+        let mut pacer = Pacer::new(Duration::from_secs(1), Duration::from_secs(30));
         for attempt in 1..=8u32 {
             match self.api.update_job(job.id, &update).await {
                 Ok(UpdateAck::Pending(control)) => {
-                    tokio::time::sleep(control.update_interval.unwrap_or(backoff)).await;
+                    tokio::time::sleep(control.update_interval.unwrap_or(pacer.backoff())).await;
                 }
                 Ok(_) => return Ok(()),
                 Err(e) if e.is_transient() && attempt < 8 => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    tokio::time::sleep(pacer.failed()).await;
                 }
                 Err(e) => return Err(e),
             }

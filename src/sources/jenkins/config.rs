@@ -121,13 +121,8 @@ impl JenkinsConfig {
         let mut problems = Vec::new();
         let at = |field: &str| format!("sources.jenkins[{index}].{field}");
         let mut problem = |path: String, message: String| problems.push(Problem { path, message });
-        match url::Url::parse(&self.url) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") => {}
-            Ok(url) => problem(
-                at("url"),
-                format!("scheme `{}` is not http or https", url.scheme()),
-            ),
-            Err(e) => problem(at("url"), format!("not a URL ({e})")),
+        if let Some(message) = crate::sources::url_problem(&self.url) {
+            problem(at("url"), message);
         }
         if self.user.trim().is_empty() {
             problem(at("user"), "must not be empty".into());

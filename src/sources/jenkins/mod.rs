@@ -6,24 +6,27 @@
 mod agent;
 pub mod api;
 pub mod config;
+mod metrics;
 mod queue;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use rand::Rng;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::build::{About, BuildKey, Ending, Found, Outcome, SourceKind};
+use crate::build::{About, Ending, Found, Outcome, SourceKind};
+use crate::sources::driver::{Looked, QueueCore, QueueDriven};
+use crate::sources::health::{Access, Failing, HealthTracker, Words};
 use crate::sources::pacer::Pacer;
-use crate::sources::{Adoption, Chain, Health, Source};
-use crate::telemetry::{AgentFailureLabels, AgentLabels, Metrics};
+use crate::sources::pool::{Demand, Phase, Pool};
+use crate::sources::{Adoption, Chain};
+use crate::telemetry::Metrics;
 use agent::{ANNOTATION_LABEL, ANNOTATION_NODE, AgentSpec, LABEL_NODE};
 use api::{Computer, Credentials, JenkinsApi, JenkinsError};
+use metrics::{AgentFailure, AgentFailureLabels, AgentLabels, JenkinsMetrics};
 
 pub use config::JenkinsConfig;
 
@@ -38,23 +41,25 @@ const NO_NODES_WHY: &str = "Waiting for next available executor";
 const OFFLINE_MESSAGE: &str = "kiln: one build per agent; deleted when this build ends";
 /// The longest wait between queue polls after errors.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How a Jenkins source's health shows. Jenkins needs no token check before work can be
+/// taken: a failing Jenkins is shown (and backed off from), not a reason to mark kiln unready.
+const WORDS: Words = Words {
+    checking: "verifying",
+    rejected: "paused: credentials rejected",
+    failing: Failing::BacksOff,
+};
 
 /// One Jenkins controller kiln provisions agents for.
 pub struct JenkinsSource {
-    name: String,
+    core: QueueCore<Event>,
     config: JenkinsConfig,
     api: JenkinsApi,
-    metrics: Arc<Metrics>,
+    metrics: Arc<JenkinsMetrics>,
     wake: Arc<Notify>,
-    /// What the coordinator tells the poll loop (adopted agents, ended builds).
-    events: mpsc::UnboundedSender<Event>,
-    inbox: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
-    /// The last failed look at Jenkins, in plain words, and when one last succeeded.
-    contact: Mutex<crate::sources::Contact>,
 }
 
 /// News for the poll loop from the coordinator.
-enum Event {
+pub(super) enum Event {
     /// An agent of an earlier run, still running.
     Adopted {
         node: String,
@@ -92,18 +97,13 @@ impl Wake {
     }
 }
 
-/// An agent kiln started and has not deleted yet.
+/// What the poll loop keeps of an agent kiln started and has not deleted yet, besides its
+/// label (its group), queue item (its work) and phase in the [`Pool`], by node name.
 struct Agent {
-    label: String,
     /// The name of its build (pod or process).
     build: String,
-    queue_id: u64,
-    started: Instant,
-    connected: bool,
-    busy_seen: bool,
+    /// Whether kiln took its node offline (it took its build).
     offlined: bool,
-    /// Consecutive looks at which this connected, idle agent had no build to wait for.
-    surplus_looks: u32,
 }
 
 impl JenkinsSource {
@@ -126,146 +126,54 @@ impl JenkinsSource {
                 password: password.clone().unwrap_or_default(),
             },
         };
-        let (events, inbox) = mpsc::unbounded_channel();
         Ok(Self {
-            name: config.display_name(index),
             api: JenkinsApi::new(&config.url, credentials)?,
+            core: QueueCore::new(
+                SourceKind::Jenkins,
+                config.display_name(index),
+                config.limit,
+                HealthTracker::new(&config.url, WORDS, Access::Accepted),
+            ),
             config: config.clone(),
-            metrics,
+            metrics: metrics.stage::<JenkinsMetrics>(),
             wake: Arc::new(Notify::new()),
-            events,
-            inbox: Mutex::new(Some(inbox)),
-            contact: Mutex::new(crate::sources::Contact::default()),
         })
     }
 
     /// The handle the webhook uses.
     pub fn waker(&self) -> Wake {
         Wake {
-            name: self.name.clone(),
+            name: self.core.name.clone(),
             secret: self.config.webhook_secret.clone(),
             notify: Arc::clone(&self.wake),
         }
     }
 
-    /// Provisions agents until `shutdown`. Agents outlive a shutdown; the next start adopts
-    /// them.
-    async fn provision_loop(self: Arc<Self>, chain: Arc<dyn Chain>, shutdown: CancellationToken) {
-        let Some(mut inbox) = self.inbox.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-            return;
+    fn adopted(
+        &self,
+        state: &mut State,
+        node: String,
+        build: String,
+        label: String,
+        queue_id: u64,
+    ) {
+        tracing::info!(jenkins = %self.core.name, node = %node, build = %build, "adopted an agent of an earlier run");
+        let agent = Agent {
+            build,
+            offlined: false,
         };
-        let mut state = State {
-            agents: BTreeMap::new(),
-            attempts: HashMap::new(),
-            given_up: HashMap::new(),
-            undeleted: BTreeSet::new(),
-            chain,
-        };
-        let mut pacer = Pacer::new(self.config.poll_interval, MAX_BACKOFF);
-        let mut recovered = false;
-        tracing::info!(jenkins = %self.name, url = %self.api.url(), labels = ?self.config.labels, "Jenkins source started");
-        loop {
-            while let Ok(event) = inbox.try_recv() {
-                self.handle(&mut state, event).await;
-            }
-            if !recovered {
-                match self.recover(&mut state).await {
-                    Ok(()) => recovered = true,
-                    Err(e) => {
-                        tracing::warn!(jenkins = %self.name, error = %e, "cannot recover agents yet")
-                    }
-                }
-            }
-            if !recovered {
-                pacer.failed();
-            } else {
-                match self.tick(&mut state).await {
-                    Ok(()) => {
-                        self.set_last_error(None);
-                        pacer.succeeded();
-                    }
-                    Err(e) => {
-                        let wait = pacer.failed();
-                        self.set_last_error(Some(crate::net::error_chain(&e)));
-                        tracing::warn!(jenkins = %self.name, error = %e, "Jenkins poll failed; retrying in {}s", wait.as_secs());
-                    }
-                }
-            }
-            self.count_agents(&state);
-            // Until the next look: a webhook may bring it forward (see Pacer), news of an agent
-            // is handled at once.
-            loop {
-                tokio::select! {
-                    () = tokio::time::sleep_until(pacer.next()) => break,
-                    () = self.wake.notified() => {
-                        if pacer.wake() {
-                            tracing::debug!(jenkins = %self.name, "woken by webhook");
-                            break;
-                        }
-                        tracing::debug!(jenkins = %self.name, "webhook folded into the next scheduled look");
-                    }
-                    Some(event) = inbox.recv() => {
-                        self.handle(&mut state, event).await;
-                        break;
-                    }
-                    () = shutdown.cancelled() => {
-                        tracing::info!(jenkins = %self.name, agents = state.agents.len(), "Jenkins source stopped; agents keep running and are adopted at the next start");
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    async fn handle(&self, state: &mut State, event: Event) {
-        match event {
-            Event::Adopted {
-                node,
-                build,
-                label,
-                queue_id,
-            } => {
-                tracing::info!(jenkins = %self.name, node = %node, build = %build, "adopted an agent of an earlier run");
-                state.agents.insert(
-                    node,
-                    Agent {
-                        label,
-                        build,
-                        queue_id,
-                        started: Instant::now(),
-                        connected: false,
-                        busy_seen: false,
-                        offlined: false,
-                        surplus_looks: 0,
-                    },
-                );
-            }
-            Event::Ended { build, ending } => {
-                let node = state
-                    .agents
-                    .iter()
-                    .find(|(_, a)| a.build == build)
-                    .map(|(node, _)| node.clone());
-                if let Some(node) = node {
-                    self.build_ended(state, &node, ending).await;
-                }
-            }
-        }
-    }
-
-    fn set_last_error(&self, error: Option<String>) {
-        self.contact
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .record(error);
+        let started = Instant::now();
+        state
+            .agents
+            .insert(node, label, queue_id, started, Phase::Starting, agent);
     }
 
     /// Sets `kiln_jenkins_agents` for every label kiln serves.
     fn count_agents(&self, state: &State) {
         for label in &self.config.labels {
-            let alive = state.agents.values().filter(|a| a.label == *label).count();
+            let alive = state.agents.count(label);
             self.metrics
-                .jenkins_agents
+                .agents
                 .get_or_create(&self.labels(label))
                 .set(i64::try_from(alive).unwrap_or(i64::MAX));
         }
@@ -273,18 +181,18 @@ impl JenkinsSource {
 
     fn labels(&self, label: &str) -> AgentLabels {
         AgentLabels {
-            jenkins: self.name.clone(),
+            jenkins: self.core.name.clone(),
             label: label.to_owned(),
         }
     }
 
-    fn failed(&self, label: &str, reason: &str) {
+    fn failed(&self, label: &str, reason: AgentFailure) {
         self.metrics
-            .jenkins_agent_failures
+            .agent_failures
             .get_or_create(&AgentFailureLabels {
-                jenkins: self.name.clone(),
+                jenkins: self.core.name.clone(),
                 label: label.to_owned(),
-                reason: reason.to_owned(),
+                reason,
             })
             .inc();
     }
@@ -301,8 +209,7 @@ impl JenkinsSource {
                 self.delete_node(state, &node).await;
             }
         }
-        let nodes: Vec<String> = state.agents.keys().cloned().collect();
-        for node in nodes {
+        for node in state.agents.names() {
             self.advance(state, &node, computers.get(&node)).await;
         }
         if !state.chain.leading() {
@@ -331,9 +238,9 @@ impl JenkinsSource {
     async fn create_anchors(&self) {
         for label in &self.config.labels {
             let name = anchor_name(label);
-            tracing::info!(jenkins = %self.name, node = %name, label, "Jenkins has no agent nodes, so its queue does not say which label builds wait for; creating an offline anchor node for the label");
+            tracing::info!(jenkins = %self.core.name, node = %name, label, "Jenkins has no agent nodes, so its queue does not say which label builds wait for; creating an offline anchor node for the label");
             if let Err(e) = self.api.create_node(&name, label, ANCHOR_DESCRIPTION).await {
-                tracing::warn!(jenkins = %self.name, node = %name, error = %e, "cannot create the label anchor node");
+                tracing::warn!(jenkins = %self.core.name, node = %name, error = %e, "cannot create the label anchor node");
             }
         }
     }
@@ -345,48 +252,47 @@ impl JenkinsSource {
             return;
         };
         let Some(computer) = computer else {
-            tracing::warn!(jenkins = %self.name, node, "the agent's node was deleted in Jenkins; deleting its pod");
+            tracing::warn!(jenkins = %self.core.name, node, "the agent's node was deleted in Jenkins; deleting its pod");
             self.retire(state, node).await;
             return;
         };
-        if !computer.offline || computer.temporarily_offline {
-            agent.connected |= !computer.offline;
+        if !computer.offline && agent.phase == Phase::Starting {
+            agent.phase = Phase::Idle;
         }
         if !computer.idle {
-            if !agent.busy_seen {
-                tracing::info!(jenkins = %self.name, node, "agent took its build; taking it offline so it takes no other");
+            if agent.phase != Phase::Busy {
+                tracing::info!(jenkins = %self.core.name, node, "agent took its build; taking it offline so it takes no other");
             }
-            agent.busy_seen = true;
-            agent.connected = true;
-            if !agent.offlined && !computer.temporarily_offline {
+            agent.phase = Phase::Busy;
+            if !agent.detail.offlined && !computer.temporarily_offline {
                 match self.api.toggle_offline(node, OFFLINE_MESSAGE).await {
-                    Ok(()) => agent.offlined = true,
+                    Ok(()) => agent.detail.offlined = true,
                     Err(e) => {
-                        tracing::warn!(jenkins = %self.name, node, error = %e, "cannot take the agent offline; retrying")
+                        tracing::warn!(jenkins = %self.core.name, node, error = %e, "cannot take the agent offline; retrying")
                     }
                 }
             } else if computer.temporarily_offline {
-                agent.offlined = true;
+                agent.detail.offlined = true;
             }
             return;
         }
-        if agent.busy_seen {
-            tracing::info!(jenkins = %self.name, node, "agent's build ended; deleting node and pod");
+        if agent.phase == Phase::Busy {
+            tracing::info!(jenkins = %self.core.name, node, "agent's build ended; deleting node and pod");
             self.retire(state, node).await;
             return;
         }
-        if !agent.connected && agent.started.elapsed() > self.config.connect_timeout {
+        if agent.phase == Phase::Starting && agent.started.elapsed() > self.config.connect_timeout {
             let (label, build, queue_id) =
-                (agent.label.clone(), agent.build.clone(), agent.queue_id);
+                (agent.group.clone(), agent.detail.build.clone(), agent.work);
             let events = state.chain.explain(&build).await;
             tracing::error!(
-                jenkins = %self.name, node, build = %build, label = %label,
+                jenkins = %self.core.name, node, build = %build, label = %label,
                 "the agent did not connect within {}{}; deleting it (its build gets a fresh agent)",
                 humantime::format_duration(self.config.connect_timeout),
                 events
             );
-            self.failed(&label, "connect_timeout");
-            *state.attempts.entry(queue_id).or_default() += 1;
+            self.failed(&label, AgentFailure::ConnectTimeout);
+            state.agents.attempt_failed(queue_id);
             self.retire(state, node).await;
         }
     }
@@ -397,21 +303,23 @@ impl JenkinsSource {
         let Some(agent) = state.agents.get(node) else {
             return;
         };
-        let (label, queue_id, connected) = (agent.label.clone(), agent.queue_id, agent.connected);
+        let (label, queue_id, connected) = (
+            agent.group.clone(),
+            agent.work,
+            agent.phase != Phase::Starting,
+        );
         if ending.outcome == Outcome::Lost {
             // Another coordinator runs it; nothing to clean up here.
             state.agents.remove(node);
             return;
         }
         if connected {
-            tracing::warn!(jenkins = %self.name, node, detail = %ending.detail, "the agent's build ended; deleting the node");
+            tracing::warn!(jenkins = %self.core.name, node, detail = %ending.detail, "the agent's build ended; deleting the node");
         } else {
-            let reason = ending
-                .reason()
-                .map_or_else(|| ending.outcome.as_str(), |r| r.as_str());
-            tracing::error!(jenkins = %self.name, node, reason, detail = %ending.detail, "the agent failed before it connected; deleting it (its build gets a fresh agent)");
+            let reason = AgentFailure::of(&ending);
+            tracing::error!(jenkins = %self.core.name, node, reason = reason.as_str(), detail = %ending.detail, "the agent failed before it connected; deleting it (its build gets a fresh agent)");
             self.failed(&label, reason);
-            *state.attempts.entry(queue_id).or_default() += 1;
+            state.agents.attempt_failed(queue_id);
         }
         self.retire(state, node).await;
     }
@@ -422,114 +330,72 @@ impl JenkinsSource {
             return;
         };
         self.delete_node(state, node).await;
-        state.chain.stop(&agent.build).await;
+        state.chain.stop(&agent.detail.build).await;
         self.count_agents(state);
     }
 
     /// Starts agents for builds waiting on kiln's labels: never more than waiting builds per
-    /// label, within the global, per-Jenkins and per-label limits.
+    /// label, within the global, per-Jenkins and per-label limits; deletes idle agents no build
+    /// waits for (see [`Pool`]).
     async fn provision(&self, state: &mut State, items: &[api::QueueItem]) {
-        let mut waiting: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut waiting: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
         for item in items.iter().filter(|i| i.buildable) {
             let Some(target) = item.why.as_deref().and_then(queue::waiting_for) else {
                 continue;
             };
             let anchored = self.config.labels.iter().find(|l| anchor_name(l) == target);
-            let label = if self.config.labels.iter().any(|l| l == target) {
-                target.to_owned()
+            let label = if let Some(label) = self.config.labels.iter().find(|l| *l == target) {
+                label.as_str()
             } else if let Some(label) = anchored {
-                label.clone()
+                label.as_str()
             } else if let Some(agent) = state.agents.get(target) {
                 // The label's only node is one of kiln's: Jenkins names the node.
-                agent.label.clone()
+                agent.group.as_str()
             } else {
                 continue;
             };
-            let attempts = state.attempts.get(&item.id).copied().unwrap_or(0);
-            if attempts >= self.config.max_attempts {
-                if state.given_up.insert(item.id, ()).is_none() {
-                    let job = item.task.as_ref().map(|t| t.name.as_str()).unwrap_or("?");
-                    tracing::error!(jenkins = %self.name, item = item.id, job, label = %label, attempts, "no agent connected for this build after {attempts} tries; kiln stops starting agents for it (see the failures above)");
-                }
-                continue;
-            }
             waiting.entry(label).or_default().push(item.id);
         }
-        self.retire_surplus(state, &waiting).await;
-        state
-            .given_up
-            .retain(|id, ()| items.iter().any(|i| i.id == *id));
-        state
-            .attempts
-            .retain(|id, _| items.iter().any(|i| i.id == *id));
-        for (label, mut ids) in waiting {
-            ids.sort_unstable();
-            let free_agents = state
-                .agents
-                .values()
-                .filter(|a| a.label == label && !a.busy_seen)
-                .count();
-            let wanted = ids.len().saturating_sub(free_agents);
-            for _ in 0..wanted {
-                let of_label = state.agents.values().filter(|a| a.label == label).count();
-                if self
-                    .config
-                    .label_limits
-                    .get(&label)
-                    .is_some_and(|limit| of_label >= *limit)
-                {
-                    break;
+        let demands = self
+            .config
+            .labels
+            .iter()
+            .map(|label| {
+                let mut ids = waiting.remove(label.as_str()).unwrap_or_default();
+                ids.sort_unstable();
+                Demand {
+                    cap: self.config.label_limits.get(label).copied(),
+                    ..Demand::new(label.clone(), ids)
                 }
-                // A free slot within `concurrent` and this source's `limit`.
-                let Some(slot) = state.chain.try_slot() else {
-                    return;
-                };
-                // The oldest waiting build without an agent of its own.
-                let queue_id = ids
-                    .iter()
-                    .copied()
-                    .find(|id| !state.agents.values().any(|a| a.queue_id == *id))
-                    .unwrap_or(ids[0]);
-                let job = items
-                    .iter()
-                    .find(|i| i.id == queue_id)
-                    .and_then(|i| i.task.as_ref())
-                    .map(|t| t.name.clone())
-                    .unwrap_or_default();
-                self.start_agent(state, &label, queue_id, &job, slot).await;
-            }
+            })
+            .collect();
+        let plan = state.agents.plan(demands);
+        let job_of = |queue_id: u64| {
+            items
+                .iter()
+                .find(|i| i.id == queue_id)
+                .and_then(|i| i.task.as_ref())
+                .map(|t| t.name.clone())
+                .unwrap_or_default()
+        };
+        for (item, attempts) in plan.given_up {
+            let job = job_of(item);
+            tracing::error!(jenkins = %self.core.name, item, job = %job, attempts, "no agent connected for this build after {attempts} tries; kiln stops starting agents for it (see the failures above)");
         }
-    }
-
-    /// Connected, idle agents beyond the builds waiting for their label served a build too
-    /// short to be seen busy between two looks, or lost theirs to another agent: either way
-    /// they are not needed. Two looks in a row, so an agent Jenkins is just handing a build to
-    /// is not taken.
-    async fn retire_surplus(&self, state: &mut State, waiting: &BTreeMap<String, Vec<u64>>) {
-        let mut retire = Vec::new();
-        for label in &self.config.labels {
-            let waiting = waiting.get(label).map_or(0, Vec::len);
-            let mut idle: Vec<(&String, &mut Agent)> = state
-                .agents
-                .iter_mut()
-                .filter(|(_, a)| a.label == *label && a.connected && !a.busy_seen)
-                .collect();
-            idle.sort_by_key(|(_, a)| a.started);
-            let surplus = idle.len().saturating_sub(waiting);
-            for (index, (node, agent)) in idle.into_iter().enumerate() {
-                if index < surplus {
-                    agent.surplus_looks += 1;
-                    if agent.surplus_looks >= 2 {
-                        retire.push(node.clone());
-                    }
-                } else {
-                    agent.surplus_looks = 0;
-                }
-            }
-        }
-        for node in retire {
-            tracing::info!(jenkins = %self.name, node = %node, "idle agent with no build waiting for it; deleting node and pod");
+        for node in plan.retire {
+            tracing::info!(jenkins = %self.core.name, node = %node, "idle agent with no build waiting for it; deleting node and pod");
             self.retire(state, &node).await;
+        }
+        for start in plan.start {
+            let Some(queue_id) = start.work else {
+                continue;
+            };
+            // A free slot within `concurrent` and this source's `limit`.
+            let Some(slot) = state.chain.try_slot() else {
+                return;
+            };
+            self.start_agent(state, &start.group, queue_id, &job_of(queue_id), slot)
+                .await;
         }
     }
 
@@ -542,27 +408,30 @@ impl JenkinsSource {
         slot: crate::sources::Slot,
     ) {
         let node = node_name(label);
-        let attempt = state.attempts.get(&queue_id).copied().unwrap_or(0) + 1;
-        let description = format!("{NODE_DESCRIPTION} ({}, queue item {queue_id})", self.name);
+        let attempt = state.agents.attempts(queue_id) + 1;
+        let description = format!(
+            "{NODE_DESCRIPTION} ({}, queue item {queue_id})",
+            self.core.name
+        );
         if let Err(e) = self.api.create_node(&node, label, &description).await {
-            tracing::error!(jenkins = %self.name, node, error = %e, "cannot create the agent node");
+            tracing::error!(jenkins = %self.core.name, node, error = %e, "cannot create the agent node");
             // The create may have reached Jenkins even so (the answer was lost): make sure.
             state.undeleted.insert(node.clone());
-            self.failed(label, "provision_error");
+            self.failed(label, AgentFailure::ProvisionError);
             return;
         }
         let secret = match self.api.agent_secret(&node).await {
             Ok(secret) => secret,
             Err(e) => {
-                tracing::error!(jenkins = %self.name, node, error = %e, "cannot read the agent secret; deleting the node");
+                tracing::error!(jenkins = %self.core.name, node, error = %e, "cannot read the agent secret; deleting the node");
                 self.delete_node(state, &node).await;
-                self.failed(label, "provision_error");
+                self.failed(label, AgentFailure::ProvisionError);
                 return;
             }
         };
         let url = self.api.url().to_string();
         let build = AgentSpec {
-            jenkins: &self.name,
+            jenkins: &self.core.name,
             url: &url,
             node: &node,
             label,
@@ -573,23 +442,23 @@ impl JenkinsSource {
             template: self.config.pod_templates.get(label),
         }
         .build();
-        tracing::info!(jenkins = %self.name, node, build = %build.name, label, queue_item = queue_id, attempt, "agent started");
+        tracing::info!(jenkins = %self.core.name, node, build = %build.name, label, queue_item = queue_id, attempt, "agent started");
         self.metrics
-            .jenkins_agents_started
+            .agents_started
             .get_or_create(&self.labels(label))
             .inc();
+        let agent = Agent {
+            build: build.name.clone(),
+            offlined: false,
+        };
+        let started = Instant::now();
         state.agents.insert(
             node,
-            Agent {
-                label: label.to_owned(),
-                build: build.name.clone(),
-                queue_id,
-                started: Instant::now(),
-                connected: false,
-                busy_seen: false,
-                offlined: false,
-                surplus_looks: 0,
-            },
+            label.to_owned(),
+            queue_id,
+            started,
+            Phase::Starting,
+            agent,
         );
         // How it ends, including failing to start, comes back as an `Ended` event.
         state.chain.launch(slot, build);
@@ -598,7 +467,7 @@ impl JenkinsSource {
     /// Deletes an agent node; one that cannot be deleted now is retried at the next look.
     async fn delete_node(&self, state: &mut State, node: &str) {
         if let Err(e) = self.api.delete_node(node).await {
-            tracing::warn!(jenkins = %self.name, node, error = %e, "cannot delete the node; the next poll retries");
+            tracing::warn!(jenkins = %self.core.name, node, error = %e, "cannot delete the node; the next poll retries");
             state.undeleted.insert(node.to_owned());
         }
     }
@@ -608,25 +477,29 @@ impl JenkinsSource {
         computer
             .description
             .as_deref()
-            .is_some_and(|d| d.starts_with(&format!("{NODE_DESCRIPTION} ({},", self.name)))
+            .is_some_and(|d| d.starts_with(&format!("{NODE_DESCRIPTION} ({},", self.core.name)))
     }
 
     /// After a restart: adopted agents whose node is gone are deleted, the others take their
     /// state from their node; kiln-described nodes with no agent are deleted.
     async fn recover(&self, state: &mut State) -> Result<(), JenkinsError> {
         let computers = self.api.computers_by_name().await?;
-        let adopted: Vec<String> = state.agents.keys().cloned().collect();
-        for node in adopted {
+        for node in state.agents.names() {
             match computers.get(&node) {
                 None => {
-                    tracing::info!(jenkins = %self.name, node = %node, "agent of an earlier run without its node; deleting it");
+                    tracing::info!(jenkins = %self.core.name, node = %node, "agent of an earlier run without its node; deleting it");
                     self.retire(state, &node).await;
                 }
                 Some(computer) => {
                     if let Some(agent) = state.agents.get_mut(&node) {
-                        agent.connected = !computer.offline || computer.temporarily_offline;
-                        agent.busy_seen = !computer.idle || computer.temporarily_offline;
-                        agent.offlined = computer.temporarily_offline;
+                        let connected = !computer.offline || computer.temporarily_offline;
+                        let busy = !computer.idle || computer.temporarily_offline;
+                        agent.phase = match (busy, connected) {
+                            (true, _) => Phase::Busy,
+                            (false, true) => Phase::Idle,
+                            (false, false) => Phase::Starting,
+                        };
+                        agent.detail.offlined = computer.temporarily_offline;
                     }
                 }
             }
@@ -635,12 +508,12 @@ impl JenkinsSource {
             // Only the leading replica provisions, so only it knows that a node of kiln's
             // without an agent of its own is left over.
             if self.is_our_node(computer)
-                && !state.agents.contains_key(&computer.display_name)
+                && !state.agents.contains(&computer.display_name)
                 && state.chain.leading()
             {
-                tracing::info!(jenkins = %self.name, node = %computer.display_name, "node of an earlier run without its agent; deleting it");
+                tracing::info!(jenkins = %self.core.name, node = %computer.display_name, "node of an earlier run without its agent; deleting it");
                 if let Err(e) = self.api.delete_node(&computer.display_name).await {
-                    tracing::warn!(jenkins = %self.name, node = %computer.display_name, error = %e, "cannot delete the node");
+                    tracing::warn!(jenkins = %self.core.name, node = %computer.display_name, error = %e, "cannot delete the node");
                 }
             }
         }
@@ -649,47 +522,43 @@ impl JenkinsSource {
 }
 
 /// What the poll loop knows between ticks.
-struct State {
-    /// Agents by node name.
-    agents: BTreeMap<String, Agent>,
-    /// Agents that failed to connect, by the queue item they were started for.
-    attempts: HashMap<u64, u32>,
-    /// Items kiln gave up on (logged once).
-    given_up: HashMap<u64, ()>,
+pub(super) struct State {
+    /// Agents by node name, by label, for their queue items.
+    agents: Pool<String, Agent>,
+    /// Whether the agents of an earlier run were matched with their nodes.
+    recovered: bool,
     /// Nodes of this run whose delete failed (or whose create may have succeeded unseen).
     undeleted: BTreeSet<String>,
     /// The coordinator.
     chain: Arc<dyn Chain>,
 }
 
-impl Source for JenkinsSource {
-    fn kind(&self) -> SourceKind {
-        SourceKind::Jenkins
+/// Provisions agents until kiln shuts down. Agents outlive a shutdown; the next start adopts
+/// them.
+impl QueueDriven for JenkinsSource {
+    type State = State;
+    type Event = Event;
+    type Error = JenkinsError;
+
+    fn start(&self, chain: Arc<dyn Chain>) -> (State, Pacer, Option<Arc<Notify>>) {
+        tracing::info!(jenkins = %self.core.name, url = %self.api.url(), labels = ?self.config.labels, "Jenkins source started");
+        let state = State {
+            agents: Pool::new(self.config.max_attempts),
+            undeleted: BTreeSet::new(),
+            recovered: false,
+            chain,
+        };
+        let pacer = Pacer::new(self.config.poll_interval, MAX_BACKOFF);
+        (state, pacer, Some(Arc::clone(&self.wake)))
     }
 
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn limit(&self) -> usize {
-        self.config.limit
-    }
-
-    fn run(
-        self: Arc<Self>,
-        chain: Arc<dyn Chain>,
-        shutdown: CancellationToken,
-    ) -> BoxFuture<'static, ()> {
-        Box::pin(self.provision_loop(chain, shutdown))
-    }
-
-    fn adopt<'a>(&'a self, found: &'a Found) -> BoxFuture<'a, Adoption> {
+    fn adopt_found(&self, found: &Found) -> Adoption {
         let node = found
             .annotations
             .get(ANNOTATION_NODE)
             .or_else(|| found.labels.get(LABEL_NODE))
             .cloned();
-        let adoption = match node {
+        match node {
             Some(node) if found.exists => {
                 let label = found
                     .annotations
@@ -703,7 +572,7 @@ impl Source for JenkinsSource {
                     url: None,
                     queued_at: None,
                 };
-                let _ = self.events.send(Event::Adopted {
+                self.core.inbox.send(Event::Adopted {
                     node,
                     build: found.name.clone(),
                     label,
@@ -713,43 +582,58 @@ impl Source for JenkinsSource {
             }
             Some(_) => Adoption::Discard("the agent's pod is gone; its node is deleted".into()),
             None => Adoption::Discard("an agent build without its Jenkins node name".into()),
-        };
-        Box::pin(async move { adoption })
+        }
     }
 
-    fn ended<'a>(
-        &'a self,
-        _key: &'a BuildKey,
-        name: &'a str,
-        ending: &'a Ending,
-    ) -> BoxFuture<'a, ()> {
-        let _ = self.events.send(Event::Ended {
+    fn ended_event(name: &str, ending: &Ending) -> Event {
+        Event::Ended {
             build: name.to_owned(),
             ending: ending.clone(),
-        });
-        Box::pin(async {})
+        }
     }
 
-    fn health(&self) -> Health {
-        let contact = self
-            .contact
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let last_error = contact.last_error;
-        Health {
-            // Jenkins needs no token check before work can be taken: a failing Jenkins is
-            // shown (and backed off from), not a reason to mark kiln unready.
-            ready: true,
-            state: if last_error.is_some() {
-                "backing off".into()
-            } else {
-                "ready".into()
-            },
-            url: crate::net::redact_url(self.api.url().as_str()),
-            last_error,
-            last_success: contact.last_success,
+    async fn look(&self, state: &mut State) -> Result<Looked, JenkinsError> {
+        if !state.recovered {
+            self.recover(state).await?;
+            state.recovered = true;
         }
+        self.tick(state).await?;
+        Ok(Looked::Talked)
+    }
+
+    /// News of an agent calls for a look at once: its node may need deleting.
+    async fn handle(&self, state: &mut State, event: Event) -> bool {
+        match event {
+            Event::Adopted {
+                node,
+                build,
+                label,
+                queue_id,
+            } => self.adopted(state, node, build, label, queue_id),
+            Event::Ended { build, ending } => {
+                let node = state
+                    .agents
+                    .iter()
+                    .find(|(_, a)| a.detail.build == build)
+                    .map(|(node, _)| node.clone());
+                if let Some(node) = node {
+                    self.build_ended(state, &node, ending).await;
+                }
+            }
+        }
+        true
+    }
+
+    async fn settle(&self, state: &mut State) {
+        self.count_agents(state);
+    }
+
+    fn stopped(&self, state: &State) {
+        tracing::info!(jenkins = %self.core.name, agents = state.agents.len(), "Jenkins source stopped; agents keep running and are adopted at the next start");
+    }
+
+    fn core(&self) -> &QueueCore<Event> {
+        &self.core
     }
 }
 
