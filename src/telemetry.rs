@@ -5,6 +5,9 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing_subscriber::EnvFilter;
 
@@ -179,6 +182,54 @@ impl Drop for LogLine {
 pub trait StageMetrics: Send + Sync + 'static {
     /// Creates the stage's metric families and registers them (names without the `kiln_` prefix).
     fn register(registry: &mut Registry) -> Self;
+}
+
+/// A metric registered under `name` (after the `kiln_` prefix) with `help`, for a
+/// [`StageMetrics::register`].
+pub(crate) fn registered<M>(registry: &mut Registry, name: &str, help: &str) -> M
+where
+    M: prometheus_client::registry::Metric + Default + Clone,
+{
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// A family of histograms with `count` buckets from `start`, each `factor` times the one
+/// before, registered like [`registered`].
+pub(crate) fn registered_histograms<L>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    (start, factor, count): (f64, f64, u16),
+) -> Histograms<L>
+where
+    L: EncodeLabelSet + Clone + Eq + std::hash::Hash + std::fmt::Debug + Send + Sync + 'static,
+{
+    let family = Family::new_with_constructor(HistogramMaker {
+        start,
+        factor,
+        count,
+    });
+    registry.register(name, help, family.clone());
+    family
+}
+
+/// A family of histograms made by [`registered_histograms`].
+pub(crate) type Histograms<L> = Family<L, Histogram, HistogramMaker>;
+
+/// Makes the histograms of a [`registered_histograms`] family.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HistogramMaker {
+    start: f64,
+    factor: f64,
+    count: u16,
+}
+
+impl MetricConstructor<Histogram> for HistogramMaker {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(exponential_buckets(self.start, self.factor, self.count))
+    }
 }
 
 /// The process's metrics: the registry `/metrics` encodes and every stage's metrics in it.

@@ -11,12 +11,11 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use super::table::Phase;
 use crate::build::{Ending, FailureReason, Outcome, SourceKind};
-use crate::telemetry::StageMetrics;
+use crate::telemetry::{Histograms, StageMetrics, registered, registered_histograms};
 
 /// How a build ended, without the failure reason (a label of its own).
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
@@ -108,47 +107,39 @@ struct CostLabels {
 #[derive(Debug)]
 pub(crate) struct CoordinatorMetrics {
     builds_finished: Family<OutcomeLabels, Counter>,
-    build_duration: Family<DurationLabels, Histogram>,
-    build_queue_wait: Family<SourceLabels, Histogram>,
+    build_duration: Histograms<DurationLabels>,
+    build_queue_wait: Histograms<SourceLabels>,
     builds: Family<PhaseLabels, Gauge>,
     build_cost: Family<CostLabels, Counter<f64, AtomicU64>>,
 }
 
 impl StageMetrics for CoordinatorMetrics {
     fn register(registry: &mut Registry) -> Self {
-        let this = Self {
-            builds_finished: Family::default(),
-            build_duration: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(1.0, 2.0, 16))
-            }),
-            build_queue_wait: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.25, 2.0, 16))
-            }),
-            builds: Family::default(),
-            build_cost: Family::default(),
-        };
-        registry.register(
-            "builds_finished",
-            "Builds finished, by source, outcome and failure reason",
-            this.builds_finished.clone(),
-        );
-        registry.register(
-            "build_duration_seconds",
-            "Time from a build's launch to its end",
-            this.build_duration.clone(),
-        );
-        registry.register(
-            "build_queue_wait_seconds",
-            "Time from work being queued on its CI server until its build ran",
-            this.build_queue_wait.clone(),
-        );
-        registry.register("builds", "Builds alive now, by phase", this.builds.clone());
-        registry.register(
-            "build_cost",
-            "What finished builds cost: pod-seconds times vCPU and GiB times their prices",
-            this.build_cost.clone(),
-        );
-        this
+        Self {
+            builds_finished: registered(
+                registry,
+                "builds_finished",
+                "Builds finished, by source, outcome and failure reason",
+            ),
+            build_duration: registered_histograms(
+                registry,
+                "build_duration_seconds",
+                "Time from a build's launch to its end",
+                (1.0, 2.0, 16),
+            ),
+            build_queue_wait: registered_histograms(
+                registry,
+                "build_queue_wait_seconds",
+                "Time from work being queued on its CI server until its build ran",
+                (0.25, 2.0, 16),
+            ),
+            builds: registered(registry, "builds", "Builds alive now, by phase"),
+            build_cost: registered(
+                registry,
+                "build_cost",
+                "What finished builds cost: pod-seconds times vCPU and GiB times their prices",
+            ),
+        }
     }
 }
 

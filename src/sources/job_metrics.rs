@@ -11,8 +11,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::sources::registered;
 use crate::telemetry::StageMetrics;
+use crate::telemetry::registered;
 
 /// Labels naming a source entry; `runner` is the name dashboards query.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

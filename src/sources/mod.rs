@@ -175,21 +175,6 @@ pub(crate) fn url_problem(url: &str) -> Option<String> {
     }
 }
 
-/// A metric family of a source's stage metrics, registered under `name` (after the `kiln_`
-/// prefix) with `help`.
-pub(crate) fn registered<M>(
-    registry: &mut prometheus_client::registry::Registry,
-    name: &str,
-    help: &str,
-) -> M
-where
-    M: prometheus_client::registry::Metric + Default + Clone,
-{
-    let metric = M::default();
-    registry.register(name, help, metric.clone());
-    metric
-}
-
 /// A panic's payload in words (`panic!` with a string or a format).
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic

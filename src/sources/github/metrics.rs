@@ -10,8 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::build::FailureReason;
-use crate::sources::registered;
 use crate::telemetry::StageMetrics;
+use crate::telemetry::registered;
 
 impl StageMetrics for GitHubMetrics {
     fn register(registry: &mut Registry) -> Self {

@@ -8,10 +8,9 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::telemetry::StageMetrics;
+use crate::telemetry::{Histograms, StageMetrics, registered, registered_histograms};
 
 /// Labels naming a runner (one `[[sources.gitlab]]` entry).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,46 +67,39 @@ pub(crate) struct GitLabMetrics {
     /// `jobs/request` calls by result.
     pub(crate) job_requests: Family<RequestLabels, Counter>,
     /// Duration of `jobs/request` calls (long polls included).
-    pub(crate) poll_duration: Family<RunnerLabels, Histogram>,
+    pub(crate) poll_duration: Histograms<RunnerLabels>,
     /// Time jobs waited in GitLab's queue (`time_in_queue_seconds`).
-    pub(crate) queue_time: Family<RunnerLabels, Histogram>,
+    pub(crate) queue_time: Histograms<RunnerLabels>,
     /// 1 while a runner is paused because GitLab rejected its token.
     pub(crate) runner_paused: Family<RunnerLabels, Gauge>,
 }
 
 impl StageMetrics for GitLabMetrics {
     fn register(registry: &mut Registry) -> Self {
-        let metrics = Self {
-            job_requests: Family::default(),
-            poll_duration: Family::new_with_constructor(
-                (|| Histogram::new(exponential_buckets(0.01, 2.0, 14))) as fn() -> Histogram,
+        Self {
+            job_requests: registered(
+                registry,
+                "gitlab_job_requests",
+                "jobs/request calls to GitLab by result",
             ),
-            queue_time: Family::new_with_constructor(
-                (|| Histogram::new(exponential_buckets(0.5, 2.0, 14))) as fn() -> Histogram,
+            poll_duration: registered_histograms(
+                registry,
+                "gitlab_poll_duration_seconds",
+                "Duration of jobs/request calls, long polls included",
+                (0.01, 2.0, 14),
             ),
-            runner_paused: Family::default(),
-        };
-        registry.register(
-            "gitlab_job_requests",
-            "jobs/request calls to GitLab by result",
-            metrics.job_requests.clone(),
-        );
-        registry.register(
-            "gitlab_poll_duration_seconds",
-            "Duration of jobs/request calls, long polls included",
-            metrics.poll_duration.clone(),
-        );
-        registry.register(
-            "job_queue_time_seconds",
-            "Time jobs waited in the CI server's queue before kiln took them",
-            metrics.queue_time.clone(),
-        );
-        registry.register(
-            "runner_paused",
-            "1 while a runner is paused because its token was rejected",
-            metrics.runner_paused.clone(),
-        );
-        metrics
+            queue_time: registered_histograms(
+                registry,
+                "job_queue_time_seconds",
+                "Time jobs waited in the CI server's queue before kiln took them",
+                (0.5, 2.0, 14),
+            ),
+            runner_paused: registered(
+                registry,
+                "runner_paused",
+                "1 while a runner is paused because its token was rejected",
+            ),
+        }
     }
 }
 

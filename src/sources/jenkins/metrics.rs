@@ -9,8 +9,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::build::{Ending, FailureReason, Outcome};
-use crate::sources::registered;
 use crate::telemetry::StageMetrics;
+use crate::telemetry::registered;
 
 /// Every Jenkins source's metrics, labelled by the source's name and the agent's label.
 #[derive(Debug)]
