@@ -12,6 +12,7 @@ mod deploy_knative;
 mod deploy_sae;
 mod exec;
 mod github_runners;
+mod github_scale;
 mod github_server;
 mod gitlab_jobs;
 mod gitlab_mock;

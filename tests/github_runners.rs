@@ -11,18 +11,18 @@ use support::github::{Access, DeliveryFault, GitHubServer, JobSpec, RunSpec, fak
 use support::kiln::{KilnProcess, send_signal};
 use support::kube::{ImageScript, KubeServer};
 
-const REPO: &str = "acme/widgets";
-const PAT: &str = "github_pat_test_0123456789";
-const HOOK_SECRET: &str = "webhook-secret-0123456789";
-const RUNNER_IMAGE: &str = "ghcr.io/actions/actions-runner:latest";
+pub(crate) const REPO: &str = "acme/widgets";
+pub(crate) const PAT: &str = "github_pat_test_0123456789";
+pub(crate) const HOOK_SECRET: &str = "webhook-secret-0123456789";
+pub(crate) const RUNNER_IMAGE: &str = "ghcr.io/actions/actions-runner:latest";
 
-struct Setup {
-    github: GitHubServer,
-    kube: KubeServer,
-    dir: tempfile::TempDir,
+pub(crate) struct Setup {
+    pub(crate) github: GitHubServer,
+    pub(crate) kube: KubeServer,
+    pub(crate) dir: tempfile::TempDir,
 }
 
-async fn setup() -> Setup {
+pub(crate) async fn setup() -> Setup {
     let github = GitHubServer::start().await;
     github.add_repo(REPO);
     github.add_pat(PAT, "acme", Access::all());
@@ -34,7 +34,7 @@ async fn setup() -> Setup {
 }
 
 impl Setup {
-    fn config(&self, auth: &str, extra: &str) -> String {
+    pub(crate) fn config(&self, auth: &str, extra: &str) -> String {
         format!(
             r#"executor = "kubernetes"
 concurrent = 30
@@ -58,14 +58,14 @@ webhook_secret = "{HOOK_SECRET}"
         )
     }
 
-    fn kiln(&self, extra: &str) -> KilnProcess {
+    pub(crate) fn kiln(&self, extra: &str) -> KilnProcess {
         let kiln = KilnProcess::start(&self.config(&format!("token = \"{PAT}\""), extra));
         self.github
             .set_webhook(&format!("http://{}/hooks/github", kiln.http), HOOK_SECRET);
         kiln
     }
 
-    fn runner_pods(&self) -> usize {
+    pub(crate) fn runner_pods(&self) -> usize {
         self.kube
             .pods()
             .iter()
@@ -79,7 +79,7 @@ webhook_secret = "{HOOK_SECRET}"
     }
 
     /// Runner pods ever created.
-    fn pods_created(&self) -> usize {
+    pub(crate) fn pods_created(&self) -> usize {
         self.kube
             .creations()
             .iter()
@@ -87,7 +87,7 @@ webhook_secret = "{HOOK_SECRET}"
             .count()
     }
 
-    async fn nothing_left(&self, secs: u64) {
+    pub(crate) async fn nothing_left(&self, secs: u64) {
         self.kube
             .wait_for(Duration::from_secs(secs), |s| {
                 s.pods.is_empty() && s.secrets.is_empty()
@@ -100,7 +100,7 @@ webhook_secret = "{HOOK_SECRET}"
     }
 }
 
-async fn until(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
+pub(crate) async fn until(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     while !done() {
         assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
@@ -108,7 +108,7 @@ async fn until(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-async fn ready(kiln: &KilnProcess) {
+pub(crate) async fn ready(kiln: &KilnProcess) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let (status, _) = kiln.get("/readyz").await;
@@ -124,7 +124,7 @@ async fn ready(kiln: &KilnProcess) {
     }
 }
 
-fn completed(github: &GitHubServer, ids: &[u64]) -> bool {
+pub(crate) fn completed(github: &GitHubServer, ids: &[u64]) -> bool {
     ids.iter()
         .all(|id| github.job(*id).is_some_and(|j| j.status == "completed"))
 }

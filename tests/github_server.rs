@@ -694,11 +694,8 @@ async fn generate_jitconfig_answers_as_github_does() {
         .collect();
     assert_eq!(
         labels,
-        [
-            ("self-hosted", "read-only"),
-            ("linux", "custom"),
-            ("X64", "custom")
-        ]
+        [("linux", "custom"), ("X64", "custom")],
+        "exactly the labels of the JIT call: GitHub adds no `self-hosted` to a JIT runner"
     );
     assert!(runner["labels"][0]["id"].is_u64());
     // The config is opaque base64 that carries a per-runner secret, never the caller's credentials.
@@ -837,7 +834,12 @@ async fn fake_runner_runs_one_job_and_is_gone() {
             ),
         )
         .job_ids[0];
-    let (runner_id, config) = jit(&server, &format!("kiln-gh-{job_id}"), &["linux"]).await;
+    let (runner_id, config) = jit(
+        &server,
+        &format!("kiln-gh-{job_id}"),
+        &["self-hosted", "linux"],
+    )
+    .await;
 
     let mut runner = FakeRunner::start(&config);
     let status = runner
@@ -1013,6 +1015,169 @@ async fn a_runner_that_never_connects_stays_registered_offline_until_deleted() {
         StatusCode::NO_CONTENT
     );
     assert!(server.registered_runners().is_empty());
+}
+
+#[tokio::test]
+async fn a_jit_runner_has_exactly_the_labels_of_its_jit_call() {
+    let server = server().await;
+    let job = server.enqueue_job(REPO, &["self-hosted", "linux", "x64", "kiln"]);
+    // `config.sh` would add self-hosted, Linux and X64; a JIT runner gets none of them.
+    let (bare_id, bare) = jit(&server, "kiln-gh-bare", &["kiln"]).await;
+    let mut bare_runner = FakeRunner::start(&bare);
+    wait_until("the bare runner online", Duration::from_secs(20), || {
+        server
+            .runners()
+            .iter()
+            .any(|r| r.id == bare_id && r.status == "online")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        server.job(job).unwrap().status,
+        "queued",
+        "a runner without `self-hosted`, `Linux`, `X64` does not take the job"
+    );
+    let listed = get(&server, &format!("/repos/{REPO}/actions/runners/{bare_id}")).await;
+    assert_eq!(listed.body["labels"].as_array().unwrap().len(), 1);
+    assert_eq!(listed.body["labels"][0]["name"], "kiln");
+    let (full_id, full) = jit(
+        &server,
+        "kiln-gh-full",
+        &["self-hosted", "Linux", "X64", "kiln"],
+    )
+    .await;
+    let mut full_runner = FakeRunner::start(&full);
+    full_runner
+        .wait(Duration::from_secs(30))
+        .await
+        .expect("the runner with every label takes the job and exits");
+    let done = server.job(job).unwrap();
+    assert_eq!(
+        (done.status.as_str(), done.runner_id),
+        ("completed", Some(full_id)),
+        "labels match case-insensitively"
+    );
+    delete(&server, &format!("/repos/{REPO}/actions/runners/{bare_id}")).await;
+    bare_runner
+        .wait(Duration::from_secs(20))
+        .await
+        .expect("exits");
+}
+
+#[tokio::test]
+async fn runner_groups_are_listed_with_their_visibility_and_repositories() {
+    let server = server().await;
+    server.add_runner_group(ORG, 7, "kiln-runners", Some(&["widgets"]));
+    server.add_runner_group(ORG, 8, "everyone", None);
+    let listed = get(&server, &format!("/orgs/{ORG}/actions/runner-groups")).await;
+    assert_eq!(listed.status, StatusCode::OK);
+    assert_eq!(listed.body["total_count"], 3);
+    let groups: Vec<(u64, &str, &str, bool)> = listed.body["runner_groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["id"].as_u64().unwrap(),
+                g["name"].as_str().unwrap(),
+                g["visibility"].as_str().unwrap(),
+                g["default"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            (1, "Default", "all", true),
+            (7, "kiln-runners", "selected", false),
+            (8, "everyone", "all", false)
+        ]
+    );
+    let repos = get(
+        &server,
+        &format!("/orgs/{ORG}/actions/runner-groups/7/repositories"),
+    )
+    .await;
+    assert_eq!(repos.body["total_count"], 1);
+    assert_eq!(repos.body["repositories"][0]["full_name"], REPO);
+    assert_eq!(
+        get(
+            &server,
+            &format!("/orgs/{ORG}/actions/runner-groups/99/repositories")
+        )
+        .await
+        .status,
+        StatusCode::NOT_FOUND
+    );
+    // Reading groups takes organization self-hosted runners (read).
+    server.add_pat(
+        "github_pat_11AAAAAAA0noRunnersPerm",
+        ORG,
+        Access::all().permission("organization_self_hosted_runners", "none"),
+    );
+    let refused = call(
+        &server,
+        Method::GET,
+        &format!("/orgs/{ORG}/actions/runner-groups"),
+        Some(&bearer("github_pat_11AAAAAAA0noRunnersPerm")),
+        None,
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn conditional_requests_answer_304_without_costing_the_rate_limit() {
+    let server = server().await;
+    server.enqueue_job(REPO, &["linux"]);
+    let path = format!("/repos/{REPO}/actions/runs?status=queued");
+    let first = get(&server, &path).await;
+    let etag = first.header("etag").expect("an ETag").to_owned();
+    let remaining = |a: &Answer| {
+        a.header("x-ratelimit-remaining")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = remaining(&first);
+    let conditional = |tag: String| {
+        let server = &server;
+        let path = &path;
+        async move {
+            let response = Client::new()
+                .get(format!("{}{path}", server.url()))
+                .header(AUTHORIZATION, bearer(PAT))
+                .header("if-none-match", tag)
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status(),
+                response.headers().clone(),
+                response.bytes().await.unwrap(),
+            )
+        }
+    };
+    let (status, headers, body) = conditional(etag.clone()).await;
+    assert_eq!(status, StatusCode::NOT_MODIFIED);
+    assert!(body.is_empty());
+    let after: u64 = headers["x-ratelimit-remaining"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(after, before, "a 304 costs nothing");
+    // A change answers afresh, with a new ETag, and costs one request.
+    server.enqueue_job(REPO, &["linux"]);
+    let (status, headers, _) = conditional(etag.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_ne!(headers["etag"].to_str().unwrap(), etag);
+    let charged: u64 = headers["x-ratelimit-remaining"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(charged, before - 1);
 }
 
 #[tokio::test]
@@ -1630,7 +1795,7 @@ mod octocrab_client {
                 ORG,
                 "kiln-gh-2",
                 RunnerGroupId(3),
-                vec!["linux".to_owned()],
+                vec!["self-hosted".to_owned(), "linux".to_owned()],
             )
             .send()
             .await
@@ -1702,7 +1867,7 @@ mod octocrab_client {
         );
 
         // Nothing failed: there is nothing to re-run.
-        let (_, config) = super::jit(&server, "kiln-gh-3", &["linux"]).await;
+        let (_, config) = super::jit(&server, "kiln-gh-3", &["self-hosted", "linux"]).await;
         let mut runner = FakeRunner::start(&config);
         assert!(
             runner

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::launch::{Launcher, Start};
 use super::limiter::Limiter;
 use super::replicas::Membership;
-use crate::build::Build;
+use crate::build::{About, Build};
 use crate::sources::{Chain, Slot, Source};
 
 /// The chain of one source.
@@ -76,6 +76,11 @@ impl Chain for SourceChain {
     fn explain(&self, name: &str) -> BoxFuture<'_, String> {
         let name = name.to_owned();
         Box::pin(async move { self.launcher.executor.explain(&name).await })
+    }
+
+    fn describe<'a>(&'a self, name: &'a str, about: About) -> BoxFuture<'a, ()> {
+        self.launcher.table.describe(name, about);
+        Box::pin(async {})
     }
 
     fn exists(&self, name: &str) -> BoxFuture<'_, bool> {

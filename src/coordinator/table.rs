@@ -116,6 +116,13 @@ impl Table {
             .is_some()
     }
 
+    /// Build `name` does other work than it was launched for: people see `about` from now on.
+    pub(crate) fn describe(&self, name: &str, about: About) {
+        if let Some(alive) = self.lock().get_mut(name) {
+            alive.about = about;
+        }
+    }
+
     /// Takes build `name` out of the table.
     pub(crate) fn remove(&self, name: &str) -> Option<Alive> {
         self.lock().remove(name)

@@ -194,6 +194,11 @@ async fn drive<S: QueueDriven>(source: &S, chain: Arc<dyn Chain>, shutdown: Canc
                     core.health.failed(error);
                 }
             }
+            // News that came while looking is newer than what the look saw: taken before the
+            // turn acts, so a listing never undoes it (a job taken while it was listed queued).
+            while let Ok(event) = inbox.try_recv() {
+                look_now |= source.handle(&mut state, event).await;
+            }
         }
         source.settle(&mut state).await;
         // Until the next look: a webhook may bring it forward (see Pacer), news is taken at

@@ -73,6 +73,11 @@ pub trait Chain: Send + Sync {
     /// for the source's own messages; empty when nothing is known.
     fn explain(&self, name: &str) -> BoxFuture<'_, String>;
 
+    /// Build `name` does other work than it was launched for (a fungible runner took another
+    /// job than the one it is named after): the status page, the history and the cost per
+    /// project show `about` from now on. Nothing when this replica does not follow it.
+    fn describe<'a>(&'a self, name: &'a str, about: About) -> BoxFuture<'a, ()>;
+
     /// Whether build `name` runs, on this replica or another one of the installation (true
     /// when that cannot be told): what a leftover check asks before it removes anything.
     fn exists(&self, name: &str) -> BoxFuture<'_, bool>;

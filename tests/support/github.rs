@@ -442,6 +442,9 @@ struct ServerState {
     /// Label name (lower-case) → label id, as GitHub numbers labels.
     label_ids: BTreeMap<String, u64>,
     jit_ttl: Option<Duration>,
+    /// How long answers to run and job listings are held back after they were taken (a slow
+    /// GitHub, or a large organization's reconcile in flight): the answer is as of the request.
+    listing_delay: Duration,
     webhooks: webhooks::WebhookState,
     rate: RateState,
     requests: Vec<RequestRecord>,
@@ -504,6 +507,7 @@ impl GitHubServer {
                 next_runner_id: 101,
                 label_ids: BTreeMap::new(),
                 jit_ttl: None,
+                listing_delay: Duration::ZERO,
                 webhooks: webhooks::WebhookState::new(outbox),
                 rate: RateState::default(),
                 requests: Vec::new(),
@@ -569,6 +573,12 @@ impl GitHubServer {
             },
         );
         id
+    }
+
+    /// Answers to `GET …/actions/runs` (a repository's runs) are taken at once and sent
+    /// `delay` later: what a client acts on is that old by the time it arrives.
+    pub fn delay_listings(&self, delay: Duration) {
+        self.lock().listing_delay = delay;
     }
 
     /// Every REST request answered, in order.

@@ -5,11 +5,14 @@
 //! client sends no token to an absolute URL of a host other than api.github.com (GitHub
 //! Enterprise Server), so `Link` URLs would be refused there.
 
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
 
 use octocrab::Octocrab;
 use octocrab::models::{AppId, InstallationId, RunId, RunnerGroupId, RunnerId};
 
+use super::conditional::{Conditional, RateView, Tally};
 use super::config::{GitHubConfig, Scope};
 
 /// Items per page (GitHub's maximum).
@@ -38,6 +41,26 @@ pub(crate) enum GitHubError {
         /// GitHub's message.
         message: String,
     },
+    /// GitHub's rate limit holds listings back.
+    #[error("not listing GitHub until {until}: {why}")]
+    RateLimited {
+        /// When listings may resume (an HTTP date).
+        until: String,
+        /// Why.
+        why: String,
+    },
+    /// The configured runner group does not exist.
+    #[error(
+        "the organization {org} has no runner group called {name:?} (it has: {groups}); set runner_group to one of these"
+    )]
+    NoRunnerGroup {
+        /// The configured name.
+        name: String,
+        /// The organization.
+        org: String,
+        /// The groups there are.
+        groups: String,
+    },
     /// GitHub could not be reached, or answered something kiln cannot read.
     #[error("cannot {what} on GitHub: {message}")]
     Other {
@@ -49,7 +72,7 @@ pub(crate) enum GitHubError {
 }
 
 impl GitHubError {
-    fn from(what: &str, error: octocrab::Error) -> Self {
+    pub(crate) fn from(what: &str, error: octocrab::Error) -> Self {
         match error {
             octocrab::Error::GitHub { source, .. } => Self::Status {
                 what: what.to_owned(),
@@ -112,7 +135,7 @@ pub(crate) enum JobStatus {
 
 impl JobStatus {
     /// The status GitHub calls `status`; `None` for one no longer active (`completed`).
-    fn parse(status: &str) -> Option<Self> {
+    pub(crate) fn parse(status: &str) -> Option<Self> {
         match status {
             "queued" => Some(Self::Queued),
             "in_progress" => Some(Self::InProgress),
@@ -155,6 +178,12 @@ pub(crate) enum Deleted {
 pub(crate) struct GitHubApi {
     client: Octocrab,
     scope: Scope,
+    /// ETags, bodies and the rate limit of its listings.
+    conditional: Conditional,
+    /// Which repositories the next passes list.
+    sweep: Mutex<Sweep>,
+    /// The jobs of the runs listed, by run id.
+    runs: Mutex<HashMap<u64, KeptRun>>,
 }
 
 impl GitHubApi {
@@ -219,123 +248,222 @@ impl GitHubApi {
             app.installation(installation)
                 .map_err(|e| GitHubError::from("act as the App's installation", e))?
         };
-        Ok(Self { client, scope })
+        Ok(Self {
+            client,
+            scope,
+            conditional: Conditional::default(),
+            sweep: Mutex::new(Sweep::default()),
+            runs: Mutex::new(HashMap::new()),
+        })
     }
 
-    /// The repositories whose jobs kiln's runners may take.
-    async fn repositories(&self) -> Result<Vec<(String, String)>, GitHubError> {
-        match &self.scope {
-            Scope::Repo { owner, repo } => Ok(vec![(owner.clone(), repo.clone())]),
-            Scope::Org(org) => {
-                let mut repos = Vec::new();
-                for page in 1..=MAX_PAGES {
-                    let listed = self
-                        .client
-                        .orgs(org)
-                        .list_repos()
-                        .per_page(PER_PAGE)
-                        .page(page)
-                        .send()
-                        .await
-                        .map_err(|e| {
-                            GitHubError::from("list the organization's repositories", e)
-                        })?;
-                    let count = listed.items.len();
-                    repos.extend(listed.items.into_iter().map(|r| (org.clone(), r.name)));
-                    if count < usize::from(PER_PAGE) {
-                        break;
-                    }
-                }
-                Ok(repos)
+    /// The rate limit as GitHub last told.
+    pub(crate) fn rate(&self) -> Option<RateView> {
+        self.conditional.rate()
+    }
+
+    /// The requests since the last call, by how GitHub answered.
+    pub(crate) fn take_tally(&self) -> Tally {
+        self.conditional.take_tally()
+    }
+
+    /// A webhook named repository `repo` (`owner/name`): it is listed at the next pass.
+    pub(crate) fn touched(&self, repo: &str) {
+        self.sweep_state().touched.insert(repo.to_ascii_lowercase());
+    }
+
+    fn sweep_state(&self) -> std::sync::MutexGuard<'_, Sweep> {
+        self.sweep.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The organization's repositories (`owner`, `name`), conditionally.
+    async fn org_repositories(&self, org: &str) -> Result<Vec<(String, String)>, GitHubError> {
+        let mut repos = Vec::new();
+        for page in 1..=MAX_PAGES {
+            let listed: Vec<RepoItem> = self
+                .conditional
+                .get(
+                    &self.client,
+                    &format!("/orgs/{org}/repos?per_page={PER_PAGE}&page={page}"),
+                    "list the organization's repositories",
+                )
+                .await?;
+            let count = listed.len();
+            repos.extend(listed.into_iter().map(|r| (org.to_owned(), r.name)));
+            if count < usize::from(PER_PAGE) {
+                break;
             }
         }
+        Ok(repos)
     }
 
-    /// Every job of the scope that waits for a runner or runs on one: the jobs of queued and
-    /// in-progress runs (a run is in progress while any of its jobs runs, so its queued jobs
-    /// are listed there).
+    /// The repositories to list at this pass. A repository: every pass. An organization: the
+    /// first pass all of them; then those with active runs at the last pass or named by a
+    /// webhook since, and a slice of the others in turn, so that each is listed once per
+    /// `sweep` (webhooks carry the news; the sweep finds what a lost delivery did not).
+    async fn repositories_to_list(
+        &self,
+        interval: Duration,
+        sweep: Duration,
+    ) -> Result<Vec<(String, String)>, GitHubError> {
+        let org = match &self.scope {
+            Scope::Repo { owner, repo } => return Ok(vec![(owner.clone(), repo.clone())]),
+            Scope::Org(org) => org.clone(),
+        };
+        let all = self.org_repositories(&org).await?;
+        let mut state = self.sweep_state();
+        if !state.swept_once {
+            state.swept_once = true;
+            state.touched.clear();
+            return Ok(all);
+        }
+        let passes = (sweep.as_secs_f64() / interval.as_secs_f64().max(1.0))
+            .ceil()
+            .max(1.0);
+        let slice = ((all.len() as f64 / passes).ceil() as usize).max(1);
+        let from = state.cursor % all.len().max(1);
+        state.cursor = from + slice;
+        let touched = std::mem::take(&mut state.touched);
+        let chosen = all
+            .iter()
+            .enumerate()
+            .filter(|(index, (owner, name))| {
+                let full = format!("{owner}/{name}").to_ascii_lowercase();
+                let in_slice = (from..from + slice).any(|i| i % all.len() == *index);
+                in_slice || touched.contains(&full) || state.active.contains(&full)
+            })
+            .map(|(_, repo)| repo.clone())
+            .collect();
+        Ok(chosen)
+    }
+
+    /// Every job that waits for a runner or runs on one in the repositories listed at this
+    /// pass (see [`Self::repositories_to_list`]), with the repositories listed: the jobs of
+    /// queued and in-progress runs (a run is in progress while any of its jobs runs, so its
+    /// queued jobs are listed there). Conditional requests throughout; a run's jobs are listed
+    /// again only when the run changed (its `updated_at`). Refused while GitHub's rate limit
+    /// is nearly used up, keeping `reserve` requests for runners.
     ///
     /// # Errors
-    /// A listing failed.
-    pub(crate) async fn active_jobs(&self) -> Result<Vec<JobView>, GitHubError> {
+    /// A listing failed, or the rate limit holds listings back.
+    pub(crate) async fn active_jobs(
+        &self,
+        interval: Duration,
+        sweep: Duration,
+        reserve: u64,
+    ) -> Result<(Vec<JobView>, Vec<String>), GitHubError> {
+        self.conditional.check(reserve)?;
+        let repos = self.repositories_to_list(interval, sweep).await?;
         let mut jobs = Vec::new();
-        for (owner, repo) in self.repositories().await? {
-            let workflows = self.client.workflows(&owner, &repo);
+        let mut listed = Vec::new();
+        let mut seen_runs = HashSet::new();
+        for (owner, repo) in &repos {
+            self.conditional.check(reserve)?;
+            let full = format!("{owner}/{repo}");
+            let mut active = false;
             for status in ["queued", "in_progress"] {
                 for page in 1..=MAX_PAGES {
-                    let runs = workflows
-                        .list_all_runs()
-                        .status(status)
-                        .per_page(PER_PAGE)
-                        .page(page)
-                        .send()
-                        .await
-                        .map_err(|e| {
-                            GitHubError::from(
-                                &format!("list the {status} runs of {owner}/{repo}"),
-                                e,
-                            )
-                        })?;
-                    let count = runs.items.len();
-                    for run in runs.items {
-                        jobs.extend(self.run_jobs(&owner, &repo, run.id).await?);
+                    let runs: RunsPage = self
+                        .conditional
+                        .get(
+                            &self.client,
+                            &format!("/repos/{owner}/{repo}/actions/runs?status={status}&per_page={PER_PAGE}&page={page}"),
+                            &format!("list the {status} runs of {full}"),
+                        )
+                        .await?;
+                    let count = runs.workflow_runs.len();
+                    for run in runs.workflow_runs {
+                        active = true;
+                        seen_runs.insert(run.id);
+                        jobs.extend(self.run_jobs(owner, repo, &run).await?);
                     }
                     if count < usize::from(PER_PAGE) {
                         break;
                     }
                 }
             }
+            let mut sweep = self.sweep_state();
+            if active {
+                sweep.active.insert(full.to_ascii_lowercase());
+            } else {
+                sweep.active.remove(&full.to_ascii_lowercase());
+            }
+            listed.push(full);
         }
+        let listed_lower: HashSet<String> = listed.iter().map(|r| r.to_ascii_lowercase()).collect();
+        self.runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, run| seen_runs.contains(id) || !listed_lower.contains(&run.repo));
         jobs.sort_by_key(|j| j.id);
         jobs.dedup_by_key(|j| j.id);
-        Ok(jobs)
+        Ok((jobs, listed))
     }
 
+    /// The jobs of `run`'s latest attempt: kept from the last pass while the run is unchanged.
     async fn run_jobs(
         &self,
         owner: &str,
         repo: &str,
-        run: RunId,
+        run: &RunItem,
     ) -> Result<Vec<JobView>, GitHubError> {
+        let full = format!("{owner}/{repo}");
+        if let Some(kept) = self
+            .runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&run.id)
+            .filter(|kept| kept.updated_at == run.updated_at)
+        {
+            return Ok(kept.jobs.clone());
+        }
         let mut jobs = Vec::new();
         for page in 1..=MAX_PAGES {
-            let listed = self
-                .client
-                .workflows(owner, repo)
-                .list_jobs(run)
-                .filter(octocrab::params::workflows::Filter::Latest)
-                .per_page(PER_PAGE)
-                .page(page)
-                .send()
-                .await
-                .map_err(|e| {
-                    GitHubError::from(&format!("list the jobs of run {run} of {owner}/{repo}"), e)
-                })?;
-            let count = listed.items.len();
-            for job in listed.items {
-                let Some(status) = serde_json::to_value(&job.status)
-                    .ok()
-                    .and_then(|v| v.as_str().and_then(JobStatus::parse))
-                else {
+            let listed: JobsPage = self
+                .conditional
+                .get(
+                    &self.client,
+                    &format!(
+                        "/repos/{owner}/{repo}/actions/runs/{}/jobs?filter=latest&per_page={PER_PAGE}&page={page}",
+                        run.id
+                    ),
+                    &format!("list the jobs of run {} of {full}", run.id),
+                )
+                .await?;
+            let count = listed.jobs.len();
+            for job in listed.jobs {
+                let Some(status) = JobStatus::parse(&job.status) else {
                     continue;
                 };
                 jobs.push(JobView {
-                    id: *job.id,
-                    run_id: *job.run_id,
+                    id: job.id,
+                    run_id: job.run_id,
                     run_attempt: job.run_attempt,
-                    repo: format!("{owner}/{repo}"),
+                    repo: full.clone(),
                     labels: job.labels,
                     status,
                     runner_name: job.runner_name.filter(|n| !n.is_empty()),
                     name: job.name,
-                    url: job.html_url.to_string(),
-                    created_at: Some(job.created_at.into()),
+                    url: job.html_url.unwrap_or_default(),
+                    created_at: job
+                        .created_at
+                        .as_deref()
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                        .map(SystemTime::from),
                 });
             }
             if count < usize::from(PER_PAGE) {
                 break;
             }
         }
+        self.runs.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            run.id,
+            KeptRun {
+                repo: full.to_ascii_lowercase(),
+                updated_at: run.updated_at.clone(),
+                jobs: jobs.clone(),
+            },
+        );
         Ok(jobs)
     }
 
@@ -371,27 +499,28 @@ impl GitHubApi {
         Ok((*config.runner.id, config.encoded_jit_config))
     }
 
-    /// The scope's runner registrations.
+    /// The scope's runner registrations (conditionally: unchanged pages cost nothing).
     ///
     /// # Errors
     /// The listing failed.
     pub(crate) async fn runners(&self) -> Result<Vec<RunnerView>, GitHubError> {
-        let actions = self.client.actions();
+        let base = match &self.scope {
+            Scope::Repo { owner, repo } => format!("/repos/{owner}/{repo}/actions/runners"),
+            Scope::Org(org) => format!("/orgs/{org}/actions/runners"),
+        };
         let mut runners = Vec::new();
         for page in 1..=MAX_PAGES {
-            let builder = match &self.scope {
-                Scope::Repo { owner, repo } => actions.list_repo_self_hosted_runners(owner, repo),
-                Scope::Org(org) => actions.list_org_self_hosted_runners(org),
-            };
-            let listed = builder
-                .per_page(PER_PAGE)
-                .page(page)
-                .send()
-                .await
-                .map_err(|e| GitHubError::from("list the runners", e))?;
-            let count = listed.items.len();
-            runners.extend(listed.items.into_iter().map(|r| RunnerView {
-                id: *r.id,
+            let listed: RunnersPage = self
+                .conditional
+                .get(
+                    &self.client,
+                    &format!("{base}?per_page={PER_PAGE}&page={page}"),
+                    "list the runners",
+                )
+                .await?;
+            let count = listed.runners.len();
+            runners.extend(listed.runners.into_iter().map(|r| RunnerView {
+                id: r.id,
                 name: r.name,
                 online: r.status == "online",
                 busy: r.busy,
@@ -401,6 +530,78 @@ impl GitHubApi {
             }
         }
         Ok(runners)
+    }
+
+    /// The organization's runner group called `name` (case-insensitive), with the
+    /// repositories it serves when its visibility is `selected`.
+    ///
+    /// # Errors
+    /// No group of that name (the error lists the ones there are), or a listing failed.
+    pub(crate) async fn runner_group(&self, name: &str) -> Result<RunnerGroup, GitHubError> {
+        let Scope::Org(org) = &self.scope else {
+            return Err(GitHubError::Other {
+                what: format!("find runner group {name}"),
+                message: "runner groups belong to an organization; repository runners join the default group".into(),
+            });
+        };
+        let mut groups = Vec::new();
+        for page in 1..=MAX_PAGES {
+            let listed: GroupsPage = self
+                .conditional
+                .get(
+                    &self.client,
+                    &format!("/orgs/{org}/actions/runner-groups?per_page={PER_PAGE}&page={page}"),
+                    "list the organization's runner groups",
+                )
+                .await?;
+            let count = listed.runner_groups.len();
+            groups.extend(listed.runner_groups);
+            if count < usize::from(PER_PAGE) {
+                break;
+            }
+        }
+        let Some(group) = groups.iter().find(|g| g.name.eq_ignore_ascii_case(name)) else {
+            let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
+            return Err(GitHubError::NoRunnerGroup {
+                name: name.to_owned(),
+                org: org.clone(),
+                groups: names.join(", "),
+            });
+        };
+        let repos = if group.visibility == "selected" {
+            let mut repos = HashSet::new();
+            for page in 1..=MAX_PAGES {
+                let listed: GroupReposPage = self
+                    .conditional
+                    .get(
+                        &self.client,
+                        &format!(
+                            "/orgs/{org}/actions/runner-groups/{}/repositories?per_page={PER_PAGE}&page={page}",
+                            group.id
+                        ),
+                        &format!("list the repositories of runner group {}", group.name),
+                    )
+                    .await?;
+                let count = listed.repositories.len();
+                repos.extend(
+                    listed
+                        .repositories
+                        .into_iter()
+                        .map(|r| r.full_name.to_ascii_lowercase()),
+                );
+                if count < usize::from(PER_PAGE) {
+                    break;
+                }
+            }
+            Some(repos)
+        } else {
+            None
+        };
+        Ok(RunnerGroup {
+            id: group.id,
+            name: group.name.clone(),
+            repos,
+        })
     }
 
     /// Removes registration `id`.
@@ -462,14 +663,117 @@ impl GitHubApi {
                 )
             })
     }
+}
 
-    /// How much of the API rate limit is used (0..1), if GitHub says.
-    pub(crate) async fn rate_limit_used(&self) -> Option<f64> {
-        let limits = tokio::time::timeout(Duration::from_secs(10), self.client.ratelimit().get())
-            .await
-            .ok()?
-            .ok()?;
-        let core = limits.resources.core;
-        (core.limit > 0).then(|| 1.0 - core.remaining as f64 / core.limit as f64)
-    }
+/// A runner group, resolved by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RunnerGroup {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    /// The repositories (`owner/name`, lower-case) it serves; `None`: all of the organization's.
+    pub(crate) repos: Option<HashSet<String>>,
+}
+
+/// Which of an organization's repositories the next passes list.
+#[derive(Default)]
+struct Sweep {
+    /// Whether the first (full) pass happened.
+    swept_once: bool,
+    /// Where the next slice starts.
+    cursor: usize,
+    /// Repositories with queued or in-progress runs at their last listing (lower-case).
+    active: HashSet<String>,
+    /// Repositories named by a webhook since the last pass (lower-case).
+    touched: HashSet<String>,
+}
+
+/// A run's jobs as listed, while the run is unchanged.
+struct KeptRun {
+    /// `owner/name`, lower-case.
+    repo: String,
+    updated_at: String,
+    jobs: Vec<JobView>,
+}
+
+// GitHub's JSON, as far as kiln reads it.
+
+#[derive(serde::Deserialize)]
+struct RepoItem {
+    name: String,
+}
+
+#[derive(serde::Deserialize)]
+struct FullNameItem {
+    full_name: String,
+}
+
+#[derive(serde::Deserialize)]
+struct RunsPage {
+    workflow_runs: Vec<RunItem>,
+}
+
+#[derive(serde::Deserialize)]
+struct RunItem {
+    id: u64,
+    #[serde(default)]
+    updated_at: String,
+}
+
+#[derive(serde::Deserialize)]
+struct JobsPage {
+    jobs: Vec<JobItem>,
+}
+
+#[derive(serde::Deserialize)]
+struct JobItem {
+    id: u64,
+    run_id: u64,
+    #[serde(default = "first_attempt")]
+    run_attempt: u32,
+    status: String,
+    #[serde(default)]
+    labels: Vec<String>,
+    #[serde(default)]
+    runner_name: Option<String>,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    html_url: Option<String>,
+    #[serde(default)]
+    created_at: Option<String>,
+}
+
+fn first_attempt() -> u32 {
+    1
+}
+
+#[derive(serde::Deserialize)]
+struct RunnersPage {
+    runners: Vec<RunnerItem>,
+}
+
+#[derive(serde::Deserialize)]
+struct RunnerItem {
+    id: u64,
+    name: String,
+    status: String,
+    busy: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct GroupsPage {
+    runner_groups: Vec<GroupItem>,
+}
+
+#[derive(serde::Deserialize)]
+struct GroupItem {
+    id: u64,
+    name: String,
+    #[serde(default)]
+    visibility: String,
+}
+
+#[derive(serde::Deserialize)]
+struct GroupReposPage {
+    repositories: Vec<FullNameItem>,
 }

@@ -49,18 +49,47 @@ pub struct GitHubConfig {
     /// The App's installation id (default: looked up for the repository or organization).
     #[serde(default)]
     pub installation_id: Option<u64>,
-    /// The runner labels besides `self-hosted`; a job runs here when every label of its
-    /// `runs-on` is one of these (case-insensitive).
+    /// The runner labels besides the default ones; a job runs here when every label of its
+    /// `runs-on` is one of the runner's (case-insensitive).
     pub labels: Vec<String>,
-    /// The runner group runners join (1 is the default group).
+    /// Leave out the default labels `config.sh` gives a runner (`self-hosted`, the OS, the
+    /// architecture), which kiln gives its JIT runners too (GitHub adds none to a JIT runner):
+    /// like `config.sh --no-default-labels`.
+    #[serde(default)]
+    pub no_default_labels: bool,
+    /// The architecture label of the runners, as GitHub names it (`X64`, `ARM64`, `ARM`,
+    /// `X86`; default: that of the machine kiln runs on). Set it when runner pods run on
+    /// nodes of another architecture.
+    #[serde(default)]
+    pub runner_arch: Option<String>,
+    /// The runner group runners join, by id (1 is the default group).
     #[serde(default = "default_group")]
     pub runner_group_id: u64,
+    /// The runner group runners join, by name (organization scope; instead of
+    /// `runner_group_id`): looked up at start and every `runner_group_refresh`.
+    #[serde(default)]
+    pub runner_group: Option<String>,
+    /// How often a runner group named by `runner_group` is looked up again (renamed, or its
+    /// repositories changed).
+    #[serde(default = "default_group_refresh", with = "humantime_serde")]
+    pub runner_group_refresh: Duration,
+    /// A runner that took no job this long after it started is removed, with a warning naming
+    /// the labels it offered and the labels of jobs still waiting unmatched (wrong labels, or a
+    /// runner group that does not cover the repository); it counts as a failed attempt at its
+    /// job. Warm runners (`min_idle`) are exempt.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// Shared secret of `POST /hooks/github` (`workflow_job` events, `X-Hub-Signature-256`).
     #[serde(default)]
     pub webhook_secret: Option<String>,
     /// How often queued jobs are listed through the API (webhooks are not guaranteed).
     #[serde(default = "default_reconcile", with = "humantime_serde")]
     pub reconcile_interval: Duration,
+    /// Organization scope: every repository's runs are listed at least once per this period
+    /// (a slice of them at each reconcile; all at the first). Repositories with active runs,
+    /// or named by a webhook since the last reconcile, are listed at every one.
+    #[serde(default = "default_org_sweep", with = "humantime_serde")]
+    pub org_sweep_interval: Duration,
     /// Runners of this source at once (0: only `concurrent` limits).
     #[serde(default)]
     pub max_runners: usize,
@@ -95,6 +124,18 @@ fn default_group() -> u64 {
     1
 }
 
+fn default_org_sweep() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn default_group_refresh() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
 fn default_reconcile() -> Duration {
     Duration::from_secs(60)
 }
@@ -109,6 +150,28 @@ fn default_command() -> Vec<String> {
 
 fn default_work_folder() -> String {
     "_work".into()
+}
+
+/// GitHub's architecture labels (`config.sh` names the runner's architecture so).
+const ARCHITECTURES: [&str; 4] = ["X64", "ARM64", "ARM", "X86"];
+
+/// The OS label `config.sh` gives a runner on this machine.
+fn host_os() -> &'static str {
+    match std::env::consts::OS {
+        "windows" => "Windows",
+        "macos" => "macOS",
+        _ => "Linux",
+    }
+}
+
+/// The architecture label `config.sh` gives a runner on this machine.
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "ARM64",
+        "arm" => "ARM",
+        "x86" => "X86",
+        _ => "X64",
+    }
 }
 
 /// Where runners are registered.
@@ -136,6 +199,29 @@ impl GitHubConfig {
             (None, None, Some(org)) => Some(Scope::Org(org.clone())),
             _ => None,
         }
+    }
+
+    /// The labels of kiln's runners: the default ones (`self-hosted`, OS, architecture) unless
+    /// `no_default_labels`, then the configured ones.
+    pub(crate) fn runner_labels(&self) -> Vec<String> {
+        let mut labels = Vec::new();
+        if !self.no_default_labels {
+            let arch = self.runner_arch.as_deref().and_then(|arch| {
+                ARCHITECTURES
+                    .iter()
+                    .find(|a| a.eq_ignore_ascii_case(arch))
+                    .copied()
+            });
+            labels.extend(
+                ["self-hosted", host_os(), arch.unwrap_or_else(host_arch)].map(str::to_owned),
+            );
+        }
+        for label in &self.labels {
+            if !labels.iter().any(|l| l.eq_ignore_ascii_case(label)) {
+                labels.push(label.clone());
+            }
+        }
+        labels
     }
 
     /// The name used in logs, metrics and labels.
@@ -225,6 +311,43 @@ impl GitHubConfig {
                 "must be at least 16 characters".into(),
             );
         }
+        if let Some(arch) = &self.runner_arch
+            && !ARCHITECTURES.iter().any(|a| a.eq_ignore_ascii_case(arch))
+        {
+            problem(
+                at("runner_arch"),
+                format!(
+                    "`{arch}` is not one of GitHub's architecture labels ({})",
+                    ARCHITECTURES.join(", ")
+                ),
+            );
+        }
+        if self.runner_group.is_some() {
+            if self.runner_group_id != default_group() {
+                problem(
+                    at("runner_group"),
+                    "set runner_group (a name) or runner_group_id, not both".into(),
+                );
+            }
+            if self.org.is_none() {
+                problem(
+                    at("runner_group"),
+                    "runner groups belong to an organization: set `org` (repository runners join the default group)".into(),
+                );
+            }
+        }
+        if self.idle_timeout < Duration::from_secs(10) {
+            problem(
+                at("idle_timeout"),
+                "must be at least 10s (a runner pod needs time to start)".into(),
+            );
+        }
+        if self.org_sweep_interval < self.reconcile_interval {
+            problem(
+                at("org_sweep_interval"),
+                "must be at least reconcile_interval".into(),
+            );
+        }
         if self.reconcile_interval < Duration::from_secs(5) {
             problem(at("reconcile_interval"), "must be at least 5s".into());
         }
@@ -262,6 +385,8 @@ impl std::fmt::Debug for GitHubConfig {
             .field("private_key_file", &self.private_key_file)
             .field("installation_id", &self.installation_id)
             .field("labels", &self.labels)
+            .field("no_default_labels", &self.no_default_labels)
+            .field("runner_group", &self.runner_group)
             .field("webhook_secret", &redacted(self.webhook_secret.is_some()))
             .finish_non_exhaustive()
     }

@@ -8,11 +8,12 @@
 //! is replaced while the job still waits.
 
 mod api;
+mod conditional;
 mod config;
 mod metrics;
 mod webhook;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -30,7 +31,7 @@ use crate::sources::pacer::Pacer;
 use crate::sources::pool::{Demand, Phase, Pool};
 use crate::sources::{Adoption, Chain, Slot};
 use crate::telemetry::Metrics;
-use api::{Deleted, GitHubApi, GitHubError, JobStatus, JobView};
+use api::{Deleted, GitHubApi, GitHubError, JobStatus, JobView, RunnerGroup};
 use config::Scope;
 pub use config::{GITHUB_API, GitHubConfig};
 use metrics::{Api, ApiLabels, GitHubLabels, GitHubMetrics, LostLabels, LostReason};
@@ -62,6 +63,11 @@ const WORDS: Words = Words {
 };
 /// Names a job's runners can have at once (`kiln-gh-<job>`, `kiln-gh-<job>-2`, …).
 const MAX_NAMES: u32 = 4;
+/// How long a job kiln saw leave the queue is remembered: a listing taken before it left
+/// cannot bring it back meanwhile.
+const LEFT_MEMORY: Duration = Duration::from_secs(3600);
+/// Requests of the rate limit's window a reconcile leaves for registering and removing runners.
+const RATE_RESERVE: u64 = 200;
 /// The runner's work folder inside the image.
 const RUNNER_HOME: &str = "/home/runner";
 
@@ -70,8 +76,10 @@ pub struct GitHubSource {
     core: QueueCore<Event>,
     config: GitHubConfig,
     scope: Scope,
-    /// The labels a job may ask for, lower-cased: `self-hosted`, the configured labels, and
-    /// the class labels.
+    /// The labels every runner is registered with: the default ones (unless
+    /// `no_default_labels`) and the configured ones.
+    runner_labels: Vec<String>,
+    /// The labels a job may ask for, lower-cased: the runner labels and the class labels.
     accepted: HashSet<String>,
     metrics: Arc<GitHubMetrics>,
     deliveries: Mutex<Deliveries>,
@@ -167,7 +175,7 @@ pub(super) enum Event {
 
 /// A queued job kiln may serve.
 #[derive(Debug, Clone)]
-struct Queued {
+pub(super) struct Queued {
     job: JobView,
     class: RunnerClass,
 }
@@ -202,6 +210,10 @@ struct Runner {
     id: Option<u64>,
     /// The job it took, once known.
     took: Option<TakenJob>,
+    /// The labels it was registered with.
+    labels: Vec<String>,
+    /// One of the warm floor (`min_idle`): exempt from the idle timeout.
+    warm: bool,
 }
 
 /// A job one of kiln's runners took.
@@ -235,18 +247,27 @@ pub(super) struct State {
     reruns: Vec<Rerun>,
     /// Runs re-run already (once each), by (run id, attempt).
     reran: HashSet<(u64, u32)>,
+    /// Jobs seen leave the queue (taken or completed), and when: a job's status only moves
+    /// forward, so a listing taken before that cannot put it back in the queue.
+    left: HashMap<u64, Instant>,
+    /// Queued jobs of the scope whose labels no runner of kiln's has, by id: their repository
+    /// (lower-case) and labels, for the idle-timeout warning.
+    unmatched: BTreeMap<u64, (String, Vec<String>)>,
+    /// The runner group named by `runner_group`, and when it was looked up.
+    group: Option<(RunnerGroup, Instant)>,
+    /// Repositories a warning said the runner group does not cover (said once each).
+    uncovered: HashSet<String>,
 }
 
 impl GitHubSource {
     /// The source of entry `index`.
     pub fn new(config: &GitHubConfig, index: usize, metrics: Arc<Metrics>) -> Self {
-        let mut accepted: HashSet<String> = config
-            .labels
+        let runner_labels = config.runner_labels();
+        let accepted: HashSet<String> = runner_labels
             .iter()
             .chain(config.label_classes.keys())
             .map(|l| l.to_lowercase())
             .collect();
-        accepted.insert("self-hosted".into());
         Self {
             scope: config.scope().unwrap_or(Scope::Org(String::new())),
             core: QueueCore::new(
@@ -256,6 +277,7 @@ impl GitHubSource {
                 HealthTracker::new(&config.api_url, WORDS, Access::Checking),
             ),
             config: config.clone(),
+            runner_labels,
             accepted,
             metrics: metrics.stage::<GitHubMetrics>(),
             deliveries: Mutex::new(Deliveries::default()),
@@ -316,17 +338,56 @@ impl GitHubSource {
         }
     }
 
-    /// Runner `name` took a job (or GitHub says it is busy: `job` unknown).
-    fn took(runners: &mut Pool<RunnerClass, Runner>, name: &str, job: Option<TakenJob>) {
-        if let Some(runner) = runners.get_mut(name) {
-            runner.phase = Phase::Busy;
-            if job.is_some() {
-                runner.detail.took = job;
-            }
+    /// Runner `name` took a job (or GitHub says it is busy: `job` unknown). When the job is
+    /// newly known, the runner's build is described as that job (the status page, the cost
+    /// per project): GitHub gives a queued job to any idle matching runner, so a runner often
+    /// runs another job than the one it is named after.
+    async fn took(state: &mut State, name: &str, job: Option<(TakenJob, About)>) {
+        let Some(runner) = state.runners.get_mut(name) else {
+            return;
+        };
+        runner.phase = Phase::Busy;
+        let Some((taken, about)) = job else {
+            return;
+        };
+        if runner.detail.took.as_ref() == Some(&taken) {
+            return;
+        }
+        runner.detail.took = Some(taken);
+        state.chain.describe(name, about).await;
+    }
+
+    /// Whether the job of `repo` may run on the configured runner group (a group of
+    /// visibility `selected` serves only its repositories); a warning names the first job of
+    /// each repository it does not cover.
+    fn group_covers(&self, state: &mut State, repo: &str) -> bool {
+        let Some((group, _)) = &state.group else {
+            return true;
+        };
+        let Some(repos) = &group.repos else {
+            return true;
+        };
+        if repos.contains(&repo.to_ascii_lowercase()) {
+            return true;
+        }
+        if state.uncovered.insert(repo.to_ascii_lowercase()) {
+            tracing::warn!(github = %self.core.name, repo, group = %group.name, "runner group {:?} does not cover repository {repo}: its jobs are left to other runners (add the repository to the group in the organization's Actions settings)", group.name);
+        }
+        false
+    }
+
+    /// What a build shows of the job `job` it runs.
+    fn about(job: &JobView) -> About {
+        About {
+            project: job.repo.clone(),
+            job: job.name.clone(),
+            pipeline: Some(job.run_id.to_string()),
+            url: Some(job.url.clone()).filter(|u| !u.is_empty()),
+            queued_at: job.created_at,
         }
     }
 
-    fn webhook(&self, state: &mut State, event: &WorkflowJobEvent) {
+    async fn webhook(&self, state: &mut State, event: &WorkflowJobEvent) {
         let job = &event.workflow_job;
         if !self.in_scope(
             &event.repository.full_name,
@@ -334,32 +395,45 @@ impl GitHubSource {
         ) {
             return;
         }
+        if let Some(api) = &state.api {
+            api.touched(&event.repository.full_name);
+        }
         tracing::debug!(github = %self.core.name, action = ?event.action, job = job.id, "workflow_job webhook");
+        let view = JobView {
+            id: job.id,
+            run_id: job.run_id,
+            run_attempt: job.run_attempt,
+            repo: event.repository.full_name.clone(),
+            labels: job.labels.clone(),
+            status: JobStatus::Queued,
+            runner_name: None,
+            name: job.name.clone(),
+            url: job.html_url.clone().unwrap_or_default(),
+            created_at: Some(SystemTime::now()),
+        };
         match event.action {
             JobAction::Queued => {
-                if let Some(class) = self.classify(&job.labels) {
-                    state.queued.insert(
-                        job.id,
-                        Queued {
-                            job: JobView {
-                                id: job.id,
-                                run_id: job.run_id,
-                                run_attempt: job.run_attempt,
-                                repo: event.repository.full_name.clone(),
-                                labels: job.labels.clone(),
-                                status: JobStatus::Queued,
-                                runner_name: None,
-                                name: job.name.clone(),
-                                url: job.html_url.clone().unwrap_or_default(),
-                                created_at: Some(SystemTime::now()),
-                            },
-                            class,
-                        },
-                    );
+                if state.left.contains_key(&job.id) {
+                    // A late (re)delivery: the job was taken already.
+                    return;
+                }
+                if !self.group_covers(state, &event.repository.full_name) {
+                    return;
+                }
+                match self.classify(&job.labels) {
+                    Some(class) => {
+                        state.queued.insert(job.id, Queued { job: view, class });
+                    }
+                    None => {
+                        let repo = event.repository.full_name.to_ascii_lowercase();
+                        state.unmatched.insert(job.id, (repo, job.labels.clone()));
+                    }
                 }
             }
             JobAction::InProgress => {
-                state.queued.remove(&job.id);
+                state.left.insert(job.id, Instant::now());
+                state.unmatched.remove(&job.id);
+                let queued = state.queued.remove(&job.id);
                 if let Some(name) = job.runner_name.as_deref() {
                     let taken = TakenJob {
                         repo: event.repository.full_name.clone(),
@@ -367,42 +441,113 @@ impl GitHubSource {
                         run_attempt: job.run_attempt,
                         job_id: job.id,
                     };
-                    Self::took(&mut state.runners, name, Some(taken));
+                    // What the queue knew of the job (its queueing time), else the webhook's.
+                    let about = Self::about(queued.as_ref().map_or(&view, |q| &q.job));
+                    Self::took(state, name, Some((taken, about))).await;
                 }
             }
             JobAction::Completed => {
+                state.left.insert(job.id, Instant::now());
+                state.unmatched.remove(&job.id);
                 state.queued.remove(&job.id);
             }
             JobAction::Waiting | JobAction::Other => {}
         }
     }
 
-    /// Lists the scope's jobs and runners: the queued jobs kiln serves, which of kiln's runners
-    /// took a job, registrations without a runner (zombies) and runs waiting to be re-run.
-    async fn reconcile(&self, state: &mut State) -> Result<(), GitHubError> {
-        let Some(api) = &state.api else {
+    /// Looks the runner group named by `runner_group` up, at the first look and every
+    /// `runner_group_refresh`.
+    async fn resolve_group(&self, state: &mut State) -> Result<(), GitHubError> {
+        let (Some(name), Some(api)) = (&self.config.runner_group, &state.api) else {
             return Ok(());
         };
-        let jobs = api.active_jobs().await?;
-        let mut queued = BTreeMap::new();
+        if state
+            .group
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() < self.config.runner_group_refresh)
+        {
+            return Ok(());
+        }
+        let group = api.runner_group(name).await?;
+        if state.group.as_ref().is_none_or(|(g, _)| *g != group) {
+            tracing::info!(github = %self.core.name, group = %group.name, id = group.id, repositories = ?group.repos.as_ref().map(HashSet::len), "runner group resolved");
+            state.uncovered.clear();
+        }
+        state.group = Some((group, Instant::now()));
+        Ok(())
+    }
+
+    /// The runner group runners join.
+    fn group_id(&self, state: &State) -> u64 {
+        state
+            .group
+            .as_ref()
+            .map_or(self.config.runner_group_id, |(g, _)| g.id)
+    }
+
+    /// Lists the scope's runners and jobs: the queued jobs kiln serves, which of kiln's runners
+    /// took a job, registrations without a runner (zombies) and runs waiting to be re-run.
+    async fn reconcile(&self, state: &mut State) -> Result<(), GitHubError> {
+        let Some(api) = state.api.take() else {
+            return Ok(());
+        };
+        let result = self.reconcile_with(&api, state).await;
+        state.api = Some(api);
+        result
+    }
+
+    /// The registrations are listed before the jobs: a job listed queued was still queued
+    /// after its runner was seen idle, so the two listings never show a runner busy with a
+    /// job the other says waits. Jobs seen leave the queue are not put back by a listing
+    /// taken before they left (`left`), and news that came while listing is taken before
+    /// the pass acts (see `sources::driver`).
+    async fn reconcile_with(&self, api: &GitHubApi, state: &mut State) -> Result<(), GitHubError> {
+        let registrations = api.runners().await?;
+        let (jobs, listed) = api
+            .active_jobs(
+                self.config.reconcile_interval,
+                self.config.org_sweep_interval,
+                RATE_RESERVE,
+            )
+            .await?;
+        let listed: HashSet<String> = listed.iter().map(|r| r.to_ascii_lowercase()).collect();
+        state
+            .queued
+            .retain(|_, q| !listed.contains(&q.job.repo.to_ascii_lowercase()));
+        state
+            .unmatched
+            .retain(|_, (repo, _)| !listed.contains(repo));
         for job in jobs {
-            if let Some(name) = job.runner_name.as_deref() {
+            if let Some(name) = job.runner_name.clone() {
                 let taken = TakenJob {
                     repo: job.repo.clone(),
                     run_id: job.run_id,
                     run_attempt: job.run_attempt,
                     job_id: job.id,
                 };
-                Self::took(&mut state.runners, name, Some(taken));
+                Self::took(state, &name, Some((taken, Self::about(&job)))).await;
             }
-            if job.status == JobStatus::Queued
-                && let Some(class) = self.classify(&job.labels)
-            {
-                queued.insert(job.id, Queued { job, class });
+            if job.status != JobStatus::Queued {
+                if job.status == JobStatus::InProgress {
+                    state.left.entry(job.id).or_insert_with(Instant::now);
+                }
+                continue;
+            }
+            if state.left.contains_key(&job.id) || !self.group_covers(state, &job.repo) {
+                continue;
+            }
+            match self.classify(&job.labels) {
+                Some(class) => {
+                    state.queued.insert(job.id, Queued { job, class });
+                }
+                None => {
+                    let repo = job.repo.to_ascii_lowercase();
+                    state.unmatched.insert(job.id, (repo, job.labels));
+                }
             }
         }
-        state.queued = queued;
-        for registration in api.runners().await? {
+        state.left.retain(|_, at| at.elapsed() < LEFT_MEMORY);
+        for registration in registrations {
             if !registration.name.starts_with(RUNNER_PREFIX) {
                 continue;
             }
@@ -410,7 +555,7 @@ impl GitHubSource {
                 Some(runner) => {
                     runner.detail.id.get_or_insert(registration.id);
                     if registration.busy {
-                        Self::took(&mut state.runners, &registration.name, None);
+                        Self::took(state, &registration.name, None).await;
                     }
                 }
                 None if !registration.online && !registration.busy => {
@@ -458,18 +603,21 @@ impl GitHubSource {
             }
         }
         state.reruns = waiting;
-        if let Some(used) = api.rate_limit_used().await {
+        if let Some(rate) = api.rate() {
             self.metrics
                 .rate_limit_saturation
                 .get_or_create(&ApiLabels { api: Api::GitHub })
-                .set(used);
+                .set(rate.saturation());
         }
+        let tally = api.take_tally();
+        tracing::debug!(github = %self.core.name, repositories = listed.len(), fresh = tally.fresh, not_modified = tally.not_modified, "reconciled");
         Ok(())
     }
 
     /// Starts runners until every class has as many idle runners as queued jobs (plus the warm
     /// floor), and retires idle runners beyond that (see [`Pool`]).
     async fn scale(&self, state: &mut State) {
+        self.time_out_idle(state).await;
         let mut classes: BTreeMap<RunnerClass, Vec<u64>> = BTreeMap::new();
         classes.entry(RunnerClass::Default).or_default();
         for (id, queued) in &state.queued {
@@ -526,6 +674,59 @@ impl GitHubSource {
         }
     }
 
+    /// Removes the runners that took no job within `idle_timeout` of their start (warm ones
+    /// excepted): GitHub gives them none — their labels match no waiting job, or their runner
+    /// group does not cover the job's repository. Each counts as a failed attempt at its job.
+    async fn time_out_idle(&self, state: &mut State) {
+        let expired: Vec<String> = state
+            .runners
+            .iter()
+            .filter(|(_, r)| {
+                r.phase != Phase::Busy
+                    && !r.detail.warm
+                    && r.started.elapsed() >= self.config.idle_timeout
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in expired {
+            let Some(runner) = state.runners.get(&name) else {
+                continue;
+            };
+            let (labels, work) = (runner.detail.labels.join(", "), runner.work);
+            if let (Some(api), Some(id)) = (&state.api, runner.detail.id) {
+                match api.delete_runner(id).await {
+                    Ok(Deleted::Busy) => {
+                        Self::took(state, &name, None).await;
+                        continue;
+                    }
+                    Ok(Deleted::Gone) => self.registration_removed(),
+                    Err(e) => {
+                        tracing::warn!(github = %self.core.name, runner = %name, error = %e, "cannot remove an idle runner's registration; retrying at the next pass");
+                        continue;
+                    }
+                }
+            }
+            let waiting: BTreeSet<String> = state
+                .unmatched
+                .values()
+                .map(|(_, labels)| format!("[{}]", labels.join(", ")))
+                .collect();
+            let waiting = if waiting.is_empty() {
+                "none".to_owned()
+            } else {
+                waiting.into_iter().collect::<Vec<_>>().join(" ")
+            };
+            tracing::warn!(
+                github = %self.core.name, runner = %name, labels = %labels, unmatched = %waiting,
+                "runner took no job within idle_timeout ({}s); removing it. It offered the labels [{labels}]; job labels still waiting unmatched: {waiting}. If the job it was started for has these labels, check that the runner group covers its repository",
+                self.config.idle_timeout.as_secs()
+            );
+            state.runners.remove(&name);
+            state.runners.attempt_failed(work);
+            state.chain.stop(&name).await;
+        }
+    }
+
     /// An idle runner no job waits for: its registration is removed (unless GitHub gave it a
     /// job meanwhile) and its build stopped.
     async fn retire(&self, state: &mut State, name: &str) {
@@ -535,7 +736,7 @@ impl GitHubSource {
         if let (Some(api), Some(id)) = (&state.api, id) {
             match api.delete_runner(id).await {
                 Ok(Deleted::Busy) => {
-                    Self::took(&mut state.runners, name, None);
+                    Self::took(state, name, None).await;
                     return;
                 }
                 Ok(Deleted::Gone) => {}
@@ -571,7 +772,7 @@ impl GitHubSource {
         let Some(api) = &state.api else {
             return false;
         };
-        let mut labels = self.config.labels.clone();
+        let mut labels = self.runner_labels.clone();
         if let Some(q) = queued {
             labels.extend(
                 q.job
@@ -589,13 +790,13 @@ impl GitHubSource {
                     .cloned(),
             );
         }
-        labels.sort();
-        labels.dedup();
+        let mut seen = HashSet::new();
+        labels.retain(|l| seen.insert(l.to_lowercase()));
         let (runner_id, jit) = match api
             .jit_config(
                 name,
-                self.config.runner_group_id,
-                labels,
+                self.group_id(state),
+                labels.clone(),
                 &self.config.work_folder,
             )
             .await
@@ -627,6 +828,8 @@ impl GitHubSource {
         let runner = Runner {
             id: Some(runner_id),
             took: None,
+            labels,
+            warm: queued.is_none(),
         };
         let started = Instant::now();
         state
@@ -794,7 +997,7 @@ impl QueueDriven for GitHubSource {
     /// Webhooks come as news (each one a pass at once), not as early looks: a look is a
     /// reconcile, which webhooks make rarely needed.
     fn start(&self, chain: Arc<dyn Chain>) -> (State, Pacer, Option<Arc<Notify>>) {
-        tracing::info!(github = %self.core.name, api = %crate::net::redact_url(&self.config.api_url), labels = ?self.config.labels, "GitHub source started");
+        tracing::info!(github = %self.core.name, api = %crate::net::redact_url(&self.config.api_url), labels = ?self.runner_labels, "GitHub source started");
         let state = State {
             chain,
             api: None,
@@ -802,6 +1005,10 @@ impl QueueDriven for GitHubSource {
             runners: Pool::new(MAX_ATTEMPTS),
             reruns: Vec::new(),
             reran: HashSet::new(),
+            left: HashMap::new(),
+            unmatched: BTreeMap::new(),
+            group: None,
+            uncovered: HashSet::new(),
         };
         let pacer =
             Pacer::new(self.config.reconcile_interval, MAX_BACKOFF).first_backoff(FIRST_BACKOFF);
@@ -852,6 +1059,8 @@ impl QueueDriven for GitHubSource {
                 let runner = Runner {
                     id: runner_id,
                     took: None,
+                    labels: Vec::new(),
+                    warm: false,
                 };
                 let started = Instant::now();
                 state
@@ -859,7 +1068,7 @@ impl QueueDriven for GitHubSource {
                     .insert(name, class, job_id, started, Phase::Idle, runner);
             }
             Event::Ended { name, ending } => self.runner_ended(state, &name, &ending).await,
-            Event::Webhook(event) => self.webhook(state, &event),
+            Event::Webhook(event) => self.webhook(state, &event).await,
         }
         false
     }
@@ -875,6 +1084,7 @@ impl QueueDriven for GitHubSource {
             self.core.health.accept();
             self.core.health.succeeded();
         }
+        self.resolve_group(state).await?;
         if !state.chain.leading() {
             return Ok(Looked::Skipped);
         }
@@ -883,7 +1093,9 @@ impl QueueDriven for GitHubSource {
     }
 
     async fn settle(&self, state: &mut State) {
-        if state.api.is_some() {
+        // Runners join the named group only: none start before it is resolved.
+        let group_pending = self.config.runner_group.is_some() && state.group.is_none();
+        if state.api.is_some() && !group_pending {
             self.scale(state).await;
         }
     }

@@ -1,4 +1,4 @@
-//! Who is calling and what they may do: the `Authorization` header (PAT, App JWT, installation token), GitHub's rate limits with their headers, and the request log.
+//! Who is calling and what they may do: the `Authorization` header (PAT, App JWT, installation token), GitHub's rate limits with their headers, conditional requests (`ETag`, `If-None-Match` → 304, which GitHub does not count against the primary rate limit), and the request log.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
@@ -110,6 +110,10 @@ pub(super) async fn gate(
         |p| p.as_str().to_owned(),
     );
     let is_app_route = request.uri().path().starts_with("/app");
+    let if_none_match = (request.method() == axum::http::Method::GET)
+        .then(|| request.headers().get(header::IF_NONE_MATCH).cloned())
+        .flatten();
+    let is_get = request.method() == axum::http::Method::GET;
     let (caller, refusal) = authenticate(&s, request.headers(), is_app_route);
     let installation = caller.as_ref().and_then(|c| c.installation);
     let kind = caller.as_ref().map_or(AuthKind::Invalid, |c| c.kind);
@@ -135,6 +139,23 @@ pub(super) async fn gate(
         }
         (None, None, None) => unauthorized("Bad credentials"),
     };
+    let delay = s.lock().listing_delay;
+    let runs_list = path
+        .split('?')
+        .next()
+        .is_some_and(|p| p.ends_with("/actions/runs"));
+    if is_get && runs_list && !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    if is_get && response.status() == StatusCode::OK {
+        response = conditional(
+            &s,
+            response,
+            if_none_match,
+            counted.then_some((&bucket, kind)),
+        )
+        .await;
+    }
     let mut st = s.lock();
     let headers = response.headers_mut();
     if !headers.contains_key("x-ratelimit-limit") {
@@ -163,6 +184,46 @@ pub(super) async fn gate(
         at: SystemTime::now(),
     });
     response
+}
+
+/// A 200 answer to a GET gets an `ETag` (a hash of its body); when the request's
+/// `If-None-Match` names it, the answer is `304 Not Modified` without a body, and — as GitHub
+/// documents for authorized conditional requests — it does not count against the rate limit.
+async fn conditional(
+    s: &Shared,
+    response: Response,
+    if_none_match: Option<HeaderValue>,
+    counted: Option<(&str, AuthKind)>,
+) -> Response {
+    use sha2::Digest;
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return Response::from_parts(parts, axum::body::Body::empty());
+    };
+    let etag = format!("W/\"{}\"", hex::encode(sha2::Sha256::digest(&bytes)));
+    let matches = if_none_match
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|tag| tag.trim() == etag || tag.trim() == "*")
+        });
+    parts
+        .headers
+        .insert(header::ETAG, HeaderValue::from_str(&etag).unwrap());
+    if !matches {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    }
+    if let Some((bucket, kind)) = counted {
+        let mut st = s.lock();
+        let bucket = st.rate.bucket(bucket, kind);
+        bucket.used = bucket.used.saturating_sub(1);
+    }
+    parts.status = StatusCode::NOT_MODIFIED;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::CONTENT_TYPE);
+    parts.headers.remove(header::LINK);
+    Response::from_parts(parts, axum::body::Body::empty())
 }
 
 /// Who the `Authorization` header names; `Err`-like refusals come back as the second value.

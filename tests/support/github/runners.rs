@@ -29,6 +29,11 @@ use super::{
 
 pub(super) fn routes() -> Router<Arc<Shared>> {
     Router::new()
+        .route("/orgs/{org}/actions/runner-groups", get(org_runner_groups))
+        .route(
+            "/orgs/{org}/actions/runner-groups/{id}/repositories",
+            get(runner_group_repos),
+        )
         .route(
             "/repos/{owner}/{repo}/actions/runners/generate-jitconfig",
             post(repo_jitconfig),
@@ -61,8 +66,9 @@ impl ServerState {
     }
 
     /// Whether runner `r` may take `job`: the job's repository is in the runner's scope (and
-    /// runner group), and every `runs-on` label is one of the runner's, case-insensitively,
-    /// `self-hosted` included.
+    /// runner group), and every `runs-on` label is one of the runner's, case-insensitively. A
+    /// JIT runner has exactly the labels of its JIT call: GitHub adds none (not even
+    /// `self-hosted`; `config.sh` adds the default labels, JIT does not).
     fn takes(&self, r: &Runner, job: &Job) -> bool {
         let in_scope = match &r.scope {
             Scope::Repo(id) => *id == job.repo,
@@ -76,10 +82,11 @@ impl ServerState {
             }
         };
         in_scope
-            && job.spec.labels.iter().all(|label| {
-                label.eq_ignore_ascii_case("self-hosted")
-                    || r.labels.iter().any(|l| l.eq_ignore_ascii_case(label))
-            })
+            && job
+                .spec
+                .labels
+                .iter()
+                .all(|label| r.labels.iter().any(|l| l.eq_ignore_ascii_case(label)))
     }
 
     /// Gives each queued job, oldest first, to an idle connected runner that takes it.
@@ -147,17 +154,13 @@ impl ServerState {
     }
 
     fn runner_json(&self, r: &Runner) -> Value {
-        let mut labels = vec![
-            json!({"id": self.label_ids["self-hosted"], "name": "self-hosted", "type": "read-only"}),
-        ];
-        labels.extend(
-            r.labels
-                .iter()
-                .filter(|l| !l.eq_ignore_ascii_case("self-hosted"))
-                .map(|l| {
-                    json!({"id": self.label_ids[&l.to_ascii_lowercase()], "name": l, "type": "custom"})
-                }),
-        );
+        // Exactly the labels of the JIT call, all custom: the read-only default labels are
+        // those `config.sh` adds, and a JIT runner gets none.
+        let labels: Vec<Value> = r
+            .labels
+            .iter()
+            .map(|l| json!({"id": self.label_ids[&l.to_ascii_lowercase()], "name": l, "type": "custom"}))
+            .collect();
         json!({
             "id": r.id,
             "name": r.name,
@@ -199,7 +202,6 @@ impl ServerState {
                 ),
             );
         }
-        self.label_id("self-hosted");
         for label in &request.labels {
             self.label_id(label);
         }
@@ -250,6 +252,87 @@ impl ServerState {
             _ => Err(not_found()),
         }
     }
+}
+
+/// `GET /orgs/{org}/actions/runner-groups`: the default group (id 1, visible to all
+/// repositories) and the organization's others, with their visibility.
+async fn org_runner_groups(
+    s: Srv,
+    Path(org): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    uri: Uri,
+    axum::Extension(caller): axum::Extension<Caller>,
+) -> Response {
+    let st = s.lock();
+    let org = match caller.org(&st, &org, "organization_self_hosted_runners", Level::Read) {
+        Ok(org) => org,
+        Err(refusal) => return refusal,
+    };
+    let base = format!("{}/orgs/{org}/actions/runner-groups", st.base);
+    let group = |id: u64, name: &str, visibility: &str, hosted: bool| {
+        json!({
+            "id": id,
+            "name": name,
+            "visibility": visibility,
+            "default": id == DEFAULT_RUNNER_GROUP,
+            "runners_url": format!("{base}/{id}/runners"),
+            "selected_repositories_url": (visibility == "selected").then(|| format!("{base}/{id}/repositories")),
+            "inherited": false,
+            "allows_public_repositories": false,
+            "restricted_to_workflows": false,
+            "selected_workflows": [],
+            "workflow_restrictions_read_only": false,
+            "hosted_runners_url": hosted.then(|| format!("{base}/{id}/hosted-runners")),
+        })
+    };
+    let mut groups = vec![group(DEFAULT_RUNNER_GROUP, "Default", "all", false)];
+    groups.extend(
+        st.groups
+            .iter()
+            .filter(|((o, _), _)| *o == org)
+            .map(|((_, id), g)| {
+                let visibility = if g.repos.is_some() { "selected" } else { "all" };
+                group(*id, &g.name, visibility, g.hosted)
+            }),
+    );
+    let (page, link) = paginate(&groups, &st.base, &uri, &q);
+    paged(
+        StatusCode::OK,
+        json!({"total_count": groups.len(), "runner_groups": page}),
+        link,
+    )
+}
+
+/// `GET /orgs/{org}/actions/runner-groups/{id}/repositories`: the repositories a group of
+/// visibility `selected` serves.
+async fn runner_group_repos(
+    s: Srv,
+    Path((org, id)): Path<(String, u64)>,
+    Query(q): Query<HashMap<String, String>>,
+    uri: Uri,
+    axum::Extension(caller): axum::Extension<Caller>,
+) -> Response {
+    let st = s.lock();
+    let org = match caller.org(&st, &org, "organization_self_hosted_runners", Level::Read) {
+        Ok(org) => org,
+        Err(refusal) => return refusal,
+    };
+    let Some(group) = st.groups.get(&(org, id)) else {
+        return not_found();
+    };
+    let repos: Vec<Value> = group
+        .repos
+        .iter()
+        .flatten()
+        .filter_map(|repo| st.repos.get(repo))
+        .map(|repo| super::repo_json(&st, repo))
+        .collect();
+    let (page, link) = paginate(&repos, &st.base, &uri, &q);
+    paged(
+        StatusCode::OK,
+        json!({"total_count": repos.len(), "repositories": page}),
+        link,
+    )
 }
 
 struct JitRequest {
