@@ -79,7 +79,11 @@ impl Chain for SourceChain {
     }
 
     fn describe<'a>(&'a self, name: &'a str, about: About) -> BoxFuture<'a, ()> {
-        self.launcher.table.describe(name, about);
+        // A short job's news can come after its runner ended: its record in the history is
+        // described then (the cost counted at its end keeps the project known then).
+        if !self.launcher.table.describe(name, &about) {
+            self.launcher.history.describe(name, &about);
+        }
         Box::pin(async {})
     }
 

@@ -80,6 +80,17 @@ impl History {
         finished.push_back(Arc::new(record));
     }
 
+    /// The newest finished build called `name` did other work than it was launched for
+    /// (news of it came after its end): people see `about` from now on.
+    pub(crate) fn describe(&self, name: &str, about: &crate::build::About) {
+        let mut finished = self.lock();
+        if let Some(record) = finished.iter_mut().rev().find(|r| r.name == name) {
+            let mut described = BuildRecord::clone(record);
+            described.about = about.clone();
+            *record = Arc::new(described);
+        }
+    }
+
     /// The builds kept, newest first.
     pub(crate) fn newest_first(&self) -> Vec<Arc<BuildRecord>> {
         self.lock().iter().rev().cloned().collect()

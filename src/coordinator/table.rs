@@ -117,10 +117,12 @@ impl Table {
     }
 
     /// Build `name` does other work than it was launched for: people see `about` from now on.
-    pub(crate) fn describe(&self, name: &str, about: About) {
-        if let Some(alive) = self.lock().get_mut(name) {
-            alive.about = about;
-        }
+    /// False when no build of that name is alive.
+    pub(crate) fn describe(&self, name: &str, about: &About) -> bool {
+        self.lock()
+            .get_mut(name)
+            .map(|alive| alive.about = about.clone())
+            .is_some()
     }
 
     /// Takes build `name` out of the table.

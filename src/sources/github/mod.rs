@@ -61,8 +61,6 @@ const WORDS: Words = Words {
     rejected: "paused: credentials rejected",
     failing: Failing::BacksOff,
 };
-/// Names a job's runners can have at once (`kiln-gh-<job>`, `kiln-gh-<job>-2`, …).
-const MAX_NAMES: u32 = 4;
 /// How long a job kiln saw leave the queue is remembered: a listing taken before it left
 /// cannot bring it back meanwhile.
 const LEFT_MEMORY: Duration = Duration::from_secs(3600);
@@ -253,6 +251,13 @@ pub(super) struct State {
     /// Queued jobs of the scope whose labels no runner of kiln's has, by id: their repository
     /// (lower-case) and labels, for the idle-timeout warning.
     unmatched: BTreeMap<u64, (String, Vec<String>)>,
+    /// Runners that ended after running a job whose news (the `in_progress` webhook) has
+    /// not come yet, with their class and when they ended: each stands for one job of its
+    /// class that no longer waits, though kiln cannot tell which yet. Forgotten when the
+    /// news comes, or when a listing taken after the end shows the queue as it is.
+    unattributed: Vec<(String, RunnerClass, Instant)>,
+    /// The names of runners started (or adopted) in the last hour: never given again.
+    used_names: HashMap<String, Instant>,
     /// The runner group named by `runner_group`, and when it was looked up.
     group: Option<(RunnerGroup, Instant)>,
     /// Repositories a warning said the runner group does not cover (said once each).
@@ -343,7 +348,17 @@ impl GitHubSource {
     /// per project): GitHub gives a queued job to any idle matching runner, so a runner often
     /// runs another job than the one it is named after.
     async fn took(state: &mut State, name: &str, job: Option<(TakenJob, About)>) {
+        if job.is_some() {
+            state.unattributed.retain(|(n, _, _)| n != name);
+        }
         let Some(runner) = state.runners.get_mut(name) else {
+            // Its build ended before the news came (a short job, a late webhook): its record
+            // still shows what it ran.
+            if let Some((_, about)) = job
+                && name.starts_with(RUNNER_PREFIX)
+            {
+                state.chain.describe(name, about).await;
+            }
             return;
         };
         runner.phase = Phase::Busy;
@@ -431,6 +446,9 @@ impl GitHubSource {
                 }
             }
             JobAction::InProgress => {
+                if let Some(name) = job.runner_name.as_deref() {
+                    state.unattributed.retain(|(n, _, _)| n != name);
+                }
                 state.left.insert(job.id, Instant::now());
                 state.unmatched.remove(&job.id);
                 let queued = state.queued.remove(&job.id);
@@ -449,7 +467,19 @@ impl GitHubSource {
             JobAction::Completed => {
                 state.left.insert(job.id, Instant::now());
                 state.unmatched.remove(&job.id);
-                state.queued.remove(&job.id);
+                let queued = state.queued.remove(&job.id);
+                // The news of the runner that ran it, when `in_progress` was lost or late.
+                if let Some(name) = job.runner_name.as_deref() {
+                    state.unattributed.retain(|(n, _, _)| n != name);
+                    let taken = TakenJob {
+                        repo: event.repository.full_name.clone(),
+                        run_id: job.run_id,
+                        run_attempt: job.run_attempt,
+                        job_id: job.id,
+                    };
+                    let about = Self::about(queued.as_ref().map_or(&view, |q| &q.job));
+                    Self::took(state, name, Some((taken, about))).await;
+                }
             }
             JobAction::Waiting | JobAction::Other => {}
         }
@@ -502,6 +532,7 @@ impl GitHubSource {
     /// taken before they left (`left`), and news that came while listing is taken before
     /// the pass acts (see `sources::driver`).
     async fn reconcile_with(&self, api: &GitHubApi, state: &mut State) -> Result<(), GitHubError> {
+        let listing_started = Instant::now();
         let registrations = api.runners().await?;
         let (jobs, listed) = api
             .active_jobs(
@@ -547,6 +578,10 @@ impl GitHubSource {
             }
         }
         state.left.retain(|_, at| at.elapsed() < LEFT_MEMORY);
+        state.used_names.retain(|_, at| at.elapsed() < LEFT_MEMORY);
+        state
+            .unattributed
+            .retain(|(_, _, ended)| *ended > listing_started);
         for registration in registrations {
             if !registration.name.starts_with(RUNNER_PREFIX) {
                 continue;
@@ -623,6 +658,13 @@ impl GitHubSource {
         for (id, queued) in &state.queued {
             classes.entry(queued.class.clone()).or_default().push(*id);
         }
+        // Jobs that ended runners ran, not known yet which: the newest waiting jobs of their
+        // class stop counting (GitHub hands out the oldest first).
+        for (_, class, _) in &state.unattributed {
+            if let Some(jobs) = classes.get_mut(class) {
+                jobs.pop();
+            }
+        }
         let demands = classes
             .into_iter()
             .map(|(class, jobs)| Demand {
@@ -647,9 +689,11 @@ impl GitHubSource {
             // runner took another job (runners are fungible), the next name in line.
             let (name, id) = match start.work {
                 Some(job) => {
-                    let Some(name) = (1..=MAX_NAMES)
+                    // Never a name used before: news about a runner comes by its name, and
+                    // late news of an ended runner must not land on a new one of its name.
+                    let Some(name) = (1..)
                         .map(|n| runner_name(job, n))
-                        .find(|name| !state.runners.contains(name))
+                        .find(|name| !state.used_names.contains_key(name))
                     else {
                         continue;
                     };
@@ -832,6 +876,7 @@ impl GitHubSource {
             warm: queued.is_none(),
         };
         let started = Instant::now();
+        state.used_names.insert(name.to_owned(), started);
         state
             .runners
             .insert(name.to_owned(), class, id, started, Phase::Idle, runner);
@@ -916,6 +961,12 @@ impl GitHubSource {
         }
         let mut took_job = runner.phase == Phase::Busy;
         let clean_exit = ending.outcome == Outcome::Succeeded;
+        if clean_exit && runner.detail.took.is_none() {
+            // An ephemeral runner exits cleanly after its one job.
+            state
+                .unattributed
+                .push((name.to_owned(), runner.group.clone(), Instant::now()));
+        }
         if (!clean_exit || !took_job)
             && let (Some(api), Some(id)) = (&state.api, runner.detail.id)
         {
@@ -1007,6 +1058,8 @@ impl QueueDriven for GitHubSource {
             reran: HashSet::new(),
             left: HashMap::new(),
             unmatched: BTreeMap::new(),
+            unattributed: Vec::new(),
+            used_names: HashMap::new(),
             group: None,
             uncovered: HashSet::new(),
         };
@@ -1063,6 +1116,7 @@ impl QueueDriven for GitHubSource {
                     warm: false,
                 };
                 let started = Instant::now();
+                state.used_names.insert(name.clone(), started);
                 state
                     .runners
                     .insert(name, class, job_id, started, Phase::Idle, runner);
