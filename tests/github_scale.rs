@@ -144,16 +144,24 @@ async fn runs_on_self_hosted_linux_x64_runs_and_each_build_names_the_job_its_run
 #[tokio::test(flavor = "multi_thread")]
 async fn two_hundred_jobs_arriving_while_a_reconcile_is_in_flight_start_two_hundred_runners() {
     let s = setup().await;
-    // Every listing answers 1.5 s after it was taken: a reconcile is in flight (and acts on
-    // an old picture) throughout the burst.
-    s.github.delay_listings(Duration::from_millis(1500));
+    // Every listing answers 40 ms after it was taken: a reconcile over the burst's runs is
+    // in flight for seconds (and acts on an old picture) while the webhooks come.
+    s.github.delay_listings(Duration::from_millis(40));
     let kiln = s.org_kiln("reconcile_interval = \"5s\"");
     ready(&kiln).await;
     let mut ids = Vec::new();
+    // Over 12 s: two reconciles (every 5 s) walk the runs while jobs arrive and start.
     for i in 0..200 {
-        ids.push(s.github.enqueue_job(REPO, &["self-hosted", "kiln"]));
-        if i % 20 == 19 {
-            tokio::time::sleep(Duration::from_millis(400)).await;
+        let run = s.github.enqueue_run(
+            REPO,
+            RunSpec::new("CI").job(
+                JobSpec::new(&format!("job-{i}"), &["self-hosted", "kiln"])
+                    .runs_for(Duration::from_millis(500)),
+            ),
+        );
+        ids.extend(run.job_ids);
+        if i % 10 == 9 {
+            tokio::time::sleep(Duration::from_millis(600)).await;
         }
     }
     until(240, "all 200 jobs completed", || completed(&s.github, &ids)).await;

@@ -575,8 +575,9 @@ impl GitHubServer {
         id
     }
 
-    /// Answers to `GET …/actions/runs` (a repository's runs) are taken at once and sent
-    /// `delay` later: what a client acts on is that old by the time it arrives.
+    /// Answers to `GET …/actions/runs` and `GET …/actions/runs/{id}/jobs` (the listings a
+    /// reconcile walks) are taken at once and sent `delay` later: what a client acts on is
+    /// that old by the time it arrives, and a reconcile over many runs is long in flight.
     pub fn delay_listings(&self, delay: Duration) {
         self.lock().listing_delay = delay;
     }

@@ -140,11 +140,10 @@ pub(super) async fn gate(
         (None, None, None) => unauthorized("Bad credentials"),
     };
     let delay = s.lock().listing_delay;
-    let runs_list = path
-        .split('?')
-        .next()
-        .is_some_and(|p| p.ends_with("/actions/runs"));
-    if is_get && runs_list && !delay.is_zero() {
+    let listing = path.split('?').next().is_some_and(|p| {
+        p.ends_with("/actions/runs") || (p.contains("/actions/runs/") && p.ends_with("/jobs"))
+    });
+    if is_get && listing && !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
     if is_get && response.status() == StatusCode::OK {
