@@ -103,6 +103,16 @@ pub(crate) struct Options {
     /// Run only the failover level (kill, then a rolling update).
     #[arg(long)]
     pub(crate) only_failover: bool,
+    /// The GitHub organization level (`--only-github-org`): repositories of the organization.
+    #[arg(long, default_value_t = 500)]
+    pub(crate) github_org_repos: usize,
+    /// The GitHub organization level: jobs queued over the organization's repositories.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) github_org_jobs: usize,
+    /// Run only the GitHub organization level: API calls of an idle organization's
+    /// reconciles, and per 1,000 jobs.
+    #[arg(long)]
+    pub(crate) only_github_org: bool,
 }
 
 /// The idle coordinator.
@@ -1807,4 +1817,189 @@ pub(crate) fn render_failover(o: &Options, f: &Failover) -> String {
         o.failover_gitlab_ms, f.lease_lapses
     );
     out
+}
+
+/// What the GitHub organization level measured: API calls of the reconciles of an idle
+/// organization and during a burst of jobs over its repositories.
+#[derive(Debug, Clone)]
+pub(crate) struct GitHubOrgLevel {
+    repos: usize,
+    jobs: usize,
+    /// Reconcile passes measured while idle.
+    idle_passes: usize,
+    /// Requests of those passes: all, and answered with a body (counted by GitHub).
+    idle_requests: usize,
+    idle_counted: usize,
+    /// Requests from the first job queued until all completed and the next two passes, less
+    /// the idle passes' share of that time: all, and counted.
+    burst_requests: usize,
+    burst_counted: usize,
+    burst_secs: f64,
+    by_kind: BTreeMap<String, (usize, usize)>,
+}
+
+/// The reconcile interval and organization sweep of the level: kiln's defaults (60 s, 600 s)
+/// scaled down by 12 so that an hour of passes takes 5 minutes; a pass does the same work.
+const ORG_RECONCILE_SECS: u64 = 5;
+const ORG_SWEEP_SECS: u64 = 50;
+
+pub(crate) async fn run_github_org(options: &Options) -> GitHubOrgLevel {
+    let github = GitHubServer::start().await;
+    github.add_org("acme");
+    let repos: Vec<String> = (0..options.github_org_repos)
+        .map(|n| format!("acme/repo-{n:03}"))
+        .collect();
+    for repo in &repos {
+        github.add_repo(repo);
+    }
+    github.add_pat(GITHUB_TOKEN, "acme", Access::all());
+    let kube = KubeServer::start().await;
+    kube.alias_binary("/home/runner/run.sh", fake_runner_bin());
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.kubeconfig(&kubeconfig, NAMESPACE);
+    let http = free_addr();
+    let text = format!(
+        r#"concurrent = 200
+executor = "kubernetes"
+
+[http]
+listen = "{http}"
+
+[log]
+format = "json"
+level = "info"
+
+[kubernetes]
+kubeconfig = "{kubeconfig}"
+helper_image = "{HELPER_IMAGE}"
+qps = 200.0
+burst = 400
+
+[[sources.github]]
+name = "bench"
+api_url = "{api}"
+org = "acme"
+token = "{GITHUB_TOKEN}"
+labels = ["kiln"]
+webhook_secret = "{GITHUB_HOOK_SECRET}"
+reconcile_interval = "{ORG_RECONCILE_SECS}s"
+org_sweep_interval = "{ORG_SWEEP_SECS}s"
+"#,
+        kubeconfig = kubeconfig.display(),
+        api = github.url(),
+    );
+    let kiln = Coordinator::start(&options.kiln_path(), &text, &http);
+    github.set_webhook(&format!("http://{http}/hooks/github"), GITHUB_HOOK_SECRET);
+    // The first pass lists every repository; the idle passes after it are measured.
+    wait_until(
+        "kiln's first full pass",
+        Duration::from_secs(120),
+        &kiln,
+        || {
+            github
+                .requests()
+                .iter()
+                .filter(|r| r.path.contains("/actions/runs?status=in_progress"))
+                .count()
+                >= repos.len()
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(ORG_RECONCILE_SECS)).await;
+    progress("github org: idle passes");
+    let passes = |requests: &[crate::support::github::RequestRecord]| {
+        requests
+            .iter()
+            .filter(|r| r.path.starts_with("/orgs/acme/repos") && r.path.contains("page=1"))
+            .count()
+    };
+    let idle_from = github.requests().len();
+    tokio::time::sleep(Duration::from_secs(ORG_SWEEP_SECS * 2)).await;
+    let idle = github.requests()[idle_from..].to_vec();
+    let idle_passes = passes(&idle).max(1);
+    let counted = |requests: &[crate::support::github::RequestRecord]| {
+        requests.iter().filter(|r| r.status != 304).count()
+    };
+
+    progress(&format!("github org: {} jobs", options.github_org_jobs));
+    let burst_from = github.requests().len();
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..options.github_org_jobs {
+        let repo = &repos[i % repos.len()];
+        ids.push(github.enqueue_job(repo, &["self-hosted", "kiln"]));
+        if i % 50 == 49 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    wait_until(
+        "every job of the organization completed",
+        Duration::from_secs(900),
+        &kiln,
+        || {
+            ids.iter()
+                .all(|id| github.job(*id).is_some_and(|j| j.status == "completed"))
+        },
+    )
+    .await;
+    // The passes that see the queue empty again.
+    tokio::time::sleep(Duration::from_secs(2 * ORG_RECONCILE_SECS)).await;
+    let burst_secs = started.elapsed().as_secs_f64();
+    let burst = github.requests()[burst_from..].to_vec();
+    let mut by_kind: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for r in &burst {
+        let entry = by_kind
+            .entry(github_call_kind(&r.method, &r.path))
+            .or_default();
+        entry.0 += 1;
+        if r.status != 304 {
+            entry.1 += 1;
+        }
+    }
+    // What the same time would have cost idle.
+    let idle_share = burst_secs / (ORG_SWEEP_SECS * 2) as f64;
+    let burst_requests = burst
+        .len()
+        .saturating_sub((idle.len() as f64 * idle_share) as usize);
+    let burst_counted =
+        counted(&burst).saturating_sub((counted(&idle) as f64 * idle_share) as usize);
+    drop(kiln);
+    GitHubOrgLevel {
+        repos: repos.len(),
+        jobs: options.github_org_jobs,
+        idle_passes,
+        idle_requests: idle.len(),
+        idle_counted: counted(&idle),
+        burst_requests,
+        burst_counted,
+        burst_secs,
+        by_kind,
+    }
+}
+
+pub(crate) fn render_github_org(level: &GitHubOrgLevel) -> String {
+    let per_pass = level.idle_requests as f64 / level.idle_passes as f64;
+    let counted_per_pass = level.idle_counted as f64 / level.idle_passes as f64;
+    let per_thousand = |n: usize| n as f64 * 1000.0 / level.jobs.max(1) as f64;
+    let mut text = format!(
+        "## github organization ({} repositories, reconcile every 60 s, sweep 600 s; run 12x faster)\n\
+         idle: {:.1} requests per pass, {:.2} counted (not 304) -> {:.0} requests per hour, {:.0} counted\n\
+         {} jobs in {:.1}s: {} requests beyond idle, {} counted -> per 1,000 jobs {:.0} requests, {:.0} counted\n",
+        level.repos,
+        per_pass,
+        counted_per_pass,
+        per_pass * 60.0,
+        counted_per_pass * 60.0,
+        level.jobs,
+        level.burst_secs,
+        level.burst_requests,
+        level.burst_counted,
+        per_thousand(level.burst_requests),
+        per_thousand(level.burst_counted),
+    );
+    for (kind, (all, counted)) in &level.by_kind {
+        text.push_str(&format!("  {kind}: {all} ({counted} counted)\n"));
+    }
+    text
 }

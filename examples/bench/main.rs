@@ -52,6 +52,13 @@ async fn main() {
         println!("{}", harness::run_status(&options).await.render());
         return;
     }
+    if options.only_github_org {
+        println!(
+            "{}",
+            harness::render_github_org(&harness::run_github_org(&options).await)
+        );
+        return;
+    }
     if options.only_failover {
         let kiln = options.kiln_path();
         assert!(

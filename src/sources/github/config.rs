@@ -386,3 +386,59 @@ impl std::fmt::Debug for GitHubConfig {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> GitHubConfig {
+        toml::from_str(&format!(
+            "org = \"acme\"\ntoken = \"t\"\nlabels = [\"kiln\", \"linux\"]\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn runners_get_config_sh_default_labels_unless_opted_out() {
+        let labels = config("runner_arch = \"arm64\"").runner_labels();
+        assert_eq!(labels, ["self-hosted", host_os(), "ARM64", "kiln"]);
+        assert!(
+            host_os() != "Linux" || !labels.iter().any(|l| l == "linux"),
+            "a configured label the defaults carry is not repeated"
+        );
+        assert_eq!(
+            config("no_default_labels = true").runner_labels(),
+            ["kiln", "linux"]
+        );
+        assert_eq!(config("").runner_labels()[2], host_arch());
+    }
+
+    #[test]
+    fn wrong_architecture_and_group_settings_are_named_with_their_path() {
+        let problems = |extra: &str| -> Vec<String> {
+            config(extra)
+                .problems(0, &[])
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        let arch = problems("runner_arch = \"amd64\"");
+        assert!(
+            arch.iter()
+                .any(|p| p.contains("sources.github[0].runner_arch") && p.contains("X64, ARM64")),
+            "{arch:?}"
+        );
+        let both = problems("runner_group = \"kiln\"\nrunner_group_id = 3");
+        assert!(
+            both.iter()
+                .any(|p| p.contains("runner_group") && p.contains("not both")),
+            "{both:?}"
+        );
+        let short = problems("idle_timeout = \"2s\"");
+        assert!(
+            short.iter().any(|p| p.contains("idle_timeout")),
+            "{short:?}"
+        );
+        assert!(problems("runner_group = \"kiln\"").is_empty());
+    }
+}
