@@ -1830,8 +1830,8 @@ pub(crate) struct GitHubOrgLevel {
     /// Requests of those passes: all, and answered with a body (counted by GitHub).
     idle_requests: usize,
     idle_counted: usize,
-    /// Requests from the first job queued until all completed and the next two passes, less
-    /// the idle passes' share of that time: all, and counted.
+    /// Requests from the first job queued until all completed and the next two passes: all,
+    /// and counted.
     burst_requests: usize,
     burst_counted: usize,
     burst_secs: f64,
@@ -1911,7 +1911,7 @@ org_sweep_interval = "{ORG_SWEEP_SECS}s"
     let passes = |requests: &[crate::support::github::RequestRecord]| {
         requests
             .iter()
-            .filter(|r| r.path.starts_with("/orgs/acme/repos") && r.path.contains("page=1"))
+            .filter(|r| r.path.starts_with("/orgs/acme/repos") && r.path.ends_with("&page=1"))
             .count()
     };
     let idle_from = github.requests().len();
@@ -1957,13 +1957,8 @@ org_sweep_interval = "{ORG_SWEEP_SECS}s"
             entry.1 += 1;
         }
     }
-    // What the same time would have cost idle.
-    let idle_share = burst_secs / (ORG_SWEEP_SECS * 2) as f64;
-    let burst_requests = burst
-        .len()
-        .saturating_sub((idle.len() as f64 * idle_share) as usize);
-    let burst_counted =
-        counted(&burst).saturating_sub((counted(&idle) as f64 * idle_share) as usize);
+    let burst_requests = burst.len();
+    let burst_counted = counted(&burst);
     drop(kiln);
     GitHubOrgLevel {
         repos: repos.len(),
@@ -1985,7 +1980,7 @@ pub(crate) fn render_github_org(level: &GitHubOrgLevel) -> String {
     let mut text = format!(
         "## github organization ({} repositories, reconcile every 60 s, sweep 600 s; run 12x faster)\n\
          idle: {:.1} requests per pass, {:.2} counted (not 304) -> {:.0} requests per hour, {:.0} counted\n\
-         {} jobs in {:.1}s: {} requests beyond idle, {} counted -> per 1,000 jobs {:.0} requests, {:.0} counted\n",
+         {} jobs in {:.1}s: {} requests, {} counted -> per 1,000 jobs {:.0} requests, {:.0} counted\n",
         level.repos,
         per_pass,
         counted_per_pass,

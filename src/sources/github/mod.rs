@@ -445,10 +445,9 @@ impl GitHubSource {
                     }
                 }
             }
-            JobAction::InProgress => {
-                if let Some(name) = job.runner_name.as_deref() {
-                    state.unattributed.retain(|(n, _, _)| n != name);
-                }
+            // Taken, or completed (the news of the runner that ran it, when `in_progress`
+            // was lost or late).
+            JobAction::InProgress | JobAction::Completed => {
                 state.left.insert(job.id, Instant::now());
                 state.unmatched.remove(&job.id);
                 let queued = state.queued.remove(&job.id);
@@ -460,23 +459,6 @@ impl GitHubSource {
                         job_id: job.id,
                     };
                     // What the queue knew of the job (its queueing time), else the webhook's.
-                    let about = Self::about(queued.as_ref().map_or(&view, |q| &q.job));
-                    Self::took(state, name, Some((taken, about))).await;
-                }
-            }
-            JobAction::Completed => {
-                state.left.insert(job.id, Instant::now());
-                state.unmatched.remove(&job.id);
-                let queued = state.queued.remove(&job.id);
-                // The news of the runner that ran it, when `in_progress` was lost or late.
-                if let Some(name) = job.runner_name.as_deref() {
-                    state.unattributed.retain(|(n, _, _)| n != name);
-                    let taken = TakenJob {
-                        repo: event.repository.full_name.clone(),
-                        run_id: job.run_id,
-                        run_attempt: job.run_attempt,
-                        job_id: job.id,
-                    };
                     let about = Self::about(queued.as_ref().map_or(&view, |q| &q.job));
                     Self::took(state, name, Some((taken, about))).await;
                 }
@@ -959,8 +941,10 @@ impl GitHubSource {
         if ending.outcome == Outcome::Lost {
             return;
         }
-        let mut took_job = runner.phase == Phase::Busy;
         let clean_exit = ending.outcome == Outcome::Succeeded;
+        // A JIT runner exits cleanly only after its one job (removed before it took one, it
+        // exits with an error): GitHub removed its registration, there is nothing to delete.
+        let mut took_job = runner.phase == Phase::Busy || clean_exit;
         if clean_exit && runner.detail.took.is_none() {
             // An ephemeral runner exits cleanly after its one job.
             state
