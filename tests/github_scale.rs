@@ -362,3 +362,38 @@ async fn an_idle_organization_is_reconciled_with_conditional_requests_in_slices(
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listings_wait_for_the_retry_after_of_a_secondary_rate_limit() {
+    let s = setup().await;
+    let kiln = s.kiln("reconcile_interval = \"5s\"");
+    ready(&kiln).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.github
+        .secondary_rate_limit(Duration::from_secs(25), 403, Duration::from_secs(25));
+    let from = s.github.requests().len();
+    // The next reconcile meets the limit; GitHub says to come back in 25 s.
+    until(15, "a listing refused", || {
+        s.github.requests()[from..].iter().any(|r| r.status == 403)
+    })
+    .await;
+    let refused_at = s.github.requests().len();
+    tokio::time::sleep(Duration::from_secs(18)).await;
+    let during: Vec<String> = s.github.requests()[refused_at..]
+        .iter()
+        .map(|r| format!("{} {} {}", r.method, r.path, r.status))
+        .collect();
+    assert!(
+        during.is_empty(),
+        "no listing before the retry-after (the pacer alone retries after 5 s and 10 s): {during:?}"
+    );
+    let (_, sources) = kiln.get("/api/v1/sources").await;
+    assert!(sources.contains("not listing GitHub until"), "{sources}");
+    // Then listings resume.
+    until(30, "a listing after the hold", || {
+        s.github.requests()[refused_at..]
+            .iter()
+            .any(|r| r.status == 200 || r.status == 304)
+    })
+    .await;
+}

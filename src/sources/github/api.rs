@@ -262,6 +262,15 @@ impl GitHubApi {
         self.conditional.rate()
     }
 
+    /// Whether listings may go ahead: not while GitHub asked to wait, nor while fewer than
+    /// `reserve` requests are left in the rate limit's window.
+    ///
+    /// # Errors
+    /// [`GitHubError::RateLimited`] until when listings may resume.
+    pub(crate) fn may_list(&self, reserve: u64) -> Result<(), GitHubError> {
+        self.conditional.check(reserve)
+    }
+
     /// The requests since the last call, by how GitHub answered.
     pub(crate) fn take_tally(&self) -> Tally {
         self.conditional.take_tally()

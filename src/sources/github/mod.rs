@@ -514,6 +514,7 @@ impl GitHubSource {
     /// taken before they left (`left`), and news that came while listing is taken before
     /// the pass acts (see `sources::driver`).
     async fn reconcile_with(&self, api: &GitHubApi, state: &mut State) -> Result<(), GitHubError> {
+        api.may_list(RATE_RESERVE)?;
         let listing_started = Instant::now();
         let registrations = api.runners().await?;
         let (jobs, listed) = api
