@@ -1255,20 +1255,17 @@ fn github_call_kind(method: &str, path: &str) -> String {
     format!("{method} /{}", route.join("/"))
 }
 
-async fn run_github(options: &Options) -> GitHubLevel {
-    let jobs = options.github_jobs;
-    let github = GitHubServer::start().await;
-    github.add_repo(GITHUB_REPO);
-    github.add_pat(GITHUB_TOKEN, "acme", Access::all());
-    let kube = KubeServer::start().await;
-    kube.set_latency(Duration::from_millis(options.latency_ms));
-    kube.alias_binary("/home/runner/run.sh", fake_runner_bin());
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    kube.kubeconfig(&kubeconfig, NAMESPACE);
-    let http = free_addr();
-    let text = format!(
-        r#"concurrent = {jobs}
+/// A `kiln run` config with one `[[sources.github]]` of `scope` (its scope and timing lines),
+/// at `(concurrent, qps, burst)`.
+fn github_kiln_config(
+    http: &str,
+    kubeconfig: &Path,
+    (concurrent, qps, burst): (usize, f64, u32),
+    api: &str,
+    scope: &str,
+) -> String {
+    format!(
+        r#"concurrent = {concurrent}
 executor = "kubernetes"
 
 [http]
@@ -1287,16 +1284,33 @@ burst = {burst}
 [[sources.github]]
 name = "bench"
 api_url = "{api}"
-owner = "acme"
-repo = "widgets"
+{scope}
 token = "{GITHUB_TOKEN}"
 labels = ["kiln"]
 webhook_secret = "{GITHUB_HOOK_SECRET}"
 "#,
         kubeconfig = kubeconfig.display(),
-        qps = options.qps,
-        burst = options.burst,
-        api = github.url(),
+    )
+}
+
+async fn run_github(options: &Options) -> GitHubLevel {
+    let jobs = options.github_jobs;
+    let github = GitHubServer::start().await;
+    github.add_repo(GITHUB_REPO);
+    github.add_pat(GITHUB_TOKEN, "acme", Access::all());
+    let kube = KubeServer::start().await;
+    kube.set_latency(Duration::from_millis(options.latency_ms));
+    kube.alias_binary("/home/runner/run.sh", fake_runner_bin());
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.kubeconfig(&kubeconfig, NAMESPACE);
+    let http = free_addr();
+    let text = github_kiln_config(
+        &http,
+        &kubeconfig,
+        (jobs, options.qps, options.burst),
+        &github.url(),
+        "owner = \"acme\"\nrepo = \"widgets\"",
     );
     let kiln = Coordinator::start(&options.kiln_path(), &text, &http);
     github.set_webhook(&format!("http://{http}/hooks/github"), GITHUB_HOOK_SECRET);
@@ -1859,35 +1873,14 @@ pub(crate) async fn run_github_org(options: &Options) -> GitHubOrgLevel {
     let kubeconfig = dir.path().join("kubeconfig");
     kube.kubeconfig(&kubeconfig, NAMESPACE);
     let http = free_addr();
-    let text = format!(
-        r#"concurrent = 200
-executor = "kubernetes"
-
-[http]
-listen = "{http}"
-
-[log]
-format = "json"
-level = "info"
-
-[kubernetes]
-kubeconfig = "{kubeconfig}"
-helper_image = "{HELPER_IMAGE}"
-qps = 200.0
-burst = 400
-
-[[sources.github]]
-name = "bench"
-api_url = "{api}"
-org = "acme"
-token = "{GITHUB_TOKEN}"
-labels = ["kiln"]
-webhook_secret = "{GITHUB_HOOK_SECRET}"
-reconcile_interval = "{ORG_RECONCILE_SECS}s"
-org_sweep_interval = "{ORG_SWEEP_SECS}s"
-"#,
-        kubeconfig = kubeconfig.display(),
-        api = github.url(),
+    let text = github_kiln_config(
+        &http,
+        &kubeconfig,
+        (200, 200.0, 400),
+        &github.url(),
+        &format!(
+            "org = \"acme\"\nreconcile_interval = \"{ORG_RECONCILE_SECS}s\"\norg_sweep_interval = \"{ORG_SWEEP_SECS}s\""
+        ),
     );
     let kiln = Coordinator::start(&options.kiln_path(), &text, &http);
     github.set_webhook(&format!("http://{http}/hooks/github"), GITHUB_HOOK_SECRET);
