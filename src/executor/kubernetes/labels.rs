@@ -262,6 +262,7 @@ mod tests {
             annotations: BTreeMap::new(),
             about: About::default(),
             untrusted: false,
+            registry_auths: Vec::new(),
         }
     }
 

@@ -698,6 +698,7 @@ impl GitHubSource {
             },
             // A repository's workflows can run code from a fork's pull request.
             untrusted: true,
+            registry_auths: Vec::new(),
         }
     }
 
