@@ -114,6 +114,9 @@ impl KubernetesExecutor {
 
     /// Creates `build`'s Secret ahead of its launch (see [`crate::executor::SharedBuilds::persist`]).
     pub(super) async fn persist_build(&self, build: &Build) -> Result<(), LaunchError> {
+        // A refused image leaves nothing behind, not even the Secret.
+        super::images::check_allowed(build, &self.config)
+            .map_err(|e| LaunchError::Rejected(e.0))?;
         let secret = podspec::secret(build, &self.config, self.cluster.namespace());
         let (uid, _) = self.create_secret(&secret).await?;
         self.persisted_lock().insert(build.name.clone(), uid);
