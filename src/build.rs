@@ -447,6 +447,8 @@ pub enum Request {
     HelperResource(ResourceField),
     /// A toleration (`key[=value][:effect]`).
     NodeToleration,
+    /// Another namespace for the pod.
+    Namespace,
     /// The pod's service account.
     ServiceAccount,
     /// A node selector entry (`key=value`).

@@ -108,6 +108,14 @@ impl Overrides {
                     }
                     continue;
                 }
+                Request::Namespace => {
+                    // Every build of a coordinator lives in its one namespace, where it
+                    // watches, adopts and cleans up; a job cannot move its pod elsewhere.
+                    out.warnings.push(format!(
+                        "{origin}={value} is ignored: kiln runs every build in its configured kubernetes.namespace"
+                    ));
+                    continue;
+                }
                 Request::NodeToleration => {
                     let toleration = toleration(value).ok_or_else(|| {
                         SpecError(format!(

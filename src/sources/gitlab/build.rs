@@ -256,6 +256,13 @@ fn requests(job: &JobPayload) -> Vec<Requested> {
             }
         }
     }
+    if let Some(value) = nonempty("KUBERNETES_NAMESPACE_OVERWRITE") {
+        out.push(Requested {
+            what: Request::Namespace,
+            value,
+            origin: "KUBERNETES_NAMESPACE_OVERWRITE".to_owned(),
+        });
+    }
     if let Some(value) = nonempty("KUBERNETES_SERVICE_ACCOUNT_OVERWRITE") {
         out.push(Requested {
             what: Request::ServiceAccount,
