@@ -127,6 +127,10 @@ pub struct KubernetesConfig {
     pub allowed_images: Vec<String>,
     /// Glob patterns of the service images jobs may use; empty: any.
     pub allowed_services: Vec<String>,
+    /// The uids a job's `image:kubernetes:user` may name; empty: any.
+    pub allowed_users: Vec<String>,
+    /// The gids a job's `image:kubernetes:user` may name; empty: any.
+    pub allowed_groups: Vec<String>,
     /// The pull policies jobs may ask for (`always`, `if-not-present`, `never`); empty: any.
     pub allowed_pull_policies: Vec<String>,
     /// The pull policies, in order, of images whose job names none (empty: Kubernetes' own
@@ -204,6 +208,8 @@ impl Default for KubernetesConfig {
             docker_auth_config: None,
             allowed_images: Vec::new(),
             allowed_services: Vec::new(),
+            allowed_users: Vec::new(),
+            allowed_groups: Vec::new(),
             allowed_pull_policies: Vec::new(),
             pull_policy: Vec::new(),
             max_service: Resources::default(),

@@ -140,11 +140,37 @@ fn kubernetes_policy(policy: PullPolicy) -> &'static str {
     }
 }
 
-/// The `runAsUser` and `runAsGroup` of `image:kubernetes:user` (`uid` or `uid:gid`).
+/// The `runAsUser` and `runAsGroup` of `image:kubernetes:user` (`uid` or `uid:gid`), within
+/// `allowed_users` and `allowed_groups`.
 ///
 /// # Errors
-/// Not numeric: Kubernetes runs containers as numeric ids only.
-pub(super) fn user(value: &str) -> Result<(i64, Option<i64>), SpecError> {
+/// Not numeric (Kubernetes runs containers as numeric ids only), or not allowed.
+pub(super) fn user(
+    value: &str,
+    config: &KubernetesConfig,
+) -> Result<(i64, Option<i64>), SpecError> {
+    let (uid, gid) = parse_user(value)?;
+    let listed = |list: &[String], id: i64| {
+        list.is_empty() || list.iter().any(|allowed| allowed.trim() == id.to_string())
+    };
+    if !listed(&config.allowed_users, uid) {
+        return Err(SpecError(format!(
+            "image:kubernetes:user {uid} is not one of kubernetes.allowed_users ({})",
+            config.allowed_users.join(", ")
+        )));
+    }
+    if let Some(gid) = gid
+        && !listed(&config.allowed_groups, gid)
+    {
+        return Err(SpecError(format!(
+            "image:kubernetes:user group {gid} is not one of kubernetes.allowed_groups ({})",
+            config.allowed_groups.join(", ")
+        )));
+    }
+    Ok((uid, gid))
+}
+
+fn parse_user(value: &str) -> Result<(i64, Option<i64>), SpecError> {
     let bad = || {
         SpecError(format!(
             "image:kubernetes:user `{value}` must be a numeric uid or uid:gid"
@@ -294,10 +320,23 @@ mod tests {
     }
 
     #[test]
-    fn a_user_is_numeric() {
-        assert_eq!(user("1000").unwrap(), (1000, None));
-        assert_eq!(user("1000:2000").unwrap(), (1000, Some(2000)));
-        assert!(user("root").is_err());
-        assert!(user("-1").is_err());
+    fn a_user_is_numeric_and_allowed() {
+        let any = KubernetesConfig::default();
+        assert_eq!(user("1000", &any).unwrap(), (1000, None));
+        assert_eq!(user("1000:2000", &any).unwrap(), (1000, Some(2000)));
+        assert!(user("root", &any).is_err());
+        assert!(user("-1", &any).is_err());
+        let listed = KubernetesConfig {
+            allowed_users: vec!["1000".into()],
+            allowed_groups: vec!["1000".into()],
+            ..KubernetesConfig::default()
+        };
+        assert!(user("1000:1000", &listed).is_ok());
+        let refused = user("0", &listed).unwrap_err();
+        assert_eq!(
+            refused.0,
+            "image:kubernetes:user 0 is not one of kubernetes.allowed_users (1000)"
+        );
+        assert!(user("1000:0", &listed).is_err());
     }
 }

@@ -288,7 +288,7 @@ fn kiln_agent_spec(
         None => (agent_args, None),
     };
     let user = match image.and_then(|i| i.user.as_deref()) {
-        Some(user) => Some(images::user(user)?),
+        Some(user) => Some(images::user(user, config)?),
         None => None,
     };
     let extra_mounts = config.volumes.mounts();
