@@ -113,8 +113,9 @@ pub struct CsiVolume {
 }
 
 impl Volumes {
-    /// Every configured volume with its mount, in kind order.
-    fn all(&self) -> Vec<(Volume, &Mount)> {
+    /// Every configured volume with its kind (config key), index among its kind and mount, in
+    /// kind order.
+    fn all(&self) -> Vec<(&'static str, usize, Volume, &Mount)> {
         let base = |name: &str| Volume {
             name: name.to_owned(),
             ..Volume::default()
@@ -132,7 +133,7 @@ impl Volumes {
             })
         };
         let mut out = Vec::new();
-        for v in &self.pvc {
+        for (index, v) in self.pvc.iter().enumerate() {
             let volume = Volume {
                 persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
                     claim_name: v.name.clone(),
@@ -140,9 +141,9 @@ impl Volumes {
                 }),
                 ..base(&v.name)
             };
-            out.push((volume, &v.mount));
+            out.push(("pvc", index, volume, &v.mount));
         }
-        for v in &self.config_map {
+        for (index, v) in self.config_map.iter().enumerate() {
             let volume = Volume {
                 config_map: Some(ConfigMapVolumeSource {
                     name: v.name.clone(),
@@ -151,9 +152,9 @@ impl Volumes {
                 }),
                 ..base(&v.name)
             };
-            out.push((volume, &v.mount));
+            out.push(("config_map", index, volume, &v.mount));
         }
-        for v in &self.secret {
+        for (index, v) in self.secret.iter().enumerate() {
             let volume = Volume {
                 secret: Some(SecretVolumeSource {
                     secret_name: Some(v.name.clone()),
@@ -162,9 +163,9 @@ impl Volumes {
                 }),
                 ..base(&v.name)
             };
-            out.push((volume, &v.mount));
+            out.push(("secret", index, volume, &v.mount));
         }
-        for v in &self.host_path {
+        for (index, v) in self.host_path.iter().enumerate() {
             let volume = Volume {
                 host_path: Some(HostPathVolumeSource {
                     path: v
@@ -175,9 +176,9 @@ impl Volumes {
                 }),
                 ..base(&v.name)
             };
-            out.push((volume, &v.mount));
+            out.push(("host_path", index, volume, &v.mount));
         }
-        for v in &self.empty_dir {
+        for (index, v) in self.empty_dir.iter().enumerate() {
             let volume = Volume {
                 empty_dir: Some(EmptyDirVolumeSource {
                     medium: v.medium.clone(),
@@ -185,9 +186,9 @@ impl Volumes {
                 }),
                 ..base(&v.name)
             };
-            out.push((volume, &v.mount));
+            out.push(("empty_dir", index, volume, &v.mount));
         }
-        for v in &self.csi {
+        for (index, v) in self.csi.iter().enumerate() {
             let volume = Volume {
                 csi: Some(CSIVolumeSource {
                     driver: v.driver.clone(),
@@ -199,21 +200,24 @@ impl Volumes {
                 }),
                 ..base(&v.name)
             };
-            out.push((volume, &v.mount));
+            out.push(("csi", index, volume, &v.mount));
         }
         out
     }
 
     /// The pod's volumes for the configured ones.
     pub(super) fn volumes(&self) -> Vec<Volume> {
-        self.all().into_iter().map(|(volume, _)| volume).collect()
+        self.all()
+            .into_iter()
+            .map(|(_, _, volume, _)| volume)
+            .collect()
     }
 
     /// The mounts of the configured volumes, for a build or service container.
     pub(super) fn mounts(&self) -> Vec<VolumeMount> {
         self.all()
             .into_iter()
-            .map(|(volume, mount)| VolumeMount {
+            .map(|(_, _, volume, mount)| VolumeMount {
                 name: volume.name,
                 mount_path: mount.mount_path.clone(),
                 sub_path: mount.sub_path.clone().filter(|p| !p.is_empty()),
@@ -228,98 +232,53 @@ impl Volumes {
         let mut problems = Vec::new();
         let mut seen_names = std::collections::BTreeSet::new();
         let mut seen_paths = std::collections::BTreeSet::new();
-        let kinds: [(&str, Vec<(&str, &Mount)>); 6] = [
-            (
-                "pvc",
-                self.pvc
-                    .iter()
-                    .map(|v| (v.name.as_str(), &v.mount))
-                    .collect(),
-            ),
-            (
-                "config_map",
-                self.config_map
-                    .iter()
-                    .map(|v| (v.name.as_str(), &v.mount))
-                    .collect(),
-            ),
-            (
-                "secret",
-                self.secret
-                    .iter()
-                    .map(|v| (v.name.as_str(), &v.mount))
-                    .collect(),
-            ),
-            (
-                "host_path",
-                self.host_path
-                    .iter()
-                    .map(|v| (v.name.as_str(), &v.mount))
-                    .collect(),
-            ),
-            (
-                "empty_dir",
-                self.empty_dir
-                    .iter()
-                    .map(|v| (v.name.as_str(), &v.mount))
-                    .collect(),
-            ),
-            (
-                "csi",
-                self.csi
-                    .iter()
-                    .map(|v| (v.name.as_str(), &v.mount))
-                    .collect(),
-            ),
-        ];
-        for (kind, entries) in kinds {
-            for (index, (name, mount)) in entries.into_iter().enumerate() {
-                let path = format!("kubernetes.volumes.{kind}[{index}]");
-                let mut problem = |field: &str, message: String| {
-                    problems.push(Problem {
-                        path: format!("{path}.{field}"),
-                        message,
-                    });
-                };
-                if !super::config::is_dns_label(name) {
-                    problem(
-                        "name",
-                        format!(
-                            "`{name}` is not a volume name (lowercase letters, digits and `-`, at most 63)"
-                        ),
-                    );
-                } else if RESERVED.contains(&name) {
-                    problem(
-                        "name",
-                        format!("`{name}` is kiln's own volume; pick another name"),
-                    );
-                } else if !seen_names.insert(name.to_owned()) {
-                    problem("name", format!("`{name}` names two volumes"));
-                }
-                if !mount.mount_path.starts_with('/') {
-                    problem("mount_path", "must be an absolute path".into());
-                } else if ["/builds", "/kiln"]
-                    .iter()
-                    .any(|own| is_within(&mount.mount_path, own))
-                {
-                    problem(
-                        "mount_path",
-                        format!(
-                            "`{}` is inside kiln's own /builds or /kiln",
-                            mount.mount_path
-                        ),
-                    );
-                } else if !seen_paths.insert(mount.mount_path.trim_end_matches('/').to_owned()) {
-                    problem(
-                        "mount_path",
-                        format!("`{}` is mounted twice", mount.mount_path),
-                    );
-                }
-                if let Some(sub) = &mount.sub_path
-                    && (sub.starts_with('/') || sub.split('/').any(|part| part == ".."))
-                {
-                    problem("sub_path", "must be a relative path without `..`".into());
-                }
+        for (kind, index, volume, mount) in self.all() {
+            let name = volume.name.as_str();
+            let path = format!("kubernetes.volumes.{kind}[{index}]");
+            let mut problem = |field: &str, message: String| {
+                problems.push(Problem {
+                    path: format!("{path}.{field}"),
+                    message,
+                });
+            };
+            if !super::config::is_dns_label(name) {
+                problem(
+                    "name",
+                    format!(
+                        "`{name}` is not a volume name (lowercase letters, digits and `-`, at most 63)"
+                    ),
+                );
+            } else if RESERVED.contains(&name) {
+                problem(
+                    "name",
+                    format!("`{name}` is kiln's own volume; pick another name"),
+                );
+            } else if !seen_names.insert(name.to_owned()) {
+                problem("name", format!("`{name}` names two volumes"));
+            }
+            if !mount.mount_path.starts_with('/') {
+                problem("mount_path", "must be an absolute path".into());
+            } else if ["/builds", "/kiln"]
+                .iter()
+                .any(|own| is_within(&mount.mount_path, own))
+            {
+                problem(
+                    "mount_path",
+                    format!(
+                        "`{}` is inside kiln's own /builds or /kiln",
+                        mount.mount_path
+                    ),
+                );
+            } else if !seen_paths.insert(mount.mount_path.trim_end_matches('/').to_owned()) {
+                problem(
+                    "mount_path",
+                    format!("`{}` is mounted twice", mount.mount_path),
+                );
+            }
+            if let Some(sub) = &mount.sub_path
+                && (sub.starts_with('/') || sub.split('/').any(|part| part == ".."))
+            {
+                problem("sub_path", "must be a relative path without `..`".into());
             }
         }
         for (index, v) in self.empty_dir.iter().enumerate() {
