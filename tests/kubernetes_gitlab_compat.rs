@@ -309,3 +309,97 @@ async fn a_job_whose_image_is_not_allowed_fails_before_any_pod_exists() {
     assert!(s.kube.creations().is_empty());
     assert!(creates(&s.kube).iter().all(|p| !p.contains("/pods")));
 }
+
+/// A registry that is down: every pull fails, as a pull's connection would.
+const REGISTRY_DOWN: &str = "failed to pull and unpack image: failed to do request: dial tcp 10.0.0.5:5005: connect: connection refused";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_policies_are_tried_in_order_so_a_job_runs_from_the_nodes_image_when_the_registry_is_down()
+ {
+    let s = setup().await;
+    let image = format!("{REGISTRY}/kiln/demo/builder:1");
+    s.kube.script_image(
+        &image,
+        crate::support::kube::ImageScript::PullFails {
+            message: Some(REGISTRY_DOWN.into()),
+        },
+    );
+    s.kube.seed_node_image(&image);
+    let mut job = with_image(
+        job_json("cached", &["echo ran from the cached image"]),
+        &image,
+    );
+    job["image"]["pull_policy"] = json!(["always", "if-not-present"]);
+    let id = s.gitlab.enqueue(job);
+    let kiln = s.kiln("", "");
+    let job = s.finished(id, 90).await;
+    assert_eq!(job.state, "success", "{}\n{}", job.trace, kiln.logs());
+    assert!(
+        job.trace.contains("ran from the cached image"),
+        "{}",
+        job.trace
+    );
+    assert!(
+        job.trace.contains("with policy \"always\"")
+            && job.trace.contains("pull policy \"if-not-present\"")
+            && job.trace.contains("connection refused"),
+        "the trace says which policy failed and which one is next: {}",
+        job.trace
+    );
+    assert!(kiln.logs().contains("next pull policy"), "{}", kiln.logs());
+    let name = pod_name(id);
+    let pods = "/api/v1/namespaces/ci/pods".to_owned();
+    let secrets = "/api/v1/namespaces/ci/secrets".to_owned();
+    let made = creates(&s.kube);
+    assert_eq!(
+        made.iter()
+            .filter(|p| p.split('?').next() == Some(pods.as_str()))
+            .count(),
+        2,
+        "the pod is made again once: {made:?}"
+    );
+    assert_eq!(
+        made.iter()
+            .filter(|p| p.split('?').next() == Some(secrets.as_str()))
+            .count(),
+        1,
+        "the build's Secret is kept: {made:?}"
+    );
+    s.nothing_left(15).await;
+    assert!(s.kube.pod(&name).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_whose_pull_policies_all_fail_is_an_image_pull_failure_after_the_last() {
+    let s = setup().await;
+    let image = format!("{REGISTRY}/kiln/demo/uncached:1");
+    s.kube.script_image(
+        &image,
+        crate::support::kube::ImageScript::PullFails {
+            message: Some(REGISTRY_DOWN.into()),
+        },
+    );
+    // Not on the node: `if-not-present` has to pull too, and the registry is down.
+    let mut job = with_image(job_json("uncached", &["echo never"]), &image);
+    job["image"]["pull_policy"] = json!(["always", "if-not-present", "never"]);
+    let id = s.gitlab.enqueue(job);
+    // `never` is not allowed: only the first two are tried.
+    let kiln = s.kiln(
+        "",
+        r#"allowed_pull_policies = ["always", "if-not-present"]"#,
+    );
+    let job = s.finished(id, 90).await;
+    assert_eq!(job.state, "failed", "{}", kiln.logs());
+    assert_eq!(job.failure_reason.as_deref(), Some("image_pull_failure"));
+    assert!(job.trace.contains(&image), "{}", job.trace);
+    let pods = "/api/v1/namespaces/ci/pods".to_owned();
+    let made = creates(&s.kube);
+    assert_eq!(
+        made.iter()
+            .filter(|p| p.split('?').next() == Some(pods.as_str()))
+            .count(),
+        2,
+        "one pod per allowed policy: {made:?}"
+    );
+    s.nothing_left(15).await;
+}

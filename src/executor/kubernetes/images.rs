@@ -83,8 +83,8 @@ fn parse_policy(name: &str) -> Option<PullPolicy> {
     }
 }
 
-/// The pull policy of an image whose job asks for `asked` (in order): the first the
-/// configuration allows; the configured `pull_policy` when the job asks for none.
+/// The pull policy of an image whose job asks for `asked` (in order): the first of
+/// [`pull_policies`].
 ///
 /// # Errors
 /// None of the policies asked for is allowed; the message names both lists.
@@ -92,6 +92,20 @@ pub(super) fn pull_policy(
     asked: &[PullPolicy],
     config: &KubernetesConfig,
 ) -> Result<Option<&'static str>, SpecError> {
+    Ok(pull_policies(asked, config)?.first().copied())
+}
+
+/// The pull policies (Kubernetes' names) an image whose job asks for `asked` is tried with, in
+/// order, as gitlab-runner: those the configuration allows, of the job's list or, when the
+/// job asks for none, of the configured `pull_policy`; with neither, the first allowed one
+/// (none at all: the cluster's default).
+///
+/// # Errors
+/// None of the policies asked for is allowed; the message names both lists.
+pub(super) fn pull_policies(
+    asked: &[PullPolicy],
+    config: &KubernetesConfig,
+) -> Result<Vec<&'static str>, SpecError> {
     let allowed: Vec<PullPolicy> = config
         .allowed_pull_policies
         .iter()
@@ -110,25 +124,45 @@ pub(super) fn pull_policy(
         (asked.to_vec(), "the job's pull_policy")
     };
     if candidates.is_empty() {
-        return Ok(allowed.first().map(|p| kubernetes_policy(*p)));
+        return Ok(allowed
+            .first()
+            .map(|p| kubernetes_policy(*p))
+            .into_iter()
+            .collect());
     }
-    candidates
+    let mut tried: Vec<&'static str> = Vec::new();
+    for policy in candidates
         .iter()
-        .find(|p| allowed.is_empty() || allowed.contains(p))
-        .map(|p| Some(kubernetes_policy(*p)))
-        .ok_or_else(|| {
-            let names = |list: &[PullPolicy]| {
-                list.iter()
-                    .map(|p| policy_name(*p))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            SpecError(format!(
-                "{origin} ({}) is not one of kubernetes.allowed_pull_policies ({})",
-                names(&candidates),
-                names(&allowed)
-            ))
-        })
+        .filter(|p| allowed.is_empty() || allowed.contains(p))
+    {
+        let name = kubernetes_policy(*policy);
+        if !tried.contains(&name) {
+            tried.push(name);
+        }
+    }
+    (!tried.is_empty()).then_some(tried).ok_or_else(|| {
+        let names = |list: &[PullPolicy]| {
+            list.iter()
+                .map(|p| policy_name(*p))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        SpecError(format!(
+            "{origin} ({}) is not one of kubernetes.allowed_pull_policies ({})",
+            names(&candidates),
+            names(&allowed)
+        ))
+    })
+}
+
+/// gitlab-runner's name of a pull policy Kubernetes names `kubernetes` (as is when unknown).
+pub(super) fn runner_policy_name(kubernetes: &str) -> &str {
+    match kubernetes {
+        "Always" => "always",
+        "IfNotPresent" => "if-not-present",
+        "Never" => "never",
+        other => other,
+    }
 }
 
 /// Kubernetes' name of a pull policy.

@@ -137,6 +137,10 @@ pub(super) fn pod(
     let mut spec = match &build.workload {
         Workload::KilnAgent { image, services } => {
             labels::annotate_main(&mut annotations, BUILD_CONTAINER);
+            labels::annotate_pull_fallbacks(
+                &mut annotations,
+                &pull_fallbacks(image.as_ref(), services, config)?,
+            );
             kiln_agent_spec(
                 build,
                 image.as_ref(),
@@ -396,6 +400,35 @@ fn kiln_agent_spec(
         volumes: Some(volumes),
         ..PodSpec::default()
     })
+}
+
+/// The pull policies after the first that each container's image is tried with, by
+/// container: the build container and its services (`svc-N`, as [`kiln_agent_spec`] names them).
+fn pull_fallbacks(
+    image: Option<&Image>,
+    services: &[Service],
+    config: &KubernetesConfig,
+) -> Result<BTreeMap<String, Vec<String>>, SpecError> {
+    let later = |asked: &[crate::build::PullPolicy]| -> Result<Vec<String>, SpecError> {
+        Ok(images::pull_policies(asked, config)?
+            .iter()
+            .skip(1)
+            .map(|p| (*p).to_owned())
+            .collect())
+    };
+    let mut fallbacks = BTreeMap::new();
+    fallbacks.insert(
+        BUILD_CONTAINER.to_owned(),
+        later(
+            image
+                .map(|i| i.pull_policies.as_slice())
+                .unwrap_or_default(),
+        )?,
+    );
+    for (index, service) in services.iter().enumerate() {
+        fallbacks.insert(format!("svc-{index}"), later(&service.image.pull_policies)?);
+    }
+    Ok(fallbacks)
 }
 
 /// The keys of the build's Secret its containers see, when it also holds registry logins

@@ -580,8 +580,39 @@ impl PodTask {
             "spec.{}{{{name}}}",
             if init { "initContainers" } else { "containers" }
         );
-        let script = if self.pull_authorized(&image, &field) {
-            self.script_for(&image)
+        // The pull policy (defaulted by the API server) decides whether the registry is asked
+        // at all: `IfNotPresent` and `Never` use an image the node holds already.
+        let policy = c.spec["imagePullPolicy"]
+            .as_str()
+            .unwrap_or("IfNotPresent")
+            .to_owned();
+        let scripted = self.script_for(&image);
+        let registry_script = matches!(
+            scripted,
+            Some(super::ImageScript::PullFails { .. } | super::ImageScript::PullDelay(_))
+        );
+        let on_node = !registry_script || self.inner.lock().node_images.contains(&image);
+        if policy == "Never" && !on_node {
+            let message =
+                format!("Container image \"{image}\" is not present with pull policy of Never");
+            let c = self.ctr(init, i);
+            if c.retry_at.is_none() {
+                c.state = CState::Waiting("ErrImageNeverPull".into(), Some(message.clone()));
+                self.event(
+                    "Warning",
+                    "ErrImageNeverPull",
+                    &message,
+                    "kubelet",
+                    Some(&field),
+                );
+            }
+            self.ctr(init, i).retry_at = Some(now_i + Duration::from_secs(2));
+            return;
+        }
+        let script = if registry_script && on_node && policy != "Always" {
+            None
+        } else if self.pull_authorized(&image, &field) {
+            scripted
         } else {
             Some(super::ImageScript::PullFails { message: None })
         };
@@ -704,6 +735,7 @@ impl PodTask {
                     Some(Pull::Until(_)) => {
                         c.pull = None;
                         c.image_id = Some(image_id(&image));
+                        self.inner.lock().node_images.insert(image.clone());
                         let secs = delay.as_secs_f64();
                         self.event(
                             "Normal",
@@ -720,6 +752,9 @@ impl PodTask {
                 let c = self.ctr(init, i);
                 let retried = c.pull.take().is_some();
                 c.image_id = Some(image_id(&image));
+                if retried {
+                    self.inner.lock().node_images.insert(image.clone());
+                }
                 let message = if retried {
                     format!(
                         "Successfully pulled image \"{image}\" in 105ms (105ms including waiting). Image size: 4194304 bytes."

@@ -90,6 +90,10 @@ pub(crate) struct State {
     pub(crate) kubelet_enabled: bool,
     pub(crate) aliases: HashMap<String, PathBuf>,
     pub(crate) images: HashMap<String, ImageScript>,
+    /// Scripted images the node holds already (pulled before, or seeded with
+    /// `seed_node_image`): `IfNotPresent` and `Never` use them without asking the registry.
+    /// An image with no script counts as present.
+    pub(crate) node_images: BTreeSet<String>,
     /// Registries that answer pulls only with one of these logins: registry → (user, password).
     pub(crate) logins: HashMap<String, (String, String)>,
     pub(crate) unschedulable: Vec<PodMatch>,
@@ -182,6 +186,7 @@ impl KubeServer {
                 kubelet_enabled: true,
                 aliases: HashMap::new(),
                 images: HashMap::new(),
+                node_images: BTreeSet::new(),
                 logins: HashMap::new(),
                 unschedulable: Vec::new(),
                 holds: Vec::new(),
@@ -383,6 +388,12 @@ impl KubeServer {
     /// Where the data of the PersistentVolumeClaim `claim` lives (created when a pod mounts it).
     pub fn claim_dir(&self, namespace: &str, claim: &str) -> PathBuf {
         kubelet::claim_dir(self.inner.root(), namespace, claim)
+    }
+
+    /// Puts `image` (exact reference) on the node, as an earlier pull would have: pods whose
+    /// pull policy is `IfNotPresent` or `Never` use it whatever the registry's script says.
+    pub fn seed_node_image(&self, image: &str) {
+        self.inner.with(|s| s.node_images.insert(image.to_owned()));
     }
 
     pub fn clear_image_script(&self, image: &str) {
