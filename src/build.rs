@@ -137,6 +137,9 @@ impl fmt::Display for BuildKey {
 
 /// The key of the kiln agent's job file among a build's secrets.
 pub const JOB_FILE: &str = "job.json";
+/// The file next to the job file with the executor's notes on how it started the build (one
+/// per line: an overwrite it ignored), which the kiln agent puts in the job's trace as warnings.
+pub const START_NOTES_FILE: &str = "start-notes.txt";
 /// The result file the kiln agent leaves next to its job file ([`AgentReport`] as JSON) when it
 /// runs as a child process.
 pub const AGENT_RESULT_FILE: &str = "result.json";
@@ -172,6 +175,101 @@ pub struct Build {
     /// GitLab project, a GitHub workflow a fork's pull request can run): an executor whose
     /// builds could reach kiln's own secrets refuses it.
     pub untrusted: bool,
+    /// Registry credentials the build's images are pulled with (the job's registry login, its
+    /// `DOCKER_AUTH_CONFIG`), first match per registry wins. Kept out of the build itself: an
+    /// executor hands them to the image puller only.
+    pub registry_auths: Vec<RegistryAuth>,
+}
+
+/// A login to one container registry, for pulling a build's images.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistryAuth {
+    /// The registry (`registry.example.com`, `registry.example.com:5005`, `https://index.docker.io/v1/`).
+    pub registry: String,
+    /// The user name.
+    pub username: String,
+    /// The password or token.
+    pub password: String,
+    /// A login the CI server issued for this build (GitLab's `credentials`): a configured
+    /// `DOCKER_AUTH_CONFIG` login for the same registry wins over it.
+    pub issued: bool,
+}
+
+impl RegistryAuth {
+    /// The logins of a Docker `config.json` (`DOCKER_AUTH_CONFIG`): `auths` entries with an
+    /// `auth` (`base64(user:password)`) or a `username` and `password`. Credential helpers
+    /// (`credsStore`, `credHelpers`) cannot run where images are pulled and are left out.
+    ///
+    /// # Errors
+    /// The text is not such a JSON document; the message says what is wrong, never the text.
+    pub fn from_docker_config(text: &str) -> Result<Vec<Self>, String> {
+        use base64::Engine;
+        #[derive(serde::Deserialize)]
+        struct Config {
+            #[serde(default)]
+            auths: BTreeMap<String, Entry>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Entry {
+            #[serde(default)]
+            auth: Option<String>,
+            #[serde(default)]
+            username: Option<String>,
+            #[serde(default)]
+            password: Option<String>,
+        }
+        // The error message of serde_json can quote the input; only its position is kept.
+        let config: Config = serde_json::from_str(text).map_err(|e| {
+            format!(
+                "is not a Docker config.json ({} at line {} column {})",
+                match e.classify() {
+                    serde_json::error::Category::Data => "unexpected content",
+                    _ => "not JSON",
+                },
+                e.line(),
+                e.column()
+            )
+        })?;
+        let mut out = Vec::new();
+        for (registry, entry) in config.auths {
+            let (username, password) = match (entry.username, entry.password, entry.auth) {
+                (Some(user), Some(password), _) => (user, password),
+                (_, _, Some(auth)) => {
+                    let decoded = base64::engine::general_purpose::STANDARD
+                        .decode(auth.trim())
+                        .ok()
+                        .and_then(|bytes| String::from_utf8(bytes).ok())
+                        .ok_or_else(|| {
+                            format!("auths.\"{registry}\".auth is not base64 of user:password")
+                        })?;
+                    let Some((user, password)) = decoded.split_once(':') else {
+                        return Err(format!(
+                            "auths.\"{registry}\".auth is not base64 of user:password"
+                        ));
+                    };
+                    (user.to_owned(), password.to_owned())
+                }
+                _ => continue,
+            };
+            out.push(Self {
+                registry,
+                username,
+                password,
+                issued: false,
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The password is a secret: never in a log line.
+        f.debug_struct("RegistryAuth")
+            .field("registry", &self.registry)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What people see about a build.
@@ -211,8 +309,12 @@ pub struct Image {
     pub name: String,
     /// An entrypoint override (empty: the image's own).
     pub entrypoint: Vec<String>,
-    /// When to pull it.
-    pub pull_policy: Option<PullPolicy>,
+    /// When to pull it, in order of preference (empty: the executor's default); the executor
+    /// uses the first one its configuration allows.
+    pub pull_policies: Vec<PullPolicy>,
+    /// The user (`uid` or `uid:gid`) the container runs as, if the job names one
+    /// (`image:kubernetes:user`).
+    pub user: Option<String>,
 }
 
 /// When an image is pulled.
@@ -339,6 +441,14 @@ pub struct Requested {
 pub enum Request {
     /// A resource request or limit of the build container.
     Resource(ResourceField),
+    /// A resource request or limit of every service container.
+    ServiceResource(ResourceField),
+    /// A resource request or limit of the helper (init) container.
+    HelperResource(ResourceField),
+    /// A toleration (`key[=value][:effect]`).
+    NodeToleration,
+    /// Another namespace for the pod.
+    Namespace,
     /// The pod's service account.
     ServiceAccount,
     /// A node selector entry (`key=value`).

@@ -25,6 +25,7 @@ mod jenkins_agents;
 mod jenkins_local;
 mod jenkins_server;
 mod kube_server;
+mod kubernetes_gitlab_compat;
 mod kubernetes_jobs;
 mod pipeline_reader;
 mod pipelines;

@@ -16,13 +16,13 @@ use support::kube::{ImageScript, KubeServer, PodMatch};
 const TOKEN: &str = "glrt-fake-token";
 const HELPER_IMAGE: &str = "kiln-test/kiln:dev";
 
-struct Setup {
-    gitlab: GitLabServer,
-    kube: KubeServer,
+pub(crate) struct Setup {
+    pub(crate) gitlab: GitLabServer,
+    pub(crate) kube: KubeServer,
     dir: tempfile::TempDir,
 }
 
-async fn setup() -> Setup {
+pub(crate) async fn setup() -> Setup {
     let gitlab = GitLabServer::start().await;
     gitlab.add_runner_token(TOKEN);
     gitlab.set_long_poll_timeout(Duration::from_secs(2));
@@ -62,11 +62,11 @@ image_pull_grace = "2s"
         )
     }
 
-    fn kiln(&self, top: &str, kubernetes: &str) -> KilnProcess {
+    pub(crate) fn kiln(&self, top: &str, kubernetes: &str) -> KilnProcess {
         KilnProcess::start(&self.config(top, kubernetes))
     }
 
-    async fn finished(&self, id: u64, secs: u64) -> JobRecord {
+    pub(crate) async fn finished(&self, id: u64, secs: u64) -> JobRecord {
         self.gitlab
             .wait_for_state(
                 id,
@@ -97,7 +97,7 @@ image_pull_grace = "2s"
     }
 
     /// Waits until no pod and no Secret of kiln's is left.
-    async fn nothing_left(&self, secs: u64) {
+    pub(crate) async fn nothing_left(&self, secs: u64) {
         self.kube
             .wait_for(Duration::from_secs(secs), |s| {
                 s.pods.is_empty() && s.secrets.is_empty()
@@ -106,11 +106,11 @@ image_pull_grace = "2s"
     }
 }
 
-fn pod_name(id: u64) -> String {
+pub(crate) fn pod_name(id: u64) -> String {
     format!("kiln-gl-{id}")
 }
 
-fn with_image(mut job: serde_json::Value, image: &str) -> serde_json::Value {
+pub(crate) fn with_image(mut job: serde_json::Value, image: &str) -> serde_json::Value {
     job["image"]["name"] = json!(image);
     job
 }

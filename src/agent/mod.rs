@@ -108,6 +108,8 @@ struct Context {
     shell: String,
     interrupts: Interrupts,
     deadline: Instant,
+    /// The executor's notes on how it started the build (an ignored overwrite), for the trace.
+    start_notes: Vec<String>,
 }
 
 /// Where the agent finds its job and does its work.
@@ -317,8 +319,22 @@ fn context(
         },
         deadline,
         job,
+        start_notes: start_notes(&paths.job_file),
     };
     Ok((ctx, remote_tx))
+}
+
+/// The lines of the executor's notes file beside `job_file` (none without one).
+fn start_notes(job_file: &Path) -> Vec<String> {
+    std::fs::read_to_string(job_file.with_file_name(crate::build::START_NOTES_FILE))
+        .map(|text| {
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 async fn run_job(
@@ -474,6 +490,9 @@ async fn execute(ctx: &mut Context) -> JobEnd {
             format!(", runner {}", ctx.runner)
         }
     ));
+    for note in &ctx.start_notes {
+        trace.warn(note);
+    }
     if ctx.executor == "local" {
         if let Some(image) = ctx.job.image.as_ref().filter(|i| !i.name.is_empty()) {
             trace.warn(&format!(

@@ -316,6 +316,7 @@ fn build(id: u64) -> Build {
         annotations: BTreeMap::new(),
         about: About::default(),
         untrusted: false,
+        registry_auths: Vec::new(),
     }
 }
 

@@ -604,6 +604,7 @@ fn launch(
         annotations: std::collections::BTreeMap::new(),
         about: About::default(),
         untrusted: false,
+        registry_auths: Vec::new(),
     }
 }
 

@@ -142,8 +142,10 @@ fn job_payload(job: &PipelineJob, ctx: &JobContext<'_>) -> JobPayload {
             })
             .collect(),
         pull_policy: spec.pull_policy.clone(),
+        executor_opts: Default::default(),
     };
     JobPayload {
+        credentials: Vec::new(),
         id: ctx.id,
         token: ctx.token.to_owned(),
         allow_git_fetch: false,

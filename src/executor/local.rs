@@ -821,6 +821,7 @@ mod tests {
             annotations: std::collections::BTreeMap::new(),
             about: About::default(),
             untrusted: false,
+            registry_auths: Vec::new(),
         }
     }
 

@@ -96,6 +96,7 @@ pub struct Features {
     cancelable: bool,
     return_exit_code: bool,
     service_variables: bool,
+    service_multiple_aliases: bool,
     cancel_gracefully: bool,
     two_phase_job_commit: bool,
 }
@@ -127,7 +128,10 @@ impl Features {
             vault_secrets: false,
             cancelable: true,
             return_exit_code: true,
-            service_variables: false,
+            // Services get the job's public variables and their own (the Kubernetes executor;
+            // the local executor starts none), and every alias of a comma-separated list.
+            service_variables: images,
+            service_multiple_aliases: images,
             cancel_gracefully: true,
             two_phase_job_commit: true,
         }

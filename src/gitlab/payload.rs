@@ -38,6 +38,34 @@ pub struct JobPayload {
     pub dependencies: Vec<Dependency>,
     /// What the GitLab server supports for this job.
     pub features: JobFeatures,
+    /// Registry logins for the job's images (the project's registry with the job token).
+    pub credentials: Vec<Credential>,
+}
+
+/// One entry of `credentials` (`{type: "registry", url, username, password}`).
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Credential {
+    /// `registry` for a container registry login.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The registry (`registry.example.com:5005`).
+    pub url: String,
+    /// The user name (`gitlab-ci-token`).
+    pub username: String,
+    /// The password (the job token).
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The password is the job token: never in a log line.
+        f.debug_struct("Credential")
+            .field("type", &self.kind)
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `job_info`.
@@ -166,6 +194,24 @@ pub struct Image {
     pub variables: Vec<ImageVariable>,
     /// `always`, `if-not-present` or `never`, in order of preference.
     pub pull_policy: Vec<String>,
+    /// Executor-specific options (`image:kubernetes:user`, `image:docker:platform`).
+    pub executor_opts: ExecutorOpts,
+}
+
+/// `executor_opts` of an image.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExecutorOpts {
+    /// `kubernetes:` options.
+    pub kubernetes: KubernetesOpts,
+}
+
+/// `image:kubernetes:` options.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KubernetesOpts {
+    /// `uid` or `uid:gid` the build container runs as.
+    pub user: Option<String>,
 }
 
 /// A variable of a service (`{key, value}`).

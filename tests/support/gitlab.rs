@@ -802,6 +802,14 @@ fn fill_predefined_variables(job: &mut Value, base_url: &str, id: u64, token: &s
         .and_then(Value::as_str)
         .unwrap_or("kiln/demo")
         .to_owned();
+    // GitLab's registry login for the job is the job token (`gitlab-ci-token`).
+    if let Some(credentials) = job.get_mut("credentials").and_then(Value::as_array_mut) {
+        for credential in credentials {
+            if credential.get("password").and_then(Value::as_str) == Some("") {
+                credential["password"] = json!(token);
+            }
+        }
+    }
     let Some(variables) = job.get_mut("variables").and_then(Value::as_array_mut) else {
         return;
     };

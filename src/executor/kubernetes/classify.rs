@@ -21,6 +21,14 @@ pub(crate) enum Verdict {
     },
     /// The build is over.
     Ended(PodEnd),
+    /// A container's image could not be pulled with its pull policy and the job listed
+    /// another: the pod is to be made again with that one.
+    NextPullPolicy {
+        /// The container whose image failed.
+        container: String,
+        /// Why, as the kubelet said (`ErrImagePull: …`).
+        failure: String,
+    },
 }
 
 /// How a build ended.
@@ -239,6 +247,7 @@ pub(crate) fn classify(
     for container in waiting {
         match waiting_verdict(pod, container, now, limits, memory) {
             Verdict::Ended(ending) => return Verdict::Ended(ending),
+            next @ Verdict::NextPullPolicy { .. } => return next,
             Verdict::Wait {
                 recheck: Some(after),
             } => {
@@ -304,6 +313,21 @@ pub(crate) fn deleted(last_seen: Option<&Pod>) -> PodEnd {
     )
 }
 
+/// A pod whose image failed and could not be made again with the next pull policy.
+pub(crate) fn pull_retry_failed(pod: &Pod, container: &str, failure: &str, why: &str) -> PodEnd {
+    let image = image_of(pod, container).unwrap_or_default();
+    PodEnd::failed(
+        FailureReason::ImagePullFailure,
+        format!(
+            "the image `{image}` of {} could not be pulled ({failure}), and the pod could not be made again with the next pull policy: {why}",
+            describe_container(
+                container,
+                super::labels::main_container(&pod.metadata).unwrap_or(BUILD_CONTAINER)
+            )
+        ),
+    )
+}
+
 fn waiting_verdict(
     pod: &Pod,
     container: &ContainerStatus,
@@ -319,6 +343,23 @@ fn waiting_verdict(
     let message = waiting.message.as_deref().unwrap_or("").trim();
     let image = image_of(pod, &container.name).unwrap_or_else(|| container.image.clone());
     let which = describe_container(&container.name, limits.main);
+    let pull_failed = matches!(
+        reason,
+        "ErrImagePull" | "ImagePullBackOff" | "ErrImageNeverPull"
+    );
+    if pull_failed
+        && super::labels::pull_fallbacks(&pod.metadata)
+            .get(&container.name)
+            .is_some_and(|later| !later.is_empty())
+    {
+        // As gitlab-runner: the next policy at once, not after the grace period (a registry
+        // that is down stays down; the node's copy is what the job listed it for).
+        memory.pull_failing_since.remove(&container.name);
+        return Verdict::NextPullPolicy {
+            container: container.name.clone(),
+            failure: format!("{reason}: {message}"),
+        };
+    }
     match reason {
         "ErrImagePull" | "ImagePullBackOff" => {
             let since = *memory

@@ -9,7 +9,9 @@ use k8s_openapi::api::core::v1::Toleration;
 use serde::Deserialize;
 
 use super::labels::{as_label_value, is_label_value};
+pub use super::patch::PatchType;
 use super::quantity;
+pub use super::volumes::Volumes;
 use crate::problem::Problem;
 
 /// The Kubernetes executor's settings.
@@ -105,9 +107,43 @@ pub struct KubernetesConfig {
     pub default_resource_class: Option<String>,
     /// Named presets of placement, size and annotations (`[kubernetes.resource_classes.NAME]`).
     pub resource_classes: BTreeMap<String, ResourceClass>,
-    /// A JSON merge patch (RFC 7386) applied to every build pod last, for anything else: a
-    /// TOML table, or a string of JSON.
+    /// A patch applied to every build pod last, for anything else: a TOML table (a list for
+    /// `pod_patch_type = "json"`), or a string of JSON.
     pub pod_patch: Option<toml::Value>,
+    /// How `pod_patch` applies: `merge` (RFC 7386, lists replaced), `strategic` (lists of
+    /// containers, volumes, env, mounts merge by name, so a patch can add one) or `json`
+    /// (RFC 6902 operations).
+    pub pod_patch_type: PatchType,
+    /// Volumes mounted into the build and service containers of every build pod
+    /// (`[[kubernetes.volumes.pvc]]`, `config_map`, `secret`, `host_path`, `empty_dir`, `csi`).
+    pub volumes: Volumes,
+    /// Run the build and service containers privileged (needed by `docker:dind`). Off: a
+    /// privileged container is root on the node.
+    pub privileged: bool,
+    /// A Docker `config.json` (`{"auths": {...}}`) with registry logins for every build's
+    /// images, after the job's own `DOCKER_AUTH_CONFIG` and before GitLab's job credentials.
+    pub docker_auth_config: Option<String>,
+    /// Glob patterns of the images jobs may use (`registry.example.com/**`); empty: any.
+    pub allowed_images: Vec<String>,
+    /// Glob patterns of the service images jobs may use; empty: any.
+    pub allowed_services: Vec<String>,
+    /// The uids a job's `image:kubernetes:user` may name; empty: any.
+    pub allowed_users: Vec<String>,
+    /// The gids a job's `image:kubernetes:user` may name; empty: any.
+    pub allowed_groups: Vec<String>,
+    /// The pull policies jobs may ask for (`always`, `if-not-present`, `never`); empty: any.
+    pub allowed_pull_policies: Vec<String>,
+    /// The pull policies, in order, of images whose job names none (empty: Kubernetes' own
+    /// default, `Always` for `:latest` and `IfNotPresent` otherwise).
+    pub pull_policy: Vec<String>,
+    /// Caps of the `KUBERNETES_SERVICE_*_REQUEST`/`_LIMIT` job variables (service containers);
+    /// a variable whose cap is unset is ignored with a warning in the job's trace.
+    pub max_service: Resources,
+    /// Caps of the `KUBERNETES_HELPER_*_REQUEST`/`_LIMIT` job variables (the init container).
+    pub max_helper: Resources,
+    /// Regex each `KUBERNETES_NODE_TOLERATIONS_*` toleration (`key[=value][:effect]`) must
+    /// match (unset: ignored with a warning).
+    pub node_tolerations_overwrite_allowed: Option<String>,
 }
 
 impl Default for KubernetesConfig {
@@ -166,6 +202,19 @@ impl Default for KubernetesConfig {
             default_resource_class: None,
             resource_classes: BTreeMap::new(),
             pod_patch: None,
+            pod_patch_type: PatchType::Merge,
+            volumes: Volumes::default(),
+            privileged: false,
+            docker_auth_config: None,
+            allowed_images: Vec::new(),
+            allowed_services: Vec::new(),
+            allowed_users: Vec::new(),
+            allowed_groups: Vec::new(),
+            allowed_pull_policies: Vec::new(),
+            pull_policy: Vec::new(),
+            max_service: Resources::default(),
+            max_helper: Resources::default(),
+            node_tolerations_overwrite_allowed: None,
         }
     }
 }
@@ -429,10 +478,12 @@ impl KubernetesConfig {
             Some(toml::Value::String(text)) => serde_json::from_str(text)
                 .map(Some)
                 .map_err(|e| format!("is not JSON: {e}")),
-            Some(value @ toml::Value::Table(_)) => serde_json::to_value(value)
-                .map(Some)
-                .map_err(|e| e.to_string()),
-            Some(_) => Err("must be a table or a string of JSON".into()),
+            Some(value @ (toml::Value::Table(_) | toml::Value::Array(_))) => {
+                serde_json::to_value(value)
+                    .map(Some)
+                    .map_err(|e| e.to_string())
+            }
+            Some(_) => Err("must be a table, a list or a string of JSON".into()),
         }
     }
 
@@ -508,6 +559,8 @@ impl KubernetesConfig {
             ("service", &self.service),
             ("helper", &self.helper),
             ("max", &self.max),
+            ("max_service", &self.max_service),
+            ("max_helper", &self.max_helper),
         ];
         for (set, resources) in sets {
             for (path, message) in resource_problems(resources) {
@@ -530,6 +583,10 @@ impl KubernetesConfig {
             (
                 "pod_labels_overwrite_allowed",
                 &self.pod_labels_overwrite_allowed,
+            ),
+            (
+                "node_tolerations_overwrite_allowed",
+                &self.node_tolerations_overwrite_allowed,
             ),
         ] {
             if let Some(pattern) = value
@@ -587,16 +644,17 @@ impl KubernetesConfig {
                 );
             }
         }
-        if let Err(message) = self.pod_patch_json() {
-            problem("kubernetes.pod_patch".into(), message);
-        } else if let Ok(Some(patch)) = self.pod_patch_json()
-            && !patch.is_object()
-        {
-            problem(
-                "kubernetes.pod_patch".into(),
-                "must be a JSON object (a merge patch of the Pod)".into(),
-            );
+        match self.pod_patch_json() {
+            Err(message) => problem("kubernetes.pod_patch".into(), message),
+            Ok(Some(patch)) => {
+                if let Err(message) = super::patch::check_shape(self.pod_patch_type, &patch) {
+                    problem("kubernetes.pod_patch".into(), message);
+                }
+            }
+            Ok(None) => {}
         }
+        problems.extend(self.volumes.problems());
+        problems.extend(super::images::problems(self));
         problems
     }
 }
@@ -617,7 +675,7 @@ fn resource_problems(resources: &Resources) -> Vec<(String, String)> {
 }
 
 /// A DNS-1123 label (namespace names).
-fn is_dns_label(value: &str) -> bool {
+pub(super) fn is_dns_label(value: &str) -> bool {
     !value.is_empty()
         && value.len() <= 63
         && value

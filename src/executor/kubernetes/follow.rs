@@ -21,6 +21,8 @@ use crate::executor::Watch;
 const UNSEEN_RECHECK: Duration = Duration::from_secs(10);
 /// How often kiln asks the CI server about a build whose pod has not started yet (at most).
 const WANTED_CHECK: Duration = Duration::from_secs(30);
+/// How soon a pod made again with the next pull policy is read when the watch has not shown it.
+const REPLACED_RECHECK: Duration = Duration::from_secs(1);
 /// How often a build with no pending timeout is looked at even without changes.
 const IDLE_RECHECK: Duration = Duration::from_secs(300);
 
@@ -71,8 +73,20 @@ impl KubernetesExecutor {
         // ask now and then, so a canceled job does not keep a Pending pod for pending_timeout.
         let wanted_every = (self.config.pending_timeout / 4).min(WANTED_CHECK);
         let mut next_wanted_check = tokio::time::Instant::now() + wanted_every;
+        // The uid of the pod kiln made again with the next pull policy, until the watch shows
+        // it: meanwhile the watch may still show the failed pod, or its deletion.
+        let mut replacement: Option<String> = None;
         loop {
-            let seen = subscription.changes.borrow_and_update().clone();
+            let mut seen = subscription.changes.borrow_and_update().clone();
+            if let Some(uid) = &replacement {
+                if matches!(&seen, PodSeen::Present(pod) if pod.metadata.uid.as_ref() == Some(uid))
+                {
+                    replacement = None;
+                } else {
+                    seen = PodSeen::Unknown;
+                    unseen_checks = unseen_checks.max(1);
+                }
+            }
             let snapshot = match seen {
                 PodSeen::Present(pod) => Some(pod),
                 PodSeen::Gone(final_state) => {
@@ -126,10 +140,28 @@ impl KubernetesExecutor {
                             on_running.call();
                         }
                     }
-                    last = Some(pod);
                     match verdict {
                         Verdict::Ended(end) => return Followed::Ended(end),
-                        Verdict::Wait { recheck } => recheck.unwrap_or(IDLE_RECHECK),
+                        Verdict::Wait { recheck } => {
+                            last = Some(pod);
+                            recheck.unwrap_or(IDLE_RECHECK)
+                        }
+                        Verdict::NextPullPolicy { container, failure } => {
+                            match self.next_pull_policy(&pod, &container, &failure).await {
+                                Ok(uid) => {
+                                    replacement = Some(uid);
+                                    memory = Memory::default();
+                                    last = None;
+                                    unseen_checks = 1;
+                                    REPLACED_RECHECK
+                                }
+                                Err(e) => {
+                                    return Followed::Ended(classify::pull_retry_failed(
+                                        &pod, &container, &failure, &e,
+                                    ));
+                                }
+                            }
+                        }
                     }
                 }
                 None => {

@@ -31,6 +31,10 @@ const ANNOTATION_MAIN: &str = "kiln.dev/main-container";
 /// The id of the launch attempt that created a pod.
 const ANNOTATION_LAUNCH: &str = "kiln.dev/launch";
 /// kiln's own labels, which [`foreign_labels`] leaves out.
+/// The pull policies a pod's containers are still to be tried with after their current one
+/// (`build=IfNotPresent;svc-0=IfNotPresent,Never`): on the pod, so a coordinator that adopts
+/// the build goes on where the last one stopped.
+const ANNOTATION_PULL_FALLBACKS: &str = "kiln.dev/pull-fallbacks";
 const OWN_LABELS: &[&str] = &[
     LABEL_MANAGED_BY,
     LABEL_COORDINATOR,
@@ -112,6 +116,50 @@ pub(super) fn annotate_launch(metadata: &mut ObjectMeta, launch: &str) {
         .annotations
         .get_or_insert_with(BTreeMap::new)
         .insert(ANNOTATION_LAUNCH.to_owned(), launch.to_owned());
+}
+
+/// Annotates the pull policies each container is tried with after its current one (nothing
+/// when none has any).
+pub(super) fn annotate_pull_fallbacks(
+    annotations: &mut BTreeMap<String, String>,
+    fallbacks: &BTreeMap<String, Vec<String>>,
+) {
+    let value: Vec<String> = fallbacks
+        .iter()
+        .filter(|(_, policies)| !policies.is_empty())
+        .map(|(container, policies)| format!("{container}={}", policies.join(",")))
+        .collect();
+    if value.is_empty() {
+        annotations.remove(ANNOTATION_PULL_FALLBACKS);
+    } else {
+        annotations.insert(ANNOTATION_PULL_FALLBACKS.to_owned(), value.join(";"));
+    }
+}
+
+/// The pull policies each container of a pod is still to be tried with, by container.
+pub(super) fn pull_fallbacks(metadata: &ObjectMeta) -> BTreeMap<String, Vec<String>> {
+    let Some(value) = metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_PULL_FALLBACKS))
+    else {
+        return BTreeMap::new();
+    };
+    value
+        .split(';')
+        .filter_map(|entry| entry.split_once('='))
+        .map(|(container, policies)| {
+            (
+                container.trim().to_owned(),
+                policies
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            )
+        })
+        .collect()
 }
 
 /// The work a kiln object is for, from its labels (and the exact source name annotated).
@@ -262,6 +310,7 @@ mod tests {
             annotations: BTreeMap::new(),
             about: About::default(),
             untrusted: false,
+            registry_auths: Vec::new(),
         }
     }
 

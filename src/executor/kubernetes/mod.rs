@@ -14,13 +14,16 @@ mod classify;
 mod client;
 pub mod config;
 mod follow;
+mod images;
 mod labels;
 mod launch;
 mod lease;
 mod listing;
+mod patch;
 mod podspec;
 mod quantity;
 mod sizing;
+mod volumes;
 mod watch;
 
 use std::collections::{HashMap, HashSet};

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, HostAlias,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, HostAlias, KeyToPath,
     LocalObjectReference, Pod, PodSecurityContext, PodSpec, SeccompProfile, Secret,
     SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
@@ -16,10 +16,11 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::config::{KubernetesConfig, ResourceClass, Resources, SecurityProfile};
-use super::labels;
 use super::sizing::{Overrides, SpecError, requirements, resource_class};
+use super::{images, labels, patch};
 use crate::build::{
-    Build, EnvValue, ExtraContainer, ForeignAgent, Image, JOB_FILE, PullPolicy, Service, Workload,
+    Build, EnvValue, ExtraContainer, ForeignAgent, Image, JOB_FILE, START_NOTES_FILE, Service,
+    Workload,
 };
 
 /// Where the init container puts the agent binary.
@@ -45,10 +46,33 @@ fn identity_labels(config: &KubernetesConfig, build: &Build) -> BTreeMap<String,
 }
 
 /// The build's Secret, holding its secret data (the job file with the job token, an agent
-/// secret). Its owner reference to the pod is added once the pod exists.
+/// secret) and the notes on its start for the trace. With registry logins it is a
+/// `kubernetes.io/dockerconfigjson` Secret that also holds them, so the pod pulls with it and
+/// it goes with the build at no extra API call; the containers never see that key.
 pub(super) fn secret(build: &Build, config: &KubernetesConfig, namespace: &str) -> Secret {
     let mut annotations = BTreeMap::new();
     labels::annotate_runner(&mut annotations, &build.key);
+    let mut data: BTreeMap<String, ByteString> = build
+        .secrets
+        .iter()
+        .map(|(key, value)| (key.clone(), ByteString(value.clone())))
+        .collect();
+    let notes = start_notes(build, config);
+    if !notes.is_empty() {
+        data.insert(START_NOTES_FILE.to_owned(), ByteString(notes.into_bytes()));
+    }
+    let docker_config = images::docker_config(build, config);
+    let type_ = if docker_config.is_some() {
+        images::DOCKER_CONFIG_TYPE
+    } else {
+        "Opaque"
+    };
+    if let Some(docker_config) = docker_config {
+        data.insert(
+            images::DOCKER_CONFIG_KEY.to_owned(),
+            ByteString(docker_config),
+        );
+    }
     Secret {
         metadata: ObjectMeta {
             name: Some(build.name.clone()),
@@ -57,16 +81,18 @@ pub(super) fn secret(build: &Build, config: &KubernetesConfig, namespace: &str) 
             annotations: Some(annotations),
             ..ObjectMeta::default()
         },
-        type_: Some("Opaque".into()),
-        data: Some(
-            build
-                .secrets
-                .iter()
-                .map(|(key, value)| (key.clone(), ByteString(value.clone())))
-                .collect(),
-        ),
+        type_: Some(type_.into()),
+        data: Some(data),
         ..Secret::default()
     }
+}
+
+/// What the agent writes into the job's trace as warnings before the job starts: the job's
+/// requests this runner ignored, one a line (empty: none).
+fn start_notes(build: &Build, config: &KubernetesConfig) -> String {
+    Overrides::from_requests(&build.requests, config)
+        .map(|overrides| overrides.warnings.join("\n"))
+        .unwrap_or_default()
 }
 
 /// The pod of a build.
@@ -80,6 +106,7 @@ pub(super) fn pod(
     config: &KubernetesConfig,
     namespace: &str,
 ) -> Result<Pod, SpecError> {
+    images::check_allowed(build, config)?;
     let (class_name, class) = resource_class(build.class.as_ref(), config)?;
     let overrides = Overrides::from_requests(&build.requests, config)?;
     let mut labels = identity_labels(config, build);
@@ -98,8 +125,9 @@ pub(super) fn pod(
         annotations.extend(extra.clone());
     }
     labels::annotate_runner(&mut annotations, &build.key);
-    let (mut node_selector, tolerations) = placement(config, &class);
+    let (mut node_selector, mut tolerations) = placement(config, &class);
     node_selector.extend(overrides.node_selector.clone());
+    tolerations.extend(overrides.tolerations.iter().cloned());
     let security = container_security(config);
     let main_resources = config
         .build
@@ -109,7 +137,18 @@ pub(super) fn pod(
     let mut spec = match &build.workload {
         Workload::KilnAgent { image, services } => {
             labels::annotate_main(&mut annotations, BUILD_CONTAINER);
-            kiln_agent_spec(build, image.as_ref(), services, &main_resources, config)
+            labels::annotate_pull_fallbacks(
+                &mut annotations,
+                &pull_fallbacks(image.as_ref(), services, config)?,
+            );
+            kiln_agent_spec(
+                build,
+                image.as_ref(),
+                services,
+                &main_resources,
+                &overrides,
+                config,
+            )?
         }
         Workload::Foreign(agent) => {
             labels::annotate_main(&mut annotations, &agent.container);
@@ -138,13 +177,18 @@ pub(super) fn pod(
         .clone()
         .or_else(|| config.service_account.clone());
     spec.enable_service_links = Some(false);
-    spec.image_pull_secrets = (!config.image_pull_secrets.is_empty()).then(|| {
-        config
-            .image_pull_secrets
-            .iter()
-            .map(|name| LocalObjectReference { name: name.clone() })
-            .collect()
-    });
+    let mut pull_secrets: Vec<LocalObjectReference> = config
+        .image_pull_secrets
+        .iter()
+        .map(|name| LocalObjectReference { name: name.clone() })
+        .collect();
+    if images::docker_config(build, config).is_some() {
+        // The build's own Secret carries its registry logins.
+        pull_secrets.push(LocalObjectReference {
+            name: build.name.clone(),
+        });
+    }
+    spec.image_pull_secrets = (!pull_secrets.is_empty()).then_some(pull_secrets);
     spec.node_selector = (!node_selector.is_empty()).then_some(node_selector);
     spec.tolerations = (!tolerations.is_empty()).then_some(tolerations);
     spec.runtime_class_name = class.runtime_class.clone();
@@ -165,14 +209,19 @@ pub(super) fn pod(
 }
 
 /// The pod of the kiln agent: `prepare` installs the agent and fetches the sources, `build`
-/// runs it in the job's image, one `svc-N` container per service.
+/// runs it in the job's image, one `svc-N` container per service (with the builds volume and
+/// the configured volumes, as gitlab-runner mounts them).
+///
+/// # Errors
+/// A pull policy or a user the configuration does not allow.
 fn kiln_agent_spec(
     build: &Build,
     image: Option<&Image>,
     services: &[Service],
     resources: &Resources,
+    overrides: &Overrides,
     config: &KubernetesConfig,
-) -> PodSpec {
+) -> Result<PodSpec, SpecError> {
     let job_mount = VolumeMount {
         name: "job".into(),
         mount_path: JOB_DIR.into(),
@@ -209,7 +258,9 @@ fn kiln_agent_spec(
             "--bin-dir".into(),
             BIN_DIR.into(),
         ]),
-        resources: Some(requirements(&config.helper)),
+        resources: Some(requirements(
+            &config.helper.overlaid(&overrides.helper_resources),
+        )),
         volume_mounts: Some(vec![
             bin_mount(false),
             builds_mount.clone(),
@@ -240,6 +291,13 @@ fn kiln_agent_spec(
         Some(entrypoint) => (entrypoint, Some(agent_args)),
         None => (agent_args, None),
     };
+    let user = match image.and_then(|i| i.user.as_deref()) {
+        Some(user) => Some(images::user(user, config)?),
+        None => None,
+    };
+    let extra_mounts = config.volumes.mounts();
+    let mut build_mounts = vec![bin_mount(true), builds_mount.clone(), job_mount];
+    build_mounts.extend(extra_mounts.iter().cloned());
     let build_container = Container {
         name: BUILD_CONTAINER.into(),
         image: Some(
@@ -247,16 +305,26 @@ fn kiln_agent_spec(
                 .map(|i| i.name.clone())
                 .unwrap_or_else(|| config.default_image.clone()),
         ),
-        image_pull_policy: image.and_then(|i| i.pull_policy).map(pull_policy),
+        image_pull_policy: images::pull_policy(
+            image
+                .map(|i| i.pull_policies.as_slice())
+                .unwrap_or_default(),
+            config,
+        )?
+        .map(str::to_owned),
         command: Some(command),
         args,
         working_dir: Some(BUILDS_DIR.into()),
         resources: Some(requirements(resources)),
-        volume_mounts: Some(vec![bin_mount(true), builds_mount, job_mount]),
+        volume_mounts: Some(build_mounts),
         termination_message_path: Some(TERMINATION_LOG.into()),
         termination_message_policy: Some("File".into()),
+        security_context: workload_security(config, user),
         ..Container::default()
     };
+    let service_resources = config.service.overlaid(&overrides.service_resources);
+    let mut service_mounts = vec![builds_mount];
+    service_mounts.extend(extra_mounts);
 
     let mut containers = vec![build_container];
     let mut host_names = Vec::new();
@@ -268,7 +336,8 @@ fn kiln_agent_spec(
         containers.push(Container {
             name: format!("svc-{index}"),
             image: Some(service.image.name.clone()),
-            image_pull_policy: service.image.pull_policy.map(pull_policy),
+            image_pull_policy: images::pull_policy(&service.image.pull_policies, config)?
+                .map(str::to_owned),
             command: (!service.image.entrypoint.is_empty())
                 .then(|| service.image.entrypoint.clone()),
             args: (!service.command.is_empty()).then(|| service.command.clone()),
@@ -283,13 +352,43 @@ fn kiln_agent_spec(
                     })
                     .collect(),
             ),
-            resources: Some(requirements(&config.service)),
+            resources: Some(requirements(&service_resources)),
+            volume_mounts: Some(service_mounts.clone()),
+            security_context: workload_security(config, None),
             ..Container::default()
         });
     }
     host_names.sort();
     host_names.dedup();
-    PodSpec {
+    let mut volumes = vec![
+        Volume {
+            name: "kiln-bin".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+        Volume {
+            name: "builds".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: config.builds_size_limit.clone().map(Quantity),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "job".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(build.name.clone()),
+                // Readable by whatever user the job's image runs as; only the init and
+                // build containers mount it.
+                default_mode: Some(0o444),
+                items: job_items(build, config),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    volumes.extend(config.volumes.volumes());
+    Ok(PodSpec {
         host_aliases: (!host_names.is_empty()).then(|| {
             vec![HostAlias {
                 ip: "127.0.0.1".into(),
@@ -298,34 +397,79 @@ fn kiln_agent_spec(
         }),
         init_containers: Some(vec![prepare]),
         containers,
-        volumes: Some(vec![
-            Volume {
-                name: "kiln-bin".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            },
-            Volume {
-                name: "builds".into(),
-                empty_dir: Some(EmptyDirVolumeSource {
-                    size_limit: config.builds_size_limit.clone().map(Quantity),
-                    ..EmptyDirVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-            Volume {
-                name: "job".into(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(build.name.clone()),
-                    // Readable by whatever user the job's image runs as; only the init and
-                    // build containers mount it.
-                    default_mode: Some(0o444),
-                    ..SecretVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-        ]),
+        volumes: Some(volumes),
         ..PodSpec::default()
+    })
+}
+
+/// The pull policies after the first that each container's image is tried with, by
+/// container: the build container and its services (`svc-N`, as [`kiln_agent_spec`] names them).
+fn pull_fallbacks(
+    image: Option<&Image>,
+    services: &[Service],
+    config: &KubernetesConfig,
+) -> Result<BTreeMap<String, Vec<String>>, SpecError> {
+    let later = |asked: &[crate::build::PullPolicy]| -> Result<Vec<String>, SpecError> {
+        Ok(images::pull_policies(asked, config)?
+            .iter()
+            .skip(1)
+            .map(|p| (*p).to_owned())
+            .collect())
+    };
+    let mut fallbacks = BTreeMap::new();
+    fallbacks.insert(
+        BUILD_CONTAINER.to_owned(),
+        later(
+            image
+                .map(|i| i.pull_policies.as_slice())
+                .unwrap_or_default(),
+        )?,
+    );
+    for (index, service) in services.iter().enumerate() {
+        fallbacks.insert(format!("svc-{index}"), later(&service.image.pull_policies)?);
     }
+    Ok(fallbacks)
+}
+
+/// The keys of the build's Secret its containers see, when it also holds registry logins
+/// (`None`: every key, the common case).
+fn job_items(build: &Build, config: &KubernetesConfig) -> Option<Vec<KeyToPath>> {
+    images::docker_config(build, config)?;
+    let mut keys: Vec<String> = build.secrets.keys().cloned().collect();
+    if !start_notes(build, config).is_empty() {
+        keys.push(START_NOTES_FILE.to_owned());
+    }
+    Some(
+        keys.into_iter()
+            .map(|key| KeyToPath {
+                path: key.clone(),
+                key,
+                mode: None,
+            })
+            .collect(),
+    )
+}
+
+/// The security context of the build and service containers: privileged when the
+/// administrator opted in, and the job's `image:kubernetes:user`; `None` leaves the profile's.
+fn workload_security(
+    config: &KubernetesConfig,
+    user: Option<(i64, Option<i64>)>,
+) -> Option<SecurityContext> {
+    if !config.privileged && user.is_none() {
+        return None;
+    }
+    let mut security = container_security(config);
+    if config.privileged {
+        security.privileged = Some(true);
+        security.allow_privilege_escalation = Some(true);
+        security.capabilities = None;
+    }
+    if let Some((uid, gid)) = user {
+        security.run_as_user = Some(uid);
+        security.run_as_group = gid;
+    }
+    Some(security)
 }
 
 /// The pod of a foreign agent: its container, with secret values from the build's Secret, and
@@ -413,15 +557,6 @@ fn container_of(extra: &ExtraContainer) -> Result<Container, SpecError> {
     })
 }
 
-fn pull_policy(policy: PullPolicy) -> String {
-    match policy {
-        PullPolicy::Always => "Always",
-        PullPolicy::IfNotPresent => "IfNotPresent",
-        PullPolicy::Never => "Never",
-    }
-    .to_owned()
-}
-
 /// The memory limit of container `container`, for messages about OOM kills.
 pub(super) fn memory_limit(pod: &Pod, container: &str) -> Option<String> {
     pod.spec
@@ -443,35 +578,13 @@ fn apply_patch(pod: Pod, config: &KubernetesConfig) -> Result<Pod, SpecError> {
     };
     let mut value = serde_json::to_value(&pod)
         .map_err(|e| SpecError(format!("cannot apply kubernetes.pod_patch: {e}")))?;
-    merge_patch(&mut value, &patch);
+    patch::apply(config.pod_patch_type, &mut value, &patch)
+        .map_err(|e| SpecError(format!("cannot apply kubernetes.pod_patch: {e}")))?;
     serde_json::from_value(value).map_err(|e| {
         SpecError(format!(
             "kubernetes.pod_patch makes an invalid pod: {e}; fix the patch in the config"
         ))
     })
-}
-
-/// RFC 7386 JSON merge patch: objects merge, `null` removes, anything else replaces.
-fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
-    let serde_json::Value::Object(patch) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = serde_json::Value::Object(serde_json::Map::new());
-    }
-    if let serde_json::Value::Object(map) = target {
-        for (key, value) in patch {
-            if value.is_null() {
-                map.remove(key);
-            } else {
-                merge_patch(
-                    map.entry(key.clone()).or_insert(serde_json::Value::Null),
-                    value,
-                );
-            }
-        }
-    }
 }
 
 /// Node selector and tolerations of the config and a resource class together.
@@ -583,6 +696,7 @@ mod tests {
             )]),
             about: About::default(),
             untrusted: false,
+            registry_auths: Vec::new(),
         }
     }
 
@@ -653,7 +767,8 @@ mod tests {
                 image: Some(Image {
                     name: "docker:27".into(),
                     entrypoint: vec!["dockerd-entrypoint.sh".into()],
-                    pull_policy: Some(PullPolicy::IfNotPresent),
+                    pull_policies: vec![crate::build::PullPolicy::IfNotPresent],
+                    user: None,
                 }),
                 services: Vec::new(),
             },
@@ -688,9 +803,16 @@ mod tests {
         assert_eq!(svc.args.as_ref().unwrap()[0], "postgres");
         assert!(svc.command.is_none());
         assert_eq!(svc.env.as_ref().unwrap()[0].name, "POSTGRES_PASSWORD");
-        assert!(
-            svc.volume_mounts.is_none(),
-            "services never see the job Secret"
+        let mounts: Vec<&str> = svc
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.name.as_str())
+            .collect();
+        assert_eq!(
+            mounts,
+            ["builds"],
+            "services get the builds volume and never see the job Secret"
         );
         let aliases = pod.spec.as_ref().unwrap().host_aliases.as_ref().unwrap();
         let names = aliases[0].hostnames.as_ref().unwrap();
@@ -734,15 +856,205 @@ mod tests {
         let err = pod(&memory("16Gi"), &config, "ci").unwrap_err();
         assert!(err.0.contains("KUBERNETES_MEMORY_LIMIT=16Gi"), "{err}");
         assert!(err.0.contains("8Gi"), "{err}");
+        let err = pod(&memory("lots"), &config, "ci").unwrap_err();
+        assert!(err.0.contains("not a Kubernetes quantity"), "{err}");
+    }
+
+    #[test]
+    fn a_request_without_a_cap_is_ignored_with_a_note_for_the_trace() {
         let cpu = requesting(
             Request::Resource(ResourceField::CpuLimit),
             "2",
             "KUBERNETES_CPU_LIMIT",
         );
-        let err = pod(&cpu, &config, "ci").unwrap_err();
-        assert!(err.0.contains("kubernetes.max.cpu_limit"), "{err}");
-        let err = pod(&memory("lots"), &config, "ci").unwrap_err();
-        assert!(err.0.contains("not a Kubernetes quantity"), "{err}");
+        let config = KubernetesConfig::default();
+        let pod_ = pod(&cpu, &config, "ci").unwrap();
+        assert_eq!(limit(&pod_, "cpu"), None);
+        let secret = secret(&cpu, &config, "ci");
+        let notes = &secret.data.as_ref().unwrap()[START_NOTES_FILE].0;
+        assert_eq!(
+            String::from_utf8_lossy(notes),
+            "KUBERNETES_CPU_LIMIT=2 is ignored: this runner sets no kubernetes.max.cpu_limit"
+        );
+        let plain = secret_keys(&build(), &config);
+        assert_eq!(plain, [JOB_FILE], "no notes file without notes");
+    }
+
+    fn secret_keys(build: &Build, config: &KubernetesConfig) -> Vec<String> {
+        secret(build, config, "ci")
+            .data
+            .unwrap_or_default()
+            .into_keys()
+            .collect()
+    }
+
+    #[test]
+    fn service_and_helper_requests_have_their_own_caps() {
+        let config = KubernetesConfig {
+            max_service: Resources {
+                memory_limit: Some("2Gi".into()),
+                ..Resources::default()
+            },
+            ..KubernetesConfig::default()
+        };
+        let mut build = requesting(
+            Request::ServiceResource(ResourceField::MemoryLimit),
+            "1536Mi",
+            "KUBERNETES_SERVICE_MEMORY_LIMIT",
+        );
+        build.workload = Workload::KilnAgent {
+            image: None,
+            services: vec![Service {
+                image: Image {
+                    name: "postgres:16".into(),
+                    ..Image::default()
+                },
+                ..Service::default()
+            }],
+        };
+        let pod_ = pod(&build, &config, "ci").unwrap();
+        let limits = container(&pod_, "svc-0")
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap();
+        assert_eq!(limits["memory"].0, "1536Mi");
+        build.requests[0].value = "4Gi".into();
+        let err = pod(&build, &config, "ci").unwrap_err();
+        assert!(
+            err.0.contains("kubernetes.max_service.memory_limit"),
+            "{err}"
+        );
+        let helper = requesting(
+            Request::HelperResource(ResourceField::CpuRequest),
+            "1",
+            "KUBERNETES_HELPER_CPU_REQUEST",
+        );
+        assert!(
+            pod(&helper, &config, "ci").is_ok(),
+            "ignored without max_helper"
+        );
+    }
+
+    #[test]
+    fn tolerations_from_the_job_need_their_allow_pattern() {
+        let build = requesting(
+            Request::NodeToleration,
+            "gpu=true:NoSchedule",
+            "KUBERNETES_NODE_TOLERATIONS_1",
+        );
+        let config = KubernetesConfig {
+            node_tolerations_overwrite_allowed: Some("gpu=.*".into()),
+            ..KubernetesConfig::default()
+        };
+        let pod_ = pod(&build, &config, "ci").unwrap();
+        let tolerations = pod_.spec.as_ref().unwrap().tolerations.as_ref().unwrap();
+        assert_eq!(tolerations[0].key.as_deref(), Some("gpu"));
+        assert_eq!(tolerations[0].operator.as_deref(), Some("Equal"));
+        assert_eq!(tolerations[0].effect.as_deref(), Some("NoSchedule"));
+        let strict = KubernetesConfig {
+            node_tolerations_overwrite_allowed: Some("spot=.*".into()),
+            ..KubernetesConfig::default()
+        };
+        assert!(pod(&build, &strict, "ci").is_err());
+    }
+
+    #[test]
+    fn registry_logins_ride_in_the_build_secret_the_containers_do_not_see() {
+        let mut build = build();
+        build.registry_auths = vec![crate::build::RegistryAuth {
+            registry: "registry.example.com".into(),
+            username: "gitlab-ci-token".into(),
+            password: "job-token".into(),
+            issued: true,
+        }];
+        let config = KubernetesConfig {
+            image_pull_secrets: vec!["static".into()],
+            ..KubernetesConfig::default()
+        };
+        let secret = secret(&build, &config, "ci");
+        assert_eq!(
+            secret.type_.as_deref(),
+            Some("kubernetes.io/dockerconfigjson")
+        );
+        let docker: serde_json::Value =
+            serde_json::from_slice(&secret.data.as_ref().unwrap()[".dockerconfigjson"].0).unwrap();
+        assert_eq!(
+            docker["auths"]["registry.example.com"]["username"],
+            "gitlab-ci-token"
+        );
+        let pod_ = pod(&build, &config, "ci").unwrap();
+        let spec = pod_.spec.as_ref().unwrap();
+        let pulls: Vec<&str> = spec
+            .image_pull_secrets
+            .iter()
+            .flatten()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(pulls, ["static", "kiln-gl-42"]);
+        let job = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "job")
+            .unwrap();
+        let items: Vec<&str> = job
+            .secret
+            .as_ref()
+            .unwrap()
+            .items
+            .iter()
+            .flatten()
+            .map(|i| i.key.as_str())
+            .collect();
+        assert_eq!(items, [JOB_FILE]);
+        let plain = pod(&super::tests::build(), &config, "ci").unwrap();
+        let plain_secret = super::secret(&super::tests::build(), &config, "ci");
+        assert_eq!(plain_secret.type_.as_deref(), Some("Opaque"));
+        assert_eq!(
+            plain
+                .spec
+                .as_ref()
+                .unwrap()
+                .image_pull_secrets
+                .as_ref()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn privileged_is_opt_in_for_build_and_services_never_the_helper() {
+        let config = KubernetesConfig {
+            privileged: true,
+            ..KubernetesConfig::default()
+        };
+        let default_pod = pod(&build(), &KubernetesConfig::default(), "ci").unwrap();
+        let security = container(&default_pod, BUILD_CONTAINER)
+            .security_context
+            .as_ref()
+            .unwrap();
+        assert_eq!(security.privileged, Some(false));
+        let pod_ = pod(&build(), &config, "ci").unwrap();
+        let security = container(&pod_, BUILD_CONTAINER)
+            .security_context
+            .as_ref()
+            .unwrap();
+        assert_eq!(security.privileged, Some(true));
+        let prepare = &pod_
+            .spec
+            .as_ref()
+            .unwrap()
+            .init_containers
+            .as_ref()
+            .unwrap()[0];
+        assert_eq!(
+            prepare.security_context.as_ref().unwrap().privileged,
+            Some(false)
+        );
     }
 
     #[test]
@@ -752,8 +1064,8 @@ mod tests {
             "kubernetes.io/arch=arm64",
             "KUBERNETES_NODE_SELECTOR_ARCH",
         );
-        let err = pod(&arch, &KubernetesConfig::default(), "ci").unwrap_err();
-        assert!(err.0.contains("node_selector_overwrite_allowed"), "{err}");
+        let ignored = pod(&arch, &KubernetesConfig::default(), "ci").unwrap();
+        assert!(ignored.spec.as_ref().unwrap().node_selector.is_none());
         let config = KubernetesConfig {
             node_selector_overwrite_allowed: Some("kubernetes.io/arch=.*".into()),
             ..KubernetesConfig::default()

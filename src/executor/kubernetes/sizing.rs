@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Pod, ResourceRequirements};
+use k8s_openapi::api::core::v1::{Pod, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::config::{KubernetesConfig, RESOURCE_FIELDS, ResourceClass, Resources};
@@ -45,11 +45,17 @@ pub(super) fn resource_class(
     }
 }
 
-/// What a build's own requests change in its pod, each checked against its cap.
+/// What a build's own requests change in its pod, each checked against its cap. As in
+/// gitlab-runner, a request no cap or allow pattern is configured for is ignored (with a
+/// warning for the job's trace), one above its cap or outside its pattern fails the build.
 #[derive(Debug, Default)]
 pub(super) struct Overrides {
     /// Resources of the main container.
     pub(super) resources: Resources,
+    /// Resources of each service container.
+    pub(super) service_resources: Resources,
+    /// Resources of the init (helper) container.
+    pub(super) helper_resources: Resources,
     /// The pod's service account.
     pub(super) service_account: Option<String>,
     /// Node selector entries.
@@ -58,14 +64,18 @@ pub(super) struct Overrides {
     pub(super) annotations: BTreeMap<String, String>,
     /// Pod labels.
     pub(super) labels: BTreeMap<String, String>,
+    /// Tolerations added to the pod's.
+    pub(super) tolerations: Vec<Toleration>,
+    /// The requests that were ignored and why, for the job's trace.
+    pub(super) warnings: Vec<String>,
 }
 
 impl Overrides {
     /// The overrides `requests` ask for.
     ///
     /// # Errors
-    /// A request over its cap, one no allow pattern admits, or a malformed value; the message
-    /// names where the request came from and the limit.
+    /// A request over its cap, one its allow pattern does not admit, or a malformed value; the
+    /// message names where the request came from and the limit.
     pub(super) fn from_requests(
         requests: &[Requested],
         config: &KubernetesConfig,
@@ -73,52 +83,68 @@ impl Overrides {
         let mut out = Self::default();
         for request in requests {
             let (origin, value) = (request.origin.as_str(), request.value.trim());
-            match request.what {
-                Request::Resource(field) => {
-                    let field = field.as_str();
-                    let requested = quantity::parse(value).ok_or_else(|| {
-                        SpecError(format!(
-                            "{origin}=`{value}` is not a Kubernetes quantity (like 500m, 2, 4Gi)"
-                        ))
-                    })?;
-                    let Some(cap) = config.max.get(field) else {
-                        return Err(SpecError(format!(
-                            "{origin} is not allowed on this runner: set kubernetes.max.{field} to allow it"
-                        )));
-                    };
-                    let cap_value = quantity::parse(cap).unwrap_or(0.0);
-                    if requested > cap_value {
-                        return Err(SpecError(format!(
-                            "{origin}={value} is above this runner's maximum of {cap} (kubernetes.max.{field})"
-                        )));
-                    }
-                    out.resources.set(field, value.to_owned());
-                }
+            let (field, caps, caps_name, target) = match request.what {
+                Request::Resource(field) => (field, &config.max, "max", &mut out.resources),
+                Request::ServiceResource(field) => (
+                    field,
+                    &config.max_service,
+                    "max_service",
+                    &mut out.service_resources,
+                ),
+                Request::HelperResource(field) => (
+                    field,
+                    &config.max_helper,
+                    "max_helper",
+                    &mut out.helper_resources,
+                ),
                 Request::ServiceAccount => {
-                    check_allowed(
+                    if out.allowed(
                         config.service_account_overwrite_allowed.as_deref(),
                         origin,
                         value,
                         "service_account_overwrite_allowed",
-                    )?;
-                    out.service_account = Some(value.to_owned());
+                    )? {
+                        out.service_account = Some(value.to_owned());
+                    }
+                    continue;
+                }
+                Request::Namespace => {
+                    // Every build of a coordinator lives in its one namespace, where it
+                    // watches, adopts and cleans up; a job cannot move its pod elsewhere.
+                    out.warnings.push(format!(
+                        "{origin}={value} is ignored: kiln runs every build in its configured kubernetes.namespace"
+                    ));
+                    continue;
+                }
+                Request::NodeToleration => {
+                    let toleration = toleration(value).ok_or_else(|| {
+                        SpecError(format!(
+                            "{origin}=`{value}` must have the form key[=value][:effect]"
+                        ))
+                    })?;
+                    if out.allowed(
+                        config.node_tolerations_overwrite_allowed.as_deref(),
+                        origin,
+                        value,
+                        "node_tolerations_overwrite_allowed",
+                    )? {
+                        out.tolerations.push(toleration);
+                    }
+                    continue;
                 }
                 Request::NodeSelector | Request::PodAnnotation | Request::PodLabel => {
-                    let (allowed, setting, target) = match request.what {
+                    let (allowed, setting) = match request.what {
                         Request::NodeSelector => (
                             config.node_selector_overwrite_allowed.as_deref(),
                             "node_selector_overwrite_allowed",
-                            &mut out.node_selector,
                         ),
                         Request::PodAnnotation => (
                             config.pod_annotations_overwrite_allowed.as_deref(),
                             "pod_annotations_overwrite_allowed",
-                            &mut out.annotations,
                         ),
                         _ => (
                             config.pod_labels_overwrite_allowed.as_deref(),
                             "pod_labels_overwrite_allowed",
-                            &mut out.labels,
                         ),
                     };
                     let Some((key, entry_value)) = value.split_once('=') else {
@@ -126,37 +152,96 @@ impl Overrides {
                             "{origin}=`{value}` must have the form key=value"
                         )));
                     };
-                    check_allowed(allowed, origin, value, setting)?;
-                    target.insert(key.trim().to_owned(), entry_value.trim().to_owned());
+                    if out.allowed(allowed, origin, value, setting)? {
+                        let target = match request.what {
+                            Request::NodeSelector => &mut out.node_selector,
+                            Request::PodAnnotation => &mut out.annotations,
+                            _ => &mut out.labels,
+                        };
+                        target.insert(key.trim().to_owned(), entry_value.trim().to_owned());
+                    }
+                    continue;
                 }
+            };
+            let field = field.as_str();
+            let requested = quantity::parse(value).ok_or_else(|| {
+                SpecError(format!(
+                    "{origin}=`{value}` is not a Kubernetes quantity (like 500m, 2, 4Gi)"
+                ))
+            })?;
+            let Some(cap) = caps.get(field) else {
+                out.warnings.push(format!(
+                    "{origin}={value} is ignored: this runner sets no kubernetes.{caps_name}.{field}"
+                ));
+                continue;
+            };
+            let cap_value = quantity::parse(cap).unwrap_or(0.0);
+            if requested > cap_value {
+                return Err(SpecError(format!(
+                    "{origin}={value} is above this runner's maximum of {cap} (kubernetes.{caps_name}.{field})"
+                )));
             }
+            target.set(field, value.to_owned());
         }
         Ok(out)
     }
+
+    /// Whether `value` of `variable` matches the whole of the allow pattern of `setting`;
+    /// without a pattern the request is ignored with a warning.
+    ///
+    /// # Errors
+    /// The value does not match the pattern.
+    fn allowed(
+        &mut self,
+        pattern: Option<&str>,
+        variable: &str,
+        value: &str,
+        setting: &str,
+    ) -> Result<bool, SpecError> {
+        let Some(pattern) = pattern else {
+            self.warnings.push(format!(
+                "{variable}=`{value}` is ignored: this runner sets no kubernetes.{setting}"
+            ));
+            return Ok(false);
+        };
+        // Anchored: the whole value must match, not a part of it.
+        let anchored = format!("^(?:{pattern})$");
+        if regex::Regex::new(&anchored).is_ok_and(|re| re.is_match(value)) {
+            Ok(true)
+        } else {
+            Err(SpecError(format!(
+                "{variable}=`{value}` does not match kubernetes.{setting} (`{pattern}`)"
+            )))
+        }
+    }
 }
 
-/// Whether `value` of `variable` matches the whole of the allow pattern of `setting`.
-fn check_allowed(
-    pattern: Option<&str>,
-    variable: &str,
-    value: &str,
-    setting: &str,
-) -> Result<(), SpecError> {
-    let Some(pattern) = pattern else {
-        return Err(SpecError(format!(
-            "{variable} is not allowed on this runner: set kubernetes.{setting} to allow it"
-        )));
+/// A toleration written as gitlab-runner's `KUBERNETES_NODE_TOLERATIONS_*` values:
+/// `key=value:Effect` (operator `Equal`), `key:Effect` or `key` (operator `Exists`).
+fn toleration(text: &str) -> Option<Toleration> {
+    let (rest, effect) = match text.rsplit_once(':') {
+        Some((rest, effect)) => (rest, Some(effect.trim())),
+        None => (text, None),
     };
-    // Anchored: the whole value must match, not a part of it.
-    let anchored = format!("^(?:{pattern})$");
-    let allowed = regex::Regex::new(&anchored).is_ok_and(|re| re.is_match(value));
-    if allowed {
-        Ok(())
-    } else {
-        Err(SpecError(format!(
-            "{variable}=`{value}` does not match kubernetes.{setting} (`{pattern}`)"
-        )))
+    if let Some(effect) = effect
+        && !["NoSchedule", "PreferNoSchedule", "NoExecute", ""].contains(&effect)
+    {
+        return None;
     }
+    let (key, value) = match rest.split_once('=') {
+        Some((key, value)) => (key.trim(), Some(value.trim())),
+        None => (rest.trim(), None),
+    };
+    if key.is_empty() {
+        return None;
+    }
+    Some(Toleration {
+        key: Some(key.to_owned()),
+        operator: Some(if value.is_some() { "Equal" } else { "Exists" }.to_owned()),
+        value: value.map(str::to_owned),
+        effect: effect.filter(|e| !e.is_empty()).map(str::to_owned),
+        ..Toleration::default()
+    })
 }
 
 /// The requests and limits of a container sized `resources`.

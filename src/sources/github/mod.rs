@@ -929,6 +929,7 @@ impl GitHubSource {
             },
             // A repository's workflows can run code from a fork's pull request.
             untrusted: true,
+            registry_auths: Vec::new(),
         }
     }
 

@@ -5,12 +5,14 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
+use super::registry;
 use crate::build::{
     About, Build, BuildKey, ClassChoice, Image, JOB_FILE, PullPolicy, Request, Requested,
     ResourceField, Service, SourceKind, Workload,
 };
 use crate::gitlab::payload::{Image as JobImage, JobPayload};
 use crate::job_file::{AgentConfig, AgentJob, Fingerprint};
+use crate::variables::{Definition, Variables};
 
 /// The variable that picks a job's resource class.
 pub(crate) const CLASS_VARIABLE: &str = "KILN_RESOURCE_CLASS";
@@ -32,11 +34,23 @@ const RESOURCE_VARIABLES: &[(&str, ResourceField)] = &[
     ),
 ];
 
-/// The variable families that add `key=value` entries to the pod.
+/// The variable families that add entries to the pod (`key=value`; a toleration
+/// `key[=value][:effect]`).
 const FAMILIES: &[(&str, Request)] = &[
     ("KUBERNETES_NODE_SELECTOR_", Request::NodeSelector),
     ("KUBERNETES_POD_ANNOTATIONS_", Request::PodAnnotation),
     ("KUBERNETES_POD_LABELS_", Request::PodLabel),
+    ("KUBERNETES_NODE_TOLERATIONS_", Request::NodeToleration),
+];
+
+/// What a resource variable of the service or helper containers asks for.
+type ContainerRequest = fn(ResourceField) -> Request;
+
+/// Prefixes of gitlab-runner's service and helper container variants of
+/// [`RESOURCE_VARIABLES`] (`KUBERNETES_SERVICE_CPU_LIMIT`, `KUBERNETES_HELPER_MEMORY_REQUEST`).
+const CONTAINER_PREFIXES: &[(&str, ContainerRequest)] = &[
+    ("KUBERNETES_SERVICE_", Request::ServiceResource),
+    ("KUBERNETES_HELPER_", Request::HelperResource),
 ];
 
 /// What a job's build is made of besides the job.
@@ -86,11 +100,7 @@ pub(crate) fn build(job: &JobPayload, raw: &serde_json::Value, context: &Context
                 .map(|s| Service {
                     image: image(s),
                     command: s.command.clone(),
-                    env: s
-                        .variables
-                        .iter()
-                        .map(|v| (v.key.clone(), v.value.clone()))
-                        .collect(),
+                    env: service_variables(job, s),
                     aliases: service_aliases(s),
                 })
                 .collect(),
@@ -108,7 +118,31 @@ pub(crate) fn build(job: &JobPayload, raw: &serde_json::Value, context: &Context
         about: about(job, context.gitlab_url),
         // Anyone can run a public project's pipeline (a fork's merge request).
         untrusted: job.predefined_variable("CI_PROJECT_VISIBILITY") == Some("public"),
+        registry_auths: registry::auths(job),
     }
+}
+
+/// The environment of a service container, as gitlab-runner's `getServiceVariables`: the
+/// job's public variables (its `.gitlab-ci.yml` and predefined ones, never the project's
+/// protected or masked secrets, which GitLab sends as not public) and then the service's own,
+/// expanded against each other.
+fn service_variables(job: &JobPayload, service: &JobImage) -> Vec<(String, String)> {
+    let definitions = job
+        .variables
+        .iter()
+        .filter(|v| v.public)
+        .map(Definition::from)
+        .chain(
+            service
+                .variables
+                .iter()
+                .map(|v| Definition::new(v.key.clone(), v.value.clone())),
+        );
+    Variables::resolve(definitions)
+        .resolved()
+        .into_iter()
+        .map(|v| (v.key, v.value))
+        .collect()
 }
 
 /// What people see about a job; its link is made from GitLab's URL (`gitlab_url`) and the
@@ -151,12 +185,25 @@ fn image(job: &JobImage) -> Image {
     Image {
         name: job.name.clone(),
         entrypoint: job.entrypoint.clone(),
-        pull_policy: job.pull_policy.first().and_then(|p| match p.as_str() {
-            "always" => Some(PullPolicy::Always),
-            "if-not-present" => Some(PullPolicy::IfNotPresent),
-            "never" => Some(PullPolicy::Never),
-            _ => None,
-        }),
+        // GitLab validates the names; one it adds later is left to the next in the list.
+        pull_policies: job
+            .pull_policy
+            .iter()
+            .filter_map(|p| match p.as_str() {
+                "always" => Some(PullPolicy::Always),
+                "if-not-present" => Some(PullPolicy::IfNotPresent),
+                "never" => Some(PullPolicy::Never),
+                _ => None,
+            })
+            .collect(),
+        user: job
+            .executor_opts
+            .kubernetes
+            .user
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned),
     }
 }
 
@@ -197,6 +244,24 @@ fn requests(job: &JobPayload) -> Vec<Requested> {
                 origin: (*variable).to_owned(),
             });
         }
+        let suffix = variable.trim_start_matches("KUBERNETES_");
+        for (prefix, what) in CONTAINER_PREFIXES {
+            let variable = format!("{prefix}{suffix}");
+            if let Some(value) = nonempty(&variable) {
+                out.push(Requested {
+                    what: what(*field),
+                    value,
+                    origin: variable,
+                });
+            }
+        }
+    }
+    if let Some(value) = nonempty("KUBERNETES_NAMESPACE_OVERWRITE") {
+        out.push(Requested {
+            what: Request::Namespace,
+            value,
+            origin: "KUBERNETES_NAMESPACE_OVERWRITE".to_owned(),
+        });
     }
     if let Some(value) = nonempty("KUBERNETES_SERVICE_ACCOUNT_OVERWRITE") {
         out.push(Requested {
@@ -450,10 +515,7 @@ mod tests {
             ]
         );
         assert_eq!(services[0].env, [("POSTGRES_PASSWORD".into(), "pw".into())]);
-        assert_eq!(
-            services[0].image.pull_policy,
-            Some(PullPolicy::IfNotPresent)
-        );
+        assert_eq!(services[0].image.pull_policies, [PullPolicy::IfNotPresent]);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod command;
 mod config;
 pub(crate) mod metrics;
 pub mod poller;
+mod registry;
 pub mod report;
 pub(crate) mod runner_file;
 

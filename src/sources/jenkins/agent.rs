@@ -155,6 +155,7 @@ impl AgentSpec<'_> {
                 queued_at: None,
             },
             untrusted: false,
+            registry_auths: Vec::new(),
         }
     }
 }

@@ -1168,6 +1168,18 @@ fn as_table(res: Res, items: &[Value], rv: u64) -> Value {
                 })
                 .collect(),
         ),
+        Res::ConfigMaps | Res::PersistentVolumeClaims => (
+            vec![column("Name", "string", 0), column("Age", "string", 0)],
+            items
+                .iter()
+                .map(|o| {
+                    json!([
+                        o["metadata"]["name"],
+                        age(&o["metadata"]["creationTimestamp"])
+                    ])
+                })
+                .collect(),
+        ),
         Res::Leases => (
             vec![
                 column("Name", "string", 0),

@@ -403,12 +403,28 @@ impl PodTask {
     /// Takes every step that can be taken now.
     fn advance(&mut self) -> Result<(), Gone> {
         if self.stage == Stage::Scheduling {
-            let blocked = {
+            // The scheduler does not place a pod whose claim does not exist.
+            let missing_claim = self.spec["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v["persistentVolumeClaim"]["claimName"].as_str())
+                .find(|claim| {
+                    let s = self.inner.lock();
+                    s.store
+                        .get(Res::PersistentVolumeClaims, self.ns(), claim)
+                        .is_none()
+                })
+                .map(str::to_owned);
+            let (blocked, message) = {
                 let s = self.inner.lock();
-                self.matches_any(&s.unschedulable)
+                match &missing_claim {
+                    Some(claim) => (true, format!("0/3 nodes are available: persistentvolumeclaim \"{claim}\" not found. preemption: 0/3 nodes are available: 3 Preemption is not helpful for scheduling.")),
+                    None => (self.matches_any(&s.unschedulable), "0/3 nodes are available: 3 Insufficient cpu. preemption: 0/3 nodes are available: 3 No preemption victims found for incoming pod.".to_owned()),
+                }
             };
             if blocked {
-                let message = "0/3 nodes are available: 3 Insufficient cpu. preemption: 0/3 nodes are available: 3 No preemption victims found for incoming pod.";
+                let message = message.as_str();
                 if self.condition("PodScheduled").is_none() {
                     self.set_condition("PodScheduled", "False", "Unschedulable", message);
                     self.event(
@@ -564,7 +580,42 @@ impl PodTask {
             "spec.{}{{{name}}}",
             if init { "initContainers" } else { "containers" }
         );
-        let script = self.script_for(&image);
+        // The pull policy (defaulted by the API server) decides whether the registry is asked
+        // at all: `IfNotPresent` and `Never` use an image the node holds already.
+        let policy = c.spec["imagePullPolicy"]
+            .as_str()
+            .unwrap_or("IfNotPresent")
+            .to_owned();
+        let scripted = self.script_for(&image);
+        let registry_script = matches!(
+            scripted,
+            Some(super::ImageScript::PullFails { .. } | super::ImageScript::PullDelay(_))
+        );
+        let on_node = !registry_script || self.inner.lock().node_images.contains(&image);
+        if policy == "Never" && !on_node {
+            let message =
+                format!("Container image \"{image}\" is not present with pull policy of Never");
+            let c = self.ctr(init, i);
+            if c.retry_at.is_none() {
+                c.state = CState::Waiting("ErrImageNeverPull".into(), Some(message.clone()));
+                self.event(
+                    "Warning",
+                    "ErrImageNeverPull",
+                    &message,
+                    "kubelet",
+                    Some(&field),
+                );
+            }
+            self.ctr(init, i).retry_at = Some(now_i + Duration::from_secs(2));
+            return;
+        }
+        let script = if registry_script && on_node && policy != "Always" {
+            None
+        } else if self.pull_authorized(&image, &field) {
+            scripted
+        } else {
+            Some(super::ImageScript::PullFails { message: None })
+        };
         let initial = if init || !self.init.is_empty() {
             "PodInitializing"
         } else {
@@ -684,6 +735,7 @@ impl PodTask {
                     Some(Pull::Until(_)) => {
                         c.pull = None;
                         c.image_id = Some(image_id(&image));
+                        self.inner.lock().node_images.insert(image.clone());
                         let secs = delay.as_secs_f64();
                         self.event(
                             "Normal",
@@ -700,6 +752,9 @@ impl PodTask {
                 let c = self.ctr(init, i);
                 let retried = c.pull.take().is_some();
                 c.image_id = Some(image_id(&image));
+                if retried {
+                    self.inner.lock().node_images.insert(image.clone());
+                }
                 let message = if retried {
                     format!(
                         "Successfully pulled image \"{image}\" in 105ms (105ms including waiting). Image size: 4194304 bytes."
@@ -817,10 +872,26 @@ impl PodTask {
                 dirs.insert(name.to_owned(), PathBuf::from(path));
                 continue;
             }
+            if let Some(claim) = vol["persistentVolumeClaim"]["claimName"].as_str() {
+                // The claim's data outlives the pod; its directory is the volume (linked into
+                // the sandbox beside the others).
+                let data = claim_dir(self.inner.root(), self.ns(), claim);
+                std::fs::create_dir_all(&data)
+                    .map_err(|e| format!("MountVolume.SetUp failed for volume \"{name}\" : {e}"))?;
+                if let Some(parent) = dir.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+                }
+                let _ = std::os::unix::fs::symlink(&data, &dir);
+                dirs.insert(name.to_owned(), data);
+                continue;
+            }
             std::fs::create_dir_all(&dir)
                 .map_err(|e| format!("MountVolume.SetUp failed for volume \"{name}\" : {e}"))?;
             if vol["secret"].is_object() {
                 self.write_secret(name, &vol["secret"], &dir)?;
+            }
+            if vol["configMap"].is_object() {
+                self.write_config_map(name, &vol["configMap"], &dir)?;
             }
             dirs.insert(name.to_owned(), dir);
         }
@@ -839,6 +910,123 @@ impl PodTask {
             }
         });
         Ok(())
+    }
+
+    /// Writes a ConfigMap volume: every key (or the `items`) as a file.
+    fn write_config_map(&self, volume: &str, source: &Value, dir: &Path) -> Result<(), String> {
+        let name = source["name"].as_str().unwrap_or("");
+        let optional = source["optional"].as_bool().unwrap_or(false);
+        let config_map = {
+            let s = self.inner.lock();
+            s.store.get(Res::ConfigMaps, self.ns(), name).cloned()
+        };
+        let Some(config_map) = config_map else {
+            if optional {
+                return Ok(());
+            }
+            return Err(format!(
+                "MountVolume.SetUp failed for volume \"{volume}\" : configmap \"{name}\" not found"
+            ));
+        };
+        let data = super::string_map(&config_map["data"]);
+        let files: Vec<(String, String)> = match source["items"].as_array() {
+            Some(items) => items
+                .iter()
+                .map(|it| {
+                    (
+                        it["key"].as_str().unwrap_or("").to_owned(),
+                        it["path"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect(),
+            None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
+        };
+        for (key, path) in files {
+            let Some(text) = data.get(&key) else {
+                if optional {
+                    continue;
+                }
+                return Err(format!(
+                    "MountVolume.SetUp failed for volume \"{volume}\" : configmap references non-existent config key: {key}"
+                ));
+            };
+            let file = dir.join(&path);
+            if let Some(parent) = file.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+            }
+            std::fs::write(&file, text).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Whether the pod may pull `image`: a registry that requires a login (`require_login`)
+    /// answers only a pull with that login from one of the pod's `imagePullSecrets`; the
+    /// kubelet warns about pull Secrets it cannot read and pulls without them, as a real one.
+    fn pull_authorized(&self, image: &str, field: &str) -> bool {
+        let registry = registry_of(image);
+        let login = self.inner.lock().logins.get(&registry).cloned();
+        let Some((user, password)) = login else {
+            return true;
+        };
+        let names: Vec<String> = self.spec["imagePullSecrets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["name"].as_str().map(str::to_owned))
+            .collect();
+        let mut missing = Vec::new();
+        let mut authorized = false;
+        for name in &names {
+            let Some(secret) = self.secret(name) else {
+                missing.push(name.clone());
+                continue;
+            };
+            if secret.type_.as_deref() != Some("kubernetes.io/dockerconfigjson") {
+                continue;
+            }
+            let Some(bytes) = secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(".dockerconfigjson"))
+            else {
+                continue;
+            };
+            let Ok(config) = serde_json::from_slice::<Value>(&bytes.0) else {
+                continue;
+            };
+            for (key, entry) in config["auths"].as_object().into_iter().flatten() {
+                if registry_of_key(key) != registry {
+                    continue;
+                }
+                let (u, p) = match (entry["username"].as_str(), entry["password"].as_str()) {
+                    (Some(u), Some(p)) => (u.to_owned(), p.to_owned()),
+                    _ => {
+                        use base64::Engine;
+                        let decoded = entry["auth"]
+                            .as_str()
+                            .and_then(|a| base64::engine::general_purpose::STANDARD.decode(a).ok())
+                            .and_then(|b| String::from_utf8(b).ok())
+                            .unwrap_or_default();
+                        let (u, p) = decoded.split_once(':').unwrap_or_default();
+                        (u.to_owned(), p.to_owned())
+                    }
+                };
+                authorized |= u == user && p == password;
+            }
+        }
+        if !missing.is_empty() {
+            self.event(
+                "Warning",
+                "FailedToRetrieveImagePullSecret",
+                &format!(
+                    "Unable to retrieve some image pull secrets ({}); attempting to pull the image may not succeed.",
+                    missing.join(", ")
+                ),
+                "kubelet",
+                Some(field),
+            );
+        }
+        authorized
     }
 
     fn secret(&self, name: &str) -> Option<Secret> {
@@ -1737,6 +1925,36 @@ fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
+}
+
+/// Where the data of claim `claim` in `namespace` lives.
+pub(crate) fn claim_dir(root: &Path, namespace: &str, claim: &str) -> PathBuf {
+    root.join("claims").join(namespace).join(claim)
+}
+
+/// The registry host of an image reference (`docker.io` for Docker Hub's short names).
+fn registry_of(image: &str) -> String {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            first.to_owned()
+        }
+        _ => "docker.io".to_owned(),
+    }
+}
+
+/// The registry host of a key of `auths` (`https://registry.example.com/v1/` → the host), as
+/// the kubelet's credential keyring matches them.
+fn registry_of_key(key: &str) -> String {
+    let host = key
+        .trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    match host {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_owned(),
+        other => other.to_owned(),
+    }
 }
 
 fn full_reference(image: &str) -> String {

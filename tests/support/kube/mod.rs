@@ -90,6 +90,12 @@ pub(crate) struct State {
     pub(crate) kubelet_enabled: bool,
     pub(crate) aliases: HashMap<String, PathBuf>,
     pub(crate) images: HashMap<String, ImageScript>,
+    /// Scripted images the node holds already (pulled before, or seeded with
+    /// `seed_node_image`): `IfNotPresent` and `Never` use them without asking the registry.
+    /// An image with no script counts as present.
+    pub(crate) node_images: BTreeSet<String>,
+    /// Registries that answer pulls only with one of these logins: registry → (user, password).
+    pub(crate) logins: HashMap<String, (String, String)>,
     pub(crate) unschedulable: Vec<PodMatch>,
     pub(crate) holds: Vec<PodMatch>,
     /// Pod uids let through a hold by `release_pod`.
@@ -180,6 +186,8 @@ impl KubeServer {
                 kubelet_enabled: true,
                 aliases: HashMap::new(),
                 images: HashMap::new(),
+                node_images: BTreeSet::new(),
+                logins: HashMap::new(),
                 unschedulable: Vec::new(),
                 holds: Vec::new(),
                 released: BTreeSet::new(),
@@ -331,6 +339,8 @@ impl KubeServer {
             Some("Secret") => Res::Secrets,
             Some("Event") => Res::Events,
             Some("Lease") => Res::Leases,
+            Some("ConfigMap") => Res::ConfigMaps,
+            Some("PersistentVolumeClaim") => Res::PersistentVolumeClaims,
             other => panic!("cannot insert a {other:?}"),
         };
         let inner = self.inner.clone();
@@ -362,6 +372,28 @@ impl KubeServer {
     pub fn script_image(&self, image: &str, script: ImageScript) {
         self.inner
             .with(|s| s.images.insert(image.to_owned(), script));
+    }
+
+    /// Makes `registry` (`registry.example.com:5005`) refuse pulls without the login `username`
+    /// / `password` in one of the pod's `imagePullSecrets`, as a private registry does.
+    pub fn require_login(&self, registry: &str, username: &str, password: &str) {
+        self.inner.with(|s| {
+            s.logins.insert(
+                registry.to_owned(),
+                (username.to_owned(), password.to_owned()),
+            )
+        });
+    }
+
+    /// Where the data of the PersistentVolumeClaim `claim` lives (created when a pod mounts it).
+    pub fn claim_dir(&self, namespace: &str, claim: &str) -> PathBuf {
+        kubelet::claim_dir(self.inner.root(), namespace, claim)
+    }
+
+    /// Puts `image` (exact reference) on the node, as an earlier pull would have: pods whose
+    /// pull policy is `IfNotPresent` or `Never` use it whatever the registry's script says.
+    pub fn seed_node_image(&self, image: &str) {
+        self.inner.with(|s| s.node_images.insert(image.to_owned()));
     }
 
     pub fn clear_image_script(&self, image: &str) {

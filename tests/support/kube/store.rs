@@ -14,6 +14,10 @@ pub(crate) enum Res {
     Events,
     /// `coordination.k8s.io/v1` Leases (served under `/apis/coordination.k8s.io/v1`).
     Leases,
+    /// ConfigMaps an administrator made for pods to mount (kiln never writes them).
+    ConfigMaps,
+    /// PersistentVolumeClaims an administrator made for pods to mount.
+    PersistentVolumeClaims,
 }
 
 impl Res {
@@ -22,6 +26,8 @@ impl Res {
             "pods" => Some(Self::Pods),
             "secrets" => Some(Self::Secrets),
             "events" => Some(Self::Events),
+            "configmaps" => Some(Self::ConfigMaps),
+            "persistentvolumeclaims" => Some(Self::PersistentVolumeClaims),
             _ => None,
         }
     }
@@ -37,6 +43,8 @@ impl Res {
             Self::Secrets => "secrets",
             Self::Events => "events",
             Self::Leases => "leases",
+            Self::ConfigMaps => "configmaps",
+            Self::PersistentVolumeClaims => "persistentvolumeclaims",
         }
     }
 
@@ -46,6 +54,8 @@ impl Res {
             Self::Secrets => "Secret",
             Self::Events => "Event",
             Self::Leases => "Lease",
+            Self::ConfigMaps => "ConfigMap",
+            Self::PersistentVolumeClaims => "PersistentVolumeClaim",
         }
     }
 
@@ -667,6 +677,33 @@ fn default_pod(pod: &mut Value) {
 }
 
 /// What the API server checks of a Lease's spec (`ValidateLeaseSpec`).
+/// The API server's checks of a Secret's `type`: a `kubernetes.io/dockerconfigjson` Secret
+/// holds a `.dockerconfigjson` key with a JSON document (`ValidateSecret`).
+fn validate_secret_type(obj: &Value, causes: &mut Vec<Value>) {
+    const KEY: &str = ".dockerconfigjson";
+    if obj["type"].as_str() != Some("kubernetes.io/dockerconfigjson") {
+        return;
+    }
+    let field = format!("data[{KEY}]");
+    match obj["data"][KEY].as_str() {
+        None => causes.push(cause("FieldValueRequired", &field, "Required value")),
+        Some(encoded) => {
+            use base64::Engine;
+            let valid = base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .ok()
+                .is_some_and(|bytes| serde_json::from_slice::<Value>(&bytes).is_ok());
+            if !valid {
+                causes.push(cause(
+                    "FieldValueInvalid",
+                    &field,
+                    "Invalid value: \"<secret contents redacted>\": invalid character looking for beginning of value",
+                ));
+            }
+        }
+    }
+}
+
 fn validate_lease_spec(spec: &Value, causes: &mut Vec<Value>) {
     for field in ["leaseDurationSeconds", "leaseTransitions"] {
         let Some(value) = spec.get(field).filter(|v| !v.is_null()) else {
@@ -863,6 +900,9 @@ fn validate(res: Res, obj: &Value) -> Result<(), ApiError> {
     if res == Res::Leases {
         validate_lease_spec(&obj["spec"], &mut causes);
     }
+    if res == Res::Secrets {
+        validate_secret_type(obj, &mut causes);
+    }
     if causes.is_empty() {
         Ok(())
     } else {
@@ -1058,7 +1098,9 @@ impl Selector {
                     "status.podIP",
                 ],
                 Res::Secrets => &["metadata.name", "metadata.namespace", "type"],
-                Res::Leases => &["metadata.name", "metadata.namespace"],
+                Res::Leases | Res::ConfigMaps | Res::PersistentVolumeClaims => {
+                    &["metadata.name", "metadata.namespace"]
+                }
                 Res::Events => &[
                     "metadata.name",
                     "metadata.namespace",
