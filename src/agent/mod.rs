@@ -9,6 +9,8 @@
 mod artifacts;
 mod git;
 mod mask;
+mod options;
+mod oversized;
 mod process;
 mod trace;
 
@@ -108,6 +110,13 @@ struct Context {
     shell: String,
     interrupts: Interrupts,
     deadline: Instant,
+    /// When the steps before after_script must end: the job's deadline, or sooner with
+    /// `RUNNER_SCRIPT_TIMEOUT`.
+    steps_deadline: Instant,
+    /// What the job's variables ask of the runner (`GIT_*`, attempts, timeouts, trace).
+    options: options::JobOptions,
+    /// How step scripts are written (oversized variables, xtrace, sections).
+    script: process::ScriptOptions,
 }
 
 /// Where the agent finds its job and does its work.
@@ -282,16 +291,21 @@ fn context(
             source,
         })?;
     }
-    let env = base_env(&job, &project_dir, &builds, &tmp_dir);
+    let env = base_env(&job, &project_dir, &builds, &tmp_dir, &spec.executor);
+    let variables = job_variables(&job, &env, &tmp_dir);
+    // What the variables ask for is known before anything runs (the trace uplink needs
+    // `CI_DEBUG_TRACE`); file variables' files are written later, by `export_variables`.
+    let mut preview = env.clone();
+    preview.extend(variables.resolved().into_iter().map(|v| (v.key, v.value)));
+    let options = options::JobOptions::read(&preview);
     // Masked values as expanded too: an expansion can put a secret anywhere.
-    let secrets =
-        std::iter::once(job.token.clone()).chain(job_variables(&job, &env, &tmp_dir).secrets());
+    let secrets = std::iter::once(job.token.clone()).chain(variables.secrets());
     let masker = mask::Masker::new(secrets, job.features.token_mask_prefixes.clone())
         .with_fingerprints(&spec.masked);
     let limit =
         usize::try_from(spec.settings.output_limit.saturating_mul(1024)).unwrap_or(usize::MAX);
     let trace = Arc::new(Trace::new(masker, limit, false));
-    let api = RunnerApi::new(&spec.gitlab_url)?;
+    let api = RunnerApi::new(&spec.gitlab_url)?.with_debug_trace(options.debug_trace);
     let (remote_tx, remote_rx) = watch::channel(Remote::Running);
     let shell = spec
         .settings
@@ -316,7 +330,14 @@ fn context(
             stop_on_canceling: true,
         },
         deadline,
+        steps_deadline: deadline,
         job,
+        script: process::ScriptOptions {
+            from_files: Vec::new(),
+            xtrace: options.debug_trace,
+            sections: options.script_sections,
+        },
+        options,
     };
     Ok((ctx, remote_tx))
 }
@@ -396,6 +417,7 @@ fn base_env(
     project_dir: &Path,
     builds_dir: &Path,
     tmp_dir: &Path,
+    executor: &str,
 ) -> BTreeMap<String, String> {
     let mut env: BTreeMap<String, String> = std::env::vars()
         .filter(|(k, _)| !k.starts_with("KILN_"))
@@ -412,6 +434,11 @@ fn base_env(
         format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
     );
     set("CI_JOB_TIMEOUT", job.timeout().as_secs().to_string());
+    // A pod is thrown away after its build; the local executor's work directory too, but
+    // the host stays, so only Kubernetes builds are disposable environments.
+    if executor == "kubernetes" {
+        set("CI_DISPOSABLE_ENVIRONMENT", "true".into());
+    }
     set("TMPDIR", tmp_dir.to_string_lossy().into_owned());
     set("GIT_TERMINAL_PROMPT", "0".into());
     env
@@ -435,6 +462,15 @@ fn job_variables(job: &JobPayload, env: &BTreeMap<String, String>, tmp_dir: &Pat
 /// value.
 fn export_variables(ctx: &mut Context) -> std::io::Result<()> {
     ctx.env = exported_env(&ctx.job, &ctx.env, &ctx.tmp_dir)?;
+    ctx.script.from_files = oversized::move_to_files(&mut ctx.env, &ctx.tmp_dir)?;
+    for (name, _) in &ctx.script.from_files {
+        ctx.trace.line(&format!(
+            "{name} is larger than one environment entry can hold (128 KiB): the scripts read it from a file into a shell variable, not exported"
+        ));
+    }
+    for warning in &ctx.options.warnings {
+        ctx.trace.warn(warning);
+    }
     Ok(())
 }
 
@@ -508,6 +544,14 @@ async fn execute(ctx: &mut Context) -> JobEnd {
 
     let steps: Vec<Step> = ctx.job.steps.clone();
     let mut end = JobEnd::success();
+    ctx.env.insert("CI_JOB_STATUS".into(), "running".into());
+    // `RUNNER_SCRIPT_TIMEOUT` bounds the steps and leaves the rest of the job's time to
+    // after_script and the artifacts.
+    if let Some(limit) = ctx.options.script_timeout
+        && let Some(at) = Instant::now().checked_add(limit)
+    {
+        ctx.steps_deadline = at.min(ctx.deadline);
+    }
     for step in steps.iter().filter(|s| s.name != "after_script") {
         let failed = end.failure.is_some();
         if !step.when.applies(failed) {
@@ -535,14 +579,12 @@ async fn execute(ctx: &mut Context) -> JobEnd {
             }
         }
     }
+    // A step's own timeout (`timeout` of a step, `RUNNER_SCRIPT_TIMEOUT`) leaves time for
+    // after_script and artifacts, as in gitlab-runner; the job's timeout does not.
     let interrupted = end.canceled
-        || matches!(
-            end.failure,
-            Some((
-                FailureReason::JobExecutionTimeout | FailureReason::RunnerSystemFailure,
-                _
-            ))
-        );
+        || matches!(end.failure, Some((FailureReason::RunnerSystemFailure, _)))
+        || (matches!(end.failure, Some((FailureReason::JobExecutionTimeout, _)))
+            && Instant::now() >= ctx.deadline);
     let canceled_now = *ctx.interrupts.remote.borrow() == Remote::Canceled;
     if !canceled_now
         && !ctx.interrupts.abort.is_cancelled()
@@ -649,16 +691,18 @@ async fn run_step(ctx: &mut Context, step: &Step, is_after: bool) -> StepEnd {
     trace.section_start(&section, &header);
     let step_timeout = step.timeout.map(Duration::from_secs);
     let deadline = if is_after {
-        let limit = step_timeout
-            .unwrap_or(ctx.settings.after_script_timeout)
-            .min(ctx.settings.after_script_timeout);
+        let after_limit = ctx
+            .options
+            .after_script_timeout
+            .unwrap_or(ctx.settings.after_script_timeout);
+        let limit = step_timeout.unwrap_or(after_limit).min(after_limit);
         Instant::now() + limit
     } else {
-        // A step's timeout is the payload's number: past the job's deadline (or past what an
-        // Instant can hold) it is the job's deadline.
+        // A step's timeout is the payload's number: past the steps' deadline (or past what an
+        // Instant can hold) it is the steps' deadline.
         step_timeout
             .and_then(|t| Instant::now().checked_add(t))
-            .map_or(ctx.deadline, |step| step.min(ctx.deadline))
+            .map_or(ctx.steps_deadline, |step| step.min(ctx.steps_deadline))
     };
     let script = match process::write_script(
         &ctx.tmp_dir,
@@ -666,6 +710,7 @@ async fn run_step(ctx: &mut Context, step: &Step, is_after: bool) -> StepEnd {
         &ctx.shell,
         &ctx.project_dir,
         &step.script,
+        &ctx.script,
     ) {
         Ok(path) => path,
         Err(e) => {
@@ -693,6 +738,14 @@ async fn run_step(ctx: &mut Context, step: &Step, is_after: bool) -> StepEnd {
         Ok(Exit::TimedOut) => {
             let timeout = if Instant::now() >= ctx.deadline {
                 ctx.job.timeout()
+            } else if let Some(limit) = ctx.options.script_timeout
+                && Instant::now() >= ctx.steps_deadline
+            {
+                trace.warn(&format!(
+                    "script timeout of {} (RUNNER_SCRIPT_TIMEOUT) exceeded",
+                    humantime::format_duration(limit)
+                ));
+                limit
             } else {
                 step_timeout.unwrap_or_else(|| ctx.job.timeout())
             };
@@ -757,16 +810,73 @@ async fn get_sources(ctx: &mut Context) -> Option<JobEnd> {
         ctx.job.git_info.git_ref,
         short(&ctx.job.git_info.sha),
     ));
-    let lines = match git::commands(&ctx.job.git_info, &ctx.project_dir, strategy, depth) {
-        Ok(lines) => lines,
-        Err(e) => {
-            // A value from the project or pipeline that git would take as an option (or no git
-            // name can be): the job's problem, not the runner's, so no system failure (which
-            // GitLab may retry, on another runner, with the same value).
-            trace.section_end("get_sources");
-            return Some(JobEnd::failed(FailureReason::ScriptFailure, e.to_string()));
+    if let Some(end) = run_hook(ctx, "pre_get_sources_script").await {
+        trace.section_end("get_sources");
+        return Some(end);
+    }
+    let lfs = git_lfs_available(ctx).await;
+    let attempts = ctx.options.get_sources_attempts;
+    let mut attempt = 1;
+    loop {
+        let lines = match git::commands(
+            &ctx.job.git_info,
+            &ctx.project_dir,
+            strategy,
+            depth,
+            &ctx.options,
+            lfs,
+        ) {
+            Ok(lines) => lines,
+            Err(e) => {
+                // A value from the project or pipeline that git would take as an option (or no
+                // git name can be): the job's problem, not the runner's, so no system failure
+                // (which GitLab may retry, on another runner, with the same value).
+                trace.section_end("get_sources");
+                return Some(JobEnd::failed(FailureReason::ScriptFailure, e.to_string()));
+            }
+        };
+        match run_git(ctx, lines).await {
+            GitRun::Done => break,
+            GitRun::Failed(code, command) if attempt < attempts => {
+                trace.warn(&format!(
+                    "`git {command}` exited with {code}; retrying (attempt {} of {attempts}, GET_SOURCES_ATTEMPTS)",
+                    attempt + 1
+                ));
+                tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                attempt += 1;
+            }
+            GitRun::Failed(code, command) => {
+                trace.section_end("get_sources");
+                return Some(JobEnd::failed(
+                    FailureReason::RunnerSystemFailure,
+                    format!("fetching the sources failed: `git {command}` exited with {code}"),
+                ));
+            }
+            GitRun::Ended(end) => {
+                trace.section_end("get_sources");
+                return Some(end);
+            }
         }
-    };
+    }
+    if let Some(end) = run_hook(ctx, "post_get_sources_script").await {
+        trace.section_end("get_sources");
+        return Some(end);
+    }
+    trace.line(&format!("Checked out {}", short(&ctx.job.git_info.sha)));
+    trace.section_end("get_sources");
+    None
+}
+
+/// How a run of git commands went.
+enum GitRun {
+    Done,
+    /// A command exited with this code (its subcommand named): worth another attempt.
+    Failed(i32, String),
+    /// Stopped for good (timeout, cancel, no git).
+    Ended(JobEnd),
+}
+
+async fn run_git(ctx: &mut Context, lines: Vec<Vec<String>>) -> GitRun {
     for line in lines {
         let mut command = tokio::process::Command::new(&line[0]);
         command
@@ -774,37 +884,72 @@ async fn get_sources(ctx: &mut Context) -> Option<JobEnd> {
             .current_dir(&ctx.tmp_dir)
             .env_clear()
             .envs(&ctx.env);
-        let end = process::run(command, &trace, ctx.deadline, &mut ctx.interrupts).await;
-        let failure = match end {
+        let end = process::run(command, &ctx.trace, ctx.deadline, &mut ctx.interrupts).await;
+        return match end {
             Ok(Exit::Code(0)) => continue,
-            Ok(Exit::Code(code)) => JobEnd::failed(
-                FailureReason::RunnerSystemFailure,
-                format!(
-                    "fetching the sources failed: `git {}` exited with {code}",
-                    line.get(7).map(String::as_str).unwrap_or(&line[1])
-                ),
+            Ok(Exit::Code(code)) => GitRun::Failed(
+                code,
+                line.get(7)
+                    .map(String::as_str)
+                    .unwrap_or(&line[1])
+                    .to_owned(),
             ),
-            Ok(Exit::TimedOut) => JobEnd::failed(
+            Ok(Exit::TimedOut) => GitRun::Ended(JobEnd::failed(
                 FailureReason::JobExecutionTimeout,
                 "execution took longer than the job timeout while fetching sources",
-            ),
-            Ok(Exit::Canceling | Exit::Canceled) => JobEnd {
+            )),
+            Ok(Exit::Canceling | Exit::Canceled) => GitRun::Ended(JobEnd {
                 failure: Some((FailureReason::ScriptFailure, "the job was canceled".into())),
                 exit_code: None,
                 canceled: true,
-            },
-            Ok(Exit::Aborted) => aborted(ctx),
-            Err(e) => JobEnd::failed(
+            }),
+            Ok(Exit::Aborted) => GitRun::Ended(aborted(ctx)),
+            Err(e) => GitRun::Ended(JobEnd::failed(
                 FailureReason::RunnerSystemFailure,
                 format!("cannot run git (is it installed?): {e}"),
-            ),
+            )),
         };
-        trace.section_end("get_sources");
-        return Some(failure);
     }
-    trace.line(&format!("Checked out {}", short(&ctx.job.git_info.sha)));
-    trace.section_end("get_sources");
-    None
+    GitRun::Done
+}
+
+/// Whether `git lfs` runs here (the helper image ships it; on the local executor, the host).
+async fn git_lfs_available(ctx: &Context) -> bool {
+    let status = tokio::process::Command::new("git")
+        .args(["lfs", "version"])
+        .env_clear()
+        .envs(&ctx.env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await;
+    matches!(status, Ok(s) if s.success())
+}
+
+/// Runs the job's `hooks:<name>` script, if it has one, in the sources stage; its failure
+/// fails the job as a script failure.
+async fn run_hook(ctx: &mut Context, name: &str) -> Option<JobEnd> {
+    let hook = ctx.job.hooks.iter().find(|h| h.name == name)?.clone();
+    let step = Step {
+        name: name.to_owned(),
+        script: hook.script,
+        timeout: None,
+        when: When::Always,
+        allow_failure: false,
+    };
+    ctx.trace.line(&format!("Running {name}"));
+    match run_step(ctx, &step, false).await {
+        StepEnd::Exited(0) => None,
+        StepEnd::Exited(code) => Some(JobEnd {
+            failure: Some((
+                FailureReason::ScriptFailure,
+                format!("{name} failed with exit code {code}"),
+            )),
+            exit_code: Some(code),
+            canceled: false,
+        }),
+        StepEnd::Other(end) => Some(end),
+    }
 }
 
 fn short(sha: &str) -> &str {
@@ -830,11 +975,14 @@ async fn download_dependencies(ctx: &mut Context) -> Option<JobEnd> {
             dep.name, dep.id
         ));
         let mut attempt = 0;
+        // `ARTIFACT_DOWNLOAD_ATTEMPTS` tries any failure again; a transient one (5xx, a broken
+        // connection) is tried at least three times whatever it says.
+        let attempts = u64::from(ctx.options.artifact_download_attempts);
         let data = loop {
             attempt += 1;
             match ctx.api.download_artifacts(dep.id, &dep.token).await {
                 Ok(data) => break Ok(data),
-                Err(e) if e.is_transient() && attempt < 3 => {
+                Err(e) if attempt < attempts || (e.is_transient() && attempt < 3) => {
                     trace.warn(&format!(
                         "downloading artifacts of {} failed ({e}); retrying",
                         dep.name
@@ -924,26 +1072,45 @@ async fn upload_one(ctx: &Context, artifact: &Artifact) -> Result<(), JobEnd> {
         trace.error(&format!("No files to upload for {artifact_type} artifact"));
         return Ok(());
     }
+    // Built on disk, streamed from there: the archive never sits in the build's memory, and a
+    // retry reads the file again.
+    let archive = tempfile::NamedTempFile::new_in(&ctx.tmp_dir).map_err(|e| {
+        JobEnd::failed(
+            FailureReason::RunnerSystemFailure,
+            format!(
+                "cannot create a temporary file in {}: {e}",
+                ctx.tmp_dir.display()
+            ),
+        )
+    })?;
+    let name = artifact.name.as_deref().filter(|n| !n.is_empty());
     let built = match format.as_str() {
-        "zip" => artifacts::zip(&ctx.project_dir, &files).map(|d| (d, "artifacts.zip".to_owned())),
-        "gzip" | "raw" => {
+        "zip" => {
+            let out = std::io::BufWriter::new(archive.as_file());
+            artifacts::zip_into(&ctx.project_dir, &files, out)
+                .and_then(|out| flush(out, archive.path()))
+                .map(|()| format!("{}.zip", name.unwrap_or("artifacts")))
+        }
+        "gzip" => {
+            let mut out = std::io::BufWriter::new(archive.as_file());
+            let first = file_name(&files[0]);
+            artifacts::gzip_members(&ctx.project_dir, &files, &mut out)
+                .and_then(|()| flush(out, archive.path()))
+                .map(|()| format!("{}.gz", name.unwrap_or(&first)))
+        }
+        "raw" => {
             if files.len() > 1 {
                 trace.warn(&format!(
-                    "{artifact_type} artifact in {format} format takes one file; using {}",
+                    "{artifact_type} artifact in raw format takes one file; using {}",
                     files[0].display()
                 ));
             }
-            let name = files[0]
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
             // One file, no archive to hold a link: a link is followed only while it stays in
-            // the project (`read_inside`), so `report.xml -> /etc/shadow` is refused.
-            if format == "gzip" {
-                artifacts::gzip(&ctx.project_dir, &files[0]).map(|d| (d, format!("{name}.gz")))
-            } else {
-                artifacts::read_inside(&ctx.project_dir, &files[0]).map(|d| (d, name))
-            }
+            // the project, so `report.xml -> /etc/shadow` is refused.
+            let mut out = std::io::BufWriter::new(archive.as_file());
+            artifacts::copy_raw(&ctx.project_dir, &files[0], &mut out)
+                .and_then(|()| flush(out, archive.path()))
+                .map(|()| name.map_or_else(|| file_name(&files[0]), str::to_owned))
         }
         other => {
             trace.warn(&format!(
@@ -952,19 +1119,19 @@ async fn upload_one(ctx: &Context, artifact: &Artifact) -> Result<(), JobEnd> {
             return Ok(());
         }
     };
-    let (data, filename) =
+    let filename =
         built.map_err(|e| JobEnd::failed(FailureReason::ScriptFailure, e.to_string()))?;
+    let size = archive.as_file().metadata().map(|m| m.len()).unwrap_or(0);
     trace.line(&format!(
-        "Uploading {artifact_type} artifact ({} file(s), {} bytes)...",
+        "Uploading {artifact_type} artifact as {filename} ({} file(s), {size} bytes)...",
         files.len(),
-        data.len()
     ));
     let upload = ArtifactUpload {
         filename,
         format,
         artifact_type: artifact_type.clone(),
         expire_in: artifact.expire_in.clone(),
-        data,
+        path: archive.path().to_owned(),
     };
     let mut attempt = 0;
     loop {
@@ -998,6 +1165,23 @@ async fn upload_one(ctx: &Context, artifact: &Artifact) -> Result<(), JobEnd> {
             }
         }
     }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn flush<W: std::io::Write>(
+    mut out: std::io::BufWriter<W>,
+    path: &Path,
+) -> Result<(), artifacts::ArtifactError> {
+    std::io::Write::flush(&mut out).map_err(|source| artifacts::ArtifactError::Io {
+        action: "write",
+        path: path.to_owned(),
+        source,
+    })
 }
 
 async fn untracked_files(project_dir: &Path) -> Vec<PathBuf> {

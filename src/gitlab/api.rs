@@ -291,8 +291,9 @@ pub struct ArtifactUpload {
     pub artifact_type: String,
     /// `expire_in`, if set.
     pub expire_in: Option<String>,
-    /// The bytes.
-    pub data: Vec<u8>,
+    /// The file holding the bytes: streamed from disk, opened again for each attempt, so an
+    /// artifact of any size costs the uploader a buffer, not its size in memory.
+    pub path: std::path::PathBuf,
 }
 
 /// Result of an artifact upload.
@@ -312,6 +313,8 @@ pub struct RunnerApi {
     base: Url,
     /// Userinfo of the configured URL (a proxy's basic auth), sent as a header instead.
     proxy_auth: Option<crate::net::UrlCredentials>,
+    /// `CI_DEBUG_TRACE`: trace patches carry `debug_trace=true`, as gitlab-runner's do.
+    debug_trace: bool,
 }
 
 impl RunnerApi {
@@ -346,6 +349,7 @@ impl RunnerApi {
             http,
             base,
             proxy_auth,
+            debug_trace: false,
         })
     }
 
@@ -353,6 +357,13 @@ impl RunnerApi {
         // `path` is built by this module from numbers and fixed segments, so join cannot fail
         // for a base that parsed; fall back to the base to keep this infallible.
         self.base.join(path).unwrap_or_else(|_| self.base.clone())
+    }
+
+    /// The same client, marking trace patches as a debug trace (`CI_DEBUG_TRACE`) when `on`.
+    #[must_use]
+    pub fn with_debug_trace(mut self, on: bool) -> Self {
+        self.debug_trace = on;
+        self
     }
 
     fn request(&self, method: Method, path: &str) -> (reqwest::RequestBuilder, String) {
@@ -528,7 +539,12 @@ impl RunnerApi {
         bytes: Vec<u8>,
     ) -> Result<TraceAck, ApiError> {
         let end = (start + bytes.len() as u64).saturating_sub(1);
-        let (builder, url) = self.request(Method::PATCH, &format!("jobs/{id}/trace"));
+        let path = if self.debug_trace {
+            format!("jobs/{id}/trace?debug_trace=true")
+        } else {
+            format!("jobs/{id}/trace")
+        };
+        let (builder, url) = self.request(Method::PATCH, &path);
         let builder = builder
             .header("JOB-TOKEN", token)
             .header("Content-Type", "text/plain")
@@ -594,7 +610,25 @@ impl RunnerApi {
         for _ in 0..3 {
             // The format and type also go as form fields: GitLab reads either, and some
             // servers only the form.
-            let part = reqwest::multipart::Part::bytes(artifact.data.clone())
+            let file = tokio::fs::File::open(&artifact.path)
+                .await
+                .map_err(|e| ApiError::Body {
+                    url: strip_query(&target),
+                    message: format!("cannot read {}: {e}", artifact.path.display()),
+                })?;
+            let len = file
+                .metadata()
+                .await
+                .map_err(|e| ApiError::Body {
+                    url: strip_query(&target),
+                    message: format!("cannot read {}: {e}", artifact.path.display()),
+                })?
+                .len();
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+                file,
+                64 * 1024,
+            ));
+            let part = reqwest::multipart::Part::stream_with_length(body, len)
                 .file_name(artifact.filename.clone());
             let form = reqwest::multipart::Form::new()
                 .part("file", part)

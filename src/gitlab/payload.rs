@@ -38,6 +38,18 @@ pub struct JobPayload {
     pub dependencies: Vec<Dependency>,
     /// What the GitLab server supports for this job.
     pub features: JobFeatures,
+    /// `hooks:` scripts (`pre_get_sources_script`, `post_get_sources_script`).
+    pub hooks: Vec<Hook>,
+}
+
+/// One `hooks:` entry of the job.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Hook {
+    /// `pre_get_sources_script` or `post_get_sources_script`.
+    pub name: String,
+    /// Its shell lines.
+    pub script: Vec<String>,
 }
 
 /// `job_info`.
