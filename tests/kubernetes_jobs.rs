@@ -16,13 +16,14 @@ use support::kube::{ImageScript, KubeServer, PodMatch};
 const TOKEN: &str = "glrt-fake-token";
 const HELPER_IMAGE: &str = "kiln-test/kiln:dev";
 
-struct Setup {
-    gitlab: GitLabServer,
-    kube: KubeServer,
+pub(crate) struct Setup {
+    pub(crate) gitlab: GitLabServer,
+    pub(crate) kube: KubeServer,
     dir: tempfile::TempDir,
 }
 
-async fn setup() -> Setup {
+/// A test GitLab and Kubernetes, with this build's kiln as the helper image's binary.
+pub(crate) async fn setup() -> Setup {
     let gitlab = GitLabServer::start().await;
     gitlab.add_runner_token(TOKEN);
     gitlab.set_long_poll_timeout(Duration::from_secs(2));
@@ -62,11 +63,11 @@ image_pull_grace = "2s"
         )
     }
 
-    fn kiln(&self, top: &str, kubernetes: &str) -> KilnProcess {
+    pub(crate) fn kiln(&self, top: &str, kubernetes: &str) -> KilnProcess {
         KilnProcess::start(&self.config(top, kubernetes))
     }
 
-    async fn finished(&self, id: u64, secs: u64) -> JobRecord {
+    pub(crate) async fn finished(&self, id: u64, secs: u64) -> JobRecord {
         self.gitlab
             .wait_for_state(
                 id,

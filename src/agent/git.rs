@@ -167,6 +167,12 @@ pub(crate) fn commands(
             &info.repo_url,
         ]));
     }
+    let lfs = lfs && !options.lfs_skip;
+    if lfs {
+        // Checkout leaves pointers (no smudge: no credential prompt, no per-file download);
+        // `git lfs pull` then fetches the objects in one batch with the remote's credentials.
+        lines.push(git(&["lfs", "install", "--local", "--skip-smudge"]));
+    }
     let mut refspecs = info.refspecs.clone();
     if refspecs.is_empty() {
         refspecs.push(if info.ref_type == "tag" {
@@ -202,7 +208,6 @@ pub(crate) fn commands(
         clean.extend(flags.iter().map(String::as_str));
         lines.push(git(&clean));
     }
-    let lfs = lfs && !options.lfs_skip;
     if lfs {
         lines.push(git(&["lfs", "pull"]));
     }
@@ -247,7 +252,9 @@ fn submodule_commands(
     }
     lines.push(foreach("git reset --hard -q".to_owned()));
     if lfs {
-        lines.push(foreach("git lfs pull".to_owned()));
+        lines.push(foreach(
+            "git lfs install --local --skip-smudge && git lfs pull".to_owned(),
+        ));
     }
     lines
 }
@@ -285,7 +292,10 @@ mod tests {
             true,
         )
         .unwrap();
-        let shown: Vec<String> = lines.iter().map(|l| l[l.len().min(7)..].join(" ")).collect();
+        let shown: Vec<String> = lines
+            .iter()
+            .map(|l| l[l.len().min(7)..].join(" "))
+            .collect();
         let checkout = shown
             .iter()
             .position(|l| l.starts_with("checkout"))
@@ -299,7 +309,7 @@ mod tests {
                 "submodule update --init --recursive --depth=1 -- libs/a",
                 "submodule foreach --recursive git clean -ffdx -e keep",
                 "submodule foreach --recursive git reset --hard -q",
-                "submodule foreach --recursive git lfs pull",
+                "submodule foreach --recursive git lfs install --local --skip-smudge && git lfs pull",
             ]
         );
     }
