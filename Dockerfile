@@ -14,9 +14,9 @@ RUN cargo build --profile dist --locked --target x86_64-unknown-linux-musl --bin
     && cp target/x86_64-unknown-linux-musl/dist/kiln /kiln
 
 FROM alpine:3.22
-# git fetches the sources in build pods; CA certificates for GitLab, Jenkins and cloud APIs
-# (rustls reads the system store).
-RUN apk add --no-cache git ca-certificates \
+# git (with git-lfs, for LFS files and submodules' LFS files) fetches the sources in build
+# pods; CA certificates for GitLab, Jenkins and cloud APIs (rustls reads the system store).
+RUN apk add --no-cache git git-lfs ca-certificates \
     && adduser -D -H -u 10001 -g kiln kiln
 COPY --from=build /kiln /usr/local/bin/kiln
 USER 10001:10001

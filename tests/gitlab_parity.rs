@@ -108,6 +108,7 @@ fn file<'a>(path: &'a str, content: &'a [u8], lfs: bool) -> ProjectFile<'a> {
 /// `kiln/demo` with an LFS file and submodule `lib` (`../lib.git`), which has submodule `deep`
 /// (`../deep.git`); returns the demo commit.
 fn hosted_project(gitlab: &GitLabServer, lfs_content: &[u8]) -> String {
+    support::tools::git_lfs();
     let deep = gitlab.create_project("kiln/deep", &[file("deep.txt", b"deep file\n", false)], &[]);
     let lib = gitlab.create_project(
         "kiln/lib",
@@ -170,16 +171,21 @@ async fn sources_are_checked_out_complete_after_two_failed_fetches(executor: Exe
 
 async fn reports_and_named_archives_arrive_as_gitlab_runner_sends_them(executor: Executor) {
     let mut bench = Bench::start(executor).await;
+    let sha = bench
+        .gitlab()
+        .create_project("kiln/demo", &[file("README.md", b"demo\n", false)], &[]);
     let mut job = job_json(
         "artifacts",
         &[
+            "echo generated > generated.txt",
             "mkdir -p bin reports",
             "echo binary > bin/app",
             "for c in A B C; do echo \"<testsuite name='$c'/>\" > reports/TEST-$c.xml; done",
         ],
     );
+    job["git_info"]["sha"] = json!(sha);
     job["artifacts"] = json!([
-        {"name": "my-binaries", "untracked": false, "paths": ["bin/"], "when": "on_success",
+        {"name": "my-binaries", "untracked": true, "paths": ["bin/"], "when": "on_success",
          "artifact_type": "archive", "artifact_format": "zip"},
         {"name": "junit", "untracked": false, "paths": ["reports/TEST-*.xml"], "when": "always",
          "artifact_type": "junit", "artifact_format": "gzip"},
@@ -194,6 +200,13 @@ async fn reports_and_named_archives_arrive_as_gitlab_runner_sends_them(executor:
         .find(|a| a.query.get("artifact_type").map(String::as_str) == Some("archive"))
         .expect("archive uploaded");
     assert_eq!(archive.filename.as_deref(), Some("my-binaries.zip"));
+    let zip = zip::ZipArchive::new(std::io::Cursor::new(archive.bytes.clone())).unwrap();
+    let mut names: Vec<&str> = zip.file_names().collect();
+    names.sort_unstable();
+    // Untracked (ignored ones too) and `paths`; never the tracked README.
+    assert!(names.contains(&"generated.txt"), "{names:?}");
+    assert!(names.contains(&"bin/app"), "{names:?}");
+    assert!(!names.contains(&"README.md"), "{names:?}");
     let junit = job
         .artifacts
         .iter()

@@ -13,6 +13,7 @@ mod options;
 mod oversized;
 mod process;
 mod trace;
+mod untracked;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -858,6 +859,12 @@ async fn get_sources(ctx: &mut Context) -> Option<JobEnd> {
             }
         }
     }
+    // The helper's git records what it tracks: `artifacts:untracked` needs no git later.
+    if let Err(e) =
+        untracked::record_tracked(&ctx.project_dir, &tracked_record(ctx), &ctx.env).await
+    {
+        trace.warn(&format!("{e}; `artifacts:untracked` will find nothing"));
+    }
     if let Some(end) = run_hook(ctx, "post_get_sources_script").await {
         trace.section_end("get_sources");
         return Some(end);
@@ -1054,7 +1061,15 @@ async fn upload_one(ctx: &Context, artifact: &Artifact) -> Result<(), JobEnd> {
         .clone()
         .unwrap_or_else(|| "zip".into());
     let untracked = if artifact.untracked {
-        untracked_files(&ctx.project_dir).await
+        match untracked::untracked(&ctx.project_dir, &tracked_record(ctx)) {
+            Ok(files) => files,
+            Err(e) => {
+                trace.warn(&format!(
+                    "artifacts:untracked: {e}; no untracked files added"
+                ));
+                Vec::new()
+            }
+        }
     } else {
         Vec::new()
     };
@@ -1184,21 +1199,10 @@ fn flush<W: std::io::Write>(
     })
 }
 
-async fn untracked_files(project_dir: &Path) -> Vec<PathBuf> {
-    let output = tokio::process::Command::new("git")
-        .args(["ls-files", "--others", "-z"])
-        .current_dir(project_dir)
-        .output()
-        .await;
-    match output {
-        Ok(out) if out.status.success() => out
-            .stdout
-            .split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| PathBuf::from(String::from_utf8_lossy(s).into_owned()))
-            .collect(),
-        _ => Vec::new(),
-    }
+/// Where the agent that checked out the sources records the files git tracks (beside the
+/// sources file, which the init container and the build container share).
+fn tracked_record(ctx: &Context) -> PathBuf {
+    ctx.sources_file.with_file_name("tracked-files")
 }
 
 /// The last lines of the trace, as gitlab-runner writes them.

@@ -70,7 +70,8 @@ impl ApiError {
     }
 }
 
-/// Features kiln declares in every `jobs/request` and that it implements.
+/// Features kiln declares in every `jobs/request` and that it implements; `features_served`
+/// holds what serves each (a feature is added there, here and in docs/gitlab.md).
 #[derive(Debug, Clone, Serialize)]
 pub struct Features {
     variables: bool,
