@@ -171,9 +171,10 @@ async fn sources_are_checked_out_complete_after_two_failed_fetches(executor: Exe
 
 async fn reports_and_named_archives_arrive_as_gitlab_runner_sends_them(executor: Executor) {
     let mut bench = Bench::start(executor).await;
-    let sha = bench
-        .gitlab()
-        .create_project("kiln/demo", &[file("README.md", b"demo\n", false)], &[]);
+    let sha =
+        bench
+            .gitlab()
+            .create_project("kiln/demo", &[file("README.md", b"demo\n", false)], &[]);
     let mut job = job_json(
         "artifacts",
         &[
@@ -335,4 +336,71 @@ async fn local_debug_trace_job_status_and_oversized_variable() {
 #[tokio::test(flavor = "multi_thread")]
 async fn kubernetes_debug_trace_job_status_and_oversized_variable() {
     debug_trace_status_and_a_200_kb_variable(Executor::Kubernetes).await;
+}
+
+/// `RUNNER_SCRIPT_TIMEOUT` ends the script but leaves the job's time to after_script and the
+/// artifacts, as in gitlab-runner; the job's own timeout would skip both.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_script_timeout_still_runs_after_script_and_uploads_artifacts() {
+    let mut bench = Bench::start(Executor::Local).await;
+    let mut job = job_json(
+        "slow",
+        &["echo partial > log.txt", "echo started", "sleep 30"],
+    );
+    job["steps"][1]["script"] = json!(["echo after=$CI_JOB_STATUS"]);
+    job["artifacts"] = json!([{"name": "logs", "untracked": false, "paths": ["log.txt"],
+        "when": "always", "artifact_type": "archive", "artifact_format": "zip"}]);
+    add_variables(&mut job, &[variable("RUNNER_SCRIPT_TIMEOUT", "2s", false)]);
+    let id = bench.gitlab().enqueue(job);
+    bench.run();
+    let job = bench.finished(id).await;
+    assert_eq!(job.state, "failed", "{}", job.trace);
+    assert_eq!(job.failure_reason.as_deref(), Some("job_execution_timeout"));
+    assert!(job.trace.contains("RUNNER_SCRIPT_TIMEOUT"), "{}", job.trace);
+    assert!(job.trace.contains("after=failed"), "{}", job.trace);
+    let uploaded: Vec<_> = job
+        .artifacts
+        .iter()
+        .filter_map(|a| a.filename.clone())
+        .collect();
+    assert_eq!(uploaded, ["logs.zip"], "{}", job.trace);
+}
+
+/// `hooks:pre_get_sources_script` runs before the fetch and `post_get_sources_script` after the
+/// checkout; a failing hook fails the job as the job's own problem.
+#[tokio::test(flavor = "multi_thread")]
+async fn get_sources_hooks_run_around_the_checkout() {
+    let mut bench = Bench::start(Executor::Local).await;
+    let sha =
+        bench
+            .gitlab()
+            .create_project("kiln/demo", &[file("README.md", b"demo\n", false)], &[]);
+    let mut job = job_json("hooks", &["echo script ran"]);
+    job["git_info"]["sha"] = json!(sha);
+    job["hooks"] = json!([
+        {"name": "pre_get_sources_script", "script": ["test ! -e README.md && echo pre-hook-before-checkout"]},
+        {"name": "post_get_sources_script", "script": ["test -f README.md && echo post-hook-after-checkout"]},
+    ]);
+    let mut failing = job.clone();
+    failing["hooks"] = json!([{"name": "pre_get_sources_script", "script": ["exit 7"]}]);
+    failing["job_info"]["name"] = json!("hook-fails");
+    let id = bench.gitlab().enqueue(job);
+    let failing_id = bench.gitlab().enqueue(failing);
+    bench.run();
+    let job = bench.finished(id).await;
+    assert_eq!(job.state, "success", "{}", job.trace);
+    let pre = job
+        .trace
+        .find("pre-hook-before-checkout\n")
+        .expect("pre hook ran");
+    let post = job
+        .trace
+        .find("post-hook-after-checkout\n")
+        .expect("post hook ran");
+    let script = job.trace.find("script ran\n").expect("script ran");
+    assert!(pre < post && post < script, "{}", job.trace);
+    let failed = bench.finished(failing_id).await;
+    assert_eq!(failed.state, "failed");
+    assert_eq!(failed.failure_reason.as_deref(), Some("script_failure"));
+    assert!(!failed.trace.contains("script ran\n"), "{}", failed.trace);
 }
