@@ -267,31 +267,39 @@ mod tests {
         JobOptions::read(&std::collections::BTreeMap::new())
     }
 
-    #[test]
-    fn recursive_submodules_at_depth_one_with_lfs_follow_the_checkout() {
-        let info = info(
-            "+refs/heads/main:refs/remotes/origin/main",
-            "0123456789abcdef0123456789abcdef01234567",
-        );
-        let env = [
-            ("GIT_SUBMODULE_STRATEGY", "recursive"),
-            ("GIT_SUBMODULE_DEPTH", "1"),
-            ("GIT_SUBMODULE_PATHS", "libs/a"),
-            ("GIT_CLEAN_FLAGS", "-ffdx -e keep"),
-        ]
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
+    /// The command lines of a fresh clone with git-lfs present and these job variables.
+    fn clone_with(info: &GitInfo, variables: &[(&str, &str)]) -> Vec<Vec<String>> {
+        let env = variables
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let dir = tempfile::tempdir().unwrap();
-        let lines = commands(
-            &info,
+        commands(
+            info,
             dir.path(),
             Strategy::Clone,
             None,
             &JobOptions::read(&env),
             true,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn recursive_submodules_at_depth_one_with_lfs_follow_the_checkout() {
+        let info = info(
+            "+refs/heads/main:refs/remotes/origin/main",
+            "0123456789abcdef0123456789abcdef01234567",
+        );
+        let lines = clone_with(
+            &info,
+            &[
+                ("GIT_SUBMODULE_STRATEGY", "recursive"),
+                ("GIT_SUBMODULE_DEPTH", "1"),
+                ("GIT_SUBMODULE_PATHS", "libs/a"),
+                ("GIT_CLEAN_FLAGS", "-ffdx -e keep"),
+            ],
+        );
         let shown: Vec<String> = lines
             .iter()
             .map(|l| l[l.len().min(7)..].join(" "))
@@ -317,17 +325,7 @@ mod tests {
     #[test]
     fn git_checkout_false_fetches_only() {
         let info = info("+refs/heads/main:refs/remotes/origin/main", "");
-        let env = [("GIT_CHECKOUT".to_owned(), "false".to_owned())].into();
-        let dir = tempfile::tempdir().unwrap();
-        let lines = commands(
-            &info,
-            dir.path(),
-            Strategy::Clone,
-            None,
-            &JobOptions::read(&env),
-            true,
-        )
-        .unwrap();
+        let lines = clone_with(&info, &[("GIT_CHECKOUT", "false")]);
         assert!(lines.last().unwrap().contains(&"fetch".to_owned()));
     }
 
