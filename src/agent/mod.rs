@@ -435,6 +435,8 @@ fn base_env(
         format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
     );
     set("CI_JOB_TIMEOUT", job.timeout().as_secs().to_string());
+    // `success`, `failed` or `canceled` once after_script runs.
+    set("CI_JOB_STATUS", "running".into());
     // A pod is thrown away after its build; the local executor's work directory too, but
     // the host stays, so only Kubernetes builds are disposable environments.
     if executor == "kubernetes" {
@@ -464,6 +466,10 @@ fn job_variables(job: &JobPayload, env: &BTreeMap<String, String>, tmp_dir: &Pat
 fn export_variables(ctx: &mut Context) -> std::io::Result<()> {
     ctx.env = exported_env(&ctx.job, &ctx.env, &ctx.tmp_dir)?;
     ctx.script.from_files = oversized::move_to_files(&mut ctx.env, &ctx.tmp_dir)?;
+    if ctx.sources_file.exists() {
+        // The init container said all this already, in the part of the trace it left.
+        return Ok(());
+    }
     for (name, _) in &ctx.script.from_files {
         ctx.trace.line(&format!(
             "{name} is larger than one environment entry can hold (128 KiB): the scripts read it from a file into a shell variable, not exported"
@@ -545,7 +551,6 @@ async fn execute(ctx: &mut Context) -> JobEnd {
 
     let steps: Vec<Step> = ctx.job.steps.clone();
     let mut end = JobEnd::success();
-    ctx.env.insert("CI_JOB_STATUS".into(), "running".into());
     // `RUNNER_SCRIPT_TIMEOUT` bounds the steps and leaves the rest of the job's time to
     // after_script and the artifacts.
     if let Some(limit) = ctx.options.script_timeout
