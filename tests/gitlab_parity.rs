@@ -404,3 +404,67 @@ async fn get_sources_hooks_run_around_the_checkout() {
     assert_eq!(failed.failure_reason.as_deref(), Some("script_failure"));
     assert!(!failed.trace.contains("script ran\n"), "{}", failed.trace);
 }
+
+/// A GitLab behind a private CA (`tls_ca_file`, gitlab-runner's `tls-ca-file`): without the CA
+/// kiln's polls fail naming the certificate problem and no job is taken; with it (set by its
+/// `KILN_…` variable) the job is taken, cloned over https with git trusting the CA, and the
+/// script finds the CA in `CI_SERVER_TLS_CA_FILE`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gitlab_behind_a_private_ca_is_trusted_through_tls_ca_file() {
+    let (gitlab, ca_pem) = GitLabServer::start_tls().await;
+    gitlab.add_runner_token(TOKEN);
+    gitlab.set_long_poll_timeout(Duration::from_secs(2));
+    gitlab.set_trace_interval(1);
+    assert!(gitlab.url().starts_with("https://"), "{}", gitlab.url());
+    let sha = gitlab.create_project(
+        "kiln/demo",
+        &[file("README.md", b"demo over https\n", false)],
+        &[],
+    );
+    let mut job = job_json(
+        "tls",
+        &[
+            "cat README.md",
+            "grep -q 'BEGIN CERTIFICATE' \"$CI_SERVER_TLS_CA_FILE\" && echo ca-file=$(basename \"$CI_SERVER_TLS_CA_FILE\")",
+        ],
+    );
+    job["git_info"]["sha"] = json!(sha);
+    let id = gitlab.enqueue(job);
+    let config = config(&gitlab.url(), TOKEN, "");
+
+    let untrusting = KilnProcess::start(&config);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !untrusting.logs().contains("UnknownIssuer") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let logs = untrusting.logs();
+    assert!(
+        logs.contains("invalid peer certificate: UnknownIssuer"),
+        "the poll error names the TLS problem: {logs}"
+    );
+    assert_eq!(gitlab.job(id).state, "pending", "{logs}");
+    drop(untrusting);
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("gitlab-ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let ca_path = ca_file.to_string_lossy().into_owned();
+    let trusting = KilnProcess::start_with_env(
+        &config,
+        &[("KILN_SOURCES__GITLAB__0__TLS_CA_FILE", ca_path.as_str())],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !matches!(gitlab.job(id).state.as_str(), "success" | "failed")
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let job = gitlab.job(id);
+    assert_eq!(job.state, "success", "{}\n{}", job.trace, trusting.logs());
+    assert!(job.trace.contains("demo over https\n"), "{}", job.trace);
+    assert!(
+        job.trace.contains("ca-file=CI_SERVER_TLS_CA_FILE\n"),
+        "{}",
+        job.trace
+    );
+}

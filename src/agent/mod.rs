@@ -107,6 +107,8 @@ struct Context {
     project_dir: PathBuf,
     tmp_dir: PathBuf,
     sources_file: PathBuf,
+    /// `http.<GitLab>.sslCAInfo` for the agent's git commands, when kiln trusts a CA file.
+    git_ca: Option<(String, String)>,
     env: BTreeMap<String, String>,
     shell: String,
     interrupts: Interrupts,
@@ -292,7 +294,11 @@ fn context(
             source,
         })?;
     }
-    let env = base_env(&job, &project_dir, &builds, &tmp_dir, &spec.executor);
+    let mut env = base_env(&job, &project_dir, &builds, &tmp_dir, &spec.executor);
+    let git_ca = match &spec.tls_ca {
+        Some(pem) => Some(tls_ca_file(pem, &tmp_dir, &spec.gitlab_url, &mut env)?),
+        None => None,
+    };
     let variables = job_variables(&job, &env, &tmp_dir);
     // What the variables ask for is known before anything runs (the trace uplink needs
     // `CI_DEBUG_TRACE`); file variables' files are written later, by `export_variables`.
@@ -306,7 +312,13 @@ fn context(
     let limit =
         usize::try_from(spec.settings.output_limit.saturating_mul(1024)).unwrap_or(usize::MAX);
     let trace = Arc::new(Trace::new(masker, limit, false));
-    let api = RunnerApi::new(&spec.gitlab_url)?.with_debug_trace(options.debug_trace);
+    let api = RunnerApi::trusting(
+        &spec.gitlab_url,
+        spec.tls_ca
+            .as_deref()
+            .map(|pem| ("tls_ca of the job file", pem.as_bytes())),
+    )?
+    .with_debug_trace(options.debug_trace);
     let (remote_tx, remote_rx) = watch::channel(Remote::Running);
     let shell = spec
         .settings
@@ -323,6 +335,7 @@ fn context(
         project_dir,
         sources_file: work.join(SOURCES_FILE),
         tmp_dir,
+        git_ca,
         env,
         shell,
         interrupts: Interrupts {
@@ -444,6 +457,47 @@ fn base_env(
     }
     set("TMPDIR", tmp_dir.to_string_lossy().into_owned());
     set("GIT_TERMINAL_PROMPT", "0".into());
+    env
+}
+
+/// Writes the CA certificates kiln trusts for GitLab (`tls_ca_file`) to
+/// `<tmp>/CI_SERVER_TLS_CA_FILE` and exports its path as gitlab-runner does; returns the git
+/// setting that makes git trust them for GitLab's host only (`http.<origin>.sslCAInfo`), so
+/// submodules and LFS on other hosts keep the system's store.
+fn tls_ca_file(
+    pem: &str,
+    tmp_dir: &Path,
+    gitlab_url: &str,
+    env: &mut BTreeMap<String, String>,
+) -> Result<(String, String), AgentError> {
+    let path = tmp_dir.join("CI_SERVER_TLS_CA_FILE");
+    std::fs::write(&path, pem).map_err(|source| AgentError::WorkDir {
+        path: path.clone(),
+        source,
+    })?;
+    let shown = path.to_string_lossy().into_owned();
+    env.insert("CI_SERVER_TLS_CA_FILE".into(), shown.clone());
+    let origin = url::Url::parse(gitlab_url)
+        .map(|u| u.origin().ascii_serialization())
+        .unwrap_or_else(|_| gitlab_url.trim_end_matches('/').to_owned());
+    Ok((format!("http.{origin}.sslCAInfo"), shown))
+}
+
+/// `env` plus git's `GIT_CONFIG_*` entries for `setting` (after any the job set itself).
+fn with_git_setting(
+    env: &BTreeMap<String, String>,
+    setting: Option<&(String, String)>,
+) -> BTreeMap<String, String> {
+    let mut env = env.clone();
+    if let Some((key, value)) = setting {
+        let n: usize = env
+            .get("GIT_CONFIG_COUNT")
+            .and_then(|c| c.trim().parse().ok())
+            .unwrap_or(0);
+        env.insert(format!("GIT_CONFIG_KEY_{n}"), key.clone());
+        env.insert(format!("GIT_CONFIG_VALUE_{n}"), value.clone());
+        env.insert("GIT_CONFIG_COUNT".into(), (n + 1).to_string());
+    }
     env
 }
 
@@ -895,7 +949,7 @@ async fn run_git(ctx: &mut Context, lines: Vec<Vec<String>>) -> GitRun {
             .args(&line[1..])
             .current_dir(&ctx.tmp_dir)
             .env_clear()
-            .envs(&ctx.env);
+            .envs(with_git_setting(&ctx.env, ctx.git_ca.as_ref()));
         let end = process::run(command, &ctx.trace, ctx.deadline, &mut ctx.interrupts).await;
         return match end {
             Ok(Exit::Code(0)) => continue,
@@ -1291,6 +1345,33 @@ async fn report(ctx: &Context, mut uplink: Uplink, end: &JobEnd) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_ca_file_is_exported_and_trusted_by_git_for_gitlab_s_origin_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = BTreeMap::from([("GIT_CONFIG_COUNT".to_owned(), "1".to_owned())]);
+        let setting = tls_ca_file(
+            "-----BEGIN CERTIFICATE-----\n",
+            dir.path(),
+            "https://gitlab.example.com:8443/sub/",
+            &mut env,
+        )
+        .unwrap();
+        let file = dir.path().join("CI_SERVER_TLS_CA_FILE");
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            "-----BEGIN CERTIFICATE-----\n"
+        );
+        assert_eq!(env["CI_SERVER_TLS_CA_FILE"], file.to_string_lossy());
+        assert_eq!(setting.0, "http.https://gitlab.example.com:8443.sslCAInfo");
+        // After the job's own GIT_CONFIG_0 entry, not over it.
+        let git_env = with_git_setting(&env, Some(&setting));
+        assert_eq!(git_env["GIT_CONFIG_COUNT"], "2");
+        assert_eq!(git_env["GIT_CONFIG_KEY_1"], setting.0);
+        assert_eq!(git_env["GIT_CONFIG_VALUE_1"], setting.1);
+        assert_eq!(with_git_setting(&env, None), env);
+    }
+
     use super::*;
 
     /// A job as GitLab sends it, with these variables (predefined first, pipeline last).

@@ -45,6 +45,14 @@ pub enum ApiError {
         /// The start of the response body.
         body: String,
     },
+    /// The CA certificates to trust for GitLab (`tls_ca_file`) are unusable.
+    #[error("cannot use the CA file {path} for GitLab's TLS: {reason}")]
+    TlsCa {
+        /// Where the certificates came from.
+        path: String,
+        /// What is wrong with them.
+        reason: String,
+    },
     /// GitLab answered with a body that is not the JSON it documents.
     #[error("GitLab answered {url} with a body kiln cannot read: {message}")]
     Body {
@@ -65,7 +73,7 @@ impl ApiError {
                     || *status == StatusCode::CONFLICT
                     || *status == StatusCode::TOO_MANY_REQUESTS
             }
-            Self::BadUrl { .. } | Self::Body { .. } => false,
+            Self::BadUrl { .. } | Self::TlsCa { .. } | Self::Body { .. } => false,
         }
     }
 }
@@ -324,6 +332,16 @@ impl RunnerApi {
     /// # Errors
     /// An unparsable URL, or a TLS backend that cannot start.
     pub fn new(gitlab_url: &str) -> Result<Self, ApiError> {
+        Self::trusting(gitlab_url, None)
+    }
+
+    /// A client for the GitLab at `gitlab_url` that also trusts the CA certificates of `ca`
+    /// (`tls_ca_file`: a PEM bundle, and where it came from for errors) besides the system's.
+    ///
+    /// # Errors
+    /// An unparsable URL, a bundle without a usable certificate, or a TLS backend that cannot
+    /// start.
+    pub fn trusting(gitlab_url: &str, ca: Option<(&str, &[u8])>) -> Result<Self, ApiError> {
         let bad = |reason: String| ApiError::BadUrl {
             url: crate::net::redact_url(gitlab_url),
             reason,
@@ -340,12 +358,27 @@ impl RunnerApi {
             .connect_timeout(Duration::from_secs(15))
             // Artifact downloads may redirect to object storage; those are followed by hand so
             // the JOB-TOKEN header is not sent along.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| ApiError::Transport {
+            .redirect(reqwest::redirect::Policy::none());
+        let http = match ca {
+            Some((path, pem)) => {
+                let bad_ca = |reason: String| ApiError::TlsCa {
+                    path: path.to_owned(),
+                    reason,
+                };
+                let certs = reqwest::Certificate::from_pem_bundle(pem)
+                    .map_err(|e| bad_ca(crate::net::error_chain(&e)))?;
+                if certs.is_empty() {
+                    return Err(bad_ca("no PEM certificate in it".into()));
+                }
+                http.tls_certs_merge(certs)
+                    .build()
+                    .map_err(|e| bad_ca(crate::net::error_chain(&e)))?
+            }
+            None => http.build().map_err(|e| ApiError::Transport {
                 url: base.to_string(),
                 source: e,
-            })?;
+            })?,
+        };
         Ok(Self {
             http,
             base,

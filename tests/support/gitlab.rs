@@ -445,9 +445,60 @@ impl GitLabServer {
         }
     }
 
+    /// Binds a free port and serves over TLS with a certificate for `localhost` and
+    /// `127.0.0.1` issued by a CA made now (a GitLab behind a private CA); returns the CA's
+    /// certificate (PEM), which no system store trusts.
+    pub(crate) async fn start_tls() -> (Self, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (acceptor, ca_pem) = test_ca_acceptor();
+        let (queue_version, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(ServerState::new(format!("https://{addr}/"))),
+            queue_version,
+            seed: random_alnum(10),
+            git: super::git_http::GitHosting::new(),
+        });
+        let app = router(shared.clone());
+        let (shutdown, mut stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+            loop {
+                let (tcp, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => continue,
+                    },
+                    _ = &mut stopped => break,
+                };
+                let acceptor = acceptor.clone();
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    // A client that does not trust the CA fails the handshake: nothing to serve.
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                    let _ = watcher.watch(connection).await;
+                });
+            }
+            graceful.shutdown().await;
+        });
+        (
+            Self {
+                shared,
+                addr,
+                shutdown: Some(shutdown),
+            },
+            ca_pem,
+        )
+    }
+
     /// The instance URL with a trailing slash, e.g. `http://127.0.0.1:PORT/`.
     pub(crate) fn url(&self) -> String {
-        format!("http://{}/", self.addr)
+        self.lock().base_url.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, ServerState> {
@@ -1610,4 +1661,33 @@ fn runner_token() -> String {
 
 fn job_token() -> String {
     format!("glcbt-{}", random_alnum(20))
+}
+
+/// A TLS acceptor with a server certificate for `localhost` and `127.0.0.1`, issued by a CA
+/// made now, and that CA's certificate (PEM). Keys live only in memory.
+fn test_ca_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "kiln test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&server_key, &ca)
+        .unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![server_cert.der().clone()],
+            tokio_rustls::rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der())
+                .unwrap(),
+        )
+        .unwrap();
+    (tokio_rustls::TlsAcceptor::from(Arc::new(config)), ca.pem())
 }

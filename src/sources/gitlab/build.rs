@@ -53,6 +53,8 @@ pub(crate) struct Context<'a> {
     pub(crate) executor: &'a str,
     /// Fingerprints of the coordinator's credentials, for the agent to mask.
     pub(crate) masked: &'a [Fingerprint],
+    /// The CA certificates (PEM) the runner trusts for GitLab (`tls_ca_file`).
+    pub(crate) tls_ca: Option<&'a str>,
 }
 
 /// The build of `job` (`raw`: the job JSON exactly as GitLab sent it, for the agent).
@@ -69,6 +71,7 @@ pub(crate) fn build(job: &JobPayload, raw: &serde_json::Value, context: &Context
         executor: context.executor.to_owned(),
         runner: context.runner.to_owned(),
         masked: context.masked.to_vec(),
+        tls_ca: context.tls_ca.map(str::to_owned),
     };
     Build {
         name: key.resource_name(),
@@ -335,6 +338,7 @@ mod tests {
             settings: &SETTINGS,
             executor: "kubernetes",
             masked: &[],
+            tls_ca: None,
         }
     }
 
