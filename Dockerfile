@@ -30,9 +30,9 @@ RUN case "${TARGETARCH:-$(uname -m)}" in \
     && cp "target/$target/dist/kiln" /kiln
 
 FROM alpine:3.22
-# git fetches the sources in build pods; CA certificates for GitLab, Jenkins and cloud APIs
-# (rustls reads the system store).
-RUN apk add --no-cache git ca-certificates \
+# git (with git-lfs, for LFS files and submodules' LFS files) fetches the sources in build
+# pods; CA certificates for GitLab, Jenkins and cloud APIs (rustls reads the system store).
+RUN apk add --no-cache git git-lfs ca-certificates \
     && adduser -D -H -u 10001 -g kiln kiln
 COPY --from=build /kiln /usr/local/bin/kiln
 USER 10001:10001

@@ -31,6 +31,11 @@ pub struct AgentJob {
     /// masked in the trace though the build never holds them.
     #[serde(default)]
     pub masked: Vec<Fingerprint>,
+    /// The CA certificates (PEM) kiln trusts for GitLab (`tls_ca_file`): the agent trusts them
+    /// too, for GitLab's API and git, and writes them to `CI_SERVER_TLS_CA_FILE`. Public
+    /// certificates, not a secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<String>,
 }
 
 fn local() -> String {

@@ -16,6 +16,7 @@ mod github_scale;
 mod github_server;
 mod gitlab_jobs;
 mod gitlab_mock;
+mod gitlab_parity;
 mod gitlab_server;
 mod hardening;
 mod helm_chart;

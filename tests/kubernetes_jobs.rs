@@ -22,6 +22,7 @@ pub(crate) struct Setup {
     dir: tempfile::TempDir,
 }
 
+/// A test GitLab and Kubernetes, with this build's kiln as the helper image's binary.
 pub(crate) async fn setup() -> Setup {
     let gitlab = GitLabServer::start().await;
     gitlab.add_runner_token(TOKEN);

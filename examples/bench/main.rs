@@ -13,6 +13,9 @@ mod harness;
 
 // The test servers of `tests/support`, shared with the end-to-end tests.
 #[allow(dead_code, unreachable_pub)]
+#[path = "../../tests/support/git_http.rs"]
+mod git_http;
+#[allow(dead_code, unreachable_pub)]
 #[path = "../../tests/support/gitlab.rs"]
 mod gitlab_server;
 #[allow(dead_code, unreachable_pub)]

@@ -16,6 +16,9 @@ mod chaos;
 #[path = "../../tests/support/faults.rs"]
 mod faults;
 #[allow(dead_code, unreachable_pub)]
+#[path = "../../tests/support/git_http.rs"]
+mod git_http;
+#[allow(dead_code, unreachable_pub)]
 #[path = "../../tests/support/gitlab.rs"]
 mod gitlab;
 #[allow(dead_code, unreachable_pub)]

@@ -234,8 +234,21 @@ fn open_regular(path: &Path) -> std::io::Result<Option<(std::fs::File, std::fs::
 ///
 /// # Errors
 /// Unreadable files; a file whose directory is a symbolic link.
+#[cfg(test)]
 pub(crate) fn zip(root: &Path, files: &[PathBuf]) -> Result<Vec<u8>, ArtifactError> {
-    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    zip_into(root, files, std::io::Cursor::new(Vec::new())).map(std::io::Cursor::into_inner)
+}
+
+/// [`zip`] into `out` (a temporary file when uploading: the archive never sits in memory).
+///
+/// # Errors
+/// As [`zip`], and a failing `out`.
+pub(crate) fn zip_into<W: Write + std::io::Seek>(
+    root: &Path,
+    files: &[PathBuf],
+    out: W,
+) -> Result<W, ArtifactError> {
+    let mut writer = zip::ZipWriter::new(out);
     for file in files {
         let full = root.join(file);
         if crosses_link(root, file) {
@@ -272,21 +285,20 @@ pub(crate) fn zip(root: &Path, files: &[PathBuf]) -> Result<Vec<u8>, ArtifactErr
         writer.start_file(name.as_ref(), options).map_err(zip_err)?;
         std::io::copy(&mut source, &mut writer).map_err(io("read", &full))?;
     }
-    let cursor = writer.finish().map_err(|e| ArtifactError::Io {
+    writer.finish().map_err(|e| ArtifactError::Io {
         action: "finish",
         path: root.to_owned(),
         source: std::io::Error::other(e),
-    })?;
-    Ok(cursor.into_inner())
+    })
 }
 
-/// The content of `relative` for single-file formats (`gzip`, `raw`), which cannot hold a
-/// link: a link is followed only when what it resolves to stays inside `root`; one that
-/// leads out (`-> /etc/hostname`, `-> ../../job.json`) is refused, naming the file.
+/// Opens `relative` for single-file formats (`gzip`, `raw`), which cannot hold a link: a link
+/// is followed only when what it resolves to stays inside `root`; one that leads out
+/// (`-> /etc/hostname`, `-> ../../job.json`) is refused, naming the file.
 ///
 /// # Errors
 /// A file outside the project, not a regular file, or unreadable.
-pub(crate) fn read_inside(root: &Path, relative: &Path) -> Result<Vec<u8>, ArtifactError> {
+fn open_inside(root: &Path, relative: &Path) -> Result<std::fs::File, ArtifactError> {
     let refused = |reason: &str| ArtifactError::Refused {
         path: relative.to_owned(),
         reason: reason.to_owned(),
@@ -299,25 +311,51 @@ pub(crate) fn read_inside(root: &Path, relative: &Path) -> Result<Vec<u8>, Artif
             "it is a symbolic link that leads outside the project directory",
         ));
     }
-    let Some((mut file, _)) = open_regular(&real).map_err(io("open", &full))? else {
+    let Some((file, _)) = open_regular(&real).map_err(io("open", &full))? else {
         return Err(refused("it is not a regular file"));
     };
-    let mut data = Vec::new();
-    file.read_to_end(&mut data).map_err(io("read", &full))?;
-    Ok(data)
+    Ok(file)
 }
 
-/// Gzips one file of the project (report artifacts with `artifact_format: gzip`); see
-/// [`read_inside`] for links.
+/// Copies one file of the project into `out` as it is (`artifact_format: raw`); see
+/// [`open_inside`] for links.
 ///
 /// # Errors
 /// Unreadable file, or one outside the project.
-pub(crate) fn gzip(root: &Path, relative: &Path) -> Result<Vec<u8>, ArtifactError> {
-    let data = read_inside(root, relative)?;
+pub(crate) fn copy_raw(
+    root: &Path,
+    relative: &Path,
+    out: &mut impl Write,
+) -> Result<(), ArtifactError> {
+    let mut file = open_inside(root, relative)?;
     let path = root.join(relative);
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    encoder.write_all(&data).map_err(io("compress", &path))?;
-    encoder.finish().map_err(io("compress", &path))
+    std::io::copy(&mut file, out).map_err(io("copy", &path))?;
+    Ok(())
+}
+
+/// Gzips the project's `files` into `out`, one gzip member per file, concatenated — the
+/// multi-member gzip gitlab-runner uploads for reports (`artifact_format: gzip`), which GitLab
+/// reads member by member (three JUnit files stay three reports). See [`open_inside`] for
+/// links.
+///
+/// # Errors
+/// Unreadable file, or one outside the project.
+pub(crate) fn gzip_members(
+    root: &Path,
+    files: &[PathBuf],
+    out: &mut impl Write,
+) -> Result<(), ArtifactError> {
+    for relative in files {
+        let mut file = open_inside(root, relative)?;
+        let path = root.join(relative);
+        let name = relative.file_name().map(|n| n.as_encoded_bytes().to_vec());
+        let mut encoder = flate2::GzBuilder::new()
+            .filename(name.unwrap_or_default())
+            .write(&mut *out, flate2::Compression::default());
+        std::io::copy(&mut file, &mut encoder).map_err(io("compress", &path))?;
+        encoder.finish().map_err(io("compress", &path))?;
+    }
+    Ok(())
 }
 
 /// What an entry makes.

@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use super::options::{JobOptions, Submodules};
 use crate::gitlab::payload::GitInfo;
 
 /// A payload value git must not be given. The job fails as a script/config problem (the value
@@ -104,8 +105,14 @@ impl Strategy {
     }
 }
 
-/// The git command lines that check out `info` into `dir`, in order. `depth` overrides the
-/// job's depth (`GIT_DEPTH`).
+/// The git command lines that check out `info` into `dir`, in order, as gitlab-runner runs
+/// them: fetch (`GIT_FETCH_EXTRA_FLAGS`), checkout (unless `GIT_CHECKOUT=false`), clean
+/// (`GIT_CLEAN_FLAGS`), LFS objects when `lfs` (git-lfs is installed) and the job does not set
+/// `GIT_LFS_SKIP_SMUDGE`, then submodules (`GIT_SUBMODULE_*`). `depth` overrides the job's depth
+/// (`GIT_DEPTH`).
+///
+/// Relative submodule URLs (`../lib.git`) resolve against `origin`'s URL, which carries the job
+/// token, so submodules on the same GitLab are fetched with it; so are their LFS objects.
 ///
 /// # Errors
 /// A payload value refused by [`validate`]; then no git command runs at all.
@@ -114,6 +121,8 @@ pub(crate) fn commands(
     dir: &Path,
     strategy: Strategy,
     depth: Option<u32>,
+    options: &JobOptions,
+    lfs: bool,
 ) -> Result<Vec<Vec<String>>, GitError> {
     validate(info)?;
     let dir = dir.to_string_lossy().into_owned();
@@ -158,6 +167,12 @@ pub(crate) fn commands(
             &info.repo_url,
         ]));
     }
+    let lfs = lfs && !options.lfs_skip;
+    if lfs {
+        // Checkout leaves pointers (no smudge: no credential prompt, no per-file download);
+        // `git lfs pull` then fetches the objects in one batch with the remote's credentials.
+        lines.push(git(&["lfs", "install", "--local", "--skip-smudge"]));
+    }
     let mut refspecs = info.refspecs.clone();
     if refspecs.is_empty() {
         refspecs.push(if info.ref_type == "tag" {
@@ -167,7 +182,9 @@ pub(crate) fn commands(
         });
     }
     let depth = depth.unwrap_or(info.depth);
-    let mut fetch = vec!["fetch", "--prune", "--quiet", "--no-recurse-submodules"];
+    let mut fetch = vec!["fetch"];
+    fetch.extend(options.fetch_flags.iter().map(String::as_str));
+    fetch.push("--no-recurse-submodules");
     let depth_arg = format!("--depth={depth}");
     if depth > 0 {
         fetch.push(&depth_arg);
@@ -182,14 +199,135 @@ pub(crate) fn commands(
     } else {
         info.sha.as_str()
     };
+    if !options.checkout {
+        return Ok(lines);
+    }
     lines.push(git(&["checkout", "-f", "-q", "--end-of-options", target]));
-    lines.push(git(&["clean", "-ffdx", "-q"]));
+    if let Some(flags) = &options.clean_flags {
+        let mut clean = vec!["clean"];
+        clean.extend(flags.iter().map(String::as_str));
+        lines.push(git(&clean));
+    }
+    if lfs {
+        lines.push(git(&["lfs", "pull"]));
+    }
+    if options.submodules != Submodules::None {
+        lines.extend(submodule_commands(&git, options, lfs));
+    }
     Ok(lines)
+}
+
+/// `git submodule` sync, update, clean and reset (and LFS pull), as gitlab-runner runs them.
+fn submodule_commands(
+    git: &dyn Fn(&[&str]) -> Vec<String>,
+    options: &JobOptions,
+    lfs: bool,
+) -> Vec<Vec<String>> {
+    let recursive = options.submodules == Submodules::Recursive;
+    let with_recursive = |base: &[&str]| -> Vec<String> {
+        let mut args: Vec<&str> = base.to_vec();
+        if recursive {
+            args.push("--recursive");
+        }
+        git(&args)
+    };
+    let mut lines = vec![with_recursive(&["submodule", "sync"])];
+    let depth_arg = options
+        .submodule_depth
+        .filter(|d| *d > 0)
+        .map(|d| format!("--depth={d}"));
+    let mut update = with_recursive(&["submodule", "update", "--init"]);
+    update.extend(depth_arg);
+    update.extend(options.submodule_update_flags.iter().cloned());
+    update.push("--".to_owned());
+    update.extend(options.submodule_paths.iter().cloned());
+    lines.push(update);
+    let foreach = |command: String| -> Vec<String> {
+        let mut line = with_recursive(&["submodule", "foreach"]);
+        line.push(command);
+        line
+    };
+    if let Some(flags) = &options.clean_flags {
+        lines.push(foreach(format!("git clean {}", flags.join(" "))));
+    }
+    lines.push(foreach("git reset --hard -q".to_owned()));
+    if lfs {
+        lines.push(foreach(
+            "git lfs install --local --skip-smudge && git lfs pull".to_owned(),
+        ));
+    }
+    lines
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn defaults() -> JobOptions {
+        JobOptions::read(&std::collections::BTreeMap::new())
+    }
+
+    /// The command lines of a fresh clone with git-lfs present and these job variables.
+    fn clone_with(info: &GitInfo, variables: &[(&str, &str)]) -> Vec<Vec<String>> {
+        let env = variables
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        commands(
+            info,
+            dir.path(),
+            Strategy::Clone,
+            None,
+            &JobOptions::read(&env),
+            true,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn recursive_submodules_at_depth_one_with_lfs_follow_the_checkout() {
+        let info = info(
+            "+refs/heads/main:refs/remotes/origin/main",
+            "0123456789abcdef0123456789abcdef01234567",
+        );
+        let lines = clone_with(
+            &info,
+            &[
+                ("GIT_SUBMODULE_STRATEGY", "recursive"),
+                ("GIT_SUBMODULE_DEPTH", "1"),
+                ("GIT_SUBMODULE_PATHS", "libs/a"),
+                ("GIT_CLEAN_FLAGS", "-ffdx -e keep"),
+            ],
+        );
+        let shown: Vec<String> = lines
+            .iter()
+            .map(|l| l[l.len().min(7)..].join(" "))
+            .collect();
+        let checkout = shown
+            .iter()
+            .position(|l| l.starts_with("checkout"))
+            .unwrap();
+        assert_eq!(
+            &shown[checkout + 1..],
+            [
+                "clean -ffdx -e keep",
+                "lfs pull",
+                "submodule sync --recursive",
+                "submodule update --init --recursive --depth=1 -- libs/a",
+                "submodule foreach --recursive git clean -ffdx -e keep",
+                "submodule foreach --recursive git reset --hard -q",
+                "submodule foreach --recursive git lfs install --local --skip-smudge && git lfs pull",
+            ]
+        );
+    }
+
+    #[test]
+    fn git_checkout_false_fetches_only() {
+        let info = info("+refs/heads/main:refs/remotes/origin/main", "");
+        let lines = clone_with(&info, &[("GIT_CHECKOUT", "false")]);
+        assert!(lines.last().unwrap().contains(&"fetch".to_owned()));
+    }
 
     #[test]
     fn fresh_clone_fetches_refspecs_at_depth_then_checks_out_the_sha() {
@@ -202,7 +340,15 @@ mod tests {
             ..Default::default()
         };
         let dir = tempfile::tempdir().unwrap();
-        let lines = commands(&info, &dir.path().join("p"), Strategy::Fetch, None).unwrap();
+        let lines = commands(
+            &info,
+            &dir.path().join("p"),
+            Strategy::Fetch,
+            None,
+            &defaults(),
+            false,
+        )
+        .unwrap();
         assert_eq!(lines[0][1], "init");
         let fetch = lines
             .iter()
@@ -269,7 +415,8 @@ mod tests {
                 "-x",
             ),
         ] {
-            let err = commands(&info, dir.path(), Strategy::Fetch, None).unwrap_err();
+            let err =
+                commands(&info, dir.path(), Strategy::Fetch, None, &defaults(), false).unwrap_err();
             let message = err.to_string();
             assert!(
                 message.contains(field) && message.contains(value),
@@ -286,7 +433,7 @@ mod tests {
             "0123456789abcdef0123456789abcdef01234567",
         );
         for strategy in [Strategy::Clone, Strategy::Fetch] {
-            for line in commands(&info, dir.path(), strategy, Some(3)).unwrap() {
+            for line in commands(&info, dir.path(), strategy, Some(3), &defaults(), true).unwrap() {
                 let payload_at = line
                     .iter()
                     .position(|a| *a == info.repo_url || *a == info.sha || *a == info.refspecs[0]);
@@ -308,7 +455,17 @@ mod tests {
         let marker = dir.path().join("pwned");
         let refspec = format!("--upload-pack=touch {}", marker.display());
         let info = info(&refspec, "");
-        assert!(commands(&info, &dir.path().join("p"), Strategy::Clone, None).is_err());
+        assert!(
+            commands(
+                &info,
+                &dir.path().join("p"),
+                Strategy::Clone,
+                None,
+                &defaults(),
+                false
+            )
+            .is_err()
+        );
         assert!(!marker.exists());
     }
 }

@@ -9,8 +9,11 @@
 mod artifacts;
 mod git;
 mod mask;
+mod options;
+mod oversized;
 mod process;
 mod trace;
+mod untracked;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -104,12 +107,21 @@ struct Context {
     project_dir: PathBuf,
     tmp_dir: PathBuf,
     sources_file: PathBuf,
+    /// `http.<GitLab>.sslCAInfo` for the agent's git commands, when kiln trusts a CA file.
+    git_ca: Option<(String, String)>,
     env: BTreeMap<String, String>,
     shell: String,
     interrupts: Interrupts,
     deadline: Instant,
     /// The executor's notes on how it started the build (an ignored overwrite), for the trace.
     start_notes: Vec<String>,
+    /// When the steps before after_script must end: the job's deadline, or sooner with
+    /// `RUNNER_SCRIPT_TIMEOUT`.
+    steps_deadline: Instant,
+    /// What the job's variables ask of the runner (`GIT_*`, attempts, timeouts, trace).
+    options: options::JobOptions,
+    /// How step scripts are written (oversized variables, xtrace, sections).
+    script: process::ScriptOptions,
 }
 
 /// Where the agent finds its job and does its work.
@@ -284,16 +296,31 @@ fn context(
             source,
         })?;
     }
-    let env = base_env(&job, &project_dir, &builds, &tmp_dir);
+    let mut env = base_env(&job, &project_dir, &builds, &tmp_dir, &spec.executor);
+    let git_ca = match &spec.tls_ca {
+        Some(pem) => Some(tls_ca_file(pem, &tmp_dir, &spec.gitlab_url, &mut env)?),
+        None => None,
+    };
+    let variables = job_variables(&job, &env, &tmp_dir);
+    // What the variables ask for is known before anything runs (the trace uplink needs
+    // `CI_DEBUG_TRACE`); file variables' files are written later, by `export_variables`.
+    let mut preview = env.clone();
+    preview.extend(variables.resolved().into_iter().map(|v| (v.key, v.value)));
+    let options = options::JobOptions::read(&preview);
     // Masked values as expanded too: an expansion can put a secret anywhere.
-    let secrets =
-        std::iter::once(job.token.clone()).chain(job_variables(&job, &env, &tmp_dir).secrets());
+    let secrets = std::iter::once(job.token.clone()).chain(variables.secrets());
     let masker = mask::Masker::new(secrets, job.features.token_mask_prefixes.clone())
         .with_fingerprints(&spec.masked);
     let limit =
         usize::try_from(spec.settings.output_limit.saturating_mul(1024)).unwrap_or(usize::MAX);
     let trace = Arc::new(Trace::new(masker, limit, false));
-    let api = RunnerApi::new(&spec.gitlab_url)?;
+    let api = RunnerApi::trusting(
+        &spec.gitlab_url,
+        spec.tls_ca
+            .as_deref()
+            .map(|pem| ("tls_ca of the job file", pem.as_bytes())),
+    )?
+    .with_debug_trace(options.debug_trace);
     let (remote_tx, remote_rx) = watch::channel(Remote::Running);
     let shell = spec
         .settings
@@ -310,6 +337,7 @@ fn context(
         project_dir,
         sources_file: work.join(SOURCES_FILE),
         tmp_dir,
+        git_ca,
         env,
         shell,
         interrupts: Interrupts {
@@ -318,8 +346,15 @@ fn context(
             stop_on_canceling: true,
         },
         deadline,
+        steps_deadline: deadline,
         job,
         start_notes: start_notes(&paths.job_file),
+        script: process::ScriptOptions {
+            from_files: Vec::new(),
+            xtrace: options.debug_trace,
+            sections: options.script_sections,
+        },
+        options,
     };
     Ok((ctx, remote_tx))
 }
@@ -412,6 +447,7 @@ fn base_env(
     project_dir: &Path,
     builds_dir: &Path,
     tmp_dir: &Path,
+    executor: &str,
 ) -> BTreeMap<String, String> {
     let mut env: BTreeMap<String, String> = std::env::vars()
         .filter(|(k, _)| !k.starts_with("KILN_"))
@@ -428,8 +464,56 @@ fn base_env(
         format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
     );
     set("CI_JOB_TIMEOUT", job.timeout().as_secs().to_string());
+    // `success`, `failed` or `canceled` once after_script runs.
+    set("CI_JOB_STATUS", "running".into());
+    // A pod is thrown away after its build; the local executor's work directory too, but
+    // the host stays, so only Kubernetes builds are disposable environments.
+    if executor == "kubernetes" {
+        set("CI_DISPOSABLE_ENVIRONMENT", "true".into());
+    }
     set("TMPDIR", tmp_dir.to_string_lossy().into_owned());
     set("GIT_TERMINAL_PROMPT", "0".into());
+    env
+}
+
+/// Writes the CA certificates kiln trusts for GitLab (`tls_ca_file`) to
+/// `<tmp>/CI_SERVER_TLS_CA_FILE` and exports its path as gitlab-runner does; returns the git
+/// setting that makes git trust them for GitLab's host only (`http.<origin>.sslCAInfo`), so
+/// submodules and LFS on other hosts keep the system's store.
+fn tls_ca_file(
+    pem: &str,
+    tmp_dir: &Path,
+    gitlab_url: &str,
+    env: &mut BTreeMap<String, String>,
+) -> Result<(String, String), AgentError> {
+    let path = tmp_dir.join("CI_SERVER_TLS_CA_FILE");
+    std::fs::write(&path, pem).map_err(|source| AgentError::WorkDir {
+        path: path.clone(),
+        source,
+    })?;
+    let shown = path.to_string_lossy().into_owned();
+    env.insert("CI_SERVER_TLS_CA_FILE".into(), shown.clone());
+    let origin = url::Url::parse(gitlab_url)
+        .map(|u| u.origin().ascii_serialization())
+        .unwrap_or_else(|_| gitlab_url.trim_end_matches('/').to_owned());
+    Ok((format!("http.{origin}.sslCAInfo"), shown))
+}
+
+/// `env` plus git's `GIT_CONFIG_*` entries for `setting` (after any the job set itself).
+fn with_git_setting(
+    env: &BTreeMap<String, String>,
+    setting: Option<&(String, String)>,
+) -> BTreeMap<String, String> {
+    let mut env = env.clone();
+    if let Some((key, value)) = setting {
+        let n: usize = env
+            .get("GIT_CONFIG_COUNT")
+            .and_then(|c| c.trim().parse().ok())
+            .unwrap_or(0);
+        env.insert(format!("GIT_CONFIG_KEY_{n}"), key.clone());
+        env.insert(format!("GIT_CONFIG_VALUE_{n}"), value.clone());
+        env.insert("GIT_CONFIG_COUNT".into(), (n + 1).to_string());
+    }
     env
 }
 
@@ -451,6 +535,19 @@ fn job_variables(job: &JobPayload, env: &BTreeMap<String, String>, tmp_dir: &Pat
 /// value.
 fn export_variables(ctx: &mut Context) -> std::io::Result<()> {
     ctx.env = exported_env(&ctx.job, &ctx.env, &ctx.tmp_dir)?;
+    ctx.script.from_files = oversized::move_to_files(&mut ctx.env, &ctx.tmp_dir)?;
+    if ctx.sources_file.exists() {
+        // The init container said all this already, in the part of the trace it left.
+        return Ok(());
+    }
+    for (name, _) in &ctx.script.from_files {
+        ctx.trace.line(&format!(
+            "{name} is larger than one environment entry can hold (128 KiB): the scripts read it from a file into a shell variable, not exported"
+        ));
+    }
+    for warning in &ctx.options.warnings {
+        ctx.trace.warn(warning);
+    }
     Ok(())
 }
 
@@ -527,6 +624,13 @@ async fn execute(ctx: &mut Context) -> JobEnd {
 
     let steps: Vec<Step> = ctx.job.steps.clone();
     let mut end = JobEnd::success();
+    // `RUNNER_SCRIPT_TIMEOUT` bounds the steps and leaves the rest of the job's time to
+    // after_script and the artifacts.
+    if let Some(limit) = ctx.options.script_timeout
+        && let Some(at) = Instant::now().checked_add(limit)
+    {
+        ctx.steps_deadline = at.min(ctx.deadline);
+    }
     for step in steps.iter().filter(|s| s.name != "after_script") {
         let failed = end.failure.is_some();
         if !step.when.applies(failed) {
@@ -554,14 +658,12 @@ async fn execute(ctx: &mut Context) -> JobEnd {
             }
         }
     }
+    // A step's own timeout (`timeout` of a step, `RUNNER_SCRIPT_TIMEOUT`) leaves time for
+    // after_script and artifacts, as in gitlab-runner; the job's timeout does not.
     let interrupted = end.canceled
-        || matches!(
-            end.failure,
-            Some((
-                FailureReason::JobExecutionTimeout | FailureReason::RunnerSystemFailure,
-                _
-            ))
-        );
+        || matches!(end.failure, Some((FailureReason::RunnerSystemFailure, _)))
+        || (matches!(end.failure, Some((FailureReason::JobExecutionTimeout, _)))
+            && Instant::now() >= ctx.deadline);
     let canceled_now = *ctx.interrupts.remote.borrow() == Remote::Canceled;
     if !canceled_now
         && !ctx.interrupts.abort.is_cancelled()
@@ -668,16 +770,18 @@ async fn run_step(ctx: &mut Context, step: &Step, is_after: bool) -> StepEnd {
     trace.section_start(&section, &header);
     let step_timeout = step.timeout.map(Duration::from_secs);
     let deadline = if is_after {
-        let limit = step_timeout
-            .unwrap_or(ctx.settings.after_script_timeout)
-            .min(ctx.settings.after_script_timeout);
+        let after_limit = ctx
+            .options
+            .after_script_timeout
+            .unwrap_or(ctx.settings.after_script_timeout);
+        let limit = step_timeout.unwrap_or(after_limit).min(after_limit);
         Instant::now() + limit
     } else {
-        // A step's timeout is the payload's number: past the job's deadline (or past what an
-        // Instant can hold) it is the job's deadline.
+        // A step's timeout is the payload's number: past the steps' deadline (or past what an
+        // Instant can hold) it is the steps' deadline.
         step_timeout
             .and_then(|t| Instant::now().checked_add(t))
-            .map_or(ctx.deadline, |step| step.min(ctx.deadline))
+            .map_or(ctx.steps_deadline, |step| step.min(ctx.steps_deadline))
     };
     let script = match process::write_script(
         &ctx.tmp_dir,
@@ -685,6 +789,7 @@ async fn run_step(ctx: &mut Context, step: &Step, is_after: bool) -> StepEnd {
         &ctx.shell,
         &ctx.project_dir,
         &step.script,
+        &ctx.script,
     ) {
         Ok(path) => path,
         Err(e) => {
@@ -712,6 +817,14 @@ async fn run_step(ctx: &mut Context, step: &Step, is_after: bool) -> StepEnd {
         Ok(Exit::TimedOut) => {
             let timeout = if Instant::now() >= ctx.deadline {
                 ctx.job.timeout()
+            } else if let Some(limit) = ctx.options.script_timeout
+                && Instant::now() >= ctx.steps_deadline
+            {
+                trace.warn(&format!(
+                    "script timeout of {} (RUNNER_SCRIPT_TIMEOUT) exceeded",
+                    humantime::format_duration(limit)
+                ));
+                limit
             } else {
                 step_timeout.unwrap_or_else(|| ctx.job.timeout())
             };
@@ -776,54 +889,152 @@ async fn get_sources(ctx: &mut Context) -> Option<JobEnd> {
         ctx.job.git_info.git_ref,
         short(&ctx.job.git_info.sha),
     ));
-    let lines = match git::commands(&ctx.job.git_info, &ctx.project_dir, strategy, depth) {
-        Ok(lines) => lines,
-        Err(e) => {
-            // A value from the project or pipeline that git would take as an option (or no git
-            // name can be): the job's problem, not the runner's, so no system failure (which
-            // GitLab may retry, on another runner, with the same value).
-            trace.section_end("get_sources");
-            return Some(JobEnd::failed(FailureReason::ScriptFailure, e.to_string()));
+    if let Some(end) = run_hook(ctx, "pre_get_sources_script").await {
+        trace.section_end("get_sources");
+        return Some(end);
+    }
+    let lfs = git_lfs_available(ctx).await;
+    let attempts = ctx.options.get_sources_attempts;
+    let mut attempt = 1;
+    loop {
+        let lines = match git::commands(
+            &ctx.job.git_info,
+            &ctx.project_dir,
+            strategy,
+            depth,
+            &ctx.options,
+            lfs,
+        ) {
+            Ok(lines) => lines,
+            Err(e) => {
+                // A value from the project or pipeline that git would take as an option (or no
+                // git name can be): the job's problem, not the runner's, so no system failure
+                // (which GitLab may retry, on another runner, with the same value).
+                trace.section_end("get_sources");
+                return Some(JobEnd::failed(FailureReason::ScriptFailure, e.to_string()));
+            }
+        };
+        match run_git(ctx, lines).await {
+            GitRun::Done => break,
+            GitRun::Failed(code, command) if attempt < attempts => {
+                trace.warn(&format!(
+                    "`git {command}` exited with {code}; retrying (attempt {} of {attempts}, GET_SOURCES_ATTEMPTS)",
+                    attempt + 1
+                ));
+                tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                attempt += 1;
+            }
+            GitRun::Failed(code, command) => {
+                trace.section_end("get_sources");
+                return Some(JobEnd::failed(
+                    FailureReason::RunnerSystemFailure,
+                    format!("fetching the sources failed: `git {command}` exited with {code}"),
+                ));
+            }
+            GitRun::Ended(end) => {
+                trace.section_end("get_sources");
+                return Some(end);
+            }
         }
-    };
+    }
+    // The helper's git records what it tracks: `artifacts:untracked` needs no git later.
+    if let Err(e) =
+        untracked::record_tracked(&ctx.project_dir, &tracked_record(ctx), &ctx.env).await
+    {
+        trace.warn(&format!("{e}; `artifacts:untracked` will find nothing"));
+    }
+    if let Some(end) = run_hook(ctx, "post_get_sources_script").await {
+        trace.section_end("get_sources");
+        return Some(end);
+    }
+    trace.line(&format!("Checked out {}", short(&ctx.job.git_info.sha)));
+    trace.section_end("get_sources");
+    None
+}
+
+/// How a run of git commands went.
+enum GitRun {
+    Done,
+    /// A command exited with this code (its subcommand named): worth another attempt.
+    Failed(i32, String),
+    /// Stopped for good (timeout, cancel, no git).
+    Ended(JobEnd),
+}
+
+async fn run_git(ctx: &mut Context, lines: Vec<Vec<String>>) -> GitRun {
     for line in lines {
         let mut command = tokio::process::Command::new(&line[0]);
         command
             .args(&line[1..])
             .current_dir(&ctx.tmp_dir)
             .env_clear()
-            .envs(&ctx.env);
-        let end = process::run(command, &trace, ctx.deadline, &mut ctx.interrupts).await;
-        let failure = match end {
+            .envs(with_git_setting(&ctx.env, ctx.git_ca.as_ref()));
+        let end = process::run(command, &ctx.trace, ctx.deadline, &mut ctx.interrupts).await;
+        return match end {
             Ok(Exit::Code(0)) => continue,
-            Ok(Exit::Code(code)) => JobEnd::failed(
-                FailureReason::RunnerSystemFailure,
-                format!(
-                    "fetching the sources failed: `git {}` exited with {code}",
-                    line.get(7).map(String::as_str).unwrap_or(&line[1])
-                ),
+            Ok(Exit::Code(code)) => GitRun::Failed(
+                code,
+                line.get(7)
+                    .map(String::as_str)
+                    .unwrap_or(&line[1])
+                    .to_owned(),
             ),
-            Ok(Exit::TimedOut) => JobEnd::failed(
+            Ok(Exit::TimedOut) => GitRun::Ended(JobEnd::failed(
                 FailureReason::JobExecutionTimeout,
                 "execution took longer than the job timeout while fetching sources",
-            ),
-            Ok(Exit::Canceling | Exit::Canceled) => JobEnd {
+            )),
+            Ok(Exit::Canceling | Exit::Canceled) => GitRun::Ended(JobEnd {
                 failure: Some((FailureReason::ScriptFailure, "the job was canceled".into())),
                 exit_code: None,
                 canceled: true,
-            },
-            Ok(Exit::Aborted) => aborted(ctx),
-            Err(e) => JobEnd::failed(
+            }),
+            Ok(Exit::Aborted) => GitRun::Ended(aborted(ctx)),
+            Err(e) => GitRun::Ended(JobEnd::failed(
                 FailureReason::RunnerSystemFailure,
                 format!("cannot run git (is it installed?): {e}"),
-            ),
+            )),
         };
-        trace.section_end("get_sources");
-        return Some(failure);
     }
-    trace.line(&format!("Checked out {}", short(&ctx.job.git_info.sha)));
-    trace.section_end("get_sources");
-    None
+    GitRun::Done
+}
+
+/// Whether `git lfs` runs here (the helper image ships it; on the local executor, the host).
+async fn git_lfs_available(ctx: &Context) -> bool {
+    let status = tokio::process::Command::new("git")
+        .args(["lfs", "version"])
+        .env_clear()
+        .envs(&ctx.env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await;
+    matches!(status, Ok(s) if s.success())
+}
+
+/// Runs the job's `hooks:<name>` script, if it has one, in the sources stage; its failure
+/// fails the job as a script failure.
+async fn run_hook(ctx: &mut Context, name: &str) -> Option<JobEnd> {
+    let hook = ctx.job.hooks.iter().find(|h| h.name == name)?.clone();
+    let step = Step {
+        name: name.to_owned(),
+        script: hook.script,
+        timeout: None,
+        when: When::Always,
+        allow_failure: false,
+    };
+    ctx.trace.line(&format!("Running {name}"));
+    match run_step(ctx, &step, false).await {
+        StepEnd::Exited(0) => None,
+        StepEnd::Exited(code) => Some(JobEnd {
+            failure: Some((
+                FailureReason::ScriptFailure,
+                format!("{name} failed with exit code {code}"),
+            )),
+            exit_code: Some(code),
+            canceled: false,
+        }),
+        StepEnd::Other(end) => Some(end),
+    }
 }
 
 fn short(sha: &str) -> &str {
@@ -849,11 +1060,14 @@ async fn download_dependencies(ctx: &mut Context) -> Option<JobEnd> {
             dep.name, dep.id
         ));
         let mut attempt = 0;
+        // `ARTIFACT_DOWNLOAD_ATTEMPTS` tries any failure again; a transient one (5xx, a broken
+        // connection) is tried at least three times whatever it says.
+        let attempts = u64::from(ctx.options.artifact_download_attempts);
         let data = loop {
             attempt += 1;
             match ctx.api.download_artifacts(dep.id, &dep.token).await {
                 Ok(data) => break Ok(data),
-                Err(e) if e.is_transient() && attempt < 3 => {
+                Err(e) if attempt < attempts || (e.is_transient() && attempt < 3) => {
                     trace.warn(&format!(
                         "downloading artifacts of {} failed ({e}); retrying",
                         dep.name
@@ -925,7 +1139,15 @@ async fn upload_one(ctx: &Context, artifact: &Artifact) -> Result<(), JobEnd> {
         .clone()
         .unwrap_or_else(|| "zip".into());
     let untracked = if artifact.untracked {
-        untracked_files(&ctx.project_dir).await
+        match untracked::untracked(&ctx.project_dir, &tracked_record(ctx)) {
+            Ok(files) => files,
+            Err(e) => {
+                trace.warn(&format!(
+                    "artifacts:untracked: {e}; no untracked files added"
+                ));
+                Vec::new()
+            }
+        }
     } else {
         Vec::new()
     };
@@ -943,26 +1165,45 @@ async fn upload_one(ctx: &Context, artifact: &Artifact) -> Result<(), JobEnd> {
         trace.error(&format!("No files to upload for {artifact_type} artifact"));
         return Ok(());
     }
+    // Built on disk, streamed from there: the archive never sits in the build's memory, and a
+    // retry reads the file again.
+    let archive = tempfile::NamedTempFile::new_in(&ctx.tmp_dir).map_err(|e| {
+        JobEnd::failed(
+            FailureReason::RunnerSystemFailure,
+            format!(
+                "cannot create a temporary file in {}: {e}",
+                ctx.tmp_dir.display()
+            ),
+        )
+    })?;
+    let name = artifact.name.as_deref().filter(|n| !n.is_empty());
     let built = match format.as_str() {
-        "zip" => artifacts::zip(&ctx.project_dir, &files).map(|d| (d, "artifacts.zip".to_owned())),
-        "gzip" | "raw" => {
+        "zip" => {
+            let out = std::io::BufWriter::new(archive.as_file());
+            artifacts::zip_into(&ctx.project_dir, &files, out)
+                .and_then(|out| flush(out, archive.path()))
+                .map(|()| format!("{}.zip", name.unwrap_or("artifacts")))
+        }
+        "gzip" => {
+            let mut out = std::io::BufWriter::new(archive.as_file());
+            let first = file_name(&files[0]);
+            artifacts::gzip_members(&ctx.project_dir, &files, &mut out)
+                .and_then(|()| flush(out, archive.path()))
+                .map(|()| format!("{}.gz", name.unwrap_or(&first)))
+        }
+        "raw" => {
             if files.len() > 1 {
                 trace.warn(&format!(
-                    "{artifact_type} artifact in {format} format takes one file; using {}",
+                    "{artifact_type} artifact in raw format takes one file; using {}",
                     files[0].display()
                 ));
             }
-            let name = files[0]
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
             // One file, no archive to hold a link: a link is followed only while it stays in
-            // the project (`read_inside`), so `report.xml -> /etc/shadow` is refused.
-            if format == "gzip" {
-                artifacts::gzip(&ctx.project_dir, &files[0]).map(|d| (d, format!("{name}.gz")))
-            } else {
-                artifacts::read_inside(&ctx.project_dir, &files[0]).map(|d| (d, name))
-            }
+            // the project, so `report.xml -> /etc/shadow` is refused.
+            let mut out = std::io::BufWriter::new(archive.as_file());
+            artifacts::copy_raw(&ctx.project_dir, &files[0], &mut out)
+                .and_then(|()| flush(out, archive.path()))
+                .map(|()| name.map_or_else(|| file_name(&files[0]), str::to_owned))
         }
         other => {
             trace.warn(&format!(
@@ -971,19 +1212,19 @@ async fn upload_one(ctx: &Context, artifact: &Artifact) -> Result<(), JobEnd> {
             return Ok(());
         }
     };
-    let (data, filename) =
+    let filename =
         built.map_err(|e| JobEnd::failed(FailureReason::ScriptFailure, e.to_string()))?;
+    let size = archive.as_file().metadata().map(|m| m.len()).unwrap_or(0);
     trace.line(&format!(
-        "Uploading {artifact_type} artifact ({} file(s), {} bytes)...",
+        "Uploading {artifact_type} artifact as {filename} ({} file(s), {size} bytes)...",
         files.len(),
-        data.len()
     ));
     let upload = ArtifactUpload {
         filename,
         format,
         artifact_type: artifact_type.clone(),
         expire_in: artifact.expire_in.clone(),
-        data,
+        path: archive.path().to_owned(),
     };
     let mut attempt = 0;
     loop {
@@ -1019,21 +1260,27 @@ async fn upload_one(ctx: &Context, artifact: &Artifact) -> Result<(), JobEnd> {
     }
 }
 
-async fn untracked_files(project_dir: &Path) -> Vec<PathBuf> {
-    let output = tokio::process::Command::new("git")
-        .args(["ls-files", "--others", "-z"])
-        .current_dir(project_dir)
-        .output()
-        .await;
-    match output {
-        Ok(out) if out.status.success() => out
-            .stdout
-            .split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| PathBuf::from(String::from_utf8_lossy(s).into_owned()))
-            .collect(),
-        _ => Vec::new(),
-    }
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn flush<W: std::io::Write>(
+    mut out: std::io::BufWriter<W>,
+    path: &Path,
+) -> Result<(), artifacts::ArtifactError> {
+    std::io::Write::flush(&mut out).map_err(|source| artifacts::ArtifactError::Io {
+        action: "write",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Where the agent that checked out the sources records the files git tracks (beside the
+/// sources file, which the init container and the build container share).
+fn tracked_record(ctx: &Context) -> PathBuf {
+    ctx.sources_file.with_file_name("tracked-files")
 }
 
 /// The last lines of the trace, as gitlab-runner writes them.
@@ -1117,6 +1364,33 @@ async fn report(ctx: &Context, mut uplink: Uplink, end: &JobEnd) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_ca_file_is_exported_and_trusted_by_git_for_gitlab_s_origin_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = BTreeMap::from([("GIT_CONFIG_COUNT".to_owned(), "1".to_owned())]);
+        let setting = tls_ca_file(
+            "-----BEGIN CERTIFICATE-----\n",
+            dir.path(),
+            "https://gitlab.example.com:8443/sub/",
+            &mut env,
+        )
+        .unwrap();
+        let file = dir.path().join("CI_SERVER_TLS_CA_FILE");
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            "-----BEGIN CERTIFICATE-----\n"
+        );
+        assert_eq!(env["CI_SERVER_TLS_CA_FILE"], file.to_string_lossy());
+        assert_eq!(setting.0, "http.https://gitlab.example.com:8443.sslCAInfo");
+        // After the job's own GIT_CONFIG_0 entry, not over it.
+        let git_env = with_git_setting(&env, Some(&setting));
+        assert_eq!(git_env["GIT_CONFIG_COUNT"], "2");
+        assert_eq!(git_env["GIT_CONFIG_KEY_1"], setting.0);
+        assert_eq!(git_env["GIT_CONFIG_VALUE_1"], setting.1);
+        assert_eq!(with_git_setting(&env, None), env);
+    }
+
     use super::*;
 
     /// A job as GitLab sends it, with these variables (predefined first, pipeline last).

@@ -178,6 +178,18 @@ pub(crate) fn default_shell(path_var: Option<&str>) -> String {
     if found { "bash".into() } else { "sh".into() }
 }
 
+/// How a step's script is written, beyond its commands.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ScriptOptions {
+    /// Shell variables read from files before anything runs: values too large for one
+    /// environment entry (see [`super::oversized`]), as `(name, file)`.
+    pub(crate) from_files: Vec<(String, PathBuf)>,
+    /// `CI_DEBUG_TRACE`: shell xtrace (`set -x`) for the commands.
+    pub(crate) xtrace: bool,
+    /// `FF_SCRIPT_SECTIONS`: each command in a collapsed section of its own.
+    pub(crate) sections: bool,
+}
+
 /// Writes a step's script: each command echoed (green, like GitLab's runner) then run, in one
 /// shell so `cd` and variables carry over, stopping at the first failure.
 pub(crate) fn write_script(
@@ -186,6 +198,7 @@ pub(crate) fn write_script(
     shell: &str,
     project_dir: &Path,
     lines: &[String],
+    options: &ScriptOptions,
 ) -> std::io::Result<PathBuf> {
     let mut text = String::new();
     if shell.ends_with("bash") {
@@ -193,11 +206,28 @@ pub(crate) fn write_script(
     } else {
         text.push_str("set -e\n");
     }
+    // Read whole (a trailing newline too: the `x` guard keeps `$(...)` from eating it), and
+    // not exported: the kernel could not pass such a value on to any child process.
+    for (name, file) in &options.from_files {
+        text.push_str(&format!(
+            "{name}=\"$(cat {file}; printf x)\"; {name}=\"${{{name}%x}}\"\n",
+            file = quote(&file.to_string_lossy())
+        ));
+    }
     text.push_str(&format!("cd {}\n", quote(&project_dir.to_string_lossy())));
-    for line in lines {
+    if options.xtrace {
+        text.push_str("set -x\n");
+    }
+    for (i, line) in lines.iter().enumerate() {
         let mut shown = line.lines().next().unwrap_or("").to_owned();
         if line.trim_end().contains('\n') {
             shown.push_str(" # collapsed multi-line command");
+        }
+        let section = format!("section_script_step_{i}");
+        if options.sections {
+            text.push_str(&format!(
+                "printf '\\033[0Ksection_start:%s:{section}[hide_duration=true,collapsed=true]\\r\\033[0K' \"$(date +%s)\"\n"
+            ));
         }
         text.push_str(&format!(
             "printf '\\033[32;1m$ %s\\033[0;m\\n' {}\n",
@@ -205,6 +235,11 @@ pub(crate) fn write_script(
         ));
         text.push_str(line);
         text.push('\n');
+        if options.sections {
+            text.push_str(&format!(
+                "printf '\\033[0Ksection_end:%s:{section}\\r\\033[0K' \"$(date +%s)\"\n"
+            ));
+        }
     }
     let path = dir.join(format!("script_{step}.sh"));
     std::fs::write(&path, text)?;
@@ -223,5 +258,54 @@ mod tests {
     #[test]
     fn quoting_survives_single_quotes() {
         assert_eq!(quote("it's"), r"'it'\''s'");
+    }
+
+    fn run_script(options: &ScriptOptions, lines: &[&str]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let lines: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+        let path = write_script(dir.path(), "s", "sh", dir.path(), &lines, options).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Linux refuses one environment entry over 128 KiB (E2BIG): such a value reaches the
+    /// script as a shell variable read from a file, whole, trailing newline included, and
+    /// child processes still start.
+    #[test]
+    fn a_value_read_from_a_file_is_whole_and_children_still_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = format!("{}\n", "v".repeat(200_000));
+        let file = dir.path().join("BIG.value");
+        std::fs::write(&file, &big).unwrap();
+        let options = ScriptOptions {
+            from_files: vec![("BIG".into(), file)],
+            ..ScriptOptions::default()
+        };
+        let out = run_script(
+            &options,
+            &["echo len=${#BIG}", "env | grep -c ^BIG= || true"],
+        );
+        assert!(out.contains("len=200001"), "{out}");
+        assert!(out.ends_with("0\n"), "not exported: {out}");
+    }
+
+    #[test]
+    fn script_sections_wrap_each_command() {
+        let options = ScriptOptions {
+            sections: true,
+            ..ScriptOptions::default()
+        };
+        let out = run_script(&options, &["echo one", "echo two"]);
+        assert!(
+            out.contains("section_start:") && out.contains("section_end:"),
+            "{out}"
+        );
+        for i in 0..2 {
+            assert!(out.contains(&format!(":section_script_step_{i}")), "{out}");
+        }
     }
 }

@@ -182,6 +182,7 @@ fn job_payload(job: &PipelineJob, ctx: &JobContext<'_>) -> JobPayload {
                 }),
             })
             .collect(),
+        hooks: Vec::new(),
         features: Default::default(),
     }
 }

@@ -392,12 +392,14 @@ mod tests {
         let ack = api.patch_trace(1, "tok-2", 6, b"x".to_vec()).await.unwrap();
         assert!(matches!(ack, TraceAck::Forbidden(_)));
 
+        let archive = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(archive.path(), b"PK-data").unwrap();
         let upload = ArtifactUpload {
             filename: "artifacts.zip".into(),
             format: "zip".into(),
             artifact_type: "archive".into(),
             expire_in: None,
-            data: b"PK-data".to_vec(),
+            path: archive.path().to_owned(),
         };
         assert_eq!(
             api.upload_artifact(1, "tok-1", &upload).await.unwrap(),

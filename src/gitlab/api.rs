@@ -45,6 +45,14 @@ pub enum ApiError {
         /// The start of the response body.
         body: String,
     },
+    /// The CA certificates to trust for GitLab (`tls_ca_file`) are unusable.
+    #[error("cannot use the CA file {path} for GitLab's TLS: {reason}")]
+    TlsCa {
+        /// Where the certificates came from.
+        path: String,
+        /// What is wrong with them.
+        reason: String,
+    },
     /// GitLab answered with a body that is not the JSON it documents.
     #[error("GitLab answered {url} with a body kiln cannot read: {message}")]
     Body {
@@ -65,12 +73,13 @@ impl ApiError {
                     || *status == StatusCode::CONFLICT
                     || *status == StatusCode::TOO_MANY_REQUESTS
             }
-            Self::BadUrl { .. } | Self::Body { .. } => false,
+            Self::BadUrl { .. } | Self::TlsCa { .. } | Self::Body { .. } => false,
         }
     }
 }
 
-/// Features kiln declares in every `jobs/request` and that it implements.
+/// Features kiln declares in every `jobs/request` and that it implements; `features_served`
+/// holds what serves each (a feature is added there, here and in docs/gitlab.md).
 #[derive(Debug, Clone, Serialize)]
 pub struct Features {
     variables: bool,
@@ -295,8 +304,9 @@ pub struct ArtifactUpload {
     pub artifact_type: String,
     /// `expire_in`, if set.
     pub expire_in: Option<String>,
-    /// The bytes.
-    pub data: Vec<u8>,
+    /// The file holding the bytes: streamed from disk, opened again for each attempt, so an
+    /// artifact of any size costs the uploader a buffer, not its size in memory.
+    pub path: std::path::PathBuf,
 }
 
 /// Result of an artifact upload.
@@ -316,6 +326,8 @@ pub struct RunnerApi {
     base: Url,
     /// Userinfo of the configured URL (a proxy's basic auth), sent as a header instead.
     proxy_auth: Option<crate::net::UrlCredentials>,
+    /// `CI_DEBUG_TRACE`: trace patches carry `debug_trace=true`, as gitlab-runner's do.
+    debug_trace: bool,
 }
 
 impl RunnerApi {
@@ -324,6 +336,16 @@ impl RunnerApi {
     /// # Errors
     /// An unparsable URL, or a TLS backend that cannot start.
     pub fn new(gitlab_url: &str) -> Result<Self, ApiError> {
+        Self::trusting(gitlab_url, None)
+    }
+
+    /// A client for the GitLab at `gitlab_url` that also trusts the CA certificates of `ca`
+    /// (`tls_ca_file`: a PEM bundle, and where it came from for errors) besides the system's.
+    ///
+    /// # Errors
+    /// An unparsable URL, a bundle without a usable certificate, or a TLS backend that cannot
+    /// start.
+    pub fn trusting(gitlab_url: &str, ca: Option<(&str, &[u8])>) -> Result<Self, ApiError> {
         let bad = |reason: String| ApiError::BadUrl {
             url: crate::net::redact_url(gitlab_url),
             reason,
@@ -340,16 +362,32 @@ impl RunnerApi {
             .connect_timeout(Duration::from_secs(15))
             // Artifact downloads may redirect to object storage; those are followed by hand so
             // the JOB-TOKEN header is not sent along.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| ApiError::Transport {
+            .redirect(reqwest::redirect::Policy::none());
+        let http = match ca {
+            Some((path, pem)) => {
+                let bad_ca = |reason: String| ApiError::TlsCa {
+                    path: path.to_owned(),
+                    reason,
+                };
+                let certs = reqwest::Certificate::from_pem_bundle(pem)
+                    .map_err(|e| bad_ca(crate::net::error_chain(&e)))?;
+                if certs.is_empty() {
+                    return Err(bad_ca("no PEM certificate in it".into()));
+                }
+                http.tls_certs_merge(certs)
+                    .build()
+                    .map_err(|e| bad_ca(crate::net::error_chain(&e)))?
+            }
+            None => http.build().map_err(|e| ApiError::Transport {
                 url: base.to_string(),
                 source: e,
-            })?;
+            })?,
+        };
         Ok(Self {
             http,
             base,
             proxy_auth,
+            debug_trace: false,
         })
     }
 
@@ -357,6 +395,13 @@ impl RunnerApi {
         // `path` is built by this module from numbers and fixed segments, so join cannot fail
         // for a base that parsed; fall back to the base to keep this infallible.
         self.base.join(path).unwrap_or_else(|_| self.base.clone())
+    }
+
+    /// The same client, marking trace patches as a debug trace (`CI_DEBUG_TRACE`) when `on`.
+    #[must_use]
+    pub fn with_debug_trace(mut self, on: bool) -> Self {
+        self.debug_trace = on;
+        self
     }
 
     fn request(&self, method: Method, path: &str) -> (reqwest::RequestBuilder, String) {
@@ -532,7 +577,12 @@ impl RunnerApi {
         bytes: Vec<u8>,
     ) -> Result<TraceAck, ApiError> {
         let end = (start + bytes.len() as u64).saturating_sub(1);
-        let (builder, url) = self.request(Method::PATCH, &format!("jobs/{id}/trace"));
+        let path = if self.debug_trace {
+            format!("jobs/{id}/trace?debug_trace=true")
+        } else {
+            format!("jobs/{id}/trace")
+        };
+        let (builder, url) = self.request(Method::PATCH, &path);
         let builder = builder
             .header("JOB-TOKEN", token)
             .header("Content-Type", "text/plain")
@@ -598,7 +648,25 @@ impl RunnerApi {
         for _ in 0..3 {
             // The format and type also go as form fields: GitLab reads either, and some
             // servers only the form.
-            let part = reqwest::multipart::Part::bytes(artifact.data.clone())
+            let file = tokio::fs::File::open(&artifact.path)
+                .await
+                .map_err(|e| ApiError::Body {
+                    url: strip_query(&target),
+                    message: format!("cannot read {}: {e}", artifact.path.display()),
+                })?;
+            let len = file
+                .metadata()
+                .await
+                .map_err(|e| ApiError::Body {
+                    url: strip_query(&target),
+                    message: format!("cannot read {}: {e}", artifact.path.display()),
+                })?
+                .len();
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+                file,
+                64 * 1024,
+            ));
+            let part = reqwest::multipart::Part::stream_with_length(body, len)
                 .file_name(artifact.filename.clone());
             let form = reqwest::multipart::Form::new()
                 .part("file", part)

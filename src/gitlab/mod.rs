@@ -4,5 +4,7 @@
 //! reports them with it, and `kiln exec`'s embedded server speaks it; it knows none of them.
 
 pub mod api;
+#[cfg(test)]
+mod features_served;
 pub mod payload;
 pub mod register;

@@ -40,6 +40,18 @@ pub struct JobPayload {
     pub features: JobFeatures,
     /// Registry logins for the job's images (the project's registry with the job token).
     pub credentials: Vec<Credential>,
+    /// `hooks:` scripts (`pre_get_sources_script`, `post_get_sources_script`).
+    pub hooks: Vec<Hook>,
+}
+
+/// One `hooks:` entry of the job.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Hook {
+    /// `pre_get_sources_script` or `post_get_sources_script`.
+    pub name: String,
+    /// Its shell lines.
+    pub script: Vec<String>,
 }
 
 /// One entry of `credentials` (`{type: "registry", url, username, password}`).

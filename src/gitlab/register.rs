@@ -159,7 +159,11 @@ pub fn is_system_id(id: &str) -> bool {
         && rest.chars().all(|c| c.is_ascii_alphanumeric())
 }
 
-async fn client(url: &str, token: Option<&str>) -> Result<AsyncGitlab, RegisterError> {
+async fn client(
+    url: &str,
+    token: Option<&str>,
+    ca: Option<&str>,
+) -> Result<AsyncGitlab, RegisterError> {
     let parsed = url::Url::parse(url).map_err(|e| RegisterError::BadUrl {
         url: crate::net::redact_url(url),
         reason: e.to_string(),
@@ -179,6 +183,16 @@ async fn client(url: &str, token: Option<&str>) -> Result<AsyncGitlab, RegisterE
     };
     if parsed.scheme() == "http" {
         builder.insecure();
+    }
+    // `tls_ca_file`: trusted besides the system's roots (checked by `kiln check-config`).
+    if let Some(ca) = ca {
+        let bundle = gitlab::CertificateBundle::pem_bundle(ca.as_bytes()).map_err(|e| {
+            RegisterError::BadUrl {
+                url: crate::net::redact_url(url),
+                reason: format!("unusable tls_ca_file: {}", chain(&e)),
+            }
+        })?;
+        builder.cert_custom(bundle);
     }
     builder.user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")));
     builder.build_async().await.map_err(|e| {
@@ -285,13 +299,19 @@ fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// `POST runners/verify`: checks that `token` is a live runner token for this `system_id`.
+/// `POST runners/verify`: checks that `token` is a live runner token for this `system_id`,
+/// trusting the CA certificates `ca` (PEM) besides the system's.
 ///
 /// # Errors
 /// [`RegisterError::Rejected`] for 403, [`RegisterError::Unreachable`] when GitLab cannot be
 /// reached, [`RegisterError::Failed`] for other answers.
-pub async fn verify(url: &str, token: &str, system_id: &str) -> Result<RunnerToken, RegisterError> {
-    let client = client(url, None).await?;
+pub async fn verify(
+    url: &str,
+    token: &str,
+    system_id: &str,
+    ca: Option<&str>,
+) -> Result<RunnerToken, RegisterError> {
+    let client = client(url, None, ca).await?;
     let endpoint = api::runners::VerifyRunner::builder()
         .token(token)
         .system_id(system_id)
@@ -316,7 +336,7 @@ pub async fn register_legacy(
     registration_token: &str,
     options: &LegacyOptions,
 ) -> Result<RunnerToken, RegisterError> {
-    let client = client(url, None).await?;
+    let client = client(url, None, None).await?;
     let info = api::runners::RunnerMetadata::builder()
         .name("kiln")
         .version(crate::VERSION)
@@ -360,7 +380,7 @@ pub async fn create_with_pat(
     pat: &str,
     options: &PatOptions,
 ) -> Result<RunnerToken, RegisterError> {
-    let client = client(url, Some(pat)).await?;
+    let client = client(url, Some(pat), None).await?;
     let mut builder = api::users::CreateRunner::builder();
     match options.scope {
         RunnerScope::Instance => builder.instance(),
@@ -392,7 +412,7 @@ pub async fn unregister(
     all: bool,
 ) -> Result<(), RegisterError> {
     if all {
-        let client = client(url, None).await?;
+        let client = client(url, None, None).await?;
         let endpoint = api::runners::DeleteRunnerByToken::builder()
             .token(token)
             .build()

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post, put};
@@ -364,6 +364,8 @@ struct Shared {
     queue_version: watch::Sender<u64>,
     /// Makes `X-GitLab-Last-Update` opaque and distinct between servers.
     seed: String,
+    /// The projects' repositories, served over smart HTTP with LFS.
+    git: super::git_http::GitHosting,
 }
 
 impl Shared {
@@ -425,6 +427,7 @@ impl GitLabServer {
             state: Mutex::new(ServerState::new(format!("http://{addr}/"))),
             queue_version,
             seed: random_alnum(10),
+            git: super::git_http::GitHosting::new(),
         });
         let app = router(shared.clone());
         let (shutdown, stopped) = oneshot::channel();
@@ -442,9 +445,60 @@ impl GitLabServer {
         }
     }
 
+    /// Binds a free port and serves over TLS with a certificate for `localhost` and
+    /// `127.0.0.1` issued by a CA made now (a GitLab behind a private CA); returns the CA's
+    /// certificate (PEM), which no system store trusts.
+    pub(crate) async fn start_tls() -> (Self, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (acceptor, ca_pem) = test_ca_acceptor();
+        let (queue_version, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(ServerState::new(format!("https://{addr}/"))),
+            queue_version,
+            seed: random_alnum(10),
+            git: super::git_http::GitHosting::new(),
+        });
+        let app = router(shared.clone());
+        let (shutdown, mut stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+            loop {
+                let (tcp, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => continue,
+                    },
+                    _ = &mut stopped => break,
+                };
+                let acceptor = acceptor.clone();
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    // A client that does not trust the CA fails the handshake: nothing to serve.
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                    let _ = watcher.watch(connection).await;
+                });
+            }
+            graceful.shutdown().await;
+        });
+        (
+            Self {
+                shared,
+                addr,
+                shutdown: Some(shutdown),
+            },
+            ca_pem,
+        )
+    }
+
     /// The instance URL with a trailing slash, e.g. `http://127.0.0.1:PORT/`.
     pub(crate) fn url(&self) -> String {
-        format!("http://{}/", self.addr)
+        self.lock().base_url.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, ServerState> {
@@ -517,12 +571,30 @@ impl GitLabServer {
             job["id"] = json!(id);
             job["token"] = json!(token);
             fill_predefined_variables(&mut job, &st.base_url, id, &token);
+            fill_hosted_repo_url(&mut job, &self.shared.git, &st.base_url, &token);
             st.jobs.insert(id, JobEntry::new(id, token, "pending", job));
             st.queue.push_back(id);
             id
         };
         self.shared.queue_changed();
         id
+    }
+
+    /// Creates project `path` with one commit holding `files` and `submodules` (`(path, URL as
+    /// written in .gitmodules, commit)`), served at `<url>/<path>.git`; returns the commit. A job
+    /// whose `project_full_path` is `path` and whose `repo_url` is empty gets the clone URL.
+    pub(crate) fn create_project(
+        &self,
+        path: &str,
+        files: &[super::git_http::ProjectFile<'_>],
+        submodules: &[(&str, &str, &str)],
+    ) -> String {
+        self.shared.git.create_project(path, files, submodules)
+    }
+
+    /// Makes the next `n` fetches from any project fail with HTTP 500.
+    pub(crate) fn fail_git_fetches(&self, n: usize) {
+        self.shared.git.fail_fetches(n);
     }
 
     /// Panics if no job has this id.
@@ -829,6 +901,30 @@ fn fill_predefined_variables(job: &mut Value, base_url: &str, id: u64, token: &s
     }
 }
 
+/// A job of a hosted project (see [`GitLabServer::create_project`]) whose `repo_url` is empty
+/// gets the URL GitLab sends: the project's clone URL with `gitlab-ci-token:<job token>@`.
+fn fill_hosted_repo_url(
+    job: &mut Value,
+    git: &super::git_http::GitHosting,
+    base_url: &str,
+    token: &str,
+) {
+    let Some(project) = job
+        .pointer("/job_info/project_full_path")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
+        return;
+    };
+    if job.pointer("/git_info/repo_url").and_then(Value::as_str) != Some("")
+        || !super::git_http::bare_path(git, &project).is_dir()
+    {
+        return;
+    }
+    let with_token = base_url.replacen("://", &format!("://gitlab-ci-token:{token}@"), 1);
+    job["git_info"]["repo_url"] = json!(format!("{with_token}{project}.git"));
+}
+
 type Srv = State<Arc<Shared>>;
 
 fn router(shared: Arc<Shared>) -> Router {
@@ -905,7 +1001,29 @@ async fn record_request(State(s): Srv, request: Request, next: Next) -> Response
     response
 }
 
-async fn unknown_endpoint(State(s): Srv, method: Method, uri: Uri) -> Response {
+async fn unknown_endpoint(State(s): Srv, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let (method, uri) = (parts.method, parts.uri);
+    if uri.path().contains(".git/") {
+        let body = axum::body::to_bytes(body, 1 << 30)
+            .await
+            .unwrap_or_default();
+        let base_url = s.lock().base_url.clone();
+        // GitLab takes the token of a running job for its project's git and LFS.
+        let authorized = |token: &str| {
+            s.lock()
+                .jobs
+                .values()
+                .any(|job| job.rec.token == token && job.is_active())
+        };
+        if let Some(answer) = s
+            .git
+            .serve(&method, &uri, &parts.headers, body, authorized, &base_url)
+            .await
+        {
+            return answer;
+        }
+    }
     s.lock()
         .violations
         .push(format!("unknown endpoint {method} {}", uri.path()));
@@ -1551,4 +1669,33 @@ fn runner_token() -> String {
 
 fn job_token() -> String {
     format!("glcbt-{}", random_alnum(20))
+}
+
+/// A TLS acceptor with a server certificate for `localhost` and `127.0.0.1`, issued by a CA
+/// made now, and that CA's certificate (PEM). Keys live only in memory.
+fn test_ca_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "kiln test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&server_key, &ca)
+        .unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![server_cert.der().clone()],
+            tokio_rustls::rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der())
+                .unwrap(),
+        )
+        .unwrap();
+    (tokio_rustls::TlsAcceptor::from(Arc::new(config)), ca.pem())
 }

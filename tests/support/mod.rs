@@ -3,6 +3,7 @@
 
 pub mod chaos;
 pub mod faults;
+pub mod git_http;
 pub mod github;
 pub mod gitlab;
 pub mod jenkins;

@@ -166,3 +166,36 @@ pub fn chromium() -> PathBuf {
         )
     })
 }
+
+/// Makes sure `git lfs` runs (the GitLab parity tests check out LFS files, as the helper image
+/// does): runs `.ci/install-test-tools`, which installs Debian's `git-lfs` when it is missing.
+///
+/// # Panics
+/// When `git lfs` still does not run: the message says how to install it.
+pub fn git_lfs() {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    let ready = READY.get_or_init(|| {
+        let works = || {
+            Command::new("git")
+                .args(["lfs", "version"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if works() {
+            return Ok(());
+        }
+        let _ = install(&install_dir());
+        if works() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the GitLab parity tests need git-lfs and `git lfs version` fails: run {} (it \
+                 installs Debian's git-lfs with apt-get) or install git-lfs",
+                repo().join(".ci/install-test-tools").display()
+            ))
+        }
+    });
+    if let Err(message) = ready {
+        panic!("{message}");
+    }
+}

@@ -67,6 +67,8 @@ pub(crate) struct Context<'a> {
     pub(crate) executor: &'a str,
     /// Fingerprints of the coordinator's credentials, for the agent to mask.
     pub(crate) masked: &'a [Fingerprint],
+    /// The CA certificates (PEM) the runner trusts for GitLab (`tls_ca_file`).
+    pub(crate) tls_ca: Option<&'a str>,
 }
 
 /// The build of `job` (`raw`: the job JSON exactly as GitLab sent it, for the agent).
@@ -83,6 +85,7 @@ pub(crate) fn build(job: &JobPayload, raw: &serde_json::Value, context: &Context
         executor: context.executor.to_owned(),
         runner: context.runner.to_owned(),
         masked: context.masked.to_vec(),
+        tls_ca: context.tls_ca.map(str::to_owned),
     };
     Build {
         name: key.resource_name(),
@@ -400,6 +403,7 @@ mod tests {
             settings: &SETTINGS,
             executor: "kubernetes",
             masked: &[],
+            tls_ca: None,
         }
     }
 

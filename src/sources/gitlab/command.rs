@@ -170,7 +170,7 @@ pub async fn register(
         .find(|r| r.url == args.url && (args.name.is_none() || r.name == args.name))
         .and_then(|r| r.system_id.clone())
         .unwrap_or_else(register::new_system_id);
-    let verified = register::verify(&args.url, &token, &system_id).await?;
+    let verified = register::verify(&args.url, &token, &system_id, None).await?;
     let mut entry = GitLabRunnerConfig::new(&args.url, &verified.token);
     entry.name = args.name.clone();
     entry.system_id = Some(system_id.clone());
@@ -298,7 +298,13 @@ pub async fn verify(runners: &[GitLabRunnerConfig]) -> Result<bool, CommandError
                 register::new_system_id()
             }
         };
-        match register::verify(&runner.url, &runner.token, &system_id).await {
+        let verified = match runner.tls_ca() {
+            Ok(ca) => register::verify(&runner.url, &runner.token, &system_id, ca.as_deref())
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match verified {
             Ok(token) => println!("{name}: ok (runner {} at {})", token.id, runner.url),
             Err(e) => {
                 println!("{name}: FAILED: {e}");

@@ -45,6 +45,11 @@ pub struct GitLabRunnerConfig {
     /// so register one runner per tag set and give each its class).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_class: Option<String>,
+    /// A PEM file of CA certificates to trust for this GitLab besides the system's (a GitLab
+    /// behind a private CA; gitlab-runner's `tls-ca-file`). Builds trust it too: for git and
+    /// in `CI_SERVER_TLS_CA_FILE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 fn one() -> usize {
@@ -77,12 +82,29 @@ impl GitLabRunnerConfig {
             check_interval: default_check_interval(),
             max_job_payload: default_max_job_payload(),
             resource_class: None,
+            tls_ca_file: None,
         }
     }
 
     /// [`Self::max_job_payload`] in bytes.
     pub fn max_job_payload_bytes(&self) -> usize {
         self.max_job_payload.saturating_mul(1024)
+    }
+
+    /// The certificates of [`Self::tls_ca_file`] as read from it (PEM text), if one is set.
+    ///
+    /// # Errors
+    /// The file cannot be read or is not UTF-8 text, named with its path.
+    pub fn tls_ca(&self) -> Result<Option<String>, crate::gitlab::api::ApiError> {
+        let Some(path) = &self.tls_ca_file else {
+            return Ok(None);
+        };
+        std::fs::read_to_string(path)
+            .map(Some)
+            .map_err(|e| crate::gitlab::api::ApiError::TlsCa {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })
     }
 
     /// The name used in logs and metrics.
@@ -131,6 +153,18 @@ impl GitLabRunnerConfig {
         if self.request_concurrency == 0 {
             problem(at("request_concurrency"), "must be at least 1");
         }
+        // Read and parsed as the poller will, so a bad file is named before kiln starts (a bad
+        // URL is reported above).
+        if let Some(path) = &self.tls_ca_file {
+            let shown = path.display().to_string();
+            let usable = self.tls_ca().and_then(|pem| {
+                let pem = pem.unwrap_or_default();
+                crate::gitlab::api::RunnerApi::trusting(&self.url, Some((&shown, pem.as_bytes())))
+            });
+            if let Err(e @ crate::gitlab::api::ApiError::TlsCa { .. }) = usable {
+                problem(at("tls_ca_file"), &e.to_string());
+            }
+        }
         if self.poll_timeout < Duration::from_secs(5) {
             problem(
                 at("poll_timeout"),
@@ -152,6 +186,48 @@ impl std::fmt::Debug for GitLabRunnerConfig {
             .field("system_id", &self.system_id)
             .field("limit", &self.limit)
             .field("request_concurrency", &self.request_concurrency)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems_with_ca(content: Option<&str>) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        if let Some(content) = content {
+            std::fs::write(&path, content).unwrap();
+        }
+        let mut entry = GitLabRunnerConfig::new("https://gitlab.example.com", "glrt-x");
+        entry.tls_ca_file = Some(path);
+        entry
+            .problems(0)
+            .into_iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect()
+    }
+
+    #[test]
+    fn an_unreadable_or_certificate_less_ca_file_is_named_with_its_config_path() {
+        let missing = problems_with_ca(None);
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert!(
+            missing[0].starts_with("sources.gitlab[0].tls_ca_file: cannot use the CA file ")
+                && missing[0].contains("ca.pem"),
+            "{missing:?}"
+        );
+        let not_pem = problems_with_ca(Some("not a certificate\n"));
+        assert_eq!(not_pem.len(), 1, "{not_pem:?}");
+        assert!(
+            not_pem[0].ends_with("no PEM certificate in it"),
+            "{not_pem:?}"
+        );
+        let bad_der = problems_with_ca(Some(
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        ));
+        assert_eq!(bad_der.len(), 1, "{bad_der:?}");
     }
 }

@@ -83,6 +83,7 @@ impl GitLabSource {
             settings: &self.settings,
             executor: self.executor.name,
             masked: &self.masked,
+            tls_ca: self.runner.tls_ca(),
         }
     }
 

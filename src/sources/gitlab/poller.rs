@@ -53,6 +53,8 @@ pub struct Runner {
     jobs: Arc<JobMetrics>,
     /// Whether GitLab accepted the token (paused when it rejected it) and answers.
     health: HealthTracker,
+    /// The CA certificates of `tls_ca_file` (PEM), handed to builds.
+    tls_ca: Option<String>,
 }
 
 /// A job GitLab assigned to this coordinator, holding its capacity until dropped.
@@ -87,9 +89,21 @@ impl Runner {
             tracing::warn!(runner = %config.display_name(index), system_id = %id, "no system_id in the config; using a generated one (run `kiln register` to store a stable one)");
             id
         });
+        let tls_ca = config.tls_ca()?;
+        let ca_path = config
+            .tls_ca_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         Ok(Arc::new(Self {
             name: config.display_name(index),
-            api: RunnerApi::new(&config.url)?,
+            api: RunnerApi::trusting(
+                &config.url,
+                tls_ca
+                    .as_deref()
+                    .map(|pem| (ca_path.as_str(), pem.as_bytes())),
+            )?,
+            tls_ca,
             config: config.clone(),
             system_id,
             info: RunnerInfo::new(executor, images),
@@ -104,6 +118,11 @@ impl Runner {
     /// GitLab's base URL.
     pub fn url(&self) -> &str {
         &self.config.url
+    }
+
+    /// The CA certificates (PEM) of `tls_ca_file`, if set.
+    pub fn tls_ca(&self) -> Option<&str> {
+        self.tls_ca.as_deref()
     }
 
     /// The per-runner job limit (0: none).
@@ -162,7 +181,14 @@ impl Runner {
         };
         let mut pacer = Pacer::new(FIRST_BACKOFF, MAX_BACKOFF);
         while !self.is_verified() {
-            match register::verify(&self.config.url, &self.config.token, &self.system_id).await {
+            let verified = register::verify(
+                &self.config.url,
+                &self.config.token,
+                &self.system_id,
+                self.tls_ca.as_deref(),
+            )
+            .await;
+            match verified {
                 Ok(_) => {
                     self.set_paused(false);
                     tracing::info!(runner = %self.name, url = %crate::net::redact_url(&self.config.url), system_id = %self.system_id, "runner token verified");
