@@ -31,6 +31,10 @@ pub struct AgentJob {
     /// masked in the trace though the build never holds them.
     #[serde(default)]
     pub masked: Vec<Fingerprint>,
+    /// Where the build's cache is (`[cache]` configured); a directory or a capability for
+    /// pre-signed URLs, never a storage key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::cache::CacheGrant>,
 }
 
 fn local() -> String {

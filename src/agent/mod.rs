@@ -7,6 +7,7 @@
 //! could not report the job, and the coordinator fails it.
 
 mod artifacts;
+mod cache;
 mod git;
 mod mask;
 mod process;
@@ -108,6 +109,8 @@ struct Context {
     shell: String,
     interrupts: Interrupts,
     deadline: Instant,
+    /// Where the job's cache is, when kiln has one.
+    cache: Option<crate::cache::CacheGrant>,
 }
 
 /// Where the agent finds its job and does its work.
@@ -317,6 +320,7 @@ fn context(
         },
         deadline,
         job,
+        cache: spec.cache.clone(),
     };
     Ok((ctx, remote_tx))
 }
@@ -502,6 +506,7 @@ async fn execute(ctx: &mut Context) -> JobEnd {
     if let Some(end) = get_sources(ctx).await {
         return end;
     }
+    let restored_cache = cache::restore(ctx).await;
     if let Some(end) = download_dependencies(ctx).await {
         return end;
     }
@@ -565,6 +570,9 @@ async fn execute(ctx: &mut Context) -> JobEnd {
                 "after_script failed with exit code {code}; the job state does not change"
             ));
         }
+    }
+    if !interrupted && !end.canceled {
+        cache::save(ctx, end.failure.is_some(), &restored_cache).await;
     }
     if !interrupted
         && !end.canceled

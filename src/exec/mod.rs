@@ -579,6 +579,7 @@ fn launch(
         executor: "local".into(),
         runner: "kiln exec".into(),
         masked: Vec::new(),
+        cache: None,
     };
     let key = BuildKey {
         source: SourceKind::GitLab,

@@ -167,6 +167,7 @@ fn job_payload(job: &PipelineJob, ctx: &JobContext<'_>) -> JobPayload {
         image: job.image.as_ref().map(image),
         services: job.services.iter().map(image).collect(),
         artifacts,
+        cache: Vec::new(),
         dependencies: ctx
             .dependencies
             .iter()

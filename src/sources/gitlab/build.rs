@@ -53,6 +53,8 @@ pub(crate) struct Context<'a> {
     pub(crate) executor: &'a str,
     /// Fingerprints of the coordinator's credentials, for the agent to mask.
     pub(crate) masked: &'a [Fingerprint],
+    /// The build cache, which grants each build access to its project's caches.
+    pub(crate) cache: Option<&'a crate::cache::CacheService>,
 }
 
 /// The build of `job` (`raw`: the job JSON exactly as GitLab sent it, for the agent).
@@ -69,6 +71,14 @@ pub(crate) fn build(job: &JobPayload, raw: &serde_json::Value, context: &Context
         executor: context.executor.to_owned(),
         runner: context.runner.to_owned(),
         masked: context.masked.to_vec(),
+        cache: context.cache.map(|service| {
+            let project = job
+                .job_info
+                .project_id
+                .map(|id| id.to_string())
+                .unwrap_or_else(|| job.job_info.project_name.clone());
+            service.grant(context.runner, &project, &key.to_string(), job.timeout())
+        }),
     };
     Build {
         name: key.resource_name(),
@@ -333,6 +343,7 @@ mod tests {
             gitlab_url: "https://gitlab.example.com",
             resource_class: class,
             settings: &SETTINGS,
+            cache: None,
             executor: "kubernetes",
             masked: &[],
         }

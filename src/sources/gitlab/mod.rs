@@ -57,7 +57,14 @@ impl GitLabSource {
         metrics: Arc<Metrics>,
     ) -> Result<Self, ApiError> {
         Ok(Self {
-            runner: Runner::new(config, index, executor.name, executor.runs_images, metrics)?,
+            runner: Runner::new(
+                config,
+                index,
+                executor.name,
+                executor.runs_images,
+                executor.cache.is_some(),
+                metrics,
+            )?,
             config: config.clone(),
             settings: settings.clone(),
             executor,
@@ -82,6 +89,7 @@ impl GitLabSource {
             settings: &self.settings,
             executor: self.executor.name,
             masked: &self.masked,
+            cache: self.executor.cache.as_deref(),
         }
     }
 
