@@ -589,8 +589,15 @@ mod tests {
         let remote = remote(store.path());
         std::fs::create_dir_all(source.path().join("deps/a")).unwrap();
         for i in 0..200u32 {
+            // Pseudo-random (xorshift): periodic bytes would give FastCDC no cut points.
+            let mut state = u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
             let body: Vec<u8> = (0..5000u32)
-                .map(|j| ((i * 7 + j * 13) % 251) as u8)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
                 .collect();
             std::fs::write(source.path().join(format!("deps/a/f{i}")), body).unwrap();
         }

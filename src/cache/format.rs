@@ -47,9 +47,8 @@ pub(crate) struct Versioned {
     pub(crate) version: u32,
 }
 
-/// One file or link.
+/// One file or link. (No `deny_unknown_fields`: serde does not support it with `flatten`.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct Entry {
     /// Relative path, `/`-separated.
     pub(crate) path: String,

@@ -9,5 +9,6 @@ pub mod jenkins;
 pub mod kiln;
 pub mod knative;
 pub mod kube;
+pub mod s3;
 pub mod sae;
 pub mod tools;

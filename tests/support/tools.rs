@@ -166,3 +166,38 @@ pub fn chromium() -> PathBuf {
         )
     })
 }
+
+/// The `s3s-fs` S3 server of the cache tests (`TEST_S3S_FS`, or installed under the tools
+/// directory by `.ci/install-test-tools`, which builds it with cargo).
+///
+/// # Panics
+/// When it cannot be had.
+pub fn s3s_fs() -> PathBuf {
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let found = PATH.get_or_init(|| {
+        if let Some(path) = std::env::var_os("TEST_S3S_FS").map(PathBuf::from) {
+            return if path.is_file() {
+                Ok(path)
+            } else {
+                Err(format!("TEST_S3S_FS={} does not exist", path.display()))
+            };
+        }
+        let dir = install_dir();
+        let path = dir.join("s3s/bin/s3s-fs");
+        if !path.is_file() {
+            install(&dir)?;
+        }
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!(
+                "{} is missing after .ci/install-test-tools",
+                path.display()
+            ))
+        }
+    });
+    match found {
+        Ok(path) => path.clone(),
+        Err(message) => panic!("{message}"),
+    }
+}
