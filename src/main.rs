@@ -99,6 +99,13 @@ struct ExecArgs {
     /// Keep each job's work directory (printed at the end) for inspection.
     #[arg(long)]
     keep_work_dirs: bool,
+    /// Where jobs' `cache:` is kept between runs (default: ~/.cache/kiln/exec-cache, or under
+    /// $XDG_CACHE_HOME).
+    #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
+    cache_dir: Option<PathBuf>,
+    /// Neither restore nor save `cache:`.
+    #[arg(long)]
+    no_cache: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -486,6 +493,11 @@ async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         concurrency,
         keep_work_dirs: args.keep_work_dirs,
         agent,
+        cache_dir: if args.no_cache {
+            None
+        } else {
+            args.cache_dir.or_else(kiln::exec::default_cache_dir)
+        },
     };
     let cancel = shutdown_on_signal()?;
     let outcome = match kiln::exec::run(options, cancel).await {

@@ -251,3 +251,57 @@ async fn a_cache_outage_warns_and_the_job_still_succeeds() {
         job.trace
     );
 }
+
+/// `kiln exec` twice on one project: the second run restores what the first saved (modes and
+/// links too); a job whose key has no cache yet restores its fallback key's.
+#[test]
+fn kiln_exec_restores_in_a_second_run_what_the_first_saved() {
+    let project = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let pipeline = |key: &str| {
+        format!(
+            r#"
+warm:
+  cache:
+    key: {key}
+    fallback_keys: [deps-main]
+    paths: [deps/]
+  script:
+    - if [ -f deps/x ]; then echo "restored $(cat deps/x) $(stat -c %a deps/x) $(readlink deps/l)"; else mkdir deps && echo first > deps/x && chmod 700 deps/x && ln -s x deps/l && echo "cold start"; fi
+"#
+        )
+    };
+    let exec = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("exec")
+            .arg("--cache-dir")
+            .arg(cache_dir.path())
+            .current_dir(project.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    std::fs::write(project.path().join(".gitlab-ci.yml"), pipeline("deps-main")).unwrap();
+    let first = exec();
+    assert!(first.contains("cold start"), "{first}");
+    assert!(first.contains("Created cache deps-main"), "{first}");
+    let second = exec();
+    assert!(second.contains("restored first 700 x"), "{second}");
+    std::fs::write(
+        project.path().join(".gitlab-ci.yml"),
+        pipeline("deps-feature"),
+    )
+    .unwrap();
+    let third = exec();
+    assert!(
+        third.contains("Cache for deps-feature does not exist"),
+        "{third}"
+    );
+    assert!(third.contains("restored first 700 x"), "{third}");
+}

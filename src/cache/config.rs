@@ -104,7 +104,7 @@ pub struct LocalCacheConfig {
 }
 
 /// The default `max_size`.
-const DEFAULT_MAX_SIZE: u64 = 5 << 30;
+pub const DEFAULT_MAX_SIZE: u64 = 5 << 30;
 
 /// Why the cache's storage cannot be used.
 #[derive(Debug, thiserror::Error)]
