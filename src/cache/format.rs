@@ -127,6 +127,11 @@ pub(crate) fn safe_path(path: &str) -> bool {
 }
 
 impl Manifest {
+    /// The hashes of its chunks (what a save after restoring it need not upload again).
+    pub fn chunk_hashes(&self) -> impl Iterator<Item = &str> {
+        self.chunks.iter().map(|c| c.hash.as_str())
+    }
+
     /// The compressed JSON that is stored.
     pub(crate) fn encode(&self) -> Vec<u8> {
         // Serializing plain data cannot fail; compressing into memory neither.
