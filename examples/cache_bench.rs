@@ -98,7 +98,7 @@ fn text(rng: &mut Rng, size: usize) -> Vec<u8> {
                 let _ = write!(out, "id{:x} ", rng.next() & 0xFFFF_FFFF);
             }
             1 => {
-                let _ = write!(out, "{};\n", rng.below(100_000));
+                let _ = writeln!(out, "{};", rng.below(100_000));
             }
             _ => {
                 out.extend_from_slice(WORDS[rng.below(WORDS.len() as u64) as usize].as_bytes());
