@@ -114,3 +114,78 @@ pub async fn collect(
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::archive;
+    use crate::cache::remote::{CacheAccess, Remote};
+    use std::path::PathBuf;
+
+    #[tokio::test]
+    async fn gc_deletes_only_chunks_no_manifest_needs_and_old_manifests_when_asked() {
+        let root = tempfile::tempdir().unwrap();
+        let project = root.path().join("kiln/project/1");
+        let remote = Remote::new(CacheAccess::Directory {
+            dir: project.clone(),
+        });
+        let source = tempfile::tempdir().unwrap();
+        std::fs::write(source.path().join("a"), "some content").unwrap();
+        archive::save(
+            &remote,
+            source.path(),
+            &[PathBuf::from("a")],
+            "k",
+            &HashSet::new(),
+            u64::MAX,
+        )
+        .await
+        .unwrap();
+        let orphan = project.join("chunks").join("f".repeat(64));
+        std::fs::write(&orphan, "stale").unwrap();
+        let store = object_store::local::LocalFileSystem::new_with_prefix(root.path()).unwrap();
+
+        // Within the grace period nothing goes.
+        let report = collect(&store, "kiln", Duration::from_secs(3600), None)
+            .await
+            .unwrap();
+        assert_eq!((report.deleted_chunks, report.chunks), (0, 2));
+        assert!(orphan.exists());
+
+        let report = collect(&store, "kiln", Duration::ZERO, None).await.unwrap();
+        assert_eq!(
+            (
+                report.projects,
+                report.manifests,
+                report.chunks,
+                report.deleted_chunks
+            ),
+            (1, 1, 1, 1)
+        );
+        assert!(!orphan.exists());
+        let target = tempfile::tempdir().unwrap();
+        let manifest = archive::fetch_manifest(&remote, "k")
+            .await
+            .unwrap()
+            .unwrap();
+        archive::restore(&remote, &manifest, target.path())
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(target.path().join("a")).unwrap(),
+            b"some content"
+        );
+
+        // An expired cache takes its chunks with it.
+        let report = collect(&store, "kiln", Duration::ZERO, Some(Duration::ZERO))
+            .await
+            .unwrap();
+        assert_eq!((report.deleted_manifests, report.deleted_chunks), (1, 1));
+        assert!(
+            archive::fetch_manifest(&remote, "k")
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+}

@@ -5,7 +5,7 @@
 //! manifest needs ([`gc`]).
 
 pub mod archive;
-mod capability;
+pub(crate) mod capability;
 pub mod config;
 pub mod format;
 pub mod gc;
