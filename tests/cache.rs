@@ -305,3 +305,36 @@ warm:
     );
     assert!(third.contains("restored first 700 x"), "{third}");
 }
+
+/// `kiln check-config` names every wrong or missing cache field with its path.
+#[test]
+fn check_config_names_every_wrong_cache_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.toml");
+    std::fs::write(
+        &path,
+        "[cache]\ntype = \"s3\"\nmax_size = \"5 parsecs\"\ncoordinator_url = \"kiln:9252\"\n[cache.s3]\nbucket_name = \"\"\nacess_key = \"typo\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    for field in [
+        "cache.s3.acess_key",
+        "cache.s3.bucket_name",
+        "cache.s3.access_key",
+        "cache.s3.secret_key",
+        "cache.max_size",
+        "cache.coordinator_url",
+    ] {
+        assert!(text.contains(field), "{field} not named:\n{text}");
+    }
+}
