@@ -338,3 +338,47 @@ fn check_config_names_every_wrong_cache_field() {
         assert!(text.contains(field), "{field} not named:\n{text}");
     }
 }
+
+/// Azure Blob through Azurite: SAS URLs signed by the coordinator, the account key nowhere in
+/// the build.
+#[tokio::test(flavor = "multi_thread")]
+async fn azure_blob_caches_through_sas_urls_on_azurite() {
+    let azure = support::azure::AzureServer::start().await;
+    let gitlab = gitlab().await;
+    let kiln = kiln(&gitlab, &azure.cache_config());
+    let a = run(
+        &gitlab,
+        "save",
+        &["mkdir -p deps", "echo azure > deps/x", "ln -s x deps/l"],
+        json!([cache("deps", &["deps/"], "push")]),
+    )
+    .await;
+    assert_eq!(a.state, "success", "{}\n{}", a.trace, kiln.logs());
+    assert!(
+        a.trace.contains("Created cache deps"),
+        "{}\n{}",
+        a.trace,
+        kiln.logs()
+    );
+    let b = run(
+        &gitlab,
+        "restore",
+        &["cat deps/x", "readlink deps/l"],
+        json!([cache("deps", &["deps/"], "pull")]),
+    )
+    .await;
+    assert_eq!(b.state, "success", "{}", b.trace);
+    assert!(
+        b.trace.contains("Successfully extracted cache"),
+        "{}",
+        b.trace
+    );
+    assert!(
+        b.trace.contains("azure\n") && b.trace.contains("x\n"),
+        "{}",
+        b.trace
+    );
+    for job in [&a, &b] {
+        assert!(!holds(job.trace.as_bytes(), &azure.key), "{}", job.trace);
+    }
+}

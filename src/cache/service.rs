@@ -183,6 +183,9 @@ async fn sign(
     })?;
     let method = match request.method.as_str() {
         "GET" => Method::GET,
+        // An Azure SAS grants permissions, not a method, and object_store gives a HEAD none:
+        // the read permission of a GET covers Get Blob Properties. S3 and GCS sign the method.
+        "HEAD" if service.config.kind == CacheType::Azure => Method::GET,
         "HEAD" => Method::HEAD,
         "PUT" => Method::PUT,
         other => {

@@ -1,6 +1,7 @@
 //! Test servers and helpers shared by the end-to-end tests.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod azure;
 pub mod chaos;
 pub mod faults;
 pub mod github;

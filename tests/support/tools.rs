@@ -201,3 +201,41 @@ pub fn s3s_fs() -> PathBuf {
         Err(message) => panic!("{message}"),
     }
 }
+
+/// Microsoft's Azure Storage emulator's blob service (`TEST_AZURITE_BLOB`, or installed under
+/// the tools directory by `.ci/install-test-tools` with npm).
+///
+/// # Panics
+/// When it cannot be had.
+pub fn azurite_blob() -> PathBuf {
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let found = PATH.get_or_init(|| {
+        if let Some(path) = std::env::var_os("TEST_AZURITE_BLOB").map(PathBuf::from) {
+            return if path.is_file() {
+                Ok(path)
+            } else {
+                Err(format!(
+                    "TEST_AZURITE_BLOB={} does not exist",
+                    path.display()
+                ))
+            };
+        }
+        let dir = install_dir();
+        let path = dir.join("azurite/node_modules/.bin/azurite-blob");
+        if !path.is_file() {
+            install(&dir)?;
+        }
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!(
+                "{} is missing after .ci/install-test-tools",
+                path.display()
+            ))
+        }
+    });
+    match found {
+        Ok(path) => path.clone(),
+        Err(message) => panic!("{message}"),
+    }
+}
