@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::{Context, artifacts, job_variables, untracked_files};
 use crate::cache::archive::{self, ArchiveError};
 use crate::cache::remote::Remote;
+use crate::deploy::output::human_bytes;
 use crate::gitlab::payload::{Cache, When};
 
 /// The variable that sets how many times a restore is tried (gitlab-runner's, default 1).
@@ -83,8 +84,8 @@ pub(super) async fn restore(ctx: &Context) -> Restored {
                     trace.line(&format!(
                         "Successfully extracted cache ({} files and links, {}, {} downloaded)",
                         stats.entries,
-                        human(stats.bytes),
-                        human(stats.downloaded_bytes)
+                        human_bytes(stats.bytes),
+                        human_bytes(stats.downloaded_bytes)
                     ));
                     break;
                 }
@@ -197,28 +198,13 @@ pub(super) async fn save(ctx: &Context, failed: bool, restored: &Restored) {
             Ok(saved) => trace.line(&format!(
                 "Created cache {key}: {} files and links, {}; uploaded {} of {} chunks ({})",
                 saved.entries,
-                human(saved.bytes),
+                human_bytes(saved.bytes),
                 saved.uploaded_chunks,
                 saved.chunks,
-                human(saved.uploaded_bytes)
+                human_bytes(saved.uploaded_bytes)
             )),
             Err(e) => trace.warn(&format!("Failed to create cache {key}: {e}")),
         }
     }
     trace.section_end(section);
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }

@@ -609,30 +609,14 @@ mod tests {
         .unwrap();
         symlink("a/f1", source.path().join("deps/link")).unwrap();
         let files = all_files(source.path());
-        let first = save(
-            &remote,
-            source.path(),
-            &files,
-            "k",
-            &HashSet::new(),
-            u64::MAX,
-        )
-        .await
-        .unwrap();
+        let none = HashSet::new();
+        let save_all = || save(&remote, source.path(), &files, "k", &none, u64::MAX);
+        let first = save_all().await.unwrap();
         assert_eq!(first.entries, 202);
         assert_eq!(first.uploaded_chunks, first.chunks);
 
         std::fs::write(source.path().join("deps/a/f100"), "changed").unwrap();
-        let second = save(
-            &remote,
-            source.path(),
-            &files,
-            "k",
-            &HashSet::new(),
-            u64::MAX,
-        )
-        .await
-        .unwrap();
+        let second = save_all().await.unwrap();
         assert!(second.uploaded_chunks <= 3, "{second:?}");
 
         let target = tempfile::tempdir().unwrap();

@@ -481,19 +481,8 @@ fn parse_artifacts(
         match field.as_str() {
             "paths" => spec.paths = one_or_list(value).map_err(err)?,
             "exclude" => spec.exclude = one_or_list(value).map_err(err)?,
-            "untracked" => {
-                spec.untracked = value.as_bool().ok_or_else(|| {
-                    err(format!("must be true or false, not {}", describe(value)))
-                })?;
-            }
-            "when" => {
-                spec.when = match value.as_str() {
-                    Some("on_success") => ArtifactsWhen::OnSuccess,
-                    Some("on_failure") => ArtifactsWhen::OnFailure,
-                    Some("always") => ArtifactsWhen::Always,
-                    _ => return Err(err("must be on_success, on_failure or always".into())),
-                };
-            }
+            "untracked" => spec.untracked = flag(value).map_err(err)?,
+            "when" => spec.when = upload_when(value).map_err(err)?,
             "expire_in" => {
                 spec.expire_in = Some(
                     string(value).ok_or_else(|| err("must be a duration like `1 week`".into()))?,
@@ -521,6 +510,23 @@ fn parse_artifacts(
         }
     }
     Ok(spec)
+}
+
+/// `untracked:` of artifacts and caches.
+fn flag(value: &Value) -> Result<bool, String> {
+    value
+        .as_bool()
+        .ok_or_else(|| format!("must be true or false, not {}", describe(value)))
+}
+
+/// `when:` of artifacts and caches.
+fn upload_when(value: &Value) -> Result<ArtifactsWhen, String> {
+    match value.as_str() {
+        Some("on_success") => Ok(ArtifactsWhen::OnSuccess),
+        Some("on_failure") => Ok(ArtifactsWhen::OnFailure),
+        Some("always") => Ok(ArtifactsWhen::Always),
+        _ => Err("must be on_success, on_failure or always".into()),
+    }
 }
 
 /// The keys of a `cache` entry.
@@ -584,25 +590,14 @@ fn parse_cache_entry(value: &Value, ctx: &Context<'_>) -> Result<CacheSpec, Pipe
             }
             "paths" => spec.paths = one_or_list(value).map_err(err)?,
             "fallback_keys" => spec.fallback_keys = one_or_list(value).map_err(err)?,
-            "untracked" => {
-                spec.untracked = value.as_bool().ok_or_else(|| {
-                    err(format!("must be true or false, not {}", describe(value)))
-                })?;
-            }
+            "untracked" => spec.untracked = flag(value).map_err(err)?,
             "policy" => {
                 spec.policy = match value.as_str() {
                     Some(p @ ("pull" | "push" | "pull-push")) => p.to_owned(),
                     _ => return Err(err("must be pull, push or pull-push".into())),
                 };
             }
-            "when" => {
-                spec.when = match value.as_str() {
-                    Some("on_success") => ArtifactsWhen::OnSuccess,
-                    Some("on_failure") => ArtifactsWhen::OnFailure,
-                    Some("always") => ArtifactsWhen::Always,
-                    _ => return Err(err("must be on_success, on_failure or always".into())),
-                };
-            }
+            "when" => spec.when = upload_when(value).map_err(err)?,
             // Protected-branch separation is GitLab's; kiln exec has one user.
             "unprotect" => {}
             other => return Err(ctx.unknown(&["cache"], other, CACHE_KEYS)),

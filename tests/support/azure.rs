@@ -3,7 +3,6 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -48,14 +47,7 @@ impl AzureServer {
             .spawn()
             .unwrap();
         let address = format!("127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(&address).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "azurite did not listen on {address}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        super::s3::wait_listening(&address, "azurite");
         let server = Self {
             child: Some(child),
             _dir: dir,

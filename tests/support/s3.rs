@@ -41,14 +41,7 @@ impl S3Server {
             .spawn()
             .unwrap();
         let address = format!("127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&address).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "s3s-fs did not listen on {address}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_listening(&address, "s3s-fs");
         Self {
             child: Some(child),
             root,
@@ -83,6 +76,18 @@ impl S3Server {
     /// Every stored object's path relative to the bucket.
     pub fn objects(&self) -> Vec<String> {
         walk(&self.bucket_dir())
+    }
+}
+
+/// Waits up to 30 s for a test server to accept connections at `address`.
+pub fn wait_listening(address: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(address).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on {address}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
