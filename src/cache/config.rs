@@ -52,8 +52,8 @@ pub struct CacheConfig {
     pub local: Option<LocalCacheConfig>,
 }
 
-/// `[cache.s3]`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+/// `[cache.s3]`. `Debug` shows no secret key.
+#[derive(Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct S3Config {
     /// Host (and port) of the service; empty: AWS.
@@ -80,8 +80,8 @@ pub struct GcsConfig {
     pub credentials_file: String,
 }
 
-/// `[cache.azure]`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+/// `[cache.azure]`. `Debug` shows no account key.
+#[derive(Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AzureConfig {
     /// The storage account.
@@ -93,6 +93,30 @@ pub struct AzureConfig {
     /// `blob.core.windows.net` unless another cloud; an `http://host:port` URL for a local
     /// emulator (Azurite).
     pub storage_domain: String,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("server_address", &self.server_address)
+            .field("bucket_name", &self.bucket_name)
+            .field("bucket_location", &self.bucket_location)
+            .field("access_key", &self.access_key)
+            .field("secret_key", &"[redacted]")
+            .field("insecure", &self.insecure)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AzureConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AzureConfig")
+            .field("account_name", &self.account_name)
+            .field("account_key", &"[redacted]")
+            .field("container_name", &self.container_name)
+            .field("storage_domain", &self.storage_domain)
+            .finish()
+    }
 }
 
 /// `[cache.local]`.

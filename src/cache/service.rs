@@ -27,13 +27,22 @@ const URL_MIN_LIFETIME: Duration = Duration::from_secs(60);
 /// The largest signing request body.
 const BODY_LIMIT: usize = 256 << 10;
 
-/// Grants and signs; one per coordinator.
-#[derive(Debug, Clone)]
+/// Grants and signs; one per coordinator. `Debug` shows no client (its credentials).
+#[derive(Clone)]
 pub struct CacheService {
     config: CacheConfig,
     storage: Option<Storage>,
     capabilities: Option<Capabilities>,
     coordinator_url: String,
+}
+
+impl std::fmt::Debug for CacheService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheService")
+            .field("config", &self.config)
+            .field("coordinator_url", &self.coordinator_url)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CacheService {
