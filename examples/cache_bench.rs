@@ -348,7 +348,7 @@ async fn main() {
     );
     println!("|---|---|---|");
     println!(
-        "| first save | {} , {} uploaded | {}, {} uploaded ({} chunks) |",
+        "| first save | {}, {} uploaded | {}, {} uploaded ({} chunks) |",
         secs(zip_save),
         mb(zip_bytes),
         secs(kiln_save),

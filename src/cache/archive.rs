@@ -1,6 +1,6 @@
 //! Saving a directory's files as chunks and a manifest, and restoring them: chunking,
 //! compression and writing run on a blocking thread while transfers run in parallel, so memory
-//! stays bounded (a few dozen chunks) and a restore writes files while later chunks download.
+//! stays bounded (a few hundred chunks) and a restore writes files while later chunks download.
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -17,8 +17,10 @@ use super::format::{
 };
 use super::remote::{Remote, RemoteError, Target};
 
-/// Transfers in flight at once.
-const PARALLEL: usize = 16;
+/// Transfers in flight at once. Object stores serve many small requests in parallel well,
+/// and each request's latency (tens of ms to a cloud store) is what a restore waits on; 128
+/// chunks of at most 128 KiB keep memory at tens of MiB.
+const PARALLEL: usize = 128;
 /// Chunks signed and checked together while saving.
 const BATCH: usize = 128;
 
