@@ -36,6 +36,10 @@ pub struct AgentJob {
     /// certificates, not a secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<String>,
+    /// Where the build's cache is (`[cache]` configured); a directory or a capability for
+    /// pre-signed URLs, never a storage key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::cache::CacheGrant>,
 }
 
 fn local() -> String {

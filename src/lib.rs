@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod build;
+pub mod cache;
 pub mod config;
 pub mod coordinator;
 pub mod deploy;

@@ -37,6 +37,9 @@ enum Command {
     Exec(ExecArgs),
     /// Deploy a jar, war or image to Alibaba SAE or Knative and wait for the rollout.
     Deploy(kiln::deploy::DeployCommand),
+    /// Manage the build cache (`[cache]`).
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Start a local build in a session of its own, as its user (started by the local
     /// executor, not by hand).
     #[command(hide = true)]
@@ -96,6 +99,13 @@ struct ExecArgs {
     /// Keep each job's work directory (printed at the end) for inspection.
     #[arg(long)]
     keep_work_dirs: bool,
+    /// Where jobs' `cache:` is kept between runs (default: ~/.cache/kiln/exec-cache, or under
+    /// $XDG_CACHE_HOME).
+    #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
+    cache_dir: Option<PathBuf>,
+    /// Neither restore nor save `cache:`.
+    #[arg(long)]
+    no_cache: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -118,6 +128,27 @@ struct ConfigArg {
     /// The config file (TOML). Every field can also be set with KILN_… variables.
     #[arg(long, short, env = config::CONFIG_ENV)]
     config: Option<PathBuf>,
+}
+
+/// `kiln cache …`.
+#[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// Delete the chunks no cache manifest needs (and, with --max-age, caches nobody saved
+    /// for that long). Run it now and then, e.g. from a daily CronJob.
+    Gc(CacheGcArgs),
+}
+
+#[derive(Debug, Args)]
+struct CacheGcArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Delete caches (manifests) not saved for this long, e.g. `30d`; default: keep them.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_age: Option<std::time::Duration>,
+    /// Keep unreferenced chunks younger than this: a save in progress uploads its chunks
+    /// before its manifest.
+    #[arg(long, default_value = "1d", value_parser = humantime::parse_duration)]
+    grace: std::time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -237,6 +268,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::CheckConfig(args) => check_config(args),
         Command::Exec(args) => exec(args).await,
         Command::Deploy(command) => deploy(command).await,
+        Command::Cache(CacheCommand::Gc(args)) => cache_gc(args).await,
         Command::Sandbox(_) => Ok(ExitCode::FAILURE),
     }
 }
@@ -291,9 +323,17 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .context("cannot start the Kubernetes executor")?,
         ),
     };
+    let cache = config
+        .cache
+        .as_ref()
+        .map(|c| kiln::cache::CacheService::new(c, config.http.listen))
+        .transpose()
+        .context("cannot set up the build cache ([cache])")?
+        .map(Arc::new);
     let info = kiln::sources::ExecutorInfo {
         name: executor.name(),
         runs_images: executor.runs_images(),
+        cache: cache.clone(),
     };
     let mut sources: Vec<Arc<dyn kiln::sources::Source>> = Vec::new();
     let fingerprints = config.credential_fingerprints();
@@ -302,7 +342,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             runner,
             index,
             &config.agent,
-            info,
+            info.clone(),
             Arc::clone(&metrics),
         )
         .with_context(|| format!("sources.gitlab[{index}]"))?
@@ -353,7 +393,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             currency: config.cost.currency.clone(),
         },
     };
-    let app = kiln::http::router(app_state.clone());
+    let mut app = kiln::http::router(app_state.clone());
+    if let Some(cache) = &cache {
+        app = app.merge(kiln::cache::service::router(Arc::clone(cache)));
+    }
     let listener = tokio::net::TcpListener::bind(http.listen)
         .await
         .with_context(|| format!("cannot listen on {} (http.listen)", http.listen))?;
@@ -450,6 +493,11 @@ async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         concurrency,
         keep_work_dirs: args.keep_work_dirs,
         agent,
+        cache_dir: if args.no_cache {
+            None
+        } else {
+            args.cache_dir.or_else(kiln::exec::default_cache_dir)
+        },
     };
     let cancel = shutdown_on_signal()?;
     let outcome = match kiln::exec::run(options, cancel).await {
@@ -491,6 +539,32 @@ async fn verify(args: ConfigArg) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+async fn cache_gc(args: CacheGcArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(args.config.config.as_deref())?;
+    let Some(cache) = &config.cache else {
+        anyhow::bail!("no [cache] in the configuration: nothing to collect");
+    };
+    let store = cache
+        .object_store()
+        .context("cannot open the cache storage")?;
+    let report = kiln::cache::gc::collect(store.as_ref(), &cache.path, args.grace, args.max_age)
+        .await
+        .context("cache garbage collection failed")?;
+    println!(
+        "{} projects: kept {} caches and {} chunks; deleted {} caches and {} chunks ({} bytes)",
+        report.projects,
+        report.manifests,
+        report.chunks,
+        report.deleted_manifests,
+        report.deleted_chunks,
+        report.deleted_bytes
+    );
+    for project in &report.skipped_projects {
+        println!("left {project} alone: it has a cache written by another kiln version");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn deploy(command: kiln::deploy::DeployCommand) -> anyhow::Result<ExitCode> {

@@ -6,6 +6,7 @@
 mod support;
 
 mod bench_smoke;
+mod cache;
 mod chaos;
 mod cli;
 mod deploy_knative;

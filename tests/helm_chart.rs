@@ -1831,3 +1831,43 @@ fn the_dashboard_check_catches_unknown_metrics_and_labels() {
         assert!(problems.contains(expected), "{expr}: {problems}");
     }
 }
+
+/// `cache.enabled`: `[cache]` in the ConfigMap without the key, the key in the Secret and from
+/// there in the coordinator's environment only; builds reach the coordinator at its Service
+/// (also through the NetworkPolicy), and kiln accepts the rendered config.
+#[test]
+fn the_cache_key_goes_to_the_secret_and_builds_get_the_services_address() {
+    let values = Values::file("gitlab-values.yaml").and(
+        "cache:\n  enabled: true\n  s3:\n    serverAddress: oss-cn-hangzhou.aliyuncs.com\n    bucketName: ci-cache\n    bucketLocation: oss-cn-hangzhou\n    accessKey: fake-access-key\n    secretKey: fake-cache-secret-key-0123456789\nnetworkPolicy:\n  enabled: true\n",
+    );
+    let out = check_case(&values);
+    let config = out.toml();
+    let cache = &config["cache"];
+    assert_eq!(cache["type"].as_str(), Some("s3"));
+    assert_eq!(
+        cache["coordinator_url"].as_str(),
+        Some(format!("http://{RELEASE}.ci.svc:9252").as_str())
+    );
+    assert_eq!(cache["s3"]["bucket_name"].as_str(), Some("ci-cache"));
+    assert!(cache["s3"].get("secret_key").is_none());
+    assert!(!out.config().contains("fake-cache-secret-key"));
+    assert_eq!(
+        out.object("Secret")["stringData"]["cache-secret-key"],
+        "fake-cache-secret-key-0123456789"
+    );
+    assert!(out.env_names().contains(&"KILN_CACHE__S3__SECRET_KEY"));
+    let policy = out.object("NetworkPolicy");
+    assert!(
+        policy["spec"]["ingress"][0]["from"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(
+                |peer| peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                    == "ci-builds"
+            ),
+        "{policy}"
+    );
+    let (ok, output) = check_config(&out.config(), &out.env(None));
+    assert!(ok, "{output}");
+}

@@ -573,3 +573,45 @@ async fn a_job_canceled_while_its_pod_is_pending_deletes_the_pod_at_once() {
     assert_eq!(job.state, "canceled", "{}", kiln.logs());
     assert!(job.final_updates.is_empty(), "{:?}", job.final_updates);
 }
+
+/// The build cache on Kubernetes: the build's Secret carries a capability, never the storage
+/// key, and the pod spec holds neither; the build pod's agent saves through URLs the
+/// coordinator signs, and the next pod restores.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_pod_caches_with_a_capability_and_never_holds_the_storage_key() {
+    let s = setup().await;
+    let s3 = support::s3::S3Server::start();
+    let kiln = s.kiln(&s3.cache_config(""), "");
+    let mut save = job_json("save", &["mkdir -p deps", "echo from-pod > deps/x"]);
+    save["cache"] = json!([{"key": "k8s", "paths": ["deps/"], "policy": "push"}]);
+    let id = s.gitlab.enqueue(save);
+    let pod = s
+        .kube
+        .wait_pod(&pod_name(id), Duration::from_secs(30), |_| true)
+        .await;
+    assert!(
+        !serde_json::to_string(&pod)
+            .unwrap()
+            .contains(&s3.secret_key)
+    );
+    let secrets: String = s
+        .kube
+        .secrets()
+        .iter()
+        .flat_map(|secret| secret.data.clone().unwrap_or_default().into_values())
+        .map(|value| String::from_utf8_lossy(&value.0).into_owned())
+        .collect();
+    assert!(secrets.contains("\"capability\""), "{secrets}");
+    assert!(!secrets.contains(&s3.secret_key));
+    let saved = s.finished(id, 60).await;
+    assert_eq!(saved.state, "success", "{}\n{}", saved.trace, kiln.logs());
+    assert!(saved.trace.contains("Created cache k8s"), "{}", saved.trace);
+
+    let mut restore = job_json("restore", &["cat deps/x"]);
+    restore["cache"] = json!([{"key": "k8s", "paths": ["deps/"], "policy": "pull"}]);
+    let id = s.gitlab.enqueue(restore);
+    let restored = s.finished(id, 60).await;
+    assert_eq!(restored.state, "success", "{}", restored.trace);
+    assert!(restored.trace.contains("from-pod\n"), "{}", restored.trace);
+    assert!(!restored.trace.contains(&s3.secret_key));
+}

@@ -9,6 +9,7 @@ const JENKINS_TOKEN: &str = "jenkins-api-token-0123456789abcdef";
 const JENKINS_HOOK: &str = "jenkins-webhook-secret-0123456789";
 const GITHUB_TOKEN: &str = "github_pat_debugsecret0123456789";
 const GITHUB_HOOK: &str = "github-webhook-secret-0123456789";
+const CACHE_KEY: &str = "cache-storage-secret-0123456789";
 
 fn config_text(extra: &str) -> String {
     format!(
@@ -30,6 +31,13 @@ repo = "demo"
 token = "{GITHUB_TOKEN}"
 labels = ["self-hosted"]
 webhook_secret = "{GITHUB_HOOK}"
+
+[cache]
+type = "s3"
+[cache.s3]
+bucket_name = "ci-cache"
+access_key = "access"
+secret_key = "{CACHE_KEY}"
 "#
     )
 }
@@ -41,6 +49,7 @@ fn assert_no_secret(what: &str, text: &str) {
         JENKINS_HOOK,
         GITHUB_TOKEN,
         GITHUB_HOOK,
+        CACHE_KEY,
     ] {
         assert!(!text.contains(secret), "{what} shows {secret}:\n{text}");
     }

@@ -7,6 +7,7 @@
 //! could not report the job, and the coordinator fails it.
 
 mod artifacts;
+mod cache;
 mod git;
 mod mask;
 mod options;
@@ -122,6 +123,8 @@ struct Context {
     options: options::JobOptions,
     /// How step scripts are written (oversized variables, xtrace, sections).
     script: process::ScriptOptions,
+    /// Where the job's cache is, when kiln has one.
+    cache: Option<crate::cache::CacheGrant>,
 }
 
 /// Where the agent finds its job and does its work.
@@ -355,6 +358,7 @@ fn context(
             sections: options.script_sections,
         },
         options,
+        cache: spec.cache.clone(),
     };
     Ok((ctx, remote_tx))
 }
@@ -618,6 +622,7 @@ async fn execute(ctx: &mut Context) -> JobEnd {
     if let Some(end) = get_sources(ctx).await {
         return end;
     }
+    let restored_cache = cache::restore(ctx).await;
     if let Some(end) = download_dependencies(ctx).await {
         return end;
     }
@@ -686,6 +691,9 @@ async fn execute(ctx: &mut Context) -> JobEnd {
                 "after_script failed with exit code {code}; the job state does not change"
             ));
         }
+    }
+    if !interrupted && !end.canceled {
+        cache::save(ctx, end.failure.is_some(), &restored_cache).await;
     }
     if !interrupted
         && !end.canceled

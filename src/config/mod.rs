@@ -70,6 +70,9 @@ pub struct Config {
     /// Defaults for `kiln deploy` (region, OSS bucket, …), read by that command.
     #[serde(default)]
     pub deploy: crate::deploy::DeployConfig,
+    /// The build cache (`cache:` of GitLab jobs); none when absent.
+    #[serde(default)]
+    pub cache: Option<crate::cache::CacheConfig>,
 }
 
 fn default_concurrent() -> usize {
@@ -95,6 +98,7 @@ impl Default for Config {
             agent: AgentConfig::default(),
             sources: Sources::default(),
             deploy: crate::deploy::DeployConfig::default(),
+            cache: None,
         }
     }
 }
@@ -279,7 +283,8 @@ impl Config {
                     .iter_mut()
                     .chain(g.webhook_secret.iter_mut())
                     .chain(g.private_key.iter_mut())
-            }));
+            }))
+            .chain(self.cache.iter_mut().flat_map(|c| c.secrets_mut()));
         for secret in optional {
             f(secret);
         }
@@ -344,6 +349,9 @@ impl Config {
         problems.extend(self.status.problems());
         problems.extend(self.cost.problems());
         problems.extend(self.agent.problems());
+        if let Some(cache) = &self.cache {
+            problems.extend(cache.problems(self.executor == ExecutorKind::Kubernetes));
+        }
         let mut names = BTreeMap::new();
         for (i, runner) in self.sources.gitlab.iter().enumerate() {
             problems.extend(runner.problems(i));

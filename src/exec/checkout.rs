@@ -7,6 +7,8 @@ use std::process::Command;
 /// The project directory as jobs see it.
 #[derive(Debug, Clone)]
 pub(crate) struct Checkout {
+    /// The project's directory.
+    pub(crate) dir: PathBuf,
     /// The project's name (its directory's name).
     pub(crate) name: String,
     /// Predefined variables, in the order GitLab lists them.
@@ -136,6 +138,7 @@ pub(crate) fn inspect(dir: &Path, pipeline_id: u64) -> Checkout {
         walk_files(dir)
     };
     Checkout {
+        dir: dir.to_owned(),
         name,
         predefined: vars,
         notes,

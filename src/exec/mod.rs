@@ -54,6 +54,19 @@ pub struct ExecOptions {
     pub keep_work_dirs: bool,
     /// The kiln binary the executor starts as the agent.
     pub agent: PathBuf,
+    /// Where jobs' `cache:` is kept (a second run restores what the first saved); `None`:
+    /// no cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// The default cache directory of `kiln exec`: `$XDG_CACHE_HOME/kiln/exec-cache`, else
+/// `~/.cache/kiln/exec-cache`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("kiln/exec-cache"))
 }
 
 /// How the pipeline went.
@@ -369,6 +382,7 @@ pub async fn run(
                     sources_size,
                     &server,
                     &settings,
+                    options.cache_dir.as_deref(),
                 );
                 let node = &mut nodes[i];
                 node.status = Status::Running;
@@ -532,6 +546,7 @@ fn launch(
     sources_size: u64,
     server: &JobServer,
     settings: &AgentConfig,
+    cache_dir: Option<&Path>,
 ) -> Build {
     let node = &nodes[i];
     let from: Vec<&str> = match (&node.job.dependencies, &node.job.needs) {
@@ -567,6 +582,7 @@ fn launch(
         token: &node.token,
         pipeline_id,
         project_name: &checkout.name,
+        project_dir: &checkout.dir,
         predefined: &checkout.predefined,
         cli_vars,
         dependencies,
@@ -580,6 +596,12 @@ fn launch(
         runner: "kiln exec".into(),
         masked: Vec::new(),
         tls_ca: None,
+        cache: cache_dir.map(|dir| crate::cache::CacheGrant {
+            access: crate::cache::CacheAccess::Directory {
+                dir: dir.join("project").join(&checkout.name),
+            },
+            max_size: crate::cache::config::DEFAULT_MAX_SIZE,
+        }),
     };
     let key = BuildKey {
         source: SourceKind::GitLab,

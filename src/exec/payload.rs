@@ -2,10 +2,10 @@
 //! exactly as it runs a job from GitLab.
 
 use crate::gitlab::payload::{
-    Artifact, ArtifactsFile, Dependency, Image, ImageVariable, JobInfo, JobPayload, RunnerInfo,
-    Step, Variable, When,
+    Artifact, ArtifactsFile, Cache, CachePolicy, Dependency, Image, ImageVariable, JobInfo,
+    JobPayload, RunnerInfo, Step, Variable, When,
 };
-use crate::pipeline::{ArtifactsWhen, PipelineJob};
+use crate::pipeline::{ArtifactsWhen, CacheKey, CacheSpec, PipelineJob};
 
 /// GitLab's default job timeout, used when the job sets none.
 const DEFAULT_TIMEOUT_SECS: u64 = 3600;
@@ -21,6 +21,8 @@ pub(crate) struct JobContext<'a> {
     pub(crate) pipeline_id: u64,
     /// The project's name (its directory's name).
     pub(crate) project_name: &'a str,
+    /// The project's directory (`cache:key:files` are read there).
+    pub(crate) project_dir: &'a std::path::Path,
     /// Predefined variables (`CI_*`, from the checkout), lowest precedence.
     pub(crate) predefined: &'a [(String, String)],
     /// `--var` variables, highest precedence (like pipeline variables in GitLab).
@@ -38,6 +40,46 @@ pub(crate) struct DependencyRef {
     pub(crate) name: String,
     /// Its size in bytes.
     pub(crate) size: u64,
+}
+
+/// A `cache:` entry as GitLab sends it. GitLab names a `key:files` cache after the commits that
+/// last changed the files; `kiln exec` runs uncommitted trees too, so it names it after the
+/// files' contents (a missing file counts as empty).
+fn cache(spec: &CacheSpec, project_dir: &std::path::Path) -> Cache {
+    use sha2::{Digest, Sha256};
+    let key = match &spec.key {
+        CacheKey::Literal(key) => key.clone(),
+        CacheKey::Files { files, prefix } => {
+            let mut hash = Sha256::new();
+            for file in files {
+                hash.update(file.as_bytes());
+                hash.update([0]);
+                hash.update(std::fs::read(project_dir.join(file)).unwrap_or_default());
+                hash.update([0]);
+            }
+            let digest = hex::encode(hash.finalize());
+            match prefix {
+                Some(prefix) => format!("{prefix}-{}", &digest[..40]),
+                None => digest[..40].to_owned(),
+            }
+        }
+    };
+    Cache {
+        key,
+        untracked: spec.untracked,
+        policy: match spec.policy.as_str() {
+            "pull" => CachePolicy::Pull,
+            "push" => CachePolicy::Push,
+            _ => CachePolicy::PullPush,
+        },
+        paths: spec.paths.clone(),
+        when: Some(match spec.when {
+            ArtifactsWhen::OnSuccess => When::OnSuccess,
+            ArtifactsWhen::OnFailure => When::OnFailure,
+            ArtifactsWhen::Always => When::Always,
+        }),
+        fallback_keys: spec.fallback_keys.clone(),
+    }
 }
 
 /// The job JSON for `job` (as GitLab's `POST jobs/request` returns it).
@@ -169,6 +211,11 @@ fn job_payload(job: &PipelineJob, ctx: &JobContext<'_>) -> JobPayload {
         image: job.image.as_ref().map(image),
         services: job.services.iter().map(image).collect(),
         artifacts,
+        cache: job
+            .cache
+            .iter()
+            .map(|c| cache(c, ctx.project_dir))
+            .collect(),
         dependencies: ctx
             .dependencies
             .iter()
@@ -220,6 +267,7 @@ mod tests {
                 expire_in: Some("1 week".into()),
                 ..Default::default()
             }),
+            cache: Vec::new(),
             allow_failure: false,
             when: JobWhen::OnSuccess,
             timeout: Some(Duration::from_secs(90)),
@@ -233,6 +281,7 @@ mod tests {
             token: "secret-token",
             pipeline_id: 77,
             project_name: "hello",
+            project_dir: std::path::Path::new("/nonexistent"),
             predefined,
             cli_vars: cli,
             dependencies: vec![DependencyRef {

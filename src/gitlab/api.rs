@@ -108,6 +108,7 @@ pub struct Features {
     service_multiple_aliases: bool,
     cancel_gracefully: bool,
     two_phase_job_commit: bool,
+    fallback_cache_keys: bool,
 }
 
 impl Features {
@@ -143,7 +144,17 @@ impl Features {
             service_multiple_aliases: images,
             cancel_gracefully: true,
             two_phase_job_commit: true,
+            fallback_cache_keys: false,
         }
+    }
+
+    /// Declares `cache` and `fallback_cache_keys` when builds have a cache (`[cache]`), so
+    /// GitLab sends `cache:` and no longer drops jobs with `fallback_keys`.
+    #[must_use]
+    pub fn with_cache(mut self, cache: bool) -> Self {
+        self.cache = cache;
+        self.fallback_cache_keys = cache;
+        self
     }
 }
 
@@ -162,7 +173,7 @@ pub struct RunnerInfo {
 
 impl RunnerInfo {
     /// Describes this kiln build and its executor.
-    pub fn new(executor: &str, images: bool) -> Self {
+    pub fn new(executor: &str, images: bool, cache: bool) -> Self {
         Self {
             name: "kiln",
             version: crate::VERSION,
@@ -171,7 +182,7 @@ impl RunnerInfo {
             architecture: std::env::consts::ARCH,
             executor: executor.to_owned(),
             shell: "bash",
-            features: Features::for_executor(images),
+            features: Features::for_executor(images).with_cache(cache),
         }
     }
 }

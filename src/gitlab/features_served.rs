@@ -17,6 +17,8 @@ enum Declared {
     Always,
     /// Only by executors that run images (Kubernetes); the local executor runs on the host.
     WithImages,
+    /// Only when a build cache is configured (`[cache]`), by every executor.
+    WithCache,
 }
 
 /// Every feature kiln declares `true`: `(name, when, file, item that serves it)`.
@@ -136,6 +138,18 @@ const SERVED: &[(&str, Declared, &str, &str)] = &[
         "fn service_aliases(",
     ),
     (
+        "cache",
+        Declared::WithCache,
+        "src/agent/cache.rs",
+        "pub(super) async fn restore(",
+    ),
+    (
+        "fallback_cache_keys",
+        Declared::WithCache,
+        "src/agent/cache.rs",
+        ".get(FALLBACK_VARIABLE)",
+    ),
+    (
         "two_phase_job_commit",
         Declared::Always,
         "src/sources/gitlab/poller.rs",
@@ -143,8 +157,9 @@ const SERVED: &[(&str, Declared, &str, &str)] = &[
     ),
 ];
 
-fn declared(images: bool) -> BTreeSet<String> {
-    let json = serde_json::to_value(Features::for_executor(images)).unwrap_or_default();
+fn declared(images: bool, cache: bool) -> BTreeSet<String> {
+    let json =
+        serde_json::to_value(Features::for_executor(images).with_cache(cache)).unwrap_or_default();
     json.as_object()
         .map(|o| {
             o.iter()
@@ -155,10 +170,14 @@ fn declared(images: bool) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-fn served(images: bool) -> BTreeSet<String> {
+fn served(images: bool, cache: bool) -> BTreeSet<String> {
     SERVED
         .iter()
-        .filter(|(_, when, _, _)| images || *when == Declared::Always)
+        .filter(|(_, when, _, _)| match when {
+            Declared::Always => true,
+            Declared::WithImages => images,
+            Declared::WithCache => cache,
+        })
         .map(|(name, ..)| (*name).to_owned())
         .collect()
 }
@@ -171,11 +190,13 @@ fn repo_file(path: &str) -> String {
 #[test]
 fn kiln_declares_exactly_the_features_it_serves() {
     for images in [false, true] {
-        assert_eq!(
-            declared(images),
-            served(images),
-            "declared (left) vs served (right), images: {images}"
-        );
+        for cache in [false, true] {
+            assert_eq!(
+                declared(images, cache),
+                served(images, cache),
+                "declared (left) vs served (right), images: {images}, cache: {cache}"
+            );
+        }
     }
 }
 
@@ -190,7 +211,7 @@ fn every_served_feature_names_code_that_exists() {
 }
 
 /// docs/gitlab.md's "Features declared" table has one row per field of `features`, saying
-/// `yes`, `Kubernetes` (images only) or `no` as kiln declares it.
+/// `yes`, `Kubernetes` (images only), `with \`[cache]\`` or `no` as kiln declares it.
 #[test]
 fn the_feature_table_in_the_docs_matches_what_is_declared() {
     let docs = repo_file("docs/gitlab.md");
@@ -218,12 +239,18 @@ fn the_feature_table_in_the_docs_matches_what_is_declared() {
         "undocumented: {:?}",
         fields.difference(&documented).collect::<Vec<_>>()
     );
-    let (local, kube) = (declared(false), declared(true));
+    let (local, kube) = (declared(false, false), declared(true, false));
+    let cached = declared(true, true);
     for (name, status) in rows {
-        let expected = match (local.contains(&name), kube.contains(&name)) {
-            (true, _) => "yes",
-            (false, true) => "Kubernetes",
-            (false, false) => "no",
+        let expected = match (
+            local.contains(&name),
+            kube.contains(&name),
+            cached.contains(&name),
+        ) {
+            (true, _, _) => "yes",
+            (false, true, _) => "Kubernetes",
+            (false, false, true) => "with `[cache]`",
+            (false, false, false) => "no",
         };
         assert_eq!(status, expected, "docs/gitlab.md row `{name}`");
     }

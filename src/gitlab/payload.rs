@@ -36,6 +36,8 @@ pub struct JobPayload {
     pub artifacts: Vec<Artifact>,
     /// Artifacts of earlier jobs to download first.
     pub dependencies: Vec<Dependency>,
+    /// Caches to restore before the script and save after it (`cache:`).
+    pub cache: Vec<Cache>,
     /// What the GitLab server supports for this job.
     pub features: JobFeatures,
     /// Registry logins for the job's images (the project's registry with the job token).
@@ -256,6 +258,55 @@ pub struct Artifact {
     pub artifact_format: Option<String>,
     /// How long GitLab keeps it (`1 week`).
     pub expire_in: Option<String>,
+}
+
+/// One entry of `cache:`, as GitLab sends it: `key:files`, `prefix` and the protected-branch
+/// suffix are already folded into `key`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Cache {
+    /// The cache key (`default` when GitLab sends none).
+    pub key: String,
+    /// Include files git does not track.
+    pub untracked: bool,
+    /// `pull`, `push` or `pull-push`.
+    pub policy: CachePolicy,
+    /// Glob patterns relative to the project directory, as for artifacts.
+    pub paths: Vec<String>,
+    /// When to save it.
+    pub when: Option<When>,
+    /// Keys to restore from when `key` has no cache, in order.
+    pub fallback_keys: Vec<String>,
+}
+
+/// `cache:policy`: whether a job restores and whether it saves the cache.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum CachePolicy {
+    /// Restore only.
+    #[serde(rename = "pull")]
+    Pull,
+    /// Save only.
+    #[serde(rename = "push")]
+    Push,
+    /// Restore, then save (GitLab's default).
+    #[default]
+    #[serde(rename = "pull-push", alias = "pull_push")]
+    PullPush,
+    /// A value kiln does not know; treated like `pull-push`, GitLab's default.
+    #[serde(other)]
+    Unknown,
+}
+
+impl CachePolicy {
+    /// Whether the cache is restored before the script.
+    pub fn pulls(self) -> bool {
+        matches!(self, Self::Pull | Self::PullPush | Self::Unknown)
+    }
+
+    /// Whether the cache is saved after the script.
+    pub fn pushes(self) -> bool {
+        matches!(self, Self::Push | Self::PullPush | Self::Unknown)
+    }
 }
 
 /// An earlier job whose artifacts this job needs.

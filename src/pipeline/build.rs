@@ -497,6 +497,11 @@ impl Builder<'_> {
                         .artifacts
                         .clone()
                         .or_else(|| defaults.artifacts.clone().filter(|_| inherit("artifacts"))),
+                    cache: def
+                        .cache
+                        .clone()
+                        .or_else(|| defaults.cache.clone().filter(|_| inherit("cache")))
+                        .unwrap_or_default(),
                     allow_failure,
                     when,
                     timeout: def

@@ -10,7 +10,10 @@ use super::parallel::{self, Parallel};
 use super::rules::{Rule, parse_rules, parse_when};
 use super::vars::{Var, parse_variables};
 use super::yaml::{describe, key_string, scalar_string};
-use super::{ArtifactsSpec, ArtifactsWhen, ImageSpec, JobWhen, PipelineError, Warning, duration};
+use super::{
+    ArtifactsSpec, ArtifactsWhen, CacheKey, CacheSpec, ImageSpec, JobWhen, PipelineError, Warning,
+    duration,
+};
 
 /// Scripts may nest lists (from anchors and `!reference`) this deep.
 const MAX_SCRIPT_NESTING: usize = 10;
@@ -43,6 +46,7 @@ pub(crate) struct Defaults {
     pub(crate) after_script: Option<Vec<String>>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) artifacts: Option<ArtifactsSpec>,
+    pub(crate) cache: Option<Vec<CacheSpec>>,
 }
 
 /// A job as written (after `extends` and `!reference`), before defaults, `parallel` and rules.
@@ -59,6 +63,7 @@ pub(crate) struct JobDef {
     pub(crate) needs: Option<Vec<NeedDef>>,
     pub(crate) dependencies: Option<Vec<String>>,
     pub(crate) artifacts: Option<ArtifactsSpec>,
+    pub(crate) cache: Option<Vec<CacheSpec>>,
     pub(crate) allow_failure: Option<bool>,
     pub(crate) when: Option<JobWhen>,
     pub(crate) timeout: Option<Duration>,
@@ -150,6 +155,7 @@ pub(crate) fn parse_job(
                 job.dependencies = Some(names);
             }
             "artifacts" => job.artifacts = Some(parse_artifacts(value, &ctx, warnings)?),
+            "cache" => job.cache = Some(parse_cache(value, &ctx)?),
             "allow_failure" => {
                 job.allow_failure = Some(parse_allow_failure(value, &ctx, warnings)?);
             }
@@ -284,7 +290,8 @@ pub(crate) fn parse_defaults(
                         Some(parse_timeout(value).map_err(|m| ctx.error("timeout", m))?)
                 }
                 "artifacts" => defaults.artifacts = Some(parse_artifacts(value, &ctx, warnings)?),
-                "cache" | "interruptible" | "retry" | "tags" => {
+                "cache" => defaults.cache = Some(parse_cache(value, &ctx)?),
+                "interruptible" | "retry" | "tags" => {
                     warnings.push(ctx.warning(&key, "ignored by kiln exec"))
                 }
                 "hooks" => warnings.push(ctx.warning(
@@ -474,19 +481,8 @@ fn parse_artifacts(
         match field.as_str() {
             "paths" => spec.paths = one_or_list(value).map_err(err)?,
             "exclude" => spec.exclude = one_or_list(value).map_err(err)?,
-            "untracked" => {
-                spec.untracked = value.as_bool().ok_or_else(|| {
-                    err(format!("must be true or false, not {}", describe(value)))
-                })?;
-            }
-            "when" => {
-                spec.when = match value.as_str() {
-                    Some("on_success") => ArtifactsWhen::OnSuccess,
-                    Some("on_failure") => ArtifactsWhen::OnFailure,
-                    Some("always") => ArtifactsWhen::Always,
-                    _ => return Err(err("must be on_success, on_failure or always".into())),
-                };
-            }
+            "untracked" => spec.untracked = flag(value).map_err(err)?,
+            "when" => spec.when = upload_when(value).map_err(err)?,
             "expire_in" => {
                 spec.expire_in = Some(
                     string(value).ok_or_else(|| err("must be a duration like `1 week`".into()))?,
@@ -511,6 +507,100 @@ fn parse_artifacts(
                 warnings.push(ctx.warning(&format!("artifacts:{field}"), "ignored by kiln exec"))
             }
             other => return Err(ctx.unknown(&["artifacts"], other, ARTIFACTS_KEYS)),
+        }
+    }
+    Ok(spec)
+}
+
+/// `untracked:` of artifacts and caches.
+fn flag(value: &Value) -> Result<bool, String> {
+    value
+        .as_bool()
+        .ok_or_else(|| format!("must be true or false, not {}", describe(value)))
+}
+
+/// `when:` of artifacts and caches.
+fn upload_when(value: &Value) -> Result<ArtifactsWhen, String> {
+    match value.as_str() {
+        Some("on_success") => Ok(ArtifactsWhen::OnSuccess),
+        Some("on_failure") => Ok(ArtifactsWhen::OnFailure),
+        Some("always") => Ok(ArtifactsWhen::Always),
+        _ => Err("must be on_success, on_failure or always".into()),
+    }
+}
+
+/// The keys of a `cache` entry.
+const CACHE_KEYS: &[&str] = &[
+    "key",
+    "paths",
+    "untracked",
+    "policy",
+    "when",
+    "fallback_keys",
+    "unprotect",
+];
+
+/// `cache:`: one entry or a list of them.
+fn parse_cache(value: &Value, ctx: &Context<'_>) -> Result<Vec<CacheSpec>, PipelineError> {
+    match value {
+        Value::Sequence(items) => items.iter().map(|v| parse_cache_entry(v, ctx)).collect(),
+        other => Ok(vec![parse_cache_entry(other, ctx)?]),
+    }
+}
+
+fn parse_cache_entry(value: &Value, ctx: &Context<'_>) -> Result<CacheSpec, PipelineError> {
+    let Value::Mapping(map) = value else {
+        return Err(ctx.error(
+            "cache",
+            format!("must be a mapping, not {}", describe(value)),
+        ));
+    };
+    let mut spec = CacheSpec {
+        policy: "pull-push".into(),
+        ..CacheSpec::default()
+    };
+    for (field, value) in map {
+        let field = key_string(field).unwrap_or_default();
+        let err = |m: String| ctx.error(&format!("cache:{field}"), m);
+        if value.is_null() {
+            continue;
+        }
+        match field.as_str() {
+            "key" => {
+                spec.key = match value {
+                    Value::Mapping(key) => {
+                        let mut files = Vec::new();
+                        let mut prefix = None;
+                        for (k, v) in key {
+                            match key_string(k).as_deref() {
+                                Some("files") => files = one_or_list(v).map_err(&err)?,
+                                Some("prefix") => prefix = string(v),
+                                _ => return Err(err("takes `files` and `prefix`".into())),
+                            }
+                        }
+                        if files.is_empty() || files.len() > 2 {
+                            return Err(err("`files` must list one or two files".into()));
+                        }
+                        CacheKey::Files { files, prefix }
+                    }
+                    other => CacheKey::Literal(
+                        string(other).ok_or_else(|| err("must be a string".into()))?,
+                    ),
+                }
+            }
+            "paths" => spec.paths = one_or_list(value).map_err(err)?,
+            "fallback_keys" => spec.fallback_keys = one_or_list(value).map_err(err)?,
+            "untracked" => spec.untracked = flag(value).map_err(err)?,
+            "policy" => {
+                spec.policy = match value.as_str() {
+                    Some(p @ ("pull" | "push" | "pull-push")) => p.to_owned(),
+                    _ => return Err(err("must be pull, push or pull-push".into())),
+                };
+            }
+            "when" => spec.when = upload_when(value).map_err(err)?,
+            // Protected-branch separation is GitLab's; kiln exec has one user.
+            "unprotect" => {}
+            other => return Err(ctx.unknown(&["cache"], other, CACHE_KEYS)),
         }
     }
     Ok(spec)
@@ -701,6 +791,30 @@ artifacts: {paths: [dist/], exclude: ['dist/**/*.map'], when: always, expire_in:
                 if key == "artifacts:pathz" && suggestion.as_deref() == Some("paths")),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn cache_takes_one_entry_or_a_list_and_key_files() {
+        let (j, w) =
+            job("script: x\ncache: {key: deps, paths: [node_modules/], policy: pull}").unwrap();
+        let caches = j.cache.unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(caches[0].key, CacheKey::Literal("deps".into()));
+        assert_eq!(caches[0].policy, "pull");
+        let (j, _) = job("script: x\ncache: [{key: {files: [Gemfile.lock], prefix: gems}, paths: [vendor/], when: always, fallback_keys: [main]}, {paths: [.m2/]}]").unwrap();
+        let caches = j.cache.unwrap();
+        assert_eq!(
+            caches[0].key,
+            CacheKey::Files {
+                files: vec!["Gemfile.lock".into()],
+                prefix: Some("gems".into())
+            }
+        );
+        assert_eq!(caches[0].when, ArtifactsWhen::Always);
+        assert_eq!(caches[0].fallback_keys, ["main"]);
+        assert_eq!(caches[1].policy, "pull-push");
+        let err = job("script: x\ncache: {policy: sometimes}").unwrap_err();
+        assert!(err.to_string().contains("cache:policy"), "{err}");
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub struct PipelineJob {
     pub dependencies: Option<Vec<String>>,
     /// What the job uploads.
     pub artifacts: Option<ArtifactsSpec>,
+    /// `cache:` entries.
+    pub cache: Vec<CacheSpec>,
     /// A failure does not fail the pipeline.
     pub allow_failure: bool,
     /// When the job runs.
@@ -113,6 +115,43 @@ pub struct ImageSpec {
     pub pull_policy: Vec<String>,
     /// Service variables.
     pub variables: Vec<(String, String)>,
+}
+
+/// One `cache:` entry of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CacheSpec {
+    /// `key:`.
+    pub key: CacheKey,
+    /// Glob patterns relative to the project directory.
+    pub paths: Vec<String>,
+    /// Include files git does not track.
+    pub untracked: bool,
+    /// `pull`, `push` or `pull-push`.
+    pub policy: String,
+    /// When to save it.
+    pub when: ArtifactsWhen,
+    /// Keys to restore from when `key` has none.
+    pub fallback_keys: Vec<String>,
+}
+
+/// `cache:key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheKey {
+    /// A key as written (may hold `$VARIABLES`).
+    Literal(String),
+    /// `key: {files: [...], prefix: ...}`: named after the files' contents.
+    Files {
+        /// The files (at most two, as GitLab allows).
+        files: Vec<String>,
+        /// Put before the hash.
+        prefix: Option<String>,
+    },
+}
+
+impl Default for CacheKey {
+    fn default() -> Self {
+        Self::Literal("default".into())
+    }
 }
 
 /// `artifacts:` of a job.

@@ -377,7 +377,6 @@ a: {script: x, needs: [downstream], environment: production, only: [main]}
     assert_eq!(
         got,
         [
-            (None, "cache"),
             (Some("downstream"), "trigger"),
             (Some("a"), "environment"),
             (Some("a"), "only"),
@@ -390,6 +389,8 @@ a: {script: x, needs: [downstream], environment: production, only: [main]}
         "workflow:rules variables apply"
     );
     assert_eq!(p.job("a").unwrap().needs, Some(vec![]));
+    // The deprecated top-level `cache:` is a default, as in GitLab (kiln exec runs it).
+    assert_eq!(p.job("a").unwrap().cache[0].paths, [".m2/"]);
 
     assert_eq!(p.no_pipeline, None);
 

@@ -150,12 +150,14 @@ pub trait Source: Send + Sync {
 }
 
 /// What sources need to know of the executor builds will run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ExecutorInfo {
     /// Its name, shown in traces (`local`, `kubernetes`).
     pub name: &'static str,
     /// Whether it honours images and services (GitLab is told so).
     pub runs_images: bool,
+    /// The build cache, when `[cache]` is configured (GitLab is told so).
+    pub cache: Option<std::sync::Arc<crate::cache::CacheService>>,
 }
 
 /// A source entry's name: the configured one, else `<URL host>-<index>` (`fallback` when the

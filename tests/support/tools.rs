@@ -199,3 +199,56 @@ pub fn git_lfs() {
         panic!("{message}");
     }
 }
+/// A tool `.ci/install-test-tools` installs at `relative` under the tools directory, or the
+/// file the variable `var` names.
+fn installed(var: &str, relative: &str) -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os(var).map(PathBuf::from) {
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!("{var}={} does not exist", path.display()))
+        };
+    }
+    let dir = install_dir();
+    let path = dir.join(relative);
+    if !path.is_file() {
+        install(&dir)?;
+    }
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} is missing after .ci/install-test-tools",
+            path.display()
+        ))
+    }
+}
+
+/// The `s3s-fs` S3 server of the cache tests (`TEST_S3S_FS`, or built with cargo by
+/// `.ci/install-test-tools`).
+///
+/// # Panics
+/// When it cannot be had.
+pub fn s3s_fs() -> PathBuf {
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PATH.get_or_init(|| installed("TEST_S3S_FS", "s3s/bin/s3s-fs"))
+        .clone()
+        .unwrap_or_else(|message| panic!("{message}"))
+}
+
+/// Microsoft's Azure Storage emulator's blob service (`TEST_AZURITE_BLOB`, or installed with
+/// npm by `.ci/install-test-tools`).
+///
+/// # Panics
+/// When it cannot be had.
+pub fn azurite_blob() -> PathBuf {
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PATH.get_or_init(|| {
+        installed(
+            "TEST_AZURITE_BLOB",
+            "azurite/node_modules/.bin/azurite-blob",
+        )
+    })
+    .clone()
+    .unwrap_or_else(|message| panic!("{message}"))
+}

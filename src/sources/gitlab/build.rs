@@ -69,6 +69,8 @@ pub(crate) struct Context<'a> {
     pub(crate) masked: &'a [Fingerprint],
     /// The CA certificates (PEM) the runner trusts for GitLab (`tls_ca_file`).
     pub(crate) tls_ca: Option<&'a str>,
+    /// The build cache, which grants each build access to its project's caches.
+    pub(crate) cache: Option<&'a crate::cache::CacheService>,
 }
 
 /// The build of `job` (`raw`: the job JSON exactly as GitLab sent it, for the agent).
@@ -86,6 +88,14 @@ pub(crate) fn build(job: &JobPayload, raw: &serde_json::Value, context: &Context
         runner: context.runner.to_owned(),
         masked: context.masked.to_vec(),
         tls_ca: context.tls_ca.map(str::to_owned),
+        cache: context.cache.map(|service| {
+            let project = job
+                .job_info
+                .project_id
+                .map(|id| id.to_string())
+                .unwrap_or_else(|| job.job_info.project_name.clone());
+            service.grant(context.runner, &project, &key.to_string(), job.timeout())
+        }),
     };
     Build {
         name: key.resource_name(),
@@ -401,10 +411,57 @@ mod tests {
             gitlab_url: "https://gitlab.example.com",
             resource_class: class,
             settings: &SETTINGS,
+            cache: None,
             executor: "kubernetes",
             masked: &[],
             tls_ca: None,
         }
+    }
+
+    /// The Kubernetes path: a build's Secret (its job file) carries a capability scoped to its
+    /// project's prefix and the coordinator's address, never the storage key; nothing else
+    /// of the build (the pod is made from it) holds the key either.
+    #[test]
+    fn a_cached_build_holds_a_capability_and_never_the_storage_key() {
+        use crate::cache::config::{CacheConfig, CacheType, S3Config};
+        let secret = "storage-secret-key-0123456789abcdef";
+        let config = CacheConfig {
+            kind: CacheType::S3,
+            path: "kiln".into(),
+            coordinator_url: Some("http://kiln.ci.svc:9252".into()),
+            s3: Some(S3Config {
+                bucket_name: "ci-cache".into(),
+                access_key: "access".into(),
+                secret_key: secret.into(),
+                ..S3Config::default()
+            }),
+            ..CacheConfig::default()
+        };
+        let service =
+            crate::cache::CacheService::new(&config, "0.0.0.0:9252".parse().unwrap()).unwrap();
+        let (job, raw) = job(&[]);
+        let mut context = context(None);
+        context.cache = Some(&service);
+        let build = build(&job, &raw, &context);
+        let file: AgentJob = serde_json::from_slice(&build.secrets[JOB_FILE]).unwrap();
+        let Some(crate::cache::CacheGrant {
+            access: crate::cache::CacheAccess::Signed { url, capability },
+            ..
+        }) = file.cache
+        else {
+            panic!("no signed cache access in {:?}", file.cache);
+        };
+        assert_eq!(url, "http://kiln.ci.svc:9252");
+        assert!(!capability.contains(secret));
+        let everything = format!(
+            "{build:?}{}",
+            String::from_utf8_lossy(&build.secrets[JOB_FILE])
+        );
+        assert!(!everything.contains(secret));
+        let claims = crate::cache::capability::Capabilities::new(secret.as_bytes())
+            .verify(&capability)
+            .unwrap();
+        assert_eq!(claims.prefix, "kiln/runner/gitlab_example_com-0/project/7/");
     }
 
     #[test]

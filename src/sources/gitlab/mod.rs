@@ -58,7 +58,14 @@ impl GitLabSource {
         metrics: Arc<Metrics>,
     ) -> Result<Self, ApiError> {
         Ok(Self {
-            runner: Runner::new(config, index, executor.name, executor.runs_images, metrics)?,
+            runner: Runner::new(
+                config,
+                index,
+                executor.name,
+                executor.runs_images,
+                executor.cache.is_some(),
+                metrics,
+            )?,
             config: config.clone(),
             settings: settings.clone(),
             executor,
@@ -84,6 +91,7 @@ impl GitLabSource {
             executor: self.executor.name,
             masked: &self.masked,
             tls_ca: self.runner.tls_ca(),
+            cache: self.executor.cache.as_deref(),
         }
     }
 

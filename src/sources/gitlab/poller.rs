@@ -82,6 +82,7 @@ impl Runner {
         index: usize,
         executor: &str,
         images: bool,
+        cache: bool,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, ApiError> {
         let system_id = config.system_id.clone().unwrap_or_else(|| {
@@ -106,7 +107,7 @@ impl Runner {
             tls_ca,
             config: config.clone(),
             system_id,
-            info: RunnerInfo::new(executor, images),
+            info: RunnerInfo::new(executor, images, cache),
             last_update: std::sync::Mutex::new(None),
             verify_gate: tokio::sync::Mutex::new(()),
             metrics: metrics.stage(),

@@ -1,0 +1,191 @@
+//! `kiln cache gc`: removes the chunks no manifest of their project needs any more (chunks are
+//! shared between keys, so a bucket lifecycle rule cannot tell which are stale), and optionally
+//! the manifests nobody saved for a while.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use super::format::Manifest;
+
+/// What a collection did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Projects looked at.
+    pub projects: usize,
+    /// Manifests kept.
+    pub manifests: usize,
+    /// Manifests deleted for age.
+    pub deleted_manifests: usize,
+    /// Chunks kept.
+    pub chunks: usize,
+    /// Chunks deleted.
+    pub deleted_chunks: usize,
+    /// Bytes deleted.
+    pub deleted_bytes: u64,
+    /// Projects left alone because a manifest could not be read (another kiln version).
+    pub skipped_projects: Vec<String>,
+}
+
+#[derive(Default)]
+struct Project {
+    manifests: Vec<object_store::ObjectMeta>,
+    chunks: Vec<object_store::ObjectMeta>,
+}
+
+/// Collects garbage under `prefix`. A chunk is deleted when no manifest of its project names
+/// it and it is older than `grace` (a save in progress uploads chunks before its manifest). A
+/// manifest older than `manifest_age`, when given, is deleted first (its cache expired).
+///
+/// # Errors
+/// Listing, reading or deleting failed.
+pub async fn collect(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    grace: Duration,
+    manifest_age: Option<Duration>,
+) -> Result<GcReport, object_store::Error> {
+    let now = chrono::Utc::now();
+    let age = |meta: &object_store::ObjectMeta| {
+        (now - meta.last_modified)
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+    };
+    let root =
+        (!prefix.trim_matches('/').is_empty()).then(|| ObjectPath::from(prefix.trim_matches('/')));
+    let objects: Vec<object_store::ObjectMeta> = store.list(root.as_ref()).try_collect().await?;
+    let mut projects: BTreeMap<String, Project> = BTreeMap::new();
+    for meta in objects {
+        let location = meta.location.to_string();
+        if let Some((project, _)) = location.rsplit_once("/chunks/") {
+            projects
+                .entry(project.to_owned())
+                .or_default()
+                .chunks
+                .push(meta);
+        } else if let Some((project, _)) = location.rsplit_once("/manifests/") {
+            projects
+                .entry(project.to_owned())
+                .or_default()
+                .manifests
+                .push(meta);
+        }
+    }
+    let mut report = GcReport {
+        projects: projects.len(),
+        ..GcReport::default()
+    };
+    'projects: for (name, project) in projects {
+        let mut needed = HashSet::new();
+        let mut kept = 0;
+        for manifest in &project.manifests {
+            if manifest_age.is_some_and(|limit| age(manifest) > limit) {
+                store.delete(&manifest.location).await?;
+                report.deleted_manifests += 1;
+                continue;
+            }
+            let data = store.get(&manifest.location).await?.bytes().await?;
+            match Manifest::decode(&data) {
+                Ok(Some(manifest)) => needed.extend(manifest.chunks.into_iter().map(|c| c.hash)),
+                // Another version's manifest may need any chunk: leave the project alone.
+                Ok(None) | Err(_) => {
+                    report.skipped_projects.push(name);
+                    report.manifests += project.manifests.len();
+                    report.chunks += project.chunks.len();
+                    continue 'projects;
+                }
+            }
+            kept += 1;
+        }
+        report.manifests += kept;
+        for chunk in project.chunks {
+            let hash = chunk.location.filename().unwrap_or_default().to_owned();
+            if needed.contains(&hash) || age(&chunk) < grace {
+                report.chunks += 1;
+                continue;
+            }
+            store.delete(&chunk.location).await?;
+            report.deleted_chunks += 1;
+            report.deleted_bytes += chunk.size;
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::archive;
+    use crate::cache::remote::{CacheAccess, Remote};
+    use std::path::PathBuf;
+
+    #[tokio::test]
+    async fn gc_deletes_only_chunks_no_manifest_needs_and_old_manifests_when_asked() {
+        let root = tempfile::tempdir().unwrap();
+        let project = root.path().join("kiln/project/1");
+        let remote = Remote::new(CacheAccess::Directory {
+            dir: project.clone(),
+        });
+        let source = tempfile::tempdir().unwrap();
+        std::fs::write(source.path().join("a"), "some content").unwrap();
+        archive::save(
+            &remote,
+            source.path(),
+            &[PathBuf::from("a")],
+            "k",
+            &HashSet::new(),
+            u64::MAX,
+        )
+        .await
+        .unwrap();
+        let orphan = project.join("chunks").join("f".repeat(64));
+        std::fs::write(&orphan, "stale").unwrap();
+        let store = object_store::local::LocalFileSystem::new_with_prefix(root.path()).unwrap();
+
+        // Within the grace period nothing goes.
+        let report = collect(&store, "kiln", Duration::from_secs(3600), None)
+            .await
+            .unwrap();
+        assert_eq!((report.deleted_chunks, report.chunks), (0, 2));
+        assert!(orphan.exists());
+
+        let report = collect(&store, "kiln", Duration::ZERO, None).await.unwrap();
+        assert_eq!(
+            (
+                report.projects,
+                report.manifests,
+                report.chunks,
+                report.deleted_chunks
+            ),
+            (1, 1, 1, 1)
+        );
+        assert!(!orphan.exists());
+        let target = tempfile::tempdir().unwrap();
+        let manifest = archive::fetch_manifest(&remote, "k")
+            .await
+            .unwrap()
+            .unwrap();
+        archive::restore(&remote, &manifest, target.path())
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(target.path().join("a")).unwrap(),
+            b"some content"
+        );
+
+        // An expired cache takes its chunks with it.
+        let report = collect(&store, "kiln", Duration::ZERO, Some(Duration::ZERO))
+            .await
+            .unwrap();
+        assert_eq!((report.deleted_manifests, report.deleted_chunks), (1, 1));
+        assert!(
+            archive::fetch_manifest(&remote, "k")
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+}
