@@ -166,7 +166,7 @@ pub(super) async fn save(ctx: &Context, failed: bool, restored: &Restored) {
         };
         trace.line(&format!("Creating cache {key}..."));
         let untracked = if cache.untracked {
-            untracked_files(&ctx.project_dir).await
+            untracked_files(ctx, "cache:untracked")
         } else {
             Vec::new()
         };

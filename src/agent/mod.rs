@@ -1147,15 +1147,7 @@ async fn upload_one(ctx: &Context, artifact: &Artifact) -> Result<(), JobEnd> {
         .clone()
         .unwrap_or_else(|| "zip".into());
     let untracked = if artifact.untracked {
-        match untracked::untracked(&ctx.project_dir, &tracked_record(ctx)) {
-            Ok(files) => files,
-            Err(e) => {
-                trace.warn(&format!(
-                    "artifacts:untracked: {e}; no untracked files added"
-                ));
-                Vec::new()
-            }
-        }
+        untracked_files(ctx, "artifacts:untracked")
     } else {
         Vec::new()
     };
@@ -1289,6 +1281,16 @@ fn flush<W: std::io::Write>(
 /// sources file, which the init container and the build container share).
 fn tracked_record(ctx: &Context) -> PathBuf {
     ctx.sources_file.with_file_name("tracked-files")
+}
+
+/// The project's untracked files (from the record the checkout made, so the job's image needs
+/// no git), for `artifacts:untracked` and `cache:untracked`; a missing record is a warning.
+fn untracked_files(ctx: &Context, what: &str) -> Vec<PathBuf> {
+    untracked::untracked(&ctx.project_dir, &tracked_record(ctx)).unwrap_or_else(|e| {
+        ctx.trace
+            .warn(&format!("{what}: {e}; no untracked files added"));
+        Vec::new()
+    })
 }
 
 /// The last lines of the trace, as gitlab-runner writes them.
