@@ -665,6 +665,40 @@ mod tests {
     }
 
     #[test]
+    fn a_pull_failure_with_a_policy_left_asks_for_the_next_one_at_once() {
+        let status = json!({"phase": "Pending", "containerStatuses": [{
+            "name": "build", "image": "maven:3", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "ErrImagePull", "message": "connection refused"}}}]});
+        let mut with_fallback = pod(status.clone());
+        with_fallback.metadata.annotations = Some(
+            [(
+                "kiln.dev/pull-fallbacks".to_owned(),
+                "build=IfNotPresent".to_owned(),
+            )]
+            .into(),
+        );
+        assert_eq!(
+            classify(&with_fallback, at(0), LIMITS, &mut Memory::default()),
+            Verdict::NextPullPolicy {
+                container: "build".into(),
+                failure: "ErrImagePull: connection refused".into()
+            }
+        );
+        // Another container's fallbacks are not this one's.
+        with_fallback.metadata.annotations = Some(
+            [(
+                "kiln.dev/pull-fallbacks".to_owned(),
+                "svc-0=IfNotPresent".to_owned(),
+            )]
+            .into(),
+        );
+        assert!(matches!(
+            classify(&with_fallback, at(0), LIMITS, &mut Memory::default()),
+            Verdict::Wait { .. }
+        ));
+    }
+
+    #[test]
     fn image_pull_failures_get_a_grace_period() {
         let status = json!({"phase": "Pending", "containerStatuses": [{
             "name": "build", "image": "maven:3", "imageID": "", "ready": false, "restartCount": 0,

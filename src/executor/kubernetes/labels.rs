@@ -287,6 +287,36 @@ mod tests {
     use super::*;
     use crate::build::{About, Workload};
 
+    #[test]
+    fn pull_fallbacks_read_back_as_written() {
+        let fallbacks: BTreeMap<String, Vec<String>> = [
+            (
+                "build".to_owned(),
+                vec!["IfNotPresent".to_owned(), "Never".to_owned()],
+            ),
+            ("svc-0".to_owned(), vec![]),
+            ("svc-1".to_owned(), vec!["IfNotPresent".to_owned()]),
+        ]
+        .into();
+        let mut annotations = BTreeMap::new();
+        annotate_pull_fallbacks(&mut annotations, &fallbacks);
+        assert_eq!(
+            annotations[ANNOTATION_PULL_FALLBACKS],
+            "build=IfNotPresent,Never;svc-1=IfNotPresent"
+        );
+        let metadata = ObjectMeta {
+            annotations: Some(annotations.clone()),
+            ..ObjectMeta::default()
+        };
+        let read = pull_fallbacks(&metadata);
+        assert_eq!(read["build"], ["IfNotPresent", "Never"]);
+        assert_eq!(read["svc-1"], ["IfNotPresent"]);
+        assert!(!read.contains_key("svc-0"));
+        // Nothing left: the annotation goes.
+        annotate_pull_fallbacks(&mut annotations, &BTreeMap::new());
+        assert!(annotations.is_empty());
+    }
+
     fn build(runner: &str, labels: &[(&str, &str)]) -> Build {
         Build {
             key: BuildKey {
