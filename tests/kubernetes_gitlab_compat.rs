@@ -403,3 +403,61 @@ async fn a_job_whose_pull_policies_all_fail_is_an_image_pull_failure_after_the_l
     );
     s.nothing_left(15).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_adopting_a_failed_pull_goes_on_with_the_next_pull_policy() {
+    let s = setup().await;
+    let image = format!("{REGISTRY}/kiln/demo/adopted:1");
+    s.kube.script_image(
+        &image,
+        crate::support::kube::ImageScript::PullFails {
+            message: Some(REGISTRY_DOWN.into()),
+        },
+    );
+    s.kube.seed_node_image(&image);
+    s.kube.hold(crate::support::kube::PodMatch::All);
+    let mut job = with_image(job_json("adopted", &["echo ran after adoption"]), &image);
+    job["image"]["pull_policy"] = json!(["always", "if-not-present"]);
+    let id = s.gitlab.enqueue(job);
+    let name = pod_name(id);
+    let mut first = s.kiln("", "");
+    s.kube
+        .wait_for(Duration::from_secs(30), |snap| snap.pod(&name).is_some())
+        .await;
+    crate::support::kiln::send_signal(first.pid(), "KILL");
+    first.wait_exit(Duration::from_secs(10));
+    // With no coordinator, the pull with `always` fails.
+    s.kube.release_hold();
+    s.kube
+        .wait_for(Duration::from_secs(30), |snap| {
+            snap.pod(&name)
+                .and_then(|p| p.status.as_ref())
+                .and_then(|st| st.container_statuses.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter().any(|c| {
+                        c.state
+                            .as_ref()
+                            .and_then(|st| st.waiting.as_ref())
+                            .and_then(|w| w.reason.as_deref())
+                            .is_some_and(|r| r == "ErrImagePull" || r == "ImagePullBackOff")
+                    })
+                })
+        })
+        .await;
+    let second = s.kiln("", "");
+    let job = s.finished(id, 60).await;
+    assert_eq!(job.state, "success", "{}\n{}", job.trace, second.logs());
+    assert!(job.trace.contains("ran after adoption"), "{}", job.trace);
+    assert!(
+        job.trace.contains("pull policy \"if-not-present\""),
+        "{}",
+        job.trace
+    );
+    assert_eq!(job.final_updates.len(), 1, "{:?}", job.final_updates);
+    s.nothing_left(15).await;
+    assert_eq!(
+        s.kube.creations(),
+        vec![name.clone(), name],
+        "the pod, and once again with the next policy"
+    );
+}
