@@ -412,6 +412,12 @@ async fn a_job_whose_pull_policies_all_fail_is_an_image_pull_failure_after_the_l
     assert_eq!(job.state, "failed", "{}", kiln.logs());
     assert_eq!(job.failure_reason.as_deref(), Some("image_pull_failure"));
     assert!(job.trace.contains(&image), "{}", job.trace);
+    assert!(
+        job.trace
+            .contains("with pull policy \"if-not-present\", the last the job listed"),
+        "the reason says the last policy failed too: {}",
+        job.trace
+    );
     let pods = "/api/v1/namespaces/ci/pods".to_owned();
     let made = creates(&s.kube);
     assert_eq!(

@@ -371,7 +371,8 @@ fn waiting_verdict(
                 Verdict::Ended(PodEnd::failed(
                     FailureReason::ImagePullFailure,
                     format!(
-                        "the image `{image}` of {which} could not be pulled for {} ({reason}): {message}",
+                        "the image `{image}` of {which} could not be pulled{} for {} ({reason}): {message}",
+                        last_pull_policy(pod, &container.name),
                         humantime::format_duration(limits.image_pull_grace)
                     ),
                 ))
@@ -479,6 +480,28 @@ fn image_of(pod: &Pod, container: &str) -> Option<String> {
         .find(|c| c.name == container)?
         .image
         .clone()
+}
+
+/// ` with pull policy "…"` (gitlab-runner's name) when the pod tried other policies before
+/// this one, so the reason says the whole list failed; empty otherwise.
+fn last_pull_policy(pod: &Pod, container: &str) -> String {
+    let retried = super::labels::pull_retried(&pod.metadata, container);
+    let policy = pod.spec.as_ref().and_then(|spec| {
+        spec.init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+            .find(|c| c.name == container)?
+            .image_pull_policy
+            .clone()
+    });
+    match policy {
+        Some(policy) if retried => format!(
+            " with pull policy \"{}\", the last the job listed",
+            super::images::runner_policy_name(&policy)
+        ),
+        _ => String::new(),
+    }
 }
 
 fn describe_container(name: &str, main: &str) -> String {
