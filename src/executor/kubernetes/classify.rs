@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod};
 use k8s_openapi::jiff::Timestamp;
 
 use super::podspec::{BUILD_CONTAINER, PREPARE_CONTAINER, memory_limit};
@@ -471,37 +471,35 @@ fn disruption(pod: &Pod) -> Option<String> {
     Some(format!("{what}{}", message(condition.message.as_ref())))
 }
 
-fn image_of(pod: &Pod, container: &str) -> Option<String> {
+/// The spec of the pod's (init) container `name`.
+fn container_spec<'a>(pod: &'a Pod, name: &str) -> Option<&'a Container> {
     let spec = pod.spec.as_ref()?;
     spec.init_containers
         .iter()
         .flatten()
         .chain(spec.containers.iter())
-        .find(|c| c.name == container)?
-        .image
-        .clone()
+        .find(|c| c.name == name)
+}
+
+fn image_of(pod: &Pod, container: &str) -> Option<String> {
+    container_spec(pod, container)?.image.clone()
 }
 
 /// ` with pull policy "…"` (gitlab-runner's name) when the pod tried other policies before
 /// this one, so the reason says the whole list failed; empty otherwise.
 fn last_pull_policy(pod: &Pod, container: &str) -> String {
-    let retried = super::labels::pull_retried(&pod.metadata, container);
-    let policy = pod.spec.as_ref().and_then(|spec| {
-        spec.init_containers
-            .iter()
-            .flatten()
-            .chain(spec.containers.iter())
-            .find(|c| c.name == container)?
-            .image_pull_policy
-            .clone()
-    });
-    match policy {
-        Some(policy) if retried => format!(
-            " with pull policy \"{}\", the last the job listed",
-            super::images::runner_policy_name(&policy)
-        ),
-        _ => String::new(),
+    if !super::labels::pull_retried(&pod.metadata, container) {
+        return String::new();
     }
+    container_spec(pod, container)
+        .and_then(|c| c.image_pull_policy.as_deref())
+        .map(|policy| {
+            format!(
+                " with pull policy \"{}\", the last the job listed",
+                super::images::runner_policy_name(policy)
+            )
+        })
+        .unwrap_or_default()
 }
 
 fn describe_container(name: &str, main: &str) -> String {
