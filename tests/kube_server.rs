@@ -780,6 +780,94 @@ async fn image_scripts() {
 }
 
 #[tokio::test]
+async fn pull_policies_decide_whether_the_registry_is_asked() {
+    let server = KubeServer::start().await;
+    let pods: Api<Pod> = Api::namespaced(server.client("ci"), "ci");
+    // The registry is down for both images; only `cached` is on the node.
+    for image in ["kiln-test/cached:1", "kiln-test/absent:1"] {
+        server.script_image(image, ImageScript::PullFails { message: None });
+    }
+    server.seed_node_image("kiln-test/cached:1");
+    let spec = |image: &str, policy: &str| {
+        never(
+            json!([{ "name": "main", "image": image, "imagePullPolicy": policy,
+            "command": ["true"] }]),
+        )
+    };
+    for (name, image, policy) in [
+        ("always", "kiln-test/cached:1", "Always"),
+        ("if-not-present", "kiln-test/cached:1", "IfNotPresent"),
+        ("never-cached", "kiln-test/cached:1", "Never"),
+        ("never-absent", "kiln-test/absent:1", "Never"),
+        (
+            "if-not-present-absent",
+            "kiln-test/absent:1",
+            "IfNotPresent",
+        ),
+    ] {
+        pods.create(
+            &PostParams::default(),
+            &pod(name, json!({}), spec(image, policy)),
+        )
+        .await
+        .unwrap();
+    }
+    let waiting = |p: &Pod| {
+        state_of(p, "main")["waiting"]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    for name in ["if-not-present", "never-cached"] {
+        server
+            .wait_pod(name, WAIT, |p| phase(p) == "Succeeded")
+            .await;
+    }
+    let p = server
+        .wait_pod("always", WAIT, |p| waiting(p) == "ErrImagePull")
+        .await;
+    assert_eq!(
+        phase(&p),
+        "Pending",
+        "Always asks the registry, which is down"
+    );
+    server
+        .wait_pod("if-not-present-absent", WAIT, |p| {
+            waiting(p) == "ErrImagePull"
+        })
+        .await;
+    let p = server
+        .wait_pod("never-absent", WAIT, |p| waiting(p) == "ErrImageNeverPull")
+        .await;
+    assert_eq!(
+        state_of(&p, "main")["waiting"]["message"],
+        "Container image \"kiln-test/absent:1\" is not present with pull policy of Never"
+    );
+    // Pulled once the registry is back: from then on on the node.
+    server.clear_image_script("kiln-test/absent:1");
+    server
+        .wait_pod("if-not-present-absent", WAIT, |p| phase(p) == "Succeeded")
+        .await;
+    server.script_image(
+        "kiln-test/absent:1",
+        ImageScript::PullFails { message: None },
+    );
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "again",
+            json!({}),
+            spec("kiln-test/absent:1", "IfNotPresent"),
+        ),
+    )
+    .await
+    .unwrap();
+    server
+        .wait_pod("again", WAIT, |p| phase(p) == "Succeeded")
+        .await;
+}
+
+#[tokio::test]
 async fn scheduling_and_holds() {
     let server = KubeServer::start().await;
     let pods: Api<Pod> = Api::namespaced(server.client("ci"), "ci");

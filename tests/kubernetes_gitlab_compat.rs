@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::kubernetes_jobs::{pod_name, setup, with_image};
+use crate::kubernetes_jobs::{Setup, pod_name, setup, with_image};
 use crate::support::gitlab::job_json;
 
 const REGISTRY: &str = "registry.example.com:5005";
@@ -313,23 +313,45 @@ async fn a_job_whose_image_is_not_allowed_fails_before_any_pod_exists() {
 /// A registry that is down: every pull fails, as a pull's connection would.
 const REGISTRY_DOWN: &str = "failed to pull and unpack image: failed to do request: dial tcp 10.0.0.5:5005: connect: connection refused";
 
-#[tokio::test(flavor = "multi_thread")]
-async fn pull_policies_are_tried_in_order_so_a_job_runs_from_the_nodes_image_when_the_registry_is_down()
- {
-    let s = setup().await;
-    let image = format!("{REGISTRY}/kiln/demo/builder:1");
+/// The image `{REGISTRY}/kiln/demo/{path}` in a registry that is down, on the node already
+/// when `on_node` (pulled by an earlier job).
+fn image_in_a_registry_that_is_down(s: &Setup, path: &str, on_node: bool) -> String {
+    let image = format!("{REGISTRY}/kiln/demo/{path}");
     s.kube.script_image(
         &image,
         crate::support::kube::ImageScript::PullFails {
             message: Some(REGISTRY_DOWN.into()),
         },
     );
-    s.kube.seed_node_image(&image);
-    let mut job = with_image(
-        job_json("cached", &["echo ran from the cached image"]),
+    if on_node {
+        s.kube.seed_node_image(&image);
+    }
+    image
+}
+
+/// A job running `script` in `image`, asking for `policies` in order.
+fn job_with_pull_policies(
+    name: &str,
+    script: &str,
+    image: &str,
+    policies: &[&str],
+) -> serde_json::Value {
+    let mut job = with_image(job_json(name, &[script]), image);
+    job["image"]["pull_policy"] = json!(policies);
+    job
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_policies_are_tried_in_order_so_a_job_runs_from_the_nodes_image_when_the_registry_is_down()
+ {
+    let s = setup().await;
+    let image = image_in_a_registry_that_is_down(&s, "builder:1", true);
+    let job = job_with_pull_policies(
+        "cached",
+        "echo ran from the cached image",
         &image,
+        &["always", "if-not-present"],
     );
-    job["image"]["pull_policy"] = json!(["always", "if-not-present"]);
     let id = s.gitlab.enqueue(job);
     let kiln = s.kiln("", "");
     let job = s.finished(id, 90).await;
@@ -372,16 +394,14 @@ async fn pull_policies_are_tried_in_order_so_a_job_runs_from_the_nodes_image_whe
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_whose_pull_policies_all_fail_is_an_image_pull_failure_after_the_last() {
     let s = setup().await;
-    let image = format!("{REGISTRY}/kiln/demo/uncached:1");
-    s.kube.script_image(
-        &image,
-        crate::support::kube::ImageScript::PullFails {
-            message: Some(REGISTRY_DOWN.into()),
-        },
-    );
     // Not on the node: `if-not-present` has to pull too, and the registry is down.
-    let mut job = with_image(job_json("uncached", &["echo never"]), &image);
-    job["image"]["pull_policy"] = json!(["always", "if-not-present", "never"]);
+    let image = image_in_a_registry_that_is_down(&s, "uncached:1", false);
+    let job = job_with_pull_policies(
+        "uncached",
+        "echo never",
+        &image,
+        &["always", "if-not-present", "never"],
+    );
     let id = s.gitlab.enqueue(job);
     // `never` is not allowed: only the first two are tried.
     let kiln = s.kiln(
@@ -392,6 +412,12 @@ async fn a_job_whose_pull_policies_all_fail_is_an_image_pull_failure_after_the_l
     assert_eq!(job.state, "failed", "{}", kiln.logs());
     assert_eq!(job.failure_reason.as_deref(), Some("image_pull_failure"));
     assert!(job.trace.contains(&image), "{}", job.trace);
+    assert!(
+        job.trace
+            .contains("with pull policy \"if-not-present\", the last the job listed"),
+        "the reason says the last policy failed too: {}",
+        job.trace
+    );
     let pods = "/api/v1/namespaces/ci/pods".to_owned();
     let made = creates(&s.kube);
     assert_eq!(
@@ -402,4 +428,59 @@ async fn a_job_whose_pull_policies_all_fail_is_an_image_pull_failure_after_the_l
         "one pod per allowed policy: {made:?}"
     );
     s.nothing_left(15).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_adopting_a_failed_pull_goes_on_with_the_next_pull_policy() {
+    let s = setup().await;
+    let image = image_in_a_registry_that_is_down(&s, "adopted:1", true);
+    s.kube.hold(crate::support::kube::PodMatch::All);
+    let job = job_with_pull_policies(
+        "adopted",
+        "echo ran after adoption",
+        &image,
+        &["always", "if-not-present"],
+    );
+    let id = s.gitlab.enqueue(job);
+    let name = pod_name(id);
+    let mut first = s.kiln("", "");
+    s.kube
+        .wait_for(Duration::from_secs(30), |snap| snap.pod(&name).is_some())
+        .await;
+    crate::support::kiln::send_signal(first.pid(), "KILL");
+    first.wait_exit(Duration::from_secs(10));
+    // With no coordinator, the pull with `always` fails.
+    s.kube.release_hold();
+    s.kube
+        .wait_for(Duration::from_secs(30), |snap| {
+            snap.pod(&name)
+                .and_then(|p| p.status.as_ref())
+                .and_then(|st| st.container_statuses.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter().any(|c| {
+                        c.state
+                            .as_ref()
+                            .and_then(|st| st.waiting.as_ref())
+                            .and_then(|w| w.reason.as_deref())
+                            .is_some_and(|r| r == "ErrImagePull" || r == "ImagePullBackOff")
+                    })
+                })
+        })
+        .await;
+    let second = s.kiln("", "");
+    let job = s.finished(id, 60).await;
+    assert_eq!(job.state, "success", "{}\n{}", job.trace, second.logs());
+    assert!(job.trace.contains("ran after adoption"), "{}", job.trace);
+    assert!(
+        job.trace.contains("pull policy \"if-not-present\""),
+        "{}",
+        job.trace
+    );
+    assert_eq!(job.final_updates.len(), 1, "{:?}", job.final_updates);
+    s.nothing_left(15).await;
+    assert_eq!(
+        s.kube.creations(),
+        vec![name.clone(), name],
+        "the pod, and once again with the next policy"
+    );
 }

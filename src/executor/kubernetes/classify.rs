@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod};
 use k8s_openapi::jiff::Timestamp;
 
 use super::podspec::{BUILD_CONTAINER, PREPARE_CONTAINER, memory_limit};
@@ -371,7 +371,8 @@ fn waiting_verdict(
                 Verdict::Ended(PodEnd::failed(
                     FailureReason::ImagePullFailure,
                     format!(
-                        "the image `{image}` of {which} could not be pulled for {} ({reason}): {message}",
+                        "the image `{image}` of {which} could not be pulled{} for {} ({reason}): {message}",
+                        last_pull_policy(pod, &container.name),
                         humantime::format_duration(limits.image_pull_grace)
                     ),
                 ))
@@ -470,15 +471,35 @@ fn disruption(pod: &Pod) -> Option<String> {
     Some(format!("{what}{}", message(condition.message.as_ref())))
 }
 
-fn image_of(pod: &Pod, container: &str) -> Option<String> {
+/// The spec of the pod's (init) container `name`.
+fn container_spec<'a>(pod: &'a Pod, name: &str) -> Option<&'a Container> {
     let spec = pod.spec.as_ref()?;
     spec.init_containers
         .iter()
         .flatten()
         .chain(spec.containers.iter())
-        .find(|c| c.name == container)?
-        .image
-        .clone()
+        .find(|c| c.name == name)
+}
+
+fn image_of(pod: &Pod, container: &str) -> Option<String> {
+    container_spec(pod, container)?.image.clone()
+}
+
+/// ` with pull policy "…"` (gitlab-runner's name) when the pod tried other policies before
+/// this one, so the reason says the whole list failed; empty otherwise.
+fn last_pull_policy(pod: &Pod, container: &str) -> String {
+    if !super::labels::pull_retried(&pod.metadata, container) {
+        return String::new();
+    }
+    container_spec(pod, container)
+        .and_then(|c| c.image_pull_policy.as_deref())
+        .map(|policy| {
+            format!(
+                " with pull policy \"{}\", the last the job listed",
+                super::images::runner_policy_name(policy)
+            )
+        })
+        .unwrap_or_default()
 }
 
 fn describe_container(name: &str, main: &str) -> String {
@@ -662,6 +683,40 @@ mod tests {
         ));
         assert_eq!(ending.reason, FailureReason::RunnerSystemFailure);
         assert!(ending.detail.contains("code 2"));
+    }
+
+    #[test]
+    fn a_pull_failure_with_a_policy_left_asks_for_the_next_one_at_once() {
+        let status = json!({"phase": "Pending", "containerStatuses": [{
+            "name": "build", "image": "maven:3", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "ErrImagePull", "message": "connection refused"}}}]});
+        let mut with_fallback = pod(status.clone());
+        with_fallback.metadata.annotations = Some(
+            [(
+                "kiln.dev/pull-fallbacks".to_owned(),
+                "build=IfNotPresent".to_owned(),
+            )]
+            .into(),
+        );
+        assert_eq!(
+            classify(&with_fallback, at(0), LIMITS, &mut Memory::default()),
+            Verdict::NextPullPolicy {
+                container: "build".into(),
+                failure: "ErrImagePull: connection refused".into()
+            }
+        );
+        // Another container's fallbacks are not this one's.
+        with_fallback.metadata.annotations = Some(
+            [(
+                "kiln.dev/pull-fallbacks".to_owned(),
+                "svc-0=IfNotPresent".to_owned(),
+            )]
+            .into(),
+        );
+        assert!(matches!(
+            classify(&with_fallback, at(0), LIMITS, &mut Memory::default()),
+            Verdict::Wait { .. }
+        ));
     }
 
     #[test]

@@ -318,6 +318,29 @@ mod tests {
     }
 
     #[test]
+    fn pull_policies_are_the_allowed_ones_in_the_jobs_order() {
+        let asked = [
+            PullPolicy::Always,
+            PullPolicy::Never,
+            PullPolicy::IfNotPresent,
+            PullPolicy::Always,
+        ];
+        assert_eq!(
+            pull_policies(&asked, &config(&[], &[])).unwrap(),
+            ["Always", "Never", "IfNotPresent"]
+        );
+        assert_eq!(
+            pull_policies(&asked, &config(&["if-not-present", "always"], &[])).unwrap(),
+            ["Always", "IfNotPresent"]
+        );
+        assert_eq!(
+            pull_policies(&[], &config(&[], &["always", "if-not-present"])).unwrap(),
+            ["Always", "IfNotPresent"]
+        );
+        assert!(pull_policies(&[], &config(&[], &[])).unwrap().is_empty());
+    }
+
+    #[test]
     fn the_first_allowed_pull_policy_of_the_job_wins() {
         let asked = [PullPolicy::Always, PullPolicy::IfNotPresent];
         assert_eq!(

@@ -35,6 +35,8 @@ const ANNOTATION_LAUNCH: &str = "kiln.dev/launch";
 /// (`build=IfNotPresent;svc-0=IfNotPresent,Never`): on the pod, so a coordinator that adopts
 /// the build goes on where the last one stopped.
 const ANNOTATION_PULL_FALLBACKS: &str = "kiln.dev/pull-fallbacks";
+/// The containers a pod was made again for with a later pull policy (`build,svc-0`).
+const ANNOTATION_PULL_RETRIED: &str = "kiln.dev/pull-retried";
 const OWN_LABELS: &[&str] = &[
     LABEL_MANAGED_BY,
     LABEL_COORDINATOR,
@@ -134,6 +136,28 @@ pub(super) fn annotate_pull_fallbacks(
     } else {
         annotations.insert(ANNOTATION_PULL_FALLBACKS.to_owned(), value.join(";"));
     }
+}
+
+/// Annotates that the pod is made again for `container` with a later pull policy.
+pub(super) fn annotate_pull_retried(annotations: &mut BTreeMap<String, String>, container: &str) {
+    let entry = annotations
+        .entry(ANNOTATION_PULL_RETRIED.to_owned())
+        .or_default();
+    if !entry.split(',').any(|c| c == container) {
+        if !entry.is_empty() {
+            entry.push(',');
+        }
+        entry.push_str(container);
+    }
+}
+
+/// Whether the pod was made again for `container` with a later pull policy.
+pub(super) fn pull_retried(metadata: &ObjectMeta, container: &str) -> bool {
+    metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_PULL_RETRIED))
+        .is_some_and(|v| v.split(',').any(|c| c == container))
 }
 
 /// The pull policies each container of a pod is still to be tried with, by container.
@@ -286,6 +310,36 @@ mod tests {
 
     use super::*;
     use crate::build::{About, Workload};
+
+    #[test]
+    fn pull_fallbacks_read_back_as_written() {
+        let fallbacks: BTreeMap<String, Vec<String>> = [
+            (
+                "build".to_owned(),
+                vec!["IfNotPresent".to_owned(), "Never".to_owned()],
+            ),
+            ("svc-0".to_owned(), vec![]),
+            ("svc-1".to_owned(), vec!["IfNotPresent".to_owned()]),
+        ]
+        .into();
+        let mut annotations = BTreeMap::new();
+        annotate_pull_fallbacks(&mut annotations, &fallbacks);
+        assert_eq!(
+            annotations[ANNOTATION_PULL_FALLBACKS],
+            "build=IfNotPresent,Never;svc-1=IfNotPresent"
+        );
+        let metadata = ObjectMeta {
+            annotations: Some(annotations.clone()),
+            ..ObjectMeta::default()
+        };
+        let read = pull_fallbacks(&metadata);
+        assert_eq!(read["build"], ["IfNotPresent", "Never"]);
+        assert_eq!(read["svc-1"], ["IfNotPresent"]);
+        assert!(!read.contains_key("svc-0"));
+        // Nothing left: the annotation goes.
+        annotate_pull_fallbacks(&mut annotations, &BTreeMap::new());
+        assert!(annotations.is_empty());
+    }
 
     fn build(runner: &str, labels: &[(&str, &str)]) -> Build {
         Build {

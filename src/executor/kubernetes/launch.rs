@@ -207,12 +207,12 @@ impl KubernetesExecutor {
             image = c.image.clone().unwrap_or_default();
             c.image_pull_policy = Some(next_policy.clone());
         }
-        labels::annotate_pull_fallbacks(
-            pod.metadata
-                .annotations
-                .get_or_insert_with(Default::default),
-            &fallbacks,
-        );
+        let annotations = pod
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default);
+        labels::annotate_pull_fallbacks(annotations, &fallbacks);
+        labels::annotate_pull_retried(annotations, container);
         let launch_id = format!("{:016x}", rand::random::<u64>());
         labels::annotate_launch(&mut pod.metadata, &launch_id);
         let note = format!(

@@ -782,6 +782,48 @@ mod tests {
     }
 
     #[test]
+    fn the_first_pull_policy_is_the_containers_and_the_rest_are_annotated() {
+        use crate::build::PullPolicy::{Always, IfNotPresent};
+        let build = Build {
+            workload: Workload::KilnAgent {
+                image: Some(Image {
+                    name: "maven:3".into(),
+                    pull_policies: vec![Always, IfNotPresent],
+                    ..Image::default()
+                }),
+                services: vec![Service {
+                    image: Image {
+                        name: "postgres:16".into(),
+                        pull_policies: vec![IfNotPresent],
+                        ..Image::default()
+                    },
+                    command: Vec::new(),
+                    env: Vec::new(),
+                    aliases: Vec::new(),
+                }],
+            },
+            ..build()
+        };
+        let pod = pod(&build, &KubernetesConfig::default(), "ci").unwrap();
+        assert_eq!(
+            container(&pod, BUILD_CONTAINER)
+                .image_pull_policy
+                .as_deref(),
+            Some("Always")
+        );
+        assert_eq!(
+            container(&pod, "svc-0").image_pull_policy.as_deref(),
+            Some("IfNotPresent")
+        );
+        let fallbacks = labels::pull_fallbacks(&pod.metadata);
+        assert_eq!(fallbacks[BUILD_CONTAINER], ["IfNotPresent"]);
+        assert!(!fallbacks.contains_key("svc-0"), "{fallbacks:?}");
+        // The common case has no annotation at all.
+        let plain = super::pod(&super::tests::build(), &KubernetesConfig::default(), "ci").unwrap();
+        assert!(labels::pull_fallbacks(&plain.metadata).is_empty());
+    }
+
+    #[test]
     fn services_are_sidecars_reachable_by_alias() {
         let build = Build {
             workload: Workload::KilnAgent {

@@ -1,7 +1,11 @@
 //! A Kubernetes API test server (core v1 pods, secrets, events, and `coordination.k8s.io/v1`
 //! leases, on 127.0.0.1) whose built-in kubelet runs pods as local processes.
 
-// Tests script the kubelet (image pull failures, unschedulable pods, evictions, …).
+// Tests script the kubelet (image pull failures, unschedulable pods, evictions, …). An image
+// script says what the registry does; the container's `imagePullPolicy` says whether it is
+// asked: `IfNotPresent` and `Never` use an image the node holds (unscripted images, ones
+// pulled before, ones put there with `seed_node_image`), `Always` always pulls, and `Never`
+// without the image is `ErrImageNeverPull`, as a real kubelet.
 // Snapshots (`pods()`, `secrets()`, `events()`, [`Snapshot`]) are `k8s_openapi` types; the
 // store itself keeps `serde_json::Value`s, exactly what was served.
 
