@@ -416,7 +416,8 @@ async fn a_job_lost_with_an_evicted_runner_is_rerun_once_with_app_auth() {
 
 /// Enterprise scope: a job of a repository of an organization in the enterprise, announced by
 /// the (enterprise) webhook, runs on a JIT runner kiln registered at the enterprise with a
-/// classic token; the runner is listed and its registration is gone afterwards.
+/// classic token, in the enterprise runner group kiln looked up by name; the runner is listed and
+/// its registration is gone afterwards.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_enterprise_runner_runs_a_job_of_a_repository_in_the_enterprise() {
     const CLASSIC: &str = "classic_kiln_e2e_token_0123456789";
@@ -428,6 +429,8 @@ async fn an_enterprise_runner_runs_a_job_of_a_repository_in_the_enterprise() {
         "ent-admin",
         Access::classic(&["manage_runners:enterprise", "repo"]),
     );
+    s.github
+        .add_runner_group("megacorp", 7, "kiln-enterprise", None);
     let config = format!(
         r#"executor = "kubernetes"
 concurrent = 5
@@ -442,6 +445,7 @@ token = "{CLASSIC}"
 labels = ["kiln"]
 webhook_secret = "{HOOK_SECRET}"
 reconcile_interval = "5s"
+runner_group = "kiln-enterprise"
 "#,
         s.dir.path().join("kubeconfig").display(),
         s.github.url(),
@@ -469,6 +473,7 @@ reconcile_interval = "5s"
         .find(|r| r.job_id == Some(job.id))
         .unwrap_or_else(|| panic!("{runners:#?}\n{}", kiln.logs()));
     assert_eq!(ran.scope, "enterprise megacorp", "{ran:?}");
+    assert_eq!(ran.group_id, 7, "the group named by runner_group: {ran:?}");
     let requests = s.github.requests();
     assert!(
         requests.iter().any(|r| r.method == "POST"
