@@ -376,3 +376,44 @@ fn check_config_counts_github_sources_and_warns_of_a_readable_token() {
     let said = text(&kiln(&["check-config", path.to_str().unwrap()]));
     assert!(!said.contains("warning:"), "{said}");
 }
+
+/// `container_mode = "dind"` runs a privileged sidecar: without the admin's
+/// `[kubernetes] privileged = true` check-config refuses it, naming the field; and an
+/// enterprise source with a GitHub App (which cannot register enterprise runners) is named too.
+#[test]
+fn check_config_refuses_dind_without_the_privileged_opt_in_and_enterprise_with_an_app() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.toml");
+    let write = |kubernetes: &str, github: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "executor = \"kubernetes\"\n[kubernetes]\nnamespace = \"ci\"\n{kubernetes}\n\n\
+                 [[sources.github]]\ntoken = \"g\"\nlabels = [\"kiln\"]\n{github}\n"
+            ),
+        )
+        .unwrap();
+    };
+    write("", "org = \"acme\"\ncontainer_mode = \"dind\"");
+    let out = kiln(&["check-config", path.to_str().unwrap()]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("sources.github[0].container_mode") && said.contains("privileged = true"),
+        "{said}"
+    );
+    write(
+        "privileged = true",
+        "org = \"acme\"\ncontainer_mode = \"dind\"",
+    );
+    let out = kiln(&["check-config", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    write("", "enterprise = \"megacorp\"\napp_id = 12");
+    let out = kiln(&["check-config", path.to_str().unwrap()]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("sources.github[0].app_id") && said.contains("manage_runners:enterprise"),
+        "{said}"
+    );
+}

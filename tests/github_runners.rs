@@ -413,3 +413,173 @@ async fn a_job_lost_with_an_evicted_runner_is_rerun_once_with_app_auth() {
     );
     s.nothing_left(30).await;
 }
+
+/// Enterprise scope: a job of a repository of an organization in the enterprise, announced by
+/// the (enterprise) webhook, runs on a JIT runner kiln registered at the enterprise with a
+/// classic token, in the enterprise runner group kiln looked up by name; the runner is listed and
+/// its registration is gone afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_enterprise_runner_runs_a_job_of_a_repository_in_the_enterprise() {
+    const CLASSIC: &str = "classic_kiln_e2e_token_0123456789";
+    let s = setup().await;
+    s.github
+        .add_enterprise("megacorp", &["acme"], &["ent-admin"]);
+    s.github.add_pat(
+        CLASSIC,
+        "ent-admin",
+        Access::classic(&["manage_runners:enterprise", "repo"]),
+    );
+    s.github
+        .add_runner_group("megacorp", 7, "kiln-enterprise", None);
+    let config = format!(
+        r#"executor = "kubernetes"
+concurrent = 5
+
+[kubernetes]
+kubeconfig = "{}"
+
+[[sources.github]]
+api_url = "{}"
+enterprise = "megacorp"
+token = "{CLASSIC}"
+labels = ["kiln"]
+webhook_secret = "{HOOK_SECRET}"
+reconcile_interval = "5s"
+runner_group = "kiln-enterprise"
+"#,
+        s.dir.path().join("kubeconfig").display(),
+        s.github.url(),
+    );
+    let kiln = KilnProcess::start(&config);
+    s.github
+        .set_webhook(&format!("http://{}/hooks/github", kiln.http), HOOK_SECRET);
+    ready(&kiln).await;
+    let run = s.github.enqueue_run(
+        REPO,
+        RunSpec::new("CI").job(
+            JobSpec::new("build", &["self-hosted", "linux", "x64", "kiln"])
+                .runs_for(Duration::from_millis(200)),
+        ),
+    );
+    until(60, "the job ran on an enterprise runner", || {
+        completed(&s.github, &run.job_ids)
+    })
+    .await;
+    let job = s.github.job(run.job_ids[0]).unwrap();
+    assert_eq!(job.conclusion.as_deref(), Some("success"), "{job:?}");
+    let runners = s.github.runners();
+    let ran = runners
+        .iter()
+        .find(|r| r.job_id == Some(job.id))
+        .unwrap_or_else(|| panic!("{runners:#?}\n{}", kiln.logs()));
+    assert_eq!(ran.scope, "enterprise megacorp", "{ran:?}");
+    assert_eq!(ran.group_id, 7, "the group named by runner_group: {ran:?}");
+    let requests = s.github.requests();
+    assert!(
+        requests.iter().any(|r| r.method == "POST"
+            && r.path == "/enterprises/megacorp/actions/runners/generate-jitconfig"
+            && r.status == 201),
+        "{requests:#?}"
+    );
+    assert!(
+        !requests
+            .iter()
+            .any(|r| r.path.contains("/actions/runners") && !r.path.starts_with("/enterprises/")),
+        "runners are registered and listed at the enterprise only: {requests:#?}"
+    );
+    s.nothing_left(30).await;
+    assert!(
+        !kiln.logs().contains(CLASSIC),
+        "the token never reaches the log"
+    );
+}
+
+/// `container_mode = "dind"` (with the `[kubernetes] privileged` opt-in): each runner pod has
+/// a privileged `docker:dind` sidecar sharing the runner's work volume, and the runner reaches
+/// its daemon through `DOCKER_HOST`; without it, a runner pod has none of that.
+#[tokio::test(flavor = "multi_thread")]
+async fn dind_container_mode_adds_a_privileged_sidecar_the_work_volume_and_docker_host() {
+    use support::kube::PodMatch;
+    let s = setup().await;
+    for (extra, dind) in [("", false), ("container_mode = \"dind\"", true)] {
+        let mut config = s.config(&format!("token = \"{PAT}\""), extra);
+        if dind {
+            config = config.replace("[kubernetes]\n", "[kubernetes]\nprivileged = true\n");
+        }
+        let kiln = KilnProcess::start(&config);
+        s.github
+            .set_webhook(&format!("http://{}/hooks/github", kiln.http), HOOK_SECRET);
+        ready(&kiln).await;
+        s.kube.hold(PodMatch::All);
+        let run = s.github.enqueue_run(
+            REPO,
+            RunSpec::new("CI").job(
+                JobSpec::new("containers", &["self-hosted", "kiln"])
+                    .runs_for(Duration::from_millis(200)),
+            ),
+        );
+        until(30, "a runner pod", || s.runner_pods() == 1).await;
+        let pod = s
+            .kube
+            .pods()
+            .into_iter()
+            .find(|p| {
+                p.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("kiln-gh-"))
+            })
+            .unwrap();
+        let spec = pod.spec.unwrap();
+        let runner = spec.containers.iter().find(|c| c.name == "runner").unwrap();
+        let docker_host = runner
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "DOCKER_HOST")
+            .and_then(|e| e.value.clone());
+        let sidecar = spec.containers.iter().find(|c| c.name == "dind");
+        if dind {
+            let sidecar = sidecar.expect("a dind sidecar");
+            assert_eq!(sidecar.image.as_deref(), Some("docker:dind"));
+            let security = sidecar.security_context.as_ref().unwrap();
+            assert_eq!(security.privileged, Some(true));
+            let work = |c: &k8s_openapi::api::core::v1::Container| {
+                c.volume_mounts
+                    .iter()
+                    .flatten()
+                    .find(|m| m.mount_path == "/home/runner/_work")
+                    .map(|m| m.name.clone())
+            };
+            assert!(work(runner).is_some());
+            assert_eq!(work(runner), work(sidecar), "one work volume, shared");
+            assert_eq!(
+                docker_host.as_deref(),
+                Some("unix:///home/runner/_work/docker.sock")
+            );
+            let args = sidecar.args.clone().unwrap_or_default();
+            assert!(
+                args.iter()
+                    .any(|a| a == "--host=unix:///home/runner/_work/docker.sock"),
+                "the daemon listens only on the shared socket: {args:?}"
+            );
+            assert!(!args.iter().any(|a| a.contains("tcp://")), "{args:?}");
+            assert_ne!(
+                runner.security_context.as_ref().and_then(|c| c.privileged),
+                Some(true),
+                "only the sidecar is privileged, never the runner"
+            );
+        } else {
+            assert!(sidecar.is_none(), "no sidecar by default");
+            assert_eq!(spec.containers.len(), 1);
+            assert!(docker_host.is_none(), "no DOCKER_HOST by default");
+        }
+        s.kube.release_hold();
+        until(60, "the job completed", || {
+            completed(&s.github, &run.job_ids)
+        })
+        .await;
+        s.nothing_left(30).await;
+        drop(kiln);
+    }
+}

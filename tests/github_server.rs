@@ -1950,3 +1950,72 @@ mod octocrab_client {
         assert!(third.next.is_none());
     }
 }
+
+/// The enterprise runner endpoints take only a personal access token (classic) of an
+/// enterprise owner with `manage_runners:enterprise`, as GitHub documents for each of them:
+/// fine-grained tokens and installation tokens are refused, a classic token without the scope
+/// is told which scopes it needs, and runners registered there take the jobs of the
+/// enterprise's organizations.
+#[tokio::test]
+async fn enterprise_runner_endpoints_want_a_classic_token_with_manage_runners() {
+    let server = server().await;
+    server.add_enterprise("megacorp", &[ORG], &["ent-admin"]);
+    let classic = "classic_kiln_test_token_full";
+    let unscoped = "classic_kiln_test_token_repo";
+    server.add_pat(
+        classic,
+        "ent-admin",
+        Access::classic(&["manage_runners:enterprise", "repo"]),
+    );
+    server.add_pat(unscoped, "ent-admin", Access::classic(&["repo"]));
+    let runners = "/enterprises/megacorp/actions/runners";
+    let fine_grained = get(&server, runners).await;
+    assert_eq!(
+        fine_grained.status,
+        StatusCode::FORBIDDEN,
+        "{:?}",
+        fine_grained.body
+    );
+    let no_scope = call(&server, Method::GET, runners, Some(&bearer(unscoped)), None).await;
+    assert_eq!(no_scope.status, StatusCode::FORBIDDEN);
+    assert!(
+        no_scope
+            .header("x-accepted-oauth-scopes")
+            .is_some_and(|s| s.contains("manage_runners:enterprise")),
+        "{:?}",
+        no_scope.headers
+    );
+    let jit = call(
+        &server,
+        Method::POST,
+        &format!("{runners}/generate-jitconfig"),
+        Some(&bearer(classic)),
+        Some(jit_body("ent-1", &["kiln"])),
+    )
+    .await;
+    assert_eq!(jit.status, StatusCode::CREATED, "{:?}", jit.body);
+    let listed = call(&server, Method::GET, runners, Some(&bearer(classic)), None).await;
+    assert_eq!(listed.status, StatusCode::OK);
+    assert_eq!(listed.body["runners"][0]["name"], "ent-1");
+    assert_eq!(server.registered_runners()[0].scope, "enterprise megacorp");
+    // The same token lists the runs of the enterprise's repositories (scope `repo`).
+    let runs = call(
+        &server,
+        Method::GET,
+        &format!("/repos/{REPO}/actions/runs"),
+        Some(&bearer(classic)),
+        None,
+    )
+    .await;
+    assert_eq!(runs.status, StatusCode::OK, "{:?}", runs.body);
+    let id = jit.body["runner"]["id"].as_u64().unwrap();
+    let gone = call(
+        &server,
+        Method::DELETE,
+        &format!("{runners}/{id}"),
+        Some(&bearer(classic)),
+        None,
+    )
+    .await;
+    assert_eq!(gone.status, StatusCode::NO_CONTENT);
+}

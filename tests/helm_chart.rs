@@ -829,6 +829,30 @@ fn matrix_github_app_runs_organization_runners_with_the_key_from_the_secret() {
     assert_eq!(github["owner"].as_str(), Some("acme"));
     assert_eq!(github["repo"].as_str(), Some("widgets"));
 
+    // Enterprise runners, a group by name, dind with the privileged opt-in.
+    let out = check_case(&Values::yaml(
+        "{kubernetes: {privileged: true}, github: {enabled: true, enterprise: megacorp, labels: [kiln], token: fake-classic-enterprise-token, runnerGroup: ci, noDefaultLabels: true, runnerArch: ARM64, idleTimeout: 5m, containerMode: dind, dindImage: 'docker:27-dind'}}",
+    ));
+    let github = out.toml()["sources"]["github"][0].clone();
+    assert_eq!(github["enterprise"].as_str(), Some("megacorp"));
+    assert!(github.get("org").is_none() && github.get("owner").is_none());
+    assert_eq!(github["runner_group"].as_str(), Some("ci"));
+    assert_eq!(github["no_default_labels"].as_bool(), Some(true));
+    assert_eq!(github["runner_arch"].as_str(), Some("ARM64"));
+    assert_eq!(github["idle_timeout"].as_str(), Some("5m"));
+    assert_eq!(github["container_mode"].as_str(), Some("dind"));
+    assert_eq!(github["dind_image"].as_str(), Some("docker:27-dind"));
+    // Pod Security admission would refuse the privileged sidecar in a baseline namespace.
+    let namespace = out
+        .objects
+        .iter()
+        .find(|o| o["kind"] == "Namespace")
+        .unwrap();
+    assert_eq!(
+        namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "privileged"
+    );
+
     // What kiln would refuse at start is refused at install, in kiln's words.
     for (values, message) in [
         (
@@ -850,6 +874,10 @@ fn matrix_github_app_runs_organization_runners_with_the_key_from_the_secret() {
         (
             "github: {enabled: true, org: acme, labels: [kiln], token: t, labelClasses: {gpu: nope}}",
             "sources.github[0].label_classes.gpu",
+        ),
+        (
+            "github: {enabled: true, org: acme, labels: [kiln], token: t, containerMode: dind}",
+            "sources.github[0].container_mode",
         ),
     ] {
         let error = template_error(&Values::yaml(values));

@@ -384,6 +384,11 @@ impl Config {
         let mut github_names = BTreeMap::new();
         for (i, github) in self.sources.github.iter().enumerate() {
             problems.extend(github.problems(i, &classes));
+            problems.extend(github.container_problems(
+                i,
+                self.executor == ExecutorKind::Kubernetes,
+                self.kubernetes.privileged,
+            ));
             if let Some(previous) = github_names.insert(github.display_name(i), i) {
                 problems.push(Problem::new(
                     format!("sources.github[{i}].name"),

@@ -96,6 +96,9 @@ pub struct RequestRecord {
 pub struct Access {
     repos: Option<Vec<String>>,
     permissions: BTreeMap<String, String>,
+    /// A personal access token (classic): its OAuth scopes (`repo`, `manage_runners:enterprise`…)
+    /// instead of fine-grained permissions; `None` for every other credential.
+    classic_scopes: Option<Vec<String>>,
 }
 
 impl Access {
@@ -114,7 +117,24 @@ impl Access {
         Self {
             repos: None,
             permissions,
+            classic_scopes: None,
         }
+    }
+
+    /// A personal access token (classic) with these OAuth scopes: it reaches what its user
+    /// may (the repositories of the organizations of the enterprises the user administers).
+    pub fn classic(scopes: &[&str]) -> Self {
+        Self {
+            repos: None,
+            permissions: BTreeMap::new(),
+            classic_scopes: Some(scopes.iter().map(|s| (*s).to_owned()).collect()),
+        }
+    }
+
+    fn has_scope(&self, scope: &str) -> bool {
+        self.classic_scopes
+            .as_ref()
+            .is_some_and(|scopes| scopes.iter().any(|s| s == scope))
     }
 
     /// Only these repositories of the owner (by name), with the permissions of [`Access::all`].
@@ -304,6 +324,17 @@ struct Account {
     org: bool,
 }
 
+/// An enterprise account: its organizations and the users who administer it.
+#[derive(Debug)]
+struct Enterprise {
+    id: u64,
+    slug: String,
+    /// Organization logins, lower-case.
+    orgs: Vec<String>,
+    /// User logins, lower-case.
+    admins: Vec<String>,
+}
+
 #[derive(Debug)]
 struct Repo {
     id: u64,
@@ -404,6 +435,8 @@ enum Scope {
     Repo(u64),
     /// The organization's login, lower-case.
     Org(String),
+    /// The enterprise's slug, lower-case.
+    Enterprise(String),
 }
 
 struct Runner {
@@ -426,6 +459,8 @@ struct ServerState {
     base: String,
     next_id: u64,
     accounts: BTreeMap<String, Account>,
+    /// By slug, lower-case.
+    enterprises: BTreeMap<String, Enterprise>,
     repos: BTreeMap<u64, Repo>,
     pats: HashMap<String, Pat>,
     apps: BTreeMap<u64, App>,
@@ -501,6 +536,7 @@ impl GitHubServer {
                 minted: Vec::new(),
                 token_lifetime: DEFAULT_TOKEN_LIFETIME,
                 groups: BTreeMap::new(),
+                enterprises: BTreeMap::new(),
                 runs: BTreeMap::new(),
                 jobs: BTreeMap::new(),
                 runners: BTreeMap::new(),
@@ -575,6 +611,28 @@ impl GitHubServer {
         id
     }
 
+    /// Adds enterprise `slug` owning organizations `orgs` (made if new), administered by users
+    /// `admins` (whose classic tokens reach the enterprise and its organizations' repositories).
+    pub fn add_enterprise(&self, slug: &str, orgs: &[&str], admins: &[&str]) {
+        let mut st = self.lock();
+        for org in orgs {
+            st.account(org, true);
+        }
+        for admin in admins {
+            st.account(admin, false);
+        }
+        let id = st.id();
+        st.enterprises.insert(
+            slug.to_ascii_lowercase(),
+            Enterprise {
+                id,
+                slug: slug.to_owned(),
+                orgs: orgs.iter().map(|o| o.to_ascii_lowercase()).collect(),
+                admins: admins.iter().map(|a| a.to_ascii_lowercase()).collect(),
+            },
+        );
+    }
+
     /// Answers to `GET …/actions/runs` and `GET …/actions/runs/{id}/jobs` (the listings a
     /// reconcile walks) are taken at once and sent `delay` later: what a client acts on is
     /// that old by the time it arrives, and a reconcile over many runs is long in flight.
@@ -616,6 +674,12 @@ impl ServerState {
         self.accounts.get(&login.to_ascii_lowercase())
     }
 
+    /// The enterprise organization `org` belongs to.
+    fn enterprise_of(&self, org: &str) -> Option<&Enterprise> {
+        let org = org.to_ascii_lowercase();
+        self.enterprises.values().find(|e| e.orgs.contains(&org))
+    }
+
     fn find_repo(&self, owner: &str, name: &str) -> Option<&Repo> {
         self.repos
             .values()
@@ -655,6 +719,7 @@ impl ServerState {
             scope: match &r.scope {
                 Scope::Repo(id) => format!("repo {}", self.repos[id].full_name()),
                 Scope::Org(org) => format!("org {}", self.accounts[org].login),
+                Scope::Enterprise(slug) => format!("enterprise {}", self.enterprises[slug].slug),
             },
             group_id: r.group_id,
             labels: r.labels.clone(),

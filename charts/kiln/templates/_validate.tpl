@@ -77,6 +77,15 @@ needs several values at once or kiln's wording. Included by configmap.yaml.
 {{- if and .maxRunners (gt (int .minIdle) (int .maxRunners)) }}
 {{- fail (printf "sources.github[0].min_idle: is more than max_runners (%d) (github.minIdle)" (int .maxRunners)) }}
 {{- end }}
+{{- if and .enterprise (or .org .owner .repo) }}
+{{- fail "sources.github[0].org: set either `owner` and `repo` (repository runners), `org` (organization runners) or `enterprise` (enterprise runners) (github.enterprise, github.org, github.owner, github.repo)" }}
+{{- end }}
+{{- if and .enterprise .appId }}
+{{- fail "sources.github[0].app_id: enterprise runners need a personal access token (classic) with the manage_runners:enterprise scope in `token`: GitHub Apps cannot register enterprise runners (github.appId)" }}
+{{- end }}
+{{- if and (eq (toString .containerMode) "dind") (not $v.kubernetes.privileged) }}
+{{- fail "sources.github[0].container_mode: `dind` runs a privileged docker:dind sidecar (root on the node): set `[kubernetes] privileged = true` to allow it, or leave container_mode unset (github.containerMode, kubernetes.privileged)" }}
+{{- end }}
 {{- range $label, $class := .labelClasses }}
 {{- include "kiln.checkClass" (dict "root" $ "name" $class "at" (printf "sources.github[0].label_classes.%s" $label) "value" (printf "github.labelClasses.%s" $label)) }}
 {{- end }}

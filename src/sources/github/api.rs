@@ -243,6 +243,12 @@ impl GitHubApi {
                             .map_err(|e| GitHubError::from("find the App's installation", e))?
                             .id
                     }
+                    Scope::Enterprise(_) => {
+                        return Err(GitHubError::Other {
+                            what: "sign in to the enterprise".into(),
+                            message: "GitHub Apps cannot register enterprise runners; use a personal access token (classic) with manage_runners:enterprise".into(),
+                        });
+                    }
                 },
             };
             app.installation(installation)
@@ -318,6 +324,21 @@ impl GitHubApi {
         let org = match &self.scope {
             Scope::Repo { owner, repo } => return Ok(vec![(owner.clone(), repo.clone())]),
             Scope::Org(org) => org.clone(),
+            // GitHub has no REST listing of an enterprise's repositories for a runner token:
+            // the repositories webhooks named (since kiln started) are listed, every pass.
+            Scope::Enterprise(_) => {
+                let mut state = self.sweep_state();
+                let touched = std::mem::take(&mut state.touched);
+                state.known.extend(touched);
+                let mut known: Vec<(String, String)> = state
+                    .known
+                    .iter()
+                    .filter_map(|full| full.split_once('/'))
+                    .map(|(owner, name)| (owner.to_owned(), name.to_owned()))
+                    .collect();
+                known.sort();
+                return Ok(known);
+            }
         };
         let all = self.org_repositories(&org).await?;
         let mut state = self.sweep_state();
@@ -501,11 +522,54 @@ impl GitHubApi {
             Scope::Org(org) => {
                 actions.create_org_jit_runner_config(org, name, RunnerGroupId(group), labels)
             }
+            Scope::Enterprise(enterprise) => {
+                return self
+                    .enterprise_jit_config(enterprise, name, group, labels, work_folder)
+                    .await;
+            }
         };
         let config = builder.work_folder(work_folder).send().await.map_err(|e| {
             GitHubError::from(&format!("generate a JIT config for runner {name}"), e)
         })?;
         Ok((*config.runner.id, config.encoded_jit_config))
+    }
+
+    /// `POST /enterprises/{enterprise}/actions/runners/generate-jitconfig` (octocrab has the
+    /// repository and organization calls only).
+    async fn enterprise_jit_config(
+        &self,
+        enterprise: &str,
+        name: &str,
+        group: u64,
+        labels: Vec<String>,
+        work_folder: &str,
+    ) -> Result<(u64, String), GitHubError> {
+        #[derive(serde::Deserialize)]
+        struct Created {
+            runner: CreatedRunner,
+            encoded_jit_config: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct CreatedRunner {
+            id: u64,
+        }
+        let body = serde_json::json!({
+            "name": name,
+            "runner_group_id": group,
+            "labels": labels,
+            "work_folder": work_folder,
+        });
+        let created: Created = self
+            .client
+            .post(
+                format!("/enterprises/{enterprise}/actions/runners/generate-jitconfig"),
+                Some(&body),
+            )
+            .await
+            .map_err(|e| {
+                GitHubError::from(&format!("generate a JIT config for runner {name}"), e)
+            })?;
+        Ok((created.runner.id, created.encoded_jit_config))
     }
 
     /// The scope's runner registrations (conditionally: unchanged pages cost nothing).
@@ -516,6 +580,7 @@ impl GitHubApi {
         let base = match &self.scope {
             Scope::Repo { owner, repo } => format!("/repos/{owner}/{repo}/actions/runners"),
             Scope::Org(org) => format!("/orgs/{org}/actions/runners"),
+            Scope::Enterprise(enterprise) => format!("/enterprises/{enterprise}/actions/runners"),
         };
         let mut runners = Vec::new();
         for page in 1..=MAX_PAGES {
@@ -547,11 +612,15 @@ impl GitHubApi {
     /// # Errors
     /// No group of that name (the error lists the ones there are), or a listing failed.
     pub(crate) async fn runner_group(&self, name: &str) -> Result<RunnerGroup, GitHubError> {
-        let Scope::Org(org) = &self.scope else {
-            return Err(GitHubError::Other {
-                what: format!("find runner group {name}"),
-                message: "runner groups belong to an organization; repository runners join the default group".into(),
-            });
+        let (base, org) = match &self.scope {
+            Scope::Org(org) => (format!("/orgs/{org}"), org),
+            Scope::Enterprise(enterprise) => (format!("/enterprises/{enterprise}"), enterprise),
+            Scope::Repo { .. } => {
+                return Err(GitHubError::Other {
+                    what: format!("find runner group {name}"),
+                    message: "runner groups belong to an organization or enterprise; repository runners join the default group".into(),
+                });
+            }
         };
         let mut groups = Vec::new();
         for page in 1..=MAX_PAGES {
@@ -559,8 +628,8 @@ impl GitHubApi {
                 .conditional
                 .get(
                     &self.client,
-                    &format!("/orgs/{org}/actions/runner-groups?per_page={PER_PAGE}&page={page}"),
-                    "list the organization's runner groups",
+                    &format!("{base}/actions/runner-groups?per_page={PER_PAGE}&page={page}"),
+                    "list the runner groups",
                 )
                 .await?;
             let count = listed.runner_groups.len();
@@ -577,7 +646,9 @@ impl GitHubApi {
                 groups: names.join(", "),
             });
         };
-        let repos = if group.visibility == "selected" {
+        // An enterprise group's `selected` visibility names organizations, not repositories:
+        // GitHub's assignment decides, kiln does not filter.
+        let repos = if group.visibility == "selected" && matches!(self.scope, Scope::Org(_)) {
             let mut repos = HashSet::new();
             for page in 1..=MAX_PAGES {
                 let listed: GroupReposPage = self
@@ -624,12 +695,52 @@ impl GitHubApi {
                 actions.delete_repo_runner(owner, repo, RunnerId(id)).await
             }
             Scope::Org(org) => actions.delete_org_runner(org, RunnerId(id)).await,
+            Scope::Enterprise(enterprise) => {
+                return self.delete_enterprise_runner(enterprise, id).await;
+            }
         };
         match result.map_err(|e| GitHubError::from(&format!("delete runner {id}"), e)) {
             Ok(()) => Ok(Deleted::Gone),
             Err(e) if e.status() == Some(404) => Ok(Deleted::Gone),
             Err(e) if e.status() == Some(422) => Ok(Deleted::Busy),
             Err(e) => Err(e),
+        }
+    }
+
+    /// `DELETE /enterprises/{enterprise}/actions/runners/{id}` (not in octocrab).
+    async fn delete_enterprise_runner(
+        &self,
+        enterprise: &str,
+        id: u64,
+    ) -> Result<Deleted, GitHubError> {
+        let what = format!("delete runner {id}");
+        let response = self
+            .client
+            ._delete(
+                format!("/enterprises/{enterprise}/actions/runners/{id}"),
+                None::<&()>,
+            )
+            .await
+            .map_err(|e| GitHubError::from(&what, e))?;
+        match response.status().as_u16() {
+            200..=299 | 404 => Ok(Deleted::Gone),
+            422 => Ok(Deleted::Busy),
+            status => {
+                let body = self
+                    .client
+                    .body_to_string(response)
+                    .await
+                    .unwrap_or_default();
+                let message = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["message"].as_str().map(str::to_owned))
+                    .unwrap_or(body);
+                Err(GitHubError::Status {
+                    what,
+                    status,
+                    message,
+                })
+            }
         }
     }
 
@@ -694,6 +805,8 @@ struct Sweep {
     active: HashSet<String>,
     /// Repositories named by a webhook since the last pass (lower-case).
     touched: HashSet<String>,
+    /// Enterprise scope: every repository a webhook named since kiln started (lower-case).
+    known: HashSet<String>,
 }
 
 /// A run's jobs as listed, while the run is unchanged.

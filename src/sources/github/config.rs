@@ -33,6 +33,12 @@ pub struct GitHubConfig {
     /// allows).
     #[serde(default)]
     pub org: Option<String>,
+    /// The enterprise (its slug; enterprise scope: runners registered at the enterprise serve
+    /// the repositories of its organizations that the runner group allows). Needs a personal
+    /// access token (classic) with `manage_runners:enterprise`: GitHub Apps and fine-grained
+    /// tokens cannot use the enterprise runner endpoints.
+    #[serde(default)]
+    pub enterprise: Option<String>,
     /// A fine-grained personal access token (or use a GitHub App).
     #[serde(default)]
     pub token: Option<String>,
@@ -115,6 +121,30 @@ pub struct GitHubConfig {
     /// (evicted, spot reclaim, OOM kill).
     #[serde(default)]
     pub rerun_on_infrastructure_failure: bool,
+    /// How jobs that use `container:`, `services:` or Docker container actions get a Docker
+    /// daemon: `none` (the default: such jobs fail at their first container step) or `dind`
+    /// (a privileged `docker:dind` sidecar in each runner pod; needs
+    /// `[kubernetes] privileged = true`).
+    #[serde(default)]
+    pub container_mode: ContainerMode,
+    /// The image of the `dind` sidecar.
+    #[serde(default = "default_dind_image")]
+    pub dind_image: String,
+}
+
+/// How a runner pod serves container jobs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerMode {
+    /// No Docker daemon.
+    #[default]
+    None,
+    /// A `docker:dind` sidecar sharing the work volume; the runner reaches it via `DOCKER_HOST`.
+    Dind,
+}
+
+fn default_dind_image() -> String {
+    "docker:dind".into()
 }
 
 fn default_api_url() -> String {
@@ -187,17 +217,20 @@ pub(crate) enum Scope {
     },
     /// An organization.
     Org(String),
+    /// An enterprise, by slug.
+    Enterprise(String),
 }
 
 impl GitHubConfig {
     /// The scope, when the entry names exactly one.
     pub(crate) fn scope(&self) -> Option<Scope> {
-        match (&self.owner, &self.repo, &self.org) {
-            (Some(owner), Some(repo), None) => Some(Scope::Repo {
+        match (&self.owner, &self.repo, &self.org, &self.enterprise) {
+            (Some(owner), Some(repo), None, None) => Some(Scope::Repo {
                 owner: owner.clone(),
                 repo: repo.clone(),
             }),
-            (None, None, Some(org)) => Some(Scope::Org(org.clone())),
+            (None, None, Some(org), None) => Some(Scope::Org(org.clone())),
+            (None, None, None, Some(enterprise)) => Some(Scope::Enterprise(enterprise.clone())),
             _ => None,
         }
     }
@@ -232,7 +265,7 @@ impl GitHubConfig {
         }
         match self.scope() {
             Some(Scope::Repo { owner, repo }) => format!("{owner}-{repo}"),
-            Some(Scope::Org(org)) => org,
+            Some(Scope::Org(org) | Scope::Enterprise(org)) => org,
             None => format!("github-{index}"),
         }
     }
@@ -249,7 +282,13 @@ impl GitHubConfig {
         if self.scope().is_none() {
             problem(
                 at("org"),
-                "set either `owner` and `repo` (repository runners) or `org` (organization runners)".into(),
+                "set either `owner` and `repo` (repository runners), `org` (organization runners) or `enterprise` (enterprise runners)".into(),
+            );
+        }
+        if self.enterprise.is_some() && has_app_settings(self) {
+            problem(
+                at("app_id"),
+                "enterprise runners need a personal access token (classic) with the manage_runners:enterprise scope in `token`: GitHub Apps cannot register enterprise runners".into(),
             );
         }
         let has_token = self.token.as_deref().is_some_and(|t| !t.trim().is_empty());
@@ -330,10 +369,10 @@ impl GitHubConfig {
                     "set runner_group (a name) or runner_group_id, not both".into(),
                 );
             }
-            if self.org.is_none() {
+            if self.org.is_none() && self.enterprise.is_none() {
                 problem(
                     at("runner_group"),
-                    "runner groups belong to an organization: set `org` (repository runners join the default group)".into(),
+                    "runner groups belong to an organization or enterprise: set `org` or `enterprise` (repository runners join the default group)".into(),
                 );
             }
         }
@@ -362,6 +401,44 @@ impl GitHubConfig {
         }
         problems
     }
+
+    /// The problems of `container_mode` under the executor's settings: `dind` runs a privileged
+    /// sidecar, so it needs pods and the admin's `[kubernetes] privileged` opt-in.
+    pub(crate) fn container_problems(
+        &self,
+        index: usize,
+        pods: bool,
+        privileged: bool,
+    ) -> Vec<Problem> {
+        if self.container_mode != ContainerMode::Dind {
+            return Vec::new();
+        }
+        let path = format!("sources.github[{index}].container_mode");
+        if !pods {
+            return vec![Problem::new(
+                path,
+                "`dind` runs a sidecar in the runner pod: it needs executor = \"kubernetes\"",
+            )];
+        }
+        if !privileged {
+            return vec![Problem::new(
+                path,
+                "`dind` runs a privileged docker:dind sidecar (root on the node): set `[kubernetes] privileged = true` to allow it, or leave container_mode unset",
+            )];
+        }
+        Vec::new()
+    }
+}
+
+/// Whether any GitHub App setting is given.
+fn has_app_settings(config: &GitHubConfig) -> bool {
+    config.app_id.is_some()
+        || config.private_key_file.is_some()
+        || config
+            .private_key
+            .as_deref()
+            .is_some_and(|k| !k.trim().is_empty())
+        || config.installation_id.is_some()
 }
 
 // By hand, not derived: `Debug` output ends up in logs and panic messages, and the token and
@@ -375,6 +452,7 @@ impl std::fmt::Debug for GitHubConfig {
             .field("owner", &self.owner)
             .field("repo", &self.repo)
             .field("org", &self.org)
+            .field("enterprise", &self.enterprise)
             .field("token", &redacted(self.token.is_some()))
             .field("app_id", &self.app_id)
             .field("private_key_file", &self.private_key_file)
@@ -440,5 +518,52 @@ mod tests {
             "{short:?}"
         );
         assert!(problems("runner_group = \"kiln\"").is_empty());
+    }
+
+    #[test]
+    fn enterprise_scope_wants_a_classic_token_and_dind_wants_pods_and_the_privileged_opt_in() {
+        let enterprise: GitHubConfig = toml::from_str(
+            "enterprise = \"megacorp\"\ntoken = \"t\"\nlabels = [\"kiln\"]\nrunner_group = \"ci\"",
+        )
+        .unwrap();
+        assert_eq!(
+            enterprise.scope(),
+            Some(Scope::Enterprise("megacorp".into()))
+        );
+        assert!(enterprise.problems(0, &[]).is_empty());
+        let with_app: GitHubConfig = toml::from_str(
+            "enterprise = \"megacorp\"\napp_id = 3\nprivate_key = \"pem\"\nlabels = [\"kiln\"]",
+        )
+        .unwrap();
+        let problems: Vec<String> = with_app
+            .problems(2, &[])
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("sources.github[2].app_id")
+                    && p.contains("manage_runners:enterprise")),
+            "{problems:?}"
+        );
+        let both = config("enterprise = \"megacorp\"");
+        assert!(both.scope().is_none());
+        let dind = config("container_mode = \"dind\"");
+        assert!(dind.container_problems(0, true, true).is_empty());
+        assert!(config("").container_problems(0, false, false).is_empty());
+        let refused = dind.container_problems(0, true, false);
+        assert!(
+            refused[0]
+                .to_string()
+                .contains("sources.github[0].container_mode")
+                && refused[0].to_string().contains("privileged = true"),
+            "{refused:?}"
+        );
+        assert!(
+            dind.container_problems(0, false, true)[0]
+                .to_string()
+                .contains("kubernetes")
+        );
     }
 }

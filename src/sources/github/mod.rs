@@ -22,8 +22,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::build::{
-    About, Build, BuildKey, ClassChoice, Ending, EnvValue, EnvVar, FailureReason, ForeignAgent,
-    Found, Outcome, Process, SourceKind, Workload,
+    About, Build, BuildKey, ClassChoice, Ending, EnvValue, EnvVar, ExtraContainer, FailureReason,
+    ForeignAgent, Found, Outcome, Process, SourceKind, Workload,
 };
 use crate::sources::driver::{Looked, QueueCore, QueueDriven};
 use crate::sources::health::{Access, Failing, HealthTracker, Words};
@@ -329,7 +329,7 @@ impl GitHubSource {
     }
 
     /// Whether a job of repository `repo` is in this source's scope.
-    fn in_scope(&self, repo: &str, org: Option<&str>) -> bool {
+    fn in_scope(&self, repo: &str, org: Option<&str>, enterprise: Option<&str>) -> bool {
         match &self.scope {
             Scope::Repo { owner, repo: name } => {
                 repo.eq_ignore_ascii_case(&format!("{owner}/{name}"))
@@ -340,6 +340,7 @@ impl GitHubSource {
                         .split_once('/')
                         .is_some_and(|(owner, _)| owner.eq_ignore_ascii_case(login))
             }
+            Scope::Enterprise(slug) => enterprise.is_some_and(|e| e.eq_ignore_ascii_case(slug)),
         }
     }
 
@@ -407,6 +408,7 @@ impl GitHubSource {
         if !self.in_scope(
             &event.repository.full_name,
             event.organization.as_ref().map(|o| o.login.as_str()),
+            event.enterprise.as_ref().map(|e| e.slug.as_str()),
         ) {
             return;
         }
@@ -882,17 +884,28 @@ impl GitHubSource {
             .split_first()
             .map(|(p, a)| (p.clone(), a.to_vec()))
             .unwrap_or_default();
+        let workdir = format!("{RUNNER_HOME}/{}", self.config.work_folder);
+        let mut env = vec![EnvVar {
+            name: JIT_ENV.into(),
+            value: EnvValue::Secret(JIT_KEY.into()),
+        }];
+        let mut extra_containers = Vec::new();
+        if self.config.container_mode == config::ContainerMode::Dind {
+            let (sidecar, docker_host) = dind_sidecar(&self.config.dind_image, &workdir);
+            env.push(EnvVar {
+                name: "DOCKER_HOST".into(),
+                value: EnvValue::Plain(docker_host),
+            });
+            extra_containers.push(sidecar);
+        }
         let agent = ForeignAgent {
             container: "runner".into(),
             image: self.config.runner_image.clone(),
             command: Some(self.config.runner_command.clone()),
             args: None,
-            env: vec![EnvVar {
-                name: JIT_ENV.into(),
-                value: EnvValue::Secret(JIT_KEY.into()),
-            }],
-            workdir: format!("{RUNNER_HOME}/{}", self.config.work_folder),
-            extra_containers: Vec::new(),
+            env,
+            workdir,
+            extra_containers,
             process: Some(Process {
                 program,
                 args,
@@ -1014,6 +1027,45 @@ impl GitHubSource {
 }
 
 /// The `n`th name of a runner for job `job`: `kiln-gh-<job>`, then `kiln-gh-<job>-<n>`.
+/// The gid of the `docker` group in the Actions runner image, which the runner user is in:
+/// the daemon's socket is made theirs (as actions-runner-controller's dind mode does).
+const RUNNER_DOCKER_GID: u32 = 123;
+
+/// The `docker:dind` sidecar of `container_mode = "dind"` and the runner's `DOCKER_HOST`. The
+/// daemon listens only on a Unix socket in the work volume the pod's containers share (never
+/// on TCP, where every pod of the cluster could reach a privileged daemon); the work folder is
+/// at the same path in both containers, so the bind mounts the runner asks for (`container:`
+/// jobs mount the work folder) name the same files in the daemon.
+fn dind_sidecar(image: &str, workdir: &str) -> (ExtraContainer, String) {
+    let socket = format!("{workdir}/docker.sock");
+    let fields = serde_json::Map::from_iter([
+        ("image".to_owned(), serde_json::json!(image)),
+        (
+            "args".to_owned(),
+            serde_json::json!([
+                "dockerd",
+                format!("--host=unix://{socket}"),
+                format!("--group={RUNNER_DOCKER_GID}"),
+            ]),
+        ),
+        (
+            "env".to_owned(),
+            serde_json::json!([{"name": "DOCKER_TLS_CERTDIR", "value": ""}]),
+        ),
+        (
+            "securityContext".to_owned(),
+            serde_json::json!({"privileged": true, "runAsUser": 0, "runAsNonRoot": false}),
+        ),
+    ]);
+    (
+        ExtraContainer {
+            name: "dind".into(),
+            fields,
+        },
+        format!("unix://{socket}"),
+    )
+}
+
 fn runner_name(job: u64, n: u32) -> String {
     if n <= 1 {
         format!("{RUNNER_PREFIX}{job}")

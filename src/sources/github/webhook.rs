@@ -39,6 +39,15 @@ pub(crate) struct WorkflowJobEvent {
     /// Its organization, for organization repositories.
     #[serde(default)]
     pub(crate) organization: Option<Organization>,
+    /// Its enterprise, when the organization belongs to one.
+    #[serde(default)]
+    pub(crate) enterprise: Option<Enterprise>,
+}
+
+/// `enterprise`.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Enterprise {
+    pub(crate) slug: String,
 }
 
 /// What a `workflow_job` event says happened.

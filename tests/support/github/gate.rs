@@ -55,6 +55,22 @@ impl Caller {
         if self.kind == AuthKind::AppJwt {
             return Err(error(StatusCode::FORBIDDEN, self.not_accessible()));
         }
+        if self.access.classic_scopes.is_some() {
+            // A classic token reaches the user's own repositories and those of the
+            // organizations of enterprises the user administers, with the `repo` scope.
+            let user = self.owner.to_ascii_lowercase();
+            let repo = st
+                .find_repo(owner, name)
+                .filter(|r| {
+                    r.owner.eq_ignore_ascii_case(&user)
+                        || st
+                            .enterprise_of(&r.owner)
+                            .is_some_and(|e| e.admins.contains(&user))
+                })
+                .filter(|_| self.access.has_scope("repo"))
+                .ok_or_else(not_found)?;
+            return Ok(repo.id);
+        }
         let repo = st
             .find_repo(owner, name)
             .filter(|r| r.owner.eq_ignore_ascii_case(&self.owner) && self.access.covers(&r.name))
@@ -80,6 +96,35 @@ impl Caller {
             .ok_or_else(not_found)?;
         self.permitted(permission, level)?;
         Ok(account.login.to_ascii_lowercase())
+    }
+
+    /// The enterprise `slug` (lower-case) if this caller may manage its runners. As GitHub
+    /// documents for every enterprise runner endpoint: only a personal access token (classic)
+    /// or OAuth token with `manage_runners:enterprise` (or `admin:enterprise`) of an enterprise
+    /// owner; not GitHub App installation tokens, not fine-grained tokens.
+    pub(super) fn enterprise(&self, st: &ServerState, slug: &str) -> Result<String, Response> {
+        if self.kind != AuthKind::Pat || self.access.classic_scopes.is_none() {
+            return Err(error(StatusCode::FORBIDDEN, self.not_accessible()));
+        }
+        let enterprise = st
+            .enterprises
+            .get(&slug.to_ascii_lowercase())
+            .filter(|e| e.admins.contains(&self.owner.to_ascii_lowercase()))
+            .ok_or_else(not_found)?;
+        if !self.access.has_scope("manage_runners:enterprise")
+            && !self.access.has_scope("admin:enterprise")
+        {
+            let mut refusal = error(
+                StatusCode::FORBIDDEN,
+                "Must have admin rights to Repository.",
+            );
+            refusal.headers_mut().insert(
+                "x-accepted-oauth-scopes",
+                HeaderValue::from_static("admin:enterprise, manage_runners:enterprise"),
+            );
+            return Err(refusal);
+        }
+        Ok(enterprise.slug.to_ascii_lowercase())
     }
 
     fn permitted(&self, permission: &str, level: Level) -> Result<(), Response> {
@@ -241,6 +286,7 @@ fn authenticate(
             access: Access {
                 repos: Some(Vec::new()),
                 permissions: BTreeMap::new(),
+                classic_scopes: None,
             },
             installation: None,
             app: None,
@@ -265,6 +311,7 @@ fn authenticate(
                     access: Access {
                         repos: Some(Vec::new()),
                         permissions: BTreeMap::new(),
+                        classic_scopes: None,
                     },
                     installation: None,
                     app: Some(app),

@@ -31,6 +31,22 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
     Router::new()
         .route("/orgs/{org}/actions/runner-groups", get(org_runner_groups))
         .route(
+            "/enterprises/{enterprise}/actions/runner-groups",
+            get(enterprise_runner_groups),
+        )
+        .route(
+            "/enterprises/{enterprise}/actions/runners/generate-jitconfig",
+            post(enterprise_jitconfig),
+        )
+        .route(
+            "/enterprises/{enterprise}/actions/runners",
+            get(enterprise_runners),
+        )
+        .route(
+            "/enterprises/{enterprise}/actions/runners/{id}",
+            get(enterprise_runner).delete(delete_enterprise_runner),
+        )
+        .route(
             "/orgs/{org}/actions/runner-groups/{id}/repositories",
             get(runner_group_repos),
         )
@@ -57,7 +73,7 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
 impl ServerState {
     pub(super) fn group_name(&self, scope: &Scope, group_id: u64) -> String {
         match scope {
-            Scope::Org(org) => self
+            Scope::Org(org) | Scope::Enterprise(org) => self
                 .groups
                 .get(&(org.clone(), group_id))
                 .map_or_else(|| "Default".to_owned(), |g| g.name.clone()),
@@ -80,6 +96,10 @@ impl ServerState {
                         .and_then(|g| g.repos.as_ref())
                         .is_none_or(|repos| repos.contains(&job.repo))
             }
+            // Enterprise groups select organizations; the default group serves all of them.
+            Scope::Enterprise(slug) => self
+                .enterprise_of(&self.repos[&job.repo].owner)
+                .is_some_and(|e| e.slug.eq_ignore_ascii_case(slug)),
         };
         in_scope
             && job
@@ -212,6 +232,12 @@ impl ServerState {
         let github_url = match &scope {
             Scope::Repo(repo) => format!("https://github.com/{}", self.repos[repo].full_name()),
             Scope::Org(org) => format!("https://github.com/{}", self.accounts[org].login),
+            Scope::Enterprise(slug) => {
+                format!(
+                    "https://github.com/enterprises/{}",
+                    self.enterprises[slug].slug
+                )
+            }
         };
         let runner = Runner {
             id,
@@ -240,7 +266,7 @@ impl ServerState {
             return Ok(());
         }
         let org = match scope {
-            Scope::Org(org) => org.clone(),
+            Scope::Org(org) | Scope::Enterprise(org) => org.clone(),
             Scope::Repo(repo) => self.repos[repo].owner.to_ascii_lowercase(),
         };
         match self.groups.get(&(org, group_id)) {
@@ -248,7 +274,7 @@ impl ServerState {
                 StatusCode::FORBIDDEN,
                 "GitHub hosted runner groups cannot be modified",
             )),
-            Some(_) if matches!(scope, Scope::Org(_)) => Ok(()),
+            Some(_) if matches!(scope, Scope::Org(_) | Scope::Enterprise(_)) => Ok(()),
             _ => Err(not_found()),
         }
     }
@@ -548,6 +574,101 @@ async fn delete_org_runner(
     let mut st = s.lock();
     match caller.org(&st, &org, "organization_self_hosted_runners", Level::Write) {
         Ok(org) => delete(&s, &mut st, &Scope::Org(org), &id),
+        Err(refusal) => refusal,
+    }
+}
+
+/// `GET /enterprises/{enterprise}/actions/runner-groups`: the default group and the
+/// enterprise's others (added with [`GitHubServer::add_runner_group`] under the slug).
+async fn enterprise_runner_groups(
+    s: Srv,
+    Path(enterprise): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    uri: Uri,
+    axum::Extension(caller): axum::Extension<Caller>,
+) -> Response {
+    let st = s.lock();
+    let slug = match caller.enterprise(&st, &enterprise) {
+        Ok(slug) => slug,
+        Err(refusal) => return refusal,
+    };
+    let base = format!("{}/enterprises/{slug}/actions/runner-groups", st.base);
+    let group = |id: u64, name: &str| {
+        json!({
+            "id": id,
+            "name": name,
+            "visibility": "all",
+            "default": id == DEFAULT_RUNNER_GROUP,
+            "runners_url": format!("{base}/{id}/runners"),
+            "selected_organizations_url": format!("{base}/{id}/organizations"),
+            "allows_public_repositories": false,
+            "restricted_to_workflows": false,
+            "selected_workflows": [],
+            "workflow_restrictions_read_only": false,
+        })
+    };
+    let mut groups = vec![group(DEFAULT_RUNNER_GROUP, "Default")];
+    groups.extend(
+        st.groups
+            .iter()
+            .filter(|((o, _), g)| *o == slug && !g.hosted)
+            .map(|((_, id), g)| group(*id, &g.name)),
+    );
+    let (page, link) = paginate(&groups, &st.base, &uri, &q);
+    paged(
+        StatusCode::OK,
+        json!({"total_count": groups.len(), "runner_groups": page}),
+        link,
+    )
+}
+
+async fn enterprise_jitconfig(
+    s: Srv,
+    Path(enterprise): Path<String>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    body: Bytes,
+) -> Response {
+    let mut st = s.lock();
+    match caller.enterprise(&st, &enterprise) {
+        Ok(slug) => st.register(Scope::Enterprise(slug), &body),
+        Err(refusal) => refusal,
+    }
+}
+
+async fn enterprise_runners(
+    s: Srv,
+    Path(enterprise): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    uri: Uri,
+    axum::Extension(caller): axum::Extension<Caller>,
+) -> Response {
+    let st = s.lock();
+    match caller.enterprise(&st, &enterprise) {
+        Ok(slug) => list(&st, &Scope::Enterprise(slug), &uri, &q),
+        Err(refusal) => refusal,
+    }
+}
+
+async fn enterprise_runner(
+    s: Srv,
+    Path((enterprise, id)): Path<(String, String)>,
+    axum::Extension(caller): axum::Extension<Caller>,
+) -> Response {
+    let st = s.lock();
+    caller
+        .enterprise(&st, &enterprise)
+        .and_then(|slug| find(&st, &Scope::Enterprise(slug), &id))
+        .map_or_else(|e| e, |r| axum::Json(st.runner_json(r)).into_response())
+}
+
+async fn delete_enterprise_runner(
+    s: Srv,
+    Path((enterprise, id)): Path<(String, String)>,
+    axum::Extension(caller): axum::Extension<Caller>,
+) -> Response {
+    let mut st = s.lock();
+    match caller.enterprise(&st, &enterprise) {
+        Ok(slug) => delete(&s, &mut st, &Scope::Enterprise(slug), &id),
         Err(refusal) => refusal,
     }
 }

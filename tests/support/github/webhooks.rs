@@ -104,6 +104,16 @@ impl ServerState {
                 "description": null,
             });
         }
+        if let Some(enterprise) = self.enterprise_of(&owner.login) {
+            // GitHub adds the enterprise to the payloads of its organizations' events.
+            payload["enterprise"] = json!({
+                "id": enterprise.id,
+                "slug": enterprise.slug,
+                "name": enterprise.slug,
+                "node_id": format!("E_kgDO{:08}", enterprise.id),
+                "html_url": format!("https://github.com/enterprises/{}", enterprise.slug),
+            });
+        }
         if let Some(id) = self.webhooks.installation {
             payload["installation"] =
                 json!({"id": id, "node_id": format!("MDIzOkludGVncmF0aW9uSW5zdGFsbGF0aW9u{id}")});
