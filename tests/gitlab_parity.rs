@@ -408,7 +408,8 @@ async fn get_sources_hooks_run_around_the_checkout() {
 /// A GitLab behind a private CA (`tls_ca_file`, gitlab-runner's `tls-ca-file`): without the CA
 /// kiln's polls fail naming the certificate problem and no job is taken; with it (set by its
 /// `KILN_…` variable) the job is taken, cloned over https with git trusting the CA, and the
-/// script finds the CA in `CI_SERVER_TLS_CA_FILE`.
+/// script finds the CA in `CI_SERVER_TLS_CA_FILE`. The job sets `FF_TIMESTAMPS`: every trace
+/// line has its timestamp header.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_gitlab_behind_a_private_ca_is_trusted_through_tls_ca_file() {
     let (gitlab, ca_pem) = GitLabServer::start_tls().await;
@@ -429,6 +430,7 @@ async fn a_gitlab_behind_a_private_ca_is_trusted_through_tls_ca_file() {
         ],
     );
     job["git_info"]["sha"] = json!(sha);
+    add_variables(&mut job, &[variable("FF_TIMESTAMPS", "true", false)]);
     let id = gitlab.enqueue(job);
     let config = config(&gitlab.url(), TOKEN, "");
 
@@ -467,4 +469,16 @@ async fn a_gitlab_behind_a_private_ca_is_trusted_through_tls_ca_file() {
         "{}",
         job.trace
     );
+    // FF_TIMESTAMPS: every line, kiln's and the script's, starts with gitlab-runner's header.
+    for line in job.trace.lines() {
+        let header = line.get(..32).unwrap_or_default();
+        assert!(
+            header.ends_with("Z 00O ")
+                && header.as_bytes()[4] == b'-'
+                && header.as_bytes()[10] == b'T'
+                && header.as_bytes()[19] == b'.',
+            "line without a timestamp header: {line:?}\n{}",
+            job.trace
+        );
+    }
 }
