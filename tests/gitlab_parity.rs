@@ -166,6 +166,11 @@ async fn sources_are_checked_out_complete_after_two_failed_fetches(executor: Exe
         "two retries: {}",
         job.trace
     );
+    assert!(
+        !job.trace.contains("Git LFS initialized") && !job.trace.contains("Updated Git hooks"),
+        "LFS is set up quietly: {}",
+        job.trace
+    );
     assert!(!job.trace.contains(&job.token), "{}", job.trace);
 }
 
@@ -283,6 +288,11 @@ async fn debug_trace_status_and_a_200_kb_variable(executor: Executor) {
     );
     assert!(!job.trace.contains(secret), "{}", job.trace);
     assert!(!job.trace.contains(&big[..1000]), "the value is not traced");
+    assert!(
+        !job.trace.contains("+ printf"),
+        "xtrace shows the job's commands, not kiln's echoes: {}",
+        job.trace
+    );
     let patches = bench
         .gitlab()
         .requests()
@@ -481,4 +491,31 @@ async fn a_gitlab_behind_a_private_ca_is_trusted_through_tls_ca_file() {
             job.trace
         );
     }
+}
+
+/// `ARTIFACT_DOWNLOAD_ATTEMPTS=4` outlasts three failed downloads of a dependency's artifacts,
+/// one more than kiln retries a transient failure on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn artifact_download_attempts_outlast_failed_downloads() {
+    let mut bench = Bench::start(Executor::Local).await;
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    zip.start_file("build/app.txt", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    std::io::Write::write_all(&mut zip, b"from the build job").unwrap();
+    let dependency = bench
+        .gitlab()
+        .store_artifact(900, zip.finish().unwrap().into_inner());
+    let mut job = job_json("uses-build", &["cat build/app.txt"]);
+    job["dependencies"] = json!([dependency]);
+    add_variables(
+        &mut job,
+        &[variable("ARTIFACT_DOWNLOAD_ATTEMPTS", "4", false)],
+    );
+    bench.gitlab().fail_artifact_downloads(3);
+    let id = bench.gitlab().enqueue(job);
+    bench.run();
+    let job = bench.finished(id).await;
+    assert_eq!(job.state, "success", "{}", job.trace);
+    assert!(job.trace.contains("from the build job"), "{}", job.trace);
+    assert_eq!(job.trace.matches("; retrying").count(), 3, "{}", job.trace);
 }

@@ -462,14 +462,17 @@ mod tests {
         assert!(!text.contains("s3cr3t"), "{text}");
     }
 
-    #[test]
-    fn a_stamped_trace_is_not_stamped_again() {
-        let trace = Trace::new(
+    fn unmasked_trace() -> Trace {
+        Trace::new(
             Masker::new(Vec::<String>::new(), Vec::new()),
             1 << 20,
             false,
         )
-        .with_timestamps(true);
+    }
+
+    #[test]
+    fn a_stamped_trace_is_not_stamped_again() {
+        let trace = unmasked_trace().with_timestamps(true);
         trace.write_stamped(b"2024-05-21T10:15:30.123456Z 00O init\n");
         trace.write(b"main\n");
         let text = String::from_utf8(trace.contents()).unwrap();
@@ -488,11 +491,7 @@ mod tests {
 
     #[test]
     fn without_ff_timestamps_the_trace_is_the_output() {
-        let trace = Trace::new(
-            Masker::new(Vec::<String>::new(), Vec::new()),
-            1 << 20,
-            false,
-        );
+        let trace = unmasked_trace();
         trace.write(b"a\nb");
         assert_eq!(trace.contents(), b"a\nb");
     }
