@@ -166,6 +166,11 @@ async fn sources_are_checked_out_complete_after_two_failed_fetches(executor: Exe
         "two retries: {}",
         job.trace
     );
+    assert!(
+        !job.trace.contains("Git LFS initialized") && !job.trace.contains("Updated Git hooks"),
+        "LFS is set up quietly: {}",
+        job.trace
+    );
     assert!(!job.trace.contains(&job.token), "{}", job.trace);
 }
 
@@ -283,6 +288,11 @@ async fn debug_trace_status_and_a_200_kb_variable(executor: Executor) {
     );
     assert!(!job.trace.contains(secret), "{}", job.trace);
     assert!(!job.trace.contains(&big[..1000]), "the value is not traced");
+    assert!(
+        !job.trace.contains("+ printf"),
+        "xtrace shows the job's commands, not kiln's echoes: {}",
+        job.trace
+    );
     let patches = bench
         .gitlab()
         .requests()
@@ -408,7 +418,8 @@ async fn get_sources_hooks_run_around_the_checkout() {
 /// A GitLab behind a private CA (`tls_ca_file`, gitlab-runner's `tls-ca-file`): without the CA
 /// kiln's polls fail naming the certificate problem and no job is taken; with it (set by its
 /// `KILN_…` variable) the job is taken, cloned over https with git trusting the CA, and the
-/// script finds the CA in `CI_SERVER_TLS_CA_FILE`.
+/// script finds the CA in `CI_SERVER_TLS_CA_FILE`. The job sets `FF_TIMESTAMPS`: every trace
+/// line has its timestamp header.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_gitlab_behind_a_private_ca_is_trusted_through_tls_ca_file() {
     let (gitlab, ca_pem) = GitLabServer::start_tls().await;
@@ -429,6 +440,7 @@ async fn a_gitlab_behind_a_private_ca_is_trusted_through_tls_ca_file() {
         ],
     );
     job["git_info"]["sha"] = json!(sha);
+    add_variables(&mut job, &[variable("FF_TIMESTAMPS", "true", false)]);
     let id = gitlab.enqueue(job);
     let config = config(&gitlab.url(), TOKEN, "");
 
@@ -467,4 +479,43 @@ async fn a_gitlab_behind_a_private_ca_is_trusted_through_tls_ca_file() {
         "{}",
         job.trace
     );
+    // FF_TIMESTAMPS: every line, kiln's and the script's, starts with gitlab-runner's header.
+    for line in job.trace.lines() {
+        let header = line.get(..32).unwrap_or_default();
+        assert!(
+            header.ends_with("Z 00O ")
+                && header.as_bytes()[4] == b'-'
+                && header.as_bytes()[10] == b'T'
+                && header.as_bytes()[19] == b'.',
+            "line without a timestamp header: {line:?}\n{}",
+            job.trace
+        );
+    }
+}
+
+/// `ARTIFACT_DOWNLOAD_ATTEMPTS=4` outlasts three failed downloads of a dependency's artifacts,
+/// one more than kiln retries a transient failure on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn artifact_download_attempts_outlast_failed_downloads() {
+    let mut bench = Bench::start(Executor::Local).await;
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    zip.start_file("build/app.txt", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    std::io::Write::write_all(&mut zip, b"from the build job").unwrap();
+    let dependency = bench
+        .gitlab()
+        .store_artifact(900, zip.finish().unwrap().into_inner());
+    let mut job = job_json("uses-build", &["cat build/app.txt"]);
+    job["dependencies"] = json!([dependency]);
+    add_variables(
+        &mut job,
+        &[variable("ARTIFACT_DOWNLOAD_ATTEMPTS", "4", false)],
+    );
+    bench.gitlab().fail_artifact_downloads(3);
+    let id = bench.gitlab().enqueue(job);
+    bench.run();
+    let job = bench.finished(id).await;
+    assert_eq!(job.state, "success", "{}", job.trace);
+    assert!(job.trace.contains("from the build job"), "{}", job.trace);
+    assert_eq!(job.trace.matches("; retrying").count(), 3, "{}", job.trace);
 }

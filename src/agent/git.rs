@@ -171,7 +171,11 @@ pub(crate) fn commands(
     if lfs {
         // Checkout leaves pointers (no smudge: no credential prompt, no per-file download);
         // `git lfs pull` then fetches the objects in one batch with the remote's credentials.
-        lines.push(git(&["lfs", "install", "--local", "--skip-smudge"]));
+        // The filter settings of `git lfs install --local --skip-smudge`, set silently: the
+        // command itself prints "Updated Git hooks" into the trace (and has no quiet flag).
+        for (key, value) in LFS_SKIP_SMUDGE_FILTER {
+            lines.push(git(&["config", "--local", key, value]));
+        }
     }
     let mut refspecs = info.refspecs.clone();
     if refspecs.is_empty() {
@@ -217,6 +221,14 @@ pub(crate) fn commands(
     Ok(lines)
 }
 
+/// What `git lfs install --local --skip-smudge` writes to a repository's config.
+const LFS_SKIP_SMUDGE_FILTER: [(&str, &str); 4] = [
+    ("filter.lfs.clean", "git-lfs clean -- %f"),
+    ("filter.lfs.smudge", "git-lfs smudge --skip -- %f"),
+    ("filter.lfs.process", "git-lfs filter-process --skip"),
+    ("filter.lfs.required", "true"),
+];
+
 /// `git submodule` sync, update, clean and reset (and LFS pull), as gitlab-runner runs them.
 fn submodule_commands(
     git: &dyn Fn(&[&str]) -> Vec<String>,
@@ -253,7 +265,7 @@ fn submodule_commands(
     lines.push(foreach("git reset --hard -q".to_owned()));
     if lfs {
         lines.push(foreach(
-            "git lfs install --local --skip-smudge && git lfs pull".to_owned(),
+            "git lfs install --local --skip-smudge >/dev/null && git lfs pull".to_owned(),
         ));
     }
     lines
@@ -317,7 +329,7 @@ mod tests {
                 "submodule update --init --recursive --depth=1 -- libs/a",
                 "submodule foreach --recursive git clean -ffdx -e keep",
                 "submodule foreach --recursive git reset --hard -q",
-                "submodule foreach --recursive git lfs install --local --skip-smudge && git lfs pull",
+                "submodule foreach --recursive git lfs install --local --skip-smudge >/dev/null && git lfs pull",
             ]
         );
     }

@@ -316,7 +316,7 @@ fn context(
         .with_fingerprints(&spec.masked);
     let limit =
         usize::try_from(spec.settings.output_limit.saturating_mul(1024)).unwrap_or(usize::MAX);
-    let trace = Arc::new(Trace::new(masker, limit, false));
+    let trace = Arc::new(Trace::new(masker, limit, false).with_timestamps(options.timestamps));
     let api = RunnerApi::trusting(
         &spec.gitlab_url,
         spec.tls_ca
@@ -863,7 +863,7 @@ async fn get_sources(ctx: &mut Context) -> Option<JobEnd> {
         // The init container fetched the sources: its trace goes into the job's.
         return match serde_json::from_slice::<PreparedSources>(&bytes) {
             Ok(prepared) => {
-                trace.write(prepared.log.as_bytes());
+                trace.write_stamped(prepared.log.as_bytes());
                 prepared
                     .failure
                     .map(|(reason, message)| JobEnd::failed(reason, message))

@@ -215,9 +215,13 @@ pub(crate) fn write_script(
         ));
     }
     text.push_str(&format!("cd {}\n", quote(&project_dir.to_string_lossy())));
-    if options.xtrace {
-        text.push_str("set -x\n");
-    }
+    // xtrace (`CI_DEBUG_TRACE`) covers the job's commands only, not kiln's `printf` echoes and
+    // section markers around them: `{ set +x; } 2>/dev/null` turns it off untraced.
+    let (trace_on, trace_off) = if options.xtrace {
+        ("set -x\n", "{ set +x; } 2>/dev/null\n")
+    } else {
+        ("", "")
+    };
     for (i, line) in lines.iter().enumerate() {
         let mut shown = line.lines().next().unwrap_or("").to_owned();
         if line.trim_end().contains('\n') {
@@ -233,8 +237,10 @@ pub(crate) fn write_script(
             "printf '\\033[32;1m$ %s\\033[0;m\\n' {}\n",
             quote(&shown)
         ));
+        text.push_str(trace_on);
         text.push_str(line);
         text.push('\n');
+        text.push_str(trace_off);
         if options.sections {
             text.push_str(&format!(
                 "printf '\\033[0Ksection_end:%s:{section}\\r\\033[0K' \"$(date +%s)\"\n"
@@ -254,6 +260,37 @@ pub(crate) fn quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xtrace_shows_the_commands_but_not_kilns_echoes() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = ScriptOptions {
+            from_files: Vec::new(),
+            xtrace: true,
+            sections: true,
+        };
+        let script = write_script(
+            dir.path(),
+            "script",
+            "sh",
+            dir.path(),
+            &["echo one".to_owned(), "echo two".to_owned()],
+            &options,
+        )
+        .unwrap();
+        let output = std::process::Command::new("sh")
+            .arg(&script)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let traced: Vec<&str> = stderr.lines().filter(|l| l.starts_with('+')).collect();
+        assert_eq!(traced, ["+ echo one", "+ echo two"], "{stderr}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            stdout.contains("one\n") && stdout.contains("two\n"),
+            "{stdout}"
+        );
+    }
 
     #[test]
     fn quoting_survives_single_quotes() {

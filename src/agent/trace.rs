@@ -40,6 +40,10 @@ struct TraceState {
     limit: usize,
     truncated: bool,
     echo: bool,
+    /// `FF_TIMESTAMPS`: whether lines get gitlab-runner's timestamp header.
+    timestamps: bool,
+    /// Whether the next byte starts a line (its header is written before it).
+    at_line_start: bool,
 }
 
 impl Trace {
@@ -53,7 +57,20 @@ impl Trace {
                 limit,
                 truncated: false,
                 echo,
+                timestamps: false,
+                at_line_start: true,
             }),
+        }
+    }
+
+    /// The same trace, starting each line with its time when `on` (`FF_TIMESTAMPS`), as
+    /// gitlab-runner 17 does: see [`timestamp_header`].
+    #[must_use]
+    pub(crate) fn with_timestamps(self, on: bool) -> Self {
+        let mut state = self.state.into_inner().unwrap_or_else(|e| e.into_inner());
+        state.timestamps = on;
+        Self {
+            state: Mutex::new(state),
         }
     }
 
@@ -67,6 +84,19 @@ impl Trace {
         let mut state = self.lock();
         let masked = state.masker.push(bytes);
         state.append(&masked);
+    }
+
+    /// Appends a trace that already has its timestamp headers, if any (the init container's,
+    /// stamped when its lines were written): masked, but not stamped again.
+    pub(crate) fn write_stamped(&self, bytes: &[u8]) {
+        let mut state = self.lock();
+        let mut masked = state.masker.finish();
+        masked.extend(state.masker.push(bytes));
+        masked.extend(state.masker.finish());
+        if let Some(&last) = masked.last() {
+            state.append_raw(&masked);
+            state.at_line_start = last == b'\n';
+        }
     }
 
     /// Appends a line written by kiln itself (masked too: it may quote URLs or values).
@@ -141,7 +171,28 @@ impl Trace {
 }
 
 impl TraceState {
+    /// Appends masked bytes: timestamped line by line with `FF_TIMESTAMPS` (after masking, so
+    /// a header never splits a secret; a line split across writes gets one header).
     fn append(&mut self, bytes: &[u8]) {
+        if !self.timestamps {
+            return self.append_raw(bytes);
+        }
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            if self.at_line_start {
+                self.append_raw(timestamp_header(SystemTime::now()).as_bytes());
+            }
+            let end = rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(rest.len(), |i| i + 1);
+            self.append_raw(&rest[..end]);
+            self.at_line_start = rest[end - 1] == b'\n';
+            rest = &rest[end..];
+        }
+    }
+
+    fn append_raw(&mut self, bytes: &[u8]) {
         if bytes.is_empty() || self.truncated {
             return;
         }
@@ -161,6 +212,14 @@ impl TraceState {
             self.log.extend_from_slice(notice.as_bytes());
         }
     }
+}
+
+/// gitlab-runner's per-line header with `FF_TIMESTAMPS`: the time in UTC, RFC 3339 with
+/// microseconds, then the stream (`00`: the job's one output stream), its type (`O`: output)
+/// and a space, e.g. `2024-05-21T10:15:30.123456Z 00O `. GitLab (17.1+) parses and strips it to
+/// show each line's time.
+fn timestamp_header(at: SystemTime) -> String {
+    format!("{} 00O ", humantime::format_rfc3339_micros(at))
 }
 
 fn unix_now() -> u64 {
@@ -372,6 +431,69 @@ mod tests {
         let log = String::from_utf8(trace.slice(0, 1000)).unwrap();
         assert!(log.starts_with("0123456789\n"), "{log}");
         assert_eq!(log.matches("exceeded limit of 10 bytes").count(), 1);
+    }
+
+    #[test]
+    fn timestamps_start_every_line_once_across_writes_and_masking_still_applies() {
+        let masker = Masker::new(["s3cr3t-value".to_owned()], Vec::new());
+        let trace = Trace::new(masker, 1 << 20, false).with_timestamps(true);
+        trace.write(b"first line\nsecond ");
+        trace.write(b"half s3cr");
+        trace.write(b"3t-value done\n\nlast");
+        trace.release_held();
+        let text = String::from_utf8(trace.contents()).unwrap();
+        let lines: Vec<&str> = text.split('\n').collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        let expected = ["first line", "second half [MASKED] done", "", "last"];
+        for (line, content) in lines.iter().zip(expected) {
+            let (header, rest) = line.split_at(line.len() - content.len());
+            assert_eq!(rest, content, "{text}");
+            assert_eq!(
+                header.len(),
+                "2024-05-21T10:15:30.123456Z 00O ".len(),
+                "{text}"
+            );
+            assert!(header.ends_with("Z 00O "), "{text}");
+            assert!(
+                humantime::parse_rfc3339(&header[..header.len() - 5]).is_ok(),
+                "{header}"
+            );
+        }
+        assert!(!text.contains("s3cr3t"), "{text}");
+    }
+
+    fn unmasked_trace() -> Trace {
+        Trace::new(
+            Masker::new(Vec::<String>::new(), Vec::new()),
+            1 << 20,
+            false,
+        )
+    }
+
+    #[test]
+    fn a_stamped_trace_is_not_stamped_again() {
+        let trace = unmasked_trace().with_timestamps(true);
+        trace.write_stamped(b"2024-05-21T10:15:30.123456Z 00O init\n");
+        trace.write(b"main\n");
+        let text = String::from_utf8(trace.contents()).unwrap();
+        assert!(
+            text.starts_with("2024-05-21T10:15:30.123456Z 00O init\n"),
+            "{text}"
+        );
+        assert_eq!(text.matches(" 00O ").count(), 2, "{text}");
+    }
+
+    #[test]
+    fn the_timestamp_header_is_gitlab_runners() {
+        let at = UNIX_EPOCH + Duration::from_micros(1_716_286_530_123_456);
+        assert_eq!(timestamp_header(at), "2024-05-21T10:15:30.123456Z 00O ");
+    }
+
+    #[test]
+    fn without_ff_timestamps_the_trace_is_the_output() {
+        let trace = unmasked_trace();
+        trace.write(b"a\nb");
+        assert_eq!(trace.contents(), b"a\nb");
     }
 
     #[test]

@@ -296,6 +296,8 @@ struct ServerState {
     trace_interval: u64,
     request_injection: Option<RequestInjection>,
     artifact_redirect: bool,
+    /// The next this many artifact downloads answer 502 (GitLab or its storage failing).
+    failing_artifact_downloads: usize,
     max_running: usize,
     requests: Vec<RequestRecord>,
     polls: Vec<PollRecord>,
@@ -731,6 +733,11 @@ impl GitLabServer {
     }
 
     /// `GET jobs/:id/artifacts` answers 302 to an object-storage path instead of the bytes.
+    /// Makes the next `n` artifact downloads answer HTTP 502.
+    pub(crate) fn fail_artifact_downloads(&self, n: usize) {
+        self.lock().failing_artifact_downloads = n;
+    }
+
     pub(crate) fn set_artifact_redirect(&self, on: bool) {
         self.lock().artifact_redirect = on;
     }
@@ -1523,13 +1530,18 @@ async fn read_multipart(headers: &HeaderMap, body: Bytes) -> Result<MultipartUpl
 }
 
 async fn download_artifacts(State(s): Srv, Path(id): Path<u64>, headers: HeaderMap) -> Answer {
-    let st = s.lock();
+    let mut guard = s.lock();
+    let st = &mut *guard;
     let job = st
         .jobs
         .get(&id)
         .ok_or_else(|| message(StatusCode::NOT_FOUND, "404 Job Not Found"))?;
     if header_str(&headers, "job-token") != Some(job.rec.token.as_str()) {
         return Err(forbidden());
+    }
+    if st.failing_artifact_downloads > 0 {
+        st.failing_artifact_downloads -= 1;
+        return Err(message(StatusCode::BAD_GATEWAY, "502 Bad Gateway"));
     }
     let archive = job
         .archive
