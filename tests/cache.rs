@@ -88,10 +88,7 @@ async fn a_pushed_cache_is_restored_with_modes_and_links_and_a_missing_key_falls
             .any(|o| o.starts_with("kiln/runner/test/project/42/manifests/deps-v1")),
         "{objects:?}"
     );
-    assert!(
-        objects.iter().any(|o| o.contains("/chunks/")),
-        "{objects:?}"
-    );
+    assert!(objects.iter().any(|o| o.contains("/packs/")), "{objects:?}");
 
     let b = run(
         &gitlab,
