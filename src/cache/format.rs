@@ -158,6 +158,14 @@ impl Manifest {
         zstd::bulk::compress(&json, ZSTD_LEVEL).unwrap_or_default()
     }
 
+    /// The version of a stored manifest, if it is one.
+    pub(crate) fn stored_version(data: &[u8]) -> Option<u32> {
+        let json = zstd::bulk::decompress(data, MANIFEST_LIMIT).ok()?;
+        serde_json::from_slice::<Versioned>(&json)
+            .ok()
+            .map(|v| v.version)
+    }
+
     /// A stored manifest; `Ok(None)` when it is of another version (a clean miss).
     ///
     /// # Errors
@@ -220,6 +228,7 @@ mod tests {
         assert_eq!(Manifest::decode(&manifest.encode()), Ok(Some(manifest)));
         let future = zstd::bulk::compress(br#"{"version": 99, "whatever": []}"#, 1).unwrap();
         assert_eq!(Manifest::decode(&future), Ok(None));
+        assert_eq!(Manifest::stored_version(&future), Some(99));
         assert!(Manifest::decode(b"PK\x03\x04 a zip").is_err());
     }
 

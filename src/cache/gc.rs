@@ -1,8 +1,8 @@
 //! `kiln cache gc`: removes the packs no manifest of their project reads any more (packs are
 //! shared between keys, so a bucket lifecycle rule cannot tell which are stale), and optionally
 //! the manifests nobody saved for a while. A pack is kept whole while any manifest reads any
-//! chunk of it; chunk objects of the version-1 format (`chunks/<hash>`) are read by no current
-//! manifest and go like unreferenced packs.
+//! chunk of it; chunk objects of the version-1 format (`chunks/<hash>`) go once no version-1
+//! manifest of their project is left.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -86,6 +86,7 @@ pub async fn collect(
     'projects: for (name, project) in projects {
         let mut needed = HashSet::new();
         let mut kept = 0;
+        let mut version_1 = false;
         for manifest in &project.manifests {
             if manifest_age.is_some_and(|limit| age(manifest) > limit) {
                 store.delete(&manifest.location).await?;
@@ -95,6 +96,8 @@ pub async fn collect(
             let data = store.get(&manifest.location).await?.bytes().await?;
             match Manifest::decode(&data) {
                 Ok(Some(manifest)) => needed.extend(manifest.packs().map(str::to_owned)),
+                // An older kiln's manifest reads the version-1 chunk objects.
+                Ok(None) if Manifest::stored_version(&data) == Some(1) => version_1 = true,
                 // Another version's manifest may need any object: leave the project alone.
                 Ok(None) | Err(_) => {
                     report.skipped_projects.push(name);
@@ -108,7 +111,8 @@ pub async fn collect(
         report.manifests += kept;
         for pack in project.packs {
             let hash = pack.location.filename().unwrap_or_default().to_owned();
-            if needed.contains(&hash) || age(&pack) < grace {
+            let old_chunk = pack.location.as_ref().contains("/chunks/");
+            if needed.contains(&hash) || (old_chunk && version_1) || age(&pack) < grace {
                 report.packs += 1;
                 continue;
             }
@@ -196,5 +200,22 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+
+        // A version-1 manifest keeps its project's chunk objects (an older kiln reads them)
+        // without stopping the collection; once it is gone, they go.
+        let old_project = root.path().join("kiln/project/2");
+        std::fs::create_dir_all(old_project.join("manifests")).unwrap();
+        std::fs::create_dir_all(old_project.join("chunks")).unwrap();
+        let old_manifest = old_project.join("manifests/k");
+        let v1 = zstd::bulk::compress(br#"{"version":1,"entries":[],"chunks":[]}"#, 1).unwrap();
+        std::fs::write(&old_manifest, v1).unwrap();
+        let old_chunk = old_project.join("chunks").join("d".repeat(64));
+        std::fs::write(&old_chunk, "old format").unwrap();
+        let report = collect(&store, "kiln", Duration::ZERO, None).await.unwrap();
+        assert!(report.skipped_projects.is_empty(), "{report:?}");
+        assert!(old_chunk.exists());
+        std::fs::remove_file(&old_manifest).unwrap();
+        collect(&store, "kiln", Duration::ZERO, None).await.unwrap();
+        assert!(!old_chunk.exists());
     }
 }
