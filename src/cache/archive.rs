@@ -2,7 +2,7 @@
 //! compression and writing run on a blocking thread while transfers run in parallel, so memory
 //! stays bounded (a few packs) and a restore writes files while later ranges download.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::ops::Range;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -187,7 +187,8 @@ pub async fn save(
         .map(|e| matches!(e.kind, EntryKind::File { .. }).then(|| root.join(&e.path)))
         .collect();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Cut>(BATCH * 2);
-    let chunker = tokio::task::spawn_blocking(move || chunk_files(paths, &tx));
+    let stored: HashSet<String> = known.keys().cloned().collect();
+    let chunker = tokio::task::spawn_blocking(move || chunk_files(paths, stored, &tx));
 
     let mut saved = Saved {
         entries: entries.len(),
@@ -266,7 +267,8 @@ pub async fn save(
     Ok(saved)
 }
 
-/// One chunk as the chunker cut it: its hash and size, and its compressed bytes.
+/// One chunk as the chunker cut it: its hash and size, and its compressed bytes (empty when
+/// it is stored already or earlier in this save).
 struct Cut {
     hash: String,
     size: u32,
@@ -383,10 +385,12 @@ impl Read for Concatenated {
     }
 }
 
-/// Cuts the files into chunks (FastCDC), hashes and compresses each and sends it on; returns
-/// the bytes read of each entry (`None` for links).
+/// Cuts the files into chunks (FastCDC), hashes each and sends it on, compressed when it is
+/// neither in `stored` nor sent before (the others are not uploaded: compressing them would be
+/// most of a second save's time); returns the bytes read of each entry (`None` for links).
 fn chunk_files(
     paths: Vec<Option<PathBuf>>,
+    mut stored: HashSet<String>,
     tx: &tokio::sync::mpsc::Sender<Cut>,
 ) -> Result<Vec<Option<u64>>, ArchiveError> {
     let read = Arc::new(Mutex::new(
@@ -418,12 +422,15 @@ fn chunk_files(
             source: std::io::Error::other(e.to_string()),
         })?;
         let hash = blake3::hash(&chunk.data).to_hex().to_string();
-        let compressed =
+        let compressed = if stored.insert(hash.clone()) {
             zstd::bulk::compress(&chunk.data, ZSTD_LEVEL).map_err(|source| ArchiveError::Io {
                 action: "compress",
                 path: PathBuf::from(&hash),
                 source,
-            })?;
+            })?
+        } else {
+            Vec::new()
+        };
         let cut = Cut {
             hash,
             size: u32::try_from(chunk.length).unwrap_or(u32::MAX),
