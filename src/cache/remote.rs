@@ -200,32 +200,35 @@ impl Remote {
                     source,
                 }),
             },
-            Target::Url(url, name) => {
-                let response =
-                    self.client
-                        .get(url)
-                        .send()
-                        .await
-                        .map_err(|source| RemoteError::Http {
-                            action: "GET",
-                            what: name.clone(),
-                            source,
-                        })?;
-                if response.status() == reqwest::StatusCode::NOT_FOUND {
-                    return Ok(None);
-                }
-                let response = check(response, "GET", name).await?;
-                response
-                    .bytes()
-                    .await
-                    .map(Some)
-                    .map_err(|source| RemoteError::Http {
-                        action: "GET",
-                        what: name.clone(),
-                        source,
-                    })
-            }
+            Target::Url(url, name) => Ok(self
+                .get_url(self.client.get(url), name)
+                .await?
+                .map(|(_, data)| data)),
         }
+    }
+
+    /// Sends a GET: `None` on not-found, else the status and body.
+    async fn get_url(
+        &self,
+        request: reqwest::RequestBuilder,
+        name: &str,
+    ) -> Result<Option<(reqwest::StatusCode, Bytes)>, RemoteError> {
+        let http = |source| RemoteError::Http {
+            action: "GET",
+            what: name.to_owned(),
+            source,
+        };
+        let response = request.send().await.map_err(http)?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let data = check(response, "GET", name)
+            .await?
+            .bytes()
+            .await
+            .map_err(http)?;
+        Ok(Some((status, data)))
     }
 
     /// `length` bytes of the object from `start` (fewer when it is shorter); `None` when it does
@@ -265,27 +268,13 @@ impl Remote {
             }
             Target::Url(url, name) => {
                 let last = start.saturating_add(length - 1);
-                let response = self
+                let request = self
                     .client
                     .get(url)
-                    .header(reqwest::header::RANGE, format!("bytes={start}-{last}"))
-                    .send()
-                    .await
-                    .map_err(|source| RemoteError::Http {
-                        action: "GET",
-                        what: name.clone(),
-                        source,
-                    })?;
-                let status = response.status();
-                if status == reqwest::StatusCode::NOT_FOUND {
+                    .header(reqwest::header::RANGE, format!("bytes={start}-{last}"));
+                let Some((status, data)) = self.get_url(request, name).await? else {
                     return Ok(None);
-                }
-                let response = check(response, "GET", name).await?;
-                let data = response.bytes().await.map_err(|source| RemoteError::Http {
-                    action: "GET",
-                    what: name.clone(),
-                    source,
-                })?;
+                };
                 if status == reqwest::StatusCode::PARTIAL_CONTENT {
                     return Ok(Some(data));
                 }
