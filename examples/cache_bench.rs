@@ -10,7 +10,6 @@
 //! cargo run --release --example cache_bench -- --files 20000 --megabytes 300
 //! ```
 
-use std::collections::HashSet;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +19,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use kiln::cache::archive;
 use kiln::cache::config::{CacheConfig, CacheType, S3Config};
+use kiln::cache::format::KnownChunks;
 use kiln::cache::remote::Remote;
 use kiln::cache::{CacheAccess, CacheService};
 use object_store::ObjectStoreExt;
@@ -279,9 +279,16 @@ async fn main() {
 
     // kiln, cold.
     let started = Instant::now();
-    let first = archive::save(&remote, &source, &files, "deps", &HashSet::new(), u64::MAX)
-        .await
-        .expect("first save");
+    let first = archive::save(
+        &remote,
+        &source,
+        &files,
+        "deps",
+        &KnownChunks::new(),
+        u64::MAX,
+    )
+    .await
+    .expect("first save");
     let kiln_save = started.elapsed();
 
     // 1 % of the files change (a few bytes each, as an upgraded package's files do), then the
@@ -300,7 +307,7 @@ async fn main() {
         .await
         .expect("manifest")
         .expect("saved");
-    let known: HashSet<String> = manifest.chunk_hashes().map(str::to_owned).collect();
+    let known: KnownChunks = manifest.known_chunks().collect();
     let started = Instant::now();
     let second = archive::save(&remote, &source, &files, "deps", &known, u64::MAX)
         .await
@@ -344,25 +351,27 @@ async fn main() {
         changed
     );
     println!(
-        "| step | gitlab-runner (zip, deflate, one PUT/GET) | kiln (chunks, zstd, parallel) |"
+        "| step | gitlab-runner (zip, deflate, one PUT/GET) | kiln (chunks in packs, zstd, parallel) |"
     );
     println!("|---|---|---|");
     println!(
-        "| first save | {}, {} uploaded | {}, {} uploaded ({} chunks) |",
+        "| first save | {}, {} uploaded | {}, {} uploaded ({} chunks in {} packs) |",
         secs(zip_save),
         mb(zip_bytes),
         secs(kiln_save),
         mb(first.uploaded_bytes),
-        first.chunks
+        first.chunks,
+        first.uploaded_packs
     );
     println!(
-        "| second save (1 % changed) | {}, {} uploaded | {}, {} uploaded ({} of {} chunks) |",
+        "| second save (1 % changed) | {}, {} uploaded | {}, {} uploaded ({} of {} chunks, {} packs) |",
         secs(zip_second_save),
         mb(zip_again_bytes),
         secs(kiln_second_save),
         mb(second.uploaded_bytes),
         second.uploaded_chunks,
-        second.chunks
+        second.chunks,
+        second.uploaded_packs
     );
     println!(
         "| restore into an empty dir | {}, {} downloaded | {}, {} downloaded |",

@@ -553,12 +553,12 @@ async fn cache_gc(args: CacheGcArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("cache garbage collection failed")?;
     println!(
-        "{} projects: kept {} caches and {} chunks; deleted {} caches and {} chunks ({} bytes)",
+        "{} projects: kept {} caches and {} packs; deleted {} caches and {} packs ({} bytes)",
         report.projects,
         report.manifests,
-        report.chunks,
+        report.packs,
         report.deleted_manifests,
-        report.deleted_chunks,
+        report.deleted_packs,
         report.deleted_bytes
     );
     for project in &report.skipped_projects {

@@ -3,11 +3,11 @@
 //! after `after_script`, by `policy` and `when`. A cache problem is a warning, never a failed
 //! job.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::{Context, artifacts, job_variables, untracked_files};
 use crate::cache::archive::{self, ArchiveError};
+use crate::cache::format::{ChunkRef, KnownChunks};
 use crate::cache::remote::Remote;
 use crate::deploy::output::human_bytes;
 use crate::gitlab::payload::{Cache, When};
@@ -19,10 +19,10 @@ const MAX_RESTORE_ATTEMPTS: u32 = 10;
 /// The project-wide fallback key variable.
 const FALLBACK_VARIABLE: &str = "CACHE_FALLBACK_KEY";
 
-/// What the restore learned, for the save: chunks known to be stored.
+/// What the restore learned, for the save: chunks known to be stored, and where.
 #[derive(Debug, Default)]
 pub(super) struct Restored {
-    known: HashSet<String>,
+    known: KnownChunks,
 }
 
 fn expand(ctx: &Context, text: &str) -> String {
@@ -103,7 +103,7 @@ async fn restore_key(
     remote: &Remote,
     key: &str,
     attempts: u32,
-) -> Result<Option<(archive::Restored, Vec<String>)>, ArchiveError> {
+) -> Result<Option<(archive::Restored, Vec<(String, ChunkRef)>)>, ArchiveError> {
     let mut attempt = 1;
     loop {
         let result = async {
@@ -111,10 +111,7 @@ async fn restore_key(
                 return Ok(None);
             };
             let stats = archive::restore(remote, &manifest, &ctx.project_dir).await?;
-            Ok(Some((
-                stats,
-                manifest.chunks.into_iter().map(|c| c.hash).collect(),
-            )))
+            Ok(Some((stats, manifest.known_chunks().collect())))
         }
         .await;
         match result {
@@ -196,11 +193,12 @@ pub(super) async fn save(ctx: &Context, failed: bool, restored: &Restored) {
         .await
         {
             Ok(saved) => trace.line(&format!(
-                "Created cache {key}: {} files and links, {}; uploaded {} of {} chunks ({})",
+                "Created cache {key}: {} files and links, {}; uploaded {} of {} chunks in {} packs ({})",
                 saved.entries,
                 human_bytes(saved.bytes),
                 saved.uploaded_chunks,
                 saved.chunks,
+                saved.uploaded_packs,
                 human_bytes(saved.uploaded_bytes)
             )),
             Err(e) => trace.warn(&format!("Failed to create cache {key}: {e}")),

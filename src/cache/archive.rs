@@ -1,9 +1,10 @@
-//! Saving a directory's files as chunks and a manifest, and restoring them: chunking,
+//! Saving a directory's files as chunks in packs and a manifest, and restoring them: chunking,
 //! compression and writing run on a blocking thread while transfers run in parallel, so memory
-//! stays bounded (a few hundred chunks) and a restore writes files while later chunks download.
+//! stays bounded (a few packs) and a restore writes files while later ranges download.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
+use std::ops::Range;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -12,17 +13,24 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use super::format::{
-    CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkRef, Entry, EntryKind, MANIFEST_VERSION, Manifest,
-    ZSTD_LEVEL, chunk_name, manifest_name, safe_path,
+    CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkRef, Entry, EntryKind, KnownChunks, MANIFEST_VERSION,
+    Manifest, PACK_TARGET, ZSTD_LEVEL, manifest_name, pack_name, safe_path, valid_name,
 };
 use super::remote::{Remote, RemoteError, Target};
 
-/// Transfers in flight at once. Object stores serve many small requests in parallel well,
-/// and each request's latency (tens of ms to a cloud store) is what a restore waits on; 128
-/// chunks of at most 128 KiB keep memory at tens of MiB.
-const PARALLEL: usize = 128;
-/// Chunks signed and checked together while saving.
+/// Chunks the chunker may have ready ahead of the packer (at most 128 KiB each).
 const BATCH: usize = 128;
+/// Closed packs a save holds before uploading them together, in parallel (memory: this many
+/// times [`PACK_TARGET`]).
+const PACKS_IN_FLIGHT: usize = 8;
+/// Ranged reads a restore has in flight. Each request's latency (tens of ms to a cloud store)
+/// is what a restore of small requests waits on; with ranges of up to [`RANGE_MAX`] a few dozen
+/// requests carry a 100 MB cache, and memory stays near this many ranges (compressed and
+/// decompressed).
+const RANGES_IN_FLIGHT: usize = 16;
+/// The most compressed bytes one ranged read asks for (chunks adjacent in a pack are read
+/// together up to this).
+const RANGE_MAX: u64 = 8 << 20;
 
 /// Why a save or restore did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +63,15 @@ pub enum ArchiveError {
     /// The manifest names a path outside the directory, or through a link.
     #[error("refused: the cache would write {0}, which is outside the project directory")]
     Outside(String),
-    /// A chunk is missing or damaged.
+    /// A pack is missing or shorter than the manifest says.
+    #[error("pack {hash}: {problem}")]
+    Pack {
+        /// Its hash.
+        hash: String,
+        /// What is wrong.
+        problem: &'static str,
+    },
+    /// A chunk is damaged.
     #[error("chunk {hash}: {problem}")]
     Chunk {
         /// Its hash.
@@ -79,7 +95,9 @@ pub struct Saved {
     pub chunks: usize,
     /// Chunks uploaded (the rest were already stored).
     pub uploaded_chunks: usize,
-    /// Bytes uploaded (compressed chunks and the manifest).
+    /// Packs uploaded.
+    pub uploaded_packs: usize,
+    /// Bytes uploaded (packs and the manifest).
     pub uploaded_bytes: u64,
 }
 
@@ -111,8 +129,8 @@ pub async fn fetch_manifest(remote: &Remote, key: &str) -> Result<Option<Manifes
 }
 
 /// Saves `files` (relative to `root`, as artifacts' path matching lists them) under `key`.
-/// Chunks in `known` (from manifests this job read) are taken as stored; others are checked
-/// and uploaded only when missing. `max_size` bounds the files' total size.
+/// Chunks in `known` (from manifests this job read) keep their stored location; the others are
+/// packed into new packs and uploaded. `max_size` bounds the files' total size.
 ///
 /// # Errors
 /// Too large; unreadable files; storage trouble. Nothing is stored under `key` then (chunks
@@ -122,7 +140,7 @@ pub async fn save(
     root: &Path,
     files: &[PathBuf],
     key: &str,
-    known: &HashSet<String>,
+    known: &KnownChunks,
     max_size: u64,
 ) -> Result<Saved, ArchiveError> {
     let mut entries = Vec::new();
@@ -168,31 +186,63 @@ pub async fn save(
         .iter()
         .map(|e| matches!(e.kind, EntryKind::File { .. }).then(|| root.join(&e.path)))
         .collect();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(ChunkRef, Bytes)>(BATCH * 2);
-    let chunker = tokio::task::spawn_blocking(move || chunk_files(paths, &tx));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Cut>(BATCH * 2);
+    let stored: HashSet<String> = known.keys().cloned().collect();
+    let chunker = tokio::task::spawn_blocking(move || chunk_files(paths, stored, &tx));
 
     let mut saved = Saved {
         entries: entries.len(),
         ..Saved::default()
     };
-    let mut chunks = Vec::new();
-    let mut seen: HashSet<String> = known.clone();
-    loop {
-        let mut batch = Vec::new();
-        if rx.recv_many(&mut batch, BATCH).await == 0 {
-            break;
+    let mut packer = Packer::default();
+    let mut order: Vec<(String, u32, Location)> = Vec::new();
+    let mut seen: HashMap<String, Location> = known
+        .iter()
+        .map(|(hash, chunk)| (hash.clone(), Location::Stored(chunk.clone())))
+        .collect();
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        for cut in batch.drain(..) {
+            let location = match seen.get(&cut.hash) {
+                Some(location) => location.clone(),
+                None => {
+                    let location = packer.add(&cut.data);
+                    seen.insert(cut.hash.clone(), location.clone());
+                    saved.uploaded_chunks += 1;
+                    location
+                }
+            };
+            order.push((cut.hash, cut.size, location));
         }
-        let mut fresh = Vec::new();
-        for (chunk, data) in batch {
-            if seen.insert(chunk.hash.clone()) {
-                fresh.push((chunk.hash.clone(), data));
-            }
-            chunks.push(chunk);
+        if packer.ready.len() >= PACKS_IN_FLIGHT {
+            packer.upload(remote).await?;
         }
-        let (count, bytes) = upload_missing(remote, fresh).await?;
-        saved.uploaded_chunks += count;
-        saved.uploaded_bytes += bytes;
     }
+    packer.close();
+    packer.upload(remote).await?;
+    saved.uploaded_packs = packer.closed.len();
+    saved.uploaded_bytes = packer.uploaded_bytes;
+    let chunks: Vec<ChunkRef> = order
+        .into_iter()
+        .map(|(hash, size, location)| match location {
+            Location::Stored(chunk) => ChunkRef {
+                hash,
+                size,
+                ..chunk
+            },
+            Location::Packed {
+                pack,
+                offset,
+                length,
+            } => ChunkRef {
+                hash,
+                size,
+                pack: packer.closed.get(pack).cloned().unwrap_or_default(),
+                offset,
+                length,
+            },
+        })
+        .collect();
     let sizes = chunker
         .await
         .map_err(|e| ArchiveError::Worker(e.to_string()))??;
@@ -217,43 +267,82 @@ pub async fn save(
     Ok(saved)
 }
 
-/// Checks which of `fresh` are stored and uploads the others; returns how many and how many
-/// bytes were uploaded.
-async fn upload_missing(
-    remote: &Remote,
-    fresh: Vec<(String, Bytes)>,
-) -> Result<(usize, u64), ArchiveError> {
-    if fresh.is_empty() {
-        return Ok((0, 0));
+/// One chunk as the chunker cut it: its hash and size, and its compressed bytes (empty when
+/// it is stored already or earlier in this save).
+struct Cut {
+    hash: String,
+    size: u32,
+    data: Bytes,
+}
+
+/// Where a save's chunk is: where a restored manifest had it, or in a pack of this save.
+#[derive(Clone)]
+enum Location {
+    Stored(ChunkRef),
+    Packed {
+        /// The index of the pack among this save's packs.
+        pack: usize,
+        offset: u64,
+        length: u32,
+    },
+}
+
+/// Gathers a save's new chunks into packs and uploads them.
+#[derive(Default)]
+struct Packer {
+    /// The pack being filled.
+    current: Vec<u8>,
+    /// The hashes of the closed packs, by index.
+    closed: Vec<String>,
+    /// Closed packs not uploaded yet.
+    ready: Vec<(String, Bytes)>,
+    uploaded_bytes: u64,
+}
+
+impl Packer {
+    /// Appends a compressed chunk, closing the pack once it reaches [`PACK_TARGET`].
+    fn add(&mut self, data: &[u8]) -> Location {
+        let location = Location::Packed {
+            pack: self.closed.len(),
+            offset: self.current.len() as u64,
+            length: u32::try_from(data.len()).unwrap_or(u32::MAX),
+        };
+        self.current.extend_from_slice(data);
+        if self.current.len() >= PACK_TARGET {
+            self.close();
+        }
+        location
     }
-    let names: Vec<String> = fresh.iter().map(|(h, _)| chunk_name(h)).collect();
-    let heads = remote.targets("HEAD", &names).await?;
-    let stored: Vec<bool> = futures::stream::iter(heads.iter().map(|t| remote.exists(t)))
-        .buffered(PARALLEL)
-        .try_collect()
+
+    fn close(&mut self) {
+        if self.current.is_empty() {
+            return;
+        }
+        let pack = std::mem::take(&mut self.current);
+        let hash = blake3::hash(&pack).to_hex().to_string();
+        self.closed.push(hash.clone());
+        self.ready.push((hash, Bytes::from(pack)));
+    }
+
+    /// Uploads the closed packs, in parallel.
+    async fn upload(&mut self, remote: &Remote) -> Result<(), ArchiveError> {
+        if self.ready.is_empty() {
+            return Ok(());
+        }
+        let ready = std::mem::take(&mut self.ready);
+        let names: Vec<String> = ready.iter().map(|(hash, _)| pack_name(hash)).collect();
+        let puts = remote.targets("PUT", &names).await?;
+        self.uploaded_bytes += ready.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+        futures::stream::iter(
+            puts.iter()
+                .zip(ready)
+                .map(|(target, (_, data))| remote.put(target, data)),
+        )
+        .buffer_unordered(PACKS_IN_FLIGHT)
+        .try_collect::<Vec<()>>()
         .await?;
-    let missing: Vec<(String, Bytes)> = fresh
-        .into_iter()
-        .zip(stored)
-        .filter(|(_, stored)| !stored)
-        .map(|(c, _)| c)
-        .collect();
-    if missing.is_empty() {
-        return Ok((0, 0));
+        Ok(())
     }
-    let names: Vec<String> = missing.iter().map(|(h, _)| chunk_name(h)).collect();
-    let puts = remote.targets("PUT", &names).await?;
-    let bytes = missing.iter().map(|(_, d)| d.len() as u64).sum();
-    let count = missing.len();
-    futures::stream::iter(
-        puts.iter()
-            .zip(missing)
-            .map(|(t, (_, data))| remote.put(t, data)),
-    )
-    .buffer_unordered(PARALLEL)
-    .try_collect::<Vec<()>>()
-    .await?;
-    Ok((count, bytes))
 }
 
 /// Reads the files one after the other as one stream (a file that cannot be opened any more,
@@ -296,11 +385,13 @@ impl Read for Concatenated {
     }
 }
 
-/// Cuts the files into chunks (FastCDC), hashes and compresses each and sends it on; returns
-/// the bytes read of each entry (`None` for links).
+/// Cuts the files into chunks (FastCDC), hashes each and sends it on, compressed when it is
+/// neither in `stored` nor sent before (the others are not uploaded: compressing them would be
+/// most of a second save's time); returns the bytes read of each entry (`None` for links).
 fn chunk_files(
     paths: Vec<Option<PathBuf>>,
-    tx: &tokio::sync::mpsc::Sender<(ChunkRef, Bytes)>,
+    mut stored: HashSet<String>,
+    tx: &tokio::sync::mpsc::Sender<Cut>,
 ) -> Result<Vec<Option<u64>>, ArchiveError> {
     let read = Arc::new(Mutex::new(
         paths
@@ -331,20 +422,21 @@ fn chunk_files(
             source: std::io::Error::other(e.to_string()),
         })?;
         let hash = blake3::hash(&chunk.data).to_hex().to_string();
-        let compressed =
+        let compressed = if stored.insert(hash.clone()) {
             zstd::bulk::compress(&chunk.data, ZSTD_LEVEL).map_err(|source| ArchiveError::Io {
                 action: "compress",
                 path: PathBuf::from(&hash),
                 source,
-            })?;
-        let reference = ChunkRef {
+            })?
+        } else {
+            Vec::new()
+        };
+        let cut = Cut {
             hash,
             size: u32::try_from(chunk.length).unwrap_or(u32::MAX),
+            data: Bytes::from(compressed),
         };
-        if tx
-            .blocking_send((reference, Bytes::from(compressed)))
-            .is_err()
-        {
+        if tx.blocking_send(cut).is_err() {
             // The uploader stopped (it failed and says why).
             break;
         }
@@ -382,34 +474,37 @@ pub async fn restore(
             "damaged cache manifest: its files hold {file_bytes} bytes, its chunks {chunk_bytes}"
         )));
     }
-    let names: Vec<String> = manifest
-        .chunks
-        .iter()
-        .map(|c| chunk_name(&c.hash))
-        .collect();
+    if let Some(bad) = manifest.packs().find(|p| !valid_name(&pack_name(p))) {
+        return Err(ArchiveError::Manifest(format!(
+            "damaged cache manifest: {bad:?} is not a pack name"
+        )));
+    }
+    let spans = spans(&manifest.chunks)?;
+    let names: Vec<String> = spans.iter().map(|s| pack_name(&s.pack)).collect();
     let targets = remote.targets("GET", &names).await?;
 
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(PARALLEL);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(BATCH);
     let entries = manifest.entries.clone();
     let root_owned = root.to_owned();
     let writer = tokio::task::spawn_blocking(move || write_entries(&root_owned, &entries, rx));
 
     let mut downloaded = 0u64;
     let mut fetches = futures::stream::iter(
-        manifest
-            .chunks
-            .iter()
+        spans
+            .into_iter()
             .zip(targets)
-            .map(|(chunk, target)| fetch_chunk(remote, chunk, target)),
+            .map(|(span, target)| fetch_span(remote, &manifest.chunks, span, target)),
     )
-    .buffered(PARALLEL);
+    .buffered(RANGES_IN_FLIGHT);
     let mut failure = None;
-    while let Some(fetched) = fetches.next().await {
+    'fetching: while let Some(fetched) = fetches.next().await {
         match fetched {
-            Ok((data, compressed)) => {
+            Ok((chunks, compressed)) => {
                 downloaded += compressed;
-                if tx.send(data).await.is_err() {
-                    break;
+                for data in chunks {
+                    if tx.send(data).await.is_err() {
+                        break 'fetching;
+                    }
                 }
             }
             Err(e) => {
@@ -433,29 +528,96 @@ pub async fn restore(
     })
 }
 
-async fn fetch_chunk(
+/// One ranged read: bytes `start..end` of a pack, holding the chunks `chunks` (indices into
+/// the manifest's chunks) back to back.
+#[derive(Debug, PartialEq, Eq)]
+struct Span {
+    pack: String,
+    start: u64,
+    end: u64,
+    chunks: Range<usize>,
+}
+
+/// The ranged reads that fetch `chunks` in order: consecutive chunks adjacent in one pack are
+/// read together, up to [`RANGE_MAX`] bytes.
+fn spans(chunks: &[ChunkRef]) -> Result<Vec<Span>, ArchiveError> {
+    let mut spans: Vec<Span> = Vec::new();
+    for (index, chunk) in chunks.iter().enumerate() {
+        let end = chunk
+            .offset
+            .checked_add(u64::from(chunk.length))
+            .ok_or_else(|| {
+                ArchiveError::Manifest(format!(
+                    "damaged cache manifest: chunk {} lies beyond any pack",
+                    chunk.hash
+                ))
+            })?;
+        if let Some(last) = spans.last_mut()
+            && last.pack == chunk.pack
+            && last.end == chunk.offset
+            && end - last.start <= RANGE_MAX
+        {
+            last.end = end;
+            last.chunks.end = index + 1;
+            continue;
+        }
+        spans.push(Span {
+            pack: chunk.pack.clone(),
+            start: chunk.offset,
+            end,
+            chunks: index..index + 1,
+        });
+    }
+    Ok(spans)
+}
+
+/// Reads a span and returns its chunks decompressed and checked, and the bytes downloaded.
+async fn fetch_span(
     remote: &Remote,
-    chunk: &ChunkRef,
+    chunks: &[ChunkRef],
+    span: Span,
     target: Target,
-) -> Result<(Bytes, u64), ArchiveError> {
-    let missing = |problem| ArchiveError::Chunk {
-        hash: chunk.hash.clone(),
+) -> Result<(Vec<Bytes>, u64), ArchiveError> {
+    let pack_problem = |problem| ArchiveError::Pack {
+        hash: span.pack.clone(),
         problem,
     };
-    let compressed = remote
-        .get(&target)
+    let data = remote
+        .get_range(&target, span.start, span.end - span.start)
         .await?
-        .ok_or_else(|| missing("missing"))?;
-    let size = chunk.size as usize;
-    let hash = chunk.hash.clone();
-    let data = tokio::task::spawn_blocking(move || {
-        let data = zstd::bulk::decompress(&compressed, size).ok()?;
-        (data.len() == size && blake3::hash(&data).to_hex().as_str() == hash)
-            .then(|| (Bytes::from(data), compressed.len() as u64))
+        .ok_or_else(|| pack_problem("missing"))?;
+    if data.len() as u64 != span.end - span.start {
+        return Err(pack_problem("shorter than the manifest says"));
+    }
+    let downloaded = data.len() as u64;
+    let wanted: Vec<ChunkRef> = chunks
+        .get(span.chunks.clone())
+        .map(<[ChunkRef]>::to_vec)
+        .unwrap_or_default();
+    let start = span.start;
+    tokio::task::spawn_blocking(move || {
+        wanted
+            .iter()
+            .map(|chunk| {
+                let damaged = || ArchiveError::Chunk {
+                    hash: chunk.hash.clone(),
+                    problem: "damaged (size or hash differs)",
+                };
+                let from = usize::try_from(chunk.offset - start).map_err(|_| damaged())?;
+                let to = from + chunk.length as usize;
+                let compressed = data.get(from..to).ok_or_else(damaged)?;
+                let size = chunk.size as usize;
+                let plain = zstd::bulk::decompress(compressed, size).map_err(|_| damaged())?;
+                if plain.len() != size || blake3::hash(&plain).to_hex().as_str() != chunk.hash {
+                    return Err(damaged());
+                }
+                Ok(Bytes::from(plain))
+            })
+            .collect::<Result<Vec<Bytes>, ArchiveError>>()
+            .map(|chunks| (chunks, downloaded))
     })
     .await
-    .map_err(|e| ArchiveError::Worker(e.to_string()))?;
-    data.ok_or_else(|| missing("damaged (size or hash differs)"))
+    .map_err(|e| ArchiveError::Worker(e.to_string()))?
 }
 
 /// Writes the entries, taking files' contents from the chunks arriving on `rx`; returns how
@@ -611,15 +773,27 @@ mod tests {
         .unwrap();
         symlink("a/f1", source.path().join("deps/link")).unwrap();
         let files = all_files(source.path());
-        let none = HashSet::new();
+        let none = KnownChunks::new();
         let save_all = || save(&remote, source.path(), &files, "k", &none, u64::MAX);
         let first = save_all().await.unwrap();
         assert_eq!(first.entries, 202);
         assert_eq!(first.uploaded_chunks, first.chunks);
 
         std::fs::write(source.path().join("deps/a/f100"), "changed").unwrap();
-        let second = save_all().await.unwrap();
-        assert!(second.uploaded_chunks <= 3, "{second:?}");
+        // The job restored the first save's manifest: its chunks keep their packs.
+        let known: KnownChunks = fetch_manifest(&remote, "k")
+            .await
+            .unwrap()
+            .unwrap()
+            .known_chunks()
+            .collect();
+        let second = save(&remote, source.path(), &files, "k", &known, u64::MAX)
+            .await
+            .unwrap();
+        assert!(
+            second.uploaded_chunks <= 3 && second.uploaded_packs == 1,
+            "{second:?}"
+        );
 
         let target = tempfile::tempdir().unwrap();
         let manifest = fetch_manifest(&remote, "k").await.unwrap().unwrap();
@@ -644,6 +818,84 @@ mod tests {
         );
     }
 
+    fn chunk(pack: &str, offset: u64, length: u32) -> ChunkRef {
+        ChunkRef {
+            hash: format!("{pack}{offset}"),
+            size: 1,
+            pack: pack.into(),
+            offset,
+            length,
+        }
+    }
+
+    #[test]
+    fn chunks_adjacent_in_a_pack_are_read_in_one_range() {
+        let chunks = [
+            chunk("a", 0, 10),
+            chunk("a", 10, 5),
+            // A gap: a chunk of this pack the manifest does not read.
+            chunk("a", 20, 5),
+            chunk("b", 0, 7),
+            // Back to an earlier place of a pack.
+            chunk("a", 0, 10),
+        ];
+        let read = spans(&chunks).unwrap();
+        let read: Vec<(&str, u64, u64, Range<usize>)> = read
+            .iter()
+            .map(|s| (s.pack.as_str(), s.start, s.end, s.chunks.clone()))
+            .collect();
+        assert_eq!(
+            read,
+            [
+                ("a", 0, 15, 0..2),
+                ("a", 20, 25, 2..3),
+                ("b", 0, 7, 3..4),
+                ("a", 0, 10, 4..5)
+            ]
+        );
+        let big = u32::try_from(RANGE_MAX / 2 + 1).unwrap();
+        let halves = spans(&[chunk("a", 0, big), chunk("a", u64::from(big), big)]).unwrap();
+        assert_eq!(halves.len(), 2, "a range stays under RANGE_MAX");
+        assert!(spans(&[chunk("a", u64::MAX, 2)]).is_err());
+    }
+
+    /// A pack shorter than the manifest says, or a chunk whose bytes do not hash to its name,
+    /// is an error naming it, not garbage written into the files.
+    #[tokio::test]
+    async fn a_damaged_pack_is_refused() {
+        let store = tempfile::tempdir().unwrap();
+        let source = tempfile::tempdir().unwrap();
+        let remote = remote(store.path());
+        std::fs::write(source.path().join("f"), "some content to cache").unwrap();
+        save(
+            &remote,
+            source.path(),
+            &[PathBuf::from("f")],
+            "k",
+            &KnownChunks::new(),
+            u64::MAX,
+        )
+        .await
+        .unwrap();
+        let manifest = fetch_manifest(&remote, "k").await.unwrap().unwrap();
+        let pack = store.path().join(pack_name(&manifest.chunks[0].pack));
+        let mut bytes = std::fs::read(&pack).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&pack, &bytes).unwrap();
+        let target = tempfile::tempdir().unwrap();
+        let error = restore(&remote, &manifest, target.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ArchiveError::Chunk { .. }), "{error}");
+        std::fs::write(&pack, &bytes[..last]).unwrap();
+        let target = tempfile::tempdir().unwrap();
+        let error = restore(&remote, &manifest, target.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ArchiveError::Pack { .. }), "{error}");
+    }
+
     #[tokio::test]
     async fn a_cache_over_max_size_is_not_saved() {
         let store = tempfile::tempdir().unwrap();
@@ -654,7 +906,7 @@ mod tests {
             source.path(),
             &[PathBuf::from("big")],
             "k",
-            &HashSet::new(),
+            &KnownChunks::new(),
             1000,
         )
         .await

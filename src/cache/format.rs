@@ -1,10 +1,11 @@
-//! The stored form of a cache: content-defined chunks addressed by their blake3 hash (shared by
-//! every key of a project) and, per key, a small versioned manifest listing the files with
-//! their modes, the symbolic links, and the chunks whose concatenation is the files' contents
-//! in manifest order.
+//! The stored form of a cache: content-defined chunks (blake3-hashed, zstd-compressed), stored
+//! concatenated in packs of a few MiB, and, per key, a small versioned manifest listing the
+//! files with their modes, the symbolic links, and the chunks (each with its pack, offset and
+//! length) whose concatenation is the files' contents in manifest order.
 //!
-//! Object names, relative to a project's prefix: `chunks/<64 hex>` (zstd-compressed chunk) and
-//! `manifests/<key, percent-encoded>` (zstd-compressed JSON).
+//! Object names, relative to a project's prefix: `packs/<blake3 of the pack, 64 hex>` and
+//! `manifests/<key, percent-encoded>` (zstd-compressed JSON). Version 1 stored each chunk as its
+//! own object (`chunks/<hash>`); a restore of it was thousands of small GETs.
 
 use std::path::{Component, Path};
 
@@ -12,7 +13,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
 
 /// The manifest version this kiln writes and reads. Another version is a clean miss.
-pub(crate) const MANIFEST_VERSION: u32 = 1;
+pub(crate) const MANIFEST_VERSION: u32 = 2;
 
 /// Chunk sizes (bytes, before compression). Small enough that changing 1 % of a tree's files
 /// re-uploads a few percent of it; large enough that a 300 MB cache is ~10,000 objects.
@@ -21,6 +22,10 @@ pub(crate) const CHUNK_MIN: u32 = 8 << 10;
 pub(crate) const CHUNK_AVG: u32 = 32 << 10;
 /// The largest chunk.
 pub(crate) const CHUNK_MAX: u32 = 128 << 10;
+
+/// A save closes a pack once it holds this many compressed bytes: few enough objects that a
+/// restore is a few dozen ranged GETs, small enough that packs upload in parallel.
+pub(crate) const PACK_TARGET: usize = 4 << 20;
 
 /// The zstd level chunks and manifests are compressed with: fast, still 2-4x on text.
 pub(crate) const ZSTD_LEVEL: i32 = 1;
@@ -75,15 +80,24 @@ pub(crate) enum EntryKind {
     },
 }
 
-/// One chunk of the stream.
+/// One chunk of the stream and where it is stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct ChunkRef {
+pub struct ChunkRef {
     /// The blake3 hash of its uncompressed bytes, hex.
     pub(crate) hash: String,
     /// Its uncompressed size.
     pub(crate) size: u32,
+    /// The hash of the pack holding it (its object is [`pack_name`]).
+    pub(crate) pack: String,
+    /// Where its compressed bytes start in the pack.
+    pub(crate) offset: u64,
+    /// How many compressed bytes it is.
+    pub(crate) length: u32,
 }
+
+/// Chunks known to be stored, by hash, with their location: what a save need not upload.
+pub type KnownChunks = std::collections::HashMap<String, ChunkRef>;
 
 /// Characters of a cache key kept as they are in its object name.
 const KEY_SET: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
@@ -93,14 +107,14 @@ pub(crate) fn manifest_name(key: &str) -> String {
     format!("manifests/{}", utf8_percent_encode(key, KEY_SET))
 }
 
-/// The object name of a chunk.
-pub(crate) fn chunk_name(hash: &str) -> String {
-    format!("chunks/{hash}")
+/// The object name of a pack.
+pub(crate) fn pack_name(hash: &str) -> String {
+    format!("packs/{hash}")
 }
 
-/// Whether `name` is an object name a build may ask for: a chunk by its hash, or a manifest.
+/// Whether `name` is an object name a build may ask for: a pack by its hash, or a manifest.
 pub(crate) fn valid_name(name: &str) -> bool {
-    if let Some(hash) = name.strip_prefix("chunks/") {
+    if let Some(hash) = name.strip_prefix("packs/") {
         return hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
     }
     if let Some(key) = name.strip_prefix("manifests/") {
@@ -127,9 +141,14 @@ pub(crate) fn safe_path(path: &str) -> bool {
 }
 
 impl Manifest {
-    /// The hashes of its chunks (what a save after restoring it need not upload again).
-    pub fn chunk_hashes(&self) -> impl Iterator<Item = &str> {
-        self.chunks.iter().map(|c| c.hash.as_str())
+    /// Its chunks with their locations (what a save after restoring it need not upload again).
+    pub fn known_chunks(&self) -> impl Iterator<Item = (String, ChunkRef)> + '_ {
+        self.chunks.iter().map(|c| (c.hash.clone(), c.clone()))
+    }
+
+    /// The packs it reads.
+    pub(crate) fn packs(&self) -> impl Iterator<Item = &str> {
+        self.chunks.iter().map(|c| c.pack.as_str())
     }
 
     /// The compressed JSON that is stored.
@@ -137,6 +156,14 @@ impl Manifest {
         // Serializing plain data cannot fail; compressing into memory neither.
         let json = serde_json::to_vec(self).unwrap_or_default();
         zstd::bulk::compress(&json, ZSTD_LEVEL).unwrap_or_default()
+    }
+
+    /// The version of a stored manifest, if it is one.
+    pub(crate) fn stored_version(data: &[u8]) -> Option<u32> {
+        let json = zstd::bulk::decompress(data, MANIFEST_LIMIT).ok()?;
+        serde_json::from_slice::<Versioned>(&json)
+            .ok()
+            .map(|v| v.version)
     }
 
     /// A stored manifest; `Ok(None)` when it is of another version (a clean miss).
@@ -201,19 +228,21 @@ mod tests {
         assert_eq!(Manifest::decode(&manifest.encode()), Ok(Some(manifest)));
         let future = zstd::bulk::compress(br#"{"version": 99, "whatever": []}"#, 1).unwrap();
         assert_eq!(Manifest::decode(&future), Ok(None));
+        assert_eq!(Manifest::stored_version(&future), Some(99));
         assert!(Manifest::decode(b"PK\x03\x04 a zip").is_err());
     }
 
     #[test]
-    fn builds_may_name_only_chunks_and_manifests() {
-        assert!(valid_name(&chunk_name(&"a".repeat(64))));
+    fn builds_may_name_only_packs_and_manifests() {
+        assert!(valid_name(&pack_name(&"a".repeat(64))));
         assert!(valid_name(&manifest_name("my key/with:odd chars")));
         for bad in [
-            "chunks/../x",
+            "packs/../x",
+            "chunks/0000000000000000000000000000000000000000000000000000000000000000",
             "manifests/",
             "manifests/a/b",
             "other",
-            "chunks/abc",
+            "packs/abc",
         ] {
             assert!(!valid_name(bad), "{bad}");
         }

@@ -1,6 +1,8 @@
-//! `kiln cache gc`: removes the chunks no manifest of their project needs any more (chunks are
+//! `kiln cache gc`: removes the packs no manifest of their project reads any more (packs are
 //! shared between keys, so a bucket lifecycle rule cannot tell which are stale), and optionally
-//! the manifests nobody saved for a while.
+//! the manifests nobody saved for a while. A pack is kept whole while any manifest reads any
+//! chunk of it; chunk objects of the version-1 format (`chunks/<hash>`) go once no version-1
+//! manifest of their project is left.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -20,10 +22,10 @@ pub struct GcReport {
     pub manifests: usize,
     /// Manifests deleted for age.
     pub deleted_manifests: usize,
-    /// Chunks kept.
-    pub chunks: usize,
-    /// Chunks deleted.
-    pub deleted_chunks: usize,
+    /// Packs kept.
+    pub packs: usize,
+    /// Packs (and version-1 chunk objects) deleted.
+    pub deleted_packs: usize,
     /// Bytes deleted.
     pub deleted_bytes: u64,
     /// Projects left alone because a manifest could not be read (another kiln version).
@@ -33,11 +35,11 @@ pub struct GcReport {
 #[derive(Default)]
 struct Project {
     manifests: Vec<object_store::ObjectMeta>,
-    chunks: Vec<object_store::ObjectMeta>,
+    packs: Vec<object_store::ObjectMeta>,
 }
 
-/// Collects garbage under `prefix`. A chunk is deleted when no manifest of its project names
-/// it and it is older than `grace` (a save in progress uploads chunks before its manifest). A
+/// Collects garbage under `prefix`. A pack is deleted when no manifest of its project reads
+/// it and it is older than `grace` (a save in progress uploads packs before its manifest). A
 /// manifest older than `manifest_age`, when given, is deleted first (its cache expired).
 ///
 /// # Errors
@@ -60,11 +62,14 @@ pub async fn collect(
     let mut projects: BTreeMap<String, Project> = BTreeMap::new();
     for meta in objects {
         let location = meta.location.to_string();
-        if let Some((project, _)) = location.rsplit_once("/chunks/") {
+        if let Some((project, _)) = location
+            .rsplit_once("/packs/")
+            .or_else(|| location.rsplit_once("/chunks/"))
+        {
             projects
                 .entry(project.to_owned())
                 .or_default()
-                .chunks
+                .packs
                 .push(meta);
         } else if let Some((project, _)) = location.rsplit_once("/manifests/") {
             projects
@@ -81,6 +86,7 @@ pub async fn collect(
     'projects: for (name, project) in projects {
         let mut needed = HashSet::new();
         let mut kept = 0;
+        let mut version_1 = false;
         for manifest in &project.manifests {
             if manifest_age.is_some_and(|limit| age(manifest) > limit) {
                 store.delete(&manifest.location).await?;
@@ -89,27 +95,30 @@ pub async fn collect(
             }
             let data = store.get(&manifest.location).await?.bytes().await?;
             match Manifest::decode(&data) {
-                Ok(Some(manifest)) => needed.extend(manifest.chunks.into_iter().map(|c| c.hash)),
-                // Another version's manifest may need any chunk: leave the project alone.
+                Ok(Some(manifest)) => needed.extend(manifest.packs().map(str::to_owned)),
+                // An older kiln's manifest reads the version-1 chunk objects.
+                Ok(None) if Manifest::stored_version(&data) == Some(1) => version_1 = true,
+                // Another version's manifest may need any object: leave the project alone.
                 Ok(None) | Err(_) => {
                     report.skipped_projects.push(name);
                     report.manifests += project.manifests.len();
-                    report.chunks += project.chunks.len();
+                    report.packs += project.packs.len();
                     continue 'projects;
                 }
             }
             kept += 1;
         }
         report.manifests += kept;
-        for chunk in project.chunks {
-            let hash = chunk.location.filename().unwrap_or_default().to_owned();
-            if needed.contains(&hash) || age(&chunk) < grace {
-                report.chunks += 1;
+        for pack in project.packs {
+            let hash = pack.location.filename().unwrap_or_default().to_owned();
+            let old_chunk = pack.location.as_ref().contains("/chunks/");
+            if needed.contains(&hash) || (old_chunk && version_1) || age(&pack) < grace {
+                report.packs += 1;
                 continue;
             }
-            store.delete(&chunk.location).await?;
-            report.deleted_chunks += 1;
-            report.deleted_bytes += chunk.size;
+            store.delete(&pack.location).await?;
+            report.deleted_packs += 1;
+            report.deleted_bytes += pack.size;
         }
     }
     Ok(report)
@@ -123,7 +132,7 @@ mod tests {
     use std::path::PathBuf;
 
     #[tokio::test]
-    async fn gc_deletes_only_chunks_no_manifest_needs_and_old_manifests_when_asked() {
+    async fn gc_deletes_only_packs_no_manifest_reads_and_old_manifests_when_asked() {
         let root = tempfile::tempdir().unwrap();
         let project = root.path().join("kiln/project/1");
         let remote = Remote::new(CacheAccess::Directory {
@@ -136,20 +145,24 @@ mod tests {
             source.path(),
             &[PathBuf::from("a")],
             "k",
-            &HashSet::new(),
+            &crate::cache::format::KnownChunks::new(),
             u64::MAX,
         )
         .await
         .unwrap();
-        let orphan = project.join("chunks").join("f".repeat(64));
+        let orphan = project.join("packs").join("f".repeat(64));
         std::fs::write(&orphan, "stale").unwrap();
+        // A version-1 chunk object no manifest reads any more.
+        let old_chunk = project.join("chunks").join("e".repeat(64));
+        std::fs::create_dir_all(old_chunk.parent().unwrap()).unwrap();
+        std::fs::write(&old_chunk, "old format").unwrap();
         let store = object_store::local::LocalFileSystem::new_with_prefix(root.path()).unwrap();
 
         // Within the grace period nothing goes.
         let report = collect(&store, "kiln", Duration::from_secs(3600), None)
             .await
             .unwrap();
-        assert_eq!((report.deleted_chunks, report.chunks), (0, 2));
+        assert_eq!((report.deleted_packs, report.packs), (0, 3));
         assert!(orphan.exists());
 
         let report = collect(&store, "kiln", Duration::ZERO, None).await.unwrap();
@@ -157,12 +170,12 @@ mod tests {
             (
                 report.projects,
                 report.manifests,
-                report.chunks,
-                report.deleted_chunks
+                report.packs,
+                report.deleted_packs
             ),
-            (1, 1, 1, 1)
+            (1, 1, 1, 2)
         );
-        assert!(!orphan.exists());
+        assert!(!orphan.exists() && !old_chunk.exists());
         let target = tempfile::tempdir().unwrap();
         let manifest = archive::fetch_manifest(&remote, "k")
             .await
@@ -176,16 +189,33 @@ mod tests {
             b"some content"
         );
 
-        // An expired cache takes its chunks with it.
+        // An expired cache takes its packs with it.
         let report = collect(&store, "kiln", Duration::ZERO, Some(Duration::ZERO))
             .await
             .unwrap();
-        assert_eq!((report.deleted_manifests, report.deleted_chunks), (1, 1));
+        assert_eq!((report.deleted_manifests, report.deleted_packs), (1, 1));
         assert!(
             archive::fetch_manifest(&remote, "k")
                 .await
                 .unwrap()
                 .is_none()
         );
+
+        // A version-1 manifest keeps its project's chunk objects (an older kiln reads them)
+        // without stopping the collection; once it is gone, they go.
+        let old_project = root.path().join("kiln/project/2");
+        std::fs::create_dir_all(old_project.join("manifests")).unwrap();
+        std::fs::create_dir_all(old_project.join("chunks")).unwrap();
+        let old_manifest = old_project.join("manifests/k");
+        let v1 = zstd::bulk::compress(br#"{"version":1,"entries":[],"chunks":[]}"#, 1).unwrap();
+        std::fs::write(&old_manifest, v1).unwrap();
+        let old_chunk = old_project.join("chunks").join("d".repeat(64));
+        std::fs::write(&old_chunk, "old format").unwrap();
+        let report = collect(&store, "kiln", Duration::ZERO, None).await.unwrap();
+        assert!(report.skipped_projects.is_empty(), "{report:?}");
+        assert!(old_chunk.exists());
+        std::fs::remove_file(&old_manifest).unwrap();
+        collect(&store, "kiln", Duration::ZERO, None).await.unwrap();
+        assert!(!old_chunk.exists());
     }
 }

@@ -213,7 +213,7 @@ async fn sign(
     if let Some(bad) = request.names.iter().find(|n| !valid_name(n)) {
         return Err(Refusal(
             StatusCode::BAD_REQUEST,
-            format!("{bad:?} is not a cache object name (chunks/<hash> or manifests/<key>)"),
+            format!("{bad:?} is not a cache object name (packs/<hash> or manifests/<key>)"),
         ));
     }
     let now = SystemTime::now()
