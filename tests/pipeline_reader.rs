@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln::pipeline::{
-    ArtifactsWhen, JobWhen, Need, Pipeline, PipelineError, PipelineJob, load, parse_str,
+    ArtifactsWhen, CacheKey, JobWhen, Need, Pipeline, PipelineError, PipelineJob, load, parse_str,
 };
 
 fn fixtures() -> PathBuf {
@@ -143,15 +143,21 @@ fn maven_pipeline() {
         (JobWhen::Manual, false)
     );
 
+    // The top-level `cache:` is every job's (issue #26), not a warning.
+    for name in ["unit-test", "package"] {
+        let cache = &job(&p, name).cache;
+        assert_eq!(cache.len(), 1, "{name}: {cache:?}");
+        assert_eq!(cache[0].key, CacheKey::Literal("maven".into()));
+        assert_eq!(cache[0].paths, [".m2/repository"]);
+    }
     assert_eq!(
         warning_keys(&p),
         [
-            (None, "cache"),
             (Some("unit-test"), "artifacts:reports"),
             (Some("deploy"), "environment")
         ]
     );
-    assert!(p.warnings[1].message.contains("junit"), "{}", p.warnings[1]);
+    assert!(p.warnings[0].message.contains("junit"), "{}", p.warnings[0]);
 
     let feature = fixture("maven.gitlab-ci.yml", FEATURE);
     assert!(
@@ -180,6 +186,15 @@ fn node_pipeline() {
     assert_eq!(lint.before_script, ["npm ci --cache .npm --prefer-offline"]);
     assert_eq!(lint.script, ["npm run lint", "npm run typecheck"]);
     assert_eq!(lint.image.as_ref().unwrap().name, "node:20-alpine");
+    // `default: cache:` with `key:files` is every job's (issue #26), not a warning.
+    assert_eq!(
+        lint.cache[0].key,
+        CacheKey::Files {
+            files: vec!["package-lock.json".into()],
+            prefix: None
+        }
+    );
+    assert_eq!(lint.cache[0].paths, [".npm/"]);
 
     for (i, name) in ["test 1/3", "test 2/3", "test 3/3"].iter().enumerate() {
         let test = job(&p, name);
@@ -216,7 +231,6 @@ fn node_pipeline() {
     assert_eq!(
         warning_keys(&p),
         [
-            (None, "default:cache"),
             (None, "default:interruptible"),
             (Some("test"), "artifacts:reports"),
             (Some("e2e"), "allow_failure:exit_codes"),
