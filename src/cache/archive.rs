@@ -627,45 +627,126 @@ fn write_entries(
     entries: &[Entry],
     mut rx: tokio::sync::mpsc::Receiver<Bytes>,
 ) -> Result<(usize, u64), ArchiveError> {
-    use std::io::Write;
+    // Creating thousands of small files is syscalls, not bytes: this thread checks the paths
+    // and gathers each small file's bytes in order, and a few threads create and write them.
+    // A writer that fails keeps draining the queue (so the reader never blocks on it) and the
+    // reader stops at its next file.
+    let (work_tx, work_rx) = std::sync::mpsc::sync_channel::<SmallFile>(WRITE_QUEUE);
+    let work_rx = Mutex::new(work_rx);
+    let failed: Mutex<Option<ArchiveError>> = Mutex::new(None);
+    let read = std::thread::scope(|scope| {
+        for _ in 0..FILE_WRITERS {
+            scope.spawn(|| {
+                loop {
+                    let next = match work_rx.lock() {
+                        Ok(queue) => queue.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(small) = next else { return };
+                    let already = failed.lock().map_or(true, |f| f.is_some());
+                    if already {
+                        continue;
+                    }
+                    if let Err(e) = write_file(&small.path, small.mode, [small.data])
+                        && let Ok(mut slot) = failed.lock()
+                    {
+                        slot.get_or_insert(e);
+                    }
+                }
+            });
+        }
+        let read = read_entries(root, entries, &mut rx, &work_tx, &failed);
+        drop(work_tx);
+        read
+    });
+    match failed.into_inner().ok().flatten() {
+        Some(e) => Err(e),
+        None => read,
+    }
+}
+
+/// Files a restore writes in parallel, beside the thread that reads the chunks.
+const FILE_WRITERS: usize = 3;
+/// Small files gathered ahead of the writers.
+const WRITE_QUEUE: usize = 256;
+/// Files up to this size are handed to the writers whole; larger ones are written here as
+/// their chunks arrive.
+const SMALL_FILE: u64 = 1 << 20;
+
+/// A file whose bytes are all here, for a writer thread.
+struct SmallFile {
+    path: PathBuf,
+    mode: u32,
+    data: Bytes,
+}
+
+/// Reads the chunks in order and places every entry: links and large files here, small files
+/// through `small`; stops when a writer has `failed`.
+fn read_entries(
+    root: &Path,
+    entries: &[Entry],
+    rx: &mut tokio::sync::mpsc::Receiver<Bytes>,
+    small: &std::sync::mpsc::SyncSender<SmallFile>,
+    failed: &Mutex<Option<ArchiveError>>,
+) -> Result<(usize, u64), ArchiveError> {
+    let stopped = || ArchiveError::Worker("a file writer of the restore stopped".into());
     let mut pending = Bytes::new();
+    let mut next = |left: u64| -> Result<Bytes, ArchiveError> {
+        if pending.is_empty() {
+            pending = rx
+                .blocking_recv()
+                .ok_or_else(|| ArchiveError::Manifest("the cache's chunks ended early".into()))?;
+        }
+        let take = usize::try_from(left)
+            .unwrap_or(usize::MAX)
+            .min(pending.len());
+        Ok(pending.split_to(take))
+    };
     let mut written = 0u64;
+    let mut directories = HashSet::new();
     for entry in entries {
-        let full = prepare(root, &entry.path)?;
-        let io = |action, source| ArchiveError::Io {
-            action,
-            path: full.clone(),
-            source,
-        };
+        if failed.lock().map_or(true, |f| f.is_some()) {
+            return Err(stopped());
+        }
+        let full = prepare(root, &entry.path, &mut directories)?;
         match &entry.kind {
             EntryKind::Symlink { target } => {
-                std::os::unix::fs::symlink(target, &full).map_err(|e| io("create the link", e))?;
+                std::os::unix::fs::symlink(target, &full).map_err(|source| ArchiveError::Io {
+                    action: "create the link",
+                    path: full.clone(),
+                    source,
+                })?;
+            }
+            EntryKind::File { size, mode } if *size > SMALL_FILE => {
+                let mut left = *size;
+                let parts = std::iter::from_fn(|| {
+                    (left > 0).then(|| {
+                        let part = next(left)?;
+                        left -= part.len() as u64;
+                        Ok(part)
+                    })
+                });
+                write_file_parts(&full, *mode, parts)?;
+                written += size;
             }
             EntryKind::File { size, mode } => {
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(mode & 0o777)
-                    .custom_flags(nix::libc::O_NOFOLLOW)
-                    .open(&full)
-                    .map_err(|e| io("create", e))?;
+                let mut parts = Vec::new();
                 let mut left = *size;
                 while left > 0 {
-                    if pending.is_empty() {
-                        pending = rx.blocking_recv().ok_or_else(|| {
-                            ArchiveError::Manifest("the cache's chunks ended early".into())
-                        })?;
-                    }
-                    let take = usize::try_from(left)
-                        .unwrap_or(usize::MAX)
-                        .min(pending.len());
-                    let part = pending.split_to(take);
-                    file.write_all(&part).map_err(|e| io("write", e))?;
-                    left -= take as u64;
+                    let part = next(left)?;
+                    left -= part.len() as u64;
+                    parts.push(part);
                 }
-                // The umask may have narrowed the mode at creation.
-                file.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
-                    .map_err(|e| io("set the mode of", e))?;
+                let data = match parts.len() {
+                    1 => parts.pop().unwrap_or_default(),
+                    _ => Bytes::from(parts.concat()),
+                };
+                let file = SmallFile {
+                    path: full,
+                    mode: *mode,
+                    data,
+                };
+                small.send(file).map_err(|_| stopped())?;
                 written += size;
             }
         }
@@ -673,18 +754,67 @@ fn write_entries(
     Ok((entries.len(), written))
 }
 
+/// Creates `path` with `mode` (never through a link, never over an existing file) and writes
+/// `parts` into it.
+fn write_file(
+    path: &Path,
+    mode: u32,
+    parts: impl IntoIterator<Item = Bytes>,
+) -> Result<(), ArchiveError> {
+    write_file_parts(path, mode, parts.into_iter().map(Ok))
+}
+
+fn write_file_parts(
+    path: &Path,
+    mode: u32,
+    parts: impl Iterator<Item = Result<Bytes, ArchiveError>>,
+) -> Result<(), ArchiveError> {
+    use std::io::Write;
+    let io = |action, source| ArchiveError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode & 0o777)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| io("create", e))?;
+    for part in parts {
+        file.write_all(&part?).map_err(|e| io("write", e))?;
+    }
+    // The umask may have narrowed the mode at creation.
+    file.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
+        .map_err(|e| io("set the mode of", e))
+}
+
 /// Makes sure the directories on the way to `relative` are real directories inside `root`
 /// (creating missing ones, refusing links and files) and that nothing but a file or link is
 /// in the way at `relative` itself (removed, so it is replaced); returns the full path.
-fn prepare(root: &Path, relative: &str) -> Result<PathBuf, ArchiveError> {
+///
+/// `checked` holds the directories this restore has already seen to be real directories: a
+/// restore never turns a directory into anything else (a link or file entry where a directory
+/// is is refused below), so each is checked once, not once per file under it.
+fn prepare(
+    root: &Path,
+    relative: &str,
+    checked: &mut HashSet<PathBuf>,
+) -> Result<PathBuf, ArchiveError> {
     let outside = || ArchiveError::Outside(relative.to_owned());
     let path = Path::new(relative);
     let mut at = root.to_path_buf();
     if let Some(parent) = path.parent() {
         for component in parent.components() {
             at.push(component);
+            if checked.contains(&at) {
+                continue;
+            }
             match std::fs::symlink_metadata(&at) {
-                Ok(meta) if meta.is_dir() => {}
+                Ok(meta) if meta.is_dir() => {
+                    checked.insert(at.clone());
+                }
                 Ok(_) => return Err(outside()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     std::fs::create_dir(&at).map_err(|source| ArchiveError::Io {
@@ -692,6 +822,7 @@ fn prepare(root: &Path, relative: &str) -> Result<PathBuf, ArchiveError> {
                         path: at.clone(),
                         source,
                     })?;
+                    checked.insert(at.clone());
                 }
                 Err(source) => {
                     return Err(ArchiveError::Io {
