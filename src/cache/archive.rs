@@ -667,11 +667,12 @@ fn write_entries(
 
 /// Files a restore writes in parallel, beside the thread that reads the chunks.
 const FILE_WRITERS: usize = 3;
-/// Small files gathered ahead of the writers.
-const WRITE_QUEUE: usize = 256;
+/// Small files gathered ahead of the writers (memory: at most this many times
+/// [`SMALL_FILE`], plus one per writer).
+const WRITE_QUEUE: usize = 32;
 /// Files up to this size are handed to the writers whole; larger ones are written here as
 /// their chunks arrive.
-const SMALL_FILE: u64 = 1 << 20;
+const SMALL_FILE: u64 = 256 << 10;
 
 /// A file whose bytes are all here, for a writer thread.
 struct SmallFile {
@@ -947,6 +948,68 @@ mod tests {
             std::fs::read_link(target.path().join("deps/link")).unwrap(),
             Path::new("a/f1")
         );
+    }
+
+    /// Small files go to the writer threads, large ones are written as their chunks come;
+    /// a restore gives back every byte and mode of both, empty files and deep paths included.
+    #[tokio::test]
+    async fn small_and_large_files_restore_whole_through_the_parallel_writers() {
+        let store = tempfile::tempdir().unwrap();
+        let source = tempfile::tempdir().unwrap();
+        let remote = remote(store.path());
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut noise = |len: usize| -> Vec<u8> {
+            (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect()
+        };
+        let deep = source.path().join("a/b/c/d");
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::write(source.path().join("large.bin"), noise(3 << 20)).unwrap();
+        std::fs::write(deep.join("just-over"), noise((256 << 10) + 1)).unwrap();
+        std::fs::write(deep.join("empty"), b"").unwrap();
+        for i in 0..500 {
+            std::fs::write(deep.join(format!("s{i}")), noise(i * 7)).unwrap();
+        }
+        std::fs::set_permissions(deep.join("s3"), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let files = all_files(source.path());
+        save(
+            &remote,
+            source.path(),
+            &files,
+            "k",
+            &KnownChunks::new(),
+            u64::MAX,
+        )
+        .await
+        .unwrap();
+        let target = tempfile::tempdir().unwrap();
+        let manifest = fetch_manifest(&remote, "k").await.unwrap().unwrap();
+        let restored = restore(&remote, &manifest, target.path()).await.unwrap();
+        assert_eq!(restored.entries, files.len());
+        for file in &files {
+            let relative = file.strip_prefix(source.path()).unwrap_or(file);
+            let (from, to) = (source.path().join(relative), target.path().join(relative));
+            if from.is_file() {
+                assert_eq!(
+                    std::fs::read(&to).unwrap(),
+                    std::fs::read(&from).unwrap(),
+                    "{}",
+                    relative.display()
+                );
+                assert_eq!(
+                    std::fs::metadata(&to).unwrap().permissions().mode() & 0o777,
+                    std::fs::metadata(&from).unwrap().permissions().mode() & 0o777,
+                    "{}",
+                    relative.display()
+                );
+            }
+        }
     }
 
     fn chunk(pack: &str, offset: u64, length: u32) -> ChunkRef {
