@@ -191,16 +191,13 @@ async fn sign(
         )
     })?;
     let method = match request.method.as_str() {
+        // A save writes packs and a manifest; a restore reads them. Nothing else is signed.
         "GET" => Method::GET,
-        // An Azure SAS grants permissions, not a method, and object_store gives a HEAD none:
-        // the read permission of a GET covers Get Blob Properties. S3 and GCS sign the method.
-        "HEAD" if service.config.kind == CacheType::Azure => Method::GET,
-        "HEAD" => Method::HEAD,
         "PUT" => Method::PUT,
         other => {
             return Err(Refusal(
                 StatusCode::BAD_REQUEST,
-                format!("method {other:?} is not GET, HEAD or PUT"),
+                format!("method {other:?} is not GET or PUT"),
             ));
         }
     };
