@@ -140,6 +140,10 @@ pub const JOB_FILE: &str = "job.json";
 /// The file next to the job file with the executor's notes on how it started the build (one
 /// per line: an overwrite it ignored), which the kiln agent puts in the job's trace as warnings.
 pub const START_NOTES_FILE: &str = "start-notes.txt";
+/// The file next to the job file in which the coordinator says how the build started (cold
+/// and why, or on which warm pod after how long waiting), one line each, which the kiln agent
+/// prints in the trace's first section.
+pub const START_FILE: &str = "start.txt";
 /// The result file the kiln agent leaves next to its job file ([`AgentReport`] as JSON) when it
 /// runs as a child process.
 pub const AGENT_RESULT_FILE: &str = "result.json";

@@ -6,6 +6,9 @@
 pub mod kubernetes;
 pub mod local;
 pub mod sandbox;
+mod warm;
+
+pub use warm::{TakeError, WarmPod, WarmPods, WarmShape, WarmState};
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -246,6 +249,12 @@ pub trait Executor: Send + Sync {
     /// installation's replicas (pods); `None` when builds are this process's alone (child
     /// processes), which then drains them when it stops instead of detaching from them.
     fn shared(&self) -> Option<&dyn SharedBuilds> {
+        None
+    }
+
+    /// The part of the executor that starts builds ahead of their work (warm pods); `None`
+    /// when it cannot (child processes), and every build starts cold.
+    fn warm(&self) -> Option<&dyn WarmPods> {
         None
     }
 }

@@ -81,6 +81,47 @@ pub trait Chain: Send + Sync {
     /// Whether build `name` runs, on this replica or another one of the installation (true
     /// when that cannot be told): what a leftover check asks before it removes anything.
     fn exists(&self, name: &str) -> BoxFuture<'_, bool>;
+
+    /// The idle members the warm pools want this source to keep now (`[[warm_pools]]`
+    /// entries naming this source, their floor raised by open schedule windows, within
+    /// `max_idle_total`), for a source whose idle members are its own (GitHub runners,
+    /// Jenkins agents registered at their CI server). Empty: no pool.
+    fn warm_floors(&self) -> Vec<WarmFloor> {
+        Vec::new()
+    }
+
+    /// Tells the warm pools where member `name` (a build of this source kept for pool
+    /// `pool`) is: idle (its idle time is priced from now), or taken (it took work: a hit),
+    /// or retired (removed unused). Nothing for a name the pools do not know.
+    fn warm_member(&self, name: &str, pool: &str, state: MemberState) {
+        let _ = (name, pool, state);
+    }
+}
+
+/// What one warm pool wants of a source that keeps its own idle members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmFloor {
+    /// The pool's name.
+    pub pool: String,
+    /// The resource class its members run in (GitHub groups runners by class).
+    pub class: Option<String>,
+    /// The label its members carry (Jenkins groups agents by label).
+    pub label: Option<String>,
+    /// Idle members to keep now.
+    pub min_idle: usize,
+    /// An idle member older than this is replaced.
+    pub max_idle_age: Option<std::time::Duration>,
+}
+
+/// Where a warm member is, as its source tells the pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberState {
+    /// Started or waiting for work (its time is the pool's idle cost).
+    Idle,
+    /// It took work.
+    Taken,
+    /// Removed without having taken work.
+    Retired,
 }
 
 /// What a source says about a build found at start-up.
