@@ -29,6 +29,7 @@ mod jenkins_server;
 mod kube_server;
 mod kubernetes_gitlab_compat;
 mod kubernetes_jobs;
+mod kubernetes_namespace_overwrite;
 mod pipeline_reader;
 mod pipelines;
 mod replicas;

@@ -449,6 +449,9 @@ fn check_invariants(out: &Rendered, values: &Values) {
                 );
             }
             "Role" | "RoleBinding" => assert_eq!(meta["namespace"], build_ns, "{object}"),
+            "ClusterRole" | "ClusterRoleBinding" => {
+                assert!(meta.get("namespace").is_none(), "{object}");
+            }
             "ConfigMap" if object["data"].get("kiln.json").is_some() => {}
             _ => assert_eq!(meta["namespace"], NAMESPACE, "{object}"),
         }
@@ -1055,6 +1058,52 @@ fn matrix_existing_secret_replaces_the_charts_secret() {
         .remove("jenkins-webhook-secret");
     let (ok, output) = check_config(&out.config(), &out.env(Some(&secret)));
     assert!(ok, "{output}");
+}
+
+/// The ClusterRole in docs/kubernetes.md's "Namespace overwrite" YAML block.
+fn documented_cluster_role() -> Json {
+    let doc = std::fs::read_to_string(repo().join("docs/kubernetes.md")).unwrap();
+    let block = doc
+        .split("```yaml\n")
+        .skip(1)
+        .map(|rest| rest.split("```").next().unwrap())
+        .find(|block| block.contains("kind: ClusterRole\n"))
+        .expect("docs/kubernetes.md has a yaml block with the ClusterRole");
+    serde_yaml_ng::Deserializer::from_str(block)
+        .map(|doc| {
+            serde_json::to_value(
+                <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc).unwrap(),
+            )
+            .unwrap()
+        })
+        .find(|o| o["kind"] == "ClusterRole")
+        .unwrap()
+}
+
+#[test]
+fn a_namespace_overwrite_pattern_adds_the_documented_cluster_role_and_only_then() {
+    let plain = template(&Values::file("gitlab-values.yaml"));
+    assert!(plain.all("ClusterRole").is_empty() && plain.all("ClusterRoleBinding").is_empty());
+    let out = check_case(
+        &Values::file("gitlab-values.yaml")
+            .and("kubernetes: {namespace_overwrite_allowed: '^ci-'}"),
+    );
+    assert_eq!(
+        out.toml()["kubernetes"]["namespace_overwrite_allowed"].as_str(),
+        Some("^ci-")
+    );
+    let role = out.object("ClusterRole");
+    assert_eq!(rules(role), rules(&documented_cluster_role()));
+    let binding = out.object("ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(
+        binding["subjects"][0]["name"],
+        out.deployment()["spec"]["template"]["spec"]["serviceAccountName"]
+    );
+    assert_eq!(binding["subjects"][0]["namespace"], NAMESPACE);
+    // The namespaced Role stays (Leases live in the build namespace).
+    assert_eq!(rules(out.object("Role")), rules(&documented_role()));
 }
 
 #[test]

@@ -1096,6 +1096,140 @@ async fn access_reviews_and_forbidden() {
 }
 
 #[tokio::test]
+async fn cluster_scoped_lists_and_watches_span_namespaces_and_a_role_confines_them() {
+    let server = KubeServer::start().await;
+    server.set_kubelet(false);
+    let client = server.client("ci");
+    let labelled = json!({ "kiln.dev/coordinator": "kiln" });
+    for ns in ["ci", "ci-team-a"] {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        pods.create(
+            &PostParams::default(),
+            &pod(
+                &format!("p-{ns}"),
+                labelled.clone(),
+                never(json!([sh("main", "true")])),
+            ),
+        )
+        .await
+        .unwrap();
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": { "name": format!("s-{ns}"), "labels": labelled },
+        }))
+        .unwrap();
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
+    let other: Api<Pod> = Api::namespaced(client.clone(), "elsewhere");
+    other
+        .create(
+            &PostParams::default(),
+            &pod("unlabelled", json!({}), never(json!([sh("main", "true")]))),
+        )
+        .await
+        .unwrap();
+    // `/api/v1/pods?labelSelector=…` and `/api/v1/secrets?labelSelector=…`, as kubectl -A.
+    let selected = ListParams::default().labels("kiln.dev/coordinator=kiln");
+    let all_pods: Api<Pod> = Api::all(client.clone());
+    let listed = all_pods.list(&selected).await.unwrap();
+    let mut seen: Vec<(String, String)> = listed
+        .items
+        .iter()
+        .map(|p| {
+            (
+                p.metadata.namespace.clone().unwrap(),
+                p.metadata.name.clone().unwrap(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("ci".to_owned(), "p-ci".to_owned()),
+            ("ci-team-a".to_owned(), "p-ci-team-a".to_owned())
+        ]
+    );
+    let all_secrets: Api<Secret> = Api::all(client.clone());
+    assert_eq!(all_secrets.list(&selected).await.unwrap().items.len(), 2);
+    assert_eq!(
+        all_pods
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        3
+    );
+    // A cluster-wide watch from the list's resourceVersion sees a pod made in a third namespace.
+    let version = listed.metadata.resource_version.clone().unwrap();
+    let mut events = all_pods
+        .watch(
+            &WatchParams::default().labels("kiln.dev/coordinator=kiln"),
+            &version,
+        )
+        .await
+        .unwrap()
+        .boxed();
+    let third: Api<Pod> = Api::namespaced(client.clone(), "ci-team-b");
+    third
+        .create(
+            &PostParams::default(),
+            &pod("p-b", labelled.clone(), never(json!([sh("main", "true")]))),
+        )
+        .await
+        .unwrap();
+    let event = tokio::time::timeout(WAIT, events.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match event {
+        WatchEvent::Added(p) => {
+            assert_eq!(p.metadata.namespace.as_deref(), Some("ci-team-b"));
+            assert_eq!(p.metadata.name.as_deref(), Some("p-b"));
+        }
+        other => panic!("expected the new pod, got {other:?}"),
+    }
+    // With only a Role in `ci`: cluster-wide lists and other namespaces are forbidden, and
+    // access reviews say so.
+    server.grant_only_in("ci");
+    let e = api_error(all_secrets.list(&selected).await.unwrap_err());
+    assert_eq!(
+        e.message,
+        "secrets is forbidden: User \"system:serviceaccount:ci:kiln\" cannot list resource \"secrets\" in API group \"\" at the cluster scope"
+    );
+    let e = api_error(third.get("p-b").await.unwrap_err());
+    assert_eq!(e.code, 403);
+    let own: Api<Pod> = Api::namespaced(client.clone(), "ci");
+    own.get("p-ci").await.unwrap();
+    let reviews: Api<SelfSubjectAccessReview> = Api::all(client);
+    let review = |namespace: Option<&str>| SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                namespace: namespace.map(str::to_owned),
+                verb: Some("list".into()),
+                resource: Some("secrets".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let allowed = |r: SelfSubjectAccessReview| r.status.unwrap().allowed;
+    let create = PostParams::default();
+    assert!(allowed(
+        reviews.create(&create, &review(Some("ci"))).await.unwrap()
+    ));
+    assert!(!allowed(
+        reviews.create(&create, &review(None)).await.unwrap()
+    ));
+}
+
+#[tokio::test]
 async fn leases_follow_resource_version_rules() {
     use k8s_openapi::api::coordination::v1::Lease;
     let server = KubeServer::start().await;

@@ -37,7 +37,7 @@ pub(crate) async fn setup() -> Setup {
 }
 
 impl Setup {
-    fn config(&self, top: &str, kubernetes: &str) -> String {
+    pub(crate) fn config(&self, top: &str, kubernetes: &str) -> String {
         let kubeconfig = self.dir.path().join("kubeconfig");
         config(
             &self.gitlab.url(),

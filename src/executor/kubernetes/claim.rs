@@ -81,13 +81,13 @@ impl KubernetesExecutor {
         let patch = Patch::Merge(&patch);
         match found.recorded {
             Recorded::OnSecrets { .. } => {
-                let secrets: Api<Secret> = self.cluster.api();
+                let secrets: Api<Secret> = self.api_of(&found.name);
                 self.cluster
                     .call(|| secrets.patch(&found.name, &params, &patch))
                     .await?;
             }
             Recorded::OnBuild => {
-                let pods: Api<Pod> = self.cluster.api();
+                let pods: Api<Pod> = self.api_of(&found.name);
                 let pod = self
                     .cluster
                     .call(|| pods.patch(&found.name, &params, &patch))
@@ -104,7 +104,7 @@ impl KubernetesExecutor {
     /// only the owner writes it).
     async fn mark_pod(&self, name: &str, replica: &str) -> Result<(), kube::Error> {
         let patch = labels::mirror_patch(replica);
-        let pods: Api<Pod> = self.cluster.api();
+        let pods: Api<Pod> = self.api_of(name);
         let params = PatchParams::default();
         let patch = Patch::Merge(&patch);
         let pod = self
@@ -122,14 +122,14 @@ impl KubernetesExecutor {
     ) -> Result<Option<(Option<String>, Option<String>)>, kube::Error> {
         let metadata = match found.recorded {
             Recorded::OnBuild => {
-                let pods: Api<Pod> = self.cluster.api();
+                let pods: Api<Pod> = self.api_of(&found.name);
                 self.cluster
                     .call(|| pods.get_opt(&found.name))
                     .await?
                     .map(|p| p.metadata)
             }
             Recorded::OnSecrets { .. } => {
-                let secrets: Api<Secret> = self.cluster.api();
+                let secrets: Api<Secret> = self.api_of(&found.name);
                 self.cluster
                     .call(|| secrets.get_opt(&found.name))
                     .await?
@@ -143,7 +143,7 @@ impl KubernetesExecutor {
         Claim::Failed(format!(
             "cannot label build {} with replica {replica} in namespace `{}`: {}",
             found.name,
-            self.cluster.namespace(),
+            self.namespace_of(&found.name),
             describe(error)
         ))
     }

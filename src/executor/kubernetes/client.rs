@@ -58,6 +58,16 @@ pub enum ClusterError {
     /// The API server could not be asked about permissions.
     #[error("cannot reach the Kubernetes API server to check kiln's permissions")]
     Unreachable(#[source] kube::Error),
+    /// kiln's service account lacks cluster-wide permissions that
+    /// `namespace_overwrite_allowed` needs (builds in any namespace).
+    #[error(
+        "kiln's service account may not {} cluster-wide (in every namespace), which kubernetes.namespace_overwrite_allowed needs; grant the ClusterRole in docs/kubernetes.md or unset namespace_overwrite_allowed",
+        missing.join(", ")
+    )]
+    ForbiddenClusterWide {
+        /// `verb resource` pairs that were denied.
+        missing: Vec<String>,
+    },
     /// kiln's service account lacks permissions it needs.
     #[error(
         "kiln's service account may not {} in namespace `{namespace}`; grant the Role in docs/kubernetes.md",
@@ -134,6 +144,24 @@ impl Cluster {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
+    /// A typed API for a namespaced resource in `namespace` (a build's overwritten one).
+    pub(crate) fn api_in<K>(&self, namespace: &str) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    /// A typed API for a namespaced resource across every namespace (list and watch only).
+    pub(crate) fn api_all<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::all(self.client.clone())
+    }
+
     /// Runs one API call under the QPS limit, retrying connection errors, 429 and 5xx with
     /// jittered exponential backoff (a handful of times, up to ~10 s apart).
     ///
@@ -197,19 +225,47 @@ impl Cluster {
         self.bucket.until_free(calls).await;
     }
 
-    /// Checks with SelfSubjectAccessReview that kiln may do everything it needs.
+    /// Checks with SelfSubjectAccessReview that kiln may do everything it needs: in its
+    /// namespace, and, when `cluster_wide` (jobs may move their pods to other namespaces), the
+    /// same in every namespace.
     ///
     /// # Errors
     /// A permission is missing (every missing one is named), or the API server cannot be
     /// reached.
-    pub(crate) async fn check_permissions(&self) -> Result<(), ClusterError> {
+    pub(crate) async fn check_permissions(&self, cluster_wide: bool) -> Result<(), ClusterError> {
+        let Some(missing) = self.missing_permissions(Some(&self.namespace)).await? else {
+            return Ok(());
+        };
+        if !missing.is_empty() {
+            return Err(ClusterError::Forbidden {
+                namespace: self.namespace.clone(),
+                missing,
+            });
+        }
+        if !cluster_wide {
+            return Ok(());
+        }
+        match self.missing_permissions(None).await? {
+            Some(missing) if !missing.is_empty() => {
+                Err(ClusterError::ForbiddenClusterWide { missing })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The `verb resource` pairs of [`PERMISSIONS`] kiln may not do in `namespace` (`None`:
+    /// in every namespace); `None` when the API server cannot tell (no authorization API).
+    async fn missing_permissions(
+        &self,
+        namespace: Option<&str>,
+    ) -> Result<Option<Vec<String>>, ClusterError> {
         let reviews: Api<SelfSubjectAccessReview> = Api::all(self.client.clone());
         let mut missing = Vec::new();
         for (verb, resource) in PERMISSIONS {
             let review = SelfSubjectAccessReview {
                 spec: SelfSubjectAccessReviewSpec {
                     resource_attributes: Some(ResourceAttributes {
-                        namespace: Some(self.namespace.clone()),
+                        namespace: namespace.map(str::to_owned),
                         verb: Some((*verb).into()),
                         resource: Some((*resource).into()),
                         ..ResourceAttributes::default()
@@ -227,7 +283,7 @@ impl Cluster {
                     tracing::warn!(
                         "SelfSubjectAccessReview is not available; permissions are not checked at start-up"
                     );
-                    return Ok(());
+                    return Ok(None);
                 }
                 Err(e) => return Err(ClusterError::Unreachable(e)),
             };
@@ -235,14 +291,7 @@ impl Cluster {
                 missing.push(format!("{verb} {resource}"));
             }
         }
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(ClusterError::Forbidden {
-                namespace: self.namespace.clone(),
-                missing,
-            })
-        }
+        Ok(Some(missing))
     }
 }
 

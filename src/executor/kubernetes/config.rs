@@ -144,6 +144,10 @@ pub struct KubernetesConfig {
     /// Regex each `KUBERNETES_NODE_TOLERATIONS_*` toleration (`key[=value][:effect]`) must
     /// match (unset: ignored with a warning).
     pub node_tolerations_overwrite_allowed: Option<String>,
+    /// Regex a `KUBERNETES_NAMESPACE_OVERWRITE` value must match (unset or empty: ignored with
+    /// a warning). Set, kiln lists and watches its pods and Secrets in every namespace (a
+    /// ClusterRole, docs/kubernetes.md).
+    pub namespace_overwrite_allowed: Option<String>,
 }
 
 impl Default for KubernetesConfig {
@@ -215,6 +219,7 @@ impl Default for KubernetesConfig {
             max_service: Resources::default(),
             max_helper: Resources::default(),
             node_tolerations_overwrite_allowed: None,
+            namespace_overwrite_allowed: None,
         }
     }
 }
@@ -471,6 +476,14 @@ impl KubernetesConfig {
         as_label_value(&named)
     }
 
+    /// The `namespace_overwrite_allowed` pattern when a job may move its pod to another
+    /// namespace (set and not empty): the executor then works cluster-wide.
+    pub(crate) fn namespace_overwrite(&self) -> Option<&str> {
+        self.namespace_overwrite_allowed
+            .as_deref()
+            .filter(|p| !p.trim().is_empty())
+    }
+
     /// The pod patch as JSON, or why it is not one.
     pub(crate) fn pod_patch_json(&self) -> Result<Option<serde_json::Value>, String> {
         match &self.pod_patch {
@@ -587,6 +600,10 @@ impl KubernetesConfig {
             (
                 "node_tolerations_overwrite_allowed",
                 &self.node_tolerations_overwrite_allowed,
+            ),
+            (
+                "namespace_overwrite_allowed",
+                &self.namespace_overwrite_allowed,
             ),
         ] {
             if let Some(pattern) = value
@@ -726,6 +743,7 @@ mod tests {
             default_resource_class: Some("gpu".into()),
             pod_patch: Some(toml::Value::String("{not json".into())),
             node_selector_overwrite_allowed: Some("(".into()),
+            namespace_overwrite_allowed: Some("ci-[".into()),
             ..KubernetesConfig::default()
         };
         let problems: Vec<String> = config
@@ -741,6 +759,7 @@ mod tests {
             [
                 "kubernetes.build.memory_limit",
                 "kubernetes.node_selector_overwrite_allowed",
+                "kubernetes.namespace_overwrite_allowed",
                 "kubernetes.default_resource_class",
                 "sources.gitlab[0].resource_class",
                 "kubernetes.pod_patch",

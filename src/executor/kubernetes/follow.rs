@@ -47,6 +47,7 @@ impl KubernetesExecutor {
                 return Ending::lost("the coordinator stopped following the build");
             }
             Followed::Claimed(replica) => {
+                self.forget_namespace(name);
                 tracing::info!(
                     pod = name,
                     %replica,
@@ -112,7 +113,7 @@ impl KubernetesExecutor {
                 }
                 PodSeen::Unknown if unseen_checks > 0 => {
                     // The watch has not shown the pod yet (or is failing): read it directly.
-                    let pods: Api<Pod> = self.cluster.api();
+                    let pods: Api<Pod> = self.api_of(name);
                     match self.cluster.call(|| pods.get_opt(name)).await {
                         Ok(Some(pod)) => Some(Arc::new(pod)),
                         Ok(None) => return Followed::Ended(classify::deleted(last.as_deref())),

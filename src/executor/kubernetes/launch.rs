@@ -11,7 +11,7 @@ use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions, PropagationPolicy};
 
 use super::client::is_status;
-use super::{KubernetesExecutor, describe, images, labels, podspec};
+use super::{KubernetesExecutor, describe, images, labels, podspec, sizing};
 use crate::build::{Build, START_NOTES_FILE};
 use crate::executor::LaunchError;
 
@@ -21,11 +21,19 @@ const DELETE_GRACE_SECONDS: u32 = 2;
 
 impl KubernetesExecutor {
     pub(super) async fn launch_build(&self, build: &Build) -> Result<(), LaunchError> {
-        let namespace = self.cluster.namespace();
-        let pod =
-            podspec::pod(build, &self.config, namespace).map_err(|e| LaunchError::Rejected(e.0))?;
-        let secret = podspec::secret(build, &self.config, namespace);
+        let namespace = self.build_namespace(build)?;
+        let pod = podspec::pod(build, &self.config, &namespace)
+            .map_err(|e| LaunchError::Rejected(e.0))?;
+        let secret = podspec::secret(build, &self.config, &namespace);
+        self.remember_namespace(&build.name, Some(&namespace));
         self.create(&pod, &secret).await
+    }
+
+    /// The namespace `build` goes to (its allowed `KUBERNETES_NAMESPACE_OVERWRITE`, else the
+    /// configured one), decided before anything of it is created.
+    fn build_namespace(&self, build: &Build) -> Result<String, LaunchError> {
+        sizing::namespace(&build.requests, &self.config, self.cluster.namespace())
+            .map_err(|e| LaunchError::Rejected(e.0))
     }
 
     /// Creates the Secret, then the pod, owned by the Secret: two API calls per build. The
@@ -54,7 +62,7 @@ impl KubernetesExecutor {
                 controller: Some(false),
             }]);
         }
-        let pods: Api<Pod> = self.cluster.api();
+        let pods: Api<Pod> = self.api_of(&name);
         // A create whose answer was lost (connection reset after the API server stored the
         // pod) is retried and then gets 409 for kiln's own pod; without a mark of this attempt
         // kiln took it for another coordinator's and left it running unwatched. The mark tells
@@ -63,12 +71,12 @@ impl KubernetesExecutor {
         labels::annotate_launch(&mut pod.metadata, &launch_id);
         match self.cluster.call(|| pods.create(&create, &pod)).await {
             Ok(_) => {
-                tracing::info!(pod = %name, namespace = self.cluster.namespace(), "pod created");
+                tracing::info!(pod = %name, namespace = self.namespace_of(&name), "pod created");
                 Ok(())
             }
             Err(e) if is_status(&e, 409) => match self.cluster.call(|| pods.get(&name)).await {
                 Ok(existing) if labels::launch_of(&existing.metadata) == Some(&launch_id) => {
-                    tracing::info!(pod = %name, namespace = self.cluster.namespace(), "pod created (its create was retried after the first answer was lost)");
+                    tracing::info!(pod = %name, namespace = self.namespace_of(&name), "pod created (its create was retried after the first answer was lost)");
                     Ok(())
                 }
                 _ => Err(LaunchError::Exists(name)),
@@ -86,7 +94,7 @@ impl KubernetesExecutor {
                 if !secret_was_there {
                     self.remove(&name).await;
                 }
-                Err(self.failed("create the pod", &e))
+                Err(self.failed("create the pod", &name, &e))
             }
         }
     }
@@ -95,7 +103,7 @@ impl KubernetesExecutor {
     /// earlier try).
     async fn create_secret(&self, secret: &Secret) -> Result<(Option<String>, bool), LaunchError> {
         let name = secret.metadata.name.clone().unwrap_or_default();
-        let secrets: Api<Secret> = self.cluster.api();
+        let secrets: Api<Secret> = self.api_of(&name);
         let create = PostParams::default();
         match self.cluster.call(|| secrets.create(&create, secret)).await {
             Ok(created) => Ok((created.metadata.uid, false)),
@@ -109,7 +117,7 @@ impl KubernetesExecutor {
                     .and_then(|s| s.metadata.uid);
                 Ok((uid, true))
             }
-            Err(e) => Err(self.failed("create the build's Secret", &e)),
+            Err(e) => Err(self.failed("create the build's Secret", &name, &e)),
         }
     }
 
@@ -118,7 +126,10 @@ impl KubernetesExecutor {
         // A refused image leaves nothing behind, not even the Secret.
         super::images::check_allowed(build, &self.config)
             .map_err(|e| LaunchError::Rejected(e.0))?;
-        let secret = podspec::secret(build, &self.config, self.cluster.namespace());
+        // So does a namespace the job may not move to.
+        let namespace = self.build_namespace(build)?;
+        let secret = podspec::secret(build, &self.config, &namespace);
+        self.remember_namespace(&build.name, Some(&namespace));
         let (uid, _) = self.create_secret(&secret).await?;
         self.persisted_lock().insert(build.name.clone(), uid);
         Ok(())
@@ -130,10 +141,10 @@ impl KubernetesExecutor {
         self.persisted.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn failed(&self, what: &str, error: &kube::Error) -> LaunchError {
+    fn failed(&self, what: &str, name: &str, error: &kube::Error) -> LaunchError {
         LaunchError::Failed(format!(
             "cannot {what} in namespace `{}`: {}",
-            self.cluster.namespace(),
+            self.namespace_of(name),
             describe(error)
         ))
     }
@@ -146,7 +157,7 @@ impl KubernetesExecutor {
             propagation_policy: Some(PropagationPolicy::Background),
             ..DeleteParams::default()
         };
-        let pods: Api<Pod> = self.cluster.api();
+        let pods: Api<Pod> = self.api_of(name);
         match self.cluster.call(|| pods.delete(name, &params)).await {
             Ok(_) => {}
             Err(e) if is_status(&e, 404) => {}
@@ -154,7 +165,7 @@ impl KubernetesExecutor {
                 tracing::error!(pod = name, error = %e, "cannot delete the build pod; the next start-up of kiln retries")
             }
         }
-        let secrets: Api<Secret> = self.cluster.api();
+        let secrets: Api<Secret> = self.api_of(name);
         let plain = DeleteParams::default();
         match self.cluster.call(|| secrets.delete(name, &plain)).await {
             Ok(_) => {}
@@ -163,6 +174,7 @@ impl KubernetesExecutor {
                 tracing::warn!(secret = name, error = %e, "cannot delete the build's Secret; the next start-up of kiln retries")
             }
         }
+        self.forget_namespace(name);
     }
 }
 
@@ -223,7 +235,7 @@ impl KubernetesExecutor {
         tracing::warn!(pod = %name, container, %image, failed_policy = images::runner_policy_name(&failed_policy), next_policy = images::runner_policy_name(&next_policy), "{failure}; making the pod again with the next pull policy");
         self.add_start_note(&name, &note, &mut pod).await;
 
-        let pods: Api<Pod> = self.cluster.api();
+        let pods: Api<Pod> = self.api_of(&name);
         let delete = DeleteParams {
             grace_period_seconds: Some(0),
             preconditions: old.metadata.uid.clone().map(|uid| Preconditions {
@@ -258,7 +270,7 @@ impl KubernetesExecutor {
     /// trace) and makes sure `pod` mounts them. A Secret that cannot be updated only loses
     /// the note (kiln's log has it).
     async fn add_start_note(&self, name: &str, note: &str, pod: &mut Pod) {
-        let secrets: Api<Secret> = self.cluster.api();
+        let secrets: Api<Secret> = self.api_of(name);
         let notes = match self.cluster.call(|| secrets.get(name)).await {
             Ok(secret) => secret
                 .data

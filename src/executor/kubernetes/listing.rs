@@ -18,15 +18,20 @@ impl KubernetesExecutor {
     /// (looked at again later, never judged from half a pair).
     async fn read_other_halves<K>(
         &self,
-        api: &Api<K>,
         names: Vec<String>,
         found: &mut BTreeMap<String, K>,
         unsure: &mut HashSet<String>,
         kind: &str,
     ) where
-        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        <K as kube::Resource>::DynamicType: Default,
     {
         for name in names {
+            // In the namespace its listed half is in.
+            let api: Api<K> = self.api_of(&name);
             match self.cluster.call(|| api.get_opt(&name)).await {
                 Ok(Some(object)) => {
                     found.insert(name, object);
@@ -48,14 +53,16 @@ impl KubernetesExecutor {
     /// pod" or a "pod without its job file".
     pub(super) async fn list_builds(&self, selector: &str) -> Result<Vec<Found>, ExecutorError> {
         let params = ListParams::default().labels(selector);
-        let secrets_api: Api<Secret> = self.cluster.api();
-        let pods_api: Api<Pod> = self.cluster.api();
+        // Every namespace when jobs may move their pods there (`namespaces.rs`).
+        let secrets_api: Api<Secret> = self.list_api();
+        let pods_api: Api<Pod> = self.list_api();
+        let scope = if self.cluster_wide() {
+            "any namespace".to_owned()
+        } else {
+            format!("namespace `{}`", self.cluster.namespace())
+        };
         let list_error = |what: &str, e: kube::Error| ExecutorError::List {
-            message: format!(
-                "cannot list {what} in namespace `{}`: {}",
-                self.cluster.namespace(),
-                describe(&e)
-            ),
+            message: format!("cannot list {what} in {scope}: {}", describe(&e)),
         };
         let secrets = self
             .cluster
@@ -77,27 +84,28 @@ impl KubernetesExecutor {
             .into_iter()
             .map(|p| (p.metadata.name.clone().unwrap_or_default(), p))
             .collect();
+        for (name, metadata) in secrets
+            .iter()
+            .map(|(name, s)| (name, &s.metadata))
+            .chain(pods.iter().map(|(name, p)| (name, &p.metadata)))
+        {
+            self.remember_namespace(name, metadata.namespace.as_deref());
+        }
         let mut unsure = HashSet::new();
         let lonely_secrets: Vec<String> = secrets
             .keys()
             .filter(|name| !pods.contains_key(*name))
             .cloned()
             .collect();
-        self.read_other_halves(&pods_api, lonely_secrets, &mut pods, &mut unsure, "pod")
+        self.read_other_halves(lonely_secrets, &mut pods, &mut unsure, "pod")
             .await;
         let lonely_pods: Vec<String> = pods
             .keys()
             .filter(|name| !secrets.contains_key(*name) && !unsure.contains(*name))
             .cloned()
             .collect();
-        self.read_other_halves(
-            &secrets_api,
-            lonely_pods,
-            &mut secrets,
-            &mut unsure,
-            "Secret",
-        )
-        .await;
+        self.read_other_halves(lonely_pods, &mut secrets, &mut unsure, "Secret")
+            .await;
         let mut found = Vec::new();
         for (name, pod) in pods {
             if unsure.contains(&name) {

@@ -19,6 +19,7 @@ mod labels;
 mod launch;
 mod lease;
 mod listing;
+mod namespaces;
 mod patch;
 mod podspec;
 mod quantity;
@@ -30,7 +31,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::Event;
 use kube::Api;
 use kube::api::ListParams;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +57,8 @@ pub struct KubernetesExecutor {
     /// The uids of Secrets persisted ahead of their build's launch, by build name: the pod is
     /// created owned by its Secret.
     persisted: std::sync::Mutex<HashMap<String, Option<String>>>,
+    /// Each build's namespace, when jobs may move their pods (`namespaces.rs`).
+    namespaces: namespaces::BuildNamespaces,
 }
 
 impl KubernetesExecutor {
@@ -68,25 +71,33 @@ impl KubernetesExecutor {
         shutdown: CancellationToken,
     ) -> Result<Self, ClusterError> {
         let cluster = Cluster::connect(config).await?;
-        cluster.check_permissions().await?;
+        let cluster_wide = config.namespace_overwrite().is_some();
+        cluster.check_permissions(cluster_wide).await?;
         let selector = labels::builds_selector(&config.coordinator);
-        let pods = PodWatch::start(cluster.api(), selector.clone(), shutdown);
+        // Builds in any namespace (KUBERNETES_NAMESPACE_OVERWRITE): one watch over all of them.
+        let watched = if cluster_wide {
+            cluster.api_all()
+        } else {
+            cluster.api()
+        };
+        let pods = PodWatch::start(watched, selector.clone(), shutdown);
         let mut config = config.clone();
         let replica = config.replica_id();
         config.replica = Some(replica.clone());
-        tracing::info!(namespace = cluster.namespace(), selector = %selector, %replica, "connected to Kubernetes");
+        tracing::info!(namespace = cluster.namespace(), cluster_wide, selector = %selector, %replica, "connected to Kubernetes");
         Ok(Self {
             cluster: Arc::new(cluster),
             config: Arc::new(config),
             pods,
             selector,
             persisted: std::sync::Mutex::default(),
+            namespaces: namespaces::BuildNamespaces::default(),
         })
     }
 
     /// The pod's recent warning events, as `; events: Reason: message, …`.
     pub(super) async fn warning_events(&self, name: &str) -> String {
-        let events: Api<Event> = self.cluster.api();
+        let events: Api<Event> = self.api_of(name);
         let params = ListParams::default().fields(&format!("involvedObject.name={name}"));
         let Ok(list) = self.cluster.call(|| events.list(&params)).await else {
             return String::new();
@@ -119,7 +130,7 @@ impl KubernetesExecutor {
     /// default): asked only of a build whose Secret outlived its pod. `None` when the events
     /// cannot be read.
     pub(super) async fn pod_had_events(&self, name: &str) -> Option<bool> {
-        let events: Api<Event> = self.cluster.api();
+        let events: Api<Event> = self.api_of(name);
         let params = ListParams::default().fields(&format!("involvedObject.name={name}"));
         match self.cluster.call(|| events.list(&params)).await {
             Ok(list) => Some(
@@ -224,8 +235,7 @@ impl SharedBuilds for KubernetesExecutor {
 
     fn exists<'a>(&'a self, name: &'a str) -> BoxFuture<'a, bool> {
         Box::pin(async move {
-            let pods: Api<Pod> = self.cluster.api();
-            match self.cluster.call(|| pods.get_opt(name)).await {
+            match self.find_pod(name).await {
                 Ok(pod) => pod.is_some(),
                 Err(e) => {
                     tracing::warn!(pod = name, error = %e, "cannot tell whether the build pod exists; assuming it does");

@@ -1004,6 +1004,65 @@ mod tests {
     }
 
     #[test]
+    fn a_namespace_from_the_job_needs_its_pattern_searched_as_gitlab_runner_does() {
+        use super::super::sizing::namespace;
+        let build = requesting(
+            Request::Namespace,
+            "ci-team-a",
+            "KUBERNETES_NAMESPACE_OVERWRITE",
+        );
+        // No pattern (or an empty one): ignored, with a warning for the trace.
+        for unset in [None, Some(String::new())] {
+            let config = KubernetesConfig {
+                namespace_overwrite_allowed: unset,
+                ..KubernetesConfig::default()
+            };
+            assert_eq!(namespace(&build.requests, &config, "ci").unwrap(), "ci");
+            let notes = secret(&build, &config, "ci").data.unwrap()[START_NOTES_FILE].clone();
+            assert_eq!(
+                String::from_utf8(notes.0).unwrap(),
+                "KUBERNETES_NAMESPACE_OVERWRITE=`ci-team-a` is ignored: this runner sets no kubernetes.namespace_overwrite_allowed"
+            );
+        }
+        let config = KubernetesConfig {
+            namespace_overwrite_allowed: Some("^ci-".into()),
+            ..KubernetesConfig::default()
+        };
+        assert_eq!(
+            namespace(&build.requests, &config, "ci").unwrap(),
+            "ci-team-a"
+        );
+        let pod_ = pod(&build, &config, "ci-team-a").unwrap();
+        assert_eq!(pod_.metadata.namespace.as_deref(), Some("ci-team-a"));
+        assert!(
+            !secret(&build, &config, "ci-team-a")
+                .data
+                .unwrap()
+                .contains_key(START_NOTES_FILE)
+        );
+        let elsewhere = requesting(
+            Request::Namespace,
+            "other-ns",
+            "KUBERNETES_NAMESPACE_OVERWRITE",
+        );
+        assert_eq!(
+            namespace(&elsewhere.requests, &config, "ci").unwrap_err().0,
+            "KUBERNETES_NAMESPACE_OVERWRITE=`other-ns` does not match kubernetes.namespace_overwrite_allowed (`^ci-`)"
+        );
+        let invalid = requesting(
+            Request::Namespace,
+            "ci-Team_A",
+            "KUBERNETES_NAMESPACE_OVERWRITE",
+        );
+        assert!(
+            namespace(&invalid.requests, &config, "ci")
+                .unwrap_err()
+                .0
+                .contains("is not a valid namespace name")
+        );
+    }
+
+    #[test]
     fn registry_logins_ride_in_the_build_secret_the_containers_do_not_see() {
         let mut build = build();
         build.registry_auths = vec![crate::build::RegistryAuth {

@@ -66,6 +66,8 @@ pub(super) struct Overrides {
     pub(super) labels: BTreeMap<String, String>,
     /// Tolerations added to the pod's.
     pub(super) tolerations: Vec<Toleration>,
+    /// The namespace the job moves its pod and Secret to.
+    pub(super) namespace: Option<String>,
     /// The requests that were ignored and why, for the job's trace.
     pub(super) warnings: Vec<String>,
 }
@@ -109,11 +111,7 @@ impl Overrides {
                     continue;
                 }
                 Request::Namespace => {
-                    // Every build of a coordinator lives in its one namespace, where it
-                    // watches, adopts and cleans up; a job cannot move its pod elsewhere.
-                    out.warnings.push(format!(
-                        "{origin}={value} is ignored: kiln runs every build in its configured kubernetes.namespace"
-                    ));
+                    out.namespace = namespace_allowed(config, origin, value, &mut out.warnings)?;
                     continue;
                 }
                 Request::NodeToleration => {
@@ -214,6 +212,57 @@ impl Overrides {
             )))
         }
     }
+}
+
+/// The namespace `variable` asks for when `namespace_overwrite_allowed` admits it; without a
+/// pattern the request is ignored with a warning. As in gitlab-runner (whose patterns users
+/// bring), the pattern is searched in the name, not anchored: `^ci-` admits `ci-team-a`.
+///
+/// # Errors
+/// The name does not match the pattern, or is not a namespace name.
+fn namespace_allowed(
+    config: &KubernetesConfig,
+    variable: &str,
+    value: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Option<String>, SpecError> {
+    let Some(pattern) = config.namespace_overwrite() else {
+        warnings.push(format!(
+            "{variable}=`{value}` is ignored: this runner sets no kubernetes.namespace_overwrite_allowed"
+        ));
+        return Ok(None);
+    };
+    if !regex::Regex::new(pattern).is_ok_and(|re| re.is_match(value)) {
+        return Err(SpecError(format!(
+            "{variable}=`{value}` does not match kubernetes.namespace_overwrite_allowed (`{pattern}`)"
+        )));
+    }
+    if !super::config::is_dns_label(value) {
+        return Err(SpecError(format!(
+            "{variable}=`{value}` is not a valid namespace name"
+        )));
+    }
+    Ok(Some(value.to_owned()))
+}
+
+/// The namespace of `build`'s pod and Secret: its `KUBERNETES_NAMESPACE_OVERWRITE` when
+/// `namespace_overwrite_allowed` admits it, else `default` (the configured namespace). Asked
+/// before anything of the build is created.
+///
+/// # Errors
+/// The job's namespace does not match the pattern, or is not a namespace name.
+pub(super) fn namespace(
+    requests: &[Requested],
+    config: &KubernetesConfig,
+    default: &str,
+) -> Result<String, SpecError> {
+    let asked: Vec<Requested> = requests
+        .iter()
+        .filter(|r| matches!(r.what, Request::Namespace))
+        .cloned()
+        .collect();
+    let overrides = Overrides::from_requests(&asked, config)?;
+    Ok(overrides.namespace.unwrap_or_else(|| default.to_owned()))
 }
 
 /// A toleration written as gitlab-runner's `KUBERNETES_NODE_TOLERATIONS_*` values:

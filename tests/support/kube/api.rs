@@ -338,6 +338,16 @@ fn denied(inner: &Inner, verb: &str, resource: &str) -> bool {
     })
 }
 
+/// Whether `ns` (empty: the cluster scope) is outside the one namespace the user's Role is
+/// bound in, when it has only a Role.
+fn outside_role(inner: &Inner, ns: &str) -> bool {
+    inner
+        .lock()
+        .confined_to
+        .as_deref()
+        .is_some_and(|only| only != ns)
+}
+
 /// 403 with the API server's message when the test denied `verb` on `resource`.
 fn authorize(
     inner: &Inner,
@@ -346,7 +356,7 @@ fn authorize(
     ns: &str,
     name: Option<&str>,
 ) -> Result<(), ApiError> {
-    if !denied(inner, verb, resource) {
+    if !denied(inner, verb, resource) && !outside_role(inner, ns) {
         return Ok(());
     }
     let user = inner.lock().user.clone();
@@ -387,7 +397,8 @@ fn access_review(inner: &Inner, body: &Bytes) -> Result<Response, ApiError> {
     let plural = resource.split('/').next().unwrap_or("");
     let served = (group.is_empty() && Res::parse(plural).is_some())
         || Res::parse_coordination(plural).is_some_and(|r| r.group() == group);
-    let allowed = !denied(inner, verb, &resource);
+    let namespace = attrs["namespace"].as_str().unwrap_or("");
+    let allowed = !denied(inner, verb, &resource) && !outside_role(inner, namespace);
     review["kind"] = json!("SelfSubjectAccessReview");
     review["apiVersion"] = json!("authorization.k8s.io/v1");
     review["metadata"] = json!({ "creationTimestamp": null });

@@ -91,6 +91,9 @@ pub(crate) struct State {
     pub(crate) user: String,
     /// `(verb, resource)` pairs answered with 403; resource may be `pods/status`, `*` matches all.
     pub(crate) denied: BTreeSet<(String, String)>,
+    /// The one namespace the user's permissions hold in (a namespaced Role, no ClusterRole):
+    /// anything in another namespace or at the cluster scope is 403. `None`: everywhere.
+    pub(crate) confined_to: Option<String>,
     pub(crate) kubelet_enabled: bool,
     pub(crate) aliases: HashMap<String, PathBuf>,
     pub(crate) images: HashMap<String, ImageScript>,
@@ -187,6 +190,7 @@ impl KubeServer {
                 latency: Duration::ZERO,
                 user: DEFAULT_USER.to_owned(),
                 denied: BTreeSet::new(),
+                confined_to: None,
                 kubelet_enabled: true,
                 aliases: HashMap::new(),
                 images: HashMap::new(),
@@ -273,6 +277,14 @@ impl KubeServer {
     pub fn allow(&self, verb: &str, resource: &str) {
         self.inner
             .with(|s| s.denied.remove(&(verb.to_owned(), resource.to_owned())));
+    }
+
+    /// Grants the user's permissions in `namespace` only, as a Role and RoleBinding there do
+    /// (no ClusterRole): requests in other namespaces and cluster-wide lists and watches are
+    /// 403, and access reviews say so.
+    pub fn grant_only_in(&self, namespace: &str) {
+        self.inner
+            .with(|s| s.confined_to = Some(namespace.to_owned()));
     }
 
     /// The user name 403 messages and access reviews use.
