@@ -15,6 +15,10 @@
 //                                                    (strategic: merged by name, generation 2)
 //   kubectl --kubeconfig k logs sleeper
 //   kubectl --kubeconfig k delete pod sleeper        (SIGTERM, waits until the pod is gone)
+//   kubectl --kubeconfig k get pods -A -l kiln.dev/coordinator=kiln  (NAMESPACE column, pods of
+//                                                    two namespaces; /api/v1/pods?labelSelector=…)
+//   kubectl --kubeconfig k get pods -A -w            (cluster-scoped watch: Running → Completed in
+//                                                    both namespaces; kubectl v1.32.4)
 //   kubectl --kubeconfig k auth can-i create pods    → 415: kubectl posts protobuf, which this
 //                                                    server does not decode (kube-rs sends JSON)
 // kubectl is not needed by these tests.

@@ -315,7 +315,7 @@ const REGISTRY_DOWN: &str = "failed to pull and unpack image: failed to do reque
 
 /// The image `{REGISTRY}/kiln/demo/{path}` in a registry that is down, on the node already
 /// when `on_node` (pulled by an earlier job).
-fn image_in_a_registry_that_is_down(s: &Setup, path: &str, on_node: bool) -> String {
+pub(crate) fn image_in_a_registry_that_is_down(s: &Setup, path: &str, on_node: bool) -> String {
     let image = format!("{REGISTRY}/kiln/demo/{path}");
     s.kube.script_image(
         &image,
@@ -330,7 +330,7 @@ fn image_in_a_registry_that_is_down(s: &Setup, path: &str, on_node: bool) -> Str
 }
 
 /// A job running `script` in `image`, asking for `policies` in order.
-fn job_with_pull_policies(
+pub(crate) fn job_with_pull_policies(
     name: &str,
     script: &str,
     image: &str,

@@ -26,12 +26,12 @@ fn in_namespace(mut job: serde_json::Value, namespace: &str) -> serde_json::Valu
     job
 }
 
-/// The API calls that created a pod or a Secret, by resource path.
+/// The API calls that created a pod or a Secret, by resource path (without the query).
 fn creates(kube: &KubeServer) -> Vec<String> {
     kube.requests()
         .into_iter()
         .filter(|r| r.method == "POST" && (r.path.contains("/pods") || r.path.contains("/secrets")))
-        .map(|r| r.path)
+        .map(|r| r.path.split('?').next().unwrap_or_default().to_owned())
         .collect()
 }
 
@@ -293,50 +293,62 @@ fn with_only_the_namespaced_role_kiln_starts_but_refuses_the_overwrite_naming_th
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "scratch"]
-async fn scratch_kubectl_all_namespaces() {
-    let kube = KubeServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("k");
-    kube.kubeconfig(&cfg, "ci");
-    for ns in ["ci", "ci-team-a"] {
-        kube.insert(ns, json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": format!("p-{ns}"), "labels": {"kiln.dev/coordinator": "kiln"}},
-            "spec": {"restartPolicy": "Never", "containers": [{"name": "m", "image": "busybox:1.36", "command": ["sh", "-c", "sleep 3"]}]}}));
-    }
-    let cfg2 = cfg.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        let a = std::process::Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&cfg2)
-            .args(["get", "pods", "-A", "-l", "kiln.dev/coordinator=kiln"])
-            .output()
-            .unwrap();
-        let b = std::process::Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&cfg2)
-            .args(["get", "secrets", "-A"])
-            .output()
-            .unwrap();
-        let c = std::process::Command::new("timeout")
-            .arg("8")
-            .arg("kubectl")
-            .arg("--kubeconfig")
-            .arg(&cfg2)
-            .args(["get", "pods", "-A", "-w"])
-            .output()
-            .unwrap();
-        format!(
-            "{}{}\n{}{}\n{}{}",
-            String::from_utf8_lossy(&a.stdout),
-            String::from_utf8_lossy(&a.stderr),
-            String::from_utf8_lossy(&b.stdout),
-            String::from_utf8_lossy(&b.stderr),
-            String::from_utf8_lossy(&c.stdout),
-            String::from_utf8_lossy(&c.stderr)
-        )
-    })
-    .await
-    .unwrap();
-    println!("{out}");
+async fn a_build_stuck_pending_in_its_namespace_is_explained_by_the_events_there() {
+    let s = setup().await;
+    s.kube.unschedulable(crate::support::kube::PodMatch::All);
+    let id = s
+        .gitlab
+        .enqueue(in_namespace(job_json("pending", &["echo never"]), TEAM));
+    let kiln = s.kiln("", ALLOWED);
+    let job = s.finished(id, 60).await;
+    assert_eq!(job.state, "failed", "{}", kiln.logs());
+    assert_eq!(job.failure_reason.as_deref(), Some("runner_system_failure"));
+    assert!(
+        job.trace.contains("events: FailedScheduling:"),
+        "{}",
+        job.trace
+    );
+    assert!(
+        s.kube.requests().iter().any(|r| r.method == "GET"
+            && r.path
+                .starts_with(&format!("/api/v1/namespaces/{TEAM}/events?"))),
+        "the events were read where the pod is"
+    );
+    s.nothing_left(15).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_next_pull_policy_remakes_the_pod_in_its_namespace() {
+    use crate::kubernetes_gitlab_compat::{
+        image_in_a_registry_that_is_down, job_with_pull_policies,
+    };
+    let s = setup().await;
+    let image = image_in_a_registry_that_is_down(&s, "team:1", true);
+    let id = s.gitlab.enqueue(in_namespace(
+        job_with_pull_policies(
+            "policies",
+            "echo ran from the node",
+            &image,
+            &["always", "if-not-present"],
+        ),
+        TEAM,
+    ));
+    let kiln = s.kiln("", ALLOWED);
+    let job = s.finished(id, 60).await;
+    assert_eq!(job.state, "success", "{}\n{}", job.trace, kiln.logs());
+    assert!(
+        job.trace.contains("pull policy \"if-not-present\""),
+        "{}",
+        job.trace
+    );
+    s.nothing_left(15).await;
+    assert_eq!(
+        creates(&s.kube),
+        vec![
+            format!("/api/v1/namespaces/{TEAM}/secrets"),
+            format!("/api/v1/namespaces/{TEAM}/pods"),
+            format!("/api/v1/namespaces/{TEAM}/pods"),
+        ],
+        "the pod made again where it was"
+    );
 }
