@@ -369,13 +369,18 @@ fn rules(role: &Json) -> Vec<(Vec<String>, Vec<String>, Vec<String>)> {
 
 /// The Role in docs/kubernetes.md's YAML block.
 fn documented_role() -> Json {
+    documented("Role")
+}
+
+/// The object of `kind` (`Role`, `ClusterRole`) in docs/kubernetes.md's YAML blocks.
+fn documented(kind: &str) -> Json {
     let doc = std::fs::read_to_string(repo().join("docs/kubernetes.md")).unwrap();
     let block = doc
         .split("```yaml\n")
         .skip(1)
         .map(|rest| rest.split("```").next().unwrap())
-        .find(|block| block.contains("kind: Role\n"))
-        .expect("docs/kubernetes.md has a yaml block with the Role");
+        .find(|block| block.contains(&format!("kind: {kind}\n")))
+        .unwrap_or_else(|| panic!("docs/kubernetes.md has a yaml block with the {kind}"));
     serde_yaml_ng::Deserializer::from_str(block)
         .map(|doc| {
             serde_json::to_value(
@@ -383,7 +388,7 @@ fn documented_role() -> Json {
             )
             .unwrap()
         })
-        .find(|o| o["kind"] == "Role")
+        .find(|o| o["kind"] == kind)
         .unwrap()
 }
 
@@ -1060,26 +1065,6 @@ fn matrix_existing_secret_replaces_the_charts_secret() {
     assert!(ok, "{output}");
 }
 
-/// The ClusterRole in docs/kubernetes.md's "Namespace overwrite" YAML block.
-fn documented_cluster_role() -> Json {
-    let doc = std::fs::read_to_string(repo().join("docs/kubernetes.md")).unwrap();
-    let block = doc
-        .split("```yaml\n")
-        .skip(1)
-        .map(|rest| rest.split("```").next().unwrap())
-        .find(|block| block.contains("kind: ClusterRole\n"))
-        .expect("docs/kubernetes.md has a yaml block with the ClusterRole");
-    serde_yaml_ng::Deserializer::from_str(block)
-        .map(|doc| {
-            serde_json::to_value(
-                <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc).unwrap(),
-            )
-            .unwrap()
-        })
-        .find(|o| o["kind"] == "ClusterRole")
-        .unwrap()
-}
-
 #[test]
 fn a_namespace_overwrite_pattern_adds_the_documented_cluster_role_and_only_then() {
     let plain = template(&Values::file("gitlab-values.yaml"));
@@ -1093,7 +1078,7 @@ fn a_namespace_overwrite_pattern_adds_the_documented_cluster_role_and_only_then(
         Some("^ci-")
     );
     let role = out.object("ClusterRole");
-    assert_eq!(rules(role), rules(&documented_cluster_role()));
+    assert_eq!(rules(role), rules(&documented("ClusterRole")));
     let binding = out.object("ClusterRoleBinding");
     assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
     assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);

@@ -19,12 +19,12 @@ fn variable(key: &str, value: &str, public: bool) -> serde_json::Value {
         "masked": !public, "raw": false})
 }
 
-/// The API calls that created a pod or a Secret, by resource path.
-fn creates(kube: &crate::support::kube::KubeServer) -> Vec<String> {
+/// The API calls that created a pod or a Secret, by resource path (without the query).
+pub(crate) fn creates(kube: &crate::support::kube::KubeServer) -> Vec<String> {
     kube.requests()
         .into_iter()
         .filter(|r| r.method == "POST" && (r.path.contains("/pods") || r.path.contains("/secrets")))
-        .map(|r| r.path)
+        .map(|r| r.path.split('?').next().unwrap_or_default().to_owned())
         .collect()
 }
 

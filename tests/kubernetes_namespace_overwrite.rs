@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::kubernetes_gitlab_compat::creates;
 use crate::kubernetes_jobs::{Setup, pod_name, setup};
 use crate::support::gitlab::job_json;
 use crate::support::kube::KubeServer;
@@ -26,13 +27,14 @@ fn in_namespace(mut job: serde_json::Value, namespace: &str) -> serde_json::Valu
     job
 }
 
-/// The API calls that created a pod or a Secret, by resource path (without the query).
-fn creates(kube: &KubeServer) -> Vec<String> {
-    kube.requests()
-        .into_iter()
-        .filter(|r| r.method == "POST" && (r.path.contains("/pods") || r.path.contains("/secrets")))
-        .map(|r| r.path.split('?').next().unwrap_or_default().to_owned())
-        .collect()
+/// The creates of a build start in `namespace`: its Secret, then its pod (`pods` times).
+fn start_in(namespace: &str, pods: usize) -> Vec<String> {
+    let mut calls = vec![format!("/api/v1/namespaces/{namespace}/secrets")];
+    calls.extend(std::iter::repeat_n(
+        format!("/api/v1/namespaces/{namespace}/pods"),
+        pods,
+    ));
+    calls
 }
 
 /// Whether `kind` (`pods`, `secrets`) `name` exists in `namespace`.
@@ -61,14 +63,7 @@ async fn a_job_runs_in_the_namespace_it_asks_for_and_is_removed_from_there() {
     assert!(job.trace.contains("ran in team a"), "{}", job.trace);
     s.nothing_left(15).await;
     let starts = creates(&s.kube);
-    assert_eq!(
-        starts,
-        vec![
-            format!("/api/v1/namespaces/{TEAM}/secrets"),
-            format!("/api/v1/namespaces/{TEAM}/pods"),
-        ],
-        "a Secret and a pod, there"
-    );
+    assert_eq!(starts, start_in(TEAM, 1), "a Secret and a pod, there");
     let deletes: Vec<String> = s
         .kube
         .requests()
@@ -145,13 +140,7 @@ async fn without_a_pattern_the_namespace_is_ignored_with_a_warning_and_the_job_r
         job.trace
     );
     s.nothing_left(15).await;
-    assert_eq!(
-        creates(&s.kube),
-        vec![
-            format!("/api/v1/namespaces/{HOME}/secrets"),
-            format!("/api/v1/namespaces/{HOME}/pods"),
-        ]
-    );
+    assert_eq!(creates(&s.kube), start_in(HOME, 1));
     // Nothing cluster-wide: the namespaced watch and lists of the common path.
     assert!(
         s.kube
@@ -344,11 +333,7 @@ async fn the_next_pull_policy_remakes_the_pod_in_its_namespace() {
     s.nothing_left(15).await;
     assert_eq!(
         creates(&s.kube),
-        vec![
-            format!("/api/v1/namespaces/{TEAM}/secrets"),
-            format!("/api/v1/namespaces/{TEAM}/pods"),
-            format!("/api/v1/namespaces/{TEAM}/pods"),
-        ],
+        start_in(TEAM, 2),
         "the pod made again where it was"
     );
 }
