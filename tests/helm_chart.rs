@@ -109,7 +109,8 @@ fn collect_secrets(value: &Json, out: &mut Vec<String>) {
             for (key, value) in map {
                 match (key.as_str(), value.as_str()) {
                     (
-                        "token" | "runnerToken" | "webhookSecret" | "password" | "privateKey",
+                        "token" | "runnerToken" | "webhookSecret" | "password" | "privateKey"
+                        | "docker_auth_config",
                         Some(s),
                     ) if !s.is_empty() => out.push(s.to_owned()),
                     _ => collect_secrets(value, out),
@@ -922,6 +923,20 @@ fn matrix_gitlab_and_jenkins_with_every_option() {
     let k8s = &config["kubernetes"];
     assert_eq!(k8s["namespace"].as_str(), Some("ci-builds"));
     assert_eq!(k8s["coordinator"].as_str(), Some("kiln-ci"));
+    // #27's options reach kiln.toml (the round trip above has check-config accept them); the
+    // registry logins reach kiln through the Secret only.
+    assert_eq!(
+        k8s["volumes"]["pvc"][0]["mount_path"].as_str(),
+        Some("/root/.m2")
+    );
+    assert_eq!(k8s["pod_patch_type"].as_str(), Some("strategic"));
+    assert_eq!(k8s["allowed_images"].as_array().map(Vec::len), Some(2));
+    assert!(k8s.get("docker_auth_config").is_none(), "{k8s}");
+    assert!(
+        out.object("Secret")["stringData"]["docker-auth-config"]
+            .as_str()
+            .is_some_and(|s| s.contains("auths"))
+    );
     assert_eq!(
         k8s["helper_image"].as_str(),
         Some("registry.example.com/mirror/kiln:0.1.0")
@@ -995,6 +1010,7 @@ fn matrix_gitlab_and_jenkins_with_every_option() {
             "KILN_SOURCES__GITLAB__2__TOKEN",
             "KILN_SOURCES__JENKINS__0__TOKEN",
             "KILN_SOURCES__JENKINS__0__WEBHOOK_SECRET",
+            "KILN_KUBERNETES__DOCKER_AUTH_CONFIG",
             "RUST_BACKTRACE"
         ]
     );
@@ -1051,6 +1067,11 @@ fn matrix_existing_secret_replaces_the_charts_secret() {
                 "KILN_SOURCES__JENKINS__0__WEBHOOK_SECRET",
                 "ci-tokens",
                 "jenkins-webhook-secret"
+            ),
+            (
+                "KILN_KUBERNETES__DOCKER_AUTH_CONFIG",
+                "ci-tokens",
+                "docker-auth-config"
             ),
         ]
     );
