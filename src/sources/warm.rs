@@ -163,3 +163,94 @@ mod tests {
         assert!(floors.pool_for(&Some("big".into()), &members).is_none());
     }
 }
+
+/// A chain for the sources' unit tests: slots always free, floors as the test sets them, and
+/// a record of what the source launched, stopped and told the pools.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::sync::Mutex;
+
+    use futures::future::BoxFuture;
+
+    use crate::build::{About, Build};
+    use crate::sources::{Chain, MemberState, Slot, WarmFloor};
+
+    #[derive(Default)]
+    pub(crate) struct FakeChain {
+        pub(crate) floors: Mutex<Vec<WarmFloor>>,
+        pub(crate) launched: Mutex<Vec<Build>>,
+        pub(crate) stopped: Mutex<Vec<String>>,
+        /// Every `warm_member` call, in order.
+        pub(crate) members: Mutex<Vec<(String, String, MemberState)>>,
+    }
+
+    impl FakeChain {
+        pub(crate) fn set_floors(&self, floors: Vec<WarmFloor>) {
+            *self.floors.lock().unwrap() = floors;
+        }
+
+        /// The `warm_member` calls since the last call, in order.
+        pub(crate) fn take_members(&self) -> Vec<(String, String, MemberState)> {
+            std::mem::take(&mut *self.members.lock().unwrap())
+        }
+
+        pub(crate) fn launched_names(&self) -> Vec<String> {
+            self.launched
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|b| b.name.clone())
+                .collect()
+        }
+    }
+
+    impl Chain for FakeChain {
+        fn slot(&self) -> BoxFuture<'_, Option<Slot>> {
+            Box::pin(async { Some(Slot::new(())) })
+        }
+
+        fn try_slot(&self) -> Option<Slot> {
+            Some(Slot::new(()))
+        }
+
+        fn persist<'a>(&'a self, _: &'a Build) -> BoxFuture<'a, ()> {
+            Box::pin(async {})
+        }
+
+        fn launch(&self, _: Slot, build: Build) {
+            self.launched.lock().unwrap().push(build);
+        }
+
+        fn stop(&self, name: &str) -> BoxFuture<'_, ()> {
+            self.stopped.lock().unwrap().push(name.to_owned());
+            Box::pin(async {})
+        }
+
+        fn leading(&self) -> bool {
+            true
+        }
+
+        fn explain(&self, _: &str) -> BoxFuture<'_, String> {
+            Box::pin(async { String::new() })
+        }
+
+        fn describe<'a>(&'a self, _: &'a str, _: About) -> BoxFuture<'a, ()> {
+            Box::pin(async {})
+        }
+
+        fn exists(&self, _: &str) -> BoxFuture<'_, bool> {
+            Box::pin(async { false })
+        }
+
+        fn warm_floors(&self) -> Vec<WarmFloor> {
+            self.floors.lock().unwrap().clone()
+        }
+
+        fn warm_member(&self, name: &str, pool: &str, state: MemberState) {
+            self.members
+                .lock()
+                .unwrap()
+                .push((name.to_owned(), pool.to_owned(), state));
+        }
+    }
+}

@@ -11,6 +11,8 @@ mod api;
 mod conditional;
 mod config;
 mod metrics;
+#[cfg(test)]
+mod tests;
 mod webhook;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};

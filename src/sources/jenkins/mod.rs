@@ -8,6 +8,8 @@ pub mod api;
 pub mod config;
 mod metrics;
 mod queue;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
