@@ -749,10 +749,17 @@ impl GitHubSource {
         }
     }
 
-    /// The warm pools' floors for this source, by resource class.
+    /// The warm pools' floors for this source, by resource class. Only the leading replica
+    /// keeps them (warm runners are named for no job: two replicas would each start theirs);
+    /// another one's warm runners, idle and wanted by no floor, retire as surplus.
     fn floors(&self, state: &mut State) -> Floors<RunnerClass> {
+        let floors = if state.chain.leading() {
+            state.chain.warm_floors()
+        } else {
+            Vec::new()
+        };
         Floors::new(
-            state.chain.warm_floors(),
+            floors,
             |floor| match &floor.label {
                 Some(label) => Err(format!(
                     "it names label {label:?}, and a GitHub source keeps its runners by resource class (`class`), not by label"
