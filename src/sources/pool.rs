@@ -472,6 +472,48 @@ mod tests {
     }
 
     #[test]
+    fn a_warm_member_is_reported_taken_once_and_ages_out_only_while_idle() {
+        let mut pool = pool();
+        let now = Instant::now();
+        add(&mut pool, "warm", "maven", 0, Phase::Idle);
+        add(&mut pool, "cold", "maven", 0, Phase::Idle);
+        pool.join("warm", "p");
+        let max_age = |_: &str| Some(Duration::from_secs(60));
+        let later = now + Duration::from_secs(61);
+        assert!(pool.aged(max_age, later).is_empty(), "one look only");
+        assert_eq!(
+            pool.aged(max_age, later),
+            ["warm"],
+            "never the unpooled one"
+        );
+        assert_eq!(pool.busy("warm").as_deref(), Some("p"));
+        assert_eq!(pool.busy("warm"), None, "once");
+        assert_eq!(pool.busy("cold"), None, "not a pool's");
+        assert!(pool.aged(max_age, later).is_empty(), "busy: never aged out");
+        assert_eq!(pool.warm_free("p"), 0);
+    }
+
+    #[test]
+    fn idle_members_beyond_the_work_join_the_pools_short_of_members_youngest_first() {
+        let mut pool = pool();
+        add(&mut pool, "old", "maven", 1, Phase::Idle);
+        add(&mut pool, "young", "maven", 2, Phase::Idle);
+        add(&mut pool, "starting", "maven", 3, Phase::Starting);
+        add(&mut pool, "member", "maven", 4, Phase::Idle);
+        pool.join("member", "a");
+        let pools = [("a".to_owned(), 2), ("b".to_owned(), 1)];
+        // Three unpooled free members, one waiting work: two are strays, and only idle ones
+        // join.
+        let joined = pool.adopt_strays(&"maven", 1, &pools);
+        let pair = |name: &str, pool: &str| (name.to_owned(), pool.to_owned());
+        assert_eq!(joined, [pair("young", "a"), pair("old", "b")]);
+        assert!(
+            pool.adopt_strays(&"maven", 0, &pools).is_empty(),
+            "the pools are full"
+        );
+    }
+
+    #[test]
     fn a_busy_member_is_never_retired() {
         let mut pool = pool();
         add(&mut pool, "busy", "maven", 1, Phase::Busy);
