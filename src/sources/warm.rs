@@ -88,6 +88,24 @@ impl<G: Ord + Clone> Floors<G> {
     }
 }
 
+/// Idle members whose work went to another member join the pools of their group that are
+/// short of idle members (see [`Pool::adopt_strays`]; `waiting`: the work waiting per group),
+/// and the chain hears of each as an idle member of its pool.
+pub(crate) fn adopt_strays<'g, G: Ord + Clone + 'g, T>(
+    chain: &dyn Chain,
+    members: &mut Pool<G, T>,
+    floors: &Floors<G>,
+    waiting: impl IntoIterator<Item = (&'g G, usize)>,
+    source: &str,
+) {
+    for (group, work) in waiting {
+        for (name, pool) in members.adopt_strays(group, work, &floors.wanted(group)) {
+            tracing::info!(source, member = %name, pool = %pool, "an idle member whose work went to another one stays, as a member of warm pool {pool}");
+            chain.warm_member(&name, &pool, MemberState::Idle);
+        }
+    }
+}
+
 /// Member `name` left its source's pool (`member`, as it was): a warm one that never took
 /// work is reported retired; one that took work was reported taken already.
 pub(crate) fn left<G, T>(chain: &dyn Chain, name: &str, member: &Member<G, T>) {
@@ -202,6 +220,14 @@ pub(crate) mod fake {
                 .map(|b| b.name.clone())
                 .collect()
         }
+    }
+
+    /// Serves `router` on a free local port (a fake CI server); returns its address.
+    pub(crate) async fn serve(router: axum::Router) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        address
     }
 
     impl Chain for FakeChain {

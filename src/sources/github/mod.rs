@@ -669,13 +669,13 @@ impl GitHubSource {
                 jobs.pop();
             }
         }
-        for (class, jobs) in &classes {
-            let wanted = floors.wanted(class);
-            for (name, pool) in state.runners.adopt_strays(class, jobs.len(), &wanted) {
-                tracing::info!(github = %self.core.name, runner = %name, pool = %pool, "an idle runner whose job went to another runner stays as a member of warm pool {pool}");
-                state.chain.warm_member(&name, &pool, MemberState::Idle);
-            }
-        }
+        warm::adopt_strays(
+            state.chain.as_ref(),
+            &mut state.runners,
+            &floors,
+            classes.iter().map(|(class, jobs)| (class, jobs.len())),
+            &self.core.name,
+        );
         for name in state
             .runners
             .aged(|pool| floors.max_idle_age(pool), Instant::now())

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::sources::MemberState::{Idle, Retired, Taken};
-use crate::sources::warm::fake::FakeChain;
+use crate::sources::warm::fake::{self, FakeChain};
 
 /// What the fake API saw: JIT registrations (id, name, labels) and deletes.
 #[derive(Default)]
@@ -80,9 +80,7 @@ async fn harness() -> Harness {
             delete(unregister),
         )
         .with_state(Arc::clone(&api));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let address = fake::serve(router).await;
     let config: GitHubConfig = toml::from_str(&format!(
         r#"
 api_url = "http://{address}"

@@ -397,16 +397,13 @@ impl JenkinsSource {
                 }
             })
             .collect();
-        for demand in &demands {
-            let wanted = floors.wanted(&demand.group);
-            for (node, pool) in state
-                .agents
-                .adopt_strays(&demand.group, demand.work.len(), &wanted)
-            {
-                tracing::info!(jenkins = %self.core.name, node = %node, pool = %pool, "an idle agent whose build went to another agent stays as a member of warm pool {pool}");
-                state.chain.warm_member(&node, &pool, MemberState::Idle);
-            }
-        }
+        warm::adopt_strays(
+            state.chain.as_ref(),
+            &mut state.agents,
+            &floors,
+            demands.iter().map(|d| (&d.group, d.work.len())),
+            &self.core.name,
+        );
         for node in state
             .agents
             .aged(|pool| floors.max_idle_age(pool), Instant::now())

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::*;
 use crate::build::Build;
 use crate::sources::MemberState::{Idle, Retired, Taken};
-use crate::sources::warm::fake::FakeChain;
+use crate::sources::warm::fake::{self, FakeChain};
 
 /// One node of the fake Jenkins.
 #[derive(Debug, Default, Clone)]
@@ -102,9 +102,7 @@ async fn harness_on(nodes: Nodes) -> Harness {
         .route("/computer/{name}/toggleOffline", post(toggle_offline))
         .route("/computer/{name}/doDelete", post(delete_node))
         .with_state(Arc::clone(&nodes));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let address = fake::serve(router).await;
     let config: JenkinsConfig = toml::from_str(&format!(
         r#"
 name = "ci"
