@@ -47,7 +47,7 @@ async fn a_github_pool_keeps_two_idle_runners_a_job_takes_one_and_the_pool_refil
     let s = github_runners::setup().await;
     let kiln = org_kiln(
         &s,
-        "reconcile_interval = \"2s\"\n\n[[warm_pools]]\nname = \"gh-warm\"\nsource = \"widgets\"\nmin_idle = 2\nmax_idle_age = \"1h\"\n",
+        "reconcile_interval = \"5s\"\n\n[[warm_pools]]\nname = \"gh-warm\"\nsource = \"widgets\"\nmin_idle = 2\nmax_idle_age = \"1h\"\n",
     );
     ready(&kiln).await;
     // Nothing is queued: two runners are registered, online and waiting all the same.
@@ -96,7 +96,7 @@ async fn a_github_pool_keeps_two_idle_runners_a_job_takes_one_and_the_pool_refil
 #[tokio::test(flavor = "multi_thread")]
 async fn min_idle_on_a_github_entry_still_keeps_idle_runners() {
     let s = github_runners::setup().await;
-    let kiln = s.kiln("reconcile_interval = \"2s\"\nmin_idle = 1");
+    let kiln = s.kiln("reconcile_interval = \"5s\"\nmin_idle = 1");
     ready(&kiln).await;
     until(30, "one idle runner online", || idle_runners(&s).len() == 1).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
