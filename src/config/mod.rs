@@ -73,6 +73,13 @@ pub struct Config {
     /// The build cache (`cache:` of GitLab jobs); none when absent.
     #[serde(default)]
     pub cache: Option<crate::cache::CacheConfig>,
+    /// Pools of pre-started build members (`[[warm_pools]]`).
+    #[serde(default)]
+    pub warm_pools: Vec<crate::coordinator::WarmPoolConfig>,
+    /// The most idle warm members across all pools (0: no cap); `concurrent` counts running
+    /// builds only.
+    #[serde(default)]
+    pub max_idle_total: usize,
 }
 
 fn default_concurrent() -> usize {
@@ -99,6 +106,8 @@ impl Default for Config {
             sources: Sources::default(),
             deploy: crate::deploy::DeployConfig::default(),
             cache: None,
+            warm_pools: Vec::new(),
+            max_idle_total: 0,
         }
     }
 }
@@ -304,6 +313,38 @@ impl Config {
         })
     }
 
+    /// The warm pools the coordinator keeps: `[[warm_pools]]`, and each
+    /// `sources.github[N].min_idle` (the old spelling) as a pool of that entry.
+    pub fn warm_settings(&self) -> crate::coordinator::WarmSettings {
+        let github: Vec<(String, usize)> = self
+            .sources
+            .github
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (g.display_name(i), g.min_idle))
+            .collect();
+        crate::coordinator::WarmSettings {
+            pools: crate::coordinator::warm_config::with_github_shorthand(
+                &self.warm_pools,
+                &github,
+            ),
+            max_idle_total: self.max_idle_total,
+        }
+    }
+
+    /// Every source entry, `(kind, name)`.
+    fn source_entries(&self) -> Vec<(crate::build::SourceKind, String)> {
+        use crate::build::SourceKind;
+        let gitlab = self.sources.gitlab.iter().enumerate();
+        let jenkins = self.sources.jenkins.iter().enumerate();
+        let github = self.sources.github.iter().enumerate();
+        gitlab
+            .map(|(i, e)| (SourceKind::GitLab, e.display_name(i)))
+            .chain(jenkins.map(|(i, e)| (SourceKind::Jenkins, e.display_name(i))))
+            .chain(github.map(|(i, e)| (SourceKind::GitHub, e.display_name(i))))
+            .collect()
+    }
+
     /// Every validation problem of an already-parsed configuration.
     pub fn problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
@@ -396,6 +437,18 @@ impl Config {
                 ));
             }
         }
+        let kubernetes = self.executor == ExecutorKind::Kubernetes;
+        let entries = self.source_entries();
+        problems.extend(crate::coordinator::warm_config::problems(
+            &self.warm_pools,
+            self.max_idle_total,
+            &crate::coordinator::warm_config::Context {
+                entries: &entries,
+                warm_executor: kubernetes,
+                classes: kubernetes.then(|| classes.clone()),
+                max: MAX_CONCURRENT,
+            },
+        ));
         problems
     }
 }

@@ -26,7 +26,7 @@ use crate::telemetry::Metrics;
 
 /// An executor whose builds run until [`FakeExecutor::finish`].
 #[derive(Default)]
-struct FakeExecutor {
+pub(super) struct FakeExecutor {
     state: Mutex<ExecutorState>,
 }
 
@@ -50,6 +50,10 @@ struct ExecutorState {
     parallel: usize,
     /// `list` calls.
     lists: usize,
+    /// The start line (`START_FILE`) of each launched build, by name.
+    start_lines: HashMap<String, String>,
+    /// Warm pods (`None`: the executor keeps none), in `warm.rs`'s tests.
+    warm: Option<warm::FakeWarm>,
 }
 
 impl FakeExecutor {
@@ -71,6 +75,10 @@ impl FakeExecutor {
 
     fn launches(&self) -> Vec<String> {
         self.lock().launches.clone()
+    }
+
+    fn launched_start_line(&self, name: &str) -> Option<String> {
+        self.lock().start_lines.get(name).cloned()
     }
 
     fn live(&self) -> usize {
@@ -100,6 +108,10 @@ impl Executor for FakeExecutor {
     fn launch<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>> {
         let mut state = self.lock();
         state.launches.push(build.name.clone());
+        if let Some(line) = build.secrets.get(crate::build::START_FILE) {
+            let line = String::from_utf8_lossy(line).trim_end().to_owned();
+            state.start_lines.insert(build.name.clone(), line);
+        }
         let result = if state.live.contains_key(&build.name) {
             Err(LaunchError::Exists(build.name.clone()))
         } else {
@@ -145,6 +157,10 @@ impl Executor for FakeExecutor {
 
     fn shared(&self) -> Option<&dyn SharedBuilds> {
         Some(self)
+    }
+
+    fn warm(&self) -> Option<&dyn crate::executor::WarmPods> {
+        self.lock().warm.is_some().then_some(self as _)
     }
 }
 
@@ -826,3 +842,5 @@ async fn the_only_replica_lists_its_builds_once() {
     h.shutdown.cancel();
     h.task.await.unwrap();
 }
+
+mod warm;
