@@ -761,6 +761,53 @@ limit = 9223372036854775807
     }
 
     #[test]
+    fn warm_pools_are_read_from_the_file_and_the_environment_and_checked() {
+        let file = r#"
+executor = "kubernetes"
+max_idle_total = 8
+[[sources.gitlab]]
+url = "https://gitlab.example.com"
+token = "t"
+[[warm_pools]]
+name = "maven"
+source = "gitlab"
+image = "maven:3.9"
+min_idle = 2
+max_idle_age = "30m"
+[[warm_pools.schedule]]
+cron = "0 8 * * 1-5"
+duration = "11h"
+min_idle = 6
+"#;
+        let config = load(
+            file,
+            &[
+                ("KILN_WARM_POOLS__0__SCHEDULE__0__TIMEZONE", "Europe/Berlin"),
+                ("KILN_WARM_POOLS__0__MIN_IDLE", "3"),
+            ],
+        )
+        .unwrap();
+        let pool = &config.warm_pools[0];
+        assert_eq!((pool.min_idle, config.max_idle_total), (3, 8));
+        assert_eq!(pool.max_idle_age, Some(Duration::from_secs(1800)));
+        assert_eq!(pool.schedule[0].timezone.as_deref(), Some("Europe/Berlin"));
+        let err = load(
+            &file.replace("executor = \"kubernetes\"", ""),
+            &[("KILN_WARM_POOLS__0__SCHEDULE__0__CRON", "0 8 * *")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("warm_pools[0].source: a GitLab pool keeps pre-started build pods"),
+            "{err}"
+        );
+        assert!(
+            err.contains("warm_pools[0].schedule[0].cron: `0 8 * *` is not five-field cron"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn syntax_error_names_file_and_line() {
         let err = load("concurrent = = 3", &[]).unwrap_err().to_string();
         assert!(err.contains("kiln.toml"), "{err}");

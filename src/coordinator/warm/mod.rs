@@ -115,7 +115,7 @@ impl Placement {
 }
 
 /// One pool as the status page shows it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PoolView {
     /// Its name.
     pub name: String,
@@ -142,7 +142,7 @@ pub struct PoolView {
 }
 
 /// How long cold builds of one image waited for their pod (launch → running).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ColdWaitView {
     /// The image.
     pub image: String,
