@@ -372,18 +372,15 @@ async fn start_with(
     start_source(concurrent, leases, FakeSource::default(), before).await
 }
 
-/// [`start_with`] with `source`.
-async fn start_source(
+/// A coordinator with `concurrent` slots over `source` and `executor`.
+fn coordinator(
     concurrent: usize,
     leases: super::LeaseTiming,
-    source: FakeSource,
-    before: impl FnOnce(&FakeExecutor),
-) -> Harness {
-    let executor = Arc::new(FakeExecutor::default());
-    before(&executor);
-    let source = Arc::new(source);
-    let metrics = Metrics::new();
-    let coordinator = Coordinator::new(
+    metrics: &Arc<Metrics>,
+    executor: &Arc<FakeExecutor>,
+    source: &Arc<FakeSource>,
+) -> Coordinator {
+    Coordinator::new(
         Settings {
             concurrent,
             shutdown_timeout: Duration::from_secs(1),
@@ -395,10 +392,24 @@ async fn start_source(
             },
             leases,
         },
-        Arc::clone(&metrics),
-        Arc::clone(&executor) as Arc<dyn Executor>,
-        vec![Arc::clone(&source) as Arc<dyn Source>],
-    );
+        Arc::clone(metrics),
+        Arc::clone(executor) as Arc<dyn Executor>,
+        vec![Arc::clone(source) as Arc<dyn Source>],
+    )
+}
+
+/// [`start_with`] with `source`.
+async fn start_source(
+    concurrent: usize,
+    leases: super::LeaseTiming,
+    source: FakeSource,
+    before: impl FnOnce(&FakeExecutor),
+) -> Harness {
+    let executor = Arc::new(FakeExecutor::default());
+    before(&executor);
+    let source = Arc::new(source);
+    let metrics = Metrics::new();
+    let coordinator = coordinator(concurrent, leases, &metrics, &executor, &source);
     let status = coordinator.status();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(coordinator.run(shutdown.clone()));

@@ -8,16 +8,13 @@ use std::time::{Duration, SystemTime};
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use super::{FakeExecutor, FakeSource, HISTORY, build, succeeded, until};
+use super::{FakeExecutor, FakeSource, build, succeeded, until};
 use crate::build::{Build, START_FILE, Service, Workload};
 use crate::coordinator::warm::Clock;
-use crate::coordinator::{
-    Coordinator, LeaseTiming, Prices, Settings, Status, WarmPoolConfig, WarmSettings, WindowConfig,
-};
+use crate::coordinator::{LeaseTiming, WarmPoolConfig, WarmSettings, WindowConfig};
 use crate::executor::{
-    Executor, ExecutorError, LaunchError, TakeError, WarmPod, WarmPods, WarmShape, WarmState,
+    ExecutorError, LaunchError, TakeError, WarmPod, WarmPods, WarmShape, WarmState,
 };
-use crate::sources::Source;
 use crate::telemetry::Metrics;
 
 /// How long a fake warm pod takes from its start to idle.
@@ -203,36 +200,22 @@ fn with_image(id: u64, image: &str) -> Build {
     build
 }
 
-struct Warm {
-    metrics: Arc<Metrics>,
-    executor: Arc<FakeExecutor>,
-    source: Arc<FakeSource>,
-    status: Status,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+/// A running coordinator with warm pools.
+type Warm = super::Harness;
+
+/// A coordinator keeping `pools` on a fake executor of its own.
+async fn keeping(pools: Vec<WarmPoolConfig>) -> Warm {
+    let clock = clock();
+    let executor = Arc::new(FakeExecutor::with_warm(Arc::clone(&clock)));
+    start(executor, settings(pools), clock).await
 }
 
 /// A coordinator keeping `pools` on `executor`.
 async fn start(executor: Arc<FakeExecutor>, warm: WarmSettings, clock: Clock) -> Warm {
     let source = Arc::new(FakeSource::default());
     let metrics = Metrics::new();
-    let coordinator = Coordinator::new(
-        Settings {
-            concurrent: 10,
-            shutdown_timeout: Duration::from_secs(1),
-            history: HISTORY,
-            // A vCPU-second costs 1 (the fake sizes every build at 2 vCPUs, memory free).
-            prices: Prices {
-                per_vcpu_hour: 3600.0,
-                per_gib_hour: 1000.0,
-            },
-            leases: LeaseTiming::default(),
-        },
-        Arc::clone(&metrics),
-        Arc::clone(&executor) as Arc<dyn Executor>,
-        vec![Arc::clone(&source) as Arc<dyn Source>],
-    )
-    .warm_pools_clocked(&warm, &metrics, clock);
+    let coordinator = super::coordinator(10, LeaseTiming::default(), &metrics, &executor, &source)
+        .warm_pools_clocked(&warm, &metrics, clock);
     let status = coordinator.status();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(coordinator.run(shutdown.clone()));
@@ -264,14 +247,7 @@ async fn hand_over(h: &Warm, build: Build) {
 
 #[tokio::test(start_paused = true)]
 async fn a_fitting_build_takes_an_idle_pod_and_the_pool_refills() {
-    let clock = clock();
-    let executor = Arc::new(FakeExecutor::with_warm(Arc::clone(&clock)));
-    let h = start(
-        executor,
-        settings(vec![pool("maven", "maven:3.9", 2)]),
-        clock,
-    )
-    .await;
+    let h = keeping(vec![pool("maven", "maven:3.9", 2)]).await;
     until("two idle pods", || h.executor.untaken("maven") == (0, 2)).await;
 
     hand_over(&h, with_image(1, "maven:3.9")).await;
@@ -331,14 +307,7 @@ async fn a_fitting_build_takes_an_idle_pod_and_the_pool_refills() {
 
 #[tokio::test(start_paused = true)]
 async fn a_build_that_fits_no_idle_pod_starts_cold_and_says_why() {
-    let clock = clock();
-    let executor = Arc::new(FakeExecutor::with_warm(Arc::clone(&clock)));
-    let h = start(
-        executor,
-        settings(vec![pool("maven", "maven:3.9", 1)]),
-        clock,
-    )
-    .await;
+    let h = keeping(vec![pool("maven", "maven:3.9", 1)]).await;
     until("an idle pod", || h.executor.untaken("maven") == (0, 1)).await;
 
     let mut with_services = with_image(2, "maven:3.9");
@@ -451,8 +420,6 @@ async fn a_restarted_coordinator_recounts_the_pods_it_finds() {
 
 #[tokio::test(start_paused = true)]
 async fn a_schedule_window_raises_then_lowers_the_floor() {
-    let clock = clock();
-    let executor = Arc::new(FakeExecutor::with_warm(Arc::clone(&clock)));
     let mut maven = pool("maven", "maven:3.9", 1);
     // Opens at 00:10 for five minutes (the clock starts at 00:00).
     maven.schedule.push(WindowConfig {
@@ -461,7 +428,7 @@ async fn a_schedule_window_raises_then_lowers_the_floor() {
         min_idle: 3,
         timezone: None,
     });
-    let h = start(executor, settings(vec![maven]), clock).await;
+    let h = keeping(vec![maven]).await;
     until("one idle pod", || h.executor.untaken("maven") == (0, 1)).await;
     tokio::time::sleep(Duration::from_secs(9 * 60)).await;
     assert_eq!(h.executor.untaken("maven"), (0, 1), "before the window");
@@ -480,11 +447,9 @@ async fn a_schedule_window_raises_then_lowers_the_floor() {
 
 #[tokio::test(start_paused = true)]
 async fn an_idle_pod_older_than_max_idle_age_is_replaced() {
-    let clock = clock();
-    let executor = Arc::new(FakeExecutor::with_warm(Arc::clone(&clock)));
     let mut maven = pool("maven", "maven:3.9", 1);
     maven.max_idle_age = Some(Duration::from_secs(60));
-    let h = start(executor, settings(vec![maven]), clock).await;
+    let h = keeping(vec![maven]).await;
     until("one idle pod", || h.executor.untaken("maven") == (0, 1)).await;
     tokio::time::sleep(Duration::from_secs(65)).await;
     let retired = h.executor.warm_state(|w| w.retired.clone());
@@ -520,14 +485,7 @@ async fn max_idle_total_caps_every_pool_together_in_the_order_configured() {
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_retires_idle_pods_and_leaves_taken_ones_running() {
-    let clock = clock();
-    let executor = Arc::new(FakeExecutor::with_warm(Arc::clone(&clock)));
-    let h = start(
-        executor,
-        settings(vec![pool("maven", "maven:3.9", 2)]),
-        clock,
-    )
-    .await;
+    let h = keeping(vec![pool("maven", "maven:3.9", 2)]).await;
     until("two idle pods", || h.executor.untaken("maven") == (0, 2)).await;
     hand_over(&h, with_image(1, "maven:3.9")).await;
     until("the build runs", || h.executor.live() == 1).await;
