@@ -532,3 +532,25 @@ async fn failing_starts_back_off_and_idle_time_is_priced() {
     h.shutdown.cancel();
     h.task.await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn pods_of_a_pool_no_longer_configured_are_retired() {
+    let clock = clock();
+    let executor = Arc::new(FakeExecutor::with_warm(Arc::clone(&clock)));
+    let old = pool("old", "maven:3.8", 1);
+    let shape = WarmShape {
+        pool: old.name.clone(),
+        image: "maven:3.8".into(),
+        class: None,
+    };
+    let left = executor.start(&shape).await.unwrap();
+    // No pool at all now: the leader still looks for leftovers, less often.
+    let h = start(Arc::clone(&executor), settings(Vec::new()), clock).await;
+    until("the leftover pod retired", || {
+        executor.warm_state(|w| w.retired.clone()) == [left.clone()]
+    })
+    .await;
+    assert!(h.status.warm_pools().is_empty());
+    h.shutdown.cancel();
+    h.task.await.unwrap();
+}

@@ -19,6 +19,9 @@ use crate::executor::{Executor, WarmPod, WarmPods, WarmShape, WarmState};
 
 /// How often the keeper looks when nothing wakes it earlier.
 const ROUND: Duration = Duration::from_secs(2);
+/// Rounds between looks for leftover pods when no GitLab pool is configured (pods of pools
+/// since removed from the configuration are retired then).
+const LEFTOVER_ROUNDS: u32 = 30;
 /// How long a pod just started counts as starting while no listing shows it yet.
 const UNLISTED_FOR: Duration = Duration::from_secs(60);
 /// The longest a pool whose starts fail waits before trying again.
@@ -126,10 +129,14 @@ pub(crate) async fn keep(
     stop: CancellationToken,
 ) {
     let mut keeper = Keeper::default();
+    let mut rounds: u32 = 0;
     loop {
         match executor.warm() {
-            Some(warm) if pools.keeps_pods() && membership.leading() => {
-                keeper.round(&pools, warm).await;
+            Some(warm) if membership.leading() => {
+                if pools.keeps_pods() || rounds % LEFTOVER_ROUNDS == 0 {
+                    keeper.round(&pools, warm).await;
+                }
+                rounds = rounds.wrapping_add(1);
             }
             _ => keeper.step_down(&pools),
         }
