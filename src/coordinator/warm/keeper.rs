@@ -133,7 +133,7 @@ pub(crate) async fn keep(
     loop {
         match executor.warm() {
             Some(warm) if membership.leading() => {
-                if pools.keeps_pods() || rounds % LEFTOVER_ROUNDS == 0 {
+                if pools.keeps_pods() || rounds.is_multiple_of(LEFTOVER_ROUNDS) {
                     keeper.round(&pools, warm).await;
                 }
                 rounds = rounds.wrapping_add(1);
