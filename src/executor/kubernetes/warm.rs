@@ -32,6 +32,9 @@ const WARM_PREFIX: &str = "kiln-warm-";
 const SYNC_WAIT: Duration = Duration::from_secs(30);
 /// How long a hand-off is tried (the pod's agent starting to listen, a lost answer).
 const HANDOFF_PATIENCE: Duration = Duration::from_secs(60);
+/// How soon a hand-off the pod's agent was not ready for is tried again (it starts listening
+/// a moment after its container runs).
+const HANDOFF_RETRY: Duration = Duration::from_millis(50);
 /// How long one hand-off request may take.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(10);
 /// How old a warm pod's Secret without its pod must be to be called broken (younger ones may
@@ -43,6 +46,9 @@ pub(super) struct WarmSide {
     http: reqwest::Client,
     /// Builds whose job this process handed over.
     handed: Mutex<HashSet<String>>,
+    /// The sealed hand-off of each pod this process took, until it is handed over (saves
+    /// reading the Secret again).
+    taken: Mutex<HashMap<String, (BuildKey, Vec<u8>)>>,
     /// Warm pods this process retired (their deletion is no news).
     retired: Mutex<HashSet<String>>,
     /// What the classifier remembers of each untaken pod (how long a pull has failed).
@@ -63,6 +69,7 @@ impl WarmSide {
                 .build()
                 .unwrap_or_default(),
             handed: Mutex::default(),
+            taken: Mutex::default(),
             retired: Mutex::default(),
             memory: Mutex::default(),
             lonely_checked: Mutex::new(false),
@@ -363,6 +370,13 @@ impl KubernetesExecutor {
             }
         };
         let replica = self.config.replica.as_deref();
+        let mut data: BTreeMap<String, Vec<u8>> = secret
+            .data
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect();
         if labels::key_of(&secret.metadata).as_ref() != Some(&build.key) {
             if !labels::is_untaken_warm(&secret.metadata) {
                 return Err(unavailable("another replica took it first"));
@@ -373,13 +387,20 @@ impl KubernetesExecutor {
                 build,
                 secret.metadata.resource_version.as_deref(),
             );
-            let data: BTreeMap<&String, ByteString> = build
+            let added: BTreeMap<&String, ByteString> = build
                 .secrets
                 .iter()
                 .filter(|(key, _)| key.as_str() != handoff::KEY_FILE)
                 .map(|(key, value)| (key, ByteString(value.clone())))
                 .collect();
-            patch["data"] = serde_json::json!(data);
+            patch["data"] = serde_json::json!(added);
+            data.extend(
+                build
+                    .secrets
+                    .iter()
+                    .filter(|(key, _)| key.as_str() != handoff::KEY_FILE)
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
             let params = PatchParams::default();
             let merge = Patch::Merge(&patch);
             match self
@@ -418,6 +439,9 @@ impl KubernetesExecutor {
             Ok(pod) => {
                 self.pods.written(pod);
                 lock(&self.warm.memory).remove(name);
+                if let Ok(body) = sealed(name, &build.key, &data) {
+                    lock(&self.warm.taken).insert(name.to_owned(), (build.key.clone(), body));
+                }
                 tracing::info!(pod = name, build = %build.key, "warm pod taken");
                 Ok(())
             }
@@ -458,25 +482,41 @@ impl KubernetesExecutor {
             return Ok(());
         }
         let failed = |why: String| LaunchError::Failed(format!("warm pod {name}: {why}"));
-        let secrets: Api<Secret> = self.cluster.api();
-        let secret = match self.cluster.call(|| secrets.get_opt(name)).await {
-            Ok(Some(secret)) => secret,
-            Ok(None) => return Err(failed("its Secret is gone".into())),
-            Err(e) => return Err(failed(format!("cannot read its Secret: {}", describe(&e)))),
+        if self
+            .pods
+            .latest(name)
+            .is_some_and(|pod| handoff_exit(&pod) == Some(0))
+        {
+            // Its agent took the job from an earlier post (this or another coordinator's).
+            lock(&self.warm.handed).insert(name.to_owned());
+            return Ok(());
+        }
+        let taken = lock(&self.warm.taken).get(name).cloned();
+        let (key, body) = match taken {
+            Some(taken) => taken,
+            None => {
+                // Taken by another process (or before a restart): its Secret has it all.
+                let secrets: Api<Secret> = self.cluster.api();
+                let secret = match self.cluster.call(|| secrets.get_opt(name)).await {
+                    Ok(Some(secret)) => secret,
+                    Ok(None) => return Err(failed("its Secret is gone".into())),
+                    Err(e) => {
+                        return Err(failed(format!("cannot read its Secret: {}", describe(&e))));
+                    }
+                };
+                let Some(key) = labels::key_of(&secret.metadata) else {
+                    return Err(failed("no build took it".into()));
+                };
+                let data: BTreeMap<String, Vec<u8>> = secret
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0))
+                    .collect();
+                let body = sealed(name, &key, &data).map_err(failed)?;
+                (key, body)
+            }
         };
-        let Some(key) = labels::key_of(&secret.metadata) else {
-            return Err(failed("no build took it".into()));
-        };
-        let mut data = secret.data.unwrap_or_default();
-        let Some(pod_key) = data.remove(handoff::KEY_FILE) else {
-            return Err(failed("its Secret holds no hand-off key".into()));
-        };
-        let handoff = Handoff::new(
-            &key.to_string(),
-            data.iter()
-                .map(|(name, value)| (name.as_str(), value.0.as_slice())),
-        );
-        let body = handoff::seal(&pod_key.0, name, &handoff).map_err(|e| failed(e.to_string()))?;
         let deadline = tokio::time::Instant::now() + HANDOFF_PATIENCE;
         let mut last_error = String::from("its IP is not known");
         loop {
@@ -521,18 +561,20 @@ impl KubernetesExecutor {
                     HANDOFF_PATIENCE.as_secs()
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(HANDOFF_RETRY).await;
         }
     }
 
     fn handed(&self, name: &str, key: &BuildKey) {
         lock(&self.warm.handed).insert(name.to_owned());
+        lock(&self.warm.taken).remove(name);
         tracing::info!(pod = name, build = %key, "job handed to its warm pod");
     }
 
     /// Forgets a build's hand-off (its pod is deleted).
     pub(super) fn forget_hand_off(&self, name: &str) {
         lock(&self.warm.handed).remove(name);
+        lock(&self.warm.taken).remove(name);
     }
 
     async fn post(&self, ip: &str, body: &[u8]) -> Result<(), Post> {
@@ -563,6 +605,25 @@ impl KubernetesExecutor {
             Err(Post::Refused(why))
         }
     }
+}
+
+/// The hand-off of `build`'s files in `data` (a warm pod's Secret's data: its key and the
+/// build's secrets) to pod `pod`, sealed with the pod's key.
+fn sealed(
+    pod: &str,
+    build: &BuildKey,
+    data: &BTreeMap<String, Vec<u8>>,
+) -> Result<Vec<u8>, String> {
+    let pod_key = data
+        .get(handoff::KEY_FILE)
+        .ok_or_else(|| "its Secret holds no hand-off key".to_owned())?;
+    let handoff = Handoff::new(
+        &build.to_string(),
+        data.iter()
+            .filter(|(name, _)| name.as_str() != handoff::KEY_FILE)
+            .map(|(name, value)| (name.as_str(), value.as_slice())),
+    );
+    handoff::seal(pod_key, pod, &handoff).map_err(|e| e.to_string())
 }
 
 /// Why a hand-off post did not go through.
