@@ -35,3 +35,4 @@ mod replicas;
 mod secrets;
 mod shutdown;
 mod status_page;
+mod warm_pods;
