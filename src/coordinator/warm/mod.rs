@@ -387,7 +387,8 @@ impl WarmPools {
             .pools
             .iter()
             .filter(|p| p.kept_by_keeper() && p.target.serves(kind, name))
-            .filter(|p| !image.is_empty() && p.shape.image == image)
+            // A job without an image runs the executor's default, which `fits` knows.
+            .filter(|p| image.is_empty() || p.shape.image == image)
             .collect();
         if candidates.is_empty() {
             return Some(cold(format!("no warm pool for {shown}")));
@@ -410,7 +411,11 @@ impl WarmPools {
             })
             .collect();
         if fitting.is_empty() {
-            return Some(cold(reason.unwrap_or_else(|| "it fits no warm pod".into())));
+            return Some(cold(match reason {
+                Some(_) if image.is_empty() => format!("no warm pool for {shown}"),
+                Some(reason) => reason,
+                None => "it fits no warm pod".into(),
+            }));
         }
         Some(self.take(warm, build, &fitting, &image).await)
     }
