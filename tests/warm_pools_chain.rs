@@ -282,3 +282,24 @@ async fn a_schedule_window_raises_then_lowers_the_floor() {
         .await;
     assert!(kiln.logs().contains("surplus"), "{}", kiln.logs());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_evicted_idle_pod_is_replaced() {
+    let s = setup().await;
+    s.kube.set_start_delay(Duration::from_millis(500));
+    let kiln = s.kiln(&pool_config(2, ""), "");
+    let before = idle(&s, "maven", 2, 30).await;
+    s.kube.evict(&before[0]);
+    s.kube.wait_gone(&before[0], Duration::from_secs(15)).await;
+    let after = idle(&s, "maven", 2, 30).await;
+    assert!(after.contains(&before[1]), "{before:?} {after:?}");
+    assert!(
+        kiln.logs().contains("retiring a warm pod"),
+        "{}",
+        kiln.logs()
+    );
+    // And it serves a job.
+    let id = s.gitlab.enqueue(maven_job("after-eviction"));
+    let job = succeeded(&s, id, &kiln).await;
+    assert!(job.trace.contains("started on warm pod"), "{}", job.trace);
+}
