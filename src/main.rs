@@ -410,7 +410,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
     };
     let coordinator =
-        kiln::coordinator::Coordinator::new(settings, Arc::clone(&metrics), executor, sources);
+        kiln::coordinator::Coordinator::new(settings, Arc::clone(&metrics), executor, sources)
+            .warm_pools(&config.warm_settings(), &metrics);
     let app_state = kiln::http::AppState {
         metrics,
         status: coordinator.status(),

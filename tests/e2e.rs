@@ -36,3 +36,4 @@ mod secrets;
 mod shutdown;
 mod status_page;
 mod warm_pods;
+mod warm_pools_chain;
