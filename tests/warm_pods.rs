@@ -502,6 +502,29 @@ async fn jobs_a_warm_pod_cannot_honour_do_not_fit_and_say_why() {
             .unwrap_err()
             .contains("image")
     );
+    let mut always = build.clone();
+    if let Workload::KilnAgent {
+        image: Some(image), ..
+    } = &mut always.workload
+    {
+        image.pull_policies = vec![kiln::build::PullPolicy::Always];
+    }
+    assert_eq!(
+        executor.fits(&always, &shape()),
+        Err("the job asks for pull policy always".into())
+    );
+    let mut if_not_present = build.clone();
+    if let Workload::KilnAgent {
+        image: Some(image), ..
+    } = &mut if_not_present.workload
+    {
+        image.pull_policies = vec![kiln::build::PullPolicy::IfNotPresent];
+    }
+    assert_eq!(
+        executor.fits(&if_not_present, &shape()),
+        Ok(()),
+        "the image is there"
+    );
     let mut overriding = build.clone();
     overriding.requests.push(kiln::build::Requested {
         what: kiln::build::Request::Resource(kiln::build::ResourceField::CpuLimit),

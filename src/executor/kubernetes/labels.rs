@@ -500,4 +500,64 @@ mod tests {
         assert_eq!(label_value("///"), "");
         assert!(is_label_value(&label_value(&"a/".repeat(80))));
     }
+    #[test]
+    fn a_warm_pod_is_untaken_until_its_take_patch_names_a_build() {
+        let build = crate::build::Build {
+            key: BuildKey {
+                source: SourceKind::GitLab,
+                runner: "runner one".into(),
+                id: 7,
+            },
+            name: "kiln-gl-7".into(),
+            workload: Workload::KilnAgent {
+                image: None,
+                services: Vec::new(),
+            },
+            secrets: BTreeMap::new(),
+            class: None,
+            requests: Vec::new(),
+            timeout: None,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            about: About::default(),
+            untrusted: false,
+            registry_auths: Vec::new(),
+        };
+        let mut metadata = ObjectMeta {
+            labels: Some(identity_labels("kiln", Some("a"), &build)),
+            ..ObjectMeta::default()
+        };
+        make_warm(&mut metadata, "maven 3");
+        assert!(is_untaken_warm(&metadata));
+        assert_eq!(warm_pool_of(&metadata).as_deref(), Some("maven_3"));
+        assert_eq!(key_of(&metadata), None);
+        let patch = take_patch("kiln", Some("b"), &build, Some("12"));
+        assert_eq!(patch["metadata"]["resourceVersion"], "12");
+        let labels = metadata.labels.as_mut().unwrap();
+        for (key, value) in patch["metadata"]["labels"].as_object().unwrap() {
+            labels.insert(key.clone(), value.as_str().unwrap().to_owned());
+        }
+        metadata.annotations = Some(
+            patch["metadata"]["annotations"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+                .collect(),
+        );
+        assert!(!is_untaken_warm(&metadata));
+        assert_eq!(key_of(&metadata), Some(build.key.clone()));
+        assert_eq!(replica_of(&metadata).as_deref(), Some("b"));
+        assert_eq!(
+            warm_pool_of(&metadata).as_deref(),
+            Some("maven_3"),
+            "it keeps its pool"
+        );
+        assert!(foreign_labels(&metadata).is_empty());
+        assert!(
+            taken_mirror_patch("kiln", Some("b"), &build)["metadata"]
+                .get("resourceVersion")
+                .is_none()
+        );
+    }
 }

@@ -1533,4 +1533,77 @@ mod tests {
         assert_eq!(labels["kiln.dev/jenkins-node"], "kiln-maven-3f9a1c2e");
         assert_eq!(pod.metadata.annotations.unwrap()[ANNOTATION_MAIN], "jnlp");
     }
+    #[test]
+    fn a_warm_pod_waits_for_its_job_with_only_its_key_and_no_job_labels() {
+        let config = KubernetesConfig::default();
+        let shape = crate::executor::WarmShape {
+            pool: "maven".into(),
+            image: "maven:3.9".into(),
+            class: None,
+        };
+        let (pod, secret) = warm_pod(
+            &shape,
+            "kiln-warm-maven-1",
+            b"k".repeat(32).as_slice(),
+            &config,
+            "ci",
+        )
+        .unwrap();
+        let labels = pod.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["kiln.dev/warm-pool"], "maven");
+        for key in [LABEL_JOB_ID, LABEL_SOURCE, "kiln.dev/runner"] {
+            assert!(!labels.contains_key(key), "{key}");
+        }
+        assert_eq!(
+            secret.data.as_ref().unwrap().keys().collect::<Vec<_>>(),
+            [crate::handoff::KEY_FILE]
+        );
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.active_deadline_seconds, None,
+            "it waits for as long as its pool keeps it"
+        );
+        let init = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(init.command.as_ref().unwrap()[2], "install");
+        let build = container(&pod, BUILD_CONTAINER);
+        assert_eq!(build.image.as_deref(), Some("maven:3.9"));
+        assert_eq!(
+            build.command.as_ref().unwrap().last().map(String::as_str),
+            Some("--wait")
+        );
+        let handoff = container(&pod, HANDOFF_CONTAINER);
+        assert_eq!(handoff.command.as_ref().unwrap()[2], "receive");
+        assert_eq!(
+            handoff.env.as_ref().unwrap()[0]
+                .value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
+            "status.podIP"
+        );
+        let volumes = spec.volumes.as_ref().unwrap();
+        let job = volumes.iter().find(|v| v.name == "job").unwrap();
+        assert_eq!(
+            job.empty_dir.as_ref().unwrap().medium.as_deref(),
+            Some("Memory")
+        );
+        let key = volumes.iter().find(|v| v.name == "handoff-key").unwrap();
+        let items = key.secret.as_ref().unwrap().items.as_ref().unwrap();
+        assert_eq!(
+            items.len(),
+            1,
+            "only the key is projected, never the job's files"
+        );
+        let mounts_key = |c: &Container| {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == "handoff-key")
+        };
+        assert!(mounts_key(handoff));
+        assert!(!mounts_key(build), "the job's code never sees the key");
+    }
 }

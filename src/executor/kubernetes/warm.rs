@@ -131,10 +131,12 @@ impl KubernetesExecutor {
             if image.user.is_some() {
                 return Err("the job's image sets a user".into());
             }
-            let asked = images::pull_policies(&image.pull_policies, config).map_err(|e| e.0)?;
-            let made = images::pull_policies(&[], config).map_err(|e| e.0)?;
-            if asked != made {
-                return Err("the job asks for its own pull policy".into());
+            // The pod's image was pulled when it started: a job that wants it pulled afresh
+            // (`always`) starts cold; `if-not-present` and `never` are met.
+            let asked = images::pull_policy(&image.pull_policies, config).map_err(|e| e.0)?;
+            let made = images::pull_policy(&[], config).map_err(|e| e.0)?;
+            if asked == Some("Always") && made != Some("Always") {
+                return Err("the job asks for pull policy always".into());
             }
         }
         if let Some(first) = build.requests.first() {
