@@ -24,6 +24,7 @@ mod podspec;
 mod quantity;
 mod sizing;
 mod volumes;
+mod warm;
 mod watch;
 
 use std::collections::{HashMap, HashSet};
@@ -35,7 +36,9 @@ use kube::Api;
 use kube::api::ListParams;
 use tokio_util::sync::CancellationToken;
 
-use super::{Claim, Executor, ExecutorError, Footprint, LaunchError, Leases, SharedBuilds, Watch};
+use super::{
+    Claim, Executor, ExecutorError, Footprint, LaunchError, Leases, SharedBuilds, WarmPods, Watch,
+};
 use crate::build::{Build, Ending, Found};
 use client::Cluster;
 pub use client::ClusterError;
@@ -56,6 +59,8 @@ pub struct KubernetesExecutor {
     /// The uids of Secrets persisted ahead of their build's launch, by build name: the pod is
     /// created owned by its Secret.
     persisted: std::sync::Mutex<HashMap<String, Option<String>>>,
+    /// Warm pods: the hand-off client and what is known of them besides the watch.
+    warm: warm::WarmSide,
 }
 
 impl KubernetesExecutor {
@@ -81,6 +86,7 @@ impl KubernetesExecutor {
             pods,
             selector,
             persisted: std::sync::Mutex::default(),
+            warm: warm::WarmSide::new(),
         })
     }
 
@@ -183,6 +189,10 @@ impl Executor for KubernetesExecutor {
     }
 
     fn shared(&self) -> Option<&dyn SharedBuilds> {
+        Some(self)
+    }
+
+    fn warm(&self) -> Option<&dyn WarmPods> {
         Some(self)
     }
 }
