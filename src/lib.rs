@@ -15,6 +15,7 @@ pub mod deploy;
 pub mod exec;
 pub mod executor;
 pub mod gitlab;
+pub mod handoff;
 pub mod http;
 pub mod job_file;
 pub mod net;

@@ -174,6 +174,10 @@ struct AgentArgs {
     /// Where to write the result JSON; default: <work dir>/result.json.
     #[arg(long, value_name = "FILE")]
     result: Option<PathBuf>,
+    /// Wait for the job file and the fetched sources to appear (a warm pod's build container:
+    /// its job is handed over later).
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -181,6 +185,34 @@ enum AgentCommand {
     /// Init-container step of a build pod: install this binary for the build container and
     /// fetch the job's sources.
     Prepare(PrepareArgs),
+    /// Init-container step of a warm pod: install this binary for the build container.
+    Install(InstallArgs),
+    /// A warm pod's handoff container: wait at $POD_IP for the pod's job (sealed with the
+    /// pod's key), write its files for the build container and fetch its sources.
+    Receive(ReceiveArgs),
+}
+
+#[derive(Debug, Args)]
+struct InstallArgs {
+    /// Where to install the kiln binary for the build container.
+    #[arg(long, value_name = "DIR")]
+    bin_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct ReceiveArgs {
+    /// The pod's hand-off key (mounted from its Secret).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// Where to write the job's files (shared with the build container).
+    #[arg(long, value_name = "DIR")]
+    job_dir: PathBuf,
+    /// Scratch directory shared with the build container.
+    #[arg(long, value_name = "DIR")]
+    work_dir: PathBuf,
+    /// Where projects are checked out; default: <work dir>/builds.
+    #[arg(long, value_name = "DIR")]
+    builds_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -378,7 +410,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
     };
     let coordinator =
-        kiln::coordinator::Coordinator::new(settings, Arc::clone(&metrics), executor, sources);
+        kiln::coordinator::Coordinator::new(settings, Arc::clone(&metrics), executor, sources)
+            .warm_pools(&config.warm_settings(), &metrics);
     let app_state = kiln::http::AppState {
         metrics,
         status: coordinator.status(),
@@ -442,15 +475,32 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     kiln::telemetry::init_logging(kiln::config::LogFormat::Auto, "info");
-    if let Some(AgentCommand::Prepare(prepare)) = args.command {
-        let paths = kiln::agent::AgentPaths {
-            job_file: prepare.job,
-            work_dir: Some(prepare.work_dir),
-            builds_dir: prepare.builds_dir,
-            result_file: None,
-        };
-        kiln::agent::prepare(&paths, &prepare.bin_dir).await?;
-        return Ok(ExitCode::SUCCESS);
+    match args.command {
+        Some(AgentCommand::Prepare(prepare)) => {
+            let paths = kiln::agent::AgentPaths {
+                job_file: prepare.job,
+                work_dir: Some(prepare.work_dir),
+                builds_dir: prepare.builds_dir,
+                result_file: None,
+            };
+            kiln::agent::prepare(&paths, &prepare.bin_dir).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(AgentCommand::Install(install)) => {
+            kiln::agent::install(&install.bin_dir)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(AgentCommand::Receive(receive)) => {
+            let paths = kiln::agent::ReceivePaths {
+                key_file: receive.key,
+                job_dir: receive.job_dir,
+                work_dir: receive.work_dir,
+                builds_dir: receive.builds_dir,
+            };
+            kiln::agent::receive(&paths, shutdown_on_signal()?).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        None => {}
     }
     let Some(job) = args.job else {
         bail!("`kiln agent` needs --job FILE");
@@ -462,6 +512,10 @@ async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
         result_file: args.result,
     };
     let abort = shutdown_on_signal()?;
+    if args.wait && !kiln::agent::wait_for_job(&paths, &abort).await {
+        // Deleted while it waited: there is no job to report.
+        return Ok(ExitCode::SUCCESS);
+    }
     let result = kiln::agent::run(&paths, abort).await?;
     Ok(if result.reported {
         ExitCode::SUCCESS

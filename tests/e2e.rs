@@ -36,3 +36,6 @@ mod replicas;
 mod secrets;
 mod shutdown;
 mod status_page;
+mod warm_pods;
+mod warm_pools_chain;
+mod warm_pools_sources;

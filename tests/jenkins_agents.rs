@@ -16,13 +16,13 @@ const API_TOKEN: &str = "test-api-token";
 const PASSWORD: &str = "test-password";
 const HOOK_SECRET: &str = "0123456789abcdef-hook";
 
-struct Setup {
-    jenkins: JenkinsServer,
-    kube: KubeServer,
+pub(crate) struct Setup {
+    pub(crate) jenkins: JenkinsServer,
+    pub(crate) kube: KubeServer,
     dir: tempfile::TempDir,
 }
 
-async fn setup() -> Setup {
+pub(crate) async fn setup() -> Setup {
     let jenkins = JenkinsServer::start().await;
     jenkins.add_user(USER, API_TOKEN, PASSWORD);
     let kube = KubeServer::start().await;
@@ -61,12 +61,12 @@ webhook_secret = "{HOOK_SECRET}"
         )
     }
 
-    fn kiln(&self, source: &str) -> KilnProcess {
+    pub(crate) fn kiln(&self, source: &str) -> KilnProcess {
         KilnProcess::start(&self.config(source))
     }
 
     /// Waits for `n` agent pods and returns them.
-    async fn agent_pods(&self, n: usize, secs: u64) -> Vec<Pod> {
+    pub(crate) async fn agent_pods(&self, n: usize, secs: u64) -> Vec<Pod> {
         let snapshot = self
             .kube
             .wait_for(Duration::from_secs(secs), |s| {
@@ -78,7 +78,7 @@ webhook_secret = "{HOOK_SECRET}"
 
     /// Connects the agent of `pod` as the inbound-agent container would: its node name and the
     /// secret from the pod's Secret.
-    fn connect(&self, pod: &Pod) -> String {
+    pub(crate) fn connect(&self, pod: &Pod) -> String {
         let node = env(pod, "JENKINS_AGENT_NAME");
         let name = pod.metadata.name.clone().unwrap();
         let secret = self.kube.snapshot().secret(&name).cloned().unwrap();
@@ -92,7 +92,7 @@ webhook_secret = "{HOOK_SECRET}"
     }
 
     /// Jenkins' nodes except the label anchors kiln keeps (they never connect or run).
-    fn agent_nodes(&self) -> Vec<String> {
+    pub(crate) fn agent_nodes(&self) -> Vec<String> {
         self.jenkins
             .nodes()
             .into_iter()
@@ -119,7 +119,7 @@ webhook_secret = "{HOOK_SECRET}"
     }
 }
 
-fn agent_pods(pods: &[Pod]) -> Vec<&Pod> {
+pub(crate) fn agent_pods(pods: &[Pod]) -> Vec<&Pod> {
     pods.iter()
         .filter(|p| {
             p.metadata
@@ -137,7 +137,7 @@ fn item_of(pod: &Pod) -> u64 {
         .unwrap()
 }
 
-fn env(pod: &Pod, name: &str) -> String {
+pub(crate) fn env(pod: &Pod, name: &str) -> String {
     pod.spec.as_ref().unwrap().containers[0]
         .env
         .iter()
@@ -147,7 +147,7 @@ fn env(pod: &Pod, name: &str) -> String {
         .unwrap_or_default()
 }
 
-async fn until(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
+pub(crate) async fn until(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     while !done() {
         assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");

@@ -113,6 +113,28 @@ pub(crate) struct Options {
     /// reconciles, and per 1,000 jobs.
     #[arg(long)]
     pub(crate) only_github_org: bool,
+    /// Run only the warm pool level: queued → first trace line of jobs on warm pods and of
+    /// cold ones, with the test kubelet taking `--warm-delay-secs` to start each pod, and the
+    /// pool's idle cost.
+    #[arg(long)]
+    pub(crate) only_warm: bool,
+    /// The warm pool level: how long the test kubelet takes to start each pod, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) warm_delay_secs: u64,
+    /// The warm pool level: jobs run on warm pods, one after another (each once the pool is
+    /// back to its floor).
+    #[arg(long, default_value_t = 20)]
+    pub(crate) warm_jobs: usize,
+    /// The warm pool level: jobs of another image (no pool), queued in rounds of the pool's
+    /// size.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) cold_jobs: usize,
+    /// The warm pool level: the pool's floor (`min_idle`).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) warm_pool: usize,
+    /// The warm pool level: how long the idle pool's cost is measured, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub(crate) warm_idle_secs: u64,
 }
 
 /// The idle coordinator.
@@ -1990,4 +2012,246 @@ pub(crate) fn render_github_org(level: &GitHubOrgLevel) -> String {
         text.push_str(&format!("  {kind}: {all} ({counted} counted)\n"));
     }
     text
+}
+
+/// The pool's image in the warm pool level, and the cold jobs' image (no pool).
+const WARM_IMAGE: &str = "maven:3.9-eclipse-temurin-21";
+const COLD_IMAGE: &str = "gradle:8-jdk21";
+/// `[cost]` prices of the warm pool level (ECI pay-as-you-go, cn-hangzhou, USD) and the size of
+/// each build pod (`[kubernetes.build]` requests).
+const PRICE_PER_VCPU_HOUR: f64 = 0.0431;
+const PRICE_PER_GIB_HOUR: f64 = 0.0047;
+const WARM_VCPU: f64 = 2.0;
+const WARM_GIB: f64 = 4.0;
+
+/// The warm pool level.
+#[derive(Debug, Clone)]
+pub(crate) struct WarmLevel {
+    pub(crate) delay: Duration,
+    pub(crate) pool: usize,
+    /// Queued in GitLab → first trace line at GitLab, jobs that took an idle warm pod.
+    pub(crate) warm: Spread,
+    /// The same, jobs that started cold.
+    pub(crate) cold: Spread,
+    /// `kiln_warm_idle_cost_total` of the pool over the idle window, per hour.
+    pub(crate) idle_cost_per_hour: f64,
+    /// The same from the prices: pool × (vCPU × price + GiB × price).
+    pub(crate) priced_per_hour: f64,
+    pub(crate) idle_window: Duration,
+    /// The jobs that said "started on warm pod" / "started cold" in their trace.
+    pub(crate) said_warm: usize,
+    pub(crate) said_cold: usize,
+}
+
+/// The warm pool's untaken pods: (name, Running).
+fn warm_members(kube: &KubeServer) -> Vec<(String, bool)> {
+    kube.pods()
+        .into_iter()
+        .filter(|pod| {
+            pod.metadata.labels.as_ref().is_some_and(|l| {
+                l.get("kiln.dev/warm-pool").is_some_and(|p| p == "bench")
+                    && !l.contains_key("kiln.dev/job-id")
+            })
+        })
+        .map(|pod| {
+            let running = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.as_deref())
+                .is_some_and(|p| p == "Running");
+            (pod.metadata.name.unwrap_or_default(), running)
+        })
+        .collect()
+}
+
+/// `kiln_warm_idle_cost_total{pool="bench"}` from kiln's `/metrics`.
+async fn idle_cost(http: &str) -> f64 {
+    let text = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("kiln_warm_idle_cost") && l.contains("pool=\"bench\""))
+        .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+/// A job of `image` with no pull policy of its own.
+fn job_of(name: &str, image: &str) -> Value {
+    let mut job = job_json(name, &["echo started"]);
+    job["image"]["name"] = json!(image);
+    if let Some(image) = job["image"].as_object_mut() {
+        image.remove("pull_policy");
+    }
+    job
+}
+
+/// Queued → first trace line of job `id`, waiting for it to succeed.
+async fn first_line(
+    gitlab: &GitLabServer,
+    kiln: &Coordinator,
+    id: u64,
+    queued: Instant,
+    timeout: Duration,
+) -> (Duration, String) {
+    wait_until("a job to finish", timeout, kiln, || {
+        matches!(gitlab.job(id).state.as_str(), "success" | "failed")
+    })
+    .await;
+    let job = gitlab.job(id);
+    assert_eq!(
+        job.state,
+        "success",
+        "job {id}: {}\n{}",
+        job.trace,
+        kiln.logs()
+    );
+    let first = job
+        .patches
+        .iter()
+        .find(|p| p.status == 202 && p.len > 0)
+        .map(|p| p.at.saturating_duration_since(queued))
+        .unwrap_or_else(|| panic!("job {id} has no trace"));
+    (first, job.trace)
+}
+
+/// The warm pool level: a real `kiln run` with a pool of `--warm-pool` pods for one image, the
+/// test kubelet running every pod's containers (the agent too) after `--warm-delay-secs`.
+pub(crate) async fn run_warm(options: &Options) -> WarmLevel {
+    let kiln_path = options.kiln_path();
+    let gitlab = gitlab(options).await;
+    gitlab.set_trace_interval(1);
+    let kube = KubeServer::start().await;
+    kube.alias_binary("/usr/local/bin/kiln", &kiln_path);
+    let delay = Duration::from_secs(options.warm_delay_secs);
+    kube.set_start_delay(delay);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.kubeconfig(&kubeconfig, NAMESPACE);
+    let http = free_addr();
+    let section = format!(
+        r#"[kubernetes]
+kubeconfig = "{kubeconfig}"
+helper_image = "{HELPER_IMAGE}"
+pending_timeout = "{pending}s"
+
+[kubernetes.build]
+cpu_request = "{WARM_VCPU}"
+memory_request = "{WARM_GIB}Gi"
+memory_limit = "{WARM_GIB}Gi"
+
+[cost]
+price_per_vcpu_hour = {PRICE_PER_VCPU_HOUR}
+price_per_gib_hour = {PRICE_PER_GIB_HOUR}
+
+[[warm_pools]]
+name = "bench"
+source = "gitlab"
+image = "{WARM_IMAGE}"
+min_idle = {pool}
+"#,
+        kubeconfig = kubeconfig.display(),
+        pending = options.warm_delay_secs * 3 + 30,
+        pool = options.warm_pool,
+    );
+    let mut text = config(&gitlab, options, &http, "kubernetes", &section);
+    text = text.replacen(
+        &format!("concurrent = {}", options.jobs.max(1)),
+        &format!("concurrent = {}", options.warm_pool.max(1) * 2),
+        1,
+    );
+    let kiln = Coordinator::start(&kiln_path, &text, &http);
+    let pool = options.warm_pool;
+    let start_wait = delay * 3 + Duration::from_secs(60);
+    let full = |kube: &KubeServer| {
+        let members = warm_members(kube);
+        members.len() == pool && members.iter().all(|(_, running)| *running)
+    };
+    progress(&format!("warm: waiting for {pool} idle warm pods"));
+    wait_until("the pool to fill", start_wait, &kiln, || full(&kube)).await;
+
+    // What the idle pool costs, from kiln's own counter.
+    let window = Duration::from_secs(options.warm_idle_secs);
+    progress(&format!("warm: idle cost over {}s", window.as_secs()));
+    let (before, at) = (idle_cost(&http).await, Instant::now());
+    tokio::time::sleep(window).await;
+    let after = idle_cost(&http).await;
+    let measured = at.elapsed();
+    let idle_cost_per_hour = (after - before) * 3600.0 / measured.as_secs_f64();
+
+    let job_timeout = delay * 3 + Duration::from_secs(120);
+    let (mut warm, mut cold) = (Vec::new(), Vec::new());
+    let (mut said_warm, mut said_cold) = (0, 0);
+    for i in 0..options.warm_jobs {
+        wait_until("the pool to refill", start_wait, &kiln, || full(&kube)).await;
+        progress(&format!("warm: job {} of {}", i + 1, options.warm_jobs));
+        let queued = Instant::now();
+        let id = gitlab.enqueue(job_of(&format!("warm-{i}"), WARM_IMAGE));
+        let (first, trace) = first_line(&gitlab, &kiln, id, queued, job_timeout).await;
+        said_warm += usize::from(trace.contains("started on warm pod"));
+        warm.push(first);
+    }
+    let mut remaining = options.cold_jobs;
+    while remaining > 0 {
+        let round = remaining.min(pool.max(1));
+        progress(&format!("warm: {round} cold jobs"));
+        let queued = Instant::now();
+        let ids: Vec<u64> = (0..round)
+            .map(|i| gitlab.enqueue(job_of(&format!("cold-{remaining}-{i}"), COLD_IMAGE)))
+            .collect();
+        for id in ids {
+            let (first, trace) = first_line(&gitlab, &kiln, id, queued, job_timeout).await;
+            said_cold += usize::from(trace.contains("started cold"));
+            cold.push(first);
+        }
+        remaining -= round;
+    }
+    WarmLevel {
+        delay,
+        pool,
+        warm: Spread::of(warm),
+        cold: Spread::of(cold),
+        idle_cost_per_hour,
+        priced_per_hour: pool as f64
+            * (WARM_VCPU * PRICE_PER_VCPU_HOUR + WARM_GIB * PRICE_PER_GIB_HOUR),
+        idle_window: measured,
+        said_warm,
+        said_cold,
+    }
+}
+
+/// The warm pool level as text.
+pub(crate) fn render_warm(level: &WarmLevel) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "machine: {}", machine());
+    let _ = writeln!(
+        out,
+        "warm pool level: kubelet start delay {} s, pool of {} ({} vCPU, {} GiB each; ${PRICE_PER_VCPU_HOUR}/vCPU-h, ${PRICE_PER_GIB_HOUR}/GiB-h)",
+        level.delay.as_secs(),
+        level.pool,
+        WARM_VCPU,
+        WARM_GIB
+    );
+    let _ = writeln!(
+        out,
+        "queued → first trace line, warm: {} ({} said \"started on warm pod\")",
+        spread(&level.warm),
+        level.said_warm
+    );
+    let _ = writeln!(
+        out,
+        "queued → first trace line, cold: {} ({} said \"started cold\")",
+        spread(&level.cold),
+        level.said_cold
+    );
+    let _ = writeln!(
+        out,
+        "idle cost of the pool: ${:.4}/hour measured (kiln_warm_idle_cost_total over {:.0} s), ${:.4}/hour from the prices",
+        level.idle_cost_per_hour,
+        level.idle_window.as_secs_f64(),
+        level.priced_per_hour
+    );
+    out
 }

@@ -62,6 +62,19 @@ async fn main() {
         );
         return;
     }
+    if options.only_warm {
+        let kiln = options.kiln_path();
+        assert!(
+            kiln.exists(),
+            "no kiln binary at {} (build it first: cargo build --release --bin kiln)",
+            kiln.display()
+        );
+        println!(
+            "{}",
+            harness::render_warm(&harness::run_warm(&options).await)
+        );
+        return;
+    }
     if options.only_failover {
         let kiln = options.kiln_path();
         assert!(

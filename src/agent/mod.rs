@@ -15,6 +15,9 @@ mod oversized;
 mod process;
 mod trace;
 mod untracked;
+mod warm;
+
+pub use warm::{ReceivePaths, receive, wait_for_job};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -116,6 +119,8 @@ struct Context {
     deadline: Instant,
     /// The executor's notes on how it started the build (an ignored overwrite), for the trace.
     start_notes: Vec<String>,
+    /// How the coordinator started the build (cold and why, or on which warm pod).
+    start_lines: Vec<String>,
     /// When the steps before after_script must end: the job's deadline, or sooner with
     /// `RUNNER_SCRIPT_TIMEOUT`.
     steps_deadline: Instant,
@@ -228,8 +233,24 @@ pub async fn run(paths: &AgentPaths, abort: CancellationToken) -> Result<AgentRe
 /// The binary cannot be installed or the job file read; then the pod fails and the
 /// coordinator reports the job.
 pub async fn prepare(paths: &AgentPaths, bin_dir: &Path) -> Result<(), AgentError> {
-    let (spec, job) = load(&paths.job_file)?;
+    load(&paths.job_file)?;
     install_self(bin_dir)?;
+    fetch_sources(paths).await
+}
+
+/// The init container of a warm pod (`kiln agent install`): installs this binary into
+/// `bin_dir` for the build container; the job comes later (see `warm.rs`).
+///
+/// # Errors
+/// The binary cannot be installed.
+pub fn install(bin_dir: &Path) -> Result<(), AgentError> {
+    install_self(bin_dir)
+}
+
+/// Fetches the sources of the job in `paths.job_file` into the builds directory and leaves
+/// the fetch's trace and outcome in the work directory for the build's agent.
+async fn fetch_sources(paths: &AgentPaths) -> Result<(), AgentError> {
+    let (spec, job) = load(&paths.job_file)?;
     let work = paths.work();
     let (mut ctx, _remote) = context(&spec, job, paths, CancellationToken::new())?;
     ctx.trace
@@ -254,7 +275,8 @@ pub async fn prepare(paths: &AgentPaths, bin_dir: &Path) -> Result<(), AgentErro
     };
     let path = work.join(SOURCES_FILE);
     let json = serde_json::to_vec(&prepared).unwrap_or_default();
-    std::fs::write(&path, json).map_err(|source| AgentError::WorkDir { path, source })?;
+    // Whole or not at all: a warm pod's build agent starts as soon as it is there.
+    warm::write_atomically(&path, &json).map_err(|source| AgentError::WorkDir { path, source })?;
     Ok(())
 }
 
@@ -351,7 +373,8 @@ fn context(
         deadline,
         steps_deadline: deadline,
         job,
-        start_notes: start_notes(&paths.job_file),
+        start_notes: lines_beside(&paths.job_file, crate::build::START_NOTES_FILE),
+        start_lines: lines_beside(&paths.job_file, crate::build::START_FILE),
         script: process::ScriptOptions {
             from_files: Vec::new(),
             xtrace: options.debug_trace,
@@ -363,9 +386,10 @@ fn context(
     Ok((ctx, remote_tx))
 }
 
-/// The lines of the executor's notes file beside `job_file` (none without one).
-fn start_notes(job_file: &Path) -> Vec<String> {
-    std::fs::read_to_string(job_file.with_file_name(crate::build::START_NOTES_FILE))
+/// The lines of file `name` beside `job_file` (the executor's or the coordinator's notes on
+/// the start; none without one).
+fn lines_beside(job_file: &Path, name: &str) -> Vec<String> {
+    std::fs::read_to_string(job_file.with_file_name(name))
         .map(|text| {
             text.lines()
                 .map(str::trim)
@@ -591,6 +615,9 @@ async fn execute(ctx: &mut Context) -> JobEnd {
             format!(", runner {}", ctx.runner)
         }
     ));
+    for line in &ctx.start_lines {
+        trace.line(line);
+    }
     for note in &ctx.start_notes {
         trace.warn(note);
     }

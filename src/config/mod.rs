@@ -73,6 +73,13 @@ pub struct Config {
     /// The build cache (`cache:` of GitLab jobs); none when absent.
     #[serde(default)]
     pub cache: Option<crate::cache::CacheConfig>,
+    /// Pools of pre-started build members (`[[warm_pools]]`).
+    #[serde(default)]
+    pub warm_pools: Vec<crate::coordinator::WarmPoolConfig>,
+    /// The most idle warm members across all pools (0: no cap); `concurrent` counts running
+    /// builds only.
+    #[serde(default)]
+    pub max_idle_total: usize,
 }
 
 fn default_concurrent() -> usize {
@@ -99,6 +106,8 @@ impl Default for Config {
             sources: Sources::default(),
             deploy: crate::deploy::DeployConfig::default(),
             cache: None,
+            warm_pools: Vec::new(),
+            max_idle_total: 0,
         }
     }
 }
@@ -304,6 +313,38 @@ impl Config {
         })
     }
 
+    /// The warm pools the coordinator keeps: `[[warm_pools]]`, and each
+    /// `sources.github[N].min_idle` (the old spelling) as a pool of that entry.
+    pub fn warm_settings(&self) -> crate::coordinator::WarmSettings {
+        let github: Vec<(String, usize)> = self
+            .sources
+            .github
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (g.display_name(i), g.min_idle))
+            .collect();
+        crate::coordinator::WarmSettings {
+            pools: crate::coordinator::warm_config::with_github_shorthand(
+                &self.warm_pools,
+                &github,
+            ),
+            max_idle_total: self.max_idle_total,
+        }
+    }
+
+    /// Every source entry, `(kind, name)`.
+    fn source_entries(&self) -> Vec<(crate::build::SourceKind, String)> {
+        use crate::build::SourceKind;
+        let gitlab = self.sources.gitlab.iter().enumerate();
+        let jenkins = self.sources.jenkins.iter().enumerate();
+        let github = self.sources.github.iter().enumerate();
+        gitlab
+            .map(|(i, e)| (SourceKind::GitLab, e.display_name(i)))
+            .chain(jenkins.map(|(i, e)| (SourceKind::Jenkins, e.display_name(i))))
+            .chain(github.map(|(i, e)| (SourceKind::GitHub, e.display_name(i))))
+            .collect()
+    }
+
     /// Every validation problem of an already-parsed configuration.
     pub fn problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
@@ -396,6 +437,18 @@ impl Config {
                 ));
             }
         }
+        let kubernetes = self.executor == ExecutorKind::Kubernetes;
+        let entries = self.source_entries();
+        problems.extend(crate::coordinator::warm_config::problems(
+            &self.warm_pools,
+            self.max_idle_total,
+            &crate::coordinator::warm_config::Context {
+                entries: &entries,
+                warm_executor: kubernetes,
+                classes: kubernetes.then(|| classes.clone()),
+                max: MAX_CONCURRENT,
+            },
+        ));
         problems
     }
 }
@@ -705,6 +758,53 @@ limit = 9223372036854775807
             .unwrap_err()
             .to_string();
         assert!(err.contains("concurrent (set by KILN_CONCURRENT)"), "{err}");
+    }
+
+    #[test]
+    fn warm_pools_are_read_from_the_file_and_the_environment_and_checked() {
+        let file = r#"
+executor = "kubernetes"
+max_idle_total = 8
+[[sources.gitlab]]
+url = "https://gitlab.example.com"
+token = "t"
+[[warm_pools]]
+name = "maven"
+source = "gitlab"
+image = "maven:3.9"
+min_idle = 2
+max_idle_age = "30m"
+[[warm_pools.schedule]]
+cron = "0 8 * * 1-5"
+duration = "11h"
+min_idle = 6
+"#;
+        let config = load(
+            file,
+            &[
+                ("KILN_WARM_POOLS__0__SCHEDULE__0__TIMEZONE", "Europe/Berlin"),
+                ("KILN_WARM_POOLS__0__MIN_IDLE", "3"),
+            ],
+        )
+        .unwrap();
+        let pool = &config.warm_pools[0];
+        assert_eq!((pool.min_idle, config.max_idle_total), (3, 8));
+        assert_eq!(pool.max_idle_age, Some(Duration::from_secs(1800)));
+        assert_eq!(pool.schedule[0].timezone.as_deref(), Some("Europe/Berlin"));
+        let err = load(
+            &file.replace("executor = \"kubernetes\"", ""),
+            &[("KILN_WARM_POOLS__0__SCHEDULE__0__CRON", "0 8 * *")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("warm_pools[0].source: a GitLab pool keeps pre-started build pods"),
+            "{err}"
+        );
+        assert!(
+            err.contains("warm_pools[0].schedule[0].cron: `0 8 * *` is not five-field cron"),
+            "{err}"
+        );
     }
 
     #[test]

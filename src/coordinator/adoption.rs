@@ -245,6 +245,7 @@ async fn adopt(launcher: &Launcher, limiter: &Limiter, sources: &[Arc<dyn Source
             name: found.name.clone(),
             about,
             launch: None,
+            placed: None,
         },
         Adoption::Follow(_) => {
             // Nothing runs it and the source cannot say how to start it again.

@@ -12,6 +12,7 @@ use super::cost::Prices;
 use super::history::{End, History};
 use super::metrics::CoordinatorMetrics;
 use super::table::{Alive, Phase, Table};
+use super::warm::{Placement, WarmPools};
 use crate::build::{About, Build, BuildKey, Ending, FailureReason, Outcome, SourceKind};
 use crate::executor::{Executor, LaunchError, OnRunning, StillWanted, Watch};
 use crate::sources::job_metrics::JobMetrics;
@@ -35,6 +36,8 @@ pub(crate) struct Launcher {
     jobs: Arc<JobMetrics>,
     /// What a vCPU-hour and a GiB-hour cost by default.
     prices: Prices,
+    /// The warm pools (none unless configured).
+    pub(crate) pools: Arc<WarmPools>,
 }
 
 /// What a build task starts from.
@@ -44,6 +47,8 @@ pub(crate) struct Start {
     pub(crate) about: About,
     /// The build to launch; `None` for a build that runs already (adopted).
     pub(crate) launch: Option<Build>,
+    /// Where the build was placed (warm pod or cold), when the warm pools decided.
+    pub(crate) placed: Option<Placement>,
 }
 
 impl Start {
@@ -53,6 +58,16 @@ impl Start {
             name: build.name.clone(),
             about: build.about.clone(),
             launch: Some(build),
+            placed: None,
+        }
+    }
+
+    /// `build` placed by the warm pools: launched with its start line, under its warm pod's
+    /// name when it took one.
+    pub(crate) fn placed(build: Build, placement: Placement) -> Self {
+        Self {
+            placed: Some(placement.clone()),
+            ..Self::launch(placement.apply(build))
         }
     }
 }
@@ -71,6 +86,7 @@ impl Launcher {
             table: Table::default(),
             history: Arc::new(History::new(history)),
             cancel: CancellationToken::new(),
+            pools: Arc::new(WarmPools::none(&metrics)),
             metrics: metrics.stage(),
             jobs: metrics.stage(),
             prices,
@@ -90,6 +106,7 @@ impl Launcher {
             name,
             about,
             launch,
+            placed,
         } = start;
         let launched = Instant::now();
         let footprint = launch
@@ -115,10 +132,21 @@ impl Launcher {
         }
         self.metrics.launched(key.source);
         self.jobs.started(&key.runner);
+        let warm_pool = placed.as_ref().and_then(Placement::pool);
+        if let Some(pool) = warm_pool {
+            self.pools.in_use(pool, 1);
+        }
+        let cold_image = placed
+            .as_ref()
+            .and_then(Placement::cold_image)
+            .map(|image| (image.to_owned(), launched));
 
         let ending = self
-            .launch_and_watch(&source, &key, &name, &about, launch)
+            .launch_and_watch(&source, &key, &name, &about, launch, cold_image)
             .await;
+        if let Some(pool) = warm_pool {
+            self.pools.in_use(pool, -1);
+        }
         let ended_at = SystemTime::now();
         if ending.outcome != Outcome::Lost {
             self.executor.delete(&name).await;
@@ -177,6 +205,7 @@ impl Launcher {
         name: &str,
         about: &About,
         launch: Option<Build>,
+        cold_image: Option<(String, Instant)>,
     ) -> Ending {
         if let Some(build) = launch {
             let launched = self.executor.launch(&build).await;
@@ -208,7 +237,13 @@ impl Launcher {
         let on_running = {
             let this = self.clone();
             let (name, kind, queued_at) = (name.to_owned(), key.source, about.queued_at);
-            OnRunning::new(move || this.running(&name, kind, queued_at))
+            OnRunning::new(move || {
+                if this.running(&name, kind, queued_at)
+                    && let Some((image, launched)) = &cold_image
+                {
+                    this.pools.cold_started(image, launched.elapsed());
+                }
+            })
         };
         let watch = Watch {
             cancel: self.cancel.child_token(),
@@ -218,12 +253,14 @@ impl Launcher {
         self.executor.watch(name, watch).await
     }
 
-    /// The build's main container or process runs.
-    fn running(&self, name: &str, kind: SourceKind, queued_at: Option<SystemTime>) {
-        if self.table.running(name) {
-            let waited = queued_at.and_then(|at| at.elapsed().ok());
-            self.metrics.running(kind, waited);
+    /// The build's main container or process runs; false when it was known to run already.
+    fn running(&self, name: &str, kind: SourceKind, queued_at: Option<SystemTime>) -> bool {
+        if !self.table.running(name) {
+            return false;
         }
+        let waited = queued_at.and_then(|at| at.elapsed().ok());
+        self.metrics.running(kind, waited);
+        true
     }
 }
 

@@ -14,6 +14,7 @@ mod replicas;
 mod status;
 mod supervise;
 mod table;
+mod warm;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,8 @@ pub use replicas::Timing as LeaseTiming;
 pub use status::{SourceView, Status};
 use supervise::Crashes;
 pub use table::{Alive, Phase};
+pub(crate) use warm::config as warm_config;
+pub use warm::{ColdWaitView, PoolView, WarmPoolConfig, WarmSettings, WindowConfig};
 
 /// How long stopped builds get to report before the coordinator stops waiting.
 const CANCEL_WAIT: Duration = Duration::from_secs(120);
@@ -82,6 +85,36 @@ impl Coordinator {
         }
     }
 
+    /// Keeps the warm pools of `warm` (`[[warm_pools]]`): GitLab builds that fit take an idle
+    /// warm pod, the other sources keep their own idle members to the pools' floors.
+    #[must_use]
+    pub fn warm_pools(self, warm: &WarmSettings, metrics: &Metrics) -> Self {
+        self.warm_pools_clocked(warm, metrics, Arc::new(std::time::SystemTime::now))
+    }
+
+    /// [`Coordinator::warm_pools`] with the pools' clock (schedules, idle time) given.
+    fn warm_pools_clocked(
+        mut self,
+        warm: &WarmSettings,
+        metrics: &Metrics,
+        clock: warm::Clock,
+    ) -> Self {
+        let sources: Vec<(crate::build::SourceKind, String)> = self
+            .sources
+            .iter()
+            .map(|s| (s.kind(), s.name().to_owned()))
+            .collect();
+        self.launcher.pools = Arc::new(warm::WarmPools::new(
+            warm,
+            &sources,
+            Some(&*self.launcher.executor),
+            self.settings.prices,
+            metrics,
+            clock,
+        ));
+        self
+    }
+
     /// Readiness, capacity and the builds alive, for the HTTP server.
     pub fn status(&self) -> Status {
         Status::new(
@@ -90,6 +123,7 @@ impl Coordinator {
             Arc::clone(&self.launcher.history),
             self.settings.concurrent,
             Arc::clone(&self.crashes),
+            Arc::clone(&self.launcher.pools),
         )
     }
 
@@ -132,6 +166,13 @@ impl Coordinator {
             Backlog::after(listed, &at_start),
             stop_replicas.clone(),
         ));
+        let stop_pools = CancellationToken::new();
+        let pools = tokio::spawn(warm::keep(
+            Arc::clone(&launcher.pools),
+            Arc::clone(&launcher.executor),
+            membership.clone(),
+            stop_pools.clone(),
+        ));
         let mut sources = tokio::task::JoinSet::new();
         for (index, source) in self.sources.iter().enumerate() {
             let chain: Arc<dyn Chain> = Arc::new(SourceChain {
@@ -157,6 +198,9 @@ impl Coordinator {
         );
         shutdown.cancelled().await;
         while sources.join_next().await.is_some() {}
+        // No build takes a warm pod any more: this replica's idle ones are retired.
+        stop_pools.cancel();
+        let _ = pools.await;
         // No take-overs while stopping; the Leases are given up once the builds are let go.
         stop_replicas.cancel();
         let _ = adopter.await;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::history::{BuildRecord, History};
 use super::supervise::Crashes;
 use super::table::Table;
+use super::warm::{ColdWaitView, PoolView, WarmPools};
 use crate::sources::{Health, Source};
 
 /// A view of the coordinator for `/readyz`, the status page and its JSON API.
@@ -16,6 +17,7 @@ pub struct Status {
     history: Arc<History>,
     concurrent: usize,
     crashes: Arc<Crashes>,
+    pools: Arc<WarmPools>,
 }
 
 /// One source as the status page shows it.
@@ -40,6 +42,7 @@ impl Status {
         history: Arc<History>,
         concurrent: usize,
         crashes: Arc<Crashes>,
+        pools: Arc<WarmPools>,
     ) -> Self {
         Self {
             sources,
@@ -47,7 +50,20 @@ impl Status {
             history,
             concurrent,
             crashes,
+            pools,
         }
+    }
+
+    /// Every warm pool: idle, starting and busy members, refills, hits and misses, and what
+    /// its idle members cost today.
+    pub fn warm_pools(&self) -> Vec<PoolView> {
+        self.pools.views()
+    }
+
+    /// How long cold builds waited for their pod, by image (the figure that says which pool
+    /// would pay off), slowest first.
+    pub fn cold_waits(&self) -> Vec<ColdWaitView> {
+        self.pools.cold_waits()
     }
 
     /// Ready when every source can take work (and its loop runs).
@@ -104,6 +120,14 @@ impl Status {
             history.push(record);
         }
         let crashes = Arc::new(Crashes::new(sources.len()));
-        Self::new(sources, Table::default(), history, concurrent, crashes)
+        let pools = Arc::new(WarmPools::none(&crate::telemetry::Metrics::new()));
+        Self::new(
+            sources,
+            Table::default(),
+            history,
+            concurrent,
+            crashes,
+            pools,
+        )
     }
 }

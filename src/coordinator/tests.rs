@@ -26,7 +26,7 @@ use crate::telemetry::Metrics;
 
 /// An executor whose builds run until [`FakeExecutor::finish`].
 #[derive(Default)]
-struct FakeExecutor {
+pub(super) struct FakeExecutor {
     state: Mutex<ExecutorState>,
 }
 
@@ -50,6 +50,10 @@ struct ExecutorState {
     parallel: usize,
     /// `list` calls.
     lists: usize,
+    /// The start line (`START_FILE`) of each launched build, by name.
+    start_lines: HashMap<String, String>,
+    /// Warm pods (`None`: the executor keeps none), in `warm.rs`'s tests.
+    warm: Option<warm::FakeWarm>,
 }
 
 impl FakeExecutor {
@@ -71,6 +75,10 @@ impl FakeExecutor {
 
     fn launches(&self) -> Vec<String> {
         self.lock().launches.clone()
+    }
+
+    fn launched_start_line(&self, name: &str) -> Option<String> {
+        self.lock().start_lines.get(name).cloned()
     }
 
     fn live(&self) -> usize {
@@ -100,6 +108,10 @@ impl Executor for FakeExecutor {
     fn launch<'a>(&'a self, build: &'a Build) -> BoxFuture<'a, Result<(), LaunchError>> {
         let mut state = self.lock();
         state.launches.push(build.name.clone());
+        if let Some(line) = build.secrets.get(crate::build::START_FILE) {
+            let line = String::from_utf8_lossy(line).trim_end().to_owned();
+            state.start_lines.insert(build.name.clone(), line);
+        }
         let result = if state.live.contains_key(&build.name) {
             Err(LaunchError::Exists(build.name.clone()))
         } else {
@@ -145,6 +157,10 @@ impl Executor for FakeExecutor {
 
     fn shared(&self) -> Option<&dyn SharedBuilds> {
         Some(self)
+    }
+
+    fn warm(&self) -> Option<&dyn crate::executor::WarmPods> {
+        self.lock().warm.is_some().then_some(self as _)
     }
 }
 
@@ -356,18 +372,15 @@ async fn start_with(
     start_source(concurrent, leases, FakeSource::default(), before).await
 }
 
-/// [`start_with`] with `source`.
-async fn start_source(
+/// A coordinator with `concurrent` slots over `source` and `executor`.
+fn coordinator(
     concurrent: usize,
     leases: super::LeaseTiming,
-    source: FakeSource,
-    before: impl FnOnce(&FakeExecutor),
-) -> Harness {
-    let executor = Arc::new(FakeExecutor::default());
-    before(&executor);
-    let source = Arc::new(source);
-    let metrics = Metrics::new();
-    let coordinator = Coordinator::new(
+    metrics: &Arc<Metrics>,
+    executor: &Arc<FakeExecutor>,
+    source: &Arc<FakeSource>,
+) -> Coordinator {
+    Coordinator::new(
         Settings {
             concurrent,
             shutdown_timeout: Duration::from_secs(1),
@@ -379,10 +392,35 @@ async fn start_source(
             },
             leases,
         },
-        Arc::clone(&metrics),
-        Arc::clone(&executor) as Arc<dyn Executor>,
-        vec![Arc::clone(&source) as Arc<dyn Source>],
-    );
+        Arc::clone(metrics),
+        Arc::clone(executor) as Arc<dyn Executor>,
+        vec![Arc::clone(source) as Arc<dyn Source>],
+    )
+}
+
+/// [`start_with`] with `source`.
+async fn start_source(
+    concurrent: usize,
+    leases: super::LeaseTiming,
+    source: FakeSource,
+    before: impl FnOnce(&FakeExecutor),
+) -> Harness {
+    let executor = Arc::new(FakeExecutor::default());
+    before(&executor);
+    let source = Arc::new(source);
+    let metrics = Metrics::new();
+    let coordinator = coordinator(concurrent, leases, &metrics, &executor, &source);
+    run(coordinator, metrics, executor, source).await
+}
+
+/// Runs `coordinator` (over `executor` and `source`) until the harness's shutdown; returns
+/// once the source runs.
+async fn run(
+    coordinator: Coordinator,
+    metrics: Arc<Metrics>,
+    executor: Arc<FakeExecutor>,
+    source: Arc<FakeSource>,
+) -> Harness {
     let status = coordinator.status();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(coordinator.run(shutdown.clone()));
@@ -826,3 +864,5 @@ async fn the_only_replica_lists_its_builds_once() {
     h.shutdown.cancel();
     h.task.await.unwrap();
 }
+
+mod warm;

@@ -53,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/builds", get(status_api::builds))
         .route("/api/v1/sources", get(status_api::sources))
         .route("/api/v1/costs", get(status_api::costs))
+        .route("/api/v1/warm", get(status_api::warm))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             status_api::guard,

@@ -1,4 +1,5 @@
-//! The status page's data as JSON (`/api/v1/builds`, `/api/v1/sources`, `/api/v1/costs`), and
+//! The status page's data as JSON (`/api/v1/builds`, `/api/v1/sources`, `/api/v1/costs`,
+//! `/api/v1/warm`), and
 //! who may read it: with `status.token` set, whoever presents the token; without, only clients
 //! on the loopback interface. Shows no token, no variable and no secret.
 
@@ -313,6 +314,27 @@ pub(crate) async fn costs(State(state): State<AppState>) -> Response {
     Json(CostsAnswer {
         currency: state.status_page.currency.clone(),
         projects: costs_by_project(&records),
+    })
+    .into_response()
+}
+
+/// `GET /api/v1/warm`.
+#[derive(Debug, Serialize)]
+struct WarmAnswer {
+    currency: String,
+    /// Each warm pool: floor, idle, starting and busy members, refills, hits, misses, and
+    /// what its idle members cost since midnight UTC (`null`: nothing is priced).
+    pools: Vec<crate::coordinator::PoolView>,
+    /// How long the latest cold builds of each image waited for their pod (launch → running),
+    /// in seconds: what a pool for that image would save.
+    cold_waits: Vec<crate::coordinator::ColdWaitView>,
+}
+
+pub(crate) async fn warm(State(state): State<AppState>) -> Response {
+    Json(WarmAnswer {
+        currency: state.status_page.currency.clone(),
+        pools: state.status.warm_pools(),
+        cold_waits: state.status.cold_waits(),
     })
     .into_response()
 }

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use super::AppState;
 use super::status_api::{StatusPage, costs_by_project, safe_link, state_of};
 use crate::build::Outcome;
-use crate::coordinator::{BuildRecord, SourceView};
+use crate::coordinator::{BuildRecord, ColdWaitView, PoolView, SourceView};
 
 /// Builds the page shows unless `?show=` asks for more.
 const DEFAULT_SHOWN: usize = 100;
@@ -42,6 +42,8 @@ pub(crate) async fn page(State(state): State<AppState>, Query(query): Query<Show
     let (used, total) = state.status.capacity();
     let html = render(&Page {
         sources: &state.status.sources(),
+        pools: &state.status.warm_pools(),
+        cold_waits: &state.status.cold_waits(),
         builds: &builds,
         shown,
         used,
@@ -68,6 +70,10 @@ pub(crate) async fn page(State(state): State<AppState>, Query(query): Query<Show
 /// Everything the page shows.
 pub(crate) struct Page<'a> {
     pub(crate) sources: &'a [SourceView],
+    /// The warm pools.
+    pub(crate) pools: &'a [PoolView],
+    /// How long cold builds waited for their pod, by image.
+    pub(crate) cold_waits: &'a [ColdWaitView],
     /// Alive builds first, then finished ones, newest first.
     pub(crate) builds: &'a [Arc<BuildRecord>],
     pub(crate) shown: usize,
@@ -106,6 +112,7 @@ pub(crate) fn render(page: &Page<'_>) -> String {
         page.history_limit
     );
     sources_section(&mut out, page);
+    warm_section(&mut out, page);
     timeline_section(&mut out, shown, page);
     builds_section(&mut out, shown, page);
     costs_section(&mut out, page);
@@ -113,6 +120,7 @@ pub(crate) fn render(page: &Page<'_>) -> String {
         out,
         "<footer>The same data as JSON: <a href=\"api/v1/builds\">/api/v1/builds</a> · \
          <a href=\"api/v1/sources\">/api/v1/sources</a> · <a href=\"api/v1/costs\">/api/v1/costs</a> · \
+         <a href=\"api/v1/warm\">/api/v1/warm</a> · \
          <a href=\"metrics\">/metrics</a></footer></body></html>"
     );
     out
@@ -415,6 +423,75 @@ fn costs_section(out: &mut String, page: &Page<'_>) {
     out.push_str("</tbody></table></section>");
 }
 
+/// The warm pools (what each costs idle beside what it saves), and how long cold builds
+/// waited for their pod per image (which pool would pay off). Nothing without either.
+fn warm_section(out: &mut String, page: &Page<'_>) {
+    if page.pools.is_empty() && page.cold_waits.is_empty() {
+        return;
+    }
+    out.push_str("<section id=\"warm\"><h2>Warm pools</h2>");
+    if page.pools.is_empty() {
+        out.push_str(
+            "<p class=\"empty\">No warm pool is configured (<code>[[warm_pools]]</code>).</p>",
+        );
+    } else {
+        out.push_str(
+            "<table><thead><tr><th>pool</th><th>source</th><th>image</th><th>floor</th><th>idle</th>\
+             <th>starting</th><th>in use</th><th>refills</th><th>hit rate</th><th>idle cost today</th>\
+             </tr></thead><tbody>",
+        );
+        for pool in page.pools {
+            let served = pool.hits + pool.misses;
+            let hit_rate = if served == 0 {
+                "–".to_owned()
+            } else {
+                #[allow(clippy::cast_precision_loss)]
+                let rate = pool.hits as f64 * 100.0 / served as f64;
+                format!("{rate:.0}% ({} of {served})", pool.hits)
+            };
+            let cost = pool.idle_cost_today.map_or_else(
+                || "not priced".to_owned(),
+                |c| money(c, &page.settings.currency),
+            );
+            let _ = write!(
+                out,
+                "<tr data-pool=\"{name}\"><td>{name}</td><td>{source}</td><td>{image}</td><td>{floor}</td>\
+                 <td>{idle}</td><td>{starting}</td><td>{in_use}</td><td>{refills}</td><td>{hit_rate}</td>\
+                 <td class=\"cost\">{cost}</td></tr>",
+                name = escape(&pool.name),
+                source = escape(&pool.source),
+                image = escape(pool.image.as_deref().unwrap_or("")),
+                floor = pool.floor,
+                idle = pool.idle,
+                starting = pool.starting,
+                in_use = pool.in_use,
+                refills = pool.refills,
+            );
+        }
+        out.push_str("</tbody></table>");
+    }
+    if !page.cold_waits.is_empty() {
+        out.push_str(
+            "<h3>Cold starts: how long builds waited for their pod</h3><p class=\"note\">From launch \
+             until the build container ran, over the latest cold builds of each image: the wait a \
+             warm pool for that image would save each build.</p><table><thead><tr><th>image</th>\
+             <th>cold builds</th><th>p50</th><th>p90</th></tr></thead><tbody>",
+        );
+        for wait in page.cold_waits {
+            let _ = write!(
+                out,
+                "<tr data-image=\"{image}\"><td>{image}</td><td>{builds}</td><td>{p50:.1} s</td><td>{p90:.1} s</td></tr>",
+                image = escape(&wait.image),
+                builds = wait.builds,
+                p50 = wait.p50,
+                p90 = wait.p90,
+            );
+        }
+        out.push_str("</tbody></table>");
+    }
+    out.push_str("</section>");
+}
+
 /// An amount with enough decimals that a build of seconds does not show as zero.
 fn money(amount: f64, currency: &str) -> String {
     let decimals = if amount >= 1.0 {
@@ -483,4 +560,51 @@ pub(crate) fn escape(text: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_warm_section_shows_each_pool_and_the_cold_waits_by_image() {
+        let pools = [PoolView {
+            name: "maven".into(),
+            source: "gitlab".into(),
+            image: Some("maven:3.9<x>".into()),
+            floor: 2,
+            idle: 2,
+            starting: 0,
+            in_use: 1,
+            refills: 5,
+            hits: 3,
+            misses: 1,
+            idle_cost_today: Some(0.125),
+        }];
+        let waits = [ColdWaitView {
+            image: "node:22".into(),
+            builds: 4,
+            p50: 12.0,
+            p90: 31.5,
+        }];
+        let settings = StatusPage::default();
+        let html = render(&Page {
+            sources: &[],
+            pools: &pools,
+            cold_waits: &waits,
+            builds: &[],
+            shown: 10,
+            used: 0,
+            total: 4,
+            history_limit: 10,
+            settings: &settings,
+            now: SystemTime::now(),
+        });
+        for expected in [
+            "<tr data-pool=\"maven\"><td>maven</td><td>gitlab</td><td>maven:3.9&lt;x&gt;</td><td>2</td><td>2</td><td>0</td><td>1</td><td>5</td><td>75% (3 of 4)</td><td class=\"cost\">0.1250 USD</td></tr>",
+            "<tr data-image=\"node:22\"><td>node:22</td><td>4</td><td>12.0 s</td><td>31.5 s</td></tr>",
+        ] {
+            assert!(html.contains(expected), "{expected} missing from {html}");
+        }
+    }
 }

@@ -117,7 +117,7 @@ impl<E> Inbox<E> {
     }
 
     /// The receiving end, for the one loop that runs (`None` when it was taken already).
-    fn take(&self) -> Option<mpsc::UnboundedReceiver<E>> {
+    pub(super) fn take(&self) -> Option<mpsc::UnboundedReceiver<E>> {
         self.receiver
             .lock()
             .unwrap_or_else(|e| e.into_inner())

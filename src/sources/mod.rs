@@ -11,6 +11,7 @@ pub mod jenkins;
 pub(crate) mod job_metrics;
 mod pacer;
 mod pool;
+mod warm;
 
 use std::sync::Arc;
 

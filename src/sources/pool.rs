@@ -8,9 +8,15 @@
 //! - work whose members failed [`Pool::new`]`(max_attempts)` times before taking any is given
 //!   up on: it stops counting as wanted, and is reported once;
 //! - an idle member beyond what its group wants is retired at the second plan in a row that
-//!   finds it surplus (the CI server may be handing it work right now); a busy one never is.
+//!   finds it surplus (the CI server may be handing it work right now); a busy one never is;
+//! - a member may belong to a warm pool (`warm`): an idle one older than its pool's
+//!   `max_idle_age` is retired at the second look in a row that finds it so ([`Pool::aged`]),
+//!   and an idle member started for work that went elsewhere may join a pool short of members
+//!   ([`Pool::adopt_strays`]) instead of a new one being started.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 /// Where a member is in its life, as far as the CI server tells.
@@ -36,6 +42,10 @@ pub(crate) struct Member<G, T> {
     pub(crate) started: Instant,
     /// Consecutive plans that found it surplus.
     surplus_looks: u32,
+    /// The warm pool it is kept for, if any.
+    pub(crate) warm: Option<String>,
+    /// Consecutive looks that found it idle past its pool's `max_idle_age`.
+    aged_looks: u32,
     /// What its source keeps of it.
     pub(crate) detail: T,
 }
@@ -120,9 +130,99 @@ impl<G: Ord + Clone, T> Pool<G, T> {
             phase,
             started,
             surplus_looks: 0,
+            warm: None,
+            aged_looks: 0,
             detail,
         };
         self.members.insert(name, member);
+    }
+
+    /// Member `name` is kept for warm pool `pool` from now on.
+    pub(crate) fn join(&mut self, name: &str, pool: &str) {
+        if let Some(member) = self.members.get_mut(name) {
+            member.warm = Some(pool.to_owned());
+        }
+    }
+
+    /// Member `name` took work. Returns its warm pool when this is news (it was not busy
+    /// before): the pool is told once that its member was taken.
+    pub(crate) fn busy(&mut self, name: &str) -> Option<String> {
+        let member = self.members.get_mut(name)?;
+        let was = std::mem::replace(&mut member.phase, Phase::Busy);
+        if was == Phase::Busy {
+            return None;
+        }
+        member.warm.clone()
+    }
+
+    /// Free (not busy) members kept for warm pool `pool`.
+    pub(crate) fn warm_free(&self, pool: &str) -> usize {
+        self.members
+            .values()
+            .filter(|m| m.phase != Phase::Busy && m.warm.as_deref() == Some(pool))
+            .count()
+    }
+
+    /// Idle warm members older (at `now`) than their pool's `max_age`, at the second look in a
+    /// row that finds them so (GitHub or Jenkins may be handing one work right now; the source
+    /// retires them the way it retires surplus, which a busy member survives).
+    pub(crate) fn aged(
+        &mut self,
+        max_age: impl Fn(&str) -> Option<Duration>,
+        now: Instant,
+    ) -> Vec<String> {
+        let mut retire = Vec::new();
+        for (name, member) in &mut self.members {
+            let limit = member.warm.as_deref().and_then(&max_age);
+            let old = member.phase == Phase::Idle
+                && limit
+                    .is_some_and(|limit| now.saturating_duration_since(member.started) >= limit);
+            if !old {
+                member.aged_looks = 0;
+                continue;
+            }
+            member.aged_looks += 1;
+            if member.aged_looks >= 2 {
+                retire.push(name.clone());
+            }
+        }
+        retire
+    }
+
+    /// Idle members of `group` beyond its waiting `work` that belong to no pool (started for
+    /// work that went to another member) join the group's pools short of free members
+    /// (`pools`: name and idle members wanted, in order), youngest first: they stand in for
+    /// the members the floor would start. Returns who joined which pool.
+    pub(crate) fn adopt_strays(
+        &mut self,
+        group: &G,
+        work: usize,
+        pools: &[(String, usize)],
+    ) -> Vec<(String, String)> {
+        let unpooled_free = self
+            .members
+            .values()
+            .filter(|m| m.group == *group && m.phase != Phase::Busy && m.warm.is_none())
+            .count();
+        let mut strays: Vec<(Instant, String)> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.group == *group && m.phase == Phase::Idle && m.warm.is_none())
+            .map(|(name, m)| (m.started, name.clone()))
+            .collect();
+        // Youngest first: they have the longest to go before `max_idle_age`.
+        strays.sort_by(|a, b| b.cmp(a));
+        strays.truncate(unpooled_free.saturating_sub(work));
+        let mut strays = strays.into_iter().map(|(_, name)| name);
+        let mut joined = Vec::new();
+        for (pool, wanted) in pools {
+            let missing = wanted.saturating_sub(self.warm_free(pool));
+            for name in strays.by_ref().take(missing) {
+                self.join(&name, pool);
+                joined.push((name, pool.clone()));
+            }
+        }
+        joined
     }
 
     /// Removes member `name`.
@@ -369,6 +469,48 @@ mod tests {
         let plan = pool.plan(vec![Demand::new("maven", vec![5])]);
         assert_eq!(plan.retire, ["old"]);
         assert!(plan.start.is_empty());
+    }
+
+    #[test]
+    fn a_warm_member_is_reported_taken_once_and_ages_out_only_while_idle() {
+        let mut pool = pool();
+        let now = Instant::now();
+        add(&mut pool, "warm", "maven", 0, Phase::Idle);
+        add(&mut pool, "cold", "maven", 0, Phase::Idle);
+        pool.join("warm", "p");
+        let max_age = |_: &str| Some(Duration::from_secs(60));
+        let later = now + Duration::from_secs(61);
+        assert!(pool.aged(max_age, later).is_empty(), "one look only");
+        assert_eq!(
+            pool.aged(max_age, later),
+            ["warm"],
+            "never the unpooled one"
+        );
+        assert_eq!(pool.busy("warm").as_deref(), Some("p"));
+        assert_eq!(pool.busy("warm"), None, "once");
+        assert_eq!(pool.busy("cold"), None, "not a pool's");
+        assert!(pool.aged(max_age, later).is_empty(), "busy: never aged out");
+        assert_eq!(pool.warm_free("p"), 0);
+    }
+
+    #[test]
+    fn idle_members_beyond_the_work_join_the_pools_short_of_members_youngest_first() {
+        let mut pool = pool();
+        add(&mut pool, "old", "maven", 1, Phase::Idle);
+        add(&mut pool, "young", "maven", 2, Phase::Idle);
+        add(&mut pool, "starting", "maven", 3, Phase::Starting);
+        add(&mut pool, "member", "maven", 4, Phase::Idle);
+        pool.join("member", "a");
+        let pools = [("a".to_owned(), 2), ("b".to_owned(), 1)];
+        // Three unpooled free members, one waiting work: two are strays, and only idle ones
+        // join.
+        let joined = pool.adopt_strays(&"maven", 1, &pools);
+        let pair = |name: &str, pool: &str| (name.to_owned(), pool.to_owned());
+        assert_eq!(joined, [pair("young", "a"), pair("old", "b")]);
+        assert!(
+            pool.adopt_strays(&"maven", 0, &pools).is_empty(),
+            "the pools are full"
+        );
     }
 
     #[test]

@@ -36,6 +36,17 @@ impl KubernetesExecutor {
     }
 
     pub(super) async fn watch_build(&self, name: &str, watch: Watch) -> Ending {
+        // A build on a warm pod whose job was not handed over yet (the coordinator that took
+        // the pod died first): hand it over now, or its agent waits for ever.
+        if super::warm::is_warm(name)
+            && let Err(e) = self.hand_off(name).await
+            && self.pods.latest(name).is_some()
+        {
+            return Ending::failed(
+                crate::build::FailureReason::RunnerSystemFailure,
+                e.to_string(),
+            );
+        }
         let mut subscription = self.pods.subscribe(name);
         let mut end = match self.follow(name, &mut subscription, &watch).await {
             Followed::Ended(end) => end,

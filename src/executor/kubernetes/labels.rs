@@ -20,6 +20,8 @@ const LABEL_JOB_ID: &str = "kiln.dev/job-id";
 const LABEL_RUNNER: &str = "kiln.dev/runner";
 /// The resource class of the pod.
 const LABEL_CLASS: &str = "kiln.dev/resource-class";
+/// The warm pool a warm pod (made before its job) belongs to; it keeps the label once taken.
+const LABEL_WARM_POOL: &str = "kiln.dev/warm-pool";
 /// Marks kiln's Leases (beside the coordinator label).
 const LABEL_LEASE: &str = "kiln.dev/lease";
 /// Who manages the object.
@@ -45,6 +47,7 @@ const OWN_LABELS: &[&str] = &[
     LABEL_JOB_ID,
     LABEL_RUNNER,
     LABEL_CLASS,
+    LABEL_WARM_POOL,
 ];
 
 /// The label selector of every build of installation `coordinator` (its pods and Secrets).
@@ -233,6 +236,65 @@ pub(super) fn foreign_labels(metadata: &ObjectMeta) -> BTreeMap<String, String> 
     let mut labels = metadata.labels.clone().unwrap_or_default();
     labels.retain(|key, _| !OWN_LABELS.contains(&key.as_str()));
     labels
+}
+
+/// Turns the metadata of a build pod or Secret made for no work yet into a warm pod's of pool
+/// `pool`: no source, job id or runner, the pool's label.
+pub(super) fn make_warm(metadata: &mut ObjectMeta, pool: &str) {
+    let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
+    for key in [LABEL_SOURCE, LABEL_JOB_ID, LABEL_RUNNER] {
+        labels.remove(key);
+    }
+    labels.insert(LABEL_WARM_POOL.to_owned(), label_value(pool));
+    if let Some(annotations) = metadata.annotations.as_mut() {
+        annotations.remove(ANNOTATION_RUNNER);
+    }
+}
+
+/// The warm pool a pod or Secret was made for (taken or not).
+pub(super) fn warm_pool_of(metadata: &ObjectMeta) -> Option<String> {
+    metadata.labels.as_ref()?.get(LABEL_WARM_POOL).cloned()
+}
+
+/// Whether a pod or Secret is a warm pod's that no build has taken (its pool's, not a build's).
+pub(super) fn is_untaken_warm(metadata: &ObjectMeta) -> bool {
+    metadata.labels.as_ref().is_some_and(|labels| {
+        labels.contains_key(LABEL_WARM_POOL) && !labels.contains_key(LABEL_JOB_ID)
+    })
+}
+
+/// A merge patch making a warm pod's Secret `build`'s, followed by `replica`, on the
+/// condition that it is still at `version`: the labels and annotation a build's Secret
+/// carries (the caller adds the build's data).
+pub(super) fn take_patch(
+    coordinator: &str,
+    replica: Option<&str>,
+    build: &Build,
+    version: Option<&str>,
+) -> serde_json::Value {
+    let mut annotations = BTreeMap::new();
+    annotate_runner(&mut annotations, &build.key);
+    serde_json::json!({
+        "metadata": {
+            "resourceVersion": version,
+            "labels": identity_labels(coordinator, replica, build),
+            "annotations": annotations,
+        }
+    })
+}
+
+/// A merge patch mirroring onto a taken warm pod the labels its Secret got from
+/// [`take_patch`] (unconditionally: only the replica that took it writes them).
+pub(super) fn taken_mirror_patch(
+    coordinator: &str,
+    replica: Option<&str>,
+    build: &Build,
+) -> serde_json::Value {
+    let mut patch = take_patch(coordinator, replica, build, None);
+    if let Some(metadata) = patch["metadata"].as_object_mut() {
+        metadata.remove("resourceVersion");
+    }
+    patch
 }
 
 /// A merge patch making `replica` the owner, on the condition that the object is still at
@@ -437,5 +499,65 @@ mod tests {
         );
         assert_eq!(label_value("///"), "");
         assert!(is_label_value(&label_value(&"a/".repeat(80))));
+    }
+    #[test]
+    fn a_warm_pod_is_untaken_until_its_take_patch_names_a_build() {
+        let build = crate::build::Build {
+            key: BuildKey {
+                source: SourceKind::GitLab,
+                runner: "runner one".into(),
+                id: 7,
+            },
+            name: "kiln-gl-7".into(),
+            workload: Workload::KilnAgent {
+                image: None,
+                services: Vec::new(),
+            },
+            secrets: BTreeMap::new(),
+            class: None,
+            requests: Vec::new(),
+            timeout: None,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            about: About::default(),
+            untrusted: false,
+            registry_auths: Vec::new(),
+        };
+        let mut metadata = ObjectMeta {
+            labels: Some(identity_labels("kiln", Some("a"), &build)),
+            ..ObjectMeta::default()
+        };
+        make_warm(&mut metadata, "maven 3");
+        assert!(is_untaken_warm(&metadata));
+        assert_eq!(warm_pool_of(&metadata).as_deref(), Some("maven_3"));
+        assert_eq!(key_of(&metadata), None);
+        let patch = take_patch("kiln", Some("b"), &build, Some("12"));
+        assert_eq!(patch["metadata"]["resourceVersion"], "12");
+        let labels = metadata.labels.as_mut().unwrap();
+        for (key, value) in patch["metadata"]["labels"].as_object().unwrap() {
+            labels.insert(key.clone(), value.as_str().unwrap().to_owned());
+        }
+        metadata.annotations = Some(
+            patch["metadata"]["annotations"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+                .collect(),
+        );
+        assert!(!is_untaken_warm(&metadata));
+        assert_eq!(key_of(&metadata), Some(build.key.clone()));
+        assert_eq!(replica_of(&metadata).as_deref(), Some("b"));
+        assert_eq!(
+            warm_pool_of(&metadata).as_deref(),
+            Some("maven_3"),
+            "it keeps its pool"
+        );
+        assert!(foreign_labels(&metadata).is_empty());
+        assert!(
+            taken_mirror_patch("kiln", Some("b"), &build)["metadata"]
+                .get("resourceVersion")
+                .is_none()
+        );
     }
 }

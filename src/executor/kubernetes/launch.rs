@@ -21,6 +21,10 @@ const DELETE_GRACE_SECONDS: u32 = 2;
 
 impl KubernetesExecutor {
     pub(super) async fn launch_build(&self, build: &Build) -> Result<(), LaunchError> {
+        if super::warm::is_warm(&build.name) {
+            // A build on a warm pod it took: its pod is there and waits for the job.
+            return self.hand_off(&build.name).await;
+        }
         let namespace = self.build_namespace(build)?;
         let pod = podspec::pod(build, &self.config, &namespace)
             .map_err(|e| LaunchError::Rejected(e.0))?;
@@ -42,7 +46,7 @@ impl KubernetesExecutor {
     /// the job with. Owned by the Secret, the pod is collected with it if kiln's own delete
     /// never came. A pod of that name that exists already is never touched: another
     /// coordinator runs that build.
-    async fn create(&self, pod: &Pod, secret: &Secret) -> Result<(), LaunchError> {
+    pub(super) async fn create(&self, pod: &Pod, secret: &Secret) -> Result<(), LaunchError> {
         let name = pod.metadata.name.clone().unwrap_or_default();
         let create = PostParams::default();
         let persisted = self.persisted_lock().remove(&name);
@@ -152,6 +156,7 @@ impl KubernetesExecutor {
     /// Deletes the pod and its Secret; missing ones are fine.
     pub(super) async fn remove(&self, name: &str) {
         self.persisted_lock().remove(name);
+        self.forget_hand_off(name);
         let params = DeleteParams {
             grace_period_seconds: Some(DELETE_GRACE_SECONDS),
             propagation_policy: Some(PropagationPolicy::Background),

@@ -112,7 +112,14 @@ impl KubernetesExecutor {
                 continue;
             }
             let secret = secrets.remove(&name);
-            let Some(key) = labels::key_of(&pod.metadata) else {
+            // A taken warm pod whose labels do not mirror its Secret's yet is its build's.
+            let key = labels::key_of(&pod.metadata)
+                .or_else(|| secret.as_ref().and_then(|s| labels::key_of(&s.metadata)));
+            if key.is_none() && labels::warm_pool_of(&pod.metadata).is_some() {
+                // An untaken warm pod: its pool's, not a build to adopt or clean up.
+                continue;
+            }
+            let Some(key) = key else {
                 tracing::warn!(pod = %name, "a kiln pod without a readable source and job id; deleting it");
                 self.remove(&name).await;
                 continue;
@@ -152,6 +159,10 @@ impl KubernetesExecutor {
                 continue;
             }
             let metadata = secret.metadata.clone();
+            if labels::is_untaken_warm(&metadata) {
+                // An untaken warm pod's Secret: its pool retires it (see `warm.rs`).
+                continue;
+            }
             let Some(key) = labels::key_of(&metadata) else {
                 tracing::warn!(secret = %name, "a kiln Secret without a readable source and job id; deleting it");
                 self.remove(&name).await;

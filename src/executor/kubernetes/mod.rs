@@ -25,6 +25,7 @@ mod podspec;
 mod quantity;
 mod sizing;
 mod volumes;
+mod warm;
 mod watch;
 
 use std::collections::{HashMap, HashSet};
@@ -36,7 +37,9 @@ use kube::Api;
 use kube::api::ListParams;
 use tokio_util::sync::CancellationToken;
 
-use super::{Claim, Executor, ExecutorError, Footprint, LaunchError, Leases, SharedBuilds, Watch};
+use super::{
+    Claim, Executor, ExecutorError, Footprint, LaunchError, Leases, SharedBuilds, WarmPods, Watch,
+};
 use crate::build::{Build, Ending, Found};
 use client::Cluster;
 pub use client::ClusterError;
@@ -59,6 +62,8 @@ pub struct KubernetesExecutor {
     persisted: std::sync::Mutex<HashMap<String, Option<String>>>,
     /// Each build's namespace, when jobs may move their pods (`namespaces.rs`).
     namespaces: namespaces::BuildNamespaces,
+    /// Warm pods: the hand-off client and what is known of them besides the watch.
+    warm: warm::WarmSide,
 }
 
 impl KubernetesExecutor {
@@ -92,6 +97,7 @@ impl KubernetesExecutor {
             selector,
             persisted: std::sync::Mutex::default(),
             namespaces: namespaces::BuildNamespaces::default(),
+            warm: warm::WarmSide::new(),
         })
     }
 
@@ -194,6 +200,10 @@ impl Executor for KubernetesExecutor {
     }
 
     fn shared(&self) -> Option<&dyn SharedBuilds> {
+        Some(self)
+    }
+
+    fn warm(&self) -> Option<&dyn WarmPods> {
         Some(self)
     }
 }

@@ -651,6 +651,197 @@ fn pod_security(config: &KubernetesConfig) -> PodSecurityContext {
     }
 }
 
+/// The handoff container of a warm pod: it takes the pod's job, then fetches its sources.
+pub(super) const HANDOFF_CONTAINER: &str = "handoff";
+/// Where a warm pod's handoff container finds the pod's hand-off key.
+const KEY_DIR: &str = "/kiln/key";
+
+/// A warm pod of `shape` named `name` and its Secret (holding `key`, the pod's hand-off key,
+/// and nothing else): the build pod a job of that shape would get, made before the job. The
+/// init container only installs the agent; the `handoff` container (helper image) waits for
+/// the sealed job at the pod's IP, writes the job file into an in-memory volume shared with
+/// the build container, fetches the sources and exits; the build container's agent waits for
+/// both and then runs as in any build pod. No job token is in it until its job is handed over.
+///
+/// # Errors
+/// As [`pod`]: an unknown class, an image or pull policy the configuration does not allow.
+pub(super) fn warm_pod(
+    shape: &crate::executor::WarmShape,
+    name: &str,
+    key: &[u8],
+    config: &KubernetesConfig,
+    namespace: &str,
+) -> Result<(Pod, Secret), SpecError> {
+    use crate::build::{BuildKey, ClassChoice, SourceKind};
+    // The build a job of this shape makes, without the job.
+    let build = Build {
+        key: BuildKey {
+            source: SourceKind::GitLab,
+            runner: String::new(),
+            id: 0,
+        },
+        name: name.to_owned(),
+        workload: Workload::KilnAgent {
+            image: Some(Image {
+                name: shape.image.clone(),
+                ..Image::default()
+            }),
+            services: Vec::new(),
+        },
+        secrets: BTreeMap::new(),
+        class: shape.class.as_ref().map(|class| ClassChoice {
+            name: class.clone(),
+            origin: format!("warm pool `{}`", shape.pool),
+        }),
+        requests: Vec::new(),
+        timeout: None,
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+        about: crate::build::About::default(),
+        untrusted: false,
+        registry_auths: Vec::new(),
+    };
+    let mut pod = pod(&build, config, namespace)?;
+    labels::make_warm(&mut pod.metadata, &shape.pool);
+    let mut secret = secret(&build, config, namespace);
+    labels::make_warm(&mut secret.metadata, &shape.pool);
+    secret.data = Some(BTreeMap::from([(
+        crate::handoff::KEY_FILE.to_owned(),
+        ByteString(key.to_vec()),
+    )]));
+
+    let Some(spec) = pod.spec.as_mut() else {
+        return Ok((pod, secret));
+    };
+    let bin_mount = VolumeMount {
+        name: "kiln-bin".into(),
+        mount_path: BIN_DIR.into(),
+        ..VolumeMount::default()
+    };
+    for init in spec.init_containers.iter_mut().flatten() {
+        if init.name == PREPARE_CONTAINER {
+            init.command = Some(vec![
+                HELPER_BINARY.into(),
+                "agent".into(),
+                "install".into(),
+                "--bin-dir".into(),
+                BIN_DIR.into(),
+            ]);
+            init.volume_mounts = Some(vec![bin_mount.clone()]);
+        }
+    }
+    for container in &mut spec.containers {
+        if container.name == BUILD_CONTAINER {
+            // The agent waits for the job file and the fetched sources.
+            let agent = container.args.as_mut().or(container.command.as_mut());
+            if let Some(agent) = agent {
+                agent.push("--wait".into());
+            }
+        }
+    }
+    // The job's files arrive later, into memory shared by the handoff and build containers,
+    // where the build container's agent looks for them as it would in the Secret's volume.
+    for volume in spec.volumes.iter_mut().flatten() {
+        if volume.name == "job" {
+            *volume = Volume {
+                name: "job".into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    medium: Some("Memory".into()),
+                    size_limit: Some(Quantity("16Mi".into())),
+                }),
+                ..Volume::default()
+            };
+        }
+    }
+    spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: "handoff-key".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(name.to_owned()),
+            default_mode: Some(0o400),
+            // Only the key: what the Secret gets when the pod is taken never lands here.
+            items: Some(vec![KeyToPath {
+                key: crate::handoff::KEY_FILE.to_owned(),
+                path: crate::handoff::KEY_FILE.to_owned(),
+                mode: None,
+            }]),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    });
+    let handoff = Container {
+        name: HANDOFF_CONTAINER.into(),
+        image: Some(config.helper_image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        command: Some(vec![
+            HELPER_BINARY.into(),
+            "agent".into(),
+            "receive".into(),
+            "--key".into(),
+            format!("{KEY_DIR}/{}", crate::handoff::KEY_FILE),
+            "--job-dir".into(),
+            JOB_DIR.into(),
+            "--work-dir".into(),
+            WORK_DIR.into(),
+            "--builds-dir".into(),
+            BUILDS_DIR.into(),
+        ]),
+        env: Some(vec![
+            EnvVar {
+                name: "POD_IP".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                        field_path: "status.podIP".into(),
+                        ..Default::default()
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
+            EnvVar {
+                name: "POD_NAME".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                        field_path: "metadata.name".into(),
+                        ..Default::default()
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
+        ]),
+        ports: Some(vec![k8s_openapi::api::core::v1::ContainerPort {
+            name: Some("kiln-handoff".into()),
+            container_port: i32::from(crate::handoff::PORT),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        resources: Some(requirements(&config.helper)),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "job".into(),
+                mount_path: JOB_DIR.into(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "builds".into(),
+                mount_path: BUILDS_DIR.into(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "handoff-key".into(),
+                mount_path: KEY_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        ]),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        security_context: Some(container_security(config)),
+        ..Container::default()
+    };
+    spec.containers.push(handoff);
+    Ok((pod, secret))
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -1400,5 +1591,78 @@ mod tests {
         assert_eq!(labels["kiln.dev/job-id"], "17");
         assert_eq!(labels["kiln.dev/jenkins-node"], "kiln-maven-3f9a1c2e");
         assert_eq!(pod.metadata.annotations.unwrap()[ANNOTATION_MAIN], "jnlp");
+    }
+    #[test]
+    fn a_warm_pod_waits_for_its_job_with_only_its_key_and_no_job_labels() {
+        let config = KubernetesConfig::default();
+        let shape = crate::executor::WarmShape {
+            pool: "maven".into(),
+            image: "maven:3.9".into(),
+            class: None,
+        };
+        let (pod, secret) = warm_pod(
+            &shape,
+            "kiln-warm-maven-1",
+            b"k".repeat(32).as_slice(),
+            &config,
+            "ci",
+        )
+        .unwrap();
+        let labels = pod.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["kiln.dev/warm-pool"], "maven");
+        for key in [LABEL_JOB_ID, LABEL_SOURCE, "kiln.dev/runner"] {
+            assert!(!labels.contains_key(key), "{key}");
+        }
+        assert_eq!(
+            secret.data.as_ref().unwrap().keys().collect::<Vec<_>>(),
+            [crate::handoff::KEY_FILE]
+        );
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.active_deadline_seconds, None,
+            "it waits for as long as its pool keeps it"
+        );
+        let init = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(init.command.as_ref().unwrap()[2], "install");
+        let build = container(&pod, BUILD_CONTAINER);
+        assert_eq!(build.image.as_deref(), Some("maven:3.9"));
+        assert_eq!(
+            build.command.as_ref().unwrap().last().map(String::as_str),
+            Some("--wait")
+        );
+        let handoff = container(&pod, HANDOFF_CONTAINER);
+        assert_eq!(handoff.command.as_ref().unwrap()[2], "receive");
+        assert_eq!(
+            handoff.env.as_ref().unwrap()[0]
+                .value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
+            "status.podIP"
+        );
+        let volumes = spec.volumes.as_ref().unwrap();
+        let job = volumes.iter().find(|v| v.name == "job").unwrap();
+        assert_eq!(
+            job.empty_dir.as_ref().unwrap().medium.as_deref(),
+            Some("Memory")
+        );
+        let key = volumes.iter().find(|v| v.name == "handoff-key").unwrap();
+        let items = key.secret.as_ref().unwrap().items.as_ref().unwrap();
+        assert_eq!(
+            items.len(),
+            1,
+            "only the key is projected, never the job's files"
+        );
+        let mounts_key = |c: &Container| {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == "handoff-key")
+        };
+        assert!(mounts_key(handoff));
+        assert!(!mounts_key(build), "the job's code never sees the key");
     }
 }

@@ -29,10 +29,17 @@ pub(crate) enum PodSeen {
 
 type Registry = Arc<Mutex<HashMap<String, watch::Sender<PodSeen>>>>;
 
+/// Untaken warm pods that went away (deleted under kiln, or while the watch was down), with
+/// their last state: the pools are told once, as broken, until they forget them.
+type Vanished = Arc<Mutex<HashMap<String, Arc<Pod>>>>;
+
 /// Fans the watch out by pod name.
 #[derive(Clone)]
 pub(crate) struct PodWatch {
     registry: Registry,
+    vanished: Vanished,
+    /// Whether the first list is in: from then on the registry holds every pod there is.
+    synced: watch::Receiver<bool>,
 }
 
 /// A build's view of its pod.
@@ -62,6 +69,9 @@ impl PodWatch {
     pub(crate) fn start(api: Api<Pod>, selector: String, shutdown: CancellationToken) -> Self {
         let registry: Registry = Arc::default();
         let fan_out = Arc::clone(&registry);
+        let vanished: Vanished = Arc::default();
+        let gone_warm = Arc::clone(&vanished);
+        let (synced_tx, synced) = watch::channel(false);
         tokio::spawn(async move {
             let config = watcher::Config::default().labels(&selector);
             let mut events = watcher(api, config).default_backoff().boxed();
@@ -94,6 +104,7 @@ impl PodWatch {
                             };
                             match last {
                                 Some(last) => {
+                                    note_vanished(&gone_warm, name, &last);
                                     sender.send_replace(PodSeen::Gone(Some(last)));
                                     sender.receiver_count() > 0
                                 }
@@ -102,11 +113,13 @@ impl PodWatch {
                         });
                         drop(registry);
                         listed.clear();
+                        synced_tx.send_replace(true);
                     }
                     Ok(watcher::Event::Delete(pod)) => {
-                        let pod = slim(pod);
+                        let pod = Arc::new(slim(pod));
                         let name = pod.metadata.name.clone().unwrap_or_default();
-                        update(&fan_out, &name, PodSeen::Gone(Some(Arc::new(pod))));
+                        note_vanished(&gone_warm, &name, &pod);
+                        update(&fan_out, &name, PodSeen::Gone(Some(pod)));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "watching build pods failed; retrying with backoff");
@@ -114,7 +127,11 @@ impl PodWatch {
                 }
             }
         });
-        Self { registry }
+        Self {
+            registry,
+            vanished,
+            synced,
+        }
     }
 
     /// Follows pod `name`: the subscription starts from the latest state known of it.
@@ -177,6 +194,60 @@ impl PodWatch {
         if !newer_known {
             sender.send_replace(PodSeen::Present(Arc::new(slim(pod))));
         }
+    }
+}
+
+impl PodWatch {
+    /// Waits until the watch has listed every pod once, at most `timeout`: whether it has.
+    pub(crate) async fn wait_synced(&self, timeout: std::time::Duration) -> bool {
+        let mut synced = self.synced.clone();
+        tokio::time::timeout(timeout, synced.wait_for(|s| *s))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The latest state of every pod there is that `select` picks.
+    pub(crate) fn present(&self, select: impl Fn(&Pod) -> bool) -> Vec<Arc<Pod>> {
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        registry
+            .values()
+            .filter_map(|sender| match &*sender.borrow() {
+                PodSeen::Present(pod) if select(pod) => Some(Arc::clone(pod)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The latest state of pod `name`, if it is there.
+    pub(crate) fn latest(&self, name: &str) -> Option<Arc<Pod>> {
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        match &*registry.get(name)?.borrow() {
+            PodSeen::Present(pod) => Some(Arc::clone(pod)),
+            _ => None,
+        }
+    }
+
+    /// The untaken warm pods that went away, with their last state.
+    pub(crate) fn vanished(&self) -> Vec<(String, Arc<Pod>)> {
+        let vanished = self.vanished.lock().unwrap_or_else(|e| e.into_inner());
+        vanished
+            .iter()
+            .map(|(name, pod)| (name.clone(), Arc::clone(pod)))
+            .collect()
+    }
+
+    /// Forgets a vanished warm pod (its pool retired it).
+    pub(crate) fn forget_vanished(&self, name: &str) {
+        let mut vanished = self.vanished.lock().unwrap_or_else(|e| e.into_inner());
+        vanished.remove(name);
+    }
+}
+
+/// Remembers `pod` if it was an untaken warm pod.
+fn note_vanished(vanished: &Vanished, name: &str, pod: &Arc<Pod>) {
+    if super::labels::is_untaken_warm(&pod.metadata) {
+        let mut vanished = vanished.lock().unwrap_or_else(|e| e.into_inner());
+        vanished.insert(name.to_owned(), Arc::clone(pod));
     }
 }
 

@@ -82,7 +82,7 @@ pub struct GitHubConfig {
     /// A runner that took no job this long after it started is removed, with a warning naming
     /// the labels it offered and the labels of jobs still waiting unmatched (wrong labels, or a
     /// runner group that does not cover the repository); it counts as a failed attempt at its
-    /// job. Warm runners (`min_idle`) are exempt.
+    /// job. Warm runners (members of a warm pool, `min_idle`) are exempt.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Shared secret of `POST /hooks/github` (`workflow_job` events, `X-Hub-Signature-256`).
@@ -100,7 +100,9 @@ pub struct GitHubConfig {
     /// Runners of this source at once (0: only `concurrent` limits).
     #[serde(default)]
     pub max_runners: usize,
-    /// Idle runners kept waiting for jobs (a warm floor; 0: none while nothing is queued).
+    /// Idle runners kept waiting for jobs (a warm floor; 0: none while nothing is queued):
+    /// shorthand for a `[[warm_pools]]` entry of this source in the default class, which the
+    /// coordinator makes of it; the source keeps the floors the chain gives it.
     #[serde(default)]
     pub min_idle: usize,
     /// Image of the runner container.

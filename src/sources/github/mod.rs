@@ -11,6 +11,8 @@ mod api;
 mod conditional;
 mod config;
 mod metrics;
+#[cfg(test)]
+mod tests;
 mod webhook;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -29,7 +31,8 @@ use crate::sources::driver::{Looked, QueueCore, QueueDriven};
 use crate::sources::health::{Access, Failing, HealthTracker, Words};
 use crate::sources::pacer::Pacer;
 use crate::sources::pool::{Demand, Phase, Pool};
-use crate::sources::{Adoption, Chain, Slot};
+use crate::sources::warm::{self, Floors};
+use crate::sources::{Adoption, Chain, MemberState, Slot, WarmFloor};
 use crate::telemetry::Metrics;
 use api::{Deleted, GitHubApi, GitHubError, JobStatus, JobView, RunnerGroup};
 use config::Scope;
@@ -50,6 +53,10 @@ const JIT_ENV: &str = "ACTIONS_RUNNER_INPUT_JITCONFIG";
 const ANNOTATION_RUNNER_ID: &str = "kiln.dev/github-runner-id";
 /// Annotation with the runner's resource class.
 const ANNOTATION_CLASS: &str = "kiln.dev/github-class";
+/// Annotation with the warm pool a runner was started for.
+const ANNOTATION_POOL: &str = "kiln.dev/warm-pool";
+/// The prefix of a warm runner's name (after [`RUNNER_PREFIX`]): it is named for no job.
+const WARM_INFIX: &str = "idle-";
 /// Runners started for one job that died before taking any job, before kiln stops trying.
 const MAX_ATTEMPTS: u32 = 3;
 /// The first wait after a GitHub error, and the longest.
@@ -164,6 +171,8 @@ pub(super) enum Event {
         runner_id: Option<u64>,
         class: RunnerClass,
         job_id: u64,
+        /// The warm pool it was started for.
+        pool: Option<String>,
     },
     /// A runner's build ended.
     Ended { name: String, ending: Ending },
@@ -210,8 +219,6 @@ struct Runner {
     took: Option<TakenJob>,
     /// The labels it was registered with.
     labels: Vec<String>,
-    /// One of the warm floor (`min_idle`): exempt from the idle timeout.
-    warm: bool,
 }
 
 /// A job one of kiln's runners took.
@@ -262,6 +269,8 @@ pub(super) struct State {
     group: Option<(RunnerGroup, Instant)>,
     /// Repositories a warning said the runner group does not cover (said once each).
     uncovered: HashSet<String>,
+    /// Warm pools a warning said mean nothing to this source (said once each).
+    ignored_pools: HashSet<String>,
 }
 
 impl GitHubSource {
@@ -352,7 +361,7 @@ impl GitHubSource {
         if job.is_some() {
             state.unattributed.retain(|(n, _, _)| n != name);
         }
-        let Some(runner) = state.runners.get_mut(name) else {
+        if !state.runners.contains(name) {
             // Its build ended before the news came (a short job, a late webhook): its record
             // still shows what it ran.
             if let Some((_, about)) = job
@@ -361,8 +370,13 @@ impl GitHubSource {
                 state.chain.describe(name, about).await;
             }
             return;
+        }
+        if let Some(pool) = state.runners.busy(name) {
+            state.chain.warm_member(name, &pool, MemberState::Taken);
+        }
+        let Some(runner) = state.runners.get_mut(name) else {
+            return;
         };
-        runner.phase = Phase::Busy;
         let Some((taken, about)) = job else {
             return;
         };
@@ -638,8 +652,13 @@ impl GitHubSource {
     /// floor), and retires idle runners beyond that (see [`Pool`]).
     async fn scale(&self, state: &mut State) {
         self.time_out_idle(state).await;
+        // Read at every pass: schedule windows move the floors.
+        let floors = self.floors(state);
         let mut classes: BTreeMap<RunnerClass, Vec<u64>> = BTreeMap::new();
         classes.entry(RunnerClass::Default).or_default();
+        for class in floors.groups() {
+            classes.entry(class.clone()).or_default();
+        }
         for (id, queued) in &state.queued {
             classes.entry(queued.class.clone()).or_default().push(*id);
         }
@@ -650,14 +669,24 @@ impl GitHubSource {
                 jobs.pop();
             }
         }
+        warm::adopt_strays(
+            state.chain.as_ref(),
+            &mut state.runners,
+            &floors,
+            classes.iter().map(|(class, jobs)| (class, jobs.len())),
+            &self.core.name,
+        );
+        for name in state
+            .runners
+            .aged(|pool| floors.max_idle_age(pool), Instant::now())
+        {
+            tracing::info!(github = %self.core.name, runner = %name, "warm runner idle longer than its pool's max_idle_age; replacing it");
+            self.retire(state, &name).await;
+        }
         let demands = classes
             .into_iter()
             .map(|(class, jobs)| Demand {
-                floor: if class == RunnerClass::Default {
-                    self.config.min_idle
-                } else {
-                    0
-                },
+                floor: floors.floor(&class),
                 ..Demand::new(class, jobs)
             })
             .collect();
@@ -672,7 +701,7 @@ impl GitHubSource {
             // Jobs with no idle runner named for them come first, so each job's runner
             // carries its name (`kiln-gh-<job>`, the same on every coordinator); when that
             // runner took another job (runners are fungible), the next name in line.
-            let (name, id) = match start.work {
+            let (name, id, pool) = match start.work {
                 Some(job) => {
                     // Never a name used before: news about a runner comes by its name, and
                     // late news of an ended runner must not land on a new one of its name.
@@ -682,12 +711,21 @@ impl GitHubSource {
                     else {
                         continue;
                     };
-                    (name, job)
+                    (name, job, None)
                 }
                 // The warm floor: runners named for no job.
                 None => {
-                    let id = u64::from(rand::rng().random::<u32>());
-                    (format!("{RUNNER_PREFIX}idle-{id:08x}"), id)
+                    let Some(pool) = floors.pool_for(&start.group, &state.runners) else {
+                        continue;
+                    };
+                    let (name, id) = loop {
+                        let id = u64::from(rand::rng().random::<u32>());
+                        let name = format!("{RUNNER_PREFIX}{WARM_INFIX}{id:08x}");
+                        if !state.used_names.contains_key(&name) {
+                            break (name, id);
+                        }
+                    };
+                    (name, id, Some(pool.clone()))
                 }
             };
             let Some(slot) = state.chain.try_slot() else {
@@ -695,12 +733,42 @@ impl GitHubSource {
             };
             let queued = start.work.and_then(|job| state.queued.get(&job).cloned());
             if !self
-                .start_runner(state, &name, id, start.group, queued.as_ref(), slot)
+                .start_runner(
+                    state,
+                    &name,
+                    id,
+                    start.group,
+                    queued.as_ref(),
+                    pool.as_ref(),
+                    slot,
+                )
                 .await
             {
                 return;
             }
         }
+    }
+
+    /// The warm pools' floors for this source, by resource class. Only the leading replica
+    /// keeps them (warm runners are named for no job: two replicas would each start theirs);
+    /// another one's warm runners, idle and wanted by no floor, retire as surplus.
+    fn floors(&self, state: &mut State) -> Floors<RunnerClass> {
+        let floors = if state.chain.leading() {
+            state.chain.warm_floors()
+        } else {
+            Vec::new()
+        };
+        Floors::new(
+            floors,
+            |floor| match &floor.label {
+                Some(label) => Err(format!(
+                    "it names label {label:?}, and a GitHub source keeps its runners by resource class (`class`), not by label"
+                )),
+                None => Ok(RunnerClass::from_name(floor.class.clone())),
+            },
+            &self.core.name,
+            &mut state.ignored_pools,
+        )
     }
 
     /// Removes the runners that took no job within `idle_timeout` of their start (warm ones
@@ -712,7 +780,7 @@ impl GitHubSource {
             .iter()
             .filter(|(_, r)| {
                 r.phase != Phase::Busy
-                    && !r.detail.warm
+                    && r.warm.is_none()
                     && r.started.elapsed() >= self.config.idle_timeout
             })
             .map(|(name, _)| name.clone())
@@ -776,7 +844,9 @@ impl GitHubSource {
             }
         }
         tracing::info!(github = %self.core.name, runner = %name, "idle runner with no job waiting for it; stopping it");
-        state.runners.remove(name);
+        if let Some(runner) = state.runners.remove(name) {
+            warm::left(state.chain.as_ref(), name, &runner);
+        }
         state.chain.stop(name).await;
     }
 
@@ -787,8 +857,9 @@ impl GitHubSource {
             .inc();
     }
 
-    /// Registers a JIT runner called `name` and hands its build to the chain. False when
-    /// GitHub refused, so the pass stops.
+    /// Registers a JIT runner called `name` (for a job, or a member of warm pool `pool`) and
+    /// hands its build to the chain. False when GitHub refused, so the pass stops.
+    #[allow(clippy::too_many_arguments)]
     async fn start_runner(
         &self,
         state: &mut State,
@@ -796,6 +867,7 @@ impl GitHubSource {
         id: u64,
         class: RunnerClass,
         queued: Option<&Queued>,
+        pool: Option<&WarmFloor>,
         slot: Slot,
     ) -> bool {
         let Some(api) = &state.api else {
@@ -817,6 +889,16 @@ impl GitHubSource {
                                 .any(|k| k.to_lowercase() == lower)
                     })
                     .cloned(),
+            );
+        } else if let RunnerClass::Named(class) = &class {
+            // A warm runner of a class: the labels a job names the class with.
+            labels.push(format!("{CLASS_LABEL}{class}"));
+            labels.extend(
+                self.config
+                    .label_classes
+                    .iter()
+                    .filter(|(_, named)| *named == class)
+                    .map(|(label, _)| label.clone()),
             );
         }
         let mut seen = HashSet::new();
@@ -848,8 +930,9 @@ impl GitHubSource {
             runner: self.core.name.clone(),
             id,
         };
-        let build = self.runner_build(key, name, runner_id, jit, class.name(), queued);
-        tracing::info!(github = %self.core.name, runner = name, runner_id, job = queued.map(|q| q.job.id), "starting a runner");
+        let pool_name = pool.map(|p| p.pool.as_str());
+        let build = self.runner_build(key, name, runner_id, jit, class.name(), queued, pool_name);
+        tracing::info!(github = %self.core.name, runner = name, runner_id, job = queued.map(|q| q.job.id), pool = pool_name, "starting a runner");
         self.metrics
             .runners_started
             .get_or_create(&self.labels())
@@ -858,17 +941,21 @@ impl GitHubSource {
             id: Some(runner_id),
             took: None,
             labels,
-            warm: queued.is_none(),
         };
         let started = Instant::now();
         state.used_names.insert(name.to_owned(), started);
         state
             .runners
             .insert(name.to_owned(), class, id, started, Phase::Idle, runner);
+        if let Some(pool) = pool_name {
+            state.runners.join(name, pool);
+            state.chain.warm_member(name, pool, MemberState::Idle);
+        }
         state.chain.launch(slot, build);
         true
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn runner_build(
         &self,
         key: BuildKey,
@@ -877,6 +964,7 @@ impl GitHubSource {
         jit: String,
         class: Option<&str>,
         queued: Option<&Queued>,
+        pool: Option<&str>,
     ) -> Build {
         let (program, args) = self
             .config
@@ -918,6 +1006,9 @@ impl GitHubSource {
         if let Some(class) = class {
             annotations.insert(ANNOTATION_CLASS.to_owned(), class.to_owned());
         }
+        if let Some(pool) = pool {
+            annotations.insert(ANNOTATION_POOL.to_owned(), pool.to_owned());
+        }
         Build {
             key,
             name: name.to_owned(),
@@ -925,7 +1016,10 @@ impl GitHubSource {
             secrets: BTreeMap::from([(JIT_KEY.to_owned(), jit.into_bytes())]),
             class: class.map(|name| ClassChoice {
                 name: name.to_owned(),
-                origin: "the job's runs-on labels".into(),
+                origin: match pool {
+                    Some(pool) if queued.is_none() => format!("warm pool {pool}"),
+                    _ => "the job's runs-on labels".into(),
+                },
             }),
             requests: Vec::new(),
             timeout: None,
@@ -935,7 +1029,10 @@ impl GitHubSource {
                 project: queued.map(|q| q.job.repo.clone()).unwrap_or_default(),
                 job: queued
                     .map(|q| q.job.name.clone())
-                    .unwrap_or_else(|| "warm runner".into()),
+                    .unwrap_or_else(|| match pool {
+                        Some(pool) => format!("warm runner (pool {pool})"),
+                        None => "warm runner".into(),
+                    }),
                 pipeline: queued.map(|q| q.job.run_id.to_string()),
                 url: queued.map(|q| q.job.url.clone()).filter(|u| !u.is_empty()),
                 queued_at: queued.and_then(|q| q.job.created_at),
@@ -979,6 +1076,13 @@ impl GitHubSource {
                 Err(e) => {
                     tracing::warn!(github = %self.core.name, runner = name, error = %e, "cannot remove the runner's registration; the next reconcile retries")
                 }
+            }
+        }
+        if let Some(pool) = &runner.warm {
+            match (took_job, runner.phase) {
+                (true, Phase::Busy) => {}
+                (true, _) => state.chain.warm_member(name, pool, MemberState::Taken),
+                (false, _) => state.chain.warm_member(name, pool, MemberState::Retired),
             }
         }
         let reason = ending
@@ -1100,6 +1204,7 @@ impl QueueDriven for GitHubSource {
             used_names: HashMap::new(),
             group: None,
             uncovered: HashSet::new(),
+            ignored_pools: HashSet::new(),
         };
         let pacer =
             Pacer::new(self.config.reconcile_interval, MAX_BACKOFF).first_backoff(FIRST_BACKOFF);
@@ -1116,6 +1221,7 @@ impl QueueDriven for GitHubSource {
                     .and_then(|id| id.parse().ok()),
                 class: RunnerClass::from_name(found.annotations.get(ANNOTATION_CLASS).cloned()),
                 job_id: found.key.id,
+                pool: found.annotations.get(ANNOTATION_POOL).cloned(),
             });
             Adoption::Follow(About {
                 project: String::new(),
@@ -1146,18 +1252,24 @@ impl QueueDriven for GitHubSource {
                 runner_id,
                 class,
                 job_id,
+                pool,
             } => {
                 let runner = Runner {
                     id: runner_id,
                     took: None,
                     labels: Vec::new(),
-                    warm: false,
                 };
                 let started = Instant::now();
                 state.used_names.insert(name.clone(), started);
                 state
                     .runners
-                    .insert(name, class, job_id, started, Phase::Idle, runner);
+                    .insert(name.clone(), class, job_id, started, Phase::Idle, runner);
+                // A warm runner is a member of its pool again (its age counts from now); a
+                // busy one is reported taken at the first reconcile.
+                if let Some(pool) = pool {
+                    state.runners.join(&name, &pool);
+                    state.chain.warm_member(&name, &pool, MemberState::Idle);
+                }
             }
             Event::Ended { name, ending } => self.runner_ended(state, &name, &ending).await,
             Event::Webhook(event) => self.webhook(state, &event).await,

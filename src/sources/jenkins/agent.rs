@@ -10,6 +10,7 @@ use crate::build::{
     About, Build, BuildKey, ClassChoice, Download, EnvValue, EnvVar, ForeignAgent, Process,
     SourceKind, Workload,
 };
+use crate::sources::WarmFloor;
 
 /// The agent container's name (as Jenkins' kubernetes-plugin calls it).
 pub(crate) const AGENT_CONTAINER: &str = "jnlp";
@@ -21,6 +22,8 @@ pub(crate) const LABEL_NODE: &str = "kiln.dev/jenkins-node";
 pub(crate) const ANNOTATION_LABEL: &str = "kiln.dev/jenkins-label";
 /// Annotation with the exact node name.
 pub(crate) const ANNOTATION_NODE: &str = "kiln.dev/jenkins-node";
+/// Annotation with the warm pool an agent was started for (it was started for no queue item).
+pub(crate) const ANNOTATION_POOL: &str = "kiln.dev/warm-pool";
 /// The key of the agent secret among the build's secrets (a file of that name for processes).
 const SECRET_KEY: &str = "secret";
 /// What the local executor's agent process needs.
@@ -36,8 +39,10 @@ pub(crate) struct AgentSpec<'a> {
     pub(crate) node: &'a str,
     /// The label it serves.
     pub(crate) label: &'a str,
-    /// The queue item it was started for.
+    /// The queue item it was started for (0 for a warm agent: Jenkins numbers items from 1).
     pub(crate) queue_id: u64,
+    /// The warm pool it was started for, instead of a queue item.
+    pub(crate) warm: Option<&'a WarmFloor>,
     /// The job of the queue item, for people.
     pub(crate) job: &'a str,
     /// The secret the agent connects with.
@@ -49,10 +54,11 @@ pub(crate) struct AgentSpec<'a> {
 }
 
 impl AgentSpec<'_> {
-    /// The build's name: `kiln-jk-<queue id>-<node suffix>`. Unique per agent: a queued build
-    /// can get several agents over time (retries, restarts), and a new agent must never collide
-    /// with its predecessor's pod while that one is still terminating. (Unlike GitLab jobs,
-    /// Jenkins agents cannot be made idempotent by name: each is a new node with a new secret.)
+    /// The build's name: `kiln-jk-<queue id>-<node suffix>`, or `kiln-jk-warm-<node suffix>`
+    /// for a warm agent. Unique per agent: a queued build can get several agents over time
+    /// (retries, restarts), and a new agent must never collide with its predecessor's pod while
+    /// that one is still terminating. (Unlike GitLab jobs, Jenkins agents cannot be made
+    /// idempotent by name: each is a new node with a new secret.)
     pub(crate) fn name(&self) -> String {
         let suffix: String = self
             .node
@@ -64,7 +70,10 @@ impl AgentSpec<'_> {
             .map(|c| c.to_ascii_lowercase())
             .take(12)
             .collect();
-        format!("{}-{suffix}", self.key().resource_name())
+        match self.warm {
+            Some(_) => format!("kiln-{}-warm-{suffix}", SourceKind::Jenkins.short()),
+            None => format!("{}-{suffix}", self.key().resource_name()),
+        }
     }
 
     fn key(&self) -> BuildKey {
@@ -131,32 +140,60 @@ impl AgentSpec<'_> {
             name: self.name(),
             workload: Workload::Foreign(agent),
             secrets: BTreeMap::from([(SECRET_KEY.to_owned(), self.secret.as_bytes().to_vec())]),
-            class: template.resource_class.as_ref().map(|name| ClassChoice {
-                name: name.clone(),
-                origin: format!("pod_templates.{}.resource_class", self.label),
-            }),
+            class: match self.warm {
+                Some(WarmFloor {
+                    pool,
+                    class: Some(class),
+                    ..
+                }) => Some(ClassChoice {
+                    name: class.clone(),
+                    origin: format!("warm pool {pool}"),
+                }),
+                _ => template.resource_class.as_ref().map(|name| ClassChoice {
+                    name: name.clone(),
+                    origin: format!("pod_templates.{}.resource_class", self.label),
+                }),
+            },
             requests: Vec::new(),
             timeout: None,
             labels: BTreeMap::from([(LABEL_NODE.to_owned(), self.node.to_owned())]),
-            annotations: BTreeMap::from([
-                (ANNOTATION_LABEL.to_owned(), self.label.to_owned()),
-                (ANNOTATION_NODE.to_owned(), self.node.to_owned()),
-                ("kiln.dev/jenkins-url".to_owned(), self.url.to_owned()),
-                (
-                    "kiln.dev/jenkins-queue-id".to_owned(),
-                    self.queue_id.to_string(),
-                ),
-            ]),
+            annotations: self.annotations(),
             about: About {
                 project: self.job.to_owned(),
-                job: format!("{} (agent {})", self.label, self.node),
+                job: match self.warm {
+                    Some(floor) => format!(
+                        "{} (warm agent {}, pool {})",
+                        self.label, self.node, floor.pool
+                    ),
+                    None => format!("{} (agent {})", self.label, self.node),
+                },
                 pipeline: None,
-                url: Some(format!("{}queue/item/{}/", self.url, self.queue_id)),
+                url: self
+                    .warm
+                    .is_none()
+                    .then(|| format!("{}queue/item/{}/", self.url, self.queue_id)),
                 queued_at: None,
             },
             untrusted: false,
             registry_auths: Vec::new(),
         }
+    }
+
+    /// What the agent's build carries for people and for adoption after a restart.
+    fn annotations(&self) -> BTreeMap<String, String> {
+        let mut annotations = BTreeMap::from([
+            (ANNOTATION_LABEL.to_owned(), self.label.to_owned()),
+            (ANNOTATION_NODE.to_owned(), self.node.to_owned()),
+            ("kiln.dev/jenkins-url".to_owned(), self.url.to_owned()),
+        ]);
+        match self.warm {
+            Some(floor) => annotations.insert(ANNOTATION_POOL.to_owned(), floor.pool.clone()),
+            None => annotations.insert(
+                "kiln.dev/jenkins-queue-id".to_owned(),
+                self.queue_id.to_string(),
+            ),
+        };
+        annotations
     }
 }
 
@@ -184,6 +221,7 @@ mod tests {
             secret: "s3cr3t",
             agent_image: "jenkins/inbound-agent:latest-jdk21",
             template: Some(&template),
+            warm: None,
         };
         let build = spec.build();
         assert_eq!(build.name, "kiln-jk-17-3f9a1c2e");
@@ -208,6 +246,56 @@ mod tests {
         assert_eq!(
             process.downloads[0].url,
             "https://jenkins.example.com/jnlpJars/agent.jar"
+        );
+    }
+
+    #[test]
+    fn a_warm_agent_is_named_for_its_node_carries_its_pool_and_its_class() {
+        let template = PodTemplate {
+            resource_class: Some("big".into()),
+            ..PodTemplate::default()
+        };
+        let floor = WarmFloor {
+            pool: "maven-warm".into(),
+            class: Some("huge".into()),
+            label: Some("maven".into()),
+            min_idle: 1,
+            max_idle_age: None,
+        };
+        let spec = AgentSpec {
+            jenkins: "ci",
+            url: "https://jenkins.example.com/",
+            node: "kiln-maven-00003f9a1c2e",
+            label: "maven",
+            queue_id: 0,
+            job: "",
+            secret: "s3cr3t",
+            agent_image: "jenkins/inbound-agent:latest-jdk21",
+            template: Some(&template),
+            warm: Some(&floor),
+        };
+        let build = spec.build();
+        assert_eq!(build.name, "kiln-jk-warm-00003f9a1c2e");
+        assert_eq!(build.annotations[ANNOTATION_POOL], "maven-warm");
+        assert!(!build.annotations.contains_key("kiln.dev/jenkins-queue-id"));
+        let class = build.class.unwrap();
+        assert_eq!(
+            (class.name.as_str(), class.origin.as_str()),
+            ("huge", "warm pool maven-warm")
+        );
+        assert_eq!(build.about.url, None);
+        let without_class = WarmFloor {
+            class: None,
+            ..floor.clone()
+        };
+        let spec = AgentSpec {
+            warm: Some(&without_class),
+            ..spec
+        };
+        assert_eq!(
+            spec.build().class.unwrap().name,
+            "big",
+            "the label's template sizes it"
         );
     }
 }

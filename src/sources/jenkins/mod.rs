@@ -8,8 +8,10 @@ pub mod api;
 pub mod config;
 mod metrics;
 mod queue;
+#[cfg(test)]
+mod tests;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,9 +24,10 @@ use crate::sources::driver::{Looked, QueueCore, QueueDriven};
 use crate::sources::health::{Access, Failing, HealthTracker, Words};
 use crate::sources::pacer::Pacer;
 use crate::sources::pool::{Demand, Phase, Pool};
-use crate::sources::{Adoption, Chain};
+use crate::sources::warm::{self, Floors};
+use crate::sources::{Adoption, Chain, MemberState, WarmFloor};
 use crate::telemetry::Metrics;
-use agent::{ANNOTATION_LABEL, ANNOTATION_NODE, AgentSpec, LABEL_NODE};
+use agent::{ANNOTATION_LABEL, ANNOTATION_NODE, ANNOTATION_POOL, AgentSpec, LABEL_NODE};
 use api::{Computer, Credentials, JenkinsApi, JenkinsError};
 use metrics::{AgentFailure, AgentFailureLabels, AgentLabels, JenkinsMetrics};
 
@@ -37,6 +40,8 @@ const ANCHOR_DESCRIPTION: &str =
     "kiln label anchor: never connects; lets Jenkins name the label a queued build waits for";
 /// The bare reason Jenkins gives when it has no agent nodes at all: it names no label then.
 const NO_NODES_WHY: &str = "Waiting for next available executor";
+/// The queue item of a warm agent's build: none (Jenkins numbers its items from 1).
+const WARM_QUEUE_ID: u64 = 0;
 /// The message on a node kiln took offline after its build started.
 const OFFLINE_MESSAGE: &str = "kiln: one build per agent; deleted when this build ends";
 /// The longest wait between queue polls after errors.
@@ -66,6 +71,8 @@ pub(super) enum Event {
         build: String,
         label: String,
         queue_id: u64,
+        /// The warm pool it was started for.
+        pool: Option<String>,
     },
     /// An agent's build ended (its pod or process is gone).
     Ended { build: String, ending: Ending },
@@ -156,16 +163,28 @@ impl JenkinsSource {
         build: String,
         label: String,
         queue_id: u64,
+        pool: Option<String>,
     ) {
-        tracing::info!(jenkins = %self.core.name, node = %node, build = %build, "adopted an agent of an earlier run");
+        tracing::info!(jenkins = %self.core.name, node = %node, build = %build, pool = pool.as_deref(), "adopted an agent of an earlier run");
         let agent = Agent {
             build,
             offlined: false,
         };
         let started = Instant::now();
-        state
-            .agents
-            .insert(node, label, queue_id, started, Phase::Starting, agent);
+        state.agents.insert(
+            node.clone(),
+            label,
+            queue_id,
+            started,
+            Phase::Starting,
+            agent,
+        );
+        // A warm agent is a member of its pool again (its age counts from now); a busy one is
+        // reported taken at the first look.
+        if let Some(pool) = pool {
+            state.agents.join(&node, &pool);
+            state.chain.warm_member(&node, &pool, MemberState::Idle);
+        }
     }
 
     /// Sets `kiln_jenkins_agents` for every label kiln serves.
@@ -263,7 +282,12 @@ impl JenkinsSource {
             if agent.phase != Phase::Busy {
                 tracing::info!(jenkins = %self.core.name, node, "agent took its build; taking it offline so it takes no other");
             }
-            agent.phase = Phase::Busy;
+            if let Some(pool) = state.agents.busy(node) {
+                state.chain.warm_member(node, &pool, MemberState::Taken);
+            }
+            let Some(agent) = state.agents.get_mut(node) else {
+                return;
+            };
             if !agent.detail.offlined && !computer.temporarily_offline {
                 match self.api.toggle_offline(node, OFFLINE_MESSAGE).await {
                     Ok(()) => agent.detail.offlined = true,
@@ -329,6 +353,7 @@ impl JenkinsSource {
         let Some(agent) = state.agents.remove(node) else {
             return;
         };
+        warm::left(state.chain.as_ref(), node, &agent);
         self.delete_node(state, node).await;
         state.chain.stop(&agent.detail.build).await;
         self.count_agents(state);
@@ -338,6 +363,8 @@ impl JenkinsSource {
     /// label, within the global, per-Jenkins and per-label limits; deletes idle agents no build
     /// waits for (see [`Pool`]).
     async fn provision(&self, state: &mut State, items: &[api::QueueItem]) {
+        // Read at every look: schedule windows move the floors.
+        let floors = self.floors(state);
         let mut waiting: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
         for item in items.iter().filter(|i| i.buildable) {
             let Some(target) = item.why.as_deref().and_then(queue::waiting_for) else {
@@ -356,7 +383,7 @@ impl JenkinsSource {
             };
             waiting.entry(label).or_default().push(item.id);
         }
-        let demands = self
+        let demands: Vec<Demand<String>> = self
             .config
             .labels
             .iter()
@@ -365,10 +392,25 @@ impl JenkinsSource {
                 ids.sort_unstable();
                 Demand {
                     cap: self.config.label_limits.get(label).copied(),
+                    floor: floors.floor(label),
                     ..Demand::new(label.clone(), ids)
                 }
             })
             .collect();
+        warm::adopt_strays(
+            state.chain.as_ref(),
+            &mut state.agents,
+            &floors,
+            demands.iter().map(|d| (&d.group, d.work.len())),
+            &self.core.name,
+        );
+        for node in state
+            .agents
+            .aged(|pool| floors.max_idle_age(pool), Instant::now())
+        {
+            tracing::info!(jenkins = %self.core.name, node = %node, "warm agent idle longer than its pool's max_idle_age; replacing it");
+            self.retire(state, &node).await;
+        }
         let plan = state.agents.plan(demands);
         let job_of = |queue_id: u64| {
             items
@@ -387,32 +429,70 @@ impl JenkinsSource {
             self.retire(state, &node).await;
         }
         for start in plan.start {
-            let Some(queue_id) = start.work else {
-                continue;
+            let pool = match start.work {
+                Some(_) => None,
+                None => match floors.pool_for(&start.group, &state.agents) {
+                    Some(floor) => Some(floor.clone()),
+                    None => continue,
+                },
             };
             // A free slot within `concurrent` and this source's `limit`.
             let Some(slot) = state.chain.try_slot() else {
                 return;
             };
-            self.start_agent(state, &start.group, queue_id, &job_of(queue_id), slot)
-                .await;
+            let queue_id = start.work.unwrap_or(WARM_QUEUE_ID);
+            self.start_agent(
+                state,
+                &start.group,
+                queue_id,
+                &job_of(queue_id),
+                pool.as_ref(),
+                slot,
+            )
+            .await;
         }
     }
 
+    /// The warm pools' floors for this source, by label.
+    fn floors(&self, state: &mut State) -> Floors<String> {
+        Floors::new(
+            state.chain.warm_floors(),
+            |floor| match &floor.label {
+                None => {
+                    Err("it names no label, and a Jenkins source keeps its agents by label".into())
+                }
+                Some(label) if !self.config.labels.contains(label) => Err(format!(
+                    "its label {label:?} is not one of the source's `labels`"
+                )),
+                Some(label) => Ok(label.clone()),
+            },
+            &self.core.name,
+            &mut state.ignored_pools,
+        )
+    }
+
+    /// Starts an agent for queue item `queue_id`, or a warm one for pool `pool`.
     async fn start_agent(
         &self,
         state: &mut State,
         label: &str,
         queue_id: u64,
         job: &str,
+        pool: Option<&WarmFloor>,
         slot: crate::sources::Slot,
     ) {
         let node = node_name(label);
         let attempt = state.agents.attempts(queue_id) + 1;
-        let description = format!(
-            "{NODE_DESCRIPTION} ({}, queue item {queue_id})",
-            self.core.name
-        );
+        let description = match pool {
+            Some(floor) => format!(
+                "{NODE_DESCRIPTION} ({}, warm pool {})",
+                self.core.name, floor.pool
+            ),
+            None => format!(
+                "{NODE_DESCRIPTION} ({}, queue item {queue_id})",
+                self.core.name
+            ),
+        };
         if let Err(e) = self.api.create_node(&node, label, &description).await {
             tracing::error!(jenkins = %self.core.name, node, error = %e, "cannot create the agent node");
             // The create may have reached Jenkins even so (the answer was lost): make sure.
@@ -440,9 +520,11 @@ impl JenkinsSource {
             secret: &secret,
             agent_image: &self.config.agent_image,
             template: self.config.pod_templates.get(label),
+            warm: pool,
         }
         .build();
-        tracing::info!(jenkins = %self.core.name, node, build = %build.name, label, queue_item = queue_id, attempt, "agent started");
+        let pool = pool.map(|floor| floor.pool.as_str());
+        tracing::info!(jenkins = %self.core.name, node, build = %build.name, label, queue_item = queue_id, pool, attempt, "agent started");
         self.metrics
             .agents_started
             .get_or_create(&self.labels(label))
@@ -453,13 +535,17 @@ impl JenkinsSource {
         };
         let started = Instant::now();
         state.agents.insert(
-            node,
+            node.clone(),
             label.to_owned(),
             queue_id,
             started,
             Phase::Starting,
             agent,
         );
+        if let Some(pool) = pool {
+            state.agents.join(&node, pool);
+            state.chain.warm_member(&node, pool, MemberState::Idle);
+        }
         // How it ends, including failing to start, comes back as an `Ended` event.
         state.chain.launch(slot, build);
     }
@@ -529,6 +615,8 @@ pub(super) struct State {
     recovered: bool,
     /// Nodes of this run whose delete failed (or whose create may have succeeded unseen).
     undeleted: BTreeSet<String>,
+    /// Warm pools a warning said mean nothing to this source (said once each).
+    ignored_pools: HashSet<String>,
     /// The coordinator.
     chain: Arc<dyn Chain>,
 }
@@ -545,6 +633,7 @@ impl QueueDriven for JenkinsSource {
         let state = State {
             agents: Pool::new(self.config.max_attempts),
             undeleted: BTreeSet::new(),
+            ignored_pools: HashSet::new(),
             recovered: false,
             chain,
         };
@@ -577,6 +666,7 @@ impl QueueDriven for JenkinsSource {
                     build: found.name.clone(),
                     label,
                     queue_id: found.key.id,
+                    pool: found.annotations.get(ANNOTATION_POOL).cloned(),
                 });
                 Adoption::Follow(about)
             }
@@ -609,7 +699,8 @@ impl QueueDriven for JenkinsSource {
                 build,
                 label,
                 queue_id,
-            } => self.adopted(state, node, build, label, queue_id),
+                pool,
+            } => self.adopted(state, node, build, label, queue_id, pool),
             Event::Ended { build, ending } => {
                 let node = state
                     .agents

@@ -124,6 +124,26 @@ pub(crate) fn group_alive(pgid: i32) -> bool {
     })
 }
 
+/// The next pod IP: a loopback address of its own (`127.x.y.z`), so a process of the pod can
+/// listen on the pod's IP and the test (and kiln) reach it there, as on a pod network. Unique
+/// across every test server of the process, and apart from other test processes' (seeded by
+/// the process id).
+fn next_pod_ip() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        (std::process::id() % 200 + 20) << 16,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    // Never .0 or .255 in the last place, never 127.0.x.x (the test servers' own).
+    let host = n & 0xffff;
+    let (third, fourth) = (host / 250, host % 250 + 2);
+    format!("127.{}.{}.{}", (n >> 16) & 0xff, third & 0xff, fourth)
+}
+
 /// Starts the kubelet's work on a freshly created pod.
 pub(crate) fn on_created(inner: &Arc<Inner>, pod: &Value) {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -179,6 +199,7 @@ pub(crate) fn on_created(inner: &Arc<Inner>, pod: &Value) {
         reason: None,
         start_time: None,
         pod_ip: String::new(),
+        scheduled_at: None,
         mounts_warned: None,
         deadline: None,
         volumes: BTreeMap::new(),
@@ -331,6 +352,8 @@ struct PodTask {
     reason: Option<(String, String)>,
     start_time: Option<String>,
     pod_ip: String,
+    /// When the pod was scheduled (its containers start a `start_delay` later).
+    scheduled_at: Option<Instant>,
     mounts_warned: Option<Instant>,
     deadline: Option<Instant>,
     volumes: BTreeMap<String, PathBuf>,
@@ -439,10 +462,8 @@ impl PodTask {
             }
             self.set_condition("PodScheduled", "True", "", "");
             self.stage = Stage::Held;
-            self.pod_ip = self.inner.with(|s| {
-                s.next_pod_ip += 1;
-                format!("10.244.0.{}", s.next_pod_ip)
-            });
+            self.pod_ip = next_pod_ip();
+            self.scheduled_at = Some(Instant::now());
             self.start_time = Some(now());
             if let Some(secs) = self.spec["activeDeadlineSeconds"].as_u64() {
                 self.deadline = Some(Instant::now() + Duration::from_secs(secs));
@@ -477,6 +498,10 @@ impl PodTask {
                 self.matches_any(&s.holds) && !s.released.contains(&self.uid)
             };
             if held {
+                return self.publish();
+            }
+            let delay = self.inner.lock().start_delay;
+            if self.scheduled_at.is_some_and(|at| at.elapsed() < delay) {
                 return self.publish();
             }
             self.stage = Stage::Mounting;

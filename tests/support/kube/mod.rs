@@ -108,7 +108,9 @@ pub(crate) struct State {
     /// Pod uids let through a hold by `release_pod`.
     pub(crate) released: BTreeSet<String>,
     pub(crate) runtimes: Vec<PodRt>,
-    pub(crate) next_pod_ip: u32,
+    /// How long the kubelet takes from scheduling a pod to starting its containers (image
+    /// pulls, sandbox creation on a serverless node); `set_start_delay`.
+    pub(crate) start_delay: Duration,
 }
 
 pub(crate) struct Inner {
@@ -200,7 +202,7 @@ impl KubeServer {
                 holds: Vec::new(),
                 released: BTreeSet::new(),
                 runtimes: Vec::new(),
-                next_pod_ip: 10,
+                start_delay: Duration::ZERO,
             }),
             changed: tokio::sync::watch::Sender::new(0),
             watch_generation: tokio::sync::watch::Sender::new(0),
@@ -375,6 +377,13 @@ impl KubeServer {
     /// Whether new pods get scheduled and run (default true); when off they stay Pending.
     pub fn set_kubelet(&self, enabled: bool) {
         self.inner.with(|s| s.kubelet_enabled = enabled);
+    }
+
+    /// Makes the kubelet take `delay` from scheduling each pod to starting its containers (the
+    /// time a serverless node spends creating the sandbox and pulling the images): meanwhile
+    /// the pod is Pending with its containers `ContainerCreating` (`PodInitializing`).
+    pub fn set_start_delay(&self, delay: Duration) {
+        self.inner.with(|s| s.start_delay = delay);
     }
 
     /// Runs `path` when a container's `command[0]` is `command` (e.g. `/usr/local/bin/kiln`).
