@@ -294,6 +294,22 @@ async fn a_fitting_build_takes_an_idle_pod_and_the_pool_refills() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn without_a_pool_for_its_source_a_build_starts_cold_without_a_word() {
+    let mut jenkins_pool = pool("maven-agents", "", 1);
+    jenkins_pool.source = "jenkins".into();
+    jenkins_pool.image = None;
+    let h = keeping(vec![jenkins_pool]).await;
+    let build = with_image(1, "maven:3.9");
+    let name = build.name.clone();
+    hand_over(&h, build).await;
+    until("the cold launch", || h.executor.launches().len() == 1).await;
+    assert_eq!(h.executor.launches()[0], name);
+    assert_eq!(h.executor.launched_start_line(&name), None);
+    h.shutdown.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_build_that_fits_no_idle_pod_starts_cold_and_says_why() {
     let h = keeping(vec![pool("maven", "maven:3.9", 1)]).await;
     until("an idle pod", || h.executor.untaken("maven") == (0, 1)).await;

@@ -77,8 +77,9 @@ pub(crate) enum Placement {
         pool: String,
         line: String,
     },
-    /// Cold, as a build of its own; `image` for the cold-wait figures.
-    Cold { line: String, image: String },
+    /// Cold, as a build of its own; `image` for the cold-wait figures. No line when no warm
+    /// pool serves the build's source at all (nothing to explain to people who keep none).
+    Cold { line: Option<String>, image: String },
 }
 
 impl Placement {
@@ -87,13 +88,15 @@ impl Placement {
         let line = match self {
             Self::Warm { pod, line, .. } => {
                 build.name.clone_from(pod);
-                line
+                Some(line)
             }
-            Self::Cold { line, .. } => line,
+            Self::Cold { line, .. } => line.as_ref(),
         };
-        build
-            .secrets
-            .insert(START_FILE.to_owned(), format!("{line}\n").into_bytes());
+        if let Some(line) = line {
+            build
+                .secrets
+                .insert(START_FILE.to_owned(), format!("{line}\n").into_bytes());
+        }
         build
     }
 
@@ -375,7 +378,7 @@ impl WarmPools {
         };
         let image = image.as_ref().map(|i| i.name.clone()).unwrap_or_default();
         let cold = |reason: String| Placement::Cold {
-            line: format!("started cold: {reason}"),
+            line: Some(format!("started cold: {reason}")),
             image: image.clone(),
         };
         let shown = if image.is_empty() {
@@ -383,10 +386,16 @@ impl WarmPools {
         } else {
             format!("image {image}")
         };
-        let candidates: Vec<&Pool> = self
+        let serving: Vec<&Pool> = self
             .pools
             .iter()
             .filter(|p| p.kept_by_keeper() && p.target.serves(kind, name))
+            .collect();
+        if serving.is_empty() {
+            return Some(Placement::Cold { line: None, image });
+        }
+        let candidates: Vec<&Pool> = serving
+            .into_iter()
             // A job without an image runs the executor's default, which `fits` knows.
             .filter(|p| image.is_empty() || p.shape.image == image)
             .collect();
@@ -429,7 +438,7 @@ impl WarmPools {
         image: &str,
     ) -> Placement {
         let cold = |reason: String| Placement::Cold {
-            line: format!("started cold: {reason}"),
+            line: Some(format!("started cold: {reason}")),
             image: image.to_owned(),
         };
         let names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
