@@ -89,14 +89,9 @@ async fn first_trace_after(s: &Setup, id: u64, queued: Instant, secs: u64) -> Du
     }
 }
 
-/// A job of [`IMAGE`] that sets no pull policy of its own (GitLab sends one only when the
-/// `.gitlab-ci.yml` does; a warm pod's image was pulled by the executor's policy).
+/// A job of [`IMAGE`] (with the `if-not-present` pull policy the test GitLab sends).
 fn maven_job(name: &str) -> Value {
-    let mut job = with_image(job_json(name, &["echo hello from $CI_JOB_NAME"]), IMAGE);
-    if let Some(image) = job["image"].as_object_mut() {
-        image.remove("pull_policy");
-    }
-    job
+    with_image(job_json(name, &["echo hello from $CI_JOB_NAME"]), IMAGE)
 }
 
 /// `/api/v1/warm` once `done` holds for it (within 10 s).

@@ -410,6 +410,17 @@ async fn start_source(
     let source = Arc::new(source);
     let metrics = Metrics::new();
     let coordinator = coordinator(concurrent, leases, &metrics, &executor, &source);
+    run(coordinator, metrics, executor, source).await
+}
+
+/// Runs `coordinator` (over `executor` and `source`) until the harness's shutdown; returns
+/// once the source runs.
+async fn run(
+    coordinator: Coordinator,
+    metrics: Arc<Metrics>,
+    executor: Arc<FakeExecutor>,
+    source: Arc<FakeSource>,
+) -> Harness {
     let status = coordinator.status();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(coordinator.run(shutdown.clone()));

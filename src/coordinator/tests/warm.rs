@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
-use tokio_util::sync::CancellationToken;
 
 use super::{FakeExecutor, FakeSource, build, succeeded, until};
 use crate::build::{Build, START_FILE, Service, Workload};
@@ -216,18 +215,7 @@ async fn start(executor: Arc<FakeExecutor>, warm: WarmSettings, clock: Clock) ->
     let metrics = Metrics::new();
     let coordinator = super::coordinator(10, LeaseTiming::default(), &metrics, &executor, &source)
         .warm_pools_clocked(&warm, &metrics, clock);
-    let status = coordinator.status();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(coordinator.run(shutdown.clone()));
-    until("the source runs", || source.chain.lock().unwrap().is_some()).await;
-    Warm {
-        metrics,
-        executor,
-        source,
-        status,
-        shutdown,
-        task,
-    }
+    super::run(coordinator, metrics, executor, source).await
 }
 
 fn settings(pools: Vec<WarmPoolConfig>) -> WarmSettings {
