@@ -168,5 +168,8 @@ async fn the_warm_pool_level_measures_warm_and_cold_starts_and_the_idle_cost() {
     // A cold job waits for the kubelet; a warm one does not.
     assert!(level.cold.p50 >= Duration::from_secs(2), "{text}");
     assert!(level.warm.p50 < level.cold.p50, "{text}");
-    assert!(level.idle_cost_per_hour > 0.0 && level.priced_per_hour > 0.0, "{text}");
+    assert!(
+        level.idle_cost_per_hour > 0.0 && level.priced_per_hour > 0.0,
+        "{text}"
+    );
 }
