@@ -141,3 +141,35 @@ async fn the_benchmark_measures_every_figure_at_a_tiny_size() {
     assert_eq!(failover.rolling_handed_over.count, 1, "{}", report.render());
     assert_eq!(failover.lease_lapses, 0, "{}", report.render());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_warm_pool_level_measures_warm_and_cold_starts_and_the_idle_cost() {
+    let options = harness::Options::try_parse_from([
+        "bench",
+        "--kiln",
+        env!("CARGO_BIN_EXE_kiln"),
+        "--only-warm",
+        "--warm-delay-secs",
+        "2",
+        "--warm-jobs",
+        "2",
+        "--cold-jobs",
+        "2",
+        "--warm-idle-secs",
+        "3",
+    ])
+    .unwrap();
+    let level = tokio::time::timeout(Duration::from_secs(150), harness::run_warm(&options))
+        .await
+        .expect("the warm level finishes");
+    let text = harness::render_warm(&level);
+    assert_eq!((level.warm.count, level.cold.count), (2, 2), "{text}");
+    assert_eq!((level.said_warm, level.said_cold), (2, 2), "{text}");
+    // A cold job waits for the kubelet; a warm one does not.
+    assert!(level.cold.p50 >= Duration::from_secs(2), "{text}");
+    assert!(level.warm.p50 < level.cold.p50, "{text}");
+    assert!(
+        level.idle_cost_per_hour > 0.0 && level.priced_per_hour > 0.0,
+        "{text}"
+    );
+}

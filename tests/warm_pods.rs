@@ -138,6 +138,15 @@ impl Setup {
         }
     }
 
+    /// Waits until no pod and no Secret is left.
+    async fn nothing_left(&self) {
+        self.kube
+            .wait_for(Duration::from_secs(20), |st| {
+                st.pods.is_empty() && st.secrets.is_empty()
+            })
+            .await;
+    }
+
     fn snapshot_json(&self, pod: &str) -> String {
         let pod = self
             .kube
@@ -267,11 +276,7 @@ async fn a_warm_pod_becomes_idle_takes_a_job_runs_it_in_gitlab_and_is_deleted_wi
     );
 
     executor.delete(&pod).await;
-    s.kube
-        .wait_for(Duration::from_secs(20), |st| {
-            st.pods.is_empty() && st.secrets.is_empty()
-        })
-        .await;
+    s.nothing_left().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -336,11 +341,7 @@ async fn a_restarted_executor_counts_idle_warm_pods_again_and_never_takes_them_f
     );
     assert!(s.kube.pod(&pod).is_some(), "listing builds left it alone");
     second.retire(&pod).await;
-    s.kube
-        .wait_for(Duration::from_secs(20), |st| {
-            st.pods.is_empty() && st.secrets.is_empty()
-        })
-        .await;
+    s.nothing_left().await;
     assert!(WarmPods::list(&second).await.unwrap().is_empty());
 }
 
@@ -442,11 +443,7 @@ async fn an_evicted_idle_pod_is_broken_and_retired() {
     };
     assert!(reason.contains("evicted"), "{reason}");
     executor.retire(&pod).await;
-    s.kube
-        .wait_for(Duration::from_secs(20), |st| {
-            st.pods.is_empty() && st.secrets.is_empty()
-        })
-        .await;
+    s.nothing_left().await;
     assert!(WarmPods::list(&executor).await.unwrap().is_empty());
 }
 

@@ -2120,7 +2120,8 @@ async fn first_line(
 /// The warm pool level: a real `kiln run` with a pool of `--warm-pool` pods for one image, the
 /// test kubelet running every pod's containers (the agent too) after `--warm-delay-secs`.
 pub(crate) async fn run_warm(options: &Options) -> WarmLevel {
-    let kiln_path = options.kiln_path();
+    // The pods' kubelet runs it from its own directory.
+    let kiln_path = std::fs::canonicalize(options.kiln_path()).unwrap();
     let gitlab = gitlab(options).await;
     gitlab.set_trace_interval(1);
     let kube = KubeServer::start().await;

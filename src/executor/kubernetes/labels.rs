@@ -502,27 +502,7 @@ mod tests {
     }
     #[test]
     fn a_warm_pod_is_untaken_until_its_take_patch_names_a_build() {
-        let build = crate::build::Build {
-            key: BuildKey {
-                source: SourceKind::GitLab,
-                runner: "runner one".into(),
-                id: 7,
-            },
-            name: "kiln-gl-7".into(),
-            workload: Workload::KilnAgent {
-                image: None,
-                services: Vec::new(),
-            },
-            secrets: BTreeMap::new(),
-            class: None,
-            requests: Vec::new(),
-            timeout: None,
-            labels: BTreeMap::new(),
-            annotations: BTreeMap::new(),
-            about: About::default(),
-            untrusted: false,
-            registry_auths: Vec::new(),
-        };
+        let build = build("runner one", &[]);
         let mut metadata = ObjectMeta {
             labels: Some(identity_labels("kiln", Some("a"), &build)),
             ..ObjectMeta::default()

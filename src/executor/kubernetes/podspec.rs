@@ -651,6 +651,21 @@ fn pod_security(config: &KubernetesConfig) -> PodSecurityContext {
     }
 }
 
+/// Environment variable `name` holding the pod's field `path` (the downward API).
+fn downward(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
 /// The handoff container of a warm pod: it takes the pod's job, then fetches its sources.
 pub(super) const HANDOFF_CONTAINER: &str = "handoff";
 /// Where a warm pod's handoff container finds the pod's hand-off key.
@@ -786,28 +801,8 @@ pub(super) fn warm_pod(
             BUILDS_DIR.into(),
         ]),
         env: Some(vec![
-            EnvVar {
-                name: "POD_IP".into(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
-                        field_path: "status.podIP".into(),
-                        ..Default::default()
-                    }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
-            EnvVar {
-                name: "POD_NAME".into(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
-                        field_path: "metadata.name".into(),
-                        ..Default::default()
-                    }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
+            downward("POD_IP", "status.podIP"),
+            downward("POD_NAME", "metadata.name"),
         ]),
         ports: Some(vec![k8s_openapi::api::core::v1::ContainerPort {
             name: Some("kiln-handoff".into()),

@@ -344,31 +344,31 @@ impl KubernetesExecutor {
     }
 
     async fn take_warm(&self, name: &str, build: &Build) -> Result<(), TakeError> {
-        let unavailable = |reason: &str| TakeError::Unavailable {
+        let unavailable = |reason: String| TakeError::Unavailable {
             pod: name.to_owned(),
-            reason: reason.to_owned(),
+            reason,
         };
         let Some(pod) = self.pods.latest(name) else {
-            return Err(unavailable("it is gone"));
+            return Err(unavailable("it is gone".into()));
         };
         let ours = labels::key_of(&pod.metadata).as_ref() == Some(&build.key);
         if !ours {
             if !labels::is_untaken_warm(&pod.metadata) {
-                return Err(unavailable("another build took it"));
+                return Err(unavailable("another build took it".into()));
             }
             if self.warm_state(&pod) != WarmState::Idle {
-                return Err(unavailable("it is not idle"));
+                return Err(unavailable("it is not idle".into()));
             }
         }
         let secrets: Api<Secret> = self.cluster.api();
         let secret = match self.cluster.call(|| secrets.get_opt(name)).await {
             Ok(Some(secret)) => secret,
-            Ok(None) => return Err(unavailable("it is gone")),
+            Ok(None) => return Err(unavailable("it is gone".into())),
             Err(e) => {
-                return Err(TakeError::Unavailable {
-                    pod: name.to_owned(),
-                    reason: format!("its Secret cannot be read: {}", describe(&e)),
-                });
+                return Err(unavailable(format!(
+                    "its Secret cannot be read: {}",
+                    describe(&e)
+                )));
             }
         };
         let replica = self.config.replica.as_deref();
@@ -381,7 +381,7 @@ impl KubernetesExecutor {
             .collect();
         if labels::key_of(&secret.metadata).as_ref() != Some(&build.key) {
             if !labels::is_untaken_warm(&secret.metadata) {
-                return Err(unavailable("another replica took it first"));
+                return Err(unavailable("another replica took it first".into()));
             }
             let mut patch = labels::take_patch(
                 &self.config.coordinator,
@@ -412,14 +412,14 @@ impl KubernetesExecutor {
             {
                 Ok(_) => {}
                 Err(e) if is_status(&e, 409) => {
-                    return Err(unavailable("another replica took it first"));
+                    return Err(unavailable("another replica took it first".into()));
                 }
-                Err(e) if is_status(&e, 404) => return Err(unavailable("it is gone")),
+                Err(e) if is_status(&e, 404) => return Err(unavailable("it is gone".into())),
                 Err(e) => {
-                    return Err(TakeError::Unavailable {
-                        pod: name.to_owned(),
-                        reason: format!("its Secret cannot be written: {}", describe(&e)),
-                    });
+                    return Err(unavailable(format!(
+                        "its Secret cannot be written: {}",
+                        describe(&e)
+                    )));
                 }
             }
         }
