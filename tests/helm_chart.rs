@@ -932,6 +932,25 @@ fn matrix_gitlab_and_jenkins_with_every_option() {
     assert_eq!(k8s["pod_patch_type"].as_str(), Some("strategic"));
     assert_eq!(k8s["allowed_images"].as_array().map(Vec::len), Some(2));
     assert!(k8s.get("docker_auth_config").is_none(), "{k8s}");
+    // Warm pools reach kiln.toml as [[warm_pools]] with their schedule windows, and the
+    // coordinator's restricted egress lets the hand-off through to the build namespace.
+    let pools = config["warm_pools"].as_array().unwrap();
+    assert_eq!(pools.len(), 2);
+    assert_eq!(
+        pools[0]["schedule"][0]["timezone"].as_str(),
+        Some("Europe/Berlin")
+    );
+    assert_eq!(pools[1]["label"].as_str(), Some("maven"));
+    assert_eq!(config["max_idle_total"].as_integer(), Some(6));
+    let egress = out.object("NetworkPolicy")["spec"]["egress"]
+        .as_array()
+        .unwrap();
+    assert!(
+        egress.iter().any(|rule| rule["ports"][0]["port"] == 9797
+            && rule["to"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                == "ci-builds"),
+        "{egress:?}"
+    );
     assert!(
         out.object("Secret")["stringData"]["docker-auth-config"]
             .as_str()
