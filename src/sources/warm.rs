@@ -3,8 +3,10 @@
 //! source's groups, which pool a new warm member joins, and what the pools are told when a
 //! member leaves. The planning itself is [`Pool`]'s.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::pool::{Member, Phase, Pool};
 use super::{Chain, MemberState, WarmFloor};
@@ -36,6 +38,28 @@ impl<G: Ord + Clone> Floors<G> {
             }
         }
         Self { by_group }
+    }
+
+    /// Leaves out (for now) the pools whose members keep failing before they get going
+    /// (`backoff`); a pool with a member idle or busy in `members` is well again.
+    pub(crate) fn hold_back<T>(
+        &mut self,
+        backoff: &mut Backoff,
+        members: &Pool<G, T>,
+        now: Instant,
+    ) {
+        for (_, member) in members.iter() {
+            if member.phase != Phase::Starting
+                && let Some(pool) = &member.warm
+            {
+                backoff.failing.remove(pool);
+            }
+        }
+        for floor in self.by_group.values_mut().flatten() {
+            if backoff.holds(&floor.pool, now) {
+                floor.min_idle = 0;
+            }
+        }
     }
 
     /// The groups some pool keeps members in.
@@ -107,12 +131,55 @@ pub(crate) fn adopt_strays<'g, G: Ord + Clone + 'g, T>(
 }
 
 /// Member `name` left its source's pool (`member`, as it was): a warm one that never took
-/// work is reported retired; one that took work was reported taken already.
-pub(crate) fn left<G, T>(chain: &dyn Chain, name: &str, member: &Member<G, T>) {
+/// work is reported retired; one that took work was reported taken already. A warm one that
+/// never got going (it ended while starting: an image that cannot be pulled, a runner that
+/// crashes) holds its pool's refills back (`backoff`), so a broken pool does not start a
+/// member at every pass.
+pub(crate) fn left<G, T>(
+    chain: &dyn Chain,
+    backoff: &mut Backoff,
+    name: &str,
+    member: &Member<G, T>,
+) {
     if let Some(pool) = &member.warm
         && member.phase != Phase::Busy
     {
         chain.warm_member(name, pool, MemberState::Retired);
+        if member.phase == Phase::Starting {
+            let wait = backoff.failed(pool, Instant::now());
+            tracing::warn!(member = %name, pool = %pool, "a member of warm pool {pool} ended before it got going; the pool's next refill waits {}s", wait.as_secs());
+        }
+    }
+}
+
+/// Warm pools whose members fail before they get going: their refills wait 2 s, doubling up
+/// to 5 min, until a member of theirs is idle or busy.
+#[derive(Debug, Default)]
+pub(crate) struct Backoff {
+    /// Failures in a row and until when refills wait, by pool.
+    failing: HashMap<String, (u32, Instant)>,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_secs(2);
+    const LONGEST: Duration = Duration::from_secs(300);
+
+    /// A member of `pool` failed at `now`; returns how long its refills wait.
+    fn failed(&mut self, pool: &str, now: Instant) -> Duration {
+        let entry = self.failing.entry(pool.to_owned()).or_insert((0, now));
+        entry.0 = entry.0.saturating_add(1);
+        let wait = Self::FIRST
+            .saturating_mul(2u32.saturating_pow(entry.0 - 1))
+            .min(Self::LONGEST);
+        entry.1 = now + wait;
+        wait
+    }
+
+    /// Whether `pool`'s refills wait at `now`.
+    fn holds(&self, pool: &str, now: Instant) -> bool {
+        self.failing
+            .get(pool)
+            .is_some_and(|(_, until)| now < *until)
     }
 }
 
@@ -151,6 +218,44 @@ mod tests {
         assert_eq!(warned, HashSet::from(["maven".to_owned()]));
         Floors::new(floors, by_class, "gh", &mut warned);
         assert_eq!(warned.len(), 1, "once per pool");
+    }
+
+    #[test]
+    fn a_pool_whose_members_fail_to_start_waits_longer_each_time_until_one_gets_going() {
+        let now = Instant::now();
+        let mut backoff = Backoff::default();
+        let mut members: Pool<Option<String>, ()> = Pool::new(3);
+        let floors = |backoff: &mut Backoff, members: &Pool<Option<String>, ()>, at| {
+            let mut floors = Floors::new(
+                vec![floor("a", None, None, 2), floor("b", None, None, 1)],
+                |f| Ok::<_, String>(f.class.clone()),
+                "gh",
+                &mut HashSet::new(),
+            );
+            floors.hold_back(backoff, members, at);
+            floors.floor(&None)
+        };
+        assert_eq!(floors(&mut backoff, &members, now), 3);
+        assert_eq!(backoff.failed("a", now), Duration::from_secs(2));
+        assert_eq!(backoff.failed("a", now), Duration::from_secs(4));
+        assert_eq!(floors(&mut backoff, &members, now), 1, "a is held back");
+        assert_eq!(
+            floors(&mut backoff, &members, now + Duration::from_secs(4)),
+            3,
+            "until its wait is over"
+        );
+        for _ in 0..20 {
+            backoff.failed("a", now);
+        }
+        assert!(backoff.holds("a", now + Duration::from_secs(299)));
+        assert!(
+            !backoff.holds("a", now + Duration::from_secs(300)),
+            "at most 5 min"
+        );
+        members.insert("x".into(), None, 0, now, Phase::Idle, ());
+        members.join("x", "a");
+        assert_eq!(floors(&mut backoff, &members, now), 3, "a member got going");
+        assert!(!backoff.holds("a", now));
     }
 
     #[test]

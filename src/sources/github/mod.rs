@@ -271,6 +271,8 @@ pub(super) struct State {
     uncovered: HashSet<String>,
     /// Warm pools a warning said mean nothing to this source (said once each).
     ignored_pools: HashSet<String>,
+    /// Warm pools whose members fail before they get going.
+    warm_backoff: warm::Backoff,
 }
 
 impl GitHubSource {
@@ -653,7 +655,8 @@ impl GitHubSource {
     async fn scale(&self, state: &mut State) {
         self.time_out_idle(state).await;
         // Read at every pass: schedule windows move the floors.
-        let floors = self.floors(state);
+        let mut floors = self.floors(state);
+        floors.hold_back(&mut state.warm_backoff, &state.runners, Instant::now());
         let mut classes: BTreeMap<RunnerClass, Vec<u64>> = BTreeMap::new();
         classes.entry(RunnerClass::Default).or_default();
         for class in floors.groups() {
@@ -845,7 +848,7 @@ impl GitHubSource {
         }
         tracing::info!(github = %self.core.name, runner = %name, "idle runner with no job waiting for it; stopping it");
         if let Some(runner) = state.runners.remove(name) {
-            warm::left(state.chain.as_ref(), name, &runner);
+            warm::left(state.chain.as_ref(), &mut state.warm_backoff, name, &runner);
         }
         state.chain.stop(name).await;
     }
@@ -1082,6 +1085,10 @@ impl GitHubSource {
             match (took_job, runner.phase) {
                 (true, Phase::Busy) => {}
                 (true, _) => state.chain.warm_member(name, pool, MemberState::Taken),
+                // It ended without a job before it was ever idle: the pool's refills wait.
+                (false, Phase::Starting) => {
+                    warm::left(state.chain.as_ref(), &mut state.warm_backoff, name, &runner);
+                }
                 (false, _) => state.chain.warm_member(name, pool, MemberState::Retired),
             }
         }
@@ -1205,6 +1212,7 @@ impl QueueDriven for GitHubSource {
             group: None,
             uncovered: HashSet::new(),
             ignored_pools: HashSet::new(),
+            warm_backoff: warm::Backoff::default(),
         };
         let pacer =
             Pacer::new(self.config.reconcile_interval, MAX_BACKOFF).first_backoff(FIRST_BACKOFF);

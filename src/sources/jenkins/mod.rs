@@ -353,7 +353,7 @@ impl JenkinsSource {
         let Some(agent) = state.agents.remove(node) else {
             return;
         };
-        warm::left(state.chain.as_ref(), node, &agent);
+        warm::left(state.chain.as_ref(), &mut state.warm_backoff, node, &agent);
         self.delete_node(state, node).await;
         state.chain.stop(&agent.detail.build).await;
         self.count_agents(state);
@@ -364,7 +364,8 @@ impl JenkinsSource {
     /// waits for (see [`Pool`]).
     async fn provision(&self, state: &mut State, items: &[api::QueueItem]) {
         // Read at every look: schedule windows move the floors.
-        let floors = self.floors(state);
+        let mut floors = self.floors(state);
+        floors.hold_back(&mut state.warm_backoff, &state.agents, Instant::now());
         let mut waiting: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
         for item in items.iter().filter(|i| i.buildable) {
             let Some(target) = item.why.as_deref().and_then(queue::waiting_for) else {
@@ -617,6 +618,8 @@ pub(super) struct State {
     undeleted: BTreeSet<String>,
     /// Warm pools a warning said mean nothing to this source (said once each).
     ignored_pools: HashSet<String>,
+    /// Warm pools whose members fail before they get going.
+    warm_backoff: warm::Backoff,
     /// The coordinator.
     chain: Arc<dyn Chain>,
 }
@@ -634,6 +637,7 @@ impl QueueDriven for JenkinsSource {
             agents: Pool::new(self.config.max_attempts),
             undeleted: BTreeSet::new(),
             ignored_pools: HashSet::new(),
+            warm_backoff: warm::Backoff::default(),
             recovered: false,
             chain,
         };
