@@ -20,7 +20,7 @@ use support::kiln::kiln_bin;
 use support::kube::KubeServer;
 use tokio_util::sync::CancellationToken;
 
-const TOKEN: &str = "glrt-warm-runner-token";
+const TOKEN: &str = "glrt-warm-token";
 const HELPER_IMAGE: &str = "kiln-test/kiln:dev";
 const IMAGE: &str = "alpine:3.20";
 /// The kubelet's time from scheduling a pod to starting its containers.
