@@ -222,23 +222,9 @@ fn kiln_agent_spec(
     overrides: &Overrides,
     config: &KubernetesConfig,
 ) -> Result<PodSpec, SpecError> {
-    let job_mount = VolumeMount {
-        name: "job".into(),
-        mount_path: JOB_DIR.into(),
-        read_only: Some(true),
-        ..VolumeMount::default()
-    };
-    let bin_mount = |read_only: bool| VolumeMount {
-        name: "kiln-bin".into(),
-        mount_path: BIN_DIR.into(),
-        read_only: Some(read_only),
-        ..VolumeMount::default()
-    };
-    let builds_mount = VolumeMount {
-        name: "builds".into(),
-        mount_path: BUILDS_DIR.into(),
-        ..VolumeMount::default()
-    };
+    let job_mount = mount("job", JOB_DIR, true);
+    let bin_mount = |read_only: bool| mount("kiln-bin", BIN_DIR, read_only);
+    let builds_mount = mount("builds", BUILDS_DIR, false);
     let job_file = format!("{JOB_DIR}/{JOB_FILE}");
 
     let prepare = Container {
@@ -652,6 +638,17 @@ fn pod_security(config: &KubernetesConfig) -> PodSecurityContext {
 }
 
 /// Environment variable `name` holding the pod's field `path` (the downward API).
+/// Volume `name` mounted at `path`.
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        // Kubernetes' default is writable: only a read-only mount says so.
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    }
+}
+
 fn downward(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -728,11 +725,7 @@ pub(super) fn warm_pod(
     let Some(spec) = pod.spec.as_mut() else {
         return Ok((pod, secret));
     };
-    let bin_mount = VolumeMount {
-        name: "kiln-bin".into(),
-        mount_path: BIN_DIR.into(),
-        ..VolumeMount::default()
-    };
+    let bin_mount = mount("kiln-bin", BIN_DIR, false);
     for init in spec.init_containers.iter_mut().flatten() {
         if init.name == PREPARE_CONTAINER {
             init.command = Some(vec![
@@ -812,22 +805,9 @@ pub(super) fn warm_pod(
         }]),
         resources: Some(requirements(&config.helper)),
         volume_mounts: Some(vec![
-            VolumeMount {
-                name: "job".into(),
-                mount_path: JOB_DIR.into(),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "builds".into(),
-                mount_path: BUILDS_DIR.into(),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "handoff-key".into(),
-                mount_path: KEY_DIR.into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
+            mount("job", JOB_DIR, false),
+            mount("builds", BUILDS_DIR, false),
+            mount("handoff-key", KEY_DIR, true),
         ]),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         security_context: Some(container_security(config)),
