@@ -293,19 +293,12 @@ async fn a_job_whose_image_is_not_allowed_fails_before_any_pod_exists() {
         "",
         r#"allowed_images = ["alpine:*", "registry.example.com:5005/**"]"#,
     );
-    let job = s.finished(id, 60).await;
-    assert_eq!(job.state, "failed", "{}", kiln.logs());
-    assert_eq!(
-        job.failure_reason.as_deref(),
-        Some("runner_configuration_error")
-    );
-    assert!(
-        job.trace.contains(
-            "the job's image `evil.example/miner:latest` is not allowed on this runner (kubernetes.allowed_images: alpine:*, registry.example.com:5005/**)"
-        ),
-        "{}",
-        job.trace
-    );
+    s.refused(
+        id,
+        &kiln,
+        "the job's image `evil.example/miner:latest` is not allowed on this runner (kubernetes.allowed_images: alpine:*, registry.example.com:5005/**)",
+    )
+    .await;
     assert!(s.kube.creations().is_empty());
     assert!(creates(&s.kube).iter().all(|p| !p.contains("/pods")));
 }

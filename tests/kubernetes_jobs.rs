@@ -77,6 +77,18 @@ image_pull_grace = "2s"
             .await
     }
 
+    /// Waits for job `id` to end and checks that kiln refused it as the configuration does not
+    /// allow (`runner_configuration_error`), saying `why` in its trace.
+    pub(crate) async fn refused(&self, id: u64, kiln: &KilnProcess, why: &str) {
+        let job = self.finished(id, 60).await;
+        assert_eq!(job.state, "failed", "{}", kiln.logs());
+        assert_eq!(
+            job.failure_reason.as_deref(),
+            Some("runner_configuration_error")
+        );
+        assert!(job.trace.contains(why), "{}", job.trace);
+    }
+
     /// Runs a job that sleeps, does `disrupt` to its pod once it started, and returns how the
     /// job ended (with kiln's log for messages).
     async fn disrupted(
@@ -285,18 +297,12 @@ async fn a_job_above_the_memory_cap_fails_without_a_pod() {
     );
     let id = s.gitlab.enqueue(job);
     let kiln = s.kiln("", "max = { memory_limit = \"8Gi\" }");
-    let job = s.finished(id, 60).await;
-    assert_eq!(job.state, "failed", "{}", kiln.logs());
-    assert_eq!(
-        job.failure_reason.as_deref(),
-        Some("runner_configuration_error")
-    );
-    assert!(
-        job.trace
-            .contains("KUBERNETES_MEMORY_LIMIT=64Gi is above this runner's maximum of 8Gi"),
-        "{}",
-        job.trace
-    );
+    s.refused(
+        id,
+        &kiln,
+        "KUBERNETES_MEMORY_LIMIT=64Gi is above this runner's maximum of 8Gi",
+    )
+    .await;
     assert!(s.kube.creations().is_empty());
 }
 
